@@ -1,0 +1,691 @@
+//! [`Cluster`]: what the rest of a node uses to read and change the registry.
+//!
+//! - Writes go to the leader. On a follower they are forwarded over the [`Transport`]; if
+//!   the leader changes or the forward fails, they are retried (with the same request id,
+//!   so the state machine applies them once) until the request deadline.
+//! - Linearizable reads use the read index: the leader confirms its leadership with a
+//!   quorum and names a log index; this node waits until it has applied that index and
+//!   reads its own replica.
+//! - Membership changes are carried out by the leader and forwarded like writes.
+//! - The handle also serves the RPCs other nodes send ([`RpcHandler`]).
+//!
+//! ```text
+//!   write(req) ──leader?──yes──► raft.client_write ──► reply after commit + apply
+//!                   │no
+//!                   └──► Rpc::Write to leader ──(leader changed / failed)──► retry
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use warren_proto::registry::NodeId;
+
+use crate::log_store::LogStore;
+use crate::quic::RpcHandler;
+use crate::registry::Registry;
+use crate::state_machine::StateMachine;
+use crate::transport::{
+    BoxFuture, ForwardError, MembershipChange, Network, NodeStatus, Rpc, RpcReply, Transport,
+    TransportError,
+};
+use crate::types::{ClusterNode, Raft, Reply, Request};
+
+/// Consensus settings. Every duration is wall-clock time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// How often the leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// Shortest election timeout; a follower that hears nothing for a random time between
+    /// this and `election_timeout_max` starts an election.
+    pub election_timeout_min: Duration,
+    /// Longest election timeout.
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (and compact the log) after this many log entries.
+    pub snapshot_logs: u64,
+    /// How long a write or linearizable read may take before it is answered with "no quorum".
+    pub request_timeout: Duration,
+    /// How long a membership change (which waits for a learner to catch up) may take.
+    pub membership_timeout: Duration,
+    /// A node that has not heard from a leader (or, as leader, from a quorum) for longer than
+    /// this reports itself unhealthy and stops granting access.
+    pub leader_loss_bound: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
+            snapshot_logs: 5000,
+            request_timeout: Duration::from_secs(5),
+            membership_timeout: Duration::from_secs(60),
+            leader_loss_bound: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A consensus setting that does not make sense; the operator's fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// The setting.
+    pub field: &'static str,
+    /// What is expected.
+    pub reason: String,
+}
+
+impl ClusterConfig {
+    /// Checks the settings against each other.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        let err = |field, reason: &str| {
+            Err(ConfigError {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.heartbeat.is_zero() {
+            return err("heartbeat", "must be more than zero");
+        }
+        if self.election_timeout_min <= self.heartbeat * 2 {
+            return err(
+                "election_timeout_min",
+                "must be more than twice the heartbeat",
+            );
+        }
+        if self.election_timeout_max <= self.election_timeout_min {
+            return err(
+                "election_timeout_max",
+                "must be more than election_timeout_min",
+            );
+        }
+        if self.snapshot_logs < 10 {
+            return err("snapshot_logs", "must be at least 10");
+        }
+        if self.request_timeout < self.election_timeout_max {
+            return err("request_timeout", "must be at least election_timeout_max");
+        }
+        Ok(self)
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, anyhow::Error> {
+        let config = openraft::Config {
+            cluster_name: "warren".into(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
+            max_in_snapshot_log_to_keep: self.snapshot_logs.min(1000),
+            install_snapshot_timeout: 30_000,
+            ..Default::default()
+        };
+        Ok(config.validate()?)
+    }
+}
+
+/// Why a cluster operation did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader was known before the deadline; nothing was done.
+    #[error("no leader is elected (waited {0:?}): the cluster has no quorum")]
+    NoLeader(Duration),
+    /// The operation reached the cluster but did not complete before the deadline. For a
+    /// write the outcome is unknown: it may still commit.
+    #[error("the cluster did not answer within {waited:?} (leader: {leader}); {outcome}")]
+    Timeout {
+        /// How long it waited.
+        waited: Duration,
+        /// The leader at the end, if any.
+        leader: String,
+        /// What the caller should assume.
+        outcome: &'static str,
+    },
+    /// The leader refused a membership change.
+    #[error("{0}")]
+    Membership(String),
+    /// This node is shutting down.
+    #[error("this node is shutting down")]
+    ShuttingDown,
+}
+
+/// The handle to this node's Raft instance and replicated registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: Raft,
+    me: NodeId,
+    transport: Arc<dyn Transport>,
+    registry: watch::Receiver<Arc<Registry>>,
+    config: ClusterConfig,
+    last_leader_contact: Mutex<Option<Instant>>,
+}
+
+impl Cluster {
+    /// Opens the log and state machine in `db` and starts Raft as node `me`.
+    pub async fn start(
+        me: NodeId,
+        db: &sled::Db,
+        transport: Arc<dyn Transport>,
+        config: ClusterConfig,
+    ) -> Result<Self, anyhow::Error> {
+        let log = LogStore::open(db)?;
+        let (sm, registry) = StateMachine::open(db)?;
+        let raft = Raft::new(
+            me,
+            Arc::new(config.raft_config()?),
+            Network::new(transport.clone()),
+            log,
+            sm,
+        )
+        .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                raft,
+                me,
+                transport,
+                registry,
+                config,
+                last_leader_contact: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Makes this node the single voter of a new cluster.
+    pub async fn initialize(&self, node: ClusterNode) -> Result<(), anyhow::Error> {
+        let mut members = BTreeMap::new();
+        members.insert(self.inner.me, node);
+        self.inner.raft.initialize(members).await?;
+        Ok(())
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.me
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.inner.config
+    }
+
+    /// The Raft instance.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// The registry as this node last applied it (not linearizable: see [`Cluster::read`]).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.inner.registry.borrow().clone()
+    }
+
+    /// A receiver of every newly applied registry.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Registry>> {
+        self.inner.registry.clone()
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    fn node_of(&self, id: NodeId) -> Option<ClusterNode> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// How long since this node last heard from a leader; on the leader, since a quorum
+    /// last acknowledged it. `None` if never.
+    pub fn leader_contact(&self) -> Option<Duration> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            let voters = m.membership_config.membership().voter_ids().count();
+            if voters == 1 {
+                return Some(Duration::ZERO);
+            }
+            return m.millis_since_quorum_ack.map(Duration::from_millis);
+        }
+        self.inner
+            .last_leader_contact
+            .lock()
+            .expect("contact lock")
+            .map(|t| t.elapsed())
+    }
+
+    /// `Ok` if this node is in contact with a leader within the configured bound, else why
+    /// not. Nodes that are not may not grant access.
+    pub fn serving(&self) -> Result<(), String> {
+        let bound = self.inner.config.leader_loss_bound;
+        match self.leader_contact() {
+            Some(d) if d <= bound => Ok(()),
+            Some(d) => Err(format!(
+                "no contact with a leader for {} ms (bound {} ms)",
+                d.as_millis(),
+                bound.as_millis()
+            )),
+            None => Err("has not heard from a leader since it started".into()),
+        }
+    }
+
+    /// Waits until a leader is known, up to `deadline`.
+    async fn wait_for_leader(&self, deadline: Instant) -> Result<NodeId, ClusterError> {
+        let mut metrics = self.inner.raft.metrics();
+        let waited = self.inner.config.request_timeout;
+        let wait = async {
+            metrics
+                .wait_for(|m| m.current_leader.is_some() || m.state == ServerState::Shutdown)
+                .await
+                .map(|m| m.current_leader)
+        };
+        match tokio::time::timeout_at(deadline.into(), wait).await {
+            Ok(Ok(leader)) => leader.ok_or(ClusterError::ShuttingDown),
+            Ok(Err(_)) => Err(ClusterError::ShuttingDown),
+            Err(_) => Err(ClusterError::NoLeader(waited)),
+        }
+    }
+
+    /// Waits (briefly, up to `max`) for the leader to differ from `old`.
+    async fn leader_change(&self, old: NodeId, max: Duration) {
+        let mut metrics = self.inner.raft.metrics();
+        let _ =
+            tokio::time::timeout(max, metrics.wait_for(|m| m.current_leader != Some(old))).await;
+    }
+
+    fn timeout_error(&self, outcome: &'static str) -> ClusterError {
+        ClusterError::Timeout {
+            waited: self.inner.config.request_timeout,
+            leader: self
+                .leader()
+                .and_then(|l| self.node_of(l))
+                .map_or_else(|| "none".into(), |n| n.name),
+            outcome,
+        }
+    }
+
+    /// Commits a write through the leader and returns the state machine's reply.
+    pub async fn write(&self, req: Request) -> Result<Reply, ClusterError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let unknown = "the write may or may not have been applied";
+        loop {
+            let leader = self.wait_for_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.timeout_error(unknown));
+            }
+            if leader == self.inner.me {
+                match tokio::time::timeout(remaining, self.inner.raft.client_write(req.clone()))
+                    .await
+                {
+                    Err(_) => return Err(self.timeout_error(unknown)),
+                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                        self.leader_change(leader, remaining.min(Duration::from_millis(200)))
+                            .await;
+                    }
+                    Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                        return Err(ClusterError::Membership(e.to_string()))
+                    }
+                    Ok(Err(RaftError::Fatal(_))) => return Err(ClusterError::ShuttingDown),
+                }
+                continue;
+            }
+            let Some(node) = self.node_of(leader) else {
+                self.leader_change(leader, remaining.min(Duration::from_millis(100)))
+                    .await;
+                continue;
+            };
+            let forward =
+                self.inner
+                    .transport
+                    .call(leader, &node, Rpc::Write(req.clone()), remaining);
+            let result = tokio::select! {
+                r = forward => r,
+                () = self.leader_change(leader, remaining) => continue,
+            };
+            match result {
+                Ok(RpcReply::Write(Ok(reply))) => return Ok(reply),
+                Ok(RpcReply::Write(Err(ForwardError::NotLeader { .. }))) => {
+                    self.leader_change(leader, remaining.min(Duration::from_millis(200)))
+                        .await;
+                }
+                Ok(RpcReply::Write(Err(ForwardError::Failed(why)))) => {
+                    tracing::debug!(%leader, "forwarded write failed: {why}");
+                    tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
+                }
+                Ok(other) => {
+                    tracing::warn!(%leader, "unexpected reply to a forwarded write: {other:?}");
+                    tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
+                }
+                Err(TransportError::Timeout(_)) => return Err(self.timeout_error(unknown)),
+                Err(e) => {
+                    tracing::debug!(%leader, "forwarding a write failed: {e}");
+                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Waits until this node's replica reflects every write committed before the call.
+    pub async fn barrier(&self) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let outcome = "nothing was read";
+        let index = loop {
+            let leader = self.wait_for_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.timeout_error(outcome));
+            }
+            let answer = if leader == self.inner.me {
+                match tokio::time::timeout(remaining, self.read_index_on_leader()).await {
+                    Ok(a) => a,
+                    Err(_) => return Err(self.timeout_error(outcome)),
+                }
+            } else {
+                let Some(node) = self.node_of(leader) else {
+                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
+                        .await;
+                    continue;
+                };
+                match self
+                    .inner
+                    .transport
+                    .call(leader, &node, Rpc::ReadIndex, remaining)
+                    .await
+                {
+                    Ok(RpcReply::ReadIndex(a)) => a,
+                    Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
+                    Err(TransportError::Timeout(_)) => return Err(self.timeout_error(outcome)),
+                    Err(e) => Err(ForwardError::Failed(e.to_string())),
+                }
+            };
+            match answer {
+                Ok(index) => break index,
+                Err(ForwardError::NotLeader { .. }) => {
+                    self.leader_change(leader, remaining.min(Duration::from_millis(200)))
+                        .await;
+                }
+                Err(ForwardError::Failed(why)) => {
+                    tracing::debug!(%leader, "read index failed: {why}");
+                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
+                        .await;
+                }
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.inner
+            .raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|_| self.timeout_error(outcome))?;
+        Ok(())
+    }
+
+    /// A linearizable read of the registry: every write acknowledged before the call is in
+    /// it.
+    pub async fn read(&self) -> Result<Arc<Registry>, ClusterError> {
+        self.barrier().await?;
+        Ok(self.registry())
+    }
+
+    async fn read_index_on_leader(&self) -> Result<u64, ForwardError> {
+        match self.inner.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(ForwardError::Failed(e.to_string())),
+        }
+    }
+
+    /// Carries out a membership change on the leader (forwarding it there).
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
+        let timeout = self.inner.config.membership_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.wait_for_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let answer = if leader == self.inner.me {
+                match tokio::time::timeout(remaining, self.membership_on_leader(change.clone()))
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(_) => {
+                        return Err(self
+                            .timeout_error("the membership change may or may not have happened"))
+                    }
+                }
+            } else {
+                let Some(node) = self.node_of(leader) else {
+                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
+                        .await;
+                    continue;
+                };
+                match self
+                    .inner
+                    .transport
+                    .call(leader, &node, Rpc::Membership(change.clone()), remaining)
+                    .await
+                {
+                    Ok(RpcReply::Membership(a)) => a,
+                    Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
+                    Err(e) => {
+                        tracing::debug!(%leader, "forwarding a membership change failed: {e}");
+                        if Instant::now() >= deadline {
+                            return Err(self.timeout_error(
+                                "the membership change may or may not have happened",
+                            ));
+                        }
+                        self.leader_change(leader, remaining.min(Duration::from_millis(200)))
+                            .await;
+                        continue;
+                    }
+                }
+            };
+            match answer {
+                Ok(()) => return Ok(()),
+                Err(ForwardError::NotLeader { .. }) => {
+                    self.leader_change(leader, remaining.min(Duration::from_millis(200)))
+                        .await;
+                }
+                Err(ForwardError::Failed(why)) => return Err(ClusterError::Membership(why)),
+            }
+        }
+    }
+
+    async fn membership_on_leader(&self, change: MembershipChange) -> Result<(), ForwardError> {
+        let raft = &self.inner.raft;
+        let membership = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        let is_voter = |id: NodeId| membership.voter_ids().any(|v| v == id);
+        let is_learner = |id: NodeId| membership.learner_ids().any(|l| l == id);
+        let result = match change {
+            MembershipChange::AddLearner(id, node) => {
+                if is_voter(id) {
+                    return Err(ForwardError::Failed(format!(
+                        "node {id} is already a voter"
+                    )));
+                }
+                raft.add_learner(id, node, true).await.map(drop)
+            }
+            MembershipChange::Promote(id) => {
+                if is_voter(id) {
+                    return Err(ForwardError::Failed(format!(
+                        "node {id} is already a voter"
+                    )));
+                }
+                if !is_learner(id) {
+                    return Err(ForwardError::Failed(format!(
+                        "node {id} is not a learner; add it as a learner first"
+                    )));
+                }
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map(drop)
+            }
+            MembershipChange::Remove(id) => {
+                if is_voter(id) {
+                    if membership.voter_ids().count() == 1 {
+                        return Err(ForwardError::Failed(
+                            "cannot remove the last voter of the cluster".into(),
+                        ));
+                    }
+                    raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                        .await
+                        .map(drop)
+                } else if is_learner(id) {
+                    raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await
+                        .map(drop)
+                } else {
+                    return Err(ForwardError::Failed(format!("node {id} is not a member")));
+                }
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(ForwardError::Failed(e.to_string())),
+        }
+    }
+
+    /// This node's own view of its Raft state.
+    pub fn local_status(&self) -> NodeStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let is_learner = m
+            .membership_config
+            .membership()
+            .learner_ids()
+            .any(|l| l == m.id);
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+            ServerState::Follower if is_learner => "learner",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+        };
+        NodeStatus {
+            id: m.id,
+            state: state.into(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            leader_contact_ms: self.leader_contact().map(|d| d.as_millis() as u64),
+        }
+    }
+
+    /// Asks node `id` (at `node`) for its own status.
+    pub async fn peer_status(
+        &self,
+        id: NodeId,
+        node: &ClusterNode,
+        timeout: Duration,
+    ) -> Result<NodeStatus, TransportError> {
+        if id == self.inner.me {
+            return Ok(self.local_status());
+        }
+        match self
+            .inner
+            .transport
+            .call(id, node, Rpc::Status, timeout)
+            .await?
+        {
+            RpcReply::Status(s) => Ok(s),
+            other => Err(TransportError::Protocol(format!(
+                "unexpected reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+    }
+
+    fn saw_leader(&self) {
+        *self.inner.last_leader_contact.lock().expect("contact lock") = Some(Instant::now());
+    }
+}
+
+impl RpcHandler for Cluster {
+    fn handle(&self, from: NodeId, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
+        Box::pin(async move {
+            tracing::trace!(%from, rpc = rpc.name(), "rpc");
+            let raft = &self.inner.raft;
+            match rpc {
+                Rpc::AppendEntries(req) => {
+                    let res = raft.append_entries(req).await;
+                    if matches!(
+                        res,
+                        Ok(openraft::raft::AppendEntriesResponse::Success
+                            | openraft::raft::AppendEntriesResponse::PartialSuccess(_)
+                            | openraft::raft::AppendEntriesResponse::Conflict)
+                    ) {
+                        self.saw_leader();
+                    }
+                    RpcReply::AppendEntries(res)
+                }
+                Rpc::Vote(req) => RpcReply::Vote(raft.vote(req).await),
+                Rpc::Snapshot { vote, meta, data } => {
+                    let snapshot = openraft::Snapshot {
+                        meta,
+                        snapshot: Box::new(data),
+                    };
+                    let res = raft.install_full_snapshot(vote, snapshot).await;
+                    if res.is_ok() {
+                        self.saw_leader();
+                    }
+                    RpcReply::Snapshot(res)
+                }
+                Rpc::Write(req) => RpcReply::Write(match raft.client_write(req).await {
+                    Ok(resp) => Ok(resp.data),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        Err(ForwardError::NotLeader {
+                            leader: f.leader_id,
+                        })
+                    }
+                    Err(e) => Err(ForwardError::Failed(e.to_string())),
+                }),
+                Rpc::ReadIndex => RpcReply::ReadIndex(self.read_index_on_leader().await),
+                Rpc::Status => RpcReply::Status(self.local_status()),
+                Rpc::Membership(change) => {
+                    RpcReply::Membership(self.membership_on_leader(change).await)
+                }
+            }
+        })
+    }
+}

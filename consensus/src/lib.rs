@@ -1,0 +1,26 @@
+//! Warren's replicated registry.
+//!
+//! ```text
+//!  admin API / join ──► Cluster (handle) ──► openraft ──► LogStore (sled "log")
+//!                             │                 │
+//!                             │ forward to      └──► StateMachine (sled "sm") ──► watch<Arc<Registry>>
+//!                             ▼ leader                      applies Registry commands
+//!                         Transport (trait) ──► QUIC + mTLS (cluster CA)
+//! ```
+//!
+//! - [`registry`]: the replicated state and its pure, validating apply.
+//! - [`log_store`], [`state_machine`]: openraft's v2 storage traits on sled.
+//! - [`transport`]: the RPC messages and the [`transport::Transport`] trait the Raft network
+//!   uses; [`quic`] implements it over QUIC with mutual TLS, and a simulation can replace it.
+//! - [`pki`]: the cluster CA and node certificates.
+//! - [`cluster`]: the handle the rest of a node uses: writes forwarded to the leader,
+//!   linearizable reads, membership changes and status.
+
+pub mod cluster;
+pub mod log_store;
+pub mod pki;
+pub mod quic;
+pub mod registry;
+pub mod state_machine;
+pub mod transport;
+pub mod types;

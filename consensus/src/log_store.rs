@@ -1,0 +1,254 @@
+//! The Raft log on sled, implementing openraft's v2 [`RaftLogStorage`].
+//!
+//! Layout: tree `log` maps a big-endian index to a bincode entry; tree `raft_meta` holds the
+//! vote, the committed log id and the last purged log id.
+//!
+//! Durability: `append` writes the entries into sled and hands the completion callback to a
+//! flusher task; the flusher takes every callback waiting, runs one `flush_async` (one
+//! fsync for the lot: group commit) and only then reports the entries durable, in order.
+//! The vote is flushed before `save_vote` returns. Nothing is acknowledged to a client
+//! before the entry is durable on a quorum.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use tokio::sync::mpsc;
+use warren_proto::registry::NodeId;
+
+use crate::registry::{decode, encode};
+use crate::types::{Entry, LogId, StorageError, TypeConfig};
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const PURGED: &[u8] = b"purged";
+
+/// The Raft log store. Cheap to clone: clones share the sled trees and the flusher.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+}
+
+/// Reads the log; handed to openraft's replication tasks.
+#[derive(Clone)]
+pub struct LogReader {
+    log: sled::Tree,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `db`. Must be called inside a tokio runtime: it spawns
+    /// the flusher task.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        let log = db.open_tree("log")?;
+        let meta = db.open_tree("raft_meta")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(flusher(db.clone(), rx));
+        Ok(Self {
+            db: db.clone(),
+            log,
+            meta,
+            flusher: tx,
+        })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let Some(v) = self.meta.get(key).map_err(|e| StorageIOError::read(&e))? else {
+            return Ok(None);
+        };
+        decode("raft metadata", &v)
+            .map(Some)
+            .map_err(|e| StorageIOError::read(&e).into())
+    }
+
+    fn write_meta<T: serde::Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError> {
+        let bytes = encode("raft metadata", v).map_err(|e| StorageIOError::write(&e))?;
+        self.meta
+            .insert(key, bytes)
+            .map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+}
+
+/// Completes append callbacks once their entries are on disk, one fsync per batch.
+async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+    let mut waiting = Vec::new();
+    while let Some(first) = rx.recv().await {
+        waiting.push(first);
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let result = db.flush_async().await;
+        for cb in waiting.drain(..) {
+            let r = match &result {
+                Ok(_) => Ok(()),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            };
+            cb.log_io_completed(r);
+        }
+    }
+}
+
+fn index_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+fn read_range(log: &sled::Tree, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StorageError> {
+    let start = match range.start_bound() {
+        Bound::Included(i) => Bound::Included(index_key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(i) => Bound::Included(index_key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    log.range::<[u8; 8], _>((start, end))
+        .map(|kv| {
+            let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
+            decode::<Entry>("log entry", &v).map_err(|e| StorageIOError::read_logs(&e).into())
+        })
+        .collect()
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        read_range(&self.log, range)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        read_range(&self.log, range)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.read_meta(PURGED)?;
+        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, v)) => Some(
+                decode::<Entry>("log entry", &v)
+                    .map_err(|e| StorageIOError::read_logs(&e))?
+                    .log_id,
+            ),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        LogReader {
+            log: self.log.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let bytes = encode("vote", vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.meta
+            .insert(VOTE, bytes)
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.read_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.write_meta(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = encode("log entry", &entry)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback) {
+            // The flusher only stops when the runtime does; flush inline rather than lose it.
+            let r = self.db.flush_async().await;
+            cb.log_io_completed(r.map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let keys: Vec<_> = self
+            .log
+            .range(index_key(log_id.index)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first: a crash in between leaves extra entries, never a hole.
+        self.write_meta(PURGED, &log_id)?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,422 @@
+//! The cluster's public key infrastructure.
+//!
+//! `warren-node init` creates a cluster CA; every node gets a certificate from it, used for
+//! mutual TLS between nodes (QUIC) and for the admin API (HTTPS). A joining node sends a
+//! certificate signing request; the node that admits it signs it. The CA's private key
+//! stays on voters (it is handed to a joining voter, never to a learner, which may be run
+//! by another operator).
+//!
+//! A join token pins the CA by its SHA-256 fingerprint, so the joining node verifies the
+//! cluster with [`join_client_config`] before it sends the token's secret.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use warren_proto::token::fingerprint;
+
+/// The TLS server name every node certificate carries for node-to-node traffic.
+pub const CLUSTER_SERVER_NAME: &str = "cluster.warren.internal";
+/// ALPN of node-to-node RPC (mutual TLS).
+pub const ALPN_CLUSTER: &[u8] = b"warren-cluster/1";
+/// ALPN of the join handshake (server-authenticated only; the token authenticates the client).
+pub const ALPN_JOIN: &[u8] = b"warren-join/1";
+
+/// Why a certificate or TLS configuration could not be made; bad input or a bug.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Key or certificate generation or signing failed.
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A PEM file did not parse.
+    #[error("PEM: {0}")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// rustls refused the configuration.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC TLS: {0}")]
+    Quic(String),
+}
+
+/// The cluster CA: its certificate, and its key where this node holds it.
+#[derive(Clone)]
+pub struct ClusterCa {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_pem: Option<String>,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("fingerprint", &hex::encode(self.fingerprint()))
+            .field("has_key", &self.key_pem.is_some())
+            .finish()
+    }
+}
+
+impl ClusterCa {
+    /// A new CA for cluster `cluster_id`, valid for 20 years.
+    pub fn generate(cluster_id: u128) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Warren");
+        dn.push(
+            DnType::CommonName,
+            format!("Warren cluster CA {cluster_id:032x}"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time_now();
+        params.not_before = now - Duration::from_secs(3600);
+        params.not_after = now + Duration::from_secs(20 * 365 * 86400);
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem: Some(key.serialize_pem()),
+        })
+    }
+
+    /// Loads a CA from PEM; `key_pem` only where this node holds the key.
+    pub fn from_pem(cert_pem: &str, key_pem: Option<String>) -> Result<Self, PkiError> {
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            key_pem,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The CA key, PEM, if this node holds it.
+    pub fn key_pem(&self) -> Option<&str> {
+        self.key_pem.as_deref()
+    }
+
+    /// SHA-256 of the CA certificate, as join tokens pin it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.cert_der)
+    }
+
+    /// Signs a node's CSR. The certificate's names are chosen here, not taken from the CSR:
+    /// the cluster server name, `localhost`, and the hosts the node is reached at.
+    /// Returns `None` if this node does not hold the CA key.
+    pub fn sign_node(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        hosts: &[String],
+    ) -> Result<Option<String>, PkiError> {
+        let Some(key_pem) = &self.key_pem else {
+            return Ok(None);
+        };
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, key)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Warren");
+        dn.push(DnType::CommonName, format!("warren node {node_name}"));
+        params.distinguished_name = dn;
+        params.subject_alt_names = node_sans(hosts)?;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time_now();
+        params.not_before = now - Duration::from_secs(3600);
+        params.not_after = now + Duration::from_secs(10 * 365 * 86400);
+        csr.params = params;
+        Ok(Some(csr.signed_by(&issuer)?.pem()))
+    }
+}
+
+fn node_sans(hosts: &[String]) -> Result<Vec<SanType>, PkiError> {
+    let mut names: Vec<String> = vec![
+        CLUSTER_SERVER_NAME.into(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    for h in hosts {
+        if !names.contains(h) {
+            names.push(h.clone());
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(n.try_into()?)),
+        })
+        .collect()
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+/// A new node key and a CSR for it (PEM, PEM).
+pub fn node_key_and_csr(node_name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("warren node {node_name}"));
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// A node's certificate chain (its certificate, then the CA) and key.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeIdentity(<key redacted>)")
+    }
+}
+
+impl NodeIdentity {
+    /// Loads a node certificate and key (PEM) and appends the CA certificate to the chain.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, ca: &ClusterCa) -> Result<Self, PkiError> {
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+        Ok(Self {
+            chain: vec![cert, ca.cert_der().clone()],
+            key_der: key.secret_der().to_vec(),
+        })
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::try_from(self.key_der.clone()).expect("key was parsed when loaded")
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &ClusterCa) -> Result<Arc<RootCertStore>, PkiError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der().clone())?;
+    Ok(Arc::new(roots))
+}
+
+/// The QUIC server config of a node's cluster endpoint: presents the node certificate,
+/// verifies client certificates against the cluster CA when given (cluster ALPN requires
+/// one; the join ALPN works without).
+pub fn quic_server_config(
+    ca: &ClusterCa,
+    me: &NodeIdentity,
+) -> Result<quinn::ServerConfig, PkiError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .allow_unauthenticated()
+        .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(me.chain.clone(), me.key())?;
+    tls.alpn_protocols = vec![ALPN_CLUSTER.to_vec(), ALPN_JOIN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| PkiError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The QUIC client config for node-to-node RPC: verifies the peer against the cluster CA
+/// and presents this node's certificate.
+pub fn quic_client_config(
+    ca: &ClusterCa,
+    me: &NodeIdentity,
+) -> Result<quinn::ClientConfig, PkiError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(me.chain.clone(), me.key())?;
+    tls.alpn_protocols = vec![ALPN_CLUSTER.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| PkiError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The QUIC client config a joining node uses: trusts only a CA with the pinned fingerprint,
+/// presents no certificate.
+pub fn join_client_config(ca_fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, PkiError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            fingerprint: ca_fingerprint,
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN_JOIN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| PkiError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The rustls config of the admin API (HTTPS): the node certificate, h2 and HTTP/1.1.
+pub fn https_server_config(me: &NodeIdentity) -> Result<rustls::ServerConfig, PkiError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(me.chain.clone(), me.key())?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(5)
+            .try_into()
+            .expect("5 s fits a QUIC idle timeout"),
+    ));
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t
+}
+
+/// Accepts a server whose chain contains a CA with a given fingerprint and whose
+/// certificate that CA signed, for the cluster server name.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the peer is not part of the cluster this join token belongs to (its CA does not match the token)"
+                        .into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_node_certificate_loads_with_its_chain() {
+        let ca = ClusterCa::generate(42).unwrap();
+        let (key, csr) = node_key_and_csr("n1").unwrap();
+        let cert = ca
+            .sign_node(&csr, "n1", &["10.1.2.3".into(), "node1.example".into()])
+            .unwrap()
+            .unwrap();
+        let id = NodeIdentity::from_pem(&cert, &key, &ca).unwrap();
+        assert_eq!(id.chain.len(), 2);
+        assert!(quic_server_config(&ca, &id).is_ok());
+        assert!(quic_client_config(&ca, &id).is_ok());
+        assert!(https_server_config(&id).is_ok());
+    }
+
+    #[test]
+    fn a_ca_without_its_key_signs_nothing() {
+        let ca = ClusterCa::generate(1).unwrap();
+        let public = ClusterCa::from_pem(ca.cert_pem(), None).unwrap();
+        assert_eq!(public.fingerprint(), ca.fingerprint());
+        let (_, csr) = node_key_and_csr("n2").unwrap();
+        assert!(public.sign_node(&csr, "n2", &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn debug_hides_keys() {
+        let ca = ClusterCa::generate(1).unwrap();
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+}

@@ -1,0 +1,2043 @@
+//! The registry: the replicated state, the commands that change it, and their apply.
+//!
+//! [`Registry::apply_entry`] is pure and deterministic: the same log gives the same
+//! registry on every node. It never reads a clock (times come with the [`Request`]) or a
+//! random source (ids and secrets are chosen by the submitting node). Every command is
+//! validated before it changes anything, so a command either applies whole or returns a
+//! typed [`RegistryError`] and leaves the registry as it was.
+//!
+//! The maps are persistent (`imbl`), so a clone is O(1): the state machine publishes a clone
+//! after every batch, and multi-entity commands (`apply` of a manifest) work on a clone that
+//! replaces the original only when every step succeeded.
+//!
+//! Besides the state, every apply records which storage [`Key`]s it touched, so the state
+//! machine can persist exactly those (see `state_machine`).
+
+use std::collections::BTreeSet;
+
+use imbl::{OrdMap, Vector};
+use openraft::EntryPayload;
+use serde::{Deserialize, Serialize};
+use warren_proto::api::{ApplyReport, Change, ChangeAction, Manifest, MemberRole, Scope};
+use warren_proto::registry::{
+    Entity, FieldError, IdentityProvider, Kind, Node, NodeId, Policy, Resource, Role, Route, Site,
+    User,
+};
+use warren_proto::token::{ApiKey, KeyId, SecretHash};
+use warren_proto::Name;
+
+use crate::types::{Actor, Entry, LogId, Reply, Request, RequestId, StoredMembership};
+
+/// How many replies the registry remembers for deduplicating retried writes.
+pub const DEDUP_WINDOW: usize = 8192;
+
+/// A stored admin API key: the hash of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Unique name.
+    pub name: Name,
+    /// Public id (inside the key).
+    pub id: KeyId,
+    /// SHA-256 of the secret.
+    pub hash: SecretHash,
+    /// What the key may do.
+    pub scope: Scope,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Raft log index of the last change.
+    pub revision: u64,
+}
+
+/// A stored join token: the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// Token id (inside the token).
+    pub id: u64,
+    /// SHA-256 of the secret.
+    pub hash: SecretHash,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Raft log index of the last change.
+    pub revision: u64,
+}
+
+/// Any declarative entity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnyEntity {
+    /// A user.
+    User(User),
+    /// A role.
+    Role(Role),
+    /// An identity provider.
+    IdentityProvider(IdentityProvider),
+    /// A site.
+    Site(Site),
+    /// A resource.
+    Resource(Resource),
+    /// A policy.
+    Policy(Policy),
+}
+
+impl AnyEntity {
+    /// The kind of the entity.
+    pub fn kind(&self) -> Kind {
+        match self {
+            AnyEntity::User(_) => Kind::User,
+            AnyEntity::Role(_) => Kind::Role,
+            AnyEntity::IdentityProvider(_) => Kind::IdentityProvider,
+            AnyEntity::Site(_) => Kind::Site,
+            AnyEntity::Resource(_) => Kind::Resource,
+            AnyEntity::Policy(_) => Kind::Policy,
+        }
+    }
+
+    /// The entity's name.
+    pub fn name(&self) -> &Name {
+        match self {
+            AnyEntity::User(e) => e.name(),
+            AnyEntity::Role(e) => e.name(),
+            AnyEntity::IdentityProvider(e) => e.name(),
+            AnyEntity::Site(e) => e.name(),
+            AnyEntity::Resource(e) => e.name(),
+            AnyEntity::Policy(e) => e.name(),
+        }
+    }
+}
+
+/// A change to the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// First command of a new cluster: its id, first node, first admin key and join token.
+    Bootstrap {
+        /// Random cluster id.
+        cluster_id: u128,
+        /// The first node (id 1).
+        node: Node,
+        /// The bootstrap admin key.
+        api_key: ApiKeyRecord,
+        /// The first join token.
+        join_token: JoinTokenRecord,
+    },
+    /// Create an entity; fails if the name is taken.
+    Create(AnyEntity),
+    /// Replace an entity; a non-zero `revision` in it must match the stored one.
+    Update(AnyEntity),
+    /// Delete an entity; a non-zero `revision` must match the stored one.
+    Delete {
+        /// Kind of entity.
+        kind: Kind,
+        /// Its name.
+        name: Name,
+        /// Precondition (0 for none).
+        revision: u64,
+    },
+    /// Make the declarative kinds match a manifest, all or nothing.
+    Apply {
+        /// The wanted state.
+        manifest: Manifest,
+        /// Delete unnamed entities of the kinds the manifest lists.
+        prune: bool,
+    },
+    /// Store a new API key.
+    CreateApiKey(ApiKeyRecord),
+    /// Revoke (delete) an API key.
+    RevokeApiKey {
+        /// Its name.
+        name: Name,
+    },
+    /// Store a new join token.
+    CreateJoinToken(JoinTokenRecord),
+    /// Revoke a join token.
+    RevokeJoinToken {
+        /// Its id.
+        id: u64,
+    },
+    /// Record a joining node and give it an id (it becomes a member separately).
+    RegisterNode {
+        /// Node name.
+        name: Name,
+        /// Cluster address.
+        cluster_addr: String,
+        /// Admin API address.
+        admin_addr: String,
+        /// Region label.
+        region: String,
+    },
+    /// Change a node's region.
+    UpdateNode {
+        /// Node name.
+        name: Name,
+        /// New region.
+        region: String,
+        /// Precondition (0 for none).
+        revision: u64,
+    },
+    /// Forget a node that is no longer a member.
+    DeleteNode {
+        /// Node name.
+        name: Name,
+    },
+}
+
+/// A successful command's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The entity as stored after a create or update.
+    Entity(AnyEntity),
+    /// The entity is gone; other entities changed with it (a user leaves its roles).
+    Deleted {
+        /// Follow-on changes.
+        cascaded: Vec<Change>,
+    },
+    /// The API key as stored.
+    ApiKey(ApiKeyRecord),
+    /// The join token as stored.
+    JoinToken(JoinTokenRecord),
+    /// The node as stored.
+    Node(Node),
+    /// What an apply changed.
+    Applied(ApplyReport),
+    /// Nothing to report.
+    Done,
+}
+
+/// Why a command was refused. The registry is unchanged when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RegistryError {
+    /// A field has a bad value; the caller's fault.
+    #[error("{kind} {name:?}: {field}: {reason}")]
+    Invalid {
+        /// Kind of entity.
+        kind: Kind,
+        /// Its name (may be empty when the name itself is bad).
+        name: String,
+        /// Offending field.
+        field: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A field names an entity that does not exist; the caller's fault.
+    #[error("{kind} {name:?}: {field} refers to {target_kind} {target:?}, which does not exist")]
+    UnknownReference {
+        /// Kind of the referring entity.
+        kind: Kind,
+        /// Its name.
+        name: Name,
+        /// Field holding the reference.
+        field: String,
+        /// Kind referred to.
+        target_kind: Kind,
+        /// Name referred to.
+        target: Name,
+    },
+    /// The name, or a value that must be unique, is taken; the caller's fault.
+    #[error("{kind} {name:?} {detail}")]
+    AlreadyExists {
+        /// Kind of entity.
+        kind: Kind,
+        /// Its name.
+        name: String,
+        /// The field that must be unique (`name` for the name itself).
+        field: String,
+        /// Sentence end: "already exists", or what holds the value.
+        detail: String,
+    },
+    /// No such entity; the caller's fault.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// Kind of entity.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
+    /// Another entity still refers to this one; the caller must change that one first.
+    #[error("{kind} {name:?} is in use: {by_kind} {by_name:?} refers to it in {field}")]
+    InUse {
+        /// Kind of entity.
+        kind: Kind,
+        /// Its name.
+        name: Name,
+        /// Kind of the referring entity.
+        by_kind: Kind,
+        /// Name of the referring entity.
+        by_name: Name,
+        /// Field of the referring entity.
+        field: String,
+    },
+    /// The entity changed since the revision the caller based its change on.
+    #[error(
+        "{kind} {name:?} is at revision {actual}, not {expected}: it changed since it was read"
+    )]
+    RevisionConflict {
+        /// Kind of entity.
+        kind: Kind,
+        /// Its name.
+        name: Name,
+        /// Revision the caller expected.
+        expected: u64,
+        /// Revision stored.
+        actual: u64,
+    },
+    /// The API key that sent the write was revoked before the write applied.
+    #[error("the API key was revoked")]
+    Unauthorized,
+    /// The API key that sent the write may not write.
+    #[error("this API key is read-only")]
+    Forbidden,
+    /// The command does not fit the cluster's state (e.g. deleting a node that is a member).
+    #[error("{message}")]
+    Conflict {
+        /// What is in the way.
+        message: String,
+    },
+}
+
+impl RegistryError {
+    fn invalid(kind: Kind, name: &str, e: FieldError) -> Self {
+        RegistryError::Invalid {
+            kind,
+            name: name.to_owned(),
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+/// A storage key: what the state machine persists one value under.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// A named entity (including API keys and nodes).
+    Entity(Kind, Name),
+    /// A join token by id.
+    JoinToken(u64),
+    /// A remembered reply.
+    Dedup(RequestId),
+}
+
+/// The keys touched by applying entries; the state machine writes these.
+pub type Touched = BTreeSet<Key>;
+
+/// The replicated registry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Registry {
+    cluster_id: u128,
+    next_node_id: u64,
+    users: OrdMap<Name, User>,
+    roles: OrdMap<Name, Role>,
+    identity_providers: OrdMap<Name, IdentityProvider>,
+    sites: OrdMap<Name, Site>,
+    resources: OrdMap<Name, Resource>,
+    policies: OrdMap<Name, Policy>,
+    api_keys: OrdMap<Name, ApiKeyRecord>,
+    join_tokens: OrdMap<u64, JoinTokenRecord>,
+    nodes: OrdMap<Name, Node>,
+    dedup: OrdMap<RequestId, (u64, Reply)>,
+    dedup_order: Vector<(u64, RequestId)>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    #[serde(skip)]
+    keys_by_id: OrdMap<KeyId, Name>,
+    #[serde(skip)]
+    nodes_by_id: OrdMap<NodeId, Name>,
+}
+
+/// Access to one declarative entity's table, for the generic create/update/delete.
+pub trait Table: Entity {
+    /// The table.
+    fn table(r: &Registry) -> &OrdMap<Name, Self>;
+    /// The table, mutably.
+    fn table_mut(r: &mut Registry) -> &mut OrdMap<Name, Self>;
+    /// Wraps into [`AnyEntity`].
+    fn wrap(self) -> AnyEntity;
+    /// Checks values that must be unique across the table (other than the name).
+    fn check_unique(&self, _r: &Registry) -> Result<(), RegistryError> {
+        Ok(())
+    }
+}
+
+macro_rules! table {
+    ($ty:ty, $field:ident, $variant:ident) => {
+        impl Table for $ty {
+            fn table(r: &Registry) -> &OrdMap<Name, Self> {
+                &r.$field
+            }
+            fn table_mut(r: &mut Registry) -> &mut OrdMap<Name, Self> {
+                &mut r.$field
+            }
+            fn wrap(self) -> AnyEntity {
+                AnyEntity::$variant(self)
+            }
+        }
+    };
+    ($ty:ty, $field:ident, $variant:ident, unique = $check:path) => {
+        impl Table for $ty {
+            fn table(r: &Registry) -> &OrdMap<Name, Self> {
+                &r.$field
+            }
+            fn table_mut(r: &mut Registry) -> &mut OrdMap<Name, Self> {
+                &mut r.$field
+            }
+            fn wrap(self) -> AnyEntity {
+                AnyEntity::$variant(self)
+            }
+            fn check_unique(&self, r: &Registry) -> Result<(), RegistryError> {
+                $check(self, r)
+            }
+        }
+    };
+}
+
+table!(User, users, User, unique = unique_email);
+table!(Role, roles, Role);
+table!(IdentityProvider, identity_providers, IdentityProvider);
+table!(Site, sites, Site);
+table!(Resource, resources, Resource, unique = unique_route);
+table!(Policy, policies, Policy);
+
+fn unique_email(u: &User, r: &Registry) -> Result<(), RegistryError> {
+    let Some(email) = &u.email else {
+        return Ok(());
+    };
+    let taken = r.users.values().find(|other| {
+        other.name != u.name
+            && other
+                .email
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case(email))
+    });
+    match taken {
+        Some(other) => Err(RegistryError::AlreadyExists {
+            kind: Kind::User,
+            name: u.name.to_string(),
+            field: "email".into(),
+            detail: format!(
+                "cannot use {email:?}: user {:?} has it",
+                other.name.as_str()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn route_key(route: &Route) -> (u8, String, u16) {
+    match route {
+        Route::Http {
+            domain,
+            path_prefix,
+        } => {
+            let prefix = path_prefix.as_deref().unwrap_or("/");
+            (0, format!("{domain}{prefix}"), 0)
+        }
+        Route::Tcp { port } => (1, String::new(), *port),
+        Route::Udp { port } => (2, String::new(), *port),
+    }
+}
+
+fn unique_route(res: &Resource, r: &Registry) -> Result<(), RegistryError> {
+    let key = route_key(&res.route);
+    let taken = r
+        .resources
+        .values()
+        .find(|other| other.name != res.name && route_key(&other.route) == key);
+    match taken {
+        Some(other) => {
+            let (field, what) = match &res.route {
+                Route::Http { .. } => ("route.http", "domain and path prefix"),
+                Route::Tcp { .. } => ("route.tcp.port", "TCP port"),
+                Route::Udp { .. } => ("route.udp.port", "UDP port"),
+            };
+            Err(RegistryError::AlreadyExists {
+                kind: Kind::Resource,
+                name: res.name.to_string(),
+                field: field.into(),
+                detail: format!(
+                    "cannot use this {what}: resource {:?} has it",
+                    other.name.as_str()
+                ),
+            })
+        }
+        None => Ok(()),
+    }
+}
+
+impl Registry {
+    /// The cluster's id (0 before bootstrap).
+    pub fn cluster_id(&self) -> u128 {
+        self.cluster_id
+    }
+
+    /// The last log entry applied.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.last_applied
+    }
+
+    /// The membership as of the last applied entry.
+    pub fn membership(&self) -> &StoredMembership {
+        &self.membership
+    }
+
+    /// Users by name.
+    pub fn users(&self) -> &OrdMap<Name, User> {
+        &self.users
+    }
+
+    /// Roles by name.
+    pub fn roles(&self) -> &OrdMap<Name, Role> {
+        &self.roles
+    }
+
+    /// Identity providers by name.
+    pub fn identity_providers(&self) -> &OrdMap<Name, IdentityProvider> {
+        &self.identity_providers
+    }
+
+    /// Sites by name.
+    pub fn sites(&self) -> &OrdMap<Name, Site> {
+        &self.sites
+    }
+
+    /// Resources by name.
+    pub fn resources(&self) -> &OrdMap<Name, Resource> {
+        &self.resources
+    }
+
+    /// Policies by name.
+    pub fn policies(&self) -> &OrdMap<Name, Policy> {
+        &self.policies
+    }
+
+    /// API keys by name.
+    pub fn api_keys(&self) -> &OrdMap<Name, ApiKeyRecord> {
+        &self.api_keys
+    }
+
+    /// Join tokens by id.
+    pub fn join_tokens(&self) -> &OrdMap<u64, JoinTokenRecord> {
+        &self.join_tokens
+    }
+
+    /// Nodes by name.
+    pub fn nodes(&self) -> &OrdMap<Name, Node> {
+        &self.nodes
+    }
+
+    /// A node by id.
+    pub fn node_by_id(&self, id: NodeId) -> Option<&Node> {
+        self.nodes_by_id.get(&id).and_then(|n| self.nodes.get(n))
+    }
+
+    /// A node's place in the membership.
+    pub fn member_role(&self, id: NodeId) -> MemberRole {
+        let m = self.membership.membership();
+        if m.voter_ids().any(|v| v == id) {
+            MemberRole::Voter
+        } else if m.learner_ids().any(|l| l == id) {
+            MemberRole::Learner
+        } else {
+            MemberRole::None
+        }
+    }
+
+    /// The stored key record if `key` is a valid, unrevoked API key.
+    pub fn authenticate(&self, key: &ApiKey) -> Option<&ApiKeyRecord> {
+        let name = self.keys_by_id.get(&key.id)?;
+        let record = self.api_keys.get(name)?;
+        record.hash.matches(key.secret()).then_some(record)
+    }
+
+    /// Whether a join token with this id and secret is valid.
+    pub fn join_token_valid(&self, id: u64, secret: &[u8; 32]) -> bool {
+        self.join_tokens
+            .get(&id)
+            .is_some_and(|t| t.hash.matches(secret))
+    }
+
+    /// An entity by kind and name, as [`AnyEntity`] (declarative kinds only).
+    pub fn entity(&self, kind: Kind, name: &Name) -> Option<AnyEntity> {
+        match kind {
+            Kind::User => self.users.get(name).cloned().map(AnyEntity::User),
+            Kind::Role => self.roles.get(name).cloned().map(AnyEntity::Role),
+            Kind::IdentityProvider => self
+                .identity_providers
+                .get(name)
+                .cloned()
+                .map(AnyEntity::IdentityProvider),
+            Kind::Site => self.sites.get(name).cloned().map(AnyEntity::Site),
+            Kind::Resource => self.resources.get(name).cloned().map(AnyEntity::Resource),
+            Kind::Policy => self.policies.get(name).cloned().map(AnyEntity::Policy),
+            Kind::ApiKey | Kind::Node | Kind::JoinToken => None,
+        }
+    }
+
+    fn exists(&self, kind: Kind, name: &Name) -> bool {
+        match kind {
+            Kind::User => self.users.contains_key(name),
+            Kind::Role => self.roles.contains_key(name),
+            Kind::IdentityProvider => self.identity_providers.contains_key(name),
+            Kind::Site => self.sites.contains_key(name),
+            Kind::Resource => self.resources.contains_key(name),
+            Kind::Policy => self.policies.contains_key(name),
+            Kind::ApiKey => self.api_keys.contains_key(name),
+            Kind::Node => self.nodes.contains_key(name),
+            Kind::JoinToken => false,
+        }
+    }
+
+    /// Applies one log entry: bookkeeping for blank and membership entries, the command for
+    /// normal ones. Returns the reply for the client; records touched keys in `touched`.
+    pub fn apply_entry(&mut self, entry: &Entry, touched: &mut Touched) -> Reply {
+        self.last_applied = Some(entry.log_id);
+        match &entry.payload {
+            EntryPayload::Blank => Ok(Outcome::Done),
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                Ok(Outcome::Done)
+            }
+            EntryPayload::Normal(req) => self.apply_request(entry.log_id.index, req, touched),
+        }
+    }
+
+    /// Applies a request at log index `index`, answering a retried request with the reply
+    /// it got the first time.
+    pub fn apply_request(&mut self, index: u64, req: &Request, touched: &mut Touched) -> Reply {
+        if let Some((_, reply)) = self.dedup.get(&req.id) {
+            return reply.clone();
+        }
+        let reply = self.authorize(req).and_then(|()| {
+            let mut next = self.clone();
+            let mut t = Touched::new();
+            let outcome = next.apply_command(index, req, &mut t)?;
+            *self = next;
+            touched.append(&mut t);
+            Ok(outcome)
+        });
+        self.remember(index, req.id, reply.clone(), touched);
+        reply
+    }
+
+    fn authorize(&self, req: &Request) -> Result<(), RegistryError> {
+        match req.actor {
+            Actor::System => Ok(()),
+            Actor::ApiKey(id) => {
+                if matches!(
+                    req.command,
+                    Command::Bootstrap { .. } | Command::RegisterNode { .. }
+                ) {
+                    return Err(RegistryError::Forbidden);
+                }
+                let record = self
+                    .keys_by_id
+                    .get(&id)
+                    .and_then(|n| self.api_keys.get(n))
+                    .ok_or(RegistryError::Unauthorized)?;
+                match record.scope {
+                    Scope::Admin => Ok(()),
+                    Scope::ReadOnly => Err(RegistryError::Forbidden),
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, index: u64, id: RequestId, reply: Reply, touched: &mut Touched) {
+        self.dedup.insert(id, (index, reply));
+        self.dedup_order.push_back((index, id));
+        touched.insert(Key::Dedup(id));
+        while self.dedup_order.len() > DEDUP_WINDOW {
+            if let Some((_, old)) = self.dedup_order.pop_front() {
+                self.dedup.remove(&old);
+                touched.insert(Key::Dedup(old));
+            }
+        }
+    }
+
+    fn apply_command(
+        &mut self,
+        index: u64,
+        req: &Request,
+        t: &mut Touched,
+    ) -> Result<Outcome, RegistryError> {
+        match &req.command {
+            Command::Bootstrap {
+                cluster_id,
+                node,
+                api_key,
+                join_token,
+            } => {
+                if self.cluster_id != 0 {
+                    return Err(RegistryError::Conflict {
+                        message: "the cluster is already bootstrapped".into(),
+                    });
+                }
+                self.cluster_id = *cluster_id;
+                self.next_node_id = node.id.0 + 1;
+                let mut node = node.clone();
+                node.revision = index;
+                self.insert_node(node, t);
+                self.insert_api_key(api_key.clone(), index, t)?;
+                self.insert_join_token(join_token.clone(), index, t);
+                Ok(Outcome::Done)
+            }
+            Command::Create(e) => self.create_any(e.clone(), index, t).map(Outcome::Entity),
+            Command::Update(e) => self
+                .update_any(e.clone(), index, t)
+                .map(|(e, _)| Outcome::Entity(e)),
+            Command::Delete {
+                kind,
+                name,
+                revision,
+            } => self
+                .delete(*kind, name, *revision, index, t)
+                .map(|cascaded| Outcome::Deleted { cascaded }),
+            Command::Apply { manifest, prune } => self
+                .apply_manifest(manifest, *prune, index, t)
+                .map(Outcome::Applied),
+            Command::CreateApiKey(record) => {
+                let mut record = record.clone();
+                record.created_at = req.at;
+                self.insert_api_key(record, index, t).map(Outcome::ApiKey)
+            }
+            Command::RevokeApiKey { name } => self.revoke_api_key(name, t).map(|()| Outcome::Done),
+            Command::CreateJoinToken(record) => {
+                let mut record = record.clone();
+                record.created_at = req.at;
+                if self.join_tokens.contains_key(&record.id) {
+                    return Err(RegistryError::AlreadyExists {
+                        kind: Kind::JoinToken,
+                        name: format!("{:016x}", record.id),
+                        field: "id".into(),
+                        detail: "already exists".into(),
+                    });
+                }
+                Ok(Outcome::JoinToken(self.insert_join_token(record, index, t)))
+            }
+            Command::RevokeJoinToken { id } => {
+                if self.join_tokens.remove(id).is_none() {
+                    return Err(RegistryError::NotFound {
+                        kind: Kind::JoinToken,
+                        name: format!("{id:016x}"),
+                    });
+                }
+                t.insert(Key::JoinToken(*id));
+                Ok(Outcome::Done)
+            }
+            Command::RegisterNode {
+                name,
+                cluster_addr,
+                admin_addr,
+                region,
+            } => self
+                .register_node(name, cluster_addr, admin_addr, region, index, t)
+                .map(Outcome::Node),
+            Command::UpdateNode {
+                name,
+                region,
+                revision,
+            } => {
+                let mut node = self
+                    .nodes
+                    .get(name)
+                    .cloned()
+                    .ok_or(RegistryError::NotFound {
+                        kind: Kind::Node,
+                        name: name.to_string(),
+                    })?;
+                if *revision != 0 && *revision != node.revision {
+                    return Err(RegistryError::RevisionConflict {
+                        kind: Kind::Node,
+                        name: name.clone(),
+                        expected: *revision,
+                        actual: node.revision,
+                    });
+                }
+                node.region = region.clone();
+                node.validate()
+                    .map_err(|e| RegistryError::invalid(Kind::Node, name.as_str(), e))?;
+                node.revision = index;
+                self.insert_node(node.clone(), t);
+                Ok(Outcome::Node(node))
+            }
+            Command::DeleteNode { name } => {
+                let node = self.nodes.get(name).ok_or(RegistryError::NotFound {
+                    kind: Kind::Node,
+                    name: name.to_string(),
+                })?;
+                if self.member_role(node.id) != MemberRole::None {
+                    return Err(RegistryError::Conflict {
+                        message: format!(
+                            "node {:?} is a member of the cluster; remove it from the membership first",
+                            name.as_str()
+                        ),
+                    });
+                }
+                let id = node.id;
+                self.nodes.remove(name);
+                self.nodes_by_id.remove(&id);
+                t.insert(Key::Entity(Kind::Node, name.clone()));
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    fn insert_node(&mut self, node: Node, t: &mut Touched) {
+        t.insert(Key::Entity(Kind::Node, node.name.clone()));
+        self.nodes_by_id.insert(node.id, node.name.clone());
+        self.nodes.insert(node.name.clone(), node);
+    }
+
+    fn insert_api_key(
+        &mut self,
+        mut record: ApiKeyRecord,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<ApiKeyRecord, RegistryError> {
+        if self.api_keys.contains_key(&record.name) {
+            return Err(RegistryError::AlreadyExists {
+                kind: Kind::ApiKey,
+                name: record.name.to_string(),
+                field: "name".into(),
+                detail: "already exists".into(),
+            });
+        }
+        if self.keys_by_id.contains_key(&record.id) {
+            return Err(RegistryError::AlreadyExists {
+                kind: Kind::ApiKey,
+                name: record.name.to_string(),
+                field: "id".into(),
+                detail: "has an id already in use; create it again".into(),
+            });
+        }
+        record.revision = index;
+        t.insert(Key::Entity(Kind::ApiKey, record.name.clone()));
+        self.keys_by_id.insert(record.id, record.name.clone());
+        self.api_keys.insert(record.name.clone(), record.clone());
+        Ok(record)
+    }
+
+    fn revoke_api_key(&mut self, name: &Name, t: &mut Touched) -> Result<(), RegistryError> {
+        let record = self.api_keys.get(name).ok_or(RegistryError::NotFound {
+            kind: Kind::ApiKey,
+            name: name.to_string(),
+        })?;
+        let admins = self
+            .api_keys
+            .values()
+            .filter(|k| k.scope == Scope::Admin)
+            .count();
+        if record.scope == Scope::Admin && admins == 1 {
+            return Err(RegistryError::Conflict {
+                message: format!(
+                    "API key {:?} is the last admin key; create another admin key before revoking it",
+                    name.as_str()
+                ),
+            });
+        }
+        let id = record.id;
+        self.api_keys.remove(name);
+        self.keys_by_id.remove(&id);
+        t.insert(Key::Entity(Kind::ApiKey, name.clone()));
+        Ok(())
+    }
+
+    fn insert_join_token(
+        &mut self,
+        mut record: JoinTokenRecord,
+        index: u64,
+        t: &mut Touched,
+    ) -> JoinTokenRecord {
+        record.revision = index;
+        t.insert(Key::JoinToken(record.id));
+        self.join_tokens.insert(record.id, record.clone());
+        record
+    }
+
+    fn register_node(
+        &mut self,
+        name: &Name,
+        cluster_addr: &str,
+        admin_addr: &str,
+        region: &str,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<Node, RegistryError> {
+        let node = Node {
+            id: NodeId(self.next_node_id),
+            name: name.clone(),
+            cluster_addr: cluster_addr.to_owned(),
+            admin_addr: admin_addr.to_owned(),
+            region: region.to_owned(),
+            revision: index,
+        };
+        node.validate()
+            .map_err(|e| RegistryError::invalid(Kind::Node, name.as_str(), e))?;
+        if let Some(old) = self.nodes.get(name) {
+            if self.member_role(old.id) != MemberRole::None {
+                return Err(RegistryError::AlreadyExists {
+                    kind: Kind::Node,
+                    name: name.to_string(),
+                    field: "name".into(),
+                    detail:
+                        "is already a member of the cluster; pick another name or remove it first"
+                            .into(),
+                });
+            }
+        }
+        if let Some(other) = self
+            .nodes
+            .values()
+            .find(|n| n.name != *name && n.cluster_addr == cluster_addr)
+        {
+            if self.member_role(other.id) != MemberRole::None {
+                return Err(RegistryError::AlreadyExists {
+                    kind: Kind::Node,
+                    name: name.to_string(),
+                    field: "cluster_addr".into(),
+                    detail: format!(
+                        "cannot use cluster address {cluster_addr}: member node {:?} has it",
+                        other.name.as_str()
+                    ),
+                });
+            }
+        }
+        if let Some(old) = self.nodes.get(name) {
+            self.nodes_by_id.remove(&old.id);
+        }
+        self.next_node_id += 1;
+        self.insert_node(node.clone(), t);
+        Ok(node)
+    }
+
+    fn check_refs<E: Entity>(&self, e: &E) -> Result<(), RegistryError> {
+        for r in e.references() {
+            if !self.exists(r.kind, &r.name) {
+                return Err(RegistryError::UnknownReference {
+                    kind: E::KIND,
+                    name: e.name().clone(),
+                    field: r.field,
+                    target_kind: r.kind,
+                    target: r.name,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Entities that refer to `(kind, name)`: `(their kind, their name, field)`.
+    fn referrers(&self, kind: Kind, name: &Name) -> Vec<(Kind, Name, String)> {
+        let mut out = Vec::new();
+        let mut scan = |k: Kind, n: &Name, refs: Vec<warren_proto::registry::Reference>| {
+            for r in refs {
+                if r.kind == kind && r.name == *name {
+                    out.push((k, n.clone(), r.field));
+                }
+            }
+        };
+        if kind == Kind::User {
+            for role in self.roles.values() {
+                scan(Kind::Role, &role.name, role.references());
+            }
+        }
+        if matches!(kind, Kind::Site | Kind::Policy) {
+            for res in self.resources.values() {
+                scan(Kind::Resource, &res.name, res.references());
+            }
+        }
+        out
+    }
+
+    fn create<E: Table>(
+        &mut self,
+        mut e: E,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<E, RegistryError> {
+        if e.revision() != 0 {
+            return Err(RegistryError::Invalid {
+                kind: E::KIND,
+                name: e.name().to_string(),
+                field: "revision".into(),
+                reason: "the revision is set by the cluster; leave it out when creating".into(),
+            });
+        }
+        e.validate()
+            .map_err(|f| RegistryError::invalid(E::KIND, e.name().as_str(), f))?;
+        if E::table(self).contains_key(e.name()) {
+            return Err(RegistryError::AlreadyExists {
+                kind: E::KIND,
+                name: e.name().to_string(),
+                field: "name".into(),
+                detail: "already exists".into(),
+            });
+        }
+        self.check_refs(&e)?;
+        e.check_unique(self)?;
+        e.set_revision(index);
+        t.insert(Key::Entity(E::KIND, e.name().clone()));
+        E::table_mut(self).insert(e.name().clone(), e.clone());
+        Ok(e)
+    }
+
+    /// Replaces an entity. Returns it as stored and whether anything changed.
+    fn update<E: Table>(
+        &mut self,
+        mut e: E,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<(E, bool), RegistryError> {
+        let current =
+            E::table(self)
+                .get(e.name())
+                .cloned()
+                .ok_or_else(|| RegistryError::NotFound {
+                    kind: E::KIND,
+                    name: e.name().to_string(),
+                })?;
+        if e.revision() != 0 && e.revision() != current.revision() {
+            return Err(RegistryError::RevisionConflict {
+                kind: E::KIND,
+                name: e.name().clone(),
+                expected: e.revision(),
+                actual: current.revision(),
+            });
+        }
+        e.validate()
+            .map_err(|f| RegistryError::invalid(E::KIND, e.name().as_str(), f))?;
+        self.check_refs(&e)?;
+        e.check_unique(self)?;
+        if current.same_content(&e) {
+            return Ok((current, false));
+        }
+        e.set_revision(index);
+        t.insert(Key::Entity(E::KIND, e.name().clone()));
+        E::table_mut(self).insert(e.name().clone(), e.clone());
+        Ok((e, true))
+    }
+
+    fn create_any(
+        &mut self,
+        e: AnyEntity,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<AnyEntity, RegistryError> {
+        Ok(match e {
+            AnyEntity::User(e) => self.create(e, index, t)?.wrap(),
+            AnyEntity::Role(e) => self.create(e, index, t)?.wrap(),
+            AnyEntity::IdentityProvider(e) => self.create(e, index, t)?.wrap(),
+            AnyEntity::Site(e) => self.create(e, index, t)?.wrap(),
+            AnyEntity::Resource(e) => self.create(e, index, t)?.wrap(),
+            AnyEntity::Policy(e) => self.create(e, index, t)?.wrap(),
+        })
+    }
+
+    fn update_any(
+        &mut self,
+        e: AnyEntity,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<(AnyEntity, bool), RegistryError> {
+        fn w<E: Table>(r: (E, bool)) -> (AnyEntity, bool) {
+            (r.0.wrap(), r.1)
+        }
+        Ok(match e {
+            AnyEntity::User(e) => w(self.update(e, index, t)?),
+            AnyEntity::Role(e) => w(self.update(e, index, t)?),
+            AnyEntity::IdentityProvider(e) => w(self.update(e, index, t)?),
+            AnyEntity::Site(e) => w(self.update(e, index, t)?),
+            AnyEntity::Resource(e) => w(self.update(e, index, t)?),
+            AnyEntity::Policy(e) => w(self.update(e, index, t)?),
+        })
+    }
+
+    fn delete(
+        &mut self,
+        kind: Kind,
+        name: &Name,
+        revision: u64,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<Vec<Change>, RegistryError> {
+        let not_found = || RegistryError::NotFound {
+            kind,
+            name: name.to_string(),
+        };
+        let current = match kind {
+            Kind::User => self.users.get(name).map(|e| e.revision),
+            Kind::Role => self.roles.get(name).map(|e| e.revision),
+            Kind::IdentityProvider => self.identity_providers.get(name).map(|e| e.revision),
+            Kind::Site => self.sites.get(name).map(|e| e.revision),
+            Kind::Resource => self.resources.get(name).map(|e| e.revision),
+            Kind::Policy => self.policies.get(name).map(|e| e.revision),
+            Kind::ApiKey | Kind::Node | Kind::JoinToken => {
+                return Err(RegistryError::Conflict {
+                    message: format!("a {kind} is not deleted with this command"),
+                })
+            }
+        }
+        .ok_or_else(not_found)?;
+        if revision != 0 && revision != current {
+            return Err(RegistryError::RevisionConflict {
+                kind,
+                name: name.clone(),
+                expected: revision,
+                actual: current,
+            });
+        }
+        let mut cascaded = Vec::new();
+        for (by_kind, by_name, field) in self.referrers(kind, name) {
+            if kind == Kind::User && by_kind == Kind::Role {
+                // A user leaving the registry leaves its roles: what admins expect.
+                if let Some(mut role) = self.roles.get(&by_name).cloned() {
+                    role.members.remove(name);
+                    role.revision = index;
+                    t.insert(Key::Entity(Kind::Role, by_name.clone()));
+                    self.roles.insert(by_name.clone(), role);
+                    cascaded.push(Change {
+                        action: ChangeAction::Update,
+                        kind: Kind::Role,
+                        name: by_name,
+                        fields: vec!["members".into()],
+                    });
+                }
+                continue;
+            }
+            return Err(RegistryError::InUse {
+                kind,
+                name: name.clone(),
+                by_kind,
+                by_name,
+                field,
+            });
+        }
+        match kind {
+            Kind::User => drop(self.users.remove(name)),
+            Kind::Role => drop(self.roles.remove(name)),
+            Kind::IdentityProvider => drop(self.identity_providers.remove(name)),
+            Kind::Site => drop(self.sites.remove(name)),
+            Kind::Resource => drop(self.resources.remove(name)),
+            Kind::Policy => drop(self.policies.remove(name)),
+            Kind::ApiKey | Kind::Node | Kind::JoinToken => {}
+        }
+        t.insert(Key::Entity(kind, name.clone()));
+        Ok(cascaded)
+    }
+
+    /// What applying `manifest` would change, without changing anything.
+    pub fn plan_manifest(
+        &self,
+        manifest: &Manifest,
+        prune: bool,
+    ) -> Result<ApplyReport, RegistryError> {
+        let mut scratch = self.clone();
+        let next_index = self.last_applied.map_or(1, |l| l.index + 1);
+        let mut report =
+            scratch.apply_manifest(manifest, prune, next_index, &mut Touched::new())?;
+        report.dry_run = true;
+        Ok(report)
+    }
+
+    fn apply_manifest(
+        &mut self,
+        m: &Manifest,
+        prune: bool,
+        index: u64,
+        t: &mut Touched,
+    ) -> Result<ApplyReport, RegistryError> {
+        let mut report = ApplyReport::default();
+        // Referenced kinds first, so a manifest can create a site and its resources at once.
+        self.sync(&m.sites, index, t, &mut report)?;
+        self.sync(&m.users, index, t, &mut report)?;
+        self.sync(&m.policies, index, t, &mut report)?;
+        self.sync(&m.roles, index, t, &mut report)?;
+        self.sync(&m.identity_providers, index, t, &mut report)?;
+        self.sync(&m.resources, index, t, &mut report)?;
+        if prune {
+            let kinds = m.kinds();
+            self.prune::<Resource>(&kinds, &m.resources, index, t, &mut report)?;
+            self.prune::<Role>(&kinds, &m.roles, index, t, &mut report)?;
+            self.prune::<IdentityProvider>(&kinds, &m.identity_providers, index, t, &mut report)?;
+            self.prune::<Policy>(&kinds, &m.policies, index, t, &mut report)?;
+            self.prune::<User>(&kinds, &m.users, index, t, &mut report)?;
+            self.prune::<Site>(&kinds, &m.sites, index, t, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    fn sync<E: Table>(
+        &mut self,
+        wanted: &[E],
+        index: u64,
+        t: &mut Touched,
+        report: &mut ApplyReport,
+    ) -> Result<(), RegistryError> {
+        let mut seen = BTreeSet::new();
+        for e in wanted {
+            if !seen.insert(e.name().clone()) {
+                return Err(RegistryError::AlreadyExists {
+                    kind: E::KIND,
+                    name: e.name().to_string(),
+                    field: "name".into(),
+                    detail: "is listed twice in the manifest".into(),
+                });
+            }
+            let mut e = e.clone();
+            // A manifest says what should be, not which revision it was read at.
+            e.set_revision(0);
+            match E::table(self).get(e.name()).cloned() {
+                None => {
+                    self.create(e.clone(), index, t)?;
+                    report.changes.push(Change {
+                        action: ChangeAction::Create,
+                        kind: E::KIND,
+                        name: e.name().clone(),
+                        fields: Vec::new(),
+                    });
+                }
+                Some(current) => {
+                    let (_, changed) = self.update(e.clone(), index, t)?;
+                    if changed {
+                        report.changes.push(Change {
+                            action: ChangeAction::Update,
+                            kind: E::KIND,
+                            name: e.name().clone(),
+                            fields: changed_fields(&current, &e),
+                        });
+                    } else {
+                        report.unchanged += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prune<E: Table>(
+        &mut self,
+        kinds: &[Kind],
+        wanted: &[E],
+        index: u64,
+        t: &mut Touched,
+        report: &mut ApplyReport,
+    ) -> Result<(), RegistryError> {
+        if !kinds.contains(&E::KIND) {
+            return Ok(());
+        }
+        let keep: BTreeSet<&Name> = wanted.iter().map(|e| e.name()).collect();
+        let gone: Vec<Name> = E::table(self)
+            .keys()
+            .filter(|n| !keep.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            let cascaded = self.delete(E::KIND, &name, 0, index, t)?;
+            report.changes.push(Change {
+                action: ChangeAction::Delete,
+                kind: E::KIND,
+                name,
+                fields: Vec::new(),
+            });
+            report.changes.extend(cascaded);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the indexes that are derived from the tables (after loading or decoding).
+    pub fn rebuild_indexes(&mut self) {
+        self.keys_by_id = self
+            .api_keys
+            .values()
+            .map(|k| (k.id, k.name.clone()))
+            .collect();
+        self.nodes_by_id = self
+            .nodes
+            .values()
+            .map(|n| (n.id, n.name.clone()))
+            .collect();
+    }
+}
+
+/// Top-level fields that differ between two versions of an entity (revision aside).
+fn changed_fields<E: Entity>(a: &E, b: &E) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return Vec::new();
+    };
+    a.iter()
+        .filter(|(k, v)| k.as_str() != "revision" && b.get(k.as_str()) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Why stored registry data could not be read back: storage corruption or a bug.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// A value did not encode.
+    #[error("encoding {what}: {source}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The bincode error.
+        source: bincode::error::EncodeError,
+    },
+    /// A value did not decode.
+    #[error("decoding {what}: {source}")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// The bincode error.
+        source: bincode::error::DecodeError,
+    },
+    /// A key has an unknown tag or a bad name.
+    #[error("unknown storage key {0:02x?}")]
+    BadKey(Vec<u8>),
+}
+
+const TAG_JOIN_TOKEN: u8 = 9;
+const TAG_DEDUP: u8 = 0x20;
+const TAG_META: u8 = 0xF0;
+
+fn kind_tag(kind: Kind) -> u8 {
+    match kind {
+        Kind::User => 1,
+        Kind::Role => 2,
+        Kind::IdentityProvider => 3,
+        Kind::Site => 4,
+        Kind::Resource => 5,
+        Kind::Policy => 6,
+        Kind::ApiKey => 7,
+        Kind::Node => 8,
+        Kind::JoinToken => TAG_JOIN_TOKEN,
+    }
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a value with the storage codec (bincode, standard configuration).
+pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(v, bincode_config())
+        .map_err(|source| CodecError::Encode { what, source })
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    b: &[u8],
+) -> Result<T, CodecError> {
+    bincode::serde::decode_from_slice(b, bincode_config())
+        .map(|(v, _)| v)
+        .map_err(|source| CodecError::Decode { what, source })
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    cluster_id: u128,
+    next_node_id: u64,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+impl Key {
+    /// The key's bytes in storage.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Key::Entity(kind, name) => {
+                let mut k = Vec::with_capacity(1 + name.as_str().len());
+                k.push(kind_tag(*kind));
+                k.extend_from_slice(name.as_str().as_bytes());
+                k
+            }
+            Key::JoinToken(id) => {
+                let mut k = vec![TAG_JOIN_TOKEN];
+                k.extend_from_slice(&id.to_be_bytes());
+                k
+            }
+            Key::Dedup(id) => {
+                let mut k = vec![TAG_DEDUP];
+                k.extend_from_slice(&id.0.to_be_bytes());
+                k
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// The storage key of the metadata record (cluster id, last applied, membership).
+    pub fn meta_key() -> Vec<u8> {
+        vec![TAG_META]
+    }
+
+    /// The metadata record's value.
+    pub fn meta_value(&self) -> Result<Vec<u8>, CodecError> {
+        encode(
+            "registry metadata",
+            &Meta {
+                cluster_id: self.cluster_id,
+                next_node_id: self.next_node_id,
+                last_applied: self.last_applied,
+                membership: self.membership.clone(),
+            },
+        )
+    }
+
+    /// The current value stored under `key`, or `None` if it no longer exists.
+    pub fn value_of(&self, key: &Key) -> Result<Option<Vec<u8>>, CodecError> {
+        fn enc<T: Serialize>(v: Option<&T>) -> Result<Option<Vec<u8>>, CodecError> {
+            v.map(|v| encode("registry entry", v)).transpose()
+        }
+        match key {
+            Key::Entity(kind, name) => match kind {
+                Kind::User => enc(self.users.get(name)),
+                Kind::Role => enc(self.roles.get(name)),
+                Kind::IdentityProvider => enc(self.identity_providers.get(name)),
+                Kind::Site => enc(self.sites.get(name)),
+                Kind::Resource => enc(self.resources.get(name)),
+                Kind::Policy => enc(self.policies.get(name)),
+                Kind::ApiKey => enc(self.api_keys.get(name)),
+                Kind::Node => enc(self.nodes.get(name)),
+                Kind::JoinToken => Ok(None),
+            },
+            Key::JoinToken(id) => enc(self.join_tokens.get(id)),
+            Key::Dedup(id) => enc(self.dedup.get(id)),
+        }
+    }
+
+    /// Every stored `(key, value)` pair of this registry, metadata included.
+    pub fn to_pairs(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CodecError> {
+        let mut keys: Vec<Key> = Vec::new();
+        let named =
+            |kind: Kind, names: Vec<Name>| names.into_iter().map(move |n| Key::Entity(kind, n));
+        keys.extend(named(Kind::User, self.users.keys().cloned().collect()));
+        keys.extend(named(Kind::Role, self.roles.keys().cloned().collect()));
+        keys.extend(named(
+            Kind::IdentityProvider,
+            self.identity_providers.keys().cloned().collect(),
+        ));
+        keys.extend(named(Kind::Site, self.sites.keys().cloned().collect()));
+        keys.extend(named(
+            Kind::Resource,
+            self.resources.keys().cloned().collect(),
+        ));
+        keys.extend(named(Kind::Policy, self.policies.keys().cloned().collect()));
+        keys.extend(named(Kind::ApiKey, self.api_keys.keys().cloned().collect()));
+        keys.extend(named(Kind::Node, self.nodes.keys().cloned().collect()));
+        keys.extend(self.join_tokens.keys().map(|id| Key::JoinToken(*id)));
+        keys.extend(self.dedup.keys().map(|id| Key::Dedup(*id)));
+        let mut pairs = Vec::with_capacity(keys.len() + 1);
+        for k in keys {
+            if let Some(v) = self.value_of(&k)? {
+                pairs.push((k.encode(), v));
+            }
+        }
+        pairs.push((Self::meta_key(), self.meta_value()?));
+        Ok(pairs)
+    }
+
+    /// Rebuilds a registry from the pairs [`Registry::to_pairs`] (or incremental writes of
+    /// [`Registry::value_of`]) stored.
+    pub fn from_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Self, CodecError>
+    where
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let mut r = Registry::default();
+        let mut order = Vec::new();
+        for (k, v) in pairs {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            let Some((&tag, rest)) = k.split_first() else {
+                return Err(CodecError::BadKey(k.to_vec()));
+            };
+            let name = || {
+                std::str::from_utf8(rest)
+                    .ok()
+                    .and_then(|s| Name::new(s).ok())
+                    .ok_or_else(|| CodecError::BadKey(k.to_vec()))
+            };
+            match tag {
+                1 => drop(r.users.insert(name()?, decode("user", v)?)),
+                2 => drop(r.roles.insert(name()?, decode("role", v)?)),
+                3 => drop(
+                    r.identity_providers
+                        .insert(name()?, decode("identity provider", v)?),
+                ),
+                4 => drop(r.sites.insert(name()?, decode("site", v)?)),
+                5 => drop(r.resources.insert(name()?, decode("resource", v)?)),
+                6 => drop(r.policies.insert(name()?, decode("policy", v)?)),
+                7 => drop(r.api_keys.insert(name()?, decode("API key", v)?)),
+                8 => drop(r.nodes.insert(name()?, decode("node", v)?)),
+                TAG_JOIN_TOKEN => {
+                    let rec: JoinTokenRecord = decode("join token", v)?;
+                    r.join_tokens.insert(rec.id, rec);
+                }
+                TAG_DEDUP => {
+                    let id: [u8; 16] = rest
+                        .try_into()
+                        .map_err(|_| CodecError::BadKey(k.to_vec()))?;
+                    let id = RequestId(u128::from_be_bytes(id));
+                    let entry: (u64, Reply) = decode("remembered reply", v)?;
+                    order.push((entry.0, id));
+                    r.dedup.insert(id, entry);
+                }
+                TAG_META => {
+                    let m: Meta = decode("registry metadata", v)?;
+                    r.cluster_id = m.cluster_id;
+                    r.next_node_id = m.next_node_id;
+                    r.last_applied = m.last_applied;
+                    r.membership = m.membership;
+                }
+                _ => return Err(CodecError::BadKey(k.to_vec())),
+            }
+        }
+        order.sort();
+        r.dedup_order = order.into_iter().collect();
+        r.rebuild_indexes();
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use proptest::prelude::*;
+    use warren_proto::registry::Target;
+
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    /// A registry plus a key-value store that receives its touched keys, as the state
+    /// machine's sled tree does.
+    struct Harness {
+        reg: Registry,
+        index: u64,
+        kv: BTreeMap<Vec<u8>, Vec<u8>>,
+        admin: KeyId,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let mut h = Self {
+                reg: Registry::default(),
+                index: 0,
+                kv: BTreeMap::new(),
+                admin: KeyId(7),
+            };
+            let node = Node {
+                id: NodeId(1),
+                name: name("n1"),
+                cluster_addr: "127.0.0.1:7400".into(),
+                admin_addr: "127.0.0.1:7443".into(),
+                region: String::new(),
+                revision: 0,
+            };
+            let api_key = ApiKeyRecord {
+                name: name("bootstrap"),
+                id: h.admin,
+                hash: SecretHash([1; 32]),
+                scope: Scope::Admin,
+                created_at: 0,
+                revision: 0,
+            };
+            let join_token = JoinTokenRecord {
+                id: 1,
+                hash: SecretHash([2; 32]),
+                created_at: 0,
+                revision: 0,
+            };
+            h.system(Command::Bootstrap {
+                cluster_id: 99,
+                node,
+                api_key,
+                join_token,
+            })
+            .unwrap();
+            h.index += 1;
+            let membership = openraft::Membership::new(vec![BTreeSet::from([NodeId(1)])], None);
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, NodeId(1)), h.index),
+                payload: EntryPayload::Membership(membership),
+            };
+            h.reg.apply_entry(&entry, &mut Touched::new()).unwrap();
+            assert_eq!(h.reg.member_role(NodeId(1)), MemberRole::Voter);
+            h
+        }
+
+        fn submit(&mut self, req: Request) -> Reply {
+            self.index += 1;
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, NodeId(1)), self.index),
+                payload: EntryPayload::Normal(req),
+            };
+            let mut touched = Touched::new();
+            let reply = self.reg.apply_entry(&entry, &mut touched);
+            for k in &touched {
+                match self.reg.value_of(k).unwrap() {
+                    Some(v) => self.kv.insert(k.encode(), v),
+                    None => self.kv.remove(&k.encode()),
+                };
+            }
+            self.kv
+                .insert(Registry::meta_key(), self.reg.meta_value().unwrap());
+            reply
+        }
+
+        fn system(&mut self, command: Command) -> Reply {
+            self.submit(Request {
+                id: RequestId(u128::from(self.index) + 1_000_000),
+                at: 1_700_000_000,
+                actor: Actor::System,
+                command,
+            })
+        }
+
+        fn admin(&mut self, command: Command) -> Reply {
+            self.submit(Request {
+                id: RequestId(u128::from(self.index) + 1),
+                at: 1_700_000_000,
+                actor: Actor::ApiKey(self.admin),
+                command,
+            })
+        }
+
+        /// Every entity table, as stored pairs (no dedup, no metadata).
+        fn tables(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+            self.reg
+                .to_pairs()
+                .unwrap()
+                .into_iter()
+                .filter(|(k, _)| k[0] < TAG_DEDUP)
+                .collect()
+        }
+    }
+
+    fn site(n: &str) -> AnyEntity {
+        AnyEntity::Site(Site {
+            name: name(n),
+            description: String::new(),
+            revision: 0,
+        })
+    }
+
+    fn user(n: &str, email: Option<&str>) -> AnyEntity {
+        AnyEntity::User(User {
+            name: name(n),
+            email: email.map(str::to_owned),
+            display_name: None,
+            disabled: false,
+            revision: 0,
+        })
+    }
+
+    fn role(n: &str, members: &[&str]) -> AnyEntity {
+        AnyEntity::Role(Role {
+            name: name(n),
+            description: String::new(),
+            members: members.iter().map(|m| name(m)).collect(),
+            revision: 0,
+        })
+    }
+
+    fn resource(n: &str, site: Option<&str>, port: u16) -> Resource {
+        Resource {
+            name: name(n),
+            site: site.map(name),
+            route: Route::Tcp { port },
+            targets: vec!["10.0.0.1:5432".parse::<Target>().unwrap()],
+            policies: Vec::new(),
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_and_change_nothing() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", Some("alice@example.com"))))
+            .unwrap();
+        let before = h.tables();
+        let err = h.admin(Command::Create(user("alice", None))).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists { kind: Kind::User, ref field, .. } if field == "name")
+        );
+        let err = h
+            .admin(Command::Create(user("alice2", Some("ALICE@example.com"))))
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists { ref field, .. } if field == "email"),
+            "{err}"
+        );
+        assert_eq!(h.tables(), before);
+    }
+
+    #[test]
+    fn dangling_references_are_refused() {
+        let mut h = Harness::new();
+        let before = h.tables();
+        let err = h
+            .admin(Command::Create(AnyEntity::Resource(resource(
+                "db",
+                Some("nowhere"),
+                5432,
+            ))))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RegistryError::UnknownReference {
+                kind: Kind::Resource,
+                name: name("db"),
+                field: "site".into(),
+                target_kind: Kind::Site,
+                target: name("nowhere"),
+            }
+        );
+        assert!(
+            err.to_string().contains("refers to site \"nowhere\""),
+            "{err}"
+        );
+        let err = h
+            .admin(Command::Create(role("ops", &["ghost"])))
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::UnknownReference { ref field, .. } if field == "members[0]")
+        );
+        assert_eq!(h.tables(), before);
+    }
+
+    #[test]
+    fn an_entity_in_use_cannot_be_deleted_but_users_leave_their_roles() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(site("hq"))).unwrap();
+        h.admin(Command::Create(AnyEntity::Resource(resource(
+            "db",
+            Some("hq"),
+            5432,
+        ))))
+        .unwrap();
+        let err = h
+            .admin(Command::Delete {
+                kind: Kind::Site,
+                name: name("hq"),
+                revision: 0,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::InUse { by_kind: Kind::Resource, ref field, .. } if field == "site")
+        );
+        assert!(h.reg.sites().contains_key(&name("hq")));
+
+        h.admin(Command::Create(user("bob", None))).unwrap();
+        h.admin(Command::Create(role("ops", &["bob"]))).unwrap();
+        let out = h
+            .admin(Command::Delete {
+                kind: Kind::User,
+                name: name("bob"),
+                revision: 0,
+            })
+            .unwrap();
+        assert!(matches!(out, Outcome::Deleted { ref cascaded } if cascaded.len() == 1));
+        assert!(h.reg.roles()[&name("ops")].members.is_empty());
+    }
+
+    #[test]
+    fn ports_and_routes_are_unique() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(AnyEntity::Resource(resource(
+            "a", None, 5432,
+        ))))
+        .unwrap();
+        let err = h
+            .admin(Command::Create(AnyEntity::Resource(resource(
+                "b", None, 5432,
+            ))))
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists { ref field, .. } if field == "route.tcp.port")
+        );
+        let mut udp = resource("c", None, 5432);
+        udp.route = Route::Udp { port: 5432 };
+        h.admin(Command::Create(AnyEntity::Resource(udp))).unwrap();
+    }
+
+    #[test]
+    fn updates_check_the_revision_they_are_based_on() {
+        let mut h = Harness::new();
+        let Outcome::Entity(AnyEntity::User(u)) =
+            h.admin(Command::Create(user("a", None))).unwrap()
+        else {
+            panic!("expected a user")
+        };
+        let mut stale = u.clone();
+        stale.display_name = Some("A".into());
+        let mut fresh = u.clone();
+        fresh.disabled = true;
+        h.admin(Command::Update(AnyEntity::User(fresh))).unwrap();
+        let err = h
+            .admin(Command::Update(AnyEntity::User(stale)))
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::RevisionConflict { expected, .. } if expected == u.revision)
+        );
+        assert!(h.reg.users()[&name("a")].disabled);
+        assert_eq!(h.reg.users()[&name("a")].display_name, None);
+    }
+
+    #[test]
+    fn a_retried_request_applies_once_and_gets_the_first_reply() {
+        let mut h = Harness::new();
+        let req = Request {
+            id: RequestId(42),
+            at: 0,
+            actor: Actor::ApiKey(h.admin),
+            command: Command::Create(user("once", None)),
+        };
+        let first = h.submit(req.clone());
+        let second = h.submit(req);
+        assert!(first.is_ok());
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn revoked_and_read_only_keys_cannot_write() {
+        let mut h = Harness::new();
+        h.admin(Command::CreateApiKey(ApiKeyRecord {
+            name: name("ro"),
+            id: KeyId(8),
+            hash: SecretHash([3; 32]),
+            scope: Scope::ReadOnly,
+            created_at: 0,
+            revision: 0,
+        }))
+        .unwrap();
+        let ro = h.submit(Request {
+            id: RequestId(500),
+            at: 0,
+            actor: Actor::ApiKey(KeyId(8)),
+            command: Command::Create(site("x")),
+        });
+        assert_eq!(ro, Err(RegistryError::Forbidden));
+        let unknown = h.submit(Request {
+            id: RequestId(501),
+            at: 0,
+            actor: Actor::ApiKey(KeyId(9)),
+            command: Command::Create(site("x")),
+        });
+        assert_eq!(unknown, Err(RegistryError::Unauthorized));
+        // The last admin key is protected; a second one makes revoking possible.
+        let err = h
+            .admin(Command::RevokeApiKey {
+                name: name("bootstrap"),
+            })
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Conflict { .. }));
+        assert!(h.reg.sites().is_empty());
+    }
+
+    fn manifest(yaml_sites: &[&str], resources: Vec<Resource>) -> Manifest {
+        Manifest {
+            sites: yaml_sites
+                .iter()
+                .map(|s| Site {
+                    name: name(s),
+                    description: String::new(),
+                    revision: 0,
+                })
+                .collect(),
+            resources,
+            ..Manifest::default()
+        }
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_all_or_nothing() {
+        let mut h = Harness::new();
+        let m = manifest(&["hq"], vec![resource("db", Some("hq"), 5432)]);
+        let Outcome::Applied(report) = h
+            .admin(Command::Apply {
+                manifest: m.clone(),
+                prune: false,
+            })
+            .unwrap()
+        else {
+            panic!("expected a report")
+        };
+        assert_eq!(report.changes.len(), 2);
+        assert_eq!(report.changes[0].kind, Kind::Site, "referenced kinds first");
+
+        let again = h.reg.plan_manifest(&m, false).unwrap();
+        assert!(again.changes.is_empty());
+        assert_eq!(again.unchanged, 2);
+
+        let before = h.tables();
+        let bad = manifest(
+            &["hq", "branch"],
+            vec![
+                resource("db", Some("hq"), 5432),
+                resource("web", Some("mars"), 80),
+            ],
+        );
+        let err = h
+            .admin(Command::Apply {
+                manifest: bad,
+                prune: false,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::UnknownReference { ref name, .. } if name.as_str() == "web")
+        );
+        assert_eq!(
+            h.tables(),
+            before,
+            "the valid half of the manifest was not applied"
+        );
+    }
+
+    #[test]
+    fn prune_deletes_only_the_kinds_listed() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(site("old"))).unwrap();
+        h.admin(Command::Create(user("keep", None))).unwrap();
+        let m = manifest(&["new"], vec![]);
+        let plan = h.reg.plan_manifest(&m, true).unwrap();
+        assert!(plan.dry_run);
+        let actions: Vec<_> = plan
+            .changes
+            .iter()
+            .map(|c| (c.action, c.name.to_string()))
+            .collect();
+        assert_eq!(
+            actions,
+            vec![
+                (ChangeAction::Create, "new".into()),
+                (ChangeAction::Delete, "old".into())
+            ]
+        );
+        h.admin(Command::Apply {
+            manifest: m,
+            prune: true,
+        })
+        .unwrap();
+        assert!(h.reg.users().contains_key(&name("keep")));
+        assert!(!h.reg.sites().contains_key(&name("old")));
+    }
+
+    #[test]
+    fn nodes_that_are_members_cannot_be_deleted() {
+        let mut h = Harness::new();
+        let Outcome::Node(n2) = h
+            .system(Command::RegisterNode {
+                name: name("n2"),
+                cluster_addr: "127.0.0.1:7401".into(),
+                admin_addr: "127.0.0.1:7444".into(),
+                region: "eu".into(),
+            })
+            .unwrap()
+        else {
+            panic!("expected a node")
+        };
+        assert_eq!(n2.id, NodeId(2));
+        let err = h
+            .admin(Command::DeleteNode { name: name("n1") })
+            .unwrap_err();
+        assert!(err.to_string().contains("member"), "{err}");
+        h.admin(Command::DeleteNode { name: name("n2") }).unwrap();
+        let err = h
+            .admin(Command::RegisterNode {
+                name: name("n3"),
+                cluster_addr: "127.0.0.1:7402".into(),
+                admin_addr: "127.0.0.1:7445".into(),
+                region: String::new(),
+            })
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RegistryError::Forbidden,
+            "only the cluster registers nodes"
+        );
+    }
+
+    #[test]
+    fn stored_pairs_rebuild_the_same_registry() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(site("hq"))).unwrap();
+        h.admin(Command::Create(user("u", Some("u@example.com"))))
+            .unwrap();
+        h.admin(Command::Create(role("r", &["u"]))).unwrap();
+        h.admin(Command::Delete {
+            kind: Kind::User,
+            name: name("u"),
+            revision: 0,
+        })
+        .unwrap();
+        let loaded = Registry::from_pairs(h.kv.clone()).unwrap();
+        assert_eq!(loaded.to_pairs().unwrap(), h.reg.to_pairs().unwrap());
+        let snap: Registry = decode("snapshot", &encode("snapshot", &h.reg).unwrap()).unwrap();
+        assert_eq!(snap.to_pairs().unwrap(), h.reg.to_pairs().unwrap());
+    }
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(str::to_owned)
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            arb_name().prop_map(|n| Command::Create(site(&n))),
+            (arb_name(), any::<bool>())
+                .prop_map(|(n, e)| Command::Create(user(&n, e.then_some("x@y.z")))),
+            (arb_name(), prop::collection::vec(arb_name(), 0..3)).prop_map(|(n, m)| {
+                let m: Vec<&str> = m.iter().map(String::as_str).collect();
+                Command::Create(role(&n, &m))
+            }),
+            (arb_name(), prop::option::of(arb_name()), 1u16..4).prop_map(|(n, s, p)| {
+                Command::Create(AnyEntity::Resource(resource(&n, s.as_deref(), p)))
+            }),
+            (arb_name(), prop::option::of(arb_name()), 1u16..4).prop_map(|(n, s, p)| {
+                Command::Update(AnyEntity::Resource(resource(&n, s.as_deref(), p)))
+            }),
+            (
+                prop::sample::select(vec![Kind::User, Kind::Role, Kind::Site, Kind::Resource]),
+                arb_name()
+            )
+                .prop_map(|(kind, n)| Command::Delete {
+                    kind,
+                    name: name(&n),
+                    revision: 0
+                }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Any sequence of commands: no reference ever dangles, a refused command changes
+        /// nothing, incremental persistence equals a full dump, and apply is deterministic.
+        #[test]
+        fn registry_invariants_hold(cmds in prop::collection::vec(arb_command(), 1..40)) {
+            let mut h = Harness::new();
+            let mut twin = Harness::new();
+            for cmd in cmds {
+                let before = h.tables();
+                let reply = h.admin(cmd.clone());
+                prop_assert_eq!(&reply, &twin.admin(cmd));
+                if reply.is_err() {
+                    prop_assert_eq!(h.tables(), before);
+                }
+                for role in h.reg.roles().values() {
+                    for m in &role.members {
+                        prop_assert!(h.reg.users().contains_key(m));
+                    }
+                }
+                for res in h.reg.resources().values() {
+                    if let Some(s) = &res.site {
+                        prop_assert!(h.reg.sites().contains_key(s));
+                    }
+                }
+            }
+            let loaded = Registry::from_pairs(h.kv.clone()).unwrap();
+            prop_assert_eq!(loaded.to_pairs().unwrap(), h.reg.to_pairs().unwrap());
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Node-to-node RPC: the messages, the [`Transport`] trait that carries them, and the
+//! openraft network built on it.
+//!
+//! One request, one reply. The QUIC transport ([`crate::quic`]) sends each on its own
+//! stream; a simulation can implement [`Transport`] over a simulated network instead.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
+use serde::{Deserialize, Serialize};
+use warren_proto::registry::NodeId;
+
+use crate::types::{ClusterNode, Reply, Request, TypeConfig};
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Rpc {
+    /// Raft log replication and heartbeats.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft election.
+    Vote(VoteRequest<NodeId>),
+    /// A whole snapshot, for a follower too far behind the log.
+    Snapshot {
+        /// The leader's vote.
+        vote: Vote<NodeId>,
+        /// What the snapshot covers.
+        meta: SnapshotMeta<NodeId, ClusterNode>,
+        /// The encoded registry.
+        data: Vec<u8>,
+    },
+    /// A client write forwarded to the leader.
+    Write(Request),
+    /// Read index: the leader confirms it still leads and answers the index a linearizable
+    /// read must wait for.
+    ReadIndex,
+    /// The receiving node's own view of itself (for cluster status).
+    Status,
+    /// A membership change forwarded to the leader.
+    Membership(MembershipChange),
+}
+
+impl Rpc {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rpc::AppendEntries(_) => "append-entries",
+            Rpc::Vote(_) => "vote",
+            Rpc::Snapshot { .. } => "snapshot",
+            Rpc::Write(_) => "write",
+            Rpc::ReadIndex => "read-index",
+            Rpc::Status => "status",
+            Rpc::Membership(_) => "membership",
+        }
+    }
+}
+
+/// A membership change, carried out by the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add (or re-add) a node as a learner; wait until it has caught up.
+    AddLearner(NodeId, ClusterNode),
+    /// Make a learner a voter.
+    Promote(NodeId),
+    /// Take a node out of the membership entirely.
+    Remove(NodeId),
+}
+
+/// The reply to an [`Rpc`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcReply {
+    /// To [`Rpc::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`Rpc::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`Rpc::Snapshot`].
+    Snapshot(Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
+    /// To [`Rpc::Write`]: the state machine's reply.
+    Write(Result<Reply, ForwardError>),
+    /// To [`Rpc::ReadIndex`]: the log index to wait for.
+    ReadIndex(Result<u64, ForwardError>),
+    /// To [`Rpc::Status`].
+    Status(NodeStatus),
+    /// To [`Rpc::Membership`].
+    Membership(Result<(), ForwardError>),
+    /// The request was refused before it was looked at (wrong cluster, malformed).
+    Refused(String),
+}
+
+/// Why the leader did not carry out a forwarded request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ForwardError {
+    /// The receiver is not (or no longer) the leader; try this one instead.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader the receiver knows of.
+        leader: Option<NodeId>,
+    },
+    /// The leader could not do it (lost quorum, shutting down, refused change).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A node's own view of its Raft state, for cluster status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its id.
+    pub id: NodeId,
+    /// `leader`, `follower`, `learner`, `candidate` or `shutdown`.
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Leader it follows.
+    pub leader: Option<NodeId>,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub last_applied: Option<u64>,
+    /// Index covered by its snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Index up to which its log was purged.
+    pub purged_index: Option<u64>,
+    /// Milliseconds since it last heard from its leader (on the leader: from a quorum).
+    pub leader_contact_ms: Option<u64>,
+}
+
+/// Why an RPC did not get a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// No connection could be made (down, refused, TLS failure); the message says which.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// No reply within the deadline.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The peer answered with something that is not a reply, or refused the request.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Carries RPCs between nodes.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `rpc` to `target` (reached at `node.addr`) and waits at most `timeout` for the
+    /// reply.
+    fn call<'a>(
+        &'a self,
+        target: NodeId,
+        node: &'a ClusterNode,
+        rpc: Rpc,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<RpcReply, TransportError>>;
+}
+
+/// openraft's network factory over a [`Transport`].
+#[derive(Clone)]
+pub struct Network {
+    transport: Arc<dyn Transport>,
+}
+
+impl Network {
+    /// A factory sending through `transport`.
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        Self { transport }
+    }
+}
+
+/// openraft's connection to one peer.
+pub struct PeerNetwork {
+    transport: Arc<dyn Transport>,
+    target: NodeId,
+    node: ClusterNode,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &ClusterNode) -> Self::Network {
+        PeerNetwork {
+            transport: self.transport.clone(),
+            target,
+            node: node.clone(),
+        }
+    }
+}
+
+fn transport_error<E: std::error::Error>(e: TransportError) -> RPCError<NodeId, ClusterNode, E> {
+    match e {
+        TransportError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected<E: std::error::Error>(reply: RpcReply) -> RPCError<NodeId, ClusterNode, E> {
+    let e = TransportError::Protocol(format!("unexpected reply {reply:?}"));
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, ClusterNode, RaftError<NodeId>>>
+    {
+        let reply = self
+            .transport
+            .call(
+                self.target,
+                &self.node,
+                Rpc::AppendEntries(rpc),
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(transport_error)?;
+        match reply {
+            RpcReply::AppendEntries(Ok(r)) => Ok(r),
+            RpcReply::AppendEntries(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, ClusterNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        // With `generic-snapshot-data` openraft sends snapshots through `full_snapshot`.
+        let e = TransportError::Protocol("chunked snapshots are not used".into());
+        Err(RPCError::Network(NetworkError::new(&e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, ClusterNode, RaftError<NodeId>>> {
+        let reply = self
+            .transport
+            .call(self.target, &self.node, Rpc::Vote(rpc), option.hard_ttl())
+            .await
+            .map_err(transport_error)?;
+        match reply {
+            RpcReply::Vote(Ok(r)) => Ok(r),
+            RpcReply::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let rpc = Rpc::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: *snapshot.snapshot,
+        };
+        let call = self
+            .transport
+            .call(self.target, &self.node, rpc, option.hard_ttl());
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = call => r,
+        };
+        match reply {
+            Ok(RpcReply::Snapshot(Ok(r))) => Ok(r),
+            Ok(RpcReply::Snapshot(Err(e))) => Err(StreamingError::RemoteError(RemoteError::new(
+                self.target,
+                e,
+            ))),
+            Ok(other) => {
+                let e = TransportError::Protocol(format!("unexpected reply {other:?}"));
+                Err(StreamingError::Network(NetworkError::new(&e)))
+            }
+            Err(e @ TransportError::Unreachable(_)) => {
+                Err(StreamingError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+        }
+    }
+}

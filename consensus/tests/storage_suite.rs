@@ -1,0 +1,24 @@
+//! openraft's own storage test suite, run against the sled log store and state machine.
+
+use openraft::testing::{StoreBuilder, Suite};
+use tempfile::TempDir;
+use warren_consensus::log_store::LogStore;
+use warren_consensus::state_machine::StateMachine;
+use warren_consensus::types::{StorageError, TypeConfig};
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("open sled");
+        let log = LogStore::open(&db).expect("open log");
+        let (sm, _) = StateMachine::open(&db).expect("open state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn sled_storage_passes_the_openraft_suite() {
+    Suite::test_all(SledBuilder).expect("storage suite");
+}

@@ -1,0 +1,862 @@
+//! The entities the cluster replicates, and the checks each one passes on its own.
+//!
+//! Checks that need the whole registry (a duplicate name, a reference to an entity that
+//! does not exist, two resources on one port) live with the registry's `apply` in
+//! `consensus`; here each entity checks its own fields and lists its references.
+//!
+//! Every entity carries a `revision`: the Raft log index of its last change, set by the
+//! cluster. A client that sends a non-zero `revision` with an update asks for the update to
+//! happen only if the entity is still at that revision.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Expr;
+use crate::{Name, Secret};
+
+/// A problem with one field of an entity or request; the caller sent it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    /// Path of the offending field, like `route.http.domain` or `targets[1]`.
+    pub field: String,
+    /// What was expected.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error, with `prefix.` in front of its field path.
+    pub fn within(mut self, prefix: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            prefix.to_owned()
+        } else if self.field.starts_with('[') {
+            format!("{prefix}{}", self.field)
+        } else {
+            format!("{prefix}.{}", self.field)
+        };
+        self
+    }
+}
+
+/// The kinds of entity in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A person who signs in.
+    User,
+    /// A named group of users.
+    Role,
+    /// An OpenID Connect provider users sign in with.
+    IdentityProvider,
+    /// A private network reached through an agent.
+    Site,
+    /// Something users reach: a web app or a TCP/UDP service.
+    Resource,
+    /// Who may reach a resource, and when.
+    Policy,
+    /// A credential for the admin API.
+    ApiKey,
+    /// A `warren-node` in the cluster.
+    Node,
+    /// A credential that lets a new node join the cluster.
+    JoinToken,
+}
+
+impl Kind {
+    /// Every kind, in the order the registry lists them.
+    pub const ALL: [Kind; 9] = [
+        Kind::User,
+        Kind::Role,
+        Kind::IdentityProvider,
+        Kind::Site,
+        Kind::Resource,
+        Kind::Policy,
+        Kind::ApiKey,
+        Kind::Node,
+        Kind::JoinToken,
+    ];
+
+    /// The word for one entity of this kind, as messages use it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Role => "role",
+            Kind::IdentityProvider => "identity provider",
+            Kind::Site => "site",
+            Kind::Resource => "resource",
+            Kind::Policy => "policy",
+            Kind::ApiKey => "API key",
+            Kind::Node => "node",
+            Kind::JoinToken => "join token",
+        }
+    }
+
+    /// The admin API's path segment for this kind (`/v1/<segment>`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Kind::User => "users",
+            Kind::Role => "roles",
+            Kind::IdentityProvider => "identity-providers",
+            Kind::Site => "sites",
+            Kind::Resource => "resources",
+            Kind::Policy => "policies",
+            Kind::ApiKey => "api-keys",
+            Kind::Node => "nodes",
+            Kind::JoinToken => "join-tokens",
+        }
+    }
+
+    /// The key of this kind in a declarative manifest, if it can appear there.
+    pub fn manifest_key(self) -> Option<&'static str> {
+        match self {
+            Kind::User => Some("users"),
+            Kind::Role => Some("roles"),
+            Kind::IdentityProvider => Some("identity_providers"),
+            Kind::Site => Some("sites"),
+            Kind::Resource => Some("resources"),
+            Kind::Policy => Some("policies"),
+            Kind::ApiKey | Kind::Node | Kind::JoinToken => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.noun())
+    }
+}
+
+/// A reference from one entity to another, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// The field holding the reference, like `members[0]`.
+    pub field: String,
+    /// The kind of the entity referred to.
+    pub kind: Kind,
+    /// Its name.
+    pub name: Name,
+}
+
+/// What every declarative registry entity offers to the generic create/update/delete code.
+pub trait Entity: Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The kind of entity.
+    const KIND: Kind;
+    /// The entity's name.
+    fn name(&self) -> &Name;
+    /// The Raft log index of its last change (0 before it is stored).
+    fn revision(&self) -> u64;
+    /// Sets the revision; the registry does this when it stores the entity.
+    fn set_revision(&mut self, revision: u64);
+    /// Checks the fields that can be checked without the rest of the registry.
+    fn validate(&self) -> Result<(), FieldError>;
+    /// The entities this one refers to.
+    fn references(&self) -> Vec<Reference>;
+    /// Whether `self` and `other` are the same apart from their revisions.
+    fn same_content(&self, other: &Self) -> bool {
+        let mut a = self.clone();
+        a.set_revision(0);
+        let mut b = other.clone();
+        b.set_revision(0);
+        a == b
+    }
+}
+
+macro_rules! entity_common {
+    () => {
+        fn name(&self) -> &Name {
+            &self.name
+        }
+        fn revision(&self) -> u64 {
+            self.revision
+        }
+        fn set_revision(&mut self, revision: u64) {
+            self.revision = revision;
+        }
+    };
+}
+
+/// A person who signs in. Users come from a manifest, the API, or (later) first sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Unique name.
+    pub name: Name,
+    /// E-mail address, if known.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Name shown to people.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// A disabled user is denied everything.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Entity for User {
+    const KIND: Kind = Kind::User;
+    entity_common!();
+
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(email) = &self.email {
+            check_email(email).map_err(|e| e.within("email"))?;
+        }
+        if let Some(d) = &self.display_name {
+            check_text(d, 256).map_err(|e| e.within("display_name"))?;
+        }
+        Ok(())
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        Vec::new()
+    }
+}
+
+/// A named group of users. Policies match roles with the `group` criterion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Role {
+    /// Unique name.
+    pub name: Name,
+    /// Free text for people.
+    #[serde(default)]
+    pub description: String,
+    /// Names of the users in the role.
+    #[serde(default)]
+    pub members: BTreeSet<Name>,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Entity for Role {
+    const KIND: Kind = Kind::Role;
+    entity_common!();
+
+    fn validate(&self) -> Result<(), FieldError> {
+        check_text(&self.description, 1024).map_err(|e| e.within("description"))
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Reference {
+                field: format!("members[{i}]"),
+                kind: Kind::User,
+                name: m.clone(),
+            })
+            .collect()
+    }
+}
+
+/// An OpenID Connect provider. The client secret is stored so the cluster can use it, and
+/// never returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityProvider {
+    /// Unique name.
+    pub name: Name,
+    /// Issuer URL, used for discovery (`<issuer>/.well-known/openid-configuration`).
+    pub issuer: String,
+    /// OAuth client id registered at the provider.
+    pub client_id: String,
+    /// OAuth client secret (empty for a public client).
+    #[serde(default)]
+    pub client_secret: Secret,
+    /// Scopes to request besides `openid`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The ID token claim that lists the user's groups, if the provider sends one.
+    #[serde(default)]
+    pub groups_claim: Option<String>,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Entity for IdentityProvider {
+    const KIND: Kind = Kind::IdentityProvider;
+    entity_common!();
+
+    fn validate(&self) -> Result<(), FieldError> {
+        check_issuer(&self.issuer).map_err(|e| e.within("issuer"))?;
+        if self.client_id.is_empty() || self.client_id.len() > 256 {
+            return Err(FieldError::new("client_id", "expected 1 to 256 characters"));
+        }
+        check_text(&self.client_id, 256).map_err(|e| e.within("client_id"))?;
+        if self.client_secret.expose().len() > 1024 {
+            return Err(FieldError::new("client_secret", "at most 1024 characters"));
+        }
+        for (i, scope) in self.scopes.iter().enumerate() {
+            let ok = !scope.is_empty()
+                && scope.len() <= 128
+                && scope
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
+            if !ok {
+                return Err(FieldError::new(
+                    format!("scopes[{i}]"),
+                    "a scope is 1 to 128 printable ASCII characters without spaces or quotes",
+                ));
+            }
+        }
+        if let Some(claim) = &self.groups_claim {
+            if claim.is_empty() || claim.len() > 128 {
+                return Err(FieldError::new(
+                    "groups_claim",
+                    "expected 1 to 128 characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        Vec::new()
+    }
+}
+
+/// A private network reached through a `warren-agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Unique name.
+    pub name: Name,
+    /// Free text for people.
+    #[serde(default)]
+    pub description: String,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Entity for Site {
+    const KIND: Kind = Kind::Site;
+    entity_common!();
+
+    fn validate(&self) -> Result<(), FieldError> {
+        check_text(&self.description, 1024).map_err(|e| e.within("description"))
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        Vec::new()
+    }
+}
+
+/// How users reach a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Route {
+    /// A web app on a host name, optionally under a path prefix.
+    Http {
+        /// Host name users open, e.g. `wiki.example.com`; `*.example.com` for a wildcard.
+        domain: String,
+        /// Only requests under this path (starting with `/`) go to this resource.
+        #[serde(default)]
+        path_prefix: Option<String>,
+    },
+    /// A TCP port served on every node.
+    Tcp {
+        /// The public port.
+        port: u16,
+    },
+    /// A UDP port served on every node.
+    Udp {
+        /// The public port.
+        port: u16,
+    },
+}
+
+/// An upstream address: `host:port`, with `host` an IP address or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Target {
+    /// IP address or DNS name.
+    pub host: String,
+    /// TCP or UDP port.
+    pub port: u16,
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expected = || format!("expected host:port or [ipv6]:port, got {s:?}");
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest.split_once("]:").ok_or_else(expected)?;
+            h.parse::<std::net::Ipv6Addr>().map_err(|_| expected())?;
+            (h, p)
+        } else {
+            let (h, p) = s.rsplit_once(':').ok_or_else(expected)?;
+            if h.parse::<IpAddr>().is_err() && check_hostname(h, false).is_err() {
+                return Err(expected());
+            }
+            (h, p)
+        };
+        let port: u16 = port.parse().map_err(|_| expected())?;
+        if port == 0 {
+            return Err(format!("port 0 is not a valid target port in {s:?}"));
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl From<Target> for String {
+    fn from(t: Target) -> Self {
+        t.to_string()
+    }
+}
+
+/// Something users reach: a web app or a TCP/UDP service, with its upstream targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resource {
+    /// Unique name.
+    pub name: Name,
+    /// The site whose agent reaches the targets; none for targets the nodes reach directly.
+    #[serde(default)]
+    pub site: Option<Name>,
+    /// How users reach it.
+    pub route: Route,
+    /// Upstream addresses, balanced round robin over the healthy ones.
+    pub targets: Vec<Target>,
+    /// Policies that decide who gets in; with none, nobody does.
+    #[serde(default)]
+    pub policies: Vec<Name>,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Resource {
+    /// Maximum number of targets per resource.
+    pub const MAX_TARGETS: usize = 64;
+}
+
+impl Entity for Resource {
+    const KIND: Kind = Kind::Resource;
+    entity_common!();
+
+    fn validate(&self) -> Result<(), FieldError> {
+        match &self.route {
+            Route::Http {
+                domain,
+                path_prefix,
+            } => {
+                check_hostname(domain, true).map_err(|e| e.within("route.http.domain"))?;
+                if let Some(p) = path_prefix {
+                    check_path_prefix(p).map_err(|e| e.within("route.http.path_prefix"))?;
+                }
+            }
+            Route::Tcp { port } | Route::Udp { port } => {
+                if *port == 0 {
+                    let proto = if matches!(self.route, Route::Tcp { .. }) {
+                        "tcp"
+                    } else {
+                        "udp"
+                    };
+                    return Err(FieldError::new(
+                        format!("route.{proto}.port"),
+                        "expected a port from 1 to 65535",
+                    ));
+                }
+            }
+        }
+        if self.targets.is_empty() {
+            return Err(FieldError::new("targets", "at least one target is needed"));
+        }
+        if self.targets.len() > Self::MAX_TARGETS {
+            return Err(FieldError::new(
+                "targets",
+                format!("at most {} targets", Self::MAX_TARGETS),
+            ));
+        }
+        check_unique(&self.targets, "targets")?;
+        check_unique(&self.policies, "policies")?;
+        Ok(())
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        let site = self.site.iter().map(|s| Reference {
+            field: "site".into(),
+            kind: Kind::Site,
+            name: s.clone(),
+        });
+        let policies = self.policies.iter().enumerate().map(|(i, p)| Reference {
+            field: format!("policies[{i}]"),
+            kind: Kind::Policy,
+            name: p.clone(),
+        });
+        site.chain(policies).collect()
+    }
+}
+
+/// Who may reach a resource: `deny` wins over `allow`, and without a matching `allow` the
+/// answer is no.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Unique name.
+    pub name: Name,
+    /// Free text for people.
+    #[serde(default)]
+    pub description: String,
+    /// Requests that match are allowed, unless `deny` matches too.
+    #[serde(default)]
+    pub allow: Option<Expr>,
+    /// Requests that match are denied.
+    #[serde(default)]
+    pub deny: Option<Expr>,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Entity for Policy {
+    const KIND: Kind = Kind::Policy;
+    entity_common!();
+
+    fn validate(&self) -> Result<(), FieldError> {
+        check_text(&self.description, 1024).map_err(|e| e.within("description"))?;
+        if let Some(e) = &self.allow {
+            e.validate().map_err(|e| e.within("allow"))?;
+        }
+        if let Some(e) = &self.deny {
+            e.validate().map_err(|e| e.within("deny"))?;
+        }
+        Ok(())
+    }
+
+    fn references(&self) -> Vec<Reference> {
+        Vec::new()
+    }
+}
+
+/// The numeric id of a node in the Raft cluster.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct NodeId(pub u64);
+
+impl From<u64> for NodeId {
+    fn from(id: u64) -> Self {
+        Self(id)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A `warren-node`: recorded when it joins, kept until it is deleted. Whether it votes is
+/// not stored here but read from the Raft membership, which is the single truth for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Raft node id.
+    pub id: NodeId,
+    /// Unique name.
+    pub name: Name,
+    /// `host:port` other nodes reach it on (QUIC, UDP).
+    pub cluster_addr: String,
+    /// `host:port` of its admin API (HTTPS).
+    pub admin_addr: String,
+    /// Free-form region label, used to pick close nodes.
+    #[serde(default)]
+    pub region: String,
+    /// Raft log index of the last change; set by the cluster.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Node {
+    /// Checks the fields.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_socket_addr(&self.cluster_addr).map_err(|e| e.within("cluster_addr"))?;
+        check_socket_addr(&self.admin_addr).map_err(|e| e.within("admin_addr"))?;
+        if self.region.len() > 63 {
+            return Err(FieldError::new("region", "at most 63 characters"));
+        }
+        check_text(&self.region, 63).map_err(|e| e.within("region"))
+    }
+}
+
+/// Checks a `host:port` address that a node listens on or is reached at.
+pub fn check_socket_addr(s: &str) -> Result<(), FieldError> {
+    let t: Target = s.parse().map_err(|e: String| FieldError::new("", e))?;
+    if t.port == 0 {
+        return Err(FieldError::new("", "expected a non-zero port"));
+    }
+    Ok(())
+}
+
+/// Checks a host name: lowercase labels of letters, digits and `-`, dot separated, at most
+/// 253 characters; with `allow_wildcard`, a leading `*.` is accepted.
+pub fn check_hostname(s: &str, allow_wildcard: bool) -> Result<(), FieldError> {
+    let bad = |why: &str| FieldError::new("", format!("{s:?} is not a valid host name: {why}"));
+    let body = match s.strip_prefix("*.") {
+        Some(rest) if allow_wildcard => rest,
+        Some(_) => return Err(bad("wildcards are not allowed here")),
+        None => s,
+    };
+    if body.is_empty() || s.len() > 253 {
+        return Err(bad("expected 1 to 253 characters"));
+    }
+    for label in body.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("each label between dots has 1 to 63 characters"));
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(bad("use lowercase letters, digits and '-'"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("a label cannot start or end with '-'"));
+        }
+    }
+    Ok(())
+}
+
+fn check_path_prefix(p: &str) -> Result<(), FieldError> {
+    if !p.starts_with('/') {
+        return Err(FieldError::new("", "a path prefix starts with '/'"));
+    }
+    if p.len() > 1024 {
+        return Err(FieldError::new("", "at most 1024 characters"));
+    }
+    if p.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+    {
+        return Err(FieldError::new(
+            "",
+            "a path prefix has no spaces, control characters, '?' or '#'",
+        ));
+    }
+    if p.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(FieldError::new(
+            "",
+            "a path prefix has no '.' or '..' segments",
+        ));
+    }
+    Ok(())
+}
+
+fn check_email(e: &str) -> Result<(), FieldError> {
+    let bad = || FieldError::new("", format!("{e:?} is not an e-mail address"));
+    if e.len() > 254 || e.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    let (local, domain) = e.rsplit_once('@').ok_or_else(bad)?;
+    if local.is_empty() || local.contains('@') {
+        return Err(bad());
+    }
+    check_hostname(&domain.to_ascii_lowercase(), false).map_err(|_| bad())
+}
+
+fn check_issuer(issuer: &str) -> Result<(), FieldError> {
+    let url = url::Url::parse(issuer)
+        .map_err(|e| FieldError::new("", format!("{issuer:?} is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(FieldError::new(
+                "",
+                "the issuer must be an https:// URL (http:// only on loopback)",
+            ))
+        }
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(FieldError::new(
+            "",
+            "an issuer URL has no query or fragment",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks free text: at most `max` bytes, no control characters.
+pub fn check_text(s: &str, max: usize) -> Result<(), FieldError> {
+    if s.len() > max {
+        return Err(FieldError::new("", format!("at most {max} bytes")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(FieldError::new("", "no control characters"));
+    }
+    Ok(())
+}
+
+fn check_unique<T: PartialEq + fmt::Display>(items: &[T], field: &str) -> Result<(), FieldError> {
+    for (i, item) in items.iter().enumerate() {
+        if items[..i].contains(item) {
+            return Err(FieldError::new(
+                format!("{field}[{i}]"),
+                format!("{item} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(json: &str) -> Resource {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn targets_parse_and_print() {
+        for (s, host, port) in [
+            ("10.0.0.5:8080", "10.0.0.5", 8080),
+            ("db.internal:5432", "db.internal", 5432),
+            ("[::1]:22", "::1", 22),
+        ] {
+            let t: Target = s.parse().unwrap();
+            assert_eq!((t.host.as_str(), t.port), (host, port));
+            assert_eq!(t.to_string(), s);
+        }
+        for bad in [
+            "nohost",
+            "a:b",
+            ":80",
+            "host:0",
+            "host:70000",
+            "[::1]",
+            "a b:1",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resource_checks_name_the_field() {
+        let r = resource(
+            r#"{"name":"wiki","route":{"http":{"domain":"Wiki.example.com"}},"targets":["a:1"]}"#,
+        );
+        assert_eq!(r.validate().unwrap_err().field, "route.http.domain");
+        let r = resource(r#"{"name":"db","route":{"tcp":{"port":0}},"targets":["a:1"]}"#);
+        assert_eq!(r.validate().unwrap_err().field, "route.tcp.port");
+        let r = resource(r#"{"name":"db","route":{"tcp":{"port":5432}},"targets":[]}"#);
+        assert_eq!(r.validate().unwrap_err().field, "targets");
+        let r = resource(r#"{"name":"db","route":{"tcp":{"port":5432}},"targets":["a:1","a:1"]}"#);
+        assert_eq!(r.validate().unwrap_err().field, "targets[1]");
+        let r = resource(
+            r#"{"name":"w","route":{"http":{"domain":"*.example.com","path_prefix":"/a/../b"}},"targets":["a:1"]}"#,
+        );
+        assert_eq!(r.validate().unwrap_err().field, "route.http.path_prefix");
+    }
+
+    #[test]
+    fn resource_lists_its_references() {
+        let r = resource(
+            r#"{"name":"w","site":"hq","route":{"udp":{"port":53}},"targets":["a:1"],"policies":["p1","p2"]}"#,
+        );
+        let refs: Vec<_> = r
+            .references()
+            .into_iter()
+            .map(|r| (r.field, r.kind, r.name.to_string()))
+            .collect();
+        assert_eq!(
+            refs,
+            vec![
+                ("site".into(), Kind::Site, "hq".into()),
+                ("policies[0]".into(), Kind::Policy, "p1".into()),
+                ("policies[1]".into(), Kind::Policy, "p2".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<User>(r#"{"name":"a","emial":"x@y.z"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `emial`"), "{err}");
+    }
+
+    #[test]
+    fn issuer_must_be_https_except_on_loopback() {
+        assert!(check_issuer("https://idp.example.com").is_ok());
+        assert!(check_issuer("http://127.0.0.1:9000").is_ok());
+        assert!(check_issuer("http://localhost:9000/realm").is_ok());
+        assert!(check_issuer("http://idp.example.com").is_err());
+        assert!(check_issuer("not a url").is_err());
+    }
+
+    #[test]
+    fn emails_are_checked() {
+        assert!(check_email("alice@example.com").is_ok());
+        for bad in [
+            "alice",
+            "@example.com",
+            "alice@",
+            "a b@example.com",
+            "a@b@c.d",
+        ] {
+            assert!(check_email(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn same_content_ignores_revision() {
+        let a = User {
+            name: Name::new("a").unwrap(),
+            email: None,
+            display_name: None,
+            disabled: false,
+            revision: 3,
+        };
+        let mut b = a.clone();
+        b.revision = 9;
+        assert!(a.same_content(&b));
+        b.disabled = true;
+        assert!(!a.same_content(&b));
+    }
+}
