@@ -1,0 +1,745 @@
+//! Admin API routes and handlers.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use warren_consensus::registry::{
+    ApiKeyRecord, Command, JoinTokenRecord, Outcome, Registry, RegistryError, Table,
+};
+use warren_consensus::types::{Actor, ClusterNode, Request, RequestId};
+use warren_proto::api::{
+    AddMember, ApiKeyView, ApplyRequest, CreateApiKey, CreatedApiKey, CreatedJoinToken, ErrorCode,
+    Health, IdentityProviderView, JoinTokenView, List, MemberRole, NodeView, UpdateNode,
+};
+use warren_proto::registry::{IdentityProvider, Kind, Node, Policy, Resource, Role, Site, User};
+use warren_proto::token::{ApiKey, JoinToken, KeyId};
+use warren_proto::Name;
+
+use super::{
+    auth_local, auth_read, auth_write, path_name, read_json, AdminState, ApiErr, MAX_APPLY_BODY,
+    MAX_BODY,
+};
+use crate::actors::MemberOp;
+
+/// The admin API router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(entity_routes::<User>())
+        .merge(entity_routes::<Role>())
+        .merge(entity_routes::<IdentityProvider>())
+        .merge(entity_routes::<Site>())
+        .merge(entity_routes::<Resource>())
+        .merge(entity_routes::<Policy>())
+        .route("/v1/nodes", get(list_nodes).post(create_node))
+        .route(
+            "/v1/nodes/{name}",
+            get(get_node).patch(update_node).delete(delete_node),
+        )
+        .route("/v1/api-keys", get(list_api_keys).post(create_api_key))
+        .route(
+            "/v1/api-keys/{name}",
+            get(get_api_key).delete(revoke_api_key),
+        )
+        .route(
+            "/v1/join-tokens",
+            get(list_join_tokens).post(create_join_token),
+        )
+        .route(
+            "/v1/join-tokens/{id}",
+            axum::routing::delete(revoke_join_token),
+        )
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/members", post(add_member))
+        .route("/v1/cluster/members/{name}/promote", post(promote_member))
+        .route(
+            "/v1/cluster/members/{name}",
+            axum::routing::delete(remove_member),
+        )
+        .route("/v1/apply", post(apply))
+        .fallback(|| async {
+            ApiErr::new(
+                ErrorCode::NotFound,
+                "no such route; the API lives under /v1",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiErr::new(
+                ErrorCode::MethodNotAllowed,
+                "this route does not take that method",
+            )
+        })
+        .with_state(state)
+}
+
+/// How a declarative entity appears in the API.
+pub trait ApiEntity: Table {
+    /// What the API returns for it.
+    type View: Serialize + Send;
+    /// Its view.
+    fn view(&self) -> Self::View;
+    /// Unwraps from an [`warren_consensus::registry::AnyEntity`].
+    fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self>;
+}
+
+macro_rules! plain_view {
+    ($ty:ty, $variant:ident) => {
+        impl ApiEntity for $ty {
+            type View = $ty;
+            fn view(&self) -> Self::View {
+                self.clone()
+            }
+            fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self> {
+                match any {
+                    warren_consensus::registry::AnyEntity::$variant(e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+plain_view!(User, User);
+plain_view!(Role, Role);
+plain_view!(Site, Site);
+plain_view!(Resource, Resource);
+plain_view!(Policy, Policy);
+
+impl ApiEntity for IdentityProvider {
+    type View = IdentityProviderView;
+    fn view(&self) -> Self::View {
+        IdentityProviderView::from(self)
+    }
+    fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self> {
+        match any {
+            warren_consensus::registry::AnyEntity::IdentityProvider(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn entity_routes<E: ApiEntity>() -> Router<AdminState> {
+    let base = format!("/v1/{}", E::KIND.path());
+    let one = format!("{base}/{{name}}");
+    Router::new()
+        .route(&base, get(list::<E>).post(create::<E>))
+        .route(
+            &one,
+            get(get_one::<E>).patch(update::<E>).delete(delete::<E>),
+        )
+}
+
+/// Submits a write as the holder of `key`. An `Idempotency-Key` header makes a retried
+/// request apply once.
+async fn submit(
+    state: &AdminState,
+    key: KeyId,
+    headers: &HeaderMap,
+    command: Command,
+) -> Result<Outcome, ApiErr> {
+    let mut req = Request::new(Actor::ApiKey(key), command);
+    if let Some(idem) = headers.get("idempotency-key") {
+        let mut h = Sha256::new();
+        h.update(key.0.to_be_bytes());
+        h.update(idem.as_bytes());
+        let digest = h.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        req.id = RequestId(u128::from_be_bytes(id));
+    }
+    let reply = state.cluster().write(req).await?;
+    Ok(reply?)
+}
+
+fn unexpected(outcome: &Outcome) -> ApiErr {
+    tracing::error!("unexpected registry outcome: {outcome:?}");
+    ApiErr::new(ErrorCode::Internal, "the registry answered unexpectedly")
+}
+
+async fn health(State(s): State<AdminState>) -> (StatusCode, Json<Health>) {
+    let c = s.cluster();
+    let reg = c.registry();
+    let leader = c
+        .leader()
+        .and_then(|id| reg.node_by_id(id))
+        .map(|n| n.name.clone());
+    let contact = c.leader_contact().map(|d| d.as_millis() as u64);
+    let serving = c.serving();
+    let status = if serving.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Health {
+        ok: serving.is_ok(),
+        node: s.inner.node_name.clone(),
+        leader,
+        leader_contact_ms: contact,
+        reason: serving.err(),
+    };
+    (status, Json(body))
+}
+
+async fn list<E: ApiEntity>(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<E::View>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(List {
+        items: E::table(&reg).values().map(E::view).collect(),
+    }))
+}
+
+async fn get_one<E: ApiEntity>(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<E::View>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let name = path_name(E::KIND, &name)?;
+    E::table(&reg)
+        .get(&name)
+        .map(|e| Json(e.view()))
+        .ok_or_else(|| ApiErr::not_found(E::KIND, name.as_str()))
+}
+
+async fn create<E: ApiEntity>(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<E::View>), ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let entity: E = read_json(body, MAX_BODY).await?;
+    let outcome = submit(&s, key, &headers, Command::Create(entity.wrap())).await?;
+    match outcome {
+        Outcome::Entity(any) => E::from_any(any)
+            .map(|e| (StatusCode::CREATED, Json(e.view())))
+            .ok_or_else(|| {
+                ApiErr::new(
+                    ErrorCode::Internal,
+                    "the registry answered with another kind",
+                )
+            }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// RFC 7396 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    if let Value::Object(p) = patch {
+        if !target.is_object() {
+            *target = Value::Object(serde_json::Map::new());
+        }
+        let t = target.as_object_mut().expect("made an object above");
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    } else {
+        *target = patch.clone();
+    }
+}
+
+async fn update<E: ApiEntity>(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<E::View>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(E::KIND, &name)?;
+    let patch: Value = read_json(body, MAX_BODY).await?;
+    let Value::Object(fields) = &patch else {
+        return Err(ApiErr::new(
+            ErrorCode::InvalidJson,
+            "expected a JSON object with the fields to change",
+        ));
+    };
+    if let Some(n) = fields.get("name") {
+        if n.as_str() != Some(name.as_str()) {
+            return Err(ApiErr::new(
+                ErrorCode::InvalidField,
+                "an entity cannot be renamed; create one with the new name and delete the old one",
+            )
+            .field("name"));
+        }
+    }
+    let explicit_revision = match fields.get("revision") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            ApiErr::new(
+                ErrorCode::InvalidField,
+                "revision is a non-negative integer",
+            )
+            .field("revision")
+        })?),
+    };
+    // A merge patch is applied to the current entity; if someone else changes it between
+    // our read and our write, read again (unless the caller pinned a revision).
+    for attempt in 0..3 {
+        let reg = s.cluster().read().await?;
+        let current = E::table(&reg)
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| ApiErr::not_found(E::KIND, name.as_str()))?;
+        let mut doc = serde_json::to_value(&current).map_err(|e| {
+            ApiErr::new(
+                ErrorCode::Internal,
+                format!("encoding the current entity: {e}"),
+            )
+        })?;
+        merge_patch(&mut doc, &patch);
+        if explicit_revision.is_none() {
+            doc["revision"] = json!(current.revision());
+        }
+        let updated: E =
+            super::parse_json(&serde_json::to_vec(&doc).expect("a JSON value encodes"))?;
+        match submit(&s, key, &headers, Command::Update(updated.wrap())).await {
+            Err(e)
+                if e.code() == ErrorCode::RevisionConflict
+                    && explicit_revision.is_none()
+                    && attempt < 2 =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+            Ok(Outcome::Entity(any)) => {
+                return E::from_any(any).map(|e| Json(e.view())).ok_or_else(|| {
+                    ApiErr::new(
+                        ErrorCode::Internal,
+                        "the registry answered with another kind",
+                    )
+                })
+            }
+            Ok(other) => return Err(unexpected(&other)),
+        }
+    }
+    Err(ApiErr::new(
+        ErrorCode::RevisionConflict,
+        format!("{} {:?} keeps changing; try again", E::KIND, name.as_str()),
+    ))
+}
+
+fn revision_param(q: &HashMap<String, String>) -> Result<u64, ApiErr> {
+    match q.get("revision") {
+        None => Ok(0),
+        Some(v) => v.parse().map_err(|_| {
+            ApiErr::new(
+                ErrorCode::InvalidField,
+                "revision is a non-negative integer",
+            )
+            .field("revision")
+        }),
+    }
+}
+
+async fn delete<E: ApiEntity>(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(E::KIND, &name)?;
+    let revision = revision_param(&q)?;
+    let outcome = submit(
+        &s,
+        key,
+        &headers,
+        Command::Delete {
+            kind: E::KIND,
+            name: name.clone(),
+            revision,
+        },
+    )
+    .await?;
+    match outcome {
+        Outcome::Deleted { cascaded } => Ok(Json(json!({
+            "deleted": { "kind": E::KIND, "name": name },
+            "cascaded": cascaded,
+        }))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn node_view(reg: &Registry, n: &Node) -> NodeView {
+    NodeView {
+        id: n.id.0,
+        name: n.name.clone(),
+        cluster_addr: n.cluster_addr.clone(),
+        admin_addr: n.admin_addr.clone(),
+        region: n.region.clone(),
+        role: reg.member_role(n.id),
+        revision: n.revision,
+    }
+}
+
+async fn list_nodes(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<NodeView>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(List {
+        items: reg.nodes().values().map(|n| node_view(&reg, n)).collect(),
+    }))
+}
+
+async fn get_node(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<NodeView>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let name = path_name(Kind::Node, &name)?;
+    reg.nodes()
+        .get(&name)
+        .map(|n| Json(node_view(&reg, n)))
+        .ok_or_else(|| ApiErr::not_found(Kind::Node, name.as_str()))
+}
+
+async fn create_node(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    auth_write(&s, &headers).await?;
+    Err(ApiErr::new(
+        ErrorCode::MethodNotAllowed,
+        "nodes are created by running `warren-node join` on the new node (with a join token from `warren admin join-token create`)",
+    ))
+}
+
+async fn update_node(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<NodeView>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(Kind::Node, &name)?;
+    let change: UpdateNode = read_json(body, MAX_BODY).await?;
+    let outcome = submit(
+        &s,
+        key,
+        &headers,
+        Command::UpdateNode {
+            name,
+            region: change.region,
+            revision: change.revision,
+        },
+    )
+    .await?;
+    match outcome {
+        Outcome::Node(n) => Ok(Json(node_view(&s.cluster().registry(), &n))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn delete_node(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(Kind::Node, &name)?;
+    submit(
+        &s,
+        key,
+        &headers,
+        Command::DeleteNode { name: name.clone() },
+    )
+    .await?;
+    Ok(Json(
+        json!({ "deleted": { "kind": Kind::Node, "name": name } }),
+    ))
+}
+
+fn api_key_view(k: &ApiKeyRecord) -> ApiKeyView {
+    ApiKeyView {
+        name: k.name.clone(),
+        key_id: k.id.to_string(),
+        scope: k.scope,
+        created_at: k.created_at,
+        revision: k.revision,
+    }
+}
+
+async fn list_api_keys(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<ApiKeyView>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(List {
+        items: reg.api_keys().values().map(api_key_view).collect(),
+    }))
+}
+
+async fn get_api_key(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ApiKeyView>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let name = path_name(Kind::ApiKey, &name)?;
+    reg.api_keys()
+        .get(&name)
+        .map(|k| Json(api_key_view(k)))
+        .ok_or_else(|| ApiErr::not_found(Kind::ApiKey, name.as_str()))
+}
+
+async fn create_api_key(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<CreatedApiKey>), ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let req: CreateApiKey = read_json(body, MAX_BODY).await?;
+    let new_key = ApiKey::generate(&mut rand::rngs::OsRng);
+    let record = ApiKeyRecord {
+        name: req.name,
+        id: new_key.id,
+        hash: new_key.hash(),
+        scope: req.scope,
+        created_at: 0,
+        revision: 0,
+    };
+    match submit(&s, key, &headers, Command::CreateApiKey(record)).await? {
+        Outcome::ApiKey(stored) => Ok((
+            StatusCode::CREATED,
+            Json(CreatedApiKey {
+                api_key: api_key_view(&stored),
+                key: new_key.reveal(),
+            }),
+        )),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn revoke_api_key(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(Kind::ApiKey, &name)?;
+    submit(
+        &s,
+        key,
+        &headers,
+        Command::RevokeApiKey { name: name.clone() },
+    )
+    .await?;
+    Ok(Json(
+        json!({ "revoked": { "kind": Kind::ApiKey, "name": name } }),
+    ))
+}
+
+fn join_token_view(t: &JoinTokenRecord) -> JoinTokenView {
+    JoinTokenView {
+        id: format!("{:016x}", t.id),
+        created_at: t.created_at,
+        revision: t.revision,
+    }
+}
+
+async fn list_join_tokens(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<JoinTokenView>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(List {
+        items: reg.join_tokens().values().map(join_token_view).collect(),
+    }))
+}
+
+async fn create_join_token(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let token = JoinToken::generate(
+        s.inner.cluster_id,
+        s.inner.ca.fingerprint(),
+        &mut rand::rngs::OsRng,
+    );
+    let record = JoinTokenRecord {
+        id: token.token_id,
+        hash: token.hash(),
+        created_at: 0,
+        revision: 0,
+    };
+    match submit(&s, key, &headers, Command::CreateJoinToken(record)).await? {
+        Outcome::JoinToken(stored) => Ok((
+            StatusCode::CREATED,
+            Json(CreatedJoinToken {
+                join_token: join_token_view(&stored),
+                token: token.reveal(),
+            }),
+        )),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn revoke_join_token(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let parsed =
+        u64::from_str_radix(&id, 16).map_err(|_| ApiErr::not_found(Kind::JoinToken, &id))?;
+    submit(&s, key, &headers, Command::RevokeJoinToken { id: parsed }).await?;
+    Ok(Json(
+        json!({ "revoked": { "kind": Kind::JoinToken, "id": id } }),
+    ))
+}
+
+async fn cluster_status(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<warren_proto::api::ClusterStatus>, ApiErr> {
+    auth_local(&s, &headers)?;
+    Ok(Json(
+        super::cluster_status(
+            s.cluster(),
+            &s.inner.transport,
+            &s.inner.node_name,
+            s.inner.cluster_id,
+        )
+        .await,
+    ))
+}
+
+async fn known_node(s: &AdminState, name: &str) -> Result<Node, ApiErr> {
+    let name = path_name(Kind::Node, name)?;
+    let reg = s.cluster().read().await?;
+    reg.nodes()
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiErr::not_found(Kind::Node, name.as_str()))
+}
+
+async fn after_membership(s: &AdminState, name: &Name) -> Result<Json<NodeView>, ApiErr> {
+    let reg = s.cluster().read().await?;
+    reg.nodes()
+        .get(name)
+        .map(|n| Json(node_view(&reg, n)))
+        .ok_or_else(|| ApiErr::not_found(Kind::Node, name.as_str()))
+}
+
+async fn add_member(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<NodeView>, ApiErr> {
+    auth_write(&s, &headers).await?;
+    let req: AddMember = read_json(body, MAX_BODY).await?;
+    if req.role == MemberRole::None {
+        return Err(
+            ApiErr::new(ErrorCode::InvalidField, "role is `voter` or `learner`").field("role"),
+        );
+    }
+    let node = known_node(&s, req.node.as_str()).await?;
+    s.inner
+        .members
+        .change(MemberOp::Add {
+            id: node.id,
+            node: ClusterNode {
+                name: node.name.to_string(),
+                addr: node.cluster_addr.clone(),
+            },
+            role: req.role,
+        })
+        .await?;
+    after_membership(&s, &node.name).await
+}
+
+async fn promote_member(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<NodeView>, ApiErr> {
+    auth_write(&s, &headers).await?;
+    let node = known_node(&s, &name).await?;
+    s.inner.members.change(MemberOp::Promote(node.id)).await?;
+    after_membership(&s, &node.name).await
+}
+
+async fn remove_member(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<NodeView>, ApiErr> {
+    auth_write(&s, &headers).await?;
+    let node = known_node(&s, &name).await?;
+    s.inner.members.change(MemberOp::Remove(node.id)).await?;
+    after_membership(&s, &node.name).await
+}
+
+/// Puts the manifest path in front of a registry error's field (`resources.web.site`).
+fn in_manifest(e: RegistryError) -> ApiErr {
+    let (kind, name) = match &e {
+        RegistryError::Invalid { kind, name, .. }
+        | RegistryError::AlreadyExists { kind, name, .. } => (*kind, name.clone()),
+        RegistryError::UnknownReference { kind, name, .. }
+        | RegistryError::InUse { kind, name, .. } => (*kind, name.to_string()),
+        _ => return ApiErr::from(e),
+    };
+    let mut err = ApiErr::from(e);
+    let key = kind.manifest_key().unwrap_or("?");
+    err.0.field = Some(match err.0.field.take() {
+        Some(f) => format!("{key}.{name}.{f}"),
+        None => format!("{key}.{name}"),
+    });
+    err
+}
+
+async fn apply(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<warren_proto::api::ApplyReport>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let req: ApplyRequest = read_json(body, MAX_APPLY_BODY).await?;
+    let reg = s.cluster().read().await?;
+    let mut plan = reg
+        .plan_manifest(&req.manifest, req.prune)
+        .map_err(in_manifest)?;
+    if req.dry_run || plan.changes.is_empty() {
+        plan.dry_run = req.dry_run;
+        return Ok(Json(plan));
+    }
+    let command = Command::Apply {
+        manifest: req.manifest,
+        prune: req.prune,
+    };
+    match submit(&s, key, &headers, command).await {
+        Ok(Outcome::Applied(report)) => Ok(Json(report)),
+        Ok(other) => Err(unexpected(&other)),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let mut doc = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1]});
+        merge_patch(
+            &mut doc,
+            &json!({"a": null, "b": {"c": 9}, "e": [2], "f": "x"}),
+        );
+        assert_eq!(doc, json!({"b": {"c": 9, "d": 3}, "e": [2], "f": "x"}));
+    }
+}

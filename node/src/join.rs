@@ -1,0 +1,345 @@
+//! Joining a cluster.
+//!
+//! The joining node holds a join token: the cluster id, the CA fingerprint, and a secret.
+//! It talks to any node over QUIC with ALPN `warren-join/1`, trusting only a server whose
+//! CA matches the fingerprint, and presents no certificate (it has none yet).
+//!
+//! ```text
+//! joiner                                     any voter
+//!   │ Register{token, name, addrs, CSR} ───►  token valid? sign CSR; RegisterNode (Raft)
+//!   │ ◄─── Registered{id, cert, CA, CA key}   (the CA key only to a joining voter)
+//!   │ writes its data dir, starts serving Raft
+//!   │ Admit{token, id} ───────────────────►   add learner (waits for catch-up),
+//!   │ ◄─── Admitted                           promote to voter unless --learner
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use warren_consensus::cluster::Cluster;
+use warren_consensus::pki::{self, ClusterCa, CLUSTER_SERVER_NAME};
+use warren_consensus::quic::{read_message, request, resolve, write_message};
+use warren_consensus::registry::{Command, Outcome};
+use warren_consensus::types::{Actor as Who, ClusterNode, Request};
+use warren_proto::api::MemberRole;
+use warren_proto::registry::NodeId;
+use warren_proto::token::JoinToken;
+use warren_proto::Name;
+
+use crate::actors::{MemberOp, Members};
+use crate::datadir::{DataDir, NodeFile};
+use crate::node::{host_of, NodeSpec, RunningNode};
+use crate::settings::Settings;
+
+/// Largest join message accepted, in bytes (the peer is not authenticated yet).
+const MAX_JOIN_MESSAGE: usize = 64 << 10;
+
+/// A joining node's request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum JoinRequest {
+    /// Ask for an id and a certificate.
+    Register {
+        /// The join token (`wjt1_…`).
+        token: String,
+        /// Node name.
+        name: Name,
+        /// Cluster address.
+        cluster_addr: String,
+        /// Admin API address.
+        admin_addr: String,
+        /// Region label.
+        region: String,
+        /// CSR for the node key (PEM).
+        csr_pem: String,
+        /// Whether it will be a voter (and so needs the CA key).
+        voter: bool,
+    },
+    /// Ask to be added to the membership.
+    Admit {
+        /// The join token again.
+        token: String,
+        /// The id given at registration.
+        node_id: u64,
+        /// Voter or learner.
+        voter: bool,
+    },
+}
+
+/// The answer to a [`JoinRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum JoinReply {
+    /// Registration done.
+    Registered {
+        /// The new node's id.
+        node_id: u64,
+        /// The cluster id.
+        cluster_id: u128,
+        /// The node certificate (PEM).
+        cert_pem: String,
+        /// The CA certificate (PEM).
+        ca_pem: String,
+        /// The CA key (PEM), for voters.
+        ca_key_pem: Option<String>,
+    },
+    /// The node is a member now.
+    Admitted,
+    /// Refused, and why.
+    Refused(String),
+}
+
+/// The joining side: registers, writes the data directory, starts the node, gets admitted.
+pub async fn join(
+    dir: DataDir,
+    spec: NodeSpec,
+    peer: &str,
+    token: &JoinToken,
+    learner: bool,
+    settings: &Settings,
+) -> anyhow::Result<RunningNode> {
+    let peer_addr = resolve(peer)
+        .await
+        .map_err(|e| anyhow::anyhow!("--peer: {e}"))?;
+    dir.begin_create()?;
+    let (key_pem, csr_pem) = pki::node_key_and_csr(spec.name.as_str())?;
+
+    let bind: std::net::SocketAddr = if peer_addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .expect("valid address");
+    let endpoint = quinn::Endpoint::client(bind).context("opening a QUIC socket")?;
+    let conn = endpoint
+        .connect_with(
+            pki::join_client_config(token.ca_fingerprint)?,
+            peer_addr,
+            CLUSTER_SERVER_NAME,
+        )
+        .context("connecting to the peer")?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {peer} within 10 s (is it a warren-node cluster address?)"))?
+        .map_err(|e| {
+            let s = e.to_string();
+            if s.contains("does not match the token") {
+                anyhow::anyhow!("{peer} is not part of the cluster this join token belongs to (its CA does not match the token)")
+            } else {
+                anyhow::anyhow!("cannot reach {peer}: {s}")
+            }
+        })?;
+
+    let register = JoinRequest::Register {
+        token: token.reveal(),
+        name: spec.name.clone(),
+        cluster_addr: spec.cluster_addr.clone(),
+        admin_addr: spec.admin_addr.clone(),
+        region: spec.region.clone(),
+        csr_pem,
+        voter: !learner,
+    };
+    let reply: JoinReply = request(&conn, &register, MAX_JOIN_MESSAGE)
+        .await
+        .map_err(|e| anyhow::anyhow!("registering with {peer}: {e}"))?;
+    let (node_id, cluster_id, cert_pem, ca_pem, ca_key_pem) = match reply {
+        JoinReply::Registered {
+            node_id,
+            cluster_id,
+            cert_pem,
+            ca_pem,
+            ca_key_pem,
+        } => (node_id, cluster_id, cert_pem, ca_pem, ca_key_pem),
+        JoinReply::Refused(why) => bail!("{peer} refused the join: {why}"),
+        JoinReply::Admitted => bail!("{peer} answered out of turn"),
+    };
+    if cluster_id != token.cluster_id {
+        bail!(
+            "{peer} answered for cluster {cluster_id:032x}, the token is for {:032x}",
+            token.cluster_id
+        );
+    }
+    let ca = ClusterCa::from_pem(&ca_pem, ca_key_pem.clone())?;
+    if ca.fingerprint() != token.ca_fingerprint {
+        bail!("{peer} sent a CA that does not match the join token");
+    }
+    dir.write("ca.pem", ca_pem.as_bytes(), false)?;
+    if let Some(k) = &ca_key_pem {
+        dir.write("ca.key", k.as_bytes(), true)?;
+    }
+    dir.write("node.pem", cert_pem.as_bytes(), false)?;
+    dir.write("node.key", key_pem.as_bytes(), true)?;
+    let file = NodeFile {
+        format: NodeFile::FORMAT,
+        cluster_id: format!("{cluster_id:032x}"),
+        node_id,
+        name: spec.name.clone(),
+        cluster_addr: spec.cluster_addr.clone(),
+        admin_addr: spec.admin_addr.clone(),
+        region: spec.region.clone(),
+    };
+    dir.write_node_file(&file)?;
+
+    let node = RunningNode::start(dir.clone(), file, settings).await?;
+    let admit = JoinRequest::Admit {
+        token: token.reveal(),
+        node_id,
+        voter: !learner,
+    };
+    let reply: Result<JoinReply, _> = request(&conn, &admit, MAX_JOIN_MESSAGE).await;
+    conn.close(0u32.into(), b"joined");
+    endpoint.wait_idle().await;
+    match reply {
+        Ok(JoinReply::Admitted) => {}
+        Ok(JoinReply::Refused(why)) => bail!("{peer} refused to admit this node: {why}"),
+        Ok(other) => bail!("{peer} answered out of turn: {other:?}"),
+        Err(e) => bail!("asking {peer} to admit this node: {e}"),
+    }
+    dir.finish_create()?;
+    Ok(node)
+}
+
+/// What the admitting side needs.
+#[derive(Clone)]
+pub struct JoinService {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// The CA (with its key on voters).
+    pub ca: ClusterCa,
+    /// This cluster's id.
+    pub cluster_id: u128,
+    /// Where membership changes are serialized.
+    pub members: Members,
+}
+
+impl JoinService {
+    /// Serves one join connection.
+    pub async fn serve(self: Arc<Self>, conn: quinn::Connection) {
+        let peer = conn.remote_address();
+        loop {
+            let (mut send, mut recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            let reply = match read_message::<JoinRequest>(&mut recv, MAX_JOIN_MESSAGE).await {
+                Ok(req) => self.handle(req).await,
+                Err(e) => JoinReply::Refused(format!("malformed join request: {e}")),
+            };
+            if let JoinReply::Refused(why) = &reply {
+                tracing::warn!(%peer, "refused a join: {why}");
+            }
+            if write_message(&mut send, &reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn check_token(&self, token: &str) -> Result<JoinToken, String> {
+        let token = JoinToken::parse(token).map_err(|e| format!("join token: {e}"))?;
+        if token.cluster_id != self.cluster_id {
+            return Err("the join token belongs to another cluster".into());
+        }
+        if self
+            .cluster
+            .registry()
+            .join_token_valid(token.token_id, token.secret())
+        {
+            return Ok(token);
+        }
+        // Perhaps the token was created a moment ago and has not reached this replica yet.
+        let registry = self.cluster.read().await.map_err(|e| e.to_string())?;
+        if registry.join_token_valid(token.token_id, token.secret()) {
+            Ok(token)
+        } else {
+            Err("the join token is unknown or revoked".into())
+        }
+    }
+
+    async fn handle(&self, req: JoinRequest) -> JoinReply {
+        match self.handle_inner(req).await {
+            Ok(r) => r,
+            Err(why) => JoinReply::Refused(why),
+        }
+    }
+
+    async fn handle_inner(&self, req: JoinRequest) -> Result<JoinReply, String> {
+        match req {
+            JoinRequest::Register {
+                token,
+                name,
+                cluster_addr,
+                admin_addr,
+                region,
+                csr_pem,
+                voter,
+            } => {
+                self.check_token(&token).await?;
+                if self.ca.key_pem().is_none() {
+                    return Err("this node does not hold the cluster CA key (it is a learner); join through a voter".into());
+                }
+                let reply = self
+                    .cluster
+                    .write(Request::new(
+                        Who::System,
+                        Command::RegisterNode {
+                            name: name.clone(),
+                            cluster_addr: cluster_addr.clone(),
+                            admin_addr: admin_addr.clone(),
+                            region,
+                        },
+                    ))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let Outcome::Node(node) = reply else {
+                    return Err(format!("unexpected registry reply {reply:?}"));
+                };
+                let hosts = vec![host_of(&cluster_addr), host_of(&admin_addr)];
+                let cert_pem = self
+                    .ca
+                    .sign_node(&csr_pem, name.as_str(), &hosts)
+                    .map_err(|e| format!("cannot sign the certificate request: {e}"))?
+                    .ok_or("this node does not hold the cluster CA key")?;
+                tracing::info!(node = %name, id = node.id.0, "registered a joining node");
+                Ok(JoinReply::Registered {
+                    node_id: node.id.0,
+                    cluster_id: self.cluster_id,
+                    cert_pem,
+                    ca_pem: self.ca.cert_pem().to_owned(),
+                    ca_key_pem: if voter {
+                        self.ca.key_pem().map(str::to_owned)
+                    } else {
+                        None
+                    },
+                })
+            }
+            JoinRequest::Admit {
+                token,
+                node_id,
+                voter,
+            } => {
+                self.check_token(&token).await?;
+                let registry = self.cluster.read().await.map_err(|e| e.to_string())?;
+                let node = registry
+                    .node_by_id(NodeId(node_id))
+                    .ok_or_else(|| format!("node {node_id} is not registered"))?;
+                let op = MemberOp::Add {
+                    id: node.id,
+                    node: ClusterNode {
+                        name: node.name.to_string(),
+                        addr: node.cluster_addr.clone(),
+                    },
+                    role: if voter {
+                        MemberRole::Voter
+                    } else {
+                        MemberRole::Learner
+                    },
+                };
+                self.members.change(op).await.map_err(|e| e.to_string())?;
+                tracing::info!(node = %node.name, id = node_id, voter, "admitted a node");
+                Ok(JoinReply::Admitted)
+            }
+        }
+    }
+}

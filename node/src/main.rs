@@ -1,0 +1,241 @@
+//! `warren-node`: parse the command line, then hand over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use warren_node::datadir::{DataDir, State};
+use warren_node::node::{InitOutput, NodeSpec};
+use warren_node::{RunningNode, Settings};
+use warren_proto::Name;
+
+/// Warren server: identity-aware access, replicated by Raft. With no command, runs a single
+/// node in ./warren-data on loopback ports, creating it on first use.
+#[derive(Parser)]
+#[command(name = "warren-node", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    settings: Settings,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,warren_consensus=debug`).
+    #[arg(
+        long,
+        env = "WARREN_LOG",
+        default_value = "info,openraft=warn",
+        global = true
+    )]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new cluster with this node as its only voter, then run it.
+    Init {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Join an existing cluster through one of its nodes, then run.
+    Join {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Cluster address (host:port) of any node of the cluster.
+        #[arg(long, env = "WARREN_PEER")]
+        peer: String,
+        /// Join token (`wjt1_…`) from `warren-node init` or `warren admin join-token create`.
+        #[arg(long, env = "WARREN_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Join as a learner: replicates everything, never votes.
+        #[arg(long, env = "WARREN_LEARNER")]
+        learner: bool,
+    },
+    /// Start the node stored in a data directory.
+    Run {
+        /// The node's data directory.
+        #[arg(long, env = "WARREN_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Where the node keeps its state.
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Unique node name (lowercase letters, digits, '-', '_', '.').
+    #[arg(long, env = "WARREN_NAME")]
+    name: String,
+    /// host:port other nodes reach this node on (UDP, QUIC).
+    #[arg(long, env = "WARREN_CLUSTER_ADDR")]
+    cluster_addr: String,
+    /// host:port of the admin API (TCP, HTTPS).
+    #[arg(long, env = "WARREN_ADMIN_ADDR")]
+    admin_addr: String,
+    /// Region label, used later to pick close nodes.
+    #[arg(long, env = "WARREN_REGION", default_value = "")]
+    region: String,
+}
+
+impl NodeArgs {
+    fn split(self) -> anyhow::Result<(DataDir, NodeSpec)> {
+        let name = Name::new(self.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+        Ok((
+            DataDir::new(self.data_dir),
+            NodeSpec {
+                name,
+                cluster_addr: self.cluster_addr,
+                admin_addr: self.admin_addr,
+                region: self.region,
+            },
+        ))
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!("warren-node: --log {:?}: {e}; using \"info\"", cli.log);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warren-node: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = cli.settings;
+    let node = match cli.command {
+        Some(Cmd::Init { node }) => {
+            let (dir, spec) = node.split()?;
+            let (node, out) = warren_node::init(dir, spec, &settings).await?;
+            print_init(&node, &out);
+            node
+        }
+        Some(Cmd::Join {
+            node,
+            peer,
+            token,
+            learner,
+        }) => {
+            let (dir, spec) = node.split()?;
+            let node = warren_node::join(dir, spec, &peer, &token, learner, &settings).await?;
+            println!(
+                "Joined cluster {} as node {:?} (id {}) as a {}.",
+                node.file.cluster_id,
+                node.file.name.as_str(),
+                node.file.node_id,
+                if learner { "learner" } else { "voter" }
+            );
+            print_serving(&node);
+            node
+        }
+        Some(Cmd::Run { data_dir }) => {
+            let node = warren_node::run(DataDir::new(data_dir), &settings).await?;
+            print_serving(&node);
+            node
+        }
+        None => quickstart(&settings).await?,
+    };
+    node.serve_until(shutdown_signal()).await
+}
+
+/// `warren-node` with no command: ./warren-data on loopback ports.
+async fn quickstart(settings: &Settings) -> anyhow::Result<RunningNode> {
+    let dir = DataDir::new("warren-data");
+    match dir.state()? {
+        State::Ready(_) => {
+            let node = warren_node::run(dir, settings).await?;
+            print_serving(&node);
+            println!(
+                "The admin API key was printed when this node was created; it is also in {}.",
+                node.dir.path("admin.key").display()
+            );
+            print_try(&node);
+            Ok(node)
+        }
+        _ => {
+            let spec = NodeSpec {
+                name: Name::new("node1").expect("valid name"),
+                cluster_addr: "127.0.0.1:7400".into(),
+                admin_addr: "127.0.0.1:7443".into(),
+                region: String::new(),
+            };
+            let (node, out) = warren_node::init(dir, spec, settings)
+                .await
+                .context("creating ./warren-data")?;
+            print_init(&node, &out);
+            Ok(node)
+        }
+    }
+}
+
+fn print_init(node: &RunningNode, out: &InitOutput) {
+    println!(
+        "Created Warren cluster {} with node {:?}.",
+        node.file.cluster_id,
+        node.file.name.as_str()
+    );
+    print_serving(node);
+    println!("  admin API key  {}", out.admin_key);
+    println!(
+        "                 (shown once; also stored in {})",
+        node.dir.path("admin.key").display()
+    );
+    println!("  join token     {}", out.join_token);
+    println!(
+        "                 (add a node: warren-node join --peer {} --token <join token> --data-dir ... --name ... --cluster-addr ... --admin-addr ...)",
+        node.file.cluster_addr
+    );
+    print_try(node);
+}
+
+fn print_serving(node: &RunningNode) {
+    println!(
+        "Serving node {:?} of cluster {}:",
+        node.file.name.as_str(),
+        node.file.cluster_id
+    );
+    println!("  admin API      https://{}/v1/", node.file.admin_addr);
+    println!("  cluster CA     {}", node.dir.path("ca.pem").display());
+    println!("  cluster addr   {} (QUIC)", node.file.cluster_addr);
+}
+
+fn print_try(node: &RunningNode) {
+    let dir = node.dir.root().display();
+    println!("Try it:");
+    println!(
+        "  export WARREN_ADDR=https://{} WARREN_CA={dir}/ca.pem WARREN_API_KEY=$(cat {dir}/admin.key)",
+        node.file.admin_addr
+    );
+    println!("  cargo run -q --release --bin warren -- admin cluster status");
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}

@@ -1,0 +1,340 @@
+//! A node's lifecycle: `init` a new cluster, `join` an existing one, `run` from a data
+//! directory. All three end up with a [`RunningNode`] serving until shutdown.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use ractor::{Actor, ActorRef};
+use warren_consensus::cluster::Cluster;
+use warren_consensus::pki::{self, ClusterCa};
+use warren_consensus::quic::QuicTransport;
+use warren_consensus::registry::{ApiKeyRecord, Command, JoinTokenRecord};
+use warren_consensus::types::{Actor as Who, ClusterNode, Request};
+use warren_proto::api::Scope;
+use warren_proto::registry::{Node, NodeId};
+use warren_proto::token::{ApiKey, JoinToken};
+use warren_proto::Name;
+
+use crate::actors::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::datadir::{DataDir, NodeFile};
+use crate::settings::Settings;
+
+/// A node that is up: Raft running, endpoints accepting, supervision tree alive.
+pub struct RunningNode {
+    /// The data directory.
+    pub dir: DataDir,
+    /// Who this node is.
+    pub file: NodeFile,
+    /// The cluster handle.
+    pub cluster: Cluster,
+    /// The cluster CA.
+    pub ca: ClusterCa,
+    endpoint: quinn::Endpoint,
+    supervisor: ActorRef<SupervisorMsg>,
+    supervisor_done: tokio::task::JoinHandle<()>,
+    db: sled::Db,
+}
+
+impl RunningNode {
+    /// Loads the identity, binds both listeners, opens storage, starts Raft and the
+    /// supervision tree.
+    pub async fn start(dir: DataDir, file: NodeFile, settings: &Settings) -> anyhow::Result<Self> {
+        let config = settings.cluster()?;
+        let cluster_id = file.cluster_id()?;
+        let ca = dir.ca()?;
+        let identity = dir.identity(&ca)?;
+        let cluster_addr = resolve_listen(&file.cluster_addr, "--cluster-addr")?;
+        let admin_addr = resolve_listen(&file.admin_addr, "--admin-addr")?;
+
+        let admin_listener = TcpListener::bind(admin_addr)
+            .with_context(|| format!("cannot listen on admin address {admin_addr} (TCP)"))?;
+        admin_listener.set_nonblocking(true)?;
+        let server_config = pki::quic_server_config(&ca, &identity)?;
+        let endpoint = quinn::Endpoint::server(server_config, cluster_addr)
+            .with_context(|| format!("cannot listen on cluster address {cluster_addr} (UDP)"))?;
+        let transport = Arc::new(QuicTransport::new(
+            endpoint.clone(),
+            pki::quic_client_config(&ca, &identity)?,
+            cluster_id,
+            file.node_id(),
+        ));
+
+        let db = open_db(&dir)?;
+        let cluster = Cluster::start(file.node_id(), &db, transport.clone(), config)
+            .await
+            .context("starting Raft")?;
+        let registry_cluster = cluster.registry().cluster_id();
+        if registry_cluster != 0 && registry_cluster != cluster_id {
+            bail!(
+                "the registry in {} belongs to cluster {registry_cluster:032x} but node.json says {cluster_id:032x}: this data directory is damaged",
+                dir.root().display()
+            );
+        }
+
+        let args = SupervisorArgs {
+            cluster: cluster.clone(),
+            transport,
+            endpoint: endpoint.clone(),
+            ca: ca.clone(),
+            identity,
+            admin_listener: Arc::new(admin_listener),
+            node_name: file.name.clone(),
+            cluster_id,
+        };
+        let (supervisor, supervisor_done) =
+            Actor::spawn(Some(format!("node-{}", file.name)), Supervisor, args)
+                .await
+                .context("starting the supervision tree")?;
+        tracing::info!(
+            node = %file.name,
+            id = file.node_id,
+            cluster = %file.cluster_id,
+            cluster_addr = %cluster_addr,
+            admin_addr = %admin_addr,
+            "node started"
+        );
+        Ok(Self {
+            dir,
+            file,
+            cluster,
+            ca,
+            endpoint,
+            supervisor,
+            supervisor_done,
+            db,
+        })
+    }
+
+    /// Serves until `shutdown` resolves or the supervision tree gives up, then stops
+    /// cleanly: listeners first, then Raft, then storage is flushed.
+    pub async fn serve_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let mut done = self.supervisor_done;
+        let failed = tokio::select! {
+            () = shutdown => false,
+            _ = &mut done => true,
+        };
+        if failed {
+            tracing::error!("the supervision tree stopped; shutting down");
+        } else {
+            tracing::info!("shutting down");
+        }
+        self.supervisor.stop(Some("shutdown".into()));
+        let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+        self.endpoint.close(0u32.into(), b"shutting down");
+        self.cluster.shutdown().await;
+        self.db.flush_async().await.context("flushing storage")?;
+        if failed {
+            bail!("the node stopped because a part of it failed repeatedly (see the log)");
+        }
+        Ok(())
+    }
+}
+
+fn open_db(dir: &DataDir) -> anyhow::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir.raft())
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                anyhow::anyhow!(
+                    "{} is in use by another warren-node process: {io}",
+                    dir.raft().display()
+                )
+            }
+            other => anyhow::anyhow!("opening storage in {}: {other}", dir.raft().display()),
+        })
+}
+
+fn resolve_listen(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    addr.to_socket_addrs()
+        .with_context(|| format!("{flag} {addr:?}: expected host:port"))?
+        .next()
+        .with_context(|| format!("{flag} {addr:?}: the name has no address"))
+}
+
+/// Host part of `host:port`, for certificate names.
+pub fn host_of(addr: &str) -> String {
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => addr,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+}
+
+/// Where and as whom a new node listens.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Node name.
+    pub name: Name,
+    /// Cluster (QUIC) address.
+    pub cluster_addr: String,
+    /// Admin API address.
+    pub admin_addr: String,
+    /// Region label.
+    pub region: String,
+}
+
+impl NodeSpec {
+    /// Checks the fields, and that both addresses can be listened on right now (so a
+    /// join does not register a node that then cannot start).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_fields()?;
+        let admin = resolve_listen(&self.admin_addr, "--admin-addr")?;
+        TcpListener::bind(admin)
+            .with_context(|| format!("--admin-addr: cannot listen on {admin} (TCP)"))?;
+        let cluster = resolve_listen(&self.cluster_addr, "--cluster-addr")?;
+        std::net::UdpSocket::bind(cluster)
+            .with_context(|| format!("--cluster-addr: cannot listen on {cluster} (UDP)"))?;
+        Ok(())
+    }
+
+    fn validate_fields(&self) -> anyhow::Result<()> {
+        let probe = Node {
+            id: NodeId(0),
+            name: self.name.clone(),
+            cluster_addr: self.cluster_addr.clone(),
+            admin_addr: self.admin_addr.clone(),
+            region: self.region.clone(),
+            revision: 0,
+        };
+        probe.validate().map_err(|e| {
+            let flag = match e.field.as_str() {
+                "cluster_addr" => "--cluster-addr",
+                "admin_addr" => "--admin-addr",
+                "region" => "--region",
+                other => other,
+            };
+            anyhow::anyhow!("{flag}: {}", e.reason)
+        })
+    }
+}
+
+/// What `init` prints once.
+#[derive(Debug)]
+pub struct InitOutput {
+    /// The bootstrap admin API key (`wrn_…`).
+    pub admin_key: String,
+    /// The first join token (`wjt1_…`).
+    pub join_token: String,
+}
+
+/// Creates a new one-node cluster in `dir` and starts it.
+pub async fn init(
+    dir: DataDir,
+    spec: NodeSpec,
+    settings: &Settings,
+) -> anyhow::Result<(RunningNode, InitOutput)> {
+    spec.validate()?;
+    settings.cluster()?;
+    dir.begin_create()?;
+    let cluster_id = loop {
+        let id: u128 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    let ca = ClusterCa::generate(cluster_id)?;
+    let (key_pem, csr) = pki::node_key_and_csr(spec.name.as_str())?;
+    let hosts = vec![host_of(&spec.cluster_addr), host_of(&spec.admin_addr)];
+    let cert = ca
+        .sign_node(&csr, spec.name.as_str(), &hosts)?
+        .context("a freshly generated CA has its key")?;
+    dir.write("ca.pem", ca.cert_pem().as_bytes(), false)?;
+    dir.write("ca.key", ca.key_pem().unwrap_or_default().as_bytes(), true)?;
+    dir.write("node.pem", cert.as_bytes(), false)?;
+    dir.write("node.key", key_pem.as_bytes(), true)?;
+    let file = NodeFile {
+        format: NodeFile::FORMAT,
+        cluster_id: format!("{cluster_id:032x}"),
+        node_id: 1,
+        name: spec.name.clone(),
+        cluster_addr: spec.cluster_addr.clone(),
+        admin_addr: spec.admin_addr.clone(),
+        region: spec.region.clone(),
+    };
+    dir.write_node_file(&file)?;
+
+    let node = RunningNode::start(dir.clone(), file, settings).await?;
+    node.cluster
+        .initialize(ClusterNode {
+            name: spec.name.to_string(),
+            addr: spec.cluster_addr.clone(),
+        })
+        .await
+        .context("initializing Raft")?;
+
+    let mut rng = rand::rngs::OsRng;
+    let api_key = ApiKey::generate(&mut rng);
+    let join_token = JoinToken::generate(cluster_id, ca.fingerprint(), &mut rng);
+    let bootstrap = Command::Bootstrap {
+        cluster_id,
+        node: Node {
+            id: NodeId(1),
+            name: spec.name.clone(),
+            cluster_addr: spec.cluster_addr.clone(),
+            admin_addr: spec.admin_addr.clone(),
+            region: spec.region.clone(),
+            revision: 0,
+        },
+        api_key: ApiKeyRecord {
+            name: Name::new("bootstrap").expect("valid name"),
+            id: api_key.id,
+            hash: api_key.hash(),
+            scope: Scope::Admin,
+            created_at: 0,
+            revision: 0,
+        },
+        join_token: JoinTokenRecord {
+            id: join_token.token_id,
+            hash: join_token.hash(),
+            created_at: 0,
+            revision: 0,
+        },
+    };
+    node.cluster
+        .write(Request::new(Who::System, bootstrap))
+        .await
+        .context("bootstrapping the registry")?
+        .map_err(|e| anyhow::anyhow!("bootstrapping the registry: {e}"))?;
+    dir.write(
+        "admin.key",
+        format!("{}\n", api_key.reveal()).as_bytes(),
+        true,
+    )?;
+    dir.finish_create()?;
+    let out = InitOutput {
+        admin_key: api_key.reveal(),
+        join_token: join_token.reveal(),
+    };
+    Ok((node, out))
+}
+
+/// Starts the node in `dir`.
+pub async fn run(dir: DataDir, settings: &Settings) -> anyhow::Result<RunningNode> {
+    let file = dir.require_ready()?;
+    RunningNode::start(dir, file, settings).await
+}
+
+/// Joins the cluster that `token` belongs to through `peer`, as a voter unless `learner`.
+pub async fn join(
+    dir: DataDir,
+    spec: NodeSpec,
+    peer: &str,
+    token: &str,
+    learner: bool,
+    settings: &Settings,
+) -> anyhow::Result<RunningNode> {
+    spec.validate()?;
+    settings.cluster()?;
+    let token = JoinToken::parse(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    crate::join::join(dir, spec, peer, &token, learner, settings).await
+}
