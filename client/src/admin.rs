@@ -1,0 +1,1109 @@
+//! `warren admin …`: the admin verbs.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use warren_proto::api::{ApplyReport, ApplyRequest, ChangeAction, ClusterStatus, Manifest};
+
+use crate::api::Client;
+use crate::manifest::{from_yaml, read_source};
+use crate::output;
+
+/// Where the admin API is and how to talk to it.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Admin API address of any node (`https://host:port`).
+    #[arg(
+        long,
+        env = "WARREN_ADDR",
+        global = true,
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub addr: String,
+    /// Admin API key (`wrn_…`).
+    #[arg(long, env = "WARREN_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// File with the API key, instead of --api-key.
+    #[arg(long, env = "WARREN_API_KEY_FILE", global = true)]
+    pub api_key_file: Option<PathBuf>,
+    /// The cluster CA certificate (ca.pem in a node's data directory).
+    #[arg(long, env = "WARREN_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Admin commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Users.
+    User {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: EntityCmd<UserFields, UserUpdate>,
+    },
+    /// Roles (groups of users).
+    Role {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: EntityCmd<RoleFields, RoleUpdate>,
+    },
+    /// OpenID Connect identity providers.
+    #[command(name = "idp", alias = "identity-provider")]
+    Idp {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: EntityCmd<IdpFields, IdpUpdate>,
+    },
+    /// Sites (private networks behind an agent).
+    Site {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: EntityCmd<SiteFields, SiteFields>,
+    },
+    /// Resources (web apps, TCP and UDP services).
+    Resource {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: EntityCmd<ResourceFields, ResourceUpdate>,
+    },
+    /// Policies (who may reach what).
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: EntityCmd<PolicyFields, PolicyFields>,
+    },
+    /// Nodes of the cluster.
+    Node {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Cluster status and membership.
+    Cluster {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Admin API keys.
+    #[command(name = "apikey", alias = "api-key")]
+    ApiKey {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ApiKeyCmd,
+    },
+    /// Join tokens for new nodes.
+    JoinToken {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: JoinTokenCmd,
+    },
+    /// Make the registry match a declarative file (YAML or JSON).
+    Apply {
+        /// The file (`-` for standard input).
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        /// Also delete entities of the kinds the file lists that it does not name.
+        #[arg(long)]
+        prune: bool,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// The verbs every entity has.
+#[derive(Debug, Subcommand)]
+pub enum EntityCmd<C: Args, U: Args> {
+    /// List them.
+    List,
+    /// Show one.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Create one from flags, or from a YAML/JSON file with `-f`.
+    Create {
+        /// Its name (optional with -f).
+        name: Option<String>,
+        /// Read the entity from this file (`-` for standard input).
+        #[arg(short = 'f', long = "file")]
+        file: Option<String>,
+        /// Field flags.
+        #[command(flatten)]
+        fields: C,
+    },
+    /// Change fields of one.
+    Update {
+        /// Its name.
+        name: String,
+        /// Only if it is still at this revision.
+        #[arg(long)]
+        revision: Option<u64>,
+        /// Field flags.
+        #[command(flatten)]
+        fields: U,
+    },
+    /// Delete one.
+    Delete {
+        /// Its name.
+        name: String,
+        /// Only if it is still at this revision.
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+}
+
+/// Turns flags into JSON fields.
+pub trait Fields {
+    /// The fields given on the command line.
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>>;
+}
+
+fn put<T: serde::Serialize>(m: &mut Map<String, Value>, k: &str, v: &Option<T>) {
+    if let Some(v) = v {
+        m.insert(k.into(), json!(v));
+    }
+}
+
+/// User fields.
+#[derive(Debug, Args)]
+pub struct UserFields {
+    /// E-mail address.
+    #[arg(long)]
+    email: Option<String>,
+    /// Name shown to people.
+    #[arg(long)]
+    display_name: Option<String>,
+    /// Create the user disabled.
+    #[arg(long)]
+    disabled: bool,
+}
+
+impl Fields for UserFields {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "email", &self.email);
+        put(&mut m, "display_name", &self.display_name);
+        if self.disabled {
+            m.insert("disabled".into(), json!(true));
+        }
+        Ok(m)
+    }
+}
+
+/// User fields to change.
+#[derive(Debug, Args)]
+pub struct UserUpdate {
+    /// E-mail address.
+    #[arg(long)]
+    email: Option<String>,
+    /// Name shown to people.
+    #[arg(long)]
+    display_name: Option<String>,
+    /// Disable (`true`) or enable (`false`) the user.
+    #[arg(long)]
+    disabled: Option<bool>,
+}
+
+impl Fields for UserUpdate {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "email", &self.email);
+        put(&mut m, "display_name", &self.display_name);
+        put(&mut m, "disabled", &self.disabled);
+        Ok(m)
+    }
+}
+
+/// Role fields.
+#[derive(Debug, Args)]
+pub struct RoleFields {
+    /// Free text.
+    #[arg(long)]
+    description: Option<String>,
+    /// A member (repeat for more).
+    #[arg(long = "member")]
+    members: Vec<String>,
+}
+
+impl Fields for RoleFields {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "description", &self.description);
+        if !self.members.is_empty() {
+            m.insert("members".into(), json!(self.members));
+        }
+        Ok(m)
+    }
+}
+
+/// Role fields to change.
+#[derive(Debug, Args)]
+pub struct RoleUpdate {
+    /// Free text.
+    #[arg(long)]
+    description: Option<String>,
+    /// Replace the members with these (comma separated; empty for none).
+    #[arg(long, value_delimiter = ',')]
+    members: Option<Vec<String>>,
+    /// Add a member (repeat for more).
+    #[arg(long)]
+    add_member: Vec<String>,
+    /// Remove a member (repeat for more).
+    #[arg(long)]
+    remove_member: Vec<String>,
+}
+
+impl Fields for RoleUpdate {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "description", &self.description);
+        if let Some(members) = &self.members {
+            let members: Vec<&String> = members.iter().filter(|s| !s.is_empty()).collect();
+            m.insert("members".into(), json!(members));
+        }
+        Ok(m)
+    }
+}
+
+/// Identity provider fields.
+#[derive(Debug, Args)]
+pub struct IdpFields {
+    /// Issuer URL (https://, or http:// on loopback).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// OAuth client id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Read the client secret from this file (`-` for standard input).
+    #[arg(long)]
+    client_secret_file: Option<String>,
+    /// Read the client secret from this environment variable.
+    #[arg(long)]
+    client_secret_env: Option<String>,
+    /// A scope to request besides openid (repeat for more).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// The ID token claim that lists groups.
+    #[arg(long)]
+    groups_claim: Option<String>,
+}
+
+fn secret(file: &Option<String>, env: &Option<String>) -> anyhow::Result<Option<String>> {
+    match (file, env) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give --client-secret-file or --client-secret-env, not both")
+        }
+        (Some(f), None) => Ok(Some(
+            read_source(f)?.trim_end_matches(['\r', '\n']).to_owned(),
+        )),
+        (None, Some(v)) => std::env::var(v)
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("--client-secret-env: {v} is not set")),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Fields for IdpFields {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "issuer", &self.issuer);
+        put(&mut m, "client_id", &self.client_id);
+        put(
+            &mut m,
+            "client_secret",
+            &secret(&self.client_secret_file, &self.client_secret_env)?,
+        );
+        if !self.scopes.is_empty() {
+            m.insert("scopes".into(), json!(self.scopes));
+        }
+        put(&mut m, "groups_claim", &self.groups_claim);
+        Ok(m)
+    }
+}
+
+/// Identity provider fields to change.
+#[derive(Debug, Args)]
+pub struct IdpUpdate {
+    #[command(flatten)]
+    fields: IdpFields,
+}
+
+impl Fields for IdpUpdate {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        self.fields.to_json()
+    }
+}
+
+/// Site fields.
+#[derive(Debug, Args)]
+pub struct SiteFields {
+    /// Free text.
+    #[arg(long)]
+    description: Option<String>,
+}
+
+impl Fields for SiteFields {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "description", &self.description);
+        Ok(m)
+    }
+}
+
+/// Resource fields.
+#[derive(Debug, Args)]
+pub struct ResourceFields {
+    /// The site whose agent reaches the targets.
+    #[arg(long)]
+    site: Option<String>,
+    /// Web app on this host name.
+    #[arg(long, conflicts_with_all = ["tcp", "udp"])]
+    http: Option<String>,
+    /// With --http: only under this path prefix.
+    #[arg(long, requires = "http")]
+    path_prefix: Option<String>,
+    /// TCP service on this port of every node.
+    #[arg(long, conflicts_with = "udp")]
+    tcp: Option<u16>,
+    /// UDP service on this port of every node.
+    #[arg(long)]
+    udp: Option<u16>,
+    /// Upstream host:port (repeat for more).
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// A policy that decides access (repeat for more).
+    #[arg(long = "policy")]
+    policies: Vec<String>,
+}
+
+impl ResourceFields {
+    fn route(&self) -> Option<Value> {
+        if let Some(domain) = &self.http {
+            Some(json!({"http": {"domain": domain, "path_prefix": self.path_prefix}}))
+        } else if let Some(port) = self.tcp {
+            Some(json!({"tcp": {"port": port}}))
+        } else {
+            self.udp.map(|port| json!({"udp": {"port": port}}))
+        }
+    }
+}
+
+impl Fields for ResourceFields {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "site", &self.site);
+        put(&mut m, "route", &self.route());
+        if !self.targets.is_empty() {
+            m.insert("targets".into(), json!(self.targets));
+        }
+        if !self.policies.is_empty() {
+            m.insert("policies".into(), json!(self.policies));
+        }
+        Ok(m)
+    }
+}
+
+/// Resource fields to change.
+#[derive(Debug, Args)]
+pub struct ResourceUpdate {
+    #[command(flatten)]
+    fields: ResourceFields,
+    /// Serve the targets from the nodes directly (no site).
+    #[arg(long, conflicts_with = "site")]
+    no_site: bool,
+}
+
+impl Fields for ResourceUpdate {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = self.fields.to_json()?;
+        if self.no_site {
+            m.insert("site".into(), Value::Null);
+        }
+        Ok(m)
+    }
+}
+
+/// Policy fields: the rules come from a file.
+#[derive(Debug, Args)]
+pub struct PolicyFields {
+    /// Free text.
+    #[arg(long)]
+    description: Option<String>,
+    /// YAML or JSON file with `allow:` and/or `deny:` rules (`-` for standard input).
+    #[arg(long)]
+    rules: Option<String>,
+}
+
+impl Fields for PolicyFields {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "description", &self.description);
+        if let Some(path) = &self.rules {
+            let rules: Value = from_yaml(&read_source(path)?, path)?;
+            let Value::Object(rules) = rules else {
+                anyhow::bail!("{path}: expected a map with `allow:` and/or `deny:`");
+            };
+            for (k, v) in rules {
+                if k != "allow" && k != "deny" {
+                    anyhow::bail!(
+                        "{path}: unknown key {k:?}; a rules file has `allow:` and/or `deny:`"
+                    );
+                }
+                m.insert(k, v);
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Node verbs.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the nodes.
+    List,
+    /// Show one.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Change a node's region.
+    Update {
+        /// Its name.
+        name: String,
+        /// New region label.
+        #[arg(long)]
+        region: String,
+    },
+    /// Forget a node that is no longer a member.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Cluster verbs.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Members, leader, term, log positions and reachability.
+    Status,
+    /// Add a known node (it ran `warren-node join` once) to the membership.
+    Add {
+        /// Node name.
+        name: String,
+        /// As a learner (replicates, never votes) instead of a voter.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the membership.
+    Remove {
+        /// Node name.
+        name: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Node name.
+        name: String,
+    },
+}
+
+/// API key verbs.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCmd {
+    /// List keys (never their secrets).
+    List,
+    /// Show one.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Create a key; it is shown once.
+    Create {
+        /// Its name.
+        name: String,
+        /// It may only read.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Revoke a key.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Join token verbs.
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCmd {
+    /// List tokens (never their secrets).
+    List,
+    /// Create a token; it is shown once.
+    Create,
+    /// Revoke a token.
+    Revoke {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// Runs an admin command; the error is what to print.
+pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
+    let client = connect(conn)?;
+    let json = conn.json;
+    match cmd {
+        AdminCmd::User { cmd } => {
+            entity(
+                &client,
+                json,
+                "users",
+                &["name", "email", "display_name", "disabled", "revision"],
+                cmd,
+            )
+            .await
+        }
+        AdminCmd::Role { cmd } => role(&client, json, cmd).await,
+        AdminCmd::Idp { cmd } => {
+            entity(
+                &client,
+                json,
+                "identity-providers",
+                &[
+                    "name",
+                    "issuer",
+                    "client_id",
+                    "client_secret_set",
+                    "scopes",
+                    "groups_claim",
+                ],
+                cmd,
+            )
+            .await
+        }
+        AdminCmd::Site { cmd } => {
+            entity(
+                &client,
+                json,
+                "sites",
+                &["name", "description", "revision"],
+                cmd,
+            )
+            .await
+        }
+        AdminCmd::Resource { cmd } => {
+            entity(
+                &client,
+                json,
+                "resources",
+                &["name", "site", "route", "targets", "policies", "revision"],
+                cmd,
+            )
+            .await
+        }
+        AdminCmd::Policy { cmd } => {
+            entity(
+                &client,
+                json,
+                "policies",
+                &["name", "description", "allow", "deny", "revision"],
+                cmd,
+            )
+            .await
+        }
+        AdminCmd::Node { cmd } => node(&client, json, cmd).await,
+        AdminCmd::Cluster { cmd } => cluster(&client, json, cmd).await,
+        AdminCmd::ApiKey { cmd } => api_key(&client, json, cmd).await,
+        AdminCmd::JoinToken { cmd } => join_token(&client, json, cmd).await,
+        AdminCmd::Apply {
+            file,
+            prune,
+            dry_run,
+        } => apply(&client, json, &file, prune, dry_run).await,
+    }
+}
+
+fn connect(conn: &Connection) -> anyhow::Result<Client> {
+    let key = match (&conn.api_key, &conn.api_key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", f.display()))?,
+        (None, None) => {
+            anyhow::bail!("no API key: set WARREN_API_KEY (or --api-key, --api-key-file)")
+        }
+    };
+    let ca = conn.ca.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no CA: set WARREN_CA (or --ca) to the cluster CA, ca.pem in a node's data directory"
+        )
+    })?;
+    Client::new(&conn.addr, &key, ca)
+}
+
+fn enc(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c.to_string()
+            } else {
+                format!("%{:02X}", c as u32 & 0xff)
+            }
+        })
+        .collect()
+}
+
+async fn entity<C: Args + Fields, U: Args + Fields>(
+    client: &Client,
+    json: bool,
+    path: &str,
+    columns: &[&str],
+    cmd: EntityCmd<C, U>,
+) -> anyhow::Result<()> {
+    match cmd {
+        EntityCmd::List => {
+            let v = client
+                .call::<()>(Method::GET, &format!("/v1/{path}"), None)
+                .await?;
+            output::print(&v, columns, json);
+        }
+        EntityCmd::Get { name } => {
+            let v = client
+                .call::<()>(Method::GET, &format!("/v1/{path}/{}", enc(&name)), None)
+                .await?;
+            output::print(&v, columns, json);
+        }
+        EntityCmd::Create { name, file, fields } => {
+            let mut body = match &file {
+                Some(f) => match from_yaml::<Value>(&read_source(f)?, f)? {
+                    Value::Object(m) => m,
+                    _ => anyhow::bail!("{f}: expected a map of fields"),
+                },
+                None => Map::new(),
+            };
+            if let Some(n) = name {
+                body.insert("name".into(), json!(n));
+            }
+            if !body.contains_key("name") {
+                anyhow::bail!("give the name as an argument or in the file");
+            }
+            body.extend(fields.to_json()?);
+            let v = client
+                .call(Method::POST, &format!("/v1/{path}"), Some(&body))
+                .await?;
+            if json {
+                output::print(&v, columns, true);
+            } else {
+                println!("created {} {}", singular(path), cellname(&v));
+            }
+        }
+        EntityCmd::Update {
+            name,
+            revision,
+            fields,
+        } => {
+            let mut body = fields.to_json()?;
+            if body.is_empty() {
+                anyhow::bail!("nothing to change: give at least one field flag");
+            }
+            put(&mut body, "revision", &revision);
+            let v = client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/{path}/{}", enc(&name)),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                output::print(&v, columns, true);
+            } else {
+                println!(
+                    "updated {} {} (revision {})",
+                    singular(path),
+                    name,
+                    output::cell(v.get("revision"))
+                );
+            }
+        }
+        EntityCmd::Delete { name, revision } => {
+            let q = revision
+                .map(|r| format!("?revision={r}"))
+                .unwrap_or_default();
+            let v = client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/{path}/{}{q}", enc(&name)),
+                    None,
+                )
+                .await?;
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                println!("deleted {} {name}", singular(path));
+                for c in v
+                    .get("cascaded")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    println!(
+                        "  also updated {} {} ({})",
+                        output::cell(c.get("kind")),
+                        output::cell(c.get("name")),
+                        output::cell(c.get("fields"))
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cellname(v: &Value) -> String {
+    output::cell(v.get("name"))
+}
+
+fn singular(path: &str) -> &str {
+    match path {
+        "users" => "user",
+        "roles" => "role",
+        "identity-providers" => "identity provider",
+        "sites" => "site",
+        "resources" => "resource",
+        "policies" => "policy",
+        other => other,
+    }
+}
+
+async fn role(
+    client: &Client,
+    json: bool,
+    cmd: EntityCmd<RoleFields, RoleUpdate>,
+) -> anyhow::Result<()> {
+    let columns = ["name", "members", "description", "revision"];
+    let EntityCmd::Update {
+        name,
+        revision,
+        fields,
+    } = cmd
+    else {
+        return entity(client, json, "roles", &columns, cmd).await;
+    };
+    if fields.add_member.is_empty() && fields.remove_member.is_empty() {
+        return entity::<RoleFields, RoleUpdate>(
+            client,
+            json,
+            "roles",
+            &columns,
+            EntityCmd::Update {
+                name,
+                revision,
+                fields,
+            },
+        )
+        .await;
+    }
+    if fields.members.is_some() {
+        anyhow::bail!("give --members, or --add-member/--remove-member, not both");
+    }
+    // Adding or removing needs the current list: read it, change it, and write it back only
+    // if nobody changed the role in between.
+    let current: Value = client.get(&format!("/v1/roles/{}", enc(&name))).await?;
+    let mut members: Vec<String> = current
+        .get("members")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str().map(str::to_owned))
+        .collect();
+    members.retain(|m| !fields.remove_member.contains(m));
+    for m in &fields.add_member {
+        if !members.contains(m) {
+            members.push(m.clone());
+        }
+    }
+    let mut body = fields.to_json()?;
+    body.insert("members".into(), json!(members));
+    let rev = revision.or_else(|| current.get("revision").and_then(Value::as_u64));
+    put(&mut body, "revision", &rev);
+    let v = client
+        .call(
+            Method::PATCH,
+            &format!("/v1/roles/{}", enc(&name)),
+            Some(&body),
+        )
+        .await?;
+    if json {
+        output::print(&v, &columns, true);
+    } else {
+        println!(
+            "updated role {name}: members {}",
+            output::cell(v.get("members"))
+        );
+    }
+    Ok(())
+}
+
+async fn node(client: &Client, json: bool, cmd: NodeCmd) -> anyhow::Result<()> {
+    let columns = ["id", "name", "role", "cluster_addr", "admin_addr", "region"];
+    match cmd {
+        NodeCmd::List => output::print(
+            &client.call::<()>(Method::GET, "/v1/nodes", None).await?,
+            &columns,
+            json,
+        ),
+        NodeCmd::Get { name } => output::print(
+            &client
+                .call::<()>(Method::GET, &format!("/v1/nodes/{}", enc(&name)), None)
+                .await?,
+            &columns,
+            json,
+        ),
+        NodeCmd::Update { name, region } => {
+            let v = client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/nodes/{}", enc(&name)),
+                    Some(&json!({"region": region})),
+                )
+                .await?;
+            output::print(&v, &columns, json);
+        }
+        NodeCmd::Delete { name } => {
+            client
+                .call::<()>(Method::DELETE, &format!("/v1/nodes/{}", enc(&name)), None)
+                .await?;
+            if !json {
+                println!("deleted node {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(client: &Client, json: bool, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let member_columns = ["id", "name", "role", "cluster_addr", "admin_addr", "region"];
+    let v = match cmd {
+        ClusterCmd::Status => {
+            let v = client.call::<()>(Method::GET, "/v1/cluster", None).await?;
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                print_status(&serde_json::from_value(v)?);
+            }
+            return Ok(());
+        }
+        ClusterCmd::Add { name, learner } => {
+            let role = if learner { "learner" } else { "voter" };
+            client
+                .call(
+                    Method::POST,
+                    "/v1/cluster/members",
+                    Some(&json!({"node": name, "role": role})),
+                )
+                .await?
+        }
+        ClusterCmd::Remove { name } => {
+            client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/cluster/members/{}", enc(&name)),
+                    None,
+                )
+                .await?
+        }
+        ClusterCmd::Promote { name } => {
+            client
+                .call::<()>(
+                    Method::POST,
+                    &format!("/v1/cluster/members/{}/promote", enc(&name)),
+                    None,
+                )
+                .await?
+        }
+    };
+    output::print(&v, &member_columns, json);
+    Ok(())
+}
+
+fn print_status(s: &ClusterStatus) {
+    println!(
+        "cluster {}   leader {}   term {}{}   (answered by {})",
+        s.cluster_id,
+        s.leader.as_ref().map_or("none", |l| l.as_str()),
+        s.term,
+        if s.joint {
+            "   membership change in progress"
+        } else {
+            ""
+        },
+        s.answered_by
+    );
+    let rows: Vec<Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name, "id": m.id, "role": m.role, "state": m.state,
+                "reachable": if m.reachable { "yes".to_owned() } else { format!("no: {}", m.error.clone().unwrap_or_default()) },
+                "term": m.term, "last_log": m.last_log_index, "applied": m.last_applied,
+                "snapshot": m.snapshot_index, "rtt_ms": m.rtt_us.map(|u| format!("{:.2}", u as f64 / 1000.0)),
+                "cluster_addr": m.cluster_addr,
+            })
+        })
+        .collect();
+    let refs: Vec<&Value> = rows.iter().collect();
+    println!(
+        "{}",
+        output::table(
+            &refs,
+            &[
+                "name",
+                "id",
+                "role",
+                "state",
+                "reachable",
+                "term",
+                "last_log",
+                "applied",
+                "snapshot",
+                "rtt_ms",
+                "cluster_addr"
+            ]
+        )
+    );
+}
+
+async fn api_key(client: &Client, json: bool, cmd: ApiKeyCmd) -> anyhow::Result<()> {
+    let columns = ["name", "key_id", "scope", "created_at", "revision"];
+    match cmd {
+        ApiKeyCmd::List => output::print(
+            &client.call::<()>(Method::GET, "/v1/api-keys", None).await?,
+            &columns,
+            json,
+        ),
+        ApiKeyCmd::Get { name } => output::print(
+            &client
+                .call::<()>(Method::GET, &format!("/v1/api-keys/{}", enc(&name)), None)
+                .await?,
+            &columns,
+            json,
+        ),
+        ApiKeyCmd::Create { name, read_only } => {
+            let scope = if read_only { "read_only" } else { "admin" };
+            let v = client
+                .call(
+                    Method::POST,
+                    "/v1/api-keys",
+                    Some(&json!({"name": name, "scope": scope})),
+                )
+                .await?;
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                println!("created API key {name} ({scope}); it is shown only now:");
+                println!("{}", output::cell(v.get("key")));
+            }
+        }
+        ApiKeyCmd::Revoke { name } => {
+            client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/api-keys/{}", enc(&name)),
+                    None,
+                )
+                .await?;
+            if !json {
+                println!("revoked API key {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn join_token(client: &Client, json: bool, cmd: JoinTokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        JoinTokenCmd::List => output::print(
+            &client
+                .call::<()>(Method::GET, "/v1/join-tokens", None)
+                .await?,
+            &["id", "created_at", "revision"],
+            json,
+        ),
+        JoinTokenCmd::Create => {
+            let v = client
+                .call::<()>(Method::POST, "/v1/join-tokens", None)
+                .await?;
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                println!(
+                    "created join token {}; it is shown only now:",
+                    output::cell(v.pointer("/join_token/id"))
+                );
+                println!("{}", output::cell(v.get("token")));
+            }
+        }
+        JoinTokenCmd::Revoke { id } => {
+            client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/join-tokens/{}", enc(&id)),
+                    None,
+                )
+                .await?;
+            if !json {
+                println!("revoked join token {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn apply(
+    client: &Client,
+    json: bool,
+    file: &str,
+    prune: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let manifest: Manifest = from_yaml(&read_source(file)?, file)?;
+    let req = ApplyRequest {
+        manifest,
+        prune,
+        dry_run,
+    };
+    let v = client.call(Method::POST, "/v1/apply", Some(&req)).await?;
+    if json {
+        output::print(&v, &[], true);
+        return Ok(());
+    }
+    let report: ApplyReport = serde_json::from_value(v)?;
+    let verb = |a: ChangeAction| match (a, report.dry_run) {
+        (ChangeAction::Create, false) => "created",
+        (ChangeAction::Update, false) => "updated",
+        (ChangeAction::Delete, false) => "deleted",
+        (ChangeAction::Create, true) => "would create",
+        (ChangeAction::Update, true) => "would update",
+        (ChangeAction::Delete, true) => "would delete",
+    };
+    for c in &report.changes {
+        let fields = if c.fields.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.fields.join(", "))
+        };
+        println!("{} {} {}{fields}", verb(c.action), c.kind, c.name);
+    }
+    if report.changes.is_empty() {
+        println!("no changes ({} unchanged)", report.unchanged);
+    } else {
+        println!(
+            "{} changes, {} unchanged",
+            report.changes.len(),
+            report.unchanged
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! Reading declarative files (YAML or JSON) the way people write them.
+
+use serde::de::DeserializeOwned;
+
+/// Parses YAML (JSON is YAML too). Enums are written as single-key maps
+/// (`route: {tcp: {port: 5432}}`, `allow: {or: [...]}`); errors name the line.
+pub fn from_yaml<T: DeserializeOwned>(text: &str, source: &str) -> anyhow::Result<T> {
+    serde_norway::with::singleton_map_recursive::deserialize(serde_norway::Deserializer::from_str(
+        text,
+    ))
+    .map_err(|e| anyhow::anyhow!("{source}: {e}"))
+}
+
+/// Reads a file, or standard input for `-`.
+pub fn read_source(path: &str) -> anyhow::Result<String> {
+    if path == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use warren_proto::api::Manifest;
+    use warren_proto::registry::Route;
+
+    use super::*;
+
+    #[test]
+    fn a_manifest_reads_as_written() {
+        let m: Manifest = from_yaml(
+            "sites:\n  - name: hq\nresources:\n  - name: db\n    site: hq\n    route: {tcp: {port: 5432}}\n    targets: [\"10.0.0.7:5432\"]\npolicies:\n  - name: staff\n    allow: {or: [{group: admins}, {email_domain: example.com}]}\n",
+            "m.yaml",
+        )
+        .unwrap();
+        assert_eq!(m.resources[0].route, Route::Tcp { port: 5432 });
+        assert!(m.policies[0].allow.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let err =
+            from_yaml::<Manifest>("sites:\n  - name: hq\n    colour: red\n", "m.yaml").unwrap_err();
+        let s = err.to_string();
+        assert!(s.starts_with("m.yaml: "), "{s}");
+        assert!(
+            s.contains("unknown field `colour`") && s.contains("line 3"),
+            "{s}"
+        );
+    }
+}
