@@ -36,8 +36,10 @@ mod tests {
             "m.yaml",
         )
         .unwrap();
-        assert_eq!(m.resources[0].route, Route::Tcp { port: 5432 });
-        assert!(m.policies[0].allow.is_some());
+        let resources = m.resources.unwrap();
+        assert_eq!(resources[0].route, Route::Tcp { port: 5432 });
+        assert!(m.policies.unwrap()[0].allow.is_some());
+        assert!(m.users.is_none(), "a missing section is not an empty one");
     }
 
     #[test]

@@ -1144,20 +1144,86 @@ impl Registry {
     ) -> Result<ApplyReport, RegistryError> {
         let mut report = ApplyReport::default();
         // Referenced kinds first, so a manifest can create a site and its resources at once.
-        self.sync(&m.sites, index, t, &mut report)?;
-        self.sync(&m.users, index, t, &mut report)?;
-        self.sync(&m.policies, index, t, &mut report)?;
-        self.sync(&m.roles, index, t, &mut report)?;
-        self.sync(&m.identity_providers, index, t, &mut report)?;
-        self.sync(&m.resources, index, t, &mut report)?;
+        self.sync(
+            m.sites.as_deref().unwrap_or_default(),
+            index,
+            t,
+            &mut report,
+        )?;
+        self.sync(
+            m.users.as_deref().unwrap_or_default(),
+            index,
+            t,
+            &mut report,
+        )?;
+        self.sync(
+            m.policies.as_deref().unwrap_or_default(),
+            index,
+            t,
+            &mut report,
+        )?;
+        self.sync(
+            m.roles.as_deref().unwrap_or_default(),
+            index,
+            t,
+            &mut report,
+        )?;
+        self.sync(
+            m.identity_providers.as_deref().unwrap_or_default(),
+            index,
+            t,
+            &mut report,
+        )?;
+        self.sync(
+            m.resources.as_deref().unwrap_or_default(),
+            index,
+            t,
+            &mut report,
+        )?;
         if prune {
             let kinds = m.kinds();
-            self.prune::<Resource>(&kinds, &m.resources, index, t, &mut report)?;
-            self.prune::<Role>(&kinds, &m.roles, index, t, &mut report)?;
-            self.prune::<IdentityProvider>(&kinds, &m.identity_providers, index, t, &mut report)?;
-            self.prune::<Policy>(&kinds, &m.policies, index, t, &mut report)?;
-            self.prune::<User>(&kinds, &m.users, index, t, &mut report)?;
-            self.prune::<Site>(&kinds, &m.sites, index, t, &mut report)?;
+            self.prune::<Resource>(
+                &kinds,
+                m.resources.as_deref().unwrap_or_default(),
+                index,
+                t,
+                &mut report,
+            )?;
+            self.prune::<Role>(
+                &kinds,
+                m.roles.as_deref().unwrap_or_default(),
+                index,
+                t,
+                &mut report,
+            )?;
+            self.prune::<IdentityProvider>(
+                &kinds,
+                m.identity_providers.as_deref().unwrap_or_default(),
+                index,
+                t,
+                &mut report,
+            )?;
+            self.prune::<Policy>(
+                &kinds,
+                m.policies.as_deref().unwrap_or_default(),
+                index,
+                t,
+                &mut report,
+            )?;
+            self.prune::<User>(
+                &kinds,
+                m.users.as_deref().unwrap_or_default(),
+                index,
+                t,
+                &mut report,
+            )?;
+            self.prune::<Site>(
+                &kinds,
+                m.sites.as_deref().unwrap_or_default(),
+                index,
+                t,
+                &mut report,
+            )?;
         }
         Ok(report)
     }
@@ -1838,15 +1904,17 @@ mod tests {
 
     fn manifest(yaml_sites: &[&str], resources: Vec<Resource>) -> Manifest {
         Manifest {
-            sites: yaml_sites
-                .iter()
-                .map(|s| Site {
-                    name: name(s),
-                    description: String::new(),
-                    revision: 0,
-                })
-                .collect(),
-            resources,
+            sites: Some(
+                yaml_sites
+                    .iter()
+                    .map(|s| Site {
+                        name: name(s),
+                        description: String::new(),
+                        revision: 0,
+                    })
+                    .collect(),
+            ),
+            resources: Some(resources),
             ..Manifest::default()
         }
     }

@@ -70,6 +70,8 @@ pub enum ClusterMsg {
 #[derive(Clone)]
 pub struct Members {
     rx: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
+    /// Keeps the channel open when the handle made it itself ([`Members::from_actor`]).
+    _own: Option<Arc<watch::Sender<Option<ActorRef<ClusterMsg>>>>>,
 }
 
 impl Members {
@@ -85,6 +87,15 @@ impl Members {
                 "the cluster actor stopped before the change completed; check the cluster status"
                     .into(),
             )),
+        }
+    }
+
+    /// A handle to one given actor (tests, tools).
+    pub fn from_actor(actor: ActorRef<ClusterMsg>) -> Self {
+        let (tx, rx) = watch::channel(Some(actor));
+        Self {
+            rx,
+            _own: Some(Arc::new(tx)),
         }
     }
 
@@ -363,6 +374,7 @@ impl Supervisor {
                     cluster_id: a.cluster_id,
                     members: Members {
                         rx: state.cluster_actor.subscribe(),
+                        _own: None,
                     },
                 });
                 let kind = ListenerKind::Rpc {
@@ -384,6 +396,7 @@ impl Supervisor {
                     a.cluster_id,
                     Members {
                         rx: state.cluster_actor.subscribe(),
+                        _own: None,
                     },
                 );
                 let kind = ListenerKind::Admin {

@@ -108,6 +108,11 @@ impl RunningNode {
         })
     }
 
+    /// The root of the supervision tree.
+    pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {
+        &self.supervisor
+    }
+
     /// Serves until `shutdown` resolves or the supervision tree gives up, then stops
     /// cleanly: listeners first, then Raft, then storage is flushed.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {

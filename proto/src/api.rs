@@ -293,47 +293,48 @@ pub struct MemberStatus {
 }
 
 /// A declarative description of registry entities, as `warren admin apply -f` reads it.
+///
+/// A section that is present (even empty) is *managed*: with `prune`, entities of that
+/// kind that the section does not name are deleted. A missing section leaves its kind alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Users.
     #[serde(default)]
-    pub users: Vec<User>,
+    pub users: Option<Vec<User>>,
     /// Roles.
     #[serde(default)]
-    pub roles: Vec<Role>,
+    pub roles: Option<Vec<Role>>,
     /// Identity providers.
     #[serde(default)]
-    pub identity_providers: Vec<IdentityProvider>,
+    pub identity_providers: Option<Vec<IdentityProvider>>,
     /// Sites.
     #[serde(default)]
-    pub sites: Vec<Site>,
+    pub sites: Option<Vec<Site>>,
     /// Resources.
     #[serde(default)]
-    pub resources: Vec<Resource>,
+    pub resources: Option<Vec<Resource>>,
     /// Policies.
     #[serde(default)]
-    pub policies: Vec<Policy>,
+    pub policies: Option<Vec<Policy>>,
 }
 
 impl Manifest {
-    /// The kinds that have at least one entity in the manifest.
+    /// The kinds whose section is present.
     pub fn kinds(&self) -> Vec<Kind> {
-        let mut kinds = Vec::new();
         let present = [
-            (Kind::User, !self.users.is_empty()),
-            (Kind::Role, !self.roles.is_empty()),
-            (Kind::IdentityProvider, !self.identity_providers.is_empty()),
-            (Kind::Site, !self.sites.is_empty()),
-            (Kind::Resource, !self.resources.is_empty()),
-            (Kind::Policy, !self.policies.is_empty()),
+            (Kind::User, self.users.is_some()),
+            (Kind::Role, self.roles.is_some()),
+            (Kind::IdentityProvider, self.identity_providers.is_some()),
+            (Kind::Site, self.sites.is_some()),
+            (Kind::Resource, self.resources.is_some()),
+            (Kind::Policy, self.policies.is_some()),
         ];
-        for (k, p) in present {
-            if p {
-                kinds.push(k);
-            }
-        }
-        kinds
+        present
+            .into_iter()
+            .filter(|(_, p)| *p)
+            .map(|(k, _)| k)
+            .collect()
     }
 }
 

@@ -1,0 +1,295 @@
+//! A three-node cluster of real processes on loopback: replication, failover, catch-up,
+//! snapshots, restarts, learners and membership changes.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use warren_tests::{phase, Cluster};
+
+fn user(name: &str) -> serde_json::Value {
+    json!({"name": name, "email": format!("{name}@example.com")})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_follower_is_read_back_from_every_node() -> anyhow::Result<()> {
+    phase!("start three nodes: init + two joins");
+    let c = Cluster::start(3).await?;
+    let leader = c.leader(0).await?;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    phase!("write through follower {}", c.nodes[follower].name);
+    let created = c.api(follower).post_ok("/v1/users", &user("alice")).await?;
+    assert_eq!(created["name"], "alice");
+    phase!("read it back from every node");
+    for i in 0..3 {
+        let got = c.api(i).get_ok("/v1/users/alice").await?;
+        assert_eq!(
+            got["email"], "alice@example.com",
+            "node {}",
+            c.nodes[i].name
+        );
+        assert_eq!(got["revision"], created["revision"]);
+    }
+    phase!("status from every node agrees on leader and membership");
+    for i in 0..3 {
+        let s = c.api(i).get_ok("/v1/cluster").await?;
+        assert_eq!(s["leader"], c.nodes[leader].name.as_str());
+        let members = s["members"].as_array().unwrap();
+        assert_eq!(members.len(), 3);
+        for m in members {
+            assert_eq!(m["role"], "voter");
+            assert_eq!(m["reachable"], true, "{m}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_the_old_one_catches_up() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    let old = c.leader(0).await?;
+    let survivor = (0..3).find(|i| *i != old).unwrap();
+    c.api(survivor)
+        .post_ok("/v1/sites", &json!({"name": "before"}))
+        .await?;
+
+    phase!("SIGKILL the leader {}", c.nodes[old].name);
+    c.nodes[old].kill9();
+    let took = c
+        .api(survivor)
+        .post_until_ok(
+            "/v1/sites",
+            &json!({"name": "after"}),
+            Duration::from_secs(20),
+        )
+        .await?;
+    phase!(
+        "a write succeeded through {} {took:?} after the kill",
+        c.nodes[survivor].name
+    );
+    let new = c
+        .wait_leader(survivor, Some(old), Duration::from_secs(10))
+        .await?;
+    assert_ne!(new, old);
+
+    phase!("more writes while {} is down", c.nodes[old].name);
+    for i in 0..20 {
+        c.api(survivor)
+            .post_ok("/v1/sites", &json!({"name": format!("down-{i}")}))
+            .await?;
+    }
+
+    phase!("restart {} from its data dir", c.nodes[old].name);
+    c.nodes[old].run()?;
+    c.api(old).wait_healthy(Duration::from_secs(30)).await?;
+    let sites = c.api(old).names("/v1/sites").await?;
+    assert!(sites.contains(&"before".to_owned()) && sites.contains(&"after".to_owned()));
+    assert_eq!(sites.len(), 22, "{sites:?}");
+    phase!("its own log has caught up with the leader's");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.api(survivor).get_ok("/v1/cluster").await?;
+        let applied: Vec<_> = s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["last_applied"].as_u64())
+            .collect();
+        if applied.iter().all(|a| a.is_some() && *a == applied[0]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not caught up: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_after_compaction_is_brought_up_to_date_by_snapshot() -> anyhow::Result<()> {
+    let mut c = Cluster::start_with_env(1, &[("WARREN_SNAPSHOT_LOGS", "20")]).await?;
+    phase!("120 writes on a one-node cluster that snapshots every 20 entries");
+    for i in 0..120 {
+        c.api(0)
+            .post_ok("/v1/sites", &json!({"name": format!("s{i}")}))
+            .await?;
+    }
+    let s = c.api(0).get_ok("/v1/cluster").await?;
+    let purged = s["members"][0]["purged_index"].as_u64().unwrap_or(0);
+    assert!(purged > 50, "the log was not compacted: {s}");
+
+    phase!("join n2: the entries it needs are gone from the log");
+    let n2 = c.add_node(false).await?;
+    let s = c.api(n2).get_ok("/v1/cluster").await?;
+    let me = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n2")
+        .unwrap()
+        .clone();
+    let snapshot = me["snapshot_index"].as_u64().unwrap_or(0);
+    assert!(
+        snapshot >= purged,
+        "n2 has no snapshot covering the purged log: {me}"
+    );
+    assert_eq!(c.api(n2).names("/v1/sites").await?.len(), 120);
+    phase!("and it keeps up with new writes");
+    c.api(n2)
+        .post_ok("/v1/sites", &json!({"name": "late"}))
+        .await?;
+    assert!(c
+        .api(0)
+        .names("/v1/sites")
+        .await?
+        .contains(&"late".to_owned()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_stopping_and_killing_all_nodes() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    phase!("acknowledged writes through every node");
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let name = format!("u{i}");
+        c.api(i % 3).post_ok("/v1/users", &user(&name)).await?;
+        acked.push(name);
+    }
+    phase!("SIGTERM all three: each exits cleanly");
+    for n in &mut c.nodes {
+        let status = n.terminate()?;
+        assert!(status.success(), "{} exited with {status}", n.name);
+    }
+    phase!("start all three");
+    for n in &mut c.nodes {
+        n.run()?;
+    }
+    c.api(0).wait_healthy(Duration::from_secs(30)).await?;
+    let users = c.api(1).names("/v1/users").await?;
+    for name in &acked {
+        assert!(users.contains(name), "{name} lost after a clean restart");
+    }
+
+    phase!("writes in flight while all three are SIGKILLed");
+    let api = c.api(2);
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..10_000 {
+            let name = format!("k{i}");
+            match api.send(Method::POST, "/v1/users", &user(&name)).await {
+                Ok((StatusCode::CREATED, _)) => acked.push(name),
+                _ => break,
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for n in &mut c.nodes {
+        n.kill9();
+    }
+    let killed_acked = writer.await?;
+    assert!(
+        !killed_acked.is_empty(),
+        "no write was acknowledged before the kill"
+    );
+    phase!(
+        "{} writes were acknowledged before the kill; restart all three",
+        killed_acked.len()
+    );
+    for n in &mut c.nodes {
+        n.run()?;
+    }
+    c.api(0).wait_healthy(Duration::from_secs(30)).await?;
+    let users = c.api(0).names("/v1/users").await?;
+    for name in acked.iter().chain(&killed_acked) {
+        assert!(
+            users.contains(name),
+            "{name} was acknowledged and then lost"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_replicates_and_losing_it_never_blocks_writes() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    phase!("join n4 as a learner");
+    let l = c.add_node(true).await?;
+    c.api(0)
+        .post_ok("/v1/sites", &json!({"name": "replicated"}))
+        .await?;
+    assert!(c
+        .api(l)
+        .names("/v1/sites")
+        .await?
+        .contains(&"replicated".to_owned()));
+    let node = c.api(0).get_ok("/v1/nodes/n4").await?;
+    assert_eq!(node["role"], "learner");
+    let s = c.api(l).get_ok("/v1/cluster").await?;
+    let me = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n4")
+        .unwrap()
+        .clone();
+    assert_eq!(me["state"], "learner", "{me}");
+    assert!(
+        c.api(0).get_ok("/v1/cluster").await?["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "voter")
+            .count()
+            == 3
+    );
+
+    phase!("SIGKILL the learner; writes go on");
+    c.nodes[l].kill9();
+    for i in 0..10 {
+        c.api(i % 3)
+            .post_ok("/v1/sites", &json!({"name": format!("w{i}")}))
+            .await?;
+    }
+
+    phase!("restart the learner and promote it with the CLI");
+    c.nodes[l].run()?;
+    let (ok, out, err) = c.warren(1, &["cluster", "promote", "n4"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(c.api(0).get_ok("/v1/nodes/n4").await?["role"], "voter");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_voter_leaves_a_working_cluster() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    let leader = c.leader(0).await?;
+    let victim = (0..3).find(|i| *i != leader).unwrap();
+    let name = c.nodes[victim].name.clone();
+    let asker = (0..3).find(|i| *i != victim).unwrap();
+    phase!("remove voter {name} with the CLI");
+    let (ok, out, err) = c.warren(asker, &["cluster", "remove", &name]);
+    assert!(ok, "{out}{err}");
+    let node = c.api(asker).get_ok(&format!("/v1/nodes/{name}")).await?;
+    assert_eq!(node["role"], "none");
+    phase!("stop it: two voters still make a quorum of two");
+    c.nodes[victim].kill9();
+    c.api(asker)
+        .post_ok("/v1/sites", &json!({"name": "two-voters"}))
+        .await?;
+    phase!("the removed node can be forgotten");
+    let (s, _) = c
+        .api(asker)
+        .raw(Method::DELETE, &format!("/v1/nodes/{name}"), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c.api(asker).names("/v1/nodes").await?.len(), 2);
+    phase!("a member cannot be forgotten");
+    let member = c.nodes[leader].name.clone();
+    let (s, v) = c
+        .api(asker)
+        .raw(Method::DELETE, &format!("/v1/nodes/{member}"), None)
+        .await?;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    Ok(())
+}
