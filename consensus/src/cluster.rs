@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use warren_proto::registry::NodeId;
 
 use crate::log_store::LogStore;
+use crate::proposer::Proposer;
 use crate::quic::RpcHandler;
 use crate::registry::Registry;
 use crate::state_machine::StateMachine;
@@ -44,8 +45,11 @@ pub struct ClusterConfig {
     pub election_timeout_min: Duration,
     /// Longest election timeout.
     pub election_timeout_max: Duration,
-    /// Build a snapshot (and compact the log) after this many log entries.
-    pub snapshot_logs: u64,
+    /// Build a snapshot (and compact the log) once at least this many writes were applied
+    /// since the last one, and at least as many as the registry had entities then: a
+    /// snapshot costs time proportional to the registry, so this keeps its cost per write
+    /// bounded.
+    pub snapshot_writes: u64,
     /// How long a write or linearizable read may take before it is answered with "no quorum".
     pub request_timeout: Duration,
     /// How long a membership change (which waits for a learner to catch up) may take.
@@ -58,10 +62,10 @@ pub struct ClusterConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(400),
-            election_timeout_max: Duration::from_millis(800),
-            snapshot_logs: 5000,
+            heartbeat: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(500),
+            snapshot_writes: 5000,
             request_timeout: Duration::from_secs(5),
             membership_timeout: Duration::from_secs(60),
             leader_loss_bound: Duration::from_secs(15),
@@ -103,8 +107,8 @@ impl ClusterConfig {
                 "must be more than election_timeout_min",
             );
         }
-        if self.snapshot_logs < 10 {
-            return err("snapshot_logs", "must be at least 10");
+        if self.snapshot_writes < 10 {
+            return err("snapshot_writes", "must be at least 10");
         }
         if self.request_timeout < self.election_timeout_max {
             return err("request_timeout", "must be at least election_timeout_max");
@@ -118,8 +122,9 @@ impl ClusterConfig {
             heartbeat_interval: self.heartbeat.as_millis() as u64,
             election_timeout_min: self.election_timeout_min.as_millis() as u64,
             election_timeout_max: self.election_timeout_max.as_millis() as u64,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
-            max_in_snapshot_log_to_keep: self.snapshot_logs.min(1000),
+            // Snapshots are triggered by `snapshot_policy` below, by writes and registry size.
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: self.snapshot_writes.min(1000),
             install_snapshot_timeout: 30_000,
             ..Default::default()
         };
@@ -160,6 +165,7 @@ pub struct Cluster {
 
 struct Inner {
     raft: Raft,
+    proposer: Proposer,
     me: NodeId,
     transport: Arc<dyn Transport>,
     registry: watch::Receiver<Arc<Registry>>,
@@ -168,15 +174,18 @@ struct Inner {
 }
 
 impl Cluster {
-    /// Opens the log and state machine in `db` and starts Raft as node `me`.
+    /// Opens the log in `log_db` and the state machine in `state_db`, and starts Raft as
+    /// node `me`. Two sled databases, because a sled flush writes everything pending: a
+    /// large snapshot in the log's database would stall every log flush behind it.
     pub async fn start(
         me: NodeId,
-        db: &sled::Db,
+        log_db: &sled::Db,
+        state_db: &sled::Db,
         transport: Arc<dyn Transport>,
         config: ClusterConfig,
     ) -> Result<Self, anyhow::Error> {
-        let log = LogStore::open(db)?;
-        let (sm, registry) = StateMachine::open(db)?;
+        let log = LogStore::open(log_db)?;
+        let (sm, registry) = StateMachine::open(state_db)?;
         let raft = Raft::new(
             me,
             Arc::new(config.raft_config()?),
@@ -185,8 +194,14 @@ impl Cluster {
             sm,
         )
         .await?;
+        tokio::spawn(snapshot_policy(
+            raft.clone(),
+            registry.clone(),
+            config.snapshot_writes,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
+                proposer: Proposer::start(raft.clone()),
                 raft,
                 me,
                 transport,
@@ -330,19 +345,22 @@ impl Cluster {
                 return Err(self.timeout_error(unknown));
             }
             if leader == self.inner.me {
-                match tokio::time::timeout(remaining, self.inner.raft.client_write(req.clone()))
+                match tokio::time::timeout(remaining, self.inner.proposer.propose(req.clone()))
                     .await
                 {
                     Err(_) => return Err(self.timeout_error(unknown)),
-                    Ok(Ok(resp)) => return Ok(resp.data),
-                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(ForwardError::NotLeader { .. })) => {
                         self.leader_change(leader, remaining.min(Duration::from_millis(200)))
                             .await;
                     }
-                    Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                        return Err(ClusterError::Membership(e.to_string()))
+                    Ok(Err(ForwardError::Failed(why))) => {
+                        if self.inner.raft.metrics().borrow().state == ServerState::Shutdown {
+                            return Err(ClusterError::ShuttingDown);
+                        }
+                        tracing::debug!("proposal failed: {why}");
+                        tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
                     }
-                    Ok(Err(RaftError::Fatal(_))) => return Err(ClusterError::ShuttingDown),
                 }
                 continue;
             }
@@ -641,6 +659,37 @@ impl Cluster {
     }
 }
 
+/// Triggers a snapshot once the writes applied since the last one reach both `min_writes`
+/// and the registry's size at the last snapshot. A snapshot costs time in proportion to the
+/// registry; spacing them by at least that many writes keeps the cost per write bounded
+/// (at most about two entities encoded per write) however large the registry grows.
+/// Ends when Raft stops.
+async fn snapshot_policy(raft: Raft, registry: watch::Receiver<Arc<Registry>>, min_writes: u64) {
+    let (mut at_last, mut size_at_last) = {
+        let r = registry.borrow();
+        (r.applied_requests(), r.size() as u64)
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if raft.metrics().borrow().state == ServerState::Shutdown {
+            return;
+        }
+        let (applied, size) = {
+            let r = registry.borrow();
+            (r.applied_requests(), r.size() as u64)
+        };
+        if applied.saturating_sub(at_last) >= min_writes.max(size_at_last) {
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            at_last = applied;
+            size_at_last = size;
+        }
+    }
+}
+
 impl RpcHandler for Cluster {
     fn handle(&self, from: NodeId, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
         Box::pin(async move {
@@ -671,15 +720,7 @@ impl RpcHandler for Cluster {
                     }
                     RpcReply::Snapshot(res)
                 }
-                Rpc::Write(req) => RpcReply::Write(match raft.client_write(req).await {
-                    Ok(resp) => Ok(resp.data),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                        Err(ForwardError::NotLeader {
-                            leader: f.leader_id,
-                        })
-                    }
-                    Err(e) => Err(ForwardError::Failed(e.to_string())),
-                }),
+                Rpc::Write(req) => RpcReply::Write(self.inner.proposer.propose(req).await),
                 Rpc::ReadIndex => RpcReply::ReadIndex(self.read_index_on_leader().await),
                 Rpc::Status => RpcReply::Status(self.local_status()),
                 Rpc::Membership(change) => {

@@ -10,10 +10,11 @@
 //! after every batch, and multi-entity commands (`apply` of a manifest) work on a clone that
 //! replaces the original only when every step succeeded.
 //!
-//! Besides the state, every apply records which storage [`Key`]s it touched, so the state
-//! machine can persist exactly those (see `state_machine`).
+//! The state machine persists the registry as Raft snapshots (this whole struct, bincode
+//! encoded) and rebuilds it after a restart by replaying the log since the last one.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use imbl::{OrdMap, Vector};
 use openraft::EntryPayload;
@@ -26,7 +27,9 @@ use warren_proto::registry::{
 use warren_proto::token::{ApiKey, KeyId, SecretHash};
 use warren_proto::Name;
 
-use crate::types::{Actor, Entry, LogId, Reply, Request, RequestId, StoredMembership};
+use crate::types::{
+    Actor, Entry, LogId, Proposal, Replies, Reply, Request, RequestId, StoredMembership,
+};
 
 /// How many replies the registry remembers for deduplicating retried writes.
 pub const DEDUP_WINDOW: usize = 8192;
@@ -304,20 +307,6 @@ impl RegistryError {
     }
 }
 
-/// A storage key: what the state machine persists one value under.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Key {
-    /// A named entity (including API keys and nodes).
-    Entity(Kind, Name),
-    /// A join token by id.
-    JoinToken(u64),
-    /// A remembered reply.
-    Dedup(RequestId),
-}
-
-/// The keys touched by applying entries; the state machine writes these.
-pub type Touched = BTreeSet<Key>;
-
 /// The replicated registry.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Registry {
@@ -332,10 +321,12 @@ pub struct Registry {
     api_keys: OrdMap<Name, ApiKeyRecord>,
     join_tokens: OrdMap<u64, JoinTokenRecord>,
     nodes: OrdMap<Name, Node>,
-    dedup: OrdMap<RequestId, (u64, Reply)>,
+    // Arc'd: entries are cloned whenever a shared tree node is copied on write.
+    dedup: OrdMap<RequestId, Arc<(u64, Reply)>>,
     dedup_order: Vector<(u64, RequestId)>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    applied_requests: u64,
     #[serde(skip)]
     keys_by_id: OrdMap<KeyId, Name>,
     #[serde(skip)]
@@ -472,6 +463,25 @@ impl Registry {
         self.last_applied
     }
 
+    /// How many writes were applied since the cluster began (retries included).
+    pub fn applied_requests(&self) -> u64 {
+        self.applied_requests
+    }
+
+    /// How many entities the registry holds: what a snapshot costs, roughly.
+    pub fn size(&self) -> usize {
+        self.users.len()
+            + self.roles.len()
+            + self.identity_providers.len()
+            + self.sites.len()
+            + self.resources.len()
+            + self.policies.len()
+            + self.api_keys.len()
+            + self.join_tokens.len()
+            + self.nodes.len()
+            + self.dedup.len()
+    }
+
     /// The membership as of the last applied entry.
     pub fn membership(&self) -> &StoredMembership {
         &self.membership
@@ -584,35 +594,34 @@ impl Registry {
         }
     }
 
-    /// Applies one log entry: bookkeeping for blank and membership entries, the command for
-    /// normal ones. Returns the reply for the client; records touched keys in `touched`.
-    pub fn apply_entry(&mut self, entry: &Entry, touched: &mut Touched) -> Reply {
+    /// Applies one log entry: bookkeeping for blank and membership entries, every request
+    /// of a normal one. Returns the replies for the clients (none for bookkeeping entries).
+    pub fn apply_entry(&mut self, entry: &Entry) -> Replies {
         self.last_applied = Some(entry.log_id);
         match &entry.payload {
-            EntryPayload::Blank => Ok(Outcome::Done),
+            EntryPayload::Blank => Vec::new(),
             EntryPayload::Membership(m) => {
                 self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                Ok(Outcome::Done)
+                Vec::new()
             }
-            EntryPayload::Normal(req) => self.apply_request(entry.log_id.index, req, touched),
+            EntryPayload::Normal(Proposal(reqs)) => reqs
+                .iter()
+                .map(|req| self.apply_request(entry.log_id.index, req))
+                .collect(),
         }
     }
 
     /// Applies a request at log index `index`, answering a retried request with the reply
     /// it got the first time.
-    pub fn apply_request(&mut self, index: u64, req: &Request, touched: &mut Touched) -> Reply {
-        if let Some((_, reply)) = self.dedup.get(&req.id) {
-            return reply.clone();
+    pub fn apply_request(&mut self, index: u64, req: &Request) -> Reply {
+        self.applied_requests += 1;
+        if let Some(seen) = self.dedup.get(&req.id) {
+            return seen.1.clone();
         }
-        let reply = self.authorize(req).and_then(|()| {
-            let mut next = self.clone();
-            let mut t = Touched::new();
-            let outcome = next.apply_command(index, req, &mut t)?;
-            *self = next;
-            touched.append(&mut t);
-            Ok(outcome)
-        });
-        self.remember(index, req.id, reply.clone(), touched);
+        let reply = self
+            .authorize(req)
+            .and_then(|()| self.apply_command(index, req));
+        self.remember(index, req.id, reply.clone());
         reply
     }
 
@@ -639,24 +648,33 @@ impl Registry {
         }
     }
 
-    fn remember(&mut self, index: u64, id: RequestId, reply: Reply, touched: &mut Touched) {
-        self.dedup.insert(id, (index, reply));
+    fn remember(&mut self, index: u64, id: RequestId, reply: Reply) {
+        self.dedup.insert(id, Arc::new((index, reply)));
         self.dedup_order.push_back((index, id));
-        touched.insert(Key::Dedup(id));
         while self.dedup_order.len() > DEDUP_WINDOW {
             if let Some((_, old)) = self.dedup_order.pop_front() {
                 self.dedup.remove(&old);
-                touched.insert(Key::Dedup(old));
             }
         }
     }
 
-    fn apply_command(
-        &mut self,
-        index: u64,
-        req: &Request,
-        t: &mut Touched,
-    ) -> Result<Outcome, RegistryError> {
+    /// Applies a command. Every command checks everything before it changes anything, so
+    /// an error leaves the registry as it was; the multi-step ones (bootstrap, manifest)
+    /// work on an O(1) clone that replaces the registry only when all steps succeeded.
+    fn apply_command(&mut self, index: u64, req: &Request) -> Result<Outcome, RegistryError> {
+        if matches!(
+            req.command,
+            Command::Bootstrap { .. } | Command::Apply { .. }
+        ) {
+            let mut next = self.clone();
+            let outcome = next.apply_checked(index, req)?;
+            *self = next;
+            return Ok(outcome);
+        }
+        self.apply_checked(index, req)
+    }
+
+    fn apply_checked(&mut self, index: u64, req: &Request) -> Result<Outcome, RegistryError> {
         match &req.command {
             Command::Bootstrap {
                 cluster_id,
@@ -673,31 +691,31 @@ impl Registry {
                 self.next_node_id = node.id.0 + 1;
                 let mut node = node.clone();
                 node.revision = index;
-                self.insert_node(node, t);
-                self.insert_api_key(api_key.clone(), index, t)?;
-                self.insert_join_token(join_token.clone(), index, t);
+                self.insert_node(node);
+                self.insert_api_key(api_key.clone(), index)?;
+                self.insert_join_token(join_token.clone(), index);
                 Ok(Outcome::Done)
             }
-            Command::Create(e) => self.create_any(e.clone(), index, t).map(Outcome::Entity),
+            Command::Create(e) => self.create_any(e.clone(), index).map(Outcome::Entity),
             Command::Update(e) => self
-                .update_any(e.clone(), index, t)
+                .update_any(e.clone(), index)
                 .map(|(e, _)| Outcome::Entity(e)),
             Command::Delete {
                 kind,
                 name,
                 revision,
             } => self
-                .delete(*kind, name, *revision, index, t)
+                .delete(*kind, name, *revision, index)
                 .map(|cascaded| Outcome::Deleted { cascaded }),
             Command::Apply { manifest, prune } => self
-                .apply_manifest(manifest, *prune, index, t)
+                .apply_manifest(manifest, *prune, index)
                 .map(Outcome::Applied),
             Command::CreateApiKey(record) => {
                 let mut record = record.clone();
                 record.created_at = req.at;
-                self.insert_api_key(record, index, t).map(Outcome::ApiKey)
+                self.insert_api_key(record, index).map(Outcome::ApiKey)
             }
-            Command::RevokeApiKey { name } => self.revoke_api_key(name, t).map(|()| Outcome::Done),
+            Command::RevokeApiKey { name } => self.revoke_api_key(name).map(|()| Outcome::Done),
             Command::CreateJoinToken(record) => {
                 let mut record = record.clone();
                 record.created_at = req.at;
@@ -709,7 +727,7 @@ impl Registry {
                         detail: "already exists".into(),
                     });
                 }
-                Ok(Outcome::JoinToken(self.insert_join_token(record, index, t)))
+                Ok(Outcome::JoinToken(self.insert_join_token(record, index)))
             }
             Command::RevokeJoinToken { id } => {
                 if self.join_tokens.remove(id).is_none() {
@@ -718,7 +736,6 @@ impl Registry {
                         name: format!("{id:016x}"),
                     });
                 }
-                t.insert(Key::JoinToken(*id));
                 Ok(Outcome::Done)
             }
             Command::RegisterNode {
@@ -727,7 +744,7 @@ impl Registry {
                 admin_addr,
                 region,
             } => self
-                .register_node(name, cluster_addr, admin_addr, region, index, t)
+                .register_node(name, cluster_addr, admin_addr, region, index)
                 .map(Outcome::Node),
             Command::UpdateNode {
                 name,
@@ -754,7 +771,7 @@ impl Registry {
                 node.validate()
                     .map_err(|e| RegistryError::invalid(Kind::Node, name.as_str(), e))?;
                 node.revision = index;
-                self.insert_node(node.clone(), t);
+                self.insert_node(node.clone());
                 Ok(Outcome::Node(node))
             }
             Command::DeleteNode { name } => {
@@ -773,14 +790,12 @@ impl Registry {
                 let id = node.id;
                 self.nodes.remove(name);
                 self.nodes_by_id.remove(&id);
-                t.insert(Key::Entity(Kind::Node, name.clone()));
                 Ok(Outcome::Done)
             }
         }
     }
 
-    fn insert_node(&mut self, node: Node, t: &mut Touched) {
-        t.insert(Key::Entity(Kind::Node, node.name.clone()));
+    fn insert_node(&mut self, node: Node) {
         self.nodes_by_id.insert(node.id, node.name.clone());
         self.nodes.insert(node.name.clone(), node);
     }
@@ -789,7 +804,6 @@ impl Registry {
         &mut self,
         mut record: ApiKeyRecord,
         index: u64,
-        t: &mut Touched,
     ) -> Result<ApiKeyRecord, RegistryError> {
         if self.api_keys.contains_key(&record.name) {
             return Err(RegistryError::AlreadyExists {
@@ -808,13 +822,12 @@ impl Registry {
             });
         }
         record.revision = index;
-        t.insert(Key::Entity(Kind::ApiKey, record.name.clone()));
         self.keys_by_id.insert(record.id, record.name.clone());
         self.api_keys.insert(record.name.clone(), record.clone());
         Ok(record)
     }
 
-    fn revoke_api_key(&mut self, name: &Name, t: &mut Touched) -> Result<(), RegistryError> {
+    fn revoke_api_key(&mut self, name: &Name) -> Result<(), RegistryError> {
         let record = self.api_keys.get(name).ok_or(RegistryError::NotFound {
             kind: Kind::ApiKey,
             name: name.to_string(),
@@ -835,18 +848,11 @@ impl Registry {
         let id = record.id;
         self.api_keys.remove(name);
         self.keys_by_id.remove(&id);
-        t.insert(Key::Entity(Kind::ApiKey, name.clone()));
         Ok(())
     }
 
-    fn insert_join_token(
-        &mut self,
-        mut record: JoinTokenRecord,
-        index: u64,
-        t: &mut Touched,
-    ) -> JoinTokenRecord {
+    fn insert_join_token(&mut self, mut record: JoinTokenRecord, index: u64) -> JoinTokenRecord {
         record.revision = index;
-        t.insert(Key::JoinToken(record.id));
         self.join_tokens.insert(record.id, record.clone());
         record
     }
@@ -858,7 +864,6 @@ impl Registry {
         admin_addr: &str,
         region: &str,
         index: u64,
-        t: &mut Touched,
     ) -> Result<Node, RegistryError> {
         let node = Node {
             id: NodeId(self.next_node_id),
@@ -903,7 +908,7 @@ impl Registry {
             self.nodes_by_id.remove(&old.id);
         }
         self.next_node_id += 1;
-        self.insert_node(node.clone(), t);
+        self.insert_node(node.clone());
         Ok(node)
     }
 
@@ -945,12 +950,7 @@ impl Registry {
         out
     }
 
-    fn create<E: Table>(
-        &mut self,
-        mut e: E,
-        index: u64,
-        t: &mut Touched,
-    ) -> Result<E, RegistryError> {
+    fn create<E: Table>(&mut self, mut e: E, index: u64) -> Result<E, RegistryError> {
         if e.revision() != 0 {
             return Err(RegistryError::Invalid {
                 kind: E::KIND,
@@ -972,18 +972,12 @@ impl Registry {
         self.check_refs(&e)?;
         e.check_unique(self)?;
         e.set_revision(index);
-        t.insert(Key::Entity(E::KIND, e.name().clone()));
         E::table_mut(self).insert(e.name().clone(), e.clone());
         Ok(e)
     }
 
     /// Replaces an entity. Returns it as stored and whether anything changed.
-    fn update<E: Table>(
-        &mut self,
-        mut e: E,
-        index: u64,
-        t: &mut Touched,
-    ) -> Result<(E, bool), RegistryError> {
+    fn update<E: Table>(&mut self, mut e: E, index: u64) -> Result<(E, bool), RegistryError> {
         let current =
             E::table(self)
                 .get(e.name())
@@ -1008,43 +1002,32 @@ impl Registry {
             return Ok((current, false));
         }
         e.set_revision(index);
-        t.insert(Key::Entity(E::KIND, e.name().clone()));
         E::table_mut(self).insert(e.name().clone(), e.clone());
         Ok((e, true))
     }
 
-    fn create_any(
-        &mut self,
-        e: AnyEntity,
-        index: u64,
-        t: &mut Touched,
-    ) -> Result<AnyEntity, RegistryError> {
+    fn create_any(&mut self, e: AnyEntity, index: u64) -> Result<AnyEntity, RegistryError> {
         Ok(match e {
-            AnyEntity::User(e) => self.create(e, index, t)?.wrap(),
-            AnyEntity::Role(e) => self.create(e, index, t)?.wrap(),
-            AnyEntity::IdentityProvider(e) => self.create(e, index, t)?.wrap(),
-            AnyEntity::Site(e) => self.create(e, index, t)?.wrap(),
-            AnyEntity::Resource(e) => self.create(e, index, t)?.wrap(),
-            AnyEntity::Policy(e) => self.create(e, index, t)?.wrap(),
+            AnyEntity::User(e) => self.create(e, index)?.wrap(),
+            AnyEntity::Role(e) => self.create(e, index)?.wrap(),
+            AnyEntity::IdentityProvider(e) => self.create(e, index)?.wrap(),
+            AnyEntity::Site(e) => self.create(e, index)?.wrap(),
+            AnyEntity::Resource(e) => self.create(e, index)?.wrap(),
+            AnyEntity::Policy(e) => self.create(e, index)?.wrap(),
         })
     }
 
-    fn update_any(
-        &mut self,
-        e: AnyEntity,
-        index: u64,
-        t: &mut Touched,
-    ) -> Result<(AnyEntity, bool), RegistryError> {
+    fn update_any(&mut self, e: AnyEntity, index: u64) -> Result<(AnyEntity, bool), RegistryError> {
         fn w<E: Table>(r: (E, bool)) -> (AnyEntity, bool) {
             (r.0.wrap(), r.1)
         }
         Ok(match e {
-            AnyEntity::User(e) => w(self.update(e, index, t)?),
-            AnyEntity::Role(e) => w(self.update(e, index, t)?),
-            AnyEntity::IdentityProvider(e) => w(self.update(e, index, t)?),
-            AnyEntity::Site(e) => w(self.update(e, index, t)?),
-            AnyEntity::Resource(e) => w(self.update(e, index, t)?),
-            AnyEntity::Policy(e) => w(self.update(e, index, t)?),
+            AnyEntity::User(e) => w(self.update(e, index)?),
+            AnyEntity::Role(e) => w(self.update(e, index)?),
+            AnyEntity::IdentityProvider(e) => w(self.update(e, index)?),
+            AnyEntity::Site(e) => w(self.update(e, index)?),
+            AnyEntity::Resource(e) => w(self.update(e, index)?),
+            AnyEntity::Policy(e) => w(self.update(e, index)?),
         })
     }
 
@@ -1054,7 +1037,6 @@ impl Registry {
         name: &Name,
         revision: u64,
         index: u64,
-        t: &mut Touched,
     ) -> Result<Vec<Change>, RegistryError> {
         let not_found = || RegistryError::NotFound {
             kind,
@@ -1082,14 +1064,25 @@ impl Registry {
                 actual: current,
             });
         }
+        let referrers = self.referrers(kind, name);
+        // A user leaving the registry leaves its roles (what admins expect); any other
+        // reference blocks the delete. Check all before changing anything.
+        let cascades = |k: Kind| kind == Kind::User && k == Kind::Role;
+        if let Some((by_kind, by_name, field)) = referrers.iter().find(|(k, _, _)| !cascades(*k)) {
+            return Err(RegistryError::InUse {
+                kind,
+                name: name.clone(),
+                by_kind: *by_kind,
+                by_name: by_name.clone(),
+                field: field.clone(),
+            });
+        }
         let mut cascaded = Vec::new();
-        for (by_kind, by_name, field) in self.referrers(kind, name) {
-            if kind == Kind::User && by_kind == Kind::Role {
-                // A user leaving the registry leaves its roles: what admins expect.
+        for (by_kind, by_name, _) in referrers {
+            if cascades(by_kind) {
                 if let Some(mut role) = self.roles.get(&by_name).cloned() {
                     role.members.remove(name);
                     role.revision = index;
-                    t.insert(Key::Entity(Kind::Role, by_name.clone()));
                     self.roles.insert(by_name.clone(), role);
                     cascaded.push(Change {
                         action: ChangeAction::Update,
@@ -1098,15 +1091,7 @@ impl Registry {
                         fields: vec!["members".into()],
                     });
                 }
-                continue;
             }
-            return Err(RegistryError::InUse {
-                kind,
-                name: name.clone(),
-                by_kind,
-                by_name,
-                field,
-            });
         }
         match kind {
             Kind::User => drop(self.users.remove(name)),
@@ -1117,7 +1102,6 @@ impl Registry {
             Kind::Policy => drop(self.policies.remove(name)),
             Kind::ApiKey | Kind::Node | Kind::JoinToken => {}
         }
-        t.insert(Key::Entity(kind, name.clone()));
         Ok(cascaded)
     }
 
@@ -1129,8 +1113,7 @@ impl Registry {
     ) -> Result<ApplyReport, RegistryError> {
         let mut scratch = self.clone();
         let next_index = self.last_applied.map_or(1, |l| l.index + 1);
-        let mut report =
-            scratch.apply_manifest(manifest, prune, next_index, &mut Touched::new())?;
+        let mut report = scratch.apply_manifest(manifest, prune, next_index)?;
         report.dry_run = true;
         Ok(report)
     }
@@ -1140,44 +1123,25 @@ impl Registry {
         m: &Manifest,
         prune: bool,
         index: u64,
-        t: &mut Touched,
     ) -> Result<ApplyReport, RegistryError> {
         let mut report = ApplyReport::default();
         // Referenced kinds first, so a manifest can create a site and its resources at once.
-        self.sync(
-            m.sites.as_deref().unwrap_or_default(),
-            index,
-            t,
-            &mut report,
-        )?;
-        self.sync(
-            m.users.as_deref().unwrap_or_default(),
-            index,
-            t,
-            &mut report,
-        )?;
+        self.sync(m.sites.as_deref().unwrap_or_default(), index, &mut report)?;
+        self.sync(m.users.as_deref().unwrap_or_default(), index, &mut report)?;
         self.sync(
             m.policies.as_deref().unwrap_or_default(),
             index,
-            t,
             &mut report,
         )?;
-        self.sync(
-            m.roles.as_deref().unwrap_or_default(),
-            index,
-            t,
-            &mut report,
-        )?;
+        self.sync(m.roles.as_deref().unwrap_or_default(), index, &mut report)?;
         self.sync(
             m.identity_providers.as_deref().unwrap_or_default(),
             index,
-            t,
             &mut report,
         )?;
         self.sync(
             m.resources.as_deref().unwrap_or_default(),
             index,
-            t,
             &mut report,
         )?;
         if prune {
@@ -1186,42 +1150,36 @@ impl Registry {
                 &kinds,
                 m.resources.as_deref().unwrap_or_default(),
                 index,
-                t,
                 &mut report,
             )?;
             self.prune::<Role>(
                 &kinds,
                 m.roles.as_deref().unwrap_or_default(),
                 index,
-                t,
                 &mut report,
             )?;
             self.prune::<IdentityProvider>(
                 &kinds,
                 m.identity_providers.as_deref().unwrap_or_default(),
                 index,
-                t,
                 &mut report,
             )?;
             self.prune::<Policy>(
                 &kinds,
                 m.policies.as_deref().unwrap_or_default(),
                 index,
-                t,
                 &mut report,
             )?;
             self.prune::<User>(
                 &kinds,
                 m.users.as_deref().unwrap_or_default(),
                 index,
-                t,
                 &mut report,
             )?;
             self.prune::<Site>(
                 &kinds,
                 m.sites.as_deref().unwrap_or_default(),
                 index,
-                t,
                 &mut report,
             )?;
         }
@@ -1232,7 +1190,6 @@ impl Registry {
         &mut self,
         wanted: &[E],
         index: u64,
-        t: &mut Touched,
         report: &mut ApplyReport,
     ) -> Result<(), RegistryError> {
         let mut seen = BTreeSet::new();
@@ -1250,7 +1207,7 @@ impl Registry {
             e.set_revision(0);
             match E::table(self).get(e.name()).cloned() {
                 None => {
-                    self.create(e.clone(), index, t)?;
+                    self.create(e.clone(), index)?;
                     report.changes.push(Change {
                         action: ChangeAction::Create,
                         kind: E::KIND,
@@ -1259,7 +1216,7 @@ impl Registry {
                     });
                 }
                 Some(current) => {
-                    let (_, changed) = self.update(e.clone(), index, t)?;
+                    let (_, changed) = self.update(e.clone(), index)?;
                     if changed {
                         report.changes.push(Change {
                             action: ChangeAction::Update,
@@ -1281,7 +1238,6 @@ impl Registry {
         kinds: &[Kind],
         wanted: &[E],
         index: u64,
-        t: &mut Touched,
         report: &mut ApplyReport,
     ) -> Result<(), RegistryError> {
         if !kinds.contains(&E::KIND) {
@@ -1294,7 +1250,7 @@ impl Registry {
             .cloned()
             .collect();
         for name in gone {
-            let cascaded = self.delete(E::KIND, &name, 0, index, t)?;
+            let cascaded = self.delete(E::KIND, &name, 0, index)?;
             report.changes.push(Change {
                 action: ChangeAction::Delete,
                 kind: E::KIND,
@@ -1353,27 +1309,9 @@ pub enum CodecError {
         /// The bincode error.
         source: bincode::error::DecodeError,
     },
-    /// A key has an unknown tag or a bad name.
-    #[error("unknown storage key {0:02x?}")]
-    BadKey(Vec<u8>),
-}
-
-const TAG_JOIN_TOKEN: u8 = 9;
-const TAG_DEDUP: u8 = 0x20;
-const TAG_META: u8 = 0xF0;
-
-fn kind_tag(kind: Kind) -> u8 {
-    match kind {
-        Kind::User => 1,
-        Kind::Role => 2,
-        Kind::IdentityProvider => 3,
-        Kind::Site => 4,
-        Kind::Resource => 5,
-        Kind::Policy => 6,
-        Kind::ApiKey => 7,
-        Kind::Node => 8,
-        Kind::JoinToken => TAG_JOIN_TOKEN,
-    }
+    /// Stored data is damaged.
+    #[error("corrupt data: {0}")]
+    Corrupt(&'static str),
 }
 
 fn bincode_config() -> bincode::config::Configuration {
@@ -1396,176 +1334,8 @@ pub fn decode<T: serde::de::DeserializeOwned>(
         .map_err(|source| CodecError::Decode { what, source })
 }
 
-#[derive(Serialize, Deserialize)]
-struct Meta {
-    cluster_id: u128,
-    next_node_id: u64,
-    last_applied: Option<LogId>,
-    membership: StoredMembership,
-}
-
-impl Key {
-    /// The key's bytes in storage.
-    pub fn encode(&self) -> Vec<u8> {
-        match self {
-            Key::Entity(kind, name) => {
-                let mut k = Vec::with_capacity(1 + name.as_str().len());
-                k.push(kind_tag(*kind));
-                k.extend_from_slice(name.as_str().as_bytes());
-                k
-            }
-            Key::JoinToken(id) => {
-                let mut k = vec![TAG_JOIN_TOKEN];
-                k.extend_from_slice(&id.to_be_bytes());
-                k
-            }
-            Key::Dedup(id) => {
-                let mut k = vec![TAG_DEDUP];
-                k.extend_from_slice(&id.0.to_be_bytes());
-                k
-            }
-        }
-    }
-}
-
-impl Registry {
-    /// The storage key of the metadata record (cluster id, last applied, membership).
-    pub fn meta_key() -> Vec<u8> {
-        vec![TAG_META]
-    }
-
-    /// The metadata record's value.
-    pub fn meta_value(&self) -> Result<Vec<u8>, CodecError> {
-        encode(
-            "registry metadata",
-            &Meta {
-                cluster_id: self.cluster_id,
-                next_node_id: self.next_node_id,
-                last_applied: self.last_applied,
-                membership: self.membership.clone(),
-            },
-        )
-    }
-
-    /// The current value stored under `key`, or `None` if it no longer exists.
-    pub fn value_of(&self, key: &Key) -> Result<Option<Vec<u8>>, CodecError> {
-        fn enc<T: Serialize>(v: Option<&T>) -> Result<Option<Vec<u8>>, CodecError> {
-            v.map(|v| encode("registry entry", v)).transpose()
-        }
-        match key {
-            Key::Entity(kind, name) => match kind {
-                Kind::User => enc(self.users.get(name)),
-                Kind::Role => enc(self.roles.get(name)),
-                Kind::IdentityProvider => enc(self.identity_providers.get(name)),
-                Kind::Site => enc(self.sites.get(name)),
-                Kind::Resource => enc(self.resources.get(name)),
-                Kind::Policy => enc(self.policies.get(name)),
-                Kind::ApiKey => enc(self.api_keys.get(name)),
-                Kind::Node => enc(self.nodes.get(name)),
-                Kind::JoinToken => Ok(None),
-            },
-            Key::JoinToken(id) => enc(self.join_tokens.get(id)),
-            Key::Dedup(id) => enc(self.dedup.get(id)),
-        }
-    }
-
-    /// Every stored `(key, value)` pair of this registry, metadata included.
-    pub fn to_pairs(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CodecError> {
-        let mut keys: Vec<Key> = Vec::new();
-        let named =
-            |kind: Kind, names: Vec<Name>| names.into_iter().map(move |n| Key::Entity(kind, n));
-        keys.extend(named(Kind::User, self.users.keys().cloned().collect()));
-        keys.extend(named(Kind::Role, self.roles.keys().cloned().collect()));
-        keys.extend(named(
-            Kind::IdentityProvider,
-            self.identity_providers.keys().cloned().collect(),
-        ));
-        keys.extend(named(Kind::Site, self.sites.keys().cloned().collect()));
-        keys.extend(named(
-            Kind::Resource,
-            self.resources.keys().cloned().collect(),
-        ));
-        keys.extend(named(Kind::Policy, self.policies.keys().cloned().collect()));
-        keys.extend(named(Kind::ApiKey, self.api_keys.keys().cloned().collect()));
-        keys.extend(named(Kind::Node, self.nodes.keys().cloned().collect()));
-        keys.extend(self.join_tokens.keys().map(|id| Key::JoinToken(*id)));
-        keys.extend(self.dedup.keys().map(|id| Key::Dedup(*id)));
-        let mut pairs = Vec::with_capacity(keys.len() + 1);
-        for k in keys {
-            if let Some(v) = self.value_of(&k)? {
-                pairs.push((k.encode(), v));
-            }
-        }
-        pairs.push((Self::meta_key(), self.meta_value()?));
-        Ok(pairs)
-    }
-
-    /// Rebuilds a registry from the pairs [`Registry::to_pairs`] (or incremental writes of
-    /// [`Registry::value_of`]) stored.
-    pub fn from_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Self, CodecError>
-    where
-        K: AsRef<[u8]>,
-        V: AsRef<[u8]>,
-    {
-        let mut r = Registry::default();
-        let mut order = Vec::new();
-        for (k, v) in pairs {
-            let (k, v) = (k.as_ref(), v.as_ref());
-            let Some((&tag, rest)) = k.split_first() else {
-                return Err(CodecError::BadKey(k.to_vec()));
-            };
-            let name = || {
-                std::str::from_utf8(rest)
-                    .ok()
-                    .and_then(|s| Name::new(s).ok())
-                    .ok_or_else(|| CodecError::BadKey(k.to_vec()))
-            };
-            match tag {
-                1 => drop(r.users.insert(name()?, decode("user", v)?)),
-                2 => drop(r.roles.insert(name()?, decode("role", v)?)),
-                3 => drop(
-                    r.identity_providers
-                        .insert(name()?, decode("identity provider", v)?),
-                ),
-                4 => drop(r.sites.insert(name()?, decode("site", v)?)),
-                5 => drop(r.resources.insert(name()?, decode("resource", v)?)),
-                6 => drop(r.policies.insert(name()?, decode("policy", v)?)),
-                7 => drop(r.api_keys.insert(name()?, decode("API key", v)?)),
-                8 => drop(r.nodes.insert(name()?, decode("node", v)?)),
-                TAG_JOIN_TOKEN => {
-                    let rec: JoinTokenRecord = decode("join token", v)?;
-                    r.join_tokens.insert(rec.id, rec);
-                }
-                TAG_DEDUP => {
-                    let id: [u8; 16] = rest
-                        .try_into()
-                        .map_err(|_| CodecError::BadKey(k.to_vec()))?;
-                    let id = RequestId(u128::from_be_bytes(id));
-                    let entry: (u64, Reply) = decode("remembered reply", v)?;
-                    order.push((entry.0, id));
-                    r.dedup.insert(id, entry);
-                }
-                TAG_META => {
-                    let m: Meta = decode("registry metadata", v)?;
-                    r.cluster_id = m.cluster_id;
-                    r.next_node_id = m.next_node_id;
-                    r.last_applied = m.last_applied;
-                    r.membership = m.membership;
-                }
-                _ => return Err(CodecError::BadKey(k.to_vec())),
-            }
-        }
-        order.sort();
-        r.dedup_order = order.into_iter().collect();
-        r.rebuild_indexes();
-        Ok(r)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use openraft::{CommittedLeaderId, EntryPayload};
     use proptest::prelude::*;
     use warren_proto::registry::Target;
@@ -1576,12 +1346,10 @@ mod tests {
         Name::new(s).unwrap()
     }
 
-    /// A registry plus a key-value store that receives its touched keys, as the state
-    /// machine's sled tree does.
+    /// A registry fed log entries one by one, as the state machine does.
     struct Harness {
         reg: Registry,
         index: u64,
-        kv: BTreeMap<Vec<u8>, Vec<u8>>,
         admin: KeyId,
     }
 
@@ -1590,7 +1358,6 @@ mod tests {
             let mut h = Self {
                 reg: Registry::default(),
                 index: 0,
-                kv: BTreeMap::new(),
                 admin: KeyId(7),
             };
             let node = Node {
@@ -1628,7 +1395,7 @@ mod tests {
                 log_id: LogId::new(CommittedLeaderId::new(1, NodeId(1)), h.index),
                 payload: EntryPayload::Membership(membership),
             };
-            h.reg.apply_entry(&entry, &mut Touched::new()).unwrap();
+            assert!(h.reg.apply_entry(&entry).is_empty());
             assert_eq!(h.reg.member_role(NodeId(1)), MemberRole::Voter);
             h
         }
@@ -1637,19 +1404,9 @@ mod tests {
             self.index += 1;
             let entry = Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, NodeId(1)), self.index),
-                payload: EntryPayload::Normal(req),
+                payload: EntryPayload::Normal(Proposal(vec![req])),
             };
-            let mut touched = Touched::new();
-            let reply = self.reg.apply_entry(&entry, &mut touched);
-            for k in &touched {
-                match self.reg.value_of(k).unwrap() {
-                    Some(v) => self.kv.insert(k.encode(), v),
-                    None => self.kv.remove(&k.encode()),
-                };
-            }
-            self.kv
-                .insert(Registry::meta_key(), self.reg.meta_value().unwrap());
-            reply
+            self.reg.apply_entry(&entry).remove(0)
         }
 
         fn system(&mut self, command: Command) -> Reply {
@@ -1670,14 +1427,32 @@ mod tests {
             })
         }
 
-        /// Every entity table, as stored pairs (no dedup, no metadata).
-        fn tables(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-            self.reg
-                .to_pairs()
-                .unwrap()
-                .into_iter()
-                .filter(|(k, _)| k[0] < TAG_DEDUP)
-                .collect()
+        /// Every entity table (no remembered replies, no metadata), for comparing states.
+        fn tables(&self) -> Vec<String> {
+            let r = &self.reg;
+            vec![
+                format!("{:?}", r.users),
+                format!("{:?}", r.roles),
+                format!("{:?}", r.identity_providers),
+                format!("{:?}", r.sites),
+                format!("{:?}", r.resources),
+                format!("{:?}", r.policies),
+                format!("{:?}", r.api_keys),
+                format!("{:?}", r.nodes),
+                format!("{:?}", r.join_tokens),
+            ]
+        }
+
+        /// The registry after a snapshot round trip, encoded again.
+        fn snapshot_round_trip(&self) -> (Vec<u8>, Vec<u8>) {
+            let bytes = encode("snapshot", &self.reg).unwrap();
+            let mut back: Registry = decode("snapshot", &bytes).unwrap();
+            back.rebuild_indexes();
+            assert_eq!(
+                format!("{:?}", back.keys_by_id),
+                format!("{:?}", self.reg.keys_by_id)
+            );
+            (bytes, encode("snapshot", &back).unwrap())
         }
     }
 
@@ -2028,7 +1803,7 @@ mod tests {
     }
 
     #[test]
-    fn stored_pairs_rebuild_the_same_registry() {
+    fn a_snapshot_rebuilds_the_same_registry() {
         let mut h = Harness::new();
         h.admin(Command::Create(site("hq"))).unwrap();
         h.admin(Command::Create(user("u", Some("u@example.com"))))
@@ -2040,10 +1815,8 @@ mod tests {
             revision: 0,
         })
         .unwrap();
-        let loaded = Registry::from_pairs(h.kv.clone()).unwrap();
-        assert_eq!(loaded.to_pairs().unwrap(), h.reg.to_pairs().unwrap());
-        let snap: Registry = decode("snapshot", &encode("snapshot", &h.reg).unwrap()).unwrap();
-        assert_eq!(snap.to_pairs().unwrap(), h.reg.to_pairs().unwrap());
+        let (before, after) = h.snapshot_round_trip();
+        assert_eq!(before, after);
     }
 
     fn arb_name() -> impl Strategy<Value = String> {
@@ -2081,7 +1854,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
         /// Any sequence of commands: no reference ever dangles, a refused command changes
-        /// nothing, incremental persistence equals a full dump, and apply is deterministic.
+        /// nothing, a snapshot round trip is exact, and apply is deterministic.
         #[test]
         fn registry_invariants_hold(cmds in prop::collection::vec(arb_command(), 1..40)) {
             let mut h = Harness::new();
@@ -2104,8 +1877,8 @@ mod tests {
                     }
                 }
             }
-            let loaded = Registry::from_pairs(h.kv.clone()).unwrap();
-            prop_assert_eq!(loaded.to_pairs().unwrap(), h.reg.to_pairs().unwrap());
+            let (before, after) = h.snapshot_round_trip();
+            prop_assert_eq!(before, after);
         }
     }
 }

@@ -11,8 +11,8 @@ use crate::registry::{Command, Outcome, RegistryError};
 openraft::declare_raft_types!(
     /// Warren's Raft types: registry commands in, registry replies out, snapshots as bytes.
     pub TypeConfig:
-        D = Request,
-        R = Reply,
+        D = Proposal,
+        R = Replies,
         NodeId = NodeId,
         Node = ClusterNode,
         Entry = openraft::Entry<TypeConfig>,
@@ -100,3 +100,12 @@ impl Request {
 
 /// The reply to a write, as the state machine produced it.
 pub type Reply = Result<Outcome, RegistryError>;
+
+/// The payload of a normal log entry: writes that arrived together at the leader, applied
+/// in order. Batching is what lets one log append (one fsync on each node) carry many
+/// concurrent writes; openraft 0.9 flushes the leader's log once per entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal(pub Vec<Request>);
+
+/// The replies to a [`Proposal`], one per request, in order.
+pub type Replies = Vec<Reply>;

@@ -11,9 +11,10 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("open sled");
-        let log = LogStore::open(&db).expect("open log");
-        let (sm, _) = StateMachine::open(&db).expect("open state machine");
+        let log_db = sled::open(dir.path().join("log")).expect("open sled");
+        let state_db = sled::open(dir.path().join("state")).expect("open sled");
+        let log = LogStore::open(&log_db).expect("open log");
+        let (sm, _) = StateMachine::open(&state_db).expect("open state machine");
         Ok((dir, log, sm))
     }
 }

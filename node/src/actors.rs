@@ -61,8 +61,7 @@ pub enum ClusterMsg {
     Membership(MemberOp, RpcReplyPort<Result<(), ClusterError>>),
     /// Periodic check of leader contact.
     Tick,
-    /// Fail on purpose (tests of the supervision tree).
-    #[doc(hidden)]
+    /// Fail on purpose, to exercise the supervision tree (used by its tests).
     Crash,
 }
 

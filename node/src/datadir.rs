@@ -8,7 +8,8 @@
 //!   node.pem       this node's certificate
 //!   node.key       this node's key                                       0600
 //!   admin.key      the bootstrap admin API key (first node only)         0600
-//!   raft/          sled: Raft log, registry state machine, snapshots
+//!   raft/log/      sled: the Raft log, vote and commit index
+//!   raft/state/    sled: the registry state machine (its latest snapshot)
 //!   .incomplete    present while init or join has not finished
 //! ```
 //!
@@ -99,9 +100,14 @@ impl DataDir {
         self.root.join(name)
     }
 
-    /// The sled directory.
-    pub fn raft(&self) -> PathBuf {
-        self.root.join("raft")
+    /// The sled database of the Raft log.
+    pub fn raft_log(&self) -> PathBuf {
+        self.root.join("raft").join("log")
+    }
+
+    /// The sled database of the state machine (its snapshots).
+    pub fn raft_state(&self) -> PathBuf {
+        self.root.join("raft").join("state")
     }
 
     /// What is there now.

@@ -35,7 +35,7 @@ pub struct RunningNode {
     endpoint: quinn::Endpoint,
     supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
-    db: sled::Db,
+    dbs: [sled::Db; 2],
 }
 
 impl RunningNode {
@@ -62,10 +62,17 @@ impl RunningNode {
             file.node_id(),
         ));
 
-        let db = open_db(&dir)?;
-        let cluster = Cluster::start(file.node_id(), &db, transport.clone(), config)
-            .await
-            .context("starting Raft")?;
+        let log_db = open_db(&dir.raft_log())?;
+        let state_db = open_db(&dir.raft_state())?;
+        let cluster = Cluster::start(
+            file.node_id(),
+            &log_db,
+            &state_db,
+            transport.clone(),
+            config,
+        )
+        .await
+        .context("starting Raft")?;
         let registry_cluster = cluster.registry().cluster_id();
         if registry_cluster != 0 && registry_cluster != cluster_id {
             bail!(
@@ -104,7 +111,7 @@ impl RunningNode {
             endpoint,
             supervisor,
             supervisor_done,
-            db,
+            dbs: [log_db, state_db],
         })
     }
 
@@ -130,7 +137,9 @@ impl RunningNode {
         let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
         self.endpoint.close(0u32.into(), b"shutting down");
         self.cluster.shutdown().await;
-        self.db.flush_async().await.context("flushing storage")?;
+        for db in &self.dbs {
+            db.flush_async().await.context("flushing storage")?;
+        }
         if failed {
             bail!("the node stopped because a part of it failed repeatedly (see the log)");
         }
@@ -138,22 +147,18 @@ impl RunningNode {
     }
 }
 
-fn open_db(dir: &DataDir) -> anyhow::Result<sled::Db> {
-    sled::Config::new()
-        .path(dir.raft())
-        .open()
-        .map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                anyhow::anyhow!(
-                    "{} is in use by another warren-node process: {io}",
-                    dir.raft().display()
-                )
-            }
-            other => anyhow::anyhow!("opening storage in {}: {other}", dir.raft().display()),
-        })
+fn open_db(path: &std::path::Path) -> anyhow::Result<sled::Db> {
+    sled::Config::new().path(path).open().map_err(|e| match e {
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
+        {
+            anyhow::anyhow!(
+                "{} is in use by another warren-node process: {io}",
+                path.display()
+            )
+        }
+        other => anyhow::anyhow!("opening storage in {}: {other}", path.display()),
+    })
 }
 
 fn resolve_listen(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {

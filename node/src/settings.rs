@@ -9,17 +9,20 @@ use warren_consensus::cluster::ClusterConfig;
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Raft heartbeat interval, in milliseconds.
-    #[arg(long, env = "WARREN_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "WARREN_HEARTBEAT_MS", default_value_t = 50)]
     pub heartbeat_ms: u64,
     /// Shortest election timeout, in milliseconds.
-    #[arg(long, env = "WARREN_ELECTION_TIMEOUT_MIN_MS", default_value_t = 400)]
+    #[arg(long, env = "WARREN_ELECTION_TIMEOUT_MIN_MS", default_value_t = 300)]
     pub election_timeout_min_ms: u64,
-    /// Longest election timeout, in milliseconds.
-    #[arg(long, env = "WARREN_ELECTION_TIMEOUT_MAX_MS", default_value_t = 800)]
+    /// Longest election timeout, in milliseconds. A follower also refuses to vote for
+    /// another node until this long after it last heard from its leader (openraft's leader
+    /// lease), so failover takes one to two election timeouts.
+    #[arg(long, env = "WARREN_ELECTION_TIMEOUT_MAX_MS", default_value_t = 500)]
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot and compact the log after this many log entries.
-    #[arg(long, env = "WARREN_SNAPSHOT_LOGS", default_value_t = 5000)]
-    pub snapshot_logs: u64,
+    /// Build a snapshot and compact the log after at least this many writes (and at least
+    /// as many writes as the registry has entities).
+    #[arg(long, env = "WARREN_SNAPSHOT_WRITES", default_value_t = 5000)]
+    pub snapshot_writes: u64,
     /// How long a write or a linearizable read may wait for the cluster, in milliseconds,
     /// before it is answered with 503.
     #[arg(long, env = "WARREN_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
@@ -40,7 +43,7 @@ impl Default for Settings {
             heartbeat_ms: d.heartbeat.as_millis() as u64,
             election_timeout_min_ms: d.election_timeout_min.as_millis() as u64,
             election_timeout_max_ms: d.election_timeout_max.as_millis() as u64,
-            snapshot_logs: d.snapshot_logs,
+            snapshot_writes: d.snapshot_writes,
             request_timeout_ms: d.request_timeout.as_millis() as u64,
             membership_timeout_s: d.membership_timeout.as_secs(),
             leader_loss_bound_s: d.leader_loss_bound.as_secs(),
@@ -55,7 +58,7 @@ impl Settings {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             election_timeout_min: Duration::from_millis(self.election_timeout_min_ms),
             election_timeout_max: Duration::from_millis(self.election_timeout_max_ms),
-            snapshot_logs: self.snapshot_logs,
+            snapshot_writes: self.snapshot_writes,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             membership_timeout: Duration::from_secs(self.membership_timeout_s),
             leader_loss_bound: Duration::from_secs(self.leader_loss_bound_s),
@@ -65,7 +68,7 @@ impl Settings {
                 "heartbeat" => "--heartbeat-ms",
                 "election_timeout_min" => "--election-timeout-min-ms",
                 "election_timeout_max" => "--election-timeout-max-ms",
-                "snapshot_logs" => "--snapshot-logs",
+                "snapshot_writes" => "--snapshot-writes",
                 "request_timeout" => "--request-timeout-ms",
                 other => other,
             };

@@ -1,6 +1,7 @@
 //! Names of registry entities.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -9,9 +10,12 @@ use serde::{Deserialize, Serialize};
 ///
 /// Names are the identity of an entity in the admin API and the CLI, and what other
 /// entities use to refer to it.
+///
+/// Cloning is a reference-count increment: names are keys of persistent maps whose nodes
+/// are copied on write.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Name(String);
+pub struct Name(Arc<str>);
 
 /// Why a string is not a valid [`Name`]; the caller gave a bad name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +55,7 @@ impl Name {
         if !(first_ok && rest_ok) {
             return Err(NameError::BadCharacter(s));
         }
-        Ok(Self(s))
+        Ok(Self(Arc::from(s)))
     }
 
     /// The name as a string slice.
@@ -86,7 +90,7 @@ impl std::str::FromStr for Name {
 
 impl From<Name> for String {
     fn from(n: Name) -> Self {
-        n.0
+        n.0.as_ref().to_owned()
     }
 }
 

@@ -468,6 +468,12 @@ impl Drop for Cluster {
         for n in &mut self.nodes {
             n.kill9();
         }
+        if std::env::var("WARREN_TEST_KEEP_LOGS").is_ok() {
+            let keep = std::env::temp_dir().join(format!("warren-logs-{}", std::process::id()));
+            if std::fs::rename(self.tmp.path().join("logs"), &keep).is_ok() {
+                eprintln!("node logs kept in {}", keep.display());
+            }
+        }
     }
 }
 

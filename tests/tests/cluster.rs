@@ -106,16 +106,32 @@ async fn killing_the_leader_elects_another_and_the_old_one_catches_up() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joining_after_compaction_is_brought_up_to_date_by_snapshot() -> anyhow::Result<()> {
-    let mut c = Cluster::start_with_env(1, &[("WARREN_SNAPSHOT_LOGS", "20")]).await?;
-    phase!("120 writes on a one-node cluster that snapshots every 20 entries");
-    for i in 0..120 {
-        c.api(0)
-            .post_ok("/v1/sites", &json!({"name": format!("s{i}")}))
-            .await?;
-    }
-    let s = c.api(0).get_ok("/v1/cluster").await?;
-    let purged = s["members"][0]["purged_index"].as_u64().unwrap_or(0);
-    assert!(purged > 50, "the log was not compacted: {s}");
+    let mut c = Cluster::start_with_env(1, &[("WARREN_SNAPSHOT_WRITES", "20")]).await?;
+    phase!(
+        "writes on a one-node cluster that snapshots after a few dozen, until its log is compacted"
+    );
+    // The snapshot policy looks every 250 ms and spaces snapshots by the registry's size,
+    // so how many writes it takes varies; keep writing until the log start moved.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut written = 0;
+    let purged = loop {
+        for _ in 0..50 {
+            c.api(0)
+                .post_ok("/v1/sites", &json!({"name": format!("s{written}")}))
+                .await?;
+            written += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = c.api(0).get_ok("/v1/cluster").await?;
+        let purged = s["members"][0]["purged_index"].as_u64().unwrap_or(0);
+        if purged > 100 {
+            break purged;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && written < 3000,
+            "the log was not compacted: {s}"
+        );
+    };
 
     phase!("join n2: the entries it needs are gone from the log");
     let n2 = c.add_node(false).await?;
@@ -132,7 +148,7 @@ async fn a_node_joining_after_compaction_is_brought_up_to_date_by_snapshot() -> 
         snapshot >= purged,
         "n2 has no snapshot covering the purged log: {me}"
     );
-    assert_eq!(c.api(n2).names("/v1/sites").await?.len(), 120);
+    assert_eq!(c.api(n2).names("/v1/sites").await?.len(), written);
     phase!("and it keeps up with new writes");
     c.api(n2)
         .post_ok("/v1/sites", &json!({"name": "late"}))
@@ -291,5 +307,45 @@ async fn removing_a_voter_leaves_a_working_cluster() -> anyhow::Result<()> {
         .raw(Method::DELETE, &format!("/v1/nodes/{member}"), None)
         .await?;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_any_moment_loses_nothing_acknowledged_and_the_node_restarts(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start(1).await?;
+    let mut acked: Vec<String> = Vec::new();
+    // Kill points spread over the first second of a write stream, different every round.
+    for (round, delay_ms) in [37u64, 260, 90, 540, 5, 410].into_iter().enumerate() {
+        phase!("round {round}: SIGKILL {delay_ms} ms into a write stream");
+        let api = c.api(0);
+        let writer = tokio::spawn(async move {
+            let mut done = Vec::new();
+            for i in 0..100_000 {
+                let name = format!("r{round}-{i}");
+                match api
+                    .send(Method::POST, "/v1/sites", &json!({"name": name}))
+                    .await
+                {
+                    Ok((StatusCode::CREATED, _)) => done.push(name),
+                    _ => break,
+                }
+            }
+            done
+        });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        c.nodes[0].kill9();
+        acked.extend(writer.await?);
+        c.nodes[0].run()?;
+        c.api(0).wait_healthy(Duration::from_secs(30)).await?;
+        let sites = c.api(0).names("/v1/sites").await?;
+        for name in &acked {
+            assert!(
+                sites.contains(name),
+                "{name} was acknowledged and then lost (round {round})"
+            );
+        }
+    }
+    phase!("{} acknowledged writes survived six kills", acked.len());
     Ok(())
 }
