@@ -334,85 +334,27 @@ impl Cluster {
         }
     }
 
-    /// Commits a write through the leader and returns the state machine's reply.
-    pub async fn write(&self, req: Request) -> Result<Reply, ClusterError> {
-        let deadline = Instant::now() + self.inner.config.request_timeout;
-        let unknown = "the write may or may not have been applied";
+    /// Runs an operation on the leader: locally when this node leads, else as an RPC to
+    /// the leader, retried until `timeout` when the leader changes, is unreachable, or says
+    /// it no longer leads. `outcome` tells the caller what a timeout means.
+    async fn on_leader<'a, T>(
+        &'a self,
+        timeout: Duration,
+        outcome: &'static str,
+        retry_failures: bool,
+        local: impl Fn() -> BoxFuture<'a, Result<T, ForwardError>>,
+        remote: impl Fn() -> Rpc,
+        unpack: fn(RpcReply) -> Option<Result<T, ForwardError>>,
+    ) -> Result<T, ClusterError> {
+        let deadline = Instant::now() + timeout;
         loop {
-            let leader = self.wait_for_leader(deadline).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(self.timeout_error(unknown));
-            }
-            if leader == self.inner.me {
-                match tokio::time::timeout(remaining, self.inner.proposer.propose(req.clone()))
-                    .await
-                {
-                    Err(_) => return Err(self.timeout_error(unknown)),
-                    Ok(Ok(reply)) => return Ok(reply),
-                    Ok(Err(ForwardError::NotLeader { .. })) => {
-                        self.leader_change(leader, remaining.min(Duration::from_millis(200)))
-                            .await;
-                    }
-                    Ok(Err(ForwardError::Failed(why))) => {
-                        if self.inner.raft.metrics().borrow().state == ServerState::Shutdown {
-                            return Err(ClusterError::ShuttingDown);
-                        }
-                        tracing::debug!("proposal failed: {why}");
-                        tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
-                    }
-                }
-                continue;
-            }
-            let Some(node) = self.node_of(leader) else {
-                self.leader_change(leader, remaining.min(Duration::from_millis(100)))
-                    .await;
-                continue;
-            };
-            let forward =
-                self.inner
-                    .transport
-                    .call(leader, &node, Rpc::Write(req.clone()), remaining);
-            let result = tokio::select! {
-                r = forward => r,
-                () = self.leader_change(leader, remaining) => continue,
-            };
-            match result {
-                Ok(RpcReply::Write(Ok(reply))) => return Ok(reply),
-                Ok(RpcReply::Write(Err(ForwardError::NotLeader { .. }))) => {
-                    self.leader_change(leader, remaining.min(Duration::from_millis(200)))
-                        .await;
-                }
-                Ok(RpcReply::Write(Err(ForwardError::Failed(why)))) => {
-                    tracing::debug!(%leader, "forwarded write failed: {why}");
-                    tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
-                }
-                Ok(other) => {
-                    tracing::warn!(%leader, "unexpected reply to a forwarded write: {other:?}");
-                    tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
-                }
-                Err(TransportError::Timeout(_)) => return Err(self.timeout_error(unknown)),
-                Err(e) => {
-                    tracing::debug!(%leader, "forwarding a write failed: {e}");
-                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
-                        .await;
-                }
-            }
-        }
-    }
-
-    /// Waits until this node's replica reflects every write committed before the call.
-    pub async fn barrier(&self) -> Result<(), ClusterError> {
-        let deadline = Instant::now() + self.inner.config.request_timeout;
-        let outcome = "nothing was read";
-        let index = loop {
             let leader = self.wait_for_leader(deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(self.timeout_error(outcome));
             }
             let answer = if leader == self.inner.me {
-                match tokio::time::timeout(remaining, self.read_index_on_leader()).await {
+                match tokio::time::timeout(remaining, local()).await {
                     Ok(a) => a,
                     Err(_) => return Err(self.timeout_error(outcome)),
                 }
@@ -422,38 +364,89 @@ impl Cluster {
                         .await;
                     continue;
                 };
-                match self
+                let call = self
                     .inner
                     .transport
-                    .call(leader, &node, Rpc::ReadIndex, remaining)
-                    .await
-                {
-                    Ok(RpcReply::ReadIndex(a)) => a,
-                    Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
+                    .call(leader, &node, remote(), remaining);
+                // A leader that dies mid-call never answers: go to the next one as soon as
+                // it is elected. (Writes carry a request id, so a repeat applies once.)
+                let result = tokio::select! {
+                    r = call => r,
+                    () = self.leader_change(leader, remaining) => continue,
+                };
+                match result {
+                    Ok(reply) => unpack(reply)
+                        .unwrap_or_else(|| Err(ForwardError::Failed("unexpected reply".into()))),
                     Err(TransportError::Timeout(_)) => return Err(self.timeout_error(outcome)),
-                    Err(e) => Err(ForwardError::Failed(e.to_string())),
+                    Err(e) => {
+                        tracing::debug!(%leader, "calling the leader failed: {e}");
+                        self.leader_change(leader, remaining.min(Duration::from_millis(100)))
+                            .await;
+                        continue;
+                    }
                 }
             };
             match answer {
-                Ok(index) => break index,
+                Ok(v) => return Ok(v),
                 Err(ForwardError::NotLeader { .. }) => {
                     self.leader_change(leader, remaining.min(Duration::from_millis(200)))
                         .await;
                 }
-                Err(ForwardError::Failed(why)) => {
-                    tracing::debug!(%leader, "read index failed: {why}");
-                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
-                        .await;
+                Err(ForwardError::Failed(why)) if retry_failures => {
+                    if self.inner.raft.metrics().borrow().state == ServerState::Shutdown {
+                        return Err(ClusterError::ShuttingDown);
+                    }
+                    tracing::debug!(%leader, "the leader failed the request: {why}");
+                    tokio::time::sleep(remaining.min(Duration::from_millis(50))).await;
                 }
+                Err(ForwardError::Failed(why)) => return Err(ClusterError::Membership(why)),
             }
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        }
+    }
+
+    /// Commits a write through the leader and returns the state machine's reply.
+    pub async fn write(&self, req: Request) -> Result<Reply, ClusterError> {
+        self.on_leader(
+            self.inner.config.request_timeout,
+            "the write may or may not have been applied",
+            true,
+            || Box::pin(self.inner.proposer.propose(req.clone())),
+            || Rpc::Write(req.clone()),
+            |reply| match reply {
+                RpcReply::Write(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Waits until this node's replica reflects every write committed before the call.
+    pub async fn barrier(&self) -> Result<(), ClusterError> {
+        let start = Instant::now();
+        let index = self
+            .on_leader(
+                self.inner.config.request_timeout,
+                "nothing was read",
+                true,
+                || Box::pin(self.read_index_on_leader()),
+                || Rpc::ReadIndex,
+                |reply| match reply {
+                    RpcReply::ReadIndex(r) => Some(r),
+                    _ => None,
+                },
+            )
+            .await?;
+        let remaining = self
+            .inner
+            .config
+            .request_timeout
+            .saturating_sub(start.elapsed());
         self.inner
             .raft
             .wait(Some(remaining))
             .applied_index_at_least(Some(index), "read barrier")
             .await
-            .map_err(|_| self.timeout_error(outcome))?;
+            .map_err(|_| self.timeout_error("nothing was read"))?;
         Ok(())
     }
 
@@ -478,57 +471,18 @@ impl Cluster {
 
     /// Carries out a membership change on the leader (forwarding it there).
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
-        let timeout = self.inner.config.membership_timeout;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let leader = self.wait_for_leader(deadline).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let answer = if leader == self.inner.me {
-                match tokio::time::timeout(remaining, self.membership_on_leader(change.clone()))
-                    .await
-                {
-                    Ok(a) => a,
-                    Err(_) => {
-                        return Err(self
-                            .timeout_error("the membership change may or may not have happened"))
-                    }
-                }
-            } else {
-                let Some(node) = self.node_of(leader) else {
-                    self.leader_change(leader, remaining.min(Duration::from_millis(100)))
-                        .await;
-                    continue;
-                };
-                match self
-                    .inner
-                    .transport
-                    .call(leader, &node, Rpc::Membership(change.clone()), remaining)
-                    .await
-                {
-                    Ok(RpcReply::Membership(a)) => a,
-                    Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
-                    Err(e) => {
-                        tracing::debug!(%leader, "forwarding a membership change failed: {e}");
-                        if Instant::now() >= deadline {
-                            return Err(self.timeout_error(
-                                "the membership change may or may not have happened",
-                            ));
-                        }
-                        self.leader_change(leader, remaining.min(Duration::from_millis(200)))
-                            .await;
-                        continue;
-                    }
-                }
-            };
-            match answer {
-                Ok(()) => return Ok(()),
-                Err(ForwardError::NotLeader { .. }) => {
-                    self.leader_change(leader, remaining.min(Duration::from_millis(200)))
-                        .await;
-                }
-                Err(ForwardError::Failed(why)) => return Err(ClusterError::Membership(why)),
-            }
-        }
+        self.on_leader(
+            self.inner.config.membership_timeout,
+            "the membership change may or may not have happened",
+            false,
+            || Box::pin(self.membership_on_leader(change.clone())),
+            || Rpc::Membership(change.clone()),
+            |reply| match reply {
+                RpcReply::Membership(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn membership_on_leader(&self, change: MembershipChange) -> Result<(), ForwardError> {
@@ -580,7 +534,8 @@ impl Cluster {
                         .await
                         .map(drop)
                 } else {
-                    return Err(ForwardError::Failed(format!("node {id} is not a member")));
+                    // Already out (perhaps by an attempt whose answer was lost).
+                    return Ok(());
                 }
             }
         };

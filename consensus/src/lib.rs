@@ -1,11 +1,12 @@
 //! Warren's replicated registry.
 //!
 //! ```text
-//!  admin API / join ──► Cluster (handle) ──► openraft ──► LogStore (sled "log")
-//!                             │                 │
-//!                             │ forward to      └──► StateMachine (sled "sm") ──► watch<Arc<Registry>>
-//!                             ▼ leader                      applies Registry commands
-//!                         Transport (trait) ──► QUIC + mTLS (cluster CA)
+//!  admin API / join ──► Cluster (handle) ──► Proposer ──► openraft ──► LogStore (sled db "log")
+//!                             │           (batches writes)    │
+//!                             │ forward to                     └──► StateMachine ──► watch<Arc<Registry>>
+//!                             ▼ leader                              applies Registry commands;
+//!                         Transport (trait)                         snapshots in sled db "state"
+//!                             └──► QUIC + mTLS (cluster CA)
 //! ```
 //!
 //! - [`registry`]: the replicated state and its pure, validating apply.
@@ -14,7 +15,8 @@
 //!   uses; [`quic`] implements it over QUIC with mutual TLS, and a simulation can replace it.
 //! - [`pki`]: the cluster CA and node certificates.
 //! - [`cluster`]: the handle the rest of a node uses: writes forwarded to the leader,
-//!   linearizable reads, membership changes and status.
+//!   linearizable reads, membership changes, status, and the snapshot policy.
+//! - [`proposer`]: batches concurrent writes on the leader into one log entry.
 
 // openraft's storage traits return its `StorageError` (224 bytes); our helpers that feed
 // those traits return it too rather than box and unbox at every call.

@@ -1124,64 +1124,26 @@ impl Registry {
         prune: bool,
         index: u64,
     ) -> Result<ApplyReport, RegistryError> {
+        fn section<T>(s: &Option<Vec<T>>) -> &[T] {
+            s.as_deref().unwrap_or_default()
+        }
         let mut report = ApplyReport::default();
         // Referenced kinds first, so a manifest can create a site and its resources at once.
-        self.sync(m.sites.as_deref().unwrap_or_default(), index, &mut report)?;
-        self.sync(m.users.as_deref().unwrap_or_default(), index, &mut report)?;
-        self.sync(
-            m.policies.as_deref().unwrap_or_default(),
-            index,
-            &mut report,
-        )?;
-        self.sync(m.roles.as_deref().unwrap_or_default(), index, &mut report)?;
-        self.sync(
-            m.identity_providers.as_deref().unwrap_or_default(),
-            index,
-            &mut report,
-        )?;
-        self.sync(
-            m.resources.as_deref().unwrap_or_default(),
-            index,
-            &mut report,
-        )?;
+        self.sync(section(&m.sites), index, &mut report)?;
+        self.sync(section(&m.users), index, &mut report)?;
+        self.sync(section(&m.policies), index, &mut report)?;
+        self.sync(section(&m.roles), index, &mut report)?;
+        self.sync(section(&m.identity_providers), index, &mut report)?;
+        self.sync(section(&m.resources), index, &mut report)?;
         if prune {
+            // Referring kinds first, so nothing is deleted while still referred to.
             let kinds = m.kinds();
-            self.prune::<Resource>(
-                &kinds,
-                m.resources.as_deref().unwrap_or_default(),
-                index,
-                &mut report,
-            )?;
-            self.prune::<Role>(
-                &kinds,
-                m.roles.as_deref().unwrap_or_default(),
-                index,
-                &mut report,
-            )?;
-            self.prune::<IdentityProvider>(
-                &kinds,
-                m.identity_providers.as_deref().unwrap_or_default(),
-                index,
-                &mut report,
-            )?;
-            self.prune::<Policy>(
-                &kinds,
-                m.policies.as_deref().unwrap_or_default(),
-                index,
-                &mut report,
-            )?;
-            self.prune::<User>(
-                &kinds,
-                m.users.as_deref().unwrap_or_default(),
-                index,
-                &mut report,
-            )?;
-            self.prune::<Site>(
-                &kinds,
-                m.sites.as_deref().unwrap_or_default(),
-                index,
-                &mut report,
-            )?;
+            self.prune(&kinds, section(&m.resources), index, &mut report)?;
+            self.prune(&kinds, section(&m.roles), index, &mut report)?;
+            self.prune(&kinds, section(&m.identity_providers), index, &mut report)?;
+            self.prune(&kinds, section(&m.policies), index, &mut report)?;
+            self.prune(&kinds, section(&m.users), index, &mut report)?;
+            self.prune(&kinds, section(&m.sites), index, &mut report)?;
         }
         Ok(report)
     }

@@ -342,6 +342,16 @@ pub struct SupervisorState {
     tls: Arc<rustls::ServerConfig>,
 }
 
+impl SupervisorState {
+    /// A handle that follows whichever cluster actor is alive.
+    fn members(&self) -> Members {
+        Members {
+            rx: self.cluster_actor.subscribe(),
+            _own: None,
+        }
+    }
+}
+
 /// Messages of the [`Supervisor`].
 pub enum SupervisorMsg {
     /// How many times children were restarted so far.
@@ -371,10 +381,7 @@ impl Supervisor {
                     cluster: a.cluster.clone(),
                     ca: a.ca.clone(),
                     cluster_id: a.cluster_id,
-                    members: Members {
-                        rx: state.cluster_actor.subscribe(),
-                        _own: None,
-                    },
+                    members: state.members(),
                 });
                 let kind = ListenerKind::Rpc {
                     endpoint: a.endpoint.clone(),
@@ -393,10 +400,7 @@ impl Supervisor {
                     a.ca.clone(),
                     a.node_name.clone(),
                     a.cluster_id,
-                    Members {
-                        rx: state.cluster_actor.subscribe(),
-                        _own: None,
-                    },
+                    state.members(),
                 );
                 let kind = ListenerKind::Admin {
                     listener: a.admin_listener.clone(),

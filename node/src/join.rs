@@ -29,7 +29,7 @@ use warren_proto::token::JoinToken;
 use warren_proto::Name;
 
 use crate::actors::{MemberOp, Members};
-use crate::datadir::{DataDir, NodeFile};
+use crate::datadir::DataDir;
 use crate::node::{host_of, NodeSpec, RunningNode};
 use crate::settings::Settings;
 
@@ -170,15 +170,7 @@ pub async fn join(
     }
     dir.write("node.pem", cert_pem.as_bytes(), false)?;
     dir.write("node.key", key_pem.as_bytes(), true)?;
-    let file = NodeFile {
-        format: NodeFile::FORMAT,
-        cluster_id: format!("{cluster_id:032x}"),
-        node_id,
-        name: spec.name.clone(),
-        cluster_addr: spec.cluster_addr.clone(),
-        admin_addr: spec.admin_addr.clone(),
-        region: spec.region.clone(),
-    };
+    let file = spec.node_file(cluster_id, node_id);
     dir.write_node_file(&file)?;
 
     let node = RunningNode::start(dir.clone(), file, settings).await?;

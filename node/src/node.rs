@@ -207,6 +207,19 @@ impl NodeSpec {
         Ok(())
     }
 
+    /// The `node.json` of this node as node `node_id` of cluster `cluster_id`.
+    pub fn node_file(&self, cluster_id: u128, node_id: u64) -> NodeFile {
+        NodeFile {
+            format: NodeFile::FORMAT,
+            cluster_id: format!("{cluster_id:032x}"),
+            node_id,
+            name: self.name.clone(),
+            cluster_addr: self.cluster_addr.clone(),
+            admin_addr: self.admin_addr.clone(),
+            region: self.region.clone(),
+        }
+    }
+
     fn validate_fields(&self) -> anyhow::Result<()> {
         let probe = Node {
             id: NodeId(0),
@@ -262,15 +275,7 @@ pub async fn init(
     dir.write("ca.key", ca.key_pem().unwrap_or_default().as_bytes(), true)?;
     dir.write("node.pem", cert.as_bytes(), false)?;
     dir.write("node.key", key_pem.as_bytes(), true)?;
-    let file = NodeFile {
-        format: NodeFile::FORMAT,
-        cluster_id: format!("{cluster_id:032x}"),
-        node_id: 1,
-        name: spec.name.clone(),
-        cluster_addr: spec.cluster_addr.clone(),
-        admin_addr: spec.admin_addr.clone(),
-        region: spec.region.clone(),
-    };
+    let file = spec.node_file(cluster_id, 1);
     dir.write_node_file(&file)?;
 
     let node = RunningNode::start(dir.clone(), file, settings).await?;
