@@ -36,8 +36,8 @@ use crate::settings::Settings;
 /// Largest join message accepted, in bytes (the peer is not authenticated yet).
 const MAX_JOIN_MESSAGE: usize = 64 << 10;
 
-/// A joining node's request.
-#[derive(Debug, Serialize, Deserialize)]
+/// A joining node's request. `Debug` leaves out the token.
+#[derive(Serialize, Deserialize)]
 pub enum JoinRequest {
     /// Ask for an id and a certificate.
     Register {
@@ -67,8 +67,8 @@ pub enum JoinRequest {
     },
 }
 
-/// The answer to a [`JoinRequest`].
-#[derive(Debug, Serialize, Deserialize)]
+/// The answer to a [`JoinRequest`]. `Debug` leaves out the certificates and the CA key.
+#[derive(Serialize, Deserialize)]
 pub enum JoinReply {
     /// Registration done.
     Registered {
@@ -87,6 +87,29 @@ pub enum JoinReply {
     Admitted,
     /// Refused, and why.
     Refused(String),
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinRequest::Register { name, voter, .. } => {
+                write!(f, "Register({name}, voter: {voter})")
+            }
+            JoinRequest::Admit { node_id, voter, .. } => {
+                write!(f, "Admit({node_id}, voter: {voter})")
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for JoinReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinReply::Registered { node_id, .. } => write!(f, "Registered({node_id})"),
+            JoinReply::Admitted => f.write_str("Admitted"),
+            JoinReply::Refused(why) => write!(f, "Refused({why:?})"),
+        }
+    }
 }
 
 /// The joining side: registers, writes the data directory, starts the node, gets admitted.

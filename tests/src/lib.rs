@@ -454,6 +454,20 @@ impl Cluster {
             .to_owned())
     }
 
+    /// Everything the nodes logged (stderr), leaving out what `init` printed to stdout on
+    /// purpose (the admin key and join token, shown once).
+    pub fn logs_after_init(&self) -> String {
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.tmp.path().join("logs")) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "err") {
+                    all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        all
+    }
+
     /// Every node's log tail.
     pub fn logs(&self) -> String {
         self.nodes.iter().map(TestNode::log_tail).collect()
