@@ -17,14 +17,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, not std's: under a simulation (turmoil) only tokio's time is simulated.
+use tokio::time::Instant;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use warren_proto::registry::NodeId;
 
-use crate::log_store::LogStore;
+use crate::log_store::{LogStore, StorageIo};
 use crate::proposer::Proposer;
 use crate::quic::RpcHandler;
 use crate::registry::Registry;
@@ -57,6 +60,20 @@ pub struct ClusterConfig {
     /// A node that has not heard from a leader (or, as leader, from a quorum) for longer than
     /// this reports itself unhealthy and stops granting access.
     pub leader_loss_bound: Duration,
+    /// Test only: plants a known bug, so the simulation can prove that its checker catches
+    /// one. `None` everywhere else; no flag or setting of `warren-node` sets it.
+    pub planted_bug: Option<PlantedBug>,
+    /// Where blocking storage work runs; `Inline` only under a simulated clock.
+    pub storage_io: StorageIo,
+}
+
+/// A deliberate bug, for proving that the simulation's checkers can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Linearizable reads skip the read index and serve this node's replica as it is.
+    StaleReads,
+    /// A write is acknowledged as soon as it is handed to Raft, before it is committed.
+    EarlyAck,
 }
 
 impl Default for ClusterConfig {
@@ -69,6 +86,8 @@ impl Default for ClusterConfig {
             request_timeout: Duration::from_secs(5),
             membership_timeout: Duration::from_secs(60),
             leader_loss_bound: Duration::from_secs(15),
+            planted_bug: None,
+            storage_io: StorageIo::Background,
         }
     }
 }
@@ -126,6 +145,10 @@ impl ClusterConfig {
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.snapshot_writes.min(1000),
             install_snapshot_timeout: 30_000,
+            // Elections are started by `election_timer`: openraft 0.9 draws its random
+            // election timeout once per process, so two voters whose timers happen to line
+            // up stay lined up and split every vote, forever.
+            enable_elect: false,
             ..Default::default()
         };
         Ok(config.validate()?)
@@ -165,12 +188,13 @@ pub struct Cluster {
 
 struct Inner {
     raft: Raft,
+    log: crate::log_store::LogReader,
     proposer: Proposer,
     me: NodeId,
     transport: Arc<dyn Transport>,
     registry: watch::Receiver<Arc<Registry>>,
     config: ClusterConfig,
-    last_leader_contact: Mutex<Option<Instant>>,
+    last_leader_contact: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Cluster {
@@ -184,8 +208,9 @@ impl Cluster {
         transport: Arc<dyn Transport>,
         config: ClusterConfig,
     ) -> Result<Self, anyhow::Error> {
-        let log = LogStore::open(log_db)?;
-        let (sm, registry) = StateMachine::open(state_db)?;
+        let mut log = LogStore::open(log_db, config.storage_io)?;
+        let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut log).await;
+        let (sm, registry) = StateMachine::open(state_db, config.storage_io)?;
         let raft = Raft::new(
             me,
             Arc::new(config.raft_config()?),
@@ -199,24 +224,40 @@ impl Cluster {
             registry.clone(),
             config.snapshot_writes,
         ));
+        let last_leader_contact = Arc::new(Mutex::new(None));
+        tokio::spawn(election_timer(
+            raft.clone(),
+            me,
+            last_leader_contact.clone(),
+            config.election_timeout_min..config.election_timeout_max,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
+                log: reader,
                 proposer: Proposer::start(raft.clone()),
                 raft,
                 me,
                 transport,
                 registry,
                 config,
-                last_leader_contact: Mutex::new(None),
+                last_leader_contact,
             }),
         })
     }
 
     /// Makes this node the single voter of a new cluster.
     pub async fn initialize(&self, node: ClusterNode) -> Result<(), anyhow::Error> {
-        let mut members = BTreeMap::new();
-        members.insert(self.inner.me, node);
-        self.inner.raft.initialize(members).await?;
+        self.initialize_with(BTreeMap::from([(self.inner.me, node)]))
+            .await
+    }
+
+    /// Starts a new cluster with these voters (all must be running). The usual way is
+    /// [`Cluster::initialize`] and joins; simulations start with every voter at once.
+    pub async fn initialize_with(
+        &self,
+        voters: BTreeMap<NodeId, ClusterNode>,
+    ) -> Result<(), anyhow::Error> {
+        self.inner.raft.initialize(voters).await?;
         Ok(())
     }
 
@@ -233,6 +274,14 @@ impl Cluster {
     /// The Raft instance.
     pub fn raft(&self) -> &Raft {
         &self.inner.raft
+    }
+
+    /// The log entries in `range` this node holds (inspection, tests, simulation).
+    pub fn log_entries(
+        &self,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<crate::types::Entry>, crate::types::StorageError> {
+        self.inner.log.entries(range)
     }
 
     /// The transport.
@@ -309,7 +358,7 @@ impl Cluster {
                 .await
                 .map(|m| m.current_leader)
         };
-        match tokio::time::timeout_at(deadline.into(), wait).await {
+        match tokio::time::timeout_at(deadline, wait).await {
             Ok(Ok(leader)) => leader.ok_or(ClusterError::ShuttingDown),
             Ok(Err(_)) => Err(ClusterError::ShuttingDown),
             Err(_) => Err(ClusterError::NoLeader(waited)),
@@ -406,6 +455,15 @@ impl Cluster {
 
     /// Commits a write through the leader and returns the state machine's reply.
     pub async fn write(&self, req: Request) -> Result<Reply, ClusterError> {
+        if self.inner.config.planted_bug == Some(PlantedBug::EarlyAck) {
+            let me = self.clone();
+            tokio::spawn(async move { me.write_committed(req).await });
+            return Ok(Ok(crate::registry::Outcome::Done));
+        }
+        self.write_committed(req).await
+    }
+
+    async fn write_committed(&self, req: Request) -> Result<Reply, ClusterError> {
         self.on_leader(
             self.inner.config.request_timeout,
             "the write may or may not have been applied",
@@ -453,7 +511,9 @@ impl Cluster {
     /// A linearizable read of the registry: every write acknowledged before the call is in
     /// it.
     pub async fn read(&self) -> Result<Arc<Registry>, ClusterError> {
-        self.barrier().await?;
+        if self.inner.config.planted_bug != Some(PlantedBug::StaleReads) {
+            self.barrier().await?;
+        }
         Ok(self.registry())
     }
 
@@ -576,6 +636,7 @@ impl Cluster {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             leader_contact_ms: self.leader_contact().map(|d| d.as_millis() as u64),
+            applied_digest: self.registry().digest(),
         }
     }
 
@@ -611,6 +672,68 @@ impl Cluster {
 
     fn saw_leader(&self) {
         *self.inner.last_leader_contact.lock().expect("contact lock") = Some(Instant::now());
+    }
+}
+
+/// Starts an election when a voter has neither heard from a leader nor seen its vote change
+/// for a random time in `timeouts`, drawn afresh after every such event as Raft requires
+/// (a timeout drawn once per process lets two nodes with lined-up timers split the vote in
+/// every term; the simulation found exactly that). A lone voter elects itself at once.
+/// Ends when Raft stops.
+async fn election_timer(
+    raft: Raft,
+    me: NodeId,
+    last_leader_contact: Arc<Mutex<Option<Instant>>>,
+    timeouts: std::ops::Range<Duration>,
+) {
+    use rand::Rng;
+    let draw = || rand::thread_rng().gen_range(timeouts.clone());
+    let mut metrics = raft.metrics();
+    let mut vote = metrics.borrow().vote;
+    let mut since = Instant::now();
+    let mut timeout = draw();
+    loop {
+        let lone_voter = {
+            let m = metrics.borrow();
+            m.state != ServerState::Leader && m.membership_config.membership().voter_ids().eq([me])
+        };
+        // A lone voter needs nobody's vote: it elects itself almost at once.
+        let wait = if lone_voter {
+            Duration::from_millis(20)
+        } else {
+            timeout
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(since + wait) => {
+                let contact = *last_leader_contact.lock().expect("contact lock");
+                if let Some(at) = contact.filter(|at| *at > since) {
+                    since = at;
+                    timeout = draw();
+                    continue;
+                }
+                let electable = {
+                    let m = metrics.borrow();
+                    m.state != ServerState::Leader
+                        && m.membership_config.membership().voter_ids().any(|v| v == me)
+                };
+                if electable && raft.trigger().elect().await.is_err() {
+                    return;
+                }
+                since = Instant::now();
+                timeout = draw();
+            }
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let m = metrics.borrow_and_update();
+                if m.vote != vote {
+                    vote = m.vote;
+                    since = Instant::now();
+                    timeout = draw();
+                }
+            }
+        }
     }
 }
 

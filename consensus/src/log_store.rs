@@ -32,8 +32,22 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
-    compactor: std::sync::mpsc::Sender<u64>,
+    /// The flusher thread; `None` flushes inline (see [`StorageIo::Inline`]).
+    flusher: Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+    /// The compaction thread; `None` compacts inline.
+    compactor: Option<std::sync::mpsc::Sender<u64>>,
+}
+
+/// Where storage work that blocks (fsync, deleting compacted entries, encoding snapshots)
+/// runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StorageIo {
+    /// On background threads, off the async workers: what a node does.
+    #[default]
+    Background,
+    /// On the calling task. Slower, but it takes no time on a simulated clock, so a
+    /// simulation replays with the same timing.
+    Inline,
 }
 
 /// Reads the log; handed to openraft's replication tasks.
@@ -43,35 +57,50 @@ pub struct LogReader {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log in `db` and starts its flusher thread (which ends when the
-    /// last clone of the store is dropped).
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens (or creates) the log in `db`; with [`StorageIo::Background`] it starts its
+    /// flusher and compaction threads (which end when the last clone of the store is dropped).
+    pub fn open(db: &sled::Db, io: StorageIo) -> Result<Self, sled::Error> {
         let log = db.open_tree("log")?;
         let meta = db.open_tree("raft_meta")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let flush_db = db.clone();
-        std::thread::Builder::new()
-            .name("raft-log-flush".into())
-            .spawn(move || flusher(flush_db, rx))
-            .map_err(sled::Error::Io)?;
-        let (compactor, purges) = std::sync::mpsc::channel();
-        let compact_log = log.clone();
-        std::thread::Builder::new()
-            .name("raft-log-compact".into())
-            .spawn(move || compact(compact_log, purges))
-            .map_err(sled::Error::Io)?;
+        let (flusher, compactor) = match io {
+            StorageIo::Inline => (None, None),
+            StorageIo::Background => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let flush_db = db.clone();
+                std::thread::Builder::new()
+                    .name("raft-log-flush".into())
+                    .spawn(move || flusher(flush_db, rx))
+                    .map_err(sled::Error::Io)?;
+                let (compactor, purges) = std::sync::mpsc::channel();
+                let compact_log = log.clone();
+                std::thread::Builder::new()
+                    .name("raft-log-compact".into())
+                    .spawn(move || compact(compact_log, purges))
+                    .map_err(sled::Error::Io)?;
+                (Some(tx), Some(compactor))
+            }
+        };
         let store = Self {
             db: db.clone(),
             log,
             meta,
-            flusher: tx,
+            flusher,
             compactor,
         };
         // Finish a deletion a crash interrupted.
         if let Ok(Some(purged)) = store.read_meta::<LogId>(PURGED) {
-            let _ = store.compactor.send(purged.index);
+            store.compact_upto(purged.index);
         }
         Ok(store)
+    }
+
+    fn compact_upto(&self, index: u64) {
+        match &self.compactor {
+            Some(c) => {
+                let _ = c.send(index);
+            }
+            None => compact_range(&self.log, index),
+        }
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -114,34 +143,39 @@ fn flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) 
     }
 }
 
-/// Deletes log entries up to each purge point it is sent, a chunk at a time.
+/// Deletes log entries up to each purge point it is sent.
 fn compact(log: sled::Tree, rx: std::sync::mpsc::Receiver<u64>) {
-    const CHUNK: usize = 256;
     while let Ok(mut upto) = rx.recv() {
         while let Ok(later) = rx.try_recv() {
             upto = upto.max(later);
         }
-        loop {
-            let keys: Vec<sled::IVec> = log
-                .range(..=index_key(upto))
-                .keys()
-                .take(CHUNK)
-                .filter_map(Result::ok)
-                .collect();
-            if keys.is_empty() {
-                break;
-            }
-            let mut batch = sled::Batch::default();
-            for k in &keys {
-                batch.remove(k.clone());
-            }
-            if let Err(e) = log.apply_batch(batch) {
-                tracing::warn!("deleting compacted log entries: {e}");
-                break;
-            }
-            if keys.len() < CHUNK {
-                break;
-            }
+        compact_range(&log, upto);
+    }
+}
+
+/// Deletes log entries up to `upto`, a chunk at a time.
+fn compact_range(log: &sled::Tree, upto: u64) {
+    const CHUNK: usize = 256;
+    loop {
+        let keys: Vec<sled::IVec> = log
+            .range(..=index_key(upto))
+            .keys()
+            .take(CHUNK)
+            .filter_map(Result::ok)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut batch = sled::Batch::default();
+        for k in &keys {
+            batch.remove(k.clone());
+        }
+        if let Err(e) = log.apply_batch(batch) {
+            tracing::warn!("deleting compacted log entries: {e}");
+            return;
+        }
+        if keys.len() < CHUNK {
+            return;
         }
     }
 }
@@ -167,6 +201,13 @@ fn read_range(log: &sled::Tree, range: impl RangeBounds<u64>) -> Result<Vec<Entr
             decode::<Entry>("log entry", &v).map_err(|e| StorageIOError::read_logs(&e).into())
         })
         .collect()
+}
+
+impl LogReader {
+    /// The entries in `range`, read synchronously.
+    pub fn entries(&self, range: std::ops::Range<u64>) -> Result<Vec<Entry>, StorageError> {
+        read_range(&self.log, range)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogReader {
@@ -254,11 +295,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        if let Err(std::sync::mpsc::SendError(cb)) = self.flusher.send(callback) {
-            // The flusher only stops when the runtime does; flush inline rather than lose it.
-            let r = self.db.flush_async().await;
-            cb.log_io_completed(r.map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
-        }
+        let callback = match &self.flusher {
+            Some(f) => match f.send(callback) {
+                Ok(()) => return Ok(()),
+                // The flusher stopped (shutting down): flush here rather than lose it.
+                Err(std::sync::mpsc::SendError(cb)) => cb,
+            },
+            None => callback,
+        };
+        let r = self.db.flush();
+        callback.log_io_completed(r.map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
         Ok(())
     }
 
@@ -290,7 +336,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // never read again, and a crash before they are gone only leaves garbage that the
         // next start deletes.
         self.write_meta(PURGED, &log_id)?;
-        let _ = self.compactor.send(log_id.index);
+        self.compact_upto(log_id.index);
         Ok(())
     }
 }

@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -256,6 +258,55 @@ pub async fn read_message<T: DeserializeOwned>(
         quinn::ReadToEndError::Read(e) => TransportError::Unreachable(e.to_string()),
     })?;
     decode("message", &bytes).map_err(|e| TransportError::Protocol(e.to_string()))
+}
+
+/// Serves connections on a different ALPN than node-to-node RPC (the node's join service).
+pub trait OtherAlpn: Send + Sync + 'static {
+    /// The ALPN it serves.
+    fn alpn(&self) -> &'static [u8];
+    /// Serves one connection until it closes.
+    fn serve(self: Arc<Self>, conn: quinn::Connection) -> BoxFuture<'static, ()>;
+}
+
+/// Accepts connections on a node's endpoint until it closes: node-to-node RPC (ALPN
+/// `warren-cluster/1`, which requires a certificate from the cluster CA) goes to `handler`,
+/// connections with `other`'s ALPN to `other`, anything else is closed.
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    cluster_id: u128,
+    handler: Arc<dyn RpcHandler>,
+    other: Option<Arc<dyn OtherAlpn>>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let handler = handler.clone();
+        let other = other.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    // A node of another cluster, a scanner, or a peer that went away.
+                    tracing::debug!(%remote, "QUIC handshake failed: {e}");
+                    return;
+                }
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            match (alpn.as_deref(), other) {
+                (Some(crate::pki::ALPN_CLUSTER), _) if conn.peer_identity().is_some() => {
+                    serve_cluster_connection(conn, cluster_id, handler).await;
+                }
+                (Some(crate::pki::ALPN_CLUSTER), _) => {
+                    tracing::debug!(%remote, "cluster connection without a certificate");
+                    conn.close(1u32.into(), b"a cluster certificate is required");
+                }
+                (Some(a), Some(other)) if a == other.alpn() => other.serve(conn).await,
+                _ => conn.close(1u32.into(), b"unknown protocol"),
+            }
+        });
+    }
 }
 
 /// Serves one authenticated cluster connection until it closes: a task per stream.

@@ -327,6 +327,7 @@ pub struct Registry {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     applied_requests: u64,
+    digest: u64,
     #[serde(skip)]
     keys_by_id: OrdMap<KeyId, Name>,
     #[serde(skip)]
@@ -461,6 +462,13 @@ impl Registry {
     /// The last log entry applied.
     pub fn last_applied(&self) -> Option<LogId> {
         self.last_applied
+    }
+
+    /// A running digest of every entry applied so far (log ids, request ids, membership):
+    /// two replicas at the same applied index have applied the same sequence exactly when
+    /// their digests are equal.
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 
     /// How many writes were applied since the cluster began (retries included).
@@ -598,6 +606,7 @@ impl Registry {
     /// of a normal one. Returns the replies for the clients (none for bookkeeping entries).
     pub fn apply_entry(&mut self, entry: &Entry) -> Replies {
         self.last_applied = Some(entry.log_id);
+        self.digest = digest_entry(self.digest, entry);
         match &entry.payload {
             EntryPayload::Blank => Vec::new(),
             EntryPayload::Membership(m) => {
@@ -1236,6 +1245,42 @@ impl Registry {
             .values()
             .map(|n| (n.id, n.name.clone()))
             .collect();
+    }
+}
+
+/// Folds one entry into a running digest (splitmix64 mixing; stable across versions).
+fn digest_entry(prev: u64, entry: &Entry) -> u64 {
+    fn mix(h: u64, v: u64) -> u64 {
+        let mut z = h ^ v.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let mut h = mix(prev, entry.log_id.index);
+    h = mix(h, entry.log_id.leader_id.term);
+    match &entry.payload {
+        EntryPayload::Blank => mix(h, 1),
+        EntryPayload::Membership(m) => {
+            let mut h = mix(h, 2);
+            for config in m.get_joint_config() {
+                h = mix(h, u64::MAX);
+                for v in config {
+                    h = mix(h, v.0);
+                }
+            }
+            for l in m.learner_ids() {
+                h = mix(h, l.0 | 1 << 63);
+            }
+            h
+        }
+        EntryPayload::Normal(Proposal(reqs)) => {
+            let mut h = mix(h, 3);
+            for r in reqs {
+                h = mix(h, r.id.0 as u64);
+                h = mix(h, (r.id.0 >> 64) as u64);
+            }
+            h
+        }
     }
 }
 

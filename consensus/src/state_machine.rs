@@ -19,6 +19,7 @@ use openraft::{OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
 use tokio::sync::watch;
 use warren_proto::registry::NodeId;
 
+use crate::log_store::StorageIo;
 use crate::registry::{decode, encode, CodecError, Registry};
 use crate::types::{
     ClusterNode, Entry, LogId, Replies, StorageError, StoredMembership, TypeConfig,
@@ -30,6 +31,7 @@ type Meta = SnapshotMeta<NodeId, ClusterNode>;
 
 /// The state machine openraft drives.
 pub struct StateMachine {
+    io: StorageIo,
     db: sled::Db,
     snapshots: sled::Tree,
     registry: Registry,
@@ -38,6 +40,7 @@ pub struct StateMachine {
 
 /// Builds a snapshot from a copy of the registry taken when openraft asked for the builder.
 pub struct SnapshotBuilder {
+    io: StorageIo,
     db: sled::Db,
     snapshots: sled::Tree,
     registry: Registry,
@@ -46,7 +49,10 @@ pub struct SnapshotBuilder {
 impl StateMachine {
     /// Opens (or creates) the state machine in `db`, loading the latest snapshot. Returns it
     /// with a receiver of the applied registry.
-    pub fn open(db: &sled::Db) -> Result<(Self, watch::Receiver<Arc<Registry>>), anyhow::Error> {
+    pub fn open(
+        db: &sled::Db,
+        io: StorageIo,
+    ) -> Result<(Self, watch::Receiver<Arc<Registry>>), anyhow::Error> {
         let snapshots = db.open_tree("snapshot")?;
         let registry = match load_snapshot(&snapshots)? {
             Some((meta, data)) => {
@@ -65,6 +71,7 @@ impl StateMachine {
         let (publish, rx) = watch::channel(Arc::new(registry.clone()));
         Ok((
             Self {
+                io,
                 db: db.clone(),
                 snapshots,
                 registry,
@@ -77,6 +84,17 @@ impl StateMachine {
     /// A receiver of the applied registry.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Registry>> {
         self.publish.subscribe()
+    }
+}
+
+/// Runs blocking storage work: on tokio's blocking pool, or right here (see [`StorageIo`]).
+async fn offload<T: Send + 'static>(
+    io: StorageIo,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    match io {
+        StorageIo::Inline => Ok(work()),
+        StorageIo::Background => tokio::task::spawn_blocking(work).await,
     }
 }
 
@@ -150,6 +168,7 @@ fn chunk_key(id: &str, i: u32) -> Vec<u8> {
 /// `current` is switched to the new snapshot in one write and the old chunks are removed;
 /// a crash at any point leaves the previous snapshot or the new one.
 async fn store_snapshot(
+    io: StorageIo,
     db: &sled::Db,
     snapshots: &sled::Tree,
     meta: &Meta,
@@ -157,7 +176,7 @@ async fn store_snapshot(
 ) -> Result<Vec<u8>, StorageError> {
     let sig = Some(meta.signature());
     let (db, snapshots, meta) = (db.clone(), snapshots.clone(), meta.clone());
-    tokio::task::spawn_blocking(move || {
+    offload(io, move || {
         let id = meta.snapshot_id.clone();
         let old = load_stored(&snapshots)?;
         let mut chunks = 0u32;
@@ -165,7 +184,9 @@ async fn store_snapshot(
             snapshots.insert(chunk_key(&id, chunks), piece)?;
             db.flush()?;
             chunks += 1;
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            if io == StorageIo::Background {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
         }
         let stored = Stored {
             meta,
@@ -222,24 +243,28 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let registry = self.registry.clone();
         // Encoding a large registry takes a while: keep it off the async workers, on a
         // thread of its own that only gets the CPU nothing more urgent wants.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("raft-snapshot".into())
-            .spawn(move || {
-                lower_priority();
-                let _ = tx.send(encode_registry(&registry));
-            })
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let data = rx
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let encoded = match self.io {
+            StorageIo::Inline => encode_registry(&registry),
+            StorageIo::Background => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                std::thread::Builder::new()
+                    .name("raft-snapshot".into())
+                    .spawn(move || {
+                        lower_priority();
+                        let _ = tx.send(encode_registry(&registry));
+                    })
+                    .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+                rx.await
+                    .map_err(|e| StorageIOError::write_snapshot(None, &e))?
+            }
+        };
+        let data = encoded.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let meta = Meta {
             last_log_id: self.registry.last_applied(),
             last_membership: self.registry.membership().clone(),
             snapshot_id: snapshot_id(self.registry.last_applied()),
         };
-        let data = store_snapshot(&self.db, &self.snapshots, &meta, data).await?;
+        let data = store_snapshot(self.io, &self.db, &self.snapshots, &meta, data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {
             meta,
@@ -273,6 +298,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
+            io: self.io,
             db: self.db.clone(),
             snapshots: self.snapshots.clone(),
             registry: self.registry.clone(),
@@ -290,7 +316,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
         let data = *snapshot;
-        let (data, registry) = tokio::task::spawn_blocking(move || {
+        let (data, registry) = offload(self.io, move || {
             let registry = decode_registry(&data);
             (data, registry)
         })
@@ -298,7 +324,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let mut registry = registry.map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         registry.rebuild_indexes();
-        store_snapshot(&self.db, &self.snapshots, meta, data).await?;
+        store_snapshot(self.io, &self.db, &self.snapshots, meta, data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         self.registry = registry;
         self.publish.send_replace(Arc::new(self.registry.clone()));
@@ -307,7 +333,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let snapshots = self.snapshots.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_snapshot(&snapshots))
+        let loaded = offload(self.io, move || load_snapshot(&snapshots))
             .await
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?;

@@ -136,6 +136,8 @@ pub struct NodeStatus {
     pub purged_index: Option<u64>,
     /// Milliseconds since it last heard from its leader (on the leader: from a quorum).
     pub leader_contact_ms: Option<u64>,
+    /// Digest of everything it applied (see `Registry::digest`).
+    pub applied_digest: u64,
 }
 
 /// Why an RPC did not get a reply.

@@ -264,7 +264,10 @@ impl Actor for Listener {
                 cluster_id,
                 join,
             } => tokio::spawn(async move {
-                crate::endpoint::accept_loop(endpoint, cluster, cluster_id, join).await;
+                let handler: Arc<dyn warren_consensus::quic::RpcHandler> = Arc::new(cluster);
+                let join: Arc<dyn warren_consensus::quic::OtherAlpn> = join;
+                warren_consensus::quic::accept_loop(endpoint, cluster_id, handler, Some(join))
+                    .await;
                 let _ = myself.cast(ListenerMsg::Ended("the QUIC endpoint closed".into()));
             }),
             ListenerKind::Admin {

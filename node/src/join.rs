@@ -228,9 +228,22 @@ pub struct JoinService {
     pub members: Members,
 }
 
+impl warren_consensus::quic::OtherAlpn for JoinService {
+    fn alpn(&self) -> &'static [u8] {
+        warren_consensus::pki::ALPN_JOIN
+    }
+
+    fn serve(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+    ) -> warren_consensus::transport::BoxFuture<'static, ()> {
+        Box::pin(self.serve_join(conn))
+    }
+}
+
 impl JoinService {
     /// Serves one join connection.
-    pub async fn serve(self: Arc<Self>, conn: quinn::Connection) {
+    pub async fn serve_join(self: Arc<Self>, conn: quinn::Connection) {
         let peer = conn.remote_address();
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {

@@ -22,7 +22,6 @@
 pub mod actors;
 pub mod admin;
 pub mod datadir;
-pub mod endpoint;
 pub mod join;
 pub mod node;
 pub mod settings;

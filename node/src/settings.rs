@@ -62,6 +62,8 @@ impl Settings {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             membership_timeout: Duration::from_secs(self.membership_timeout_s),
             leader_loss_bound: Duration::from_secs(self.leader_loss_bound_s),
+            planted_bug: None,
+            storage_io: Default::default(),
         };
         c.validate().map_err(|e| {
             let flag = match e.field {

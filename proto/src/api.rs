@@ -290,6 +290,9 @@ pub struct MemberStatus {
     pub purged_index: Option<u64>,
     /// Milliseconds since it last heard from a leader (or, on the leader, from a quorum).
     pub leader_contact_ms: Option<u64>,
+    /// Digest of every entry it applied (hex); members at the same `last_applied` must
+    /// agree on it, or their registries diverged.
+    pub applied_digest: Option<String>,
 }
 
 /// A declarative description of registry entities, as `warren admin apply -f` reads it.

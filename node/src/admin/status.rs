@@ -83,6 +83,7 @@ pub async fn cluster_status(
                 snapshot_index: None,
                 purged_index: None,
                 leader_contact_ms: None,
+                applied_digest: None,
             };
             match answer {
                 Some(Ok(s)) => {
@@ -94,6 +95,7 @@ pub async fn cluster_status(
                     m.snapshot_index = s.snapshot_index;
                     m.purged_index = s.purged_index;
                     m.leader_contact_ms = s.leader_contact_ms;
+                    m.applied_digest = Some(format!("{:016x}", s.applied_digest));
                 }
                 Some(Err(e)) => m.error = Some(e.to_string()),
                 None => m.error = Some("not a member".into()),

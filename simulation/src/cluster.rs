@@ -1,0 +1,992 @@
+//! A Warren cluster inside a turmoil simulation, faults, clients, and the checks.
+//!
+//! ```text
+//!  driver (this thread)                 turmoil hosts n1..nN (simulated network, clock)
+//!  ─────────────────────                ───────────────────────────────────────────────
+//!  fault schedule (seeded) ──crash/partition/loss/delay/membership──►  real Cluster:
+//!  invariants after every step ◄──metrics, registry digests, logs──   openraft + registry
+//!  linearizability check ◄──history── client workers on every node    + sled + QUIC
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::ServerState;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use warren_consensus::cluster::{Cluster, ClusterConfig, ClusterError, PlantedBug};
+use warren_consensus::log_store::StorageIo;
+use warren_consensus::pki::{self, ClusterCa, NodeIdentity};
+use warren_consensus::quic::{QuicTransport, RpcHandler};
+use warren_consensus::registry::{encode, AnyEntity, Command, Outcome, RegistryError};
+use warren_consensus::transport::{BoxFuture, MembershipChange, Rpc, RpcReply};
+use warren_consensus::types::{Actor, ClusterNode, Request};
+use warren_proto::registry::{Kind, NodeId, Site};
+use warren_proto::Name;
+
+use crate::checker;
+use crate::history::{History, Op, Out};
+use crate::net::SimUdp;
+
+const PORT: u16 = 7400;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Seed of every random choice the simulation makes.
+    pub seed: u64,
+    /// Voting members.
+    pub voters: usize,
+    /// Learners (added after start).
+    pub learners: usize,
+    /// Length of the phase with faults, in simulated seconds.
+    pub fault_seconds: u64,
+    /// Longest the cluster may take to recover after the faults heal, in simulated seconds.
+    pub liveness_seconds: u64,
+    /// Client workers per node.
+    pub workers_per_node: usize,
+    /// Keys the clients work on (fewer keys, more contention).
+    pub keys: usize,
+    /// A deliberate bug, to check that the checkers catch it.
+    pub planted_bug: Option<PlantedBug>,
+    /// Which faults happen.
+    pub faults: Faults,
+}
+
+/// Which kinds of fault the schedule may draw.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    /// Crash a node and restart it later from its data.
+    pub crashes: bool,
+    /// Partitions: majority/minority, isolated leader, one-way.
+    pub partitions: bool,
+    /// Message loss and delay.
+    pub lossy_links: bool,
+    /// Remove, re-add and promote members.
+    pub membership: bool,
+}
+
+impl Faults {
+    /// Every kind.
+    pub const ALL: Faults = Faults {
+        crashes: true,
+        partitions: true,
+        lossy_links: true,
+        membership: true,
+    };
+}
+
+impl SimConfig {
+    /// Three voters and a learner, every fault.
+    pub fn three(seed: u64) -> Self {
+        Self {
+            seed,
+            voters: 3,
+            learners: 1,
+            fault_seconds: 30,
+            liveness_seconds: 40,
+            workers_per_node: 2,
+            keys: 3,
+            planted_bug: None,
+            faults: Faults::ALL,
+        }
+    }
+
+    /// Five voters and a learner, every fault.
+    pub fn five(seed: u64) -> Self {
+        Self {
+            voters: 5,
+            ..Self::three(seed)
+        }
+    }
+}
+
+/// What a run saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Simulated steps (1 ms each).
+    pub steps: u64,
+    /// Operations invoked.
+    pub ops: usize,
+    /// Operations that completed with an answer.
+    pub completed: usize,
+    /// Faults injected.
+    pub faults: Vec<String>,
+    /// Leader elections seen (distinct terms with a leader).
+    pub terms_with_leader: usize,
+    /// Violations of Raft safety, linearizability or liveness; empty if the run passed.
+    pub violations: Vec<String>,
+    /// Membership changes carried out, with their results.
+    pub membership: Vec<String>,
+    /// Nodes crashed right after installing a snapshot.
+    pub snapshot_install_crashes: usize,
+}
+
+/// Everything the hosts and the driver share.
+struct Shared {
+    dir: PathBuf,
+    cluster_id: u128,
+    ca: ClusterCa,
+    identities: Vec<NodeIdentity>,
+    nodes: Mutex<Vec<(NodeId, SocketAddr)>>,
+    voters: usize,
+    config: ClusterConfig,
+    live: Mutex<BTreeMap<NodeId, Cluster>>,
+    history: History,
+    ops: Mutex<StdRng>,
+    keys: usize,
+    clients_stop: AtomicBool,
+    admin: Mutex<VecDeque<(MembershipChange, u32)>>,
+    /// The node carrying out a membership change now, and the change (re-queued if that
+    /// node crashes mid-way).
+    admin_holder: Mutex<Option<(NodeId, (MembershipChange, u32))>>,
+    admin_log: Mutex<Vec<String>>,
+    workers_per_node: usize,
+    /// Nodes to crash as soon as they have installed a snapshot from the leader.
+    snapshot_trap: Mutex<BTreeSet<NodeId>>,
+    /// Nodes the trap caught, for the driver to crash.
+    trapped: Mutex<Vec<NodeId>>,
+}
+
+impl Shared {
+    fn cluster_node(&self, id: NodeId) -> ClusterNode {
+        let addr = self.nodes.lock().expect("nodes")[(id.0 - 1) as usize].1;
+        ClusterNode {
+            name: format!("n{}", id.0),
+            addr: addr.to_string(),
+        }
+    }
+
+    fn next_op(&self, node: NodeId) -> (Op, Duration) {
+        let mut rng = self.ops.lock().expect("ops rng");
+        let key = format!("k{}", rng.gen_range(0..self.keys));
+        let value = format!("v{}-{}", node.0, rng.gen::<u32>());
+        let op = match rng.gen_range(0..10) {
+            0..=1 => Op::Create(key, value),
+            2..=3 => Op::Update(key, value),
+            4 => Op::Delete(key),
+            _ => Op::Read(key),
+        };
+        (op, Duration::from_millis(rng.gen_range(5..80)))
+    }
+}
+
+fn site(name: &str, description: &str) -> AnyEntity {
+    AnyEntity::Site(Site {
+        name: Name::new(name).expect("valid key"),
+        description: description.to_owned(),
+        revision: 0,
+    })
+}
+
+/// Runs one operation against a node's cluster handle.
+async fn execute(cluster: &Cluster, op: &Op) -> Out {
+    let command = match op {
+        Op::Read(k) => {
+            return match cluster.read().await {
+                Ok(reg) => Out::Value(
+                    reg.sites()
+                        .get(&Name::new(k.as_str()).expect("key"))
+                        .map(|s| s.description.clone()),
+                ),
+                Err(_) => Out::Failed,
+            }
+        }
+        Op::Create(k, v) => Command::Create(site(k, v)),
+        Op::Update(k, v) => Command::Update(site(k, v)),
+        Op::Delete(k) => Command::Delete {
+            kind: Kind::Site,
+            name: Name::new(k.as_str()).expect("key"),
+            revision: 0,
+        },
+    };
+    match cluster.write(Request::new(Actor::System, command)).await {
+        Ok(Ok(Outcome::Entity(_) | Outcome::Deleted { .. } | Outcome::Done)) => Out::Ok,
+        Ok(Err(RegistryError::AlreadyExists { .. })) => Out::Exists,
+        Ok(Err(RegistryError::NotFound { .. })) => Out::NotFound,
+        Ok(other) => panic!("unexpected registry reply {other:?}"),
+        // Whether a write that got no answer happened is unknown: it may commit later.
+        Err(
+            ClusterError::NoLeader(_) | ClusterError::Timeout { .. } | ClusterError::ShuttingDown,
+        ) => Out::Unknown,
+        Err(ClusterError::Membership(e)) => panic!("a write failed as a membership change: {e}"),
+    }
+}
+
+async fn client_worker(shared: Arc<Shared>, cluster: Cluster, node: NodeId) {
+    loop {
+        let (op, think) = shared.next_op(node);
+        tokio::time::sleep(think).await;
+        if shared.clients_stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let id = shared.history.invoke(node.0, op.clone());
+        let out = execute(&cluster, &op).await;
+        shared.history.complete(id, out);
+    }
+}
+
+/// Carries out queued membership changes, one at a time cluster-wide and in order, as an
+/// operator would: a change that fails (another change in progress, no leader) is retried.
+async fn admin_worker(shared: Arc<Shared>, cluster: Cluster, node: NodeId) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (change, attempt) = {
+            let mut holder = shared.admin_holder.lock().expect("admin holder");
+            if holder.is_some() {
+                continue;
+            }
+            let Some(next) = shared.admin.lock().expect("admin").pop_front() else {
+                continue;
+            };
+            *holder = Some((node, next.clone()));
+            next
+        };
+        let result = admin_change(&shared, &cluster, &change).await;
+        shared.admin_log.lock().expect("admin log").push(format!(
+            "via n{} (attempt {attempt}): {change:?} -> {result:?}",
+            node.0
+        ));
+        if result.is_err() && attempt < 30 {
+            shared
+                .admin
+                .lock()
+                .expect("admin")
+                .push_front((change, attempt + 1));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        *shared.admin_holder.lock().expect("admin holder") = None;
+    }
+}
+
+async fn admin_change(
+    shared: &Shared,
+    cluster: &Cluster,
+    change: &MembershipChange,
+) -> Result<(), ClusterError> {
+    let MembershipChange::Promote(id) = change else {
+        return cluster.change_membership(change.clone()).await;
+    };
+    // "Make it a voter again", as an operator would after the node came back: only the
+    // steps still missing. This node's view must be current first: a removed node still
+    // believes in the membership it last saw.
+    cluster.barrier().await?;
+    let membership = cluster
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    if membership.voter_ids().any(|v| v == *id) {
+        return Ok(());
+    }
+    if !membership.learner_ids().any(|l| l == *id) {
+        cluster
+            .change_membership(MembershipChange::AddLearner(*id, shared.cluster_node(*id)))
+            .await?;
+    }
+    cluster.change_membership(change.clone()).await
+}
+
+/// The node's RPC handler, with a trap: a node armed for it stops (is crashed by the
+/// driver before it answers) right after it has installed a snapshot, so the leader never
+/// hears that the install happened and the node restarts from what the install wrote.
+struct SnapshotTrap {
+    cluster: Cluster,
+    shared: Arc<Shared>,
+    id: NodeId,
+}
+
+impl RpcHandler for SnapshotTrap {
+    fn handle(&self, from: NodeId, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
+        Box::pin(async move {
+            let snapshot = matches!(rpc, Rpc::Snapshot { .. });
+            let reply = self.cluster.handle(from, rpc).await;
+            if snapshot
+                && self
+                    .shared
+                    .snapshot_trap
+                    .lock()
+                    .expect("trap")
+                    .remove(&self.id)
+            {
+                self.shared.trapped.lock().expect("trapped").push(self.id);
+                // The driver crashes this node at the end of the step; the ack never leaves.
+                std::future::pending::<()>().await;
+            }
+            reply
+        })
+    }
+}
+
+fn open_db(path: PathBuf) -> Result<sled::Db, sled::Error> {
+    // After a crash the previous incarnation's storage threads may hold the lock a moment.
+    let mut last = None;
+    for _ in 0..200 {
+        match sled::open(&path) {
+            Ok(db) => return Ok(db),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(last.expect("tried"))
+}
+
+async fn node_main(shared: Arc<Shared>, index: usize) -> turmoil::Result {
+    let id = NodeId(index as u64 + 1);
+    let dir = shared.dir.join(format!("n{}", id.0));
+    let log_db = open_db(dir.join("log"))?;
+    let state_db = open_db(dir.join("state"))?;
+    let socket = SimUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;
+    let identity = &shared.identities[index];
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(pki::quic_server_config(&shared.ca, identity)?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let transport = Arc::new(QuicTransport::new(
+        endpoint.clone(),
+        pki::quic_client_config(&shared.ca, identity)?,
+        shared.cluster_id,
+        id,
+    ));
+    let cluster = Cluster::start(id, &log_db, &state_db, transport, shared.config.clone()).await?;
+    if index == 0 && !cluster.raft().is_initialized().await? {
+        let voters: BTreeMap<NodeId, ClusterNode> = (1..=shared.voters as u64)
+            .map(|v| (NodeId(v), shared.cluster_node(NodeId(v))))
+            .collect();
+        cluster.initialize_with(voters).await?;
+    }
+    let handler: Arc<dyn RpcHandler> = Arc::new(SnapshotTrap {
+        cluster: cluster.clone(),
+        shared: shared.clone(),
+        id,
+    });
+    tokio::spawn(warren_consensus::quic::accept_loop(
+        endpoint,
+        shared.cluster_id,
+        handler,
+        None,
+    ));
+    shared
+        .live
+        .lock()
+        .expect("live")
+        .insert(id, cluster.clone());
+    for _ in 0..shared.workers_per_node {
+        tokio::spawn(client_worker(shared.clone(), cluster.clone(), id));
+    }
+    tokio::spawn(admin_worker(shared.clone(), cluster.clone(), id));
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Raft safety state carried across steps.
+#[derive(Default)]
+struct Invariants {
+    leader_of_term: BTreeMap<u64, NodeId>,
+    digest_at: BTreeMap<u64, (u64, NodeId)>,
+    /// Committed entries: index -> (term, contents hash, where first seen, highest term any
+    /// node had when it was first seen). The entry was committed in a term no higher than
+    /// that, so every leader of a later term must hold it (Raft's leader completeness).
+    committed: BTreeMap<u64, (u64, u64, NodeId, u64)>,
+    violations: Vec<String>,
+}
+
+fn payload_hash(e: &warren_consensus::types::Entry) -> u64 {
+    let bytes = encode("entry", &e.payload).unwrap_or_default();
+    // FNV-1a: stable and dependency-free.
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Invariants {
+    /// Cheap checks, after every step: one leader per term; replicas at the same applied
+    /// index applied the same sequence.
+    fn step(&mut self, live: &BTreeMap<NodeId, Cluster>) {
+        for (id, c) in live {
+            let m = c.raft().metrics().borrow().clone();
+            if m.state == ServerState::Leader {
+                let prev = *self.leader_of_term.entry(m.current_term).or_insert(*id);
+                if prev != *id {
+                    self.violations.push(format!(
+                        "two leaders in term {}: n{} and n{}",
+                        m.current_term, prev.0, id.0
+                    ));
+                }
+            }
+            let reg = c.registry();
+            if let Some(applied) = reg.last_applied() {
+                let (digest, first) = *self
+                    .digest_at
+                    .entry(applied.index)
+                    .or_insert((reg.digest(), *id));
+                if digest != reg.digest() {
+                    self.violations.push(format!(
+                        "state machines diverged: at index {} n{} and n{} applied different sequences",
+                        applied.index, first.0, id.0
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Log checks, every so often: committed entries never change or disappear from a
+    /// leader's log; two logs that agree on an entry's term agree on its contents.
+    fn logs(&mut self, live: &BTreeMap<NodeId, Cluster>) {
+        let mut logs: BTreeMap<NodeId, BTreeMap<u64, (u64, u64)>> = BTreeMap::new();
+        let highest_term = live
+            .values()
+            .map(|c| c.raft().metrics().borrow().current_term)
+            .max()
+            .unwrap_or(0);
+        for (id, c) in live {
+            let m = c.raft().metrics().borrow().clone();
+            let from = m.purged.map_or(0, |p| p.index + 1);
+            let to = m.last_log_index.map_or(0, |l| l + 1);
+            let Ok(entries) = c.log_entries(from..to) else {
+                continue;
+            };
+            let log: BTreeMap<u64, (u64, u64)> = entries
+                .iter()
+                .map(|e| (e.log_id.index, (e.log_id.leader_id.term, payload_hash(e))))
+                .collect();
+            let applied = m.last_applied.map_or(0, |a| a.index);
+            for (index, (term, hash)) in log.range(..=applied) {
+                let (t, h, first, _) =
+                    *self
+                        .committed
+                        .entry(*index)
+                        .or_insert((*term, *hash, *id, highest_term));
+                if (t, h) != (*term, *hash) {
+                    self.violations.push(format!(
+                        "committed entry {index} differs: n{} has term {t}, n{} has term {term} (or other contents)",
+                        first.0, id.0
+                    ));
+                }
+            }
+            if m.state == ServerState::Leader {
+                for (index, (t, h, first, seen_in)) in self.committed.range(from..) {
+                    if m.current_term <= *seen_in {
+                        // Perhaps a deposed leader that has not noticed yet.
+                        continue;
+                    }
+                    match log.get(index) {
+                        Some((term, hash)) if (term, hash) == (t, h) => {}
+                        _ => self.violations.push(format!(
+                            "leader n{} of term {} lacks committed entry {index} (seen on n{} by term {seen_in})",
+                            id.0, m.current_term, first.0
+                        )),
+                    }
+                }
+            }
+            logs.insert(*id, log);
+        }
+        let ids: Vec<NodeId> = logs.keys().copied().collect();
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                for (index, (term, hash)) in &logs[a] {
+                    if let Some((t2, h2)) = logs[b].get(index) {
+                        if term == t2 && hash != h2 {
+                            self.violations.push(format!(
+                                "log matching broken: n{} and n{} hold different entries {index} of term {term}",
+                                a.0, b.0
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One scheduled fault and how it ends.
+#[derive(Debug, Clone)]
+enum Fault {
+    Crash(usize),
+    /// Crash the leader while it has entries appended but not yet applied.
+    CrashLeaderMidWrite,
+    /// Crash a node long enough for the log it needs to be compacted away, then crash it
+    /// again right after it installed the snapshot it gets instead.
+    CrashInSnapshotInstall(usize),
+    Partition(Vec<usize>, Vec<usize>),
+    IsolateLeader,
+    LeaderDeaf,
+    Loss(f64),
+    Delay(u64),
+    RemoveAndReadd(usize),
+}
+
+/// Runs one simulation. Returns the report; `report.violations` is empty when it passed.
+pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
+    let total = cfg.voters + cfg.learners;
+    let work = tempfile::Builder::new().prefix("warren-sim-").tempdir()?;
+    let cluster_id = u128::from(cfg.seed) + 1;
+    let ca = ClusterCa::generate(cluster_id)?;
+    let mut identities = Vec::new();
+    for i in 1..=total {
+        let (key, csr) = pki::node_key_and_csr(&format!("n{i}"))?;
+        let cert = ca
+            .sign_node(&csr, &format!("n{i}"), &[])?
+            .expect("fresh CA has its key");
+        identities.push(NodeIdentity::from_pem(&cert, &key, &ca)?);
+    }
+    let config = ClusterConfig {
+        snapshot_writes: 20,
+        request_timeout: Duration::from_secs(3),
+        membership_timeout: Duration::from_secs(10),
+        planted_bug: cfg.planted_bug,
+        storage_io: StorageIo::Inline,
+        ..ClusterConfig::default()
+    };
+    let shared = Arc::new(Shared {
+        dir: work.path().to_path_buf(),
+        cluster_id,
+        ca,
+        identities,
+        nodes: Mutex::new(Vec::new()),
+        voters: cfg.voters,
+        config,
+        live: Mutex::new(BTreeMap::new()),
+        history: History::default(),
+        ops: Mutex::new(StdRng::seed_from_u64(cfg.seed ^ 0x5eed)),
+        keys: cfg.keys,
+        clients_stop: AtomicBool::new(false),
+        admin: Mutex::new(VecDeque::new()),
+        admin_holder: Mutex::new(None),
+        admin_log: Mutex::new(Vec::new()),
+        workers_per_node: cfg.workers_per_node,
+        snapshot_trap: Mutex::new(BTreeSet::new()),
+        trapped: Mutex::new(Vec::new()),
+    });
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(cfg.seed)
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_secs(24 * 3600))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(5))
+        .build();
+    let names: Vec<String> = (1..=total).map(|i| format!("n{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let shared = shared.clone();
+        sim.host(name.as_str(), move || node_main(shared.clone(), i));
+    }
+    {
+        let mut nodes = shared.nodes.lock().expect("nodes");
+        for (i, name) in names.iter().enumerate() {
+            nodes.push((
+                NodeId(i as u64 + 1),
+                SocketAddr::new(sim.lookup(name.as_str()), PORT),
+            ));
+        }
+    }
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut report = Report::default();
+    let mut inv = Invariants::default();
+    let ms = |s: u64| s * 1000;
+
+    // Learners join once the cluster is up.
+    let learners_at = 1500u64;
+    // Fault schedule: a fault every 1.5–4 s of the fault phase, each healed 0.5–5 s later.
+    let mut schedule: BTreeMap<u64, Vec<Fault>> = BTreeMap::new();
+    let mut heal_at: BTreeMap<u64, Vec<Fault>> = BTreeMap::new();
+    let mut t = 3000u64;
+    while t < ms(cfg.fault_seconds) {
+        let mut kinds = Vec::new();
+        if cfg.faults.crashes {
+            kinds.extend([0, 7, 8]);
+        }
+        if cfg.faults.partitions {
+            kinds.extend([1, 2, 3]);
+        }
+        if cfg.faults.lossy_links {
+            kinds.extend([4, 5]);
+        }
+        if cfg.faults.membership {
+            kinds.push(6);
+        }
+        if kinds.is_empty() {
+            break;
+        }
+        let kind = kinds[rng.gen_range(0..kinds.len())];
+        let fault = match kind {
+            0 => Fault::Crash(rng.gen_range(0..total)),
+            7 => Fault::CrashLeaderMidWrite,
+            8 => Fault::CrashInSnapshotInstall(rng.gen_range(0..total)),
+            1 => {
+                // Majority / minority split of the voters; learners fall on either side.
+                let mut all: Vec<usize> = (0..total).collect();
+                for i in (1..all.len()).rev() {
+                    let j = rng.gen_range(0..=i);
+                    all.swap(i, j);
+                }
+                let cut = rng.gen_range(1..=total / 2);
+                let (a, b) = all.split_at(cut);
+                Fault::Partition(a.to_vec(), b.to_vec())
+            }
+            2 => Fault::IsolateLeader,
+            3 => Fault::LeaderDeaf,
+            4 => Fault::Loss(rng.gen_range(0.02..0.2)),
+            5 => Fault::Delay(rng.gen_range(20..150)),
+            _ => Fault::RemoveAndReadd(rng.gen_range(0..cfg.voters)),
+        };
+        // A node that is to need a snapshot stays down until the log it needs is gone.
+        let down = if kind == 8 { 5000..8000 } else { 500..5000 };
+        schedule.entry(t).or_default().push(fault.clone());
+        heal_at
+            .entry(t + rng.gen_range(down))
+            .or_default()
+            .push(fault);
+        t += rng.gen_range(1500..4000);
+    }
+
+    let mut crashed: BTreeSet<usize> = BTreeSet::new();
+    let mut cut_pairs: Vec<(usize, usize)> = Vec::new();
+    let leader_index = |shared: &Shared| -> Option<usize> {
+        let live = shared.live.lock().expect("live");
+        live.iter()
+            .find(|(_, c)| c.raft().metrics().borrow().state == ServerState::Leader)
+            .map(|(id, _)| (id.0 - 1) as usize)
+    };
+
+    let fault_end = ms(cfg.fault_seconds);
+    let mut step: u64 = 0;
+    let mut healed_at: Option<u64> = None;
+    let mut probe: Option<u64> = None;
+    let mut stopped_at: Option<u64> = None;
+    let mut leader_crash_until: Option<u64> = None;
+    loop {
+        sim.step()
+            .map_err(|e| anyhow::anyhow!("simulation step failed: {e}"))?;
+        step += 1;
+        {
+            let live = shared.live.lock().expect("live");
+            inv.step(&live);
+            if step.is_multiple_of(250) {
+                inv.logs(&live);
+            }
+        }
+        if step == learners_at {
+            for l in cfg.voters..total {
+                let id = NodeId(l as u64 + 1);
+                shared
+                    .admin
+                    .lock()
+                    .expect("admin")
+                    .push_back((MembershipChange::AddLearner(id, shared.cluster_node(id)), 0));
+            }
+        }
+        let trapped: Vec<NodeId> = std::mem::take(&mut *shared.trapped.lock().expect("trapped"));
+        for id in trapped {
+            let i = (id.0 - 1) as usize;
+            if !crashed.contains(&i) {
+                crash(&mut sim, &shared, &names, &mut crashed, i);
+                report.snapshot_install_crashes += 1;
+                report.faults.push(format!(
+                    "{step} ms: crash n{} right after it installed a snapshot, before its ack",
+                    id.0
+                ));
+                heal_at
+                    .entry(step + rng.gen_range(300..2000))
+                    .or_default()
+                    .push(Fault::Crash(i));
+            }
+        }
+        if let Some(until) = leader_crash_until {
+            // The leader, caught with entries appended but not applied yet.
+            let target = {
+                let live = shared.live.lock().expect("live");
+                live.iter()
+                    .find(|(_, c)| {
+                        let m = c.raft().metrics().borrow().clone();
+                        m.state == ServerState::Leader
+                            && (step >= until || m.last_log_index > m.last_applied.map(|a| a.index))
+                    })
+                    .map(|(id, _)| (id.0 - 1) as usize)
+            };
+            if let Some(l) = target {
+                crash(&mut sim, &shared, &names, &mut crashed, l);
+                report
+                    .faults
+                    .push(format!("{step} ms: crash leader n{} mid-write", l + 1));
+                heal_at
+                    .entry(step + rng.gen_range(500..5000))
+                    .or_default()
+                    .push(Fault::Crash(l));
+                leader_crash_until = None;
+            } else if step >= until {
+                leader_crash_until = None;
+            }
+        }
+        if let Some(faults) = schedule.remove(&step) {
+            for f in faults {
+                let fired = match f {
+                    Fault::Crash(i) if !crashed.contains(&i) => {
+                        crash(&mut sim, &shared, &names, &mut crashed, i);
+                        format!("{step} ms: crash n{}", i + 1)
+                    }
+                    Fault::CrashLeaderMidWrite => {
+                        leader_crash_until = Some(step + 1000);
+                        continue;
+                    }
+                    Fault::CrashInSnapshotInstall(i) if !crashed.contains(&i) => {
+                        crash(&mut sim, &shared, &names, &mut crashed, i);
+                        shared
+                            .snapshot_trap
+                            .lock()
+                            .expect("trap")
+                            .insert(NodeId(i as u64 + 1));
+                        format!("{step} ms: crash n{} until it needs a snapshot", i + 1)
+                    }
+                    Fault::IsolateLeader => match leader_index(&shared) {
+                        Some(l) => {
+                            for o in (0..total).filter(|o| *o != l) {
+                                sim.partition(names[l].as_str(), names[o].as_str());
+                                cut_pairs.push((l, o));
+                            }
+                            format!("{step} ms: isolate leader n{}", l + 1)
+                        }
+                        None => continue,
+                    },
+                    Fault::Partition(a, b) => {
+                        for x in &a {
+                            for y in &b {
+                                sim.partition(names[*x].as_str(), names[*y].as_str());
+                                cut_pairs.push((*x, *y));
+                            }
+                        }
+                        format!("{step} ms: partition {:?} | {:?}", plus1(&a), plus1(&b))
+                    }
+                    Fault::LeaderDeaf => match leader_index(&shared) {
+                        Some(l) => {
+                            for o in (0..total).filter(|o| *o != l) {
+                                sim.partition_oneway(names[o].as_str(), names[l].as_str());
+                                cut_pairs.push((o, l));
+                            }
+                            format!("{step} ms: leader n{} hears nobody (one-way)", l + 1)
+                        }
+                        None => continue,
+                    },
+                    Fault::Loss(p) => {
+                        for a in &names {
+                            for b in &names {
+                                if a < b {
+                                    sim.set_link_fail_rate(a.as_str(), b.as_str(), p);
+                                }
+                            }
+                        }
+                        format!("{step} ms: links drop messages at {:.0}%", p * 100.0)
+                    }
+                    Fault::Delay(d) => {
+                        sim.set_max_message_latency(Duration::from_millis(d));
+                        format!("{step} ms: messages delayed up to {d} ms")
+                    }
+                    Fault::RemoveAndReadd(v) => {
+                        let id = NodeId(v as u64 + 1);
+                        shared
+                            .admin
+                            .lock()
+                            .expect("admin")
+                            .push_back((MembershipChange::Remove(id), 0));
+                        format!("{step} ms: remove voter n{}", v + 1)
+                    }
+                    Fault::Crash(_) | Fault::CrashInSnapshotInstall(_) => continue,
+                };
+                report.faults.push(fired);
+            }
+        }
+        if let Some(faults) = heal_at.remove(&step) {
+            for f in faults {
+                match f {
+                    Fault::Crash(i) | Fault::CrashInSnapshotInstall(i) => {
+                        if crashed.remove(&i) {
+                            sim.bounce(names[i].as_str());
+                            report.faults.push(format!("{step} ms: restart n{}", i + 1));
+                        }
+                    }
+                    Fault::Loss(_) => {
+                        for a in &names {
+                            for b in &names {
+                                if a < b {
+                                    sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
+                                }
+                            }
+                        }
+                    }
+                    Fault::Delay(_) => sim.set_max_message_latency(Duration::from_millis(5)),
+                    Fault::CrashLeaderMidWrite => {}
+                    Fault::RemoveAndReadd(v) => {
+                        let id = NodeId(v as u64 + 1);
+                        shared
+                            .admin
+                            .lock()
+                            .expect("admin")
+                            .push_back((MembershipChange::Promote(id), 0));
+                        report
+                            .faults
+                            .push(format!("{step} ms: make n{} a voter again", v + 1));
+                    }
+                    _ => {
+                        for (a, b) in cut_pairs.drain(..) {
+                            sim.repair(names[a].as_str(), names[b].as_str());
+                        }
+                    }
+                }
+            }
+        }
+        if step == fault_end {
+            // Heal everything: the liveness phase starts.
+            for (a, b) in cut_pairs.drain(..) {
+                sim.repair(names[a].as_str(), names[b].as_str());
+            }
+            for a in &names {
+                for b in &names {
+                    if a < b {
+                        sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
+                    }
+                }
+            }
+            sim.set_max_message_latency(Duration::from_millis(5));
+            for i in std::mem::take(&mut crashed) {
+                sim.bounce(names[i].as_str());
+            }
+            heal_at.clear();
+            schedule.clear();
+            leader_crash_until = None;
+            shared.snapshot_trap.lock().expect("trap").clear();
+            // Every voter back in the membership.
+            for v in 0..cfg.voters {
+                let id = NodeId(v as u64 + 1);
+                shared
+                    .admin
+                    .lock()
+                    .expect("admin")
+                    .push_back((MembershipChange::Promote(id), 0));
+            }
+            report.faults.push(format!("{step} ms: heal everything"));
+            healed_at = Some(step);
+        }
+        if let Some(h) = healed_at {
+            // Liveness, in two parts. Progress: a write invoked a second after healing gets
+            // an answer. Then, with the clients stopped, every node converges on the same
+            // applied index and digest.
+            if probe.is_none() && step == h + 1000 {
+                probe = Some(shared.history.now());
+            }
+            if let Some(p) = probe {
+                if stopped_at.is_none() && shared.history.answered_write_since(p) {
+                    shared.clients_stop.store(true, Ordering::SeqCst);
+                    stopped_at = Some(step);
+                }
+            }
+            if stopped_at.is_some() {
+                let live = shared.live.lock().expect("live");
+                let states: BTreeSet<(Option<u64>, u64)> = live
+                    .values()
+                    .map(|c| {
+                        let reg = c.registry();
+                        (reg.last_applied().map(|l| l.index), reg.digest())
+                    })
+                    .collect();
+                if live.len() == total && states.len() == 1 {
+                    break;
+                }
+            }
+            if step > h + ms(cfg.liveness_seconds) {
+                let nodes: Vec<String> = shared
+                    .live
+                    .lock()
+                    .expect("live")
+                    .iter()
+                    .map(|(id, c)| {
+                        let m = c.raft().metrics().borrow().clone();
+                        let voters: Vec<u64> = m.membership_config.membership().voter_ids().map(|v| v.0).collect();
+                        let learners: Vec<u64> = m.membership_config.membership().learner_ids().map(|v| v.0).collect();
+                        format!(
+                            "n{}: {:?} term {} leader {:?} last log {:?} applied {:?} digest {:016x} sees voters {voters:?} learners {learners:?}",
+                            id.0,
+                            m.state,
+                            m.current_term,
+                            m.current_leader.map(|l| l.0),
+                            m.last_log_index,
+                            m.last_applied.map(|l| l.index),
+                            c.registry().digest()
+                        )
+                    })
+                    .collect();
+                report.violations.push(format!(
+                    "{}: {} s after every fault healed; nodes: {}",
+                    if stopped_at.is_none() {
+                        "no progress (no new write answered)"
+                    } else {
+                        "no convergence"
+                    },
+                    cfg.liveness_seconds,
+                    nodes.join("; ")
+                ));
+                break;
+            }
+        }
+    }
+    shared.clients_stop.store(true, Ordering::SeqCst);
+    // Let operations in flight finish (or time out) before judging the history.
+    for _ in 0..(shared.config.request_timeout.as_millis() as u64 + 500) {
+        sim.step()
+            .map_err(|e| anyhow::anyhow!("simulation step failed: {e}"))?;
+        step += 1;
+        inv.step(&shared.live.lock().expect("live"));
+    }
+    inv.logs(&shared.live.lock().expect("live"));
+
+    let records = shared.history.records();
+    report.steps = step;
+    report.ops = records.len();
+    report.completed = records
+        .iter()
+        .filter(|r| matches!(r.completed, Some((_, ref o)) if *o != Out::Unknown))
+        .count();
+    report.terms_with_leader = inv.leader_of_term.len();
+    report.violations.append(&mut inv.violations);
+    if let Err(v) = checker::check(&records) {
+        report.violations.push(v.to_string());
+    }
+    report.membership = shared.admin_log.lock().expect("admin log").clone();
+    drop(sim);
+    shared.live.lock().expect("live").clear();
+    Ok(report)
+}
+
+/// Crashes node `i`: its process state is gone, its data dir stays.
+fn crash(
+    sim: &mut turmoil::Sim<'_>,
+    shared: &Shared,
+    names: &[String],
+    crashed: &mut BTreeSet<usize>,
+    i: usize,
+) {
+    // Let go of the driver's handle first: the node's last references must drop inside
+    // turmoil's world, or its UDP port stays bound.
+    let id = NodeId(i as u64 + 1);
+    drop(shared.live.lock().expect("live").remove(&id));
+    sim.crash(names[i].as_str());
+    // A membership change it was carrying out goes back in the queue.
+    let mut holder = shared.admin_holder.lock().expect("admin holder");
+    if holder.as_ref().is_some_and(|(n, _)| *n == id) {
+        let (_, op) = holder.take().expect("checked");
+        shared.admin.lock().expect("admin").push_front(op);
+    }
+    crashed.insert(i);
+}
+
+fn plus1(v: &[usize]) -> Vec<usize> {
+    v.iter().map(|i| i + 1).collect()
+}
