@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::transport::ForwardError;
@@ -68,13 +69,28 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Request, Waiter)>) {
         tokio::spawn(async move {
             let (requests, waiters): (Vec<Request>, Vec<Waiter>) = batch.into_iter().unzip();
             let n = requests.len();
-            let result = raft.client_write(Proposal(requests)).await;
-            drop(slot);
             let fail = |e: ForwardError, waiters: Vec<Waiter>| {
                 for w in waiters {
                     let _ = w.send(Err(e.clone()));
                 }
             };
+            // openraft answers a proposal when its entry is applied here or truncated from
+            // the log; a leader deposed and then brought up to date by a snapshot does
+            // neither, and the proposal would wait forever, holding its slot (the
+            // simulation found a leader whose writes all stalled that way). So a proposal
+            // also ends when this node stops leading the term it was made in: the caller
+            // retries with the same request id, which applies once whatever happened.
+            let mut metrics = raft.metrics();
+            let term = metrics.borrow().current_term;
+            let result = tokio::select! {
+                r = raft.client_write(Proposal(requests)) => r,
+                m = metrics.wait_for(|m| m.current_term != term || m.state != ServerState::Leader) => {
+                    drop(slot);
+                    let leader = m.ok().and_then(|m| m.current_leader);
+                    return fail(ForwardError::NotLeader { leader }, waiters);
+                }
+            };
+            drop(slot);
             match result {
                 Ok(resp) if resp.data.len() == n => {
                     for (w, reply) in waiters.into_iter().zip(resp.data) {

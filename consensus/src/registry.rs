@@ -476,6 +476,18 @@ impl Registry {
         self.applied_requests
     }
 
+    /// The reply a write with this request id got when it was applied, if it is among the
+    /// last writes remembered for deduplication.
+    pub fn remembered_reply(&self, id: RequestId) -> Option<&Reply> {
+        self.dedup.get(&id).map(|seen| &seen.1)
+    }
+
+    /// Whether every write ever applied is still remembered (none has left the
+    /// deduplication window), so that a request id not remembered was never applied.
+    pub fn remembers_every_write(&self) -> bool {
+        self.applied_requests <= DEDUP_WINDOW as u64
+    }
+
     /// How many entities the registry holds: what a snapshot costs, roughly.
     pub fn size(&self) -> usize {
         self.users.len()

@@ -20,10 +20,26 @@ pub struct Violation {
     pub key: String,
     /// Its operations, in invocation order.
     pub ops: Vec<Record>,
+    /// The search was abandoned after [`MAX_STATES`] states: too many overlapping
+    /// operations without an answer. Neither proven nor refuted, reported as a failure so
+    /// it is not mistaken for a pass.
+    pub gave_up: bool,
 }
+
+/// Most search states remembered for one key before the checker gives up.
+pub const MAX_STATES: usize = 4_000_000;
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.gave_up {
+            return writeln!(
+                f,
+                "the checker gave up on key {:?} after {MAX_STATES} search states ({} operations): \
+                 too many overlapping operations without an answer; not proven linearizable",
+                self.key,
+                self.ops.len()
+            );
+        }
         writeln!(
             f,
             "the history of key {:?} is not linearizable; its shortest failing prefix has {} operations{}:",
@@ -64,6 +80,9 @@ pub fn check(records: &[Record]) -> Result<(), Violation> {
     let Err(v) = check_all(records) else {
         return Ok(());
     };
+    if v.gave_up {
+        return Err(v);
+    }
     let ops = v.ops;
     let times: Vec<u64> = {
         let mut t: Vec<u64> = ops
@@ -98,6 +117,7 @@ pub fn check(records: &[Record]) -> Result<(), Violation> {
     Err(Violation {
         key: v.key,
         ops: cut(times[hi]),
+        gave_up: false,
     })
 }
 
@@ -110,10 +130,12 @@ fn check_all(records: &[Record]) -> Result<(), Violation> {
         }
     }
     for (key, ops) in by_key {
-        if !check_key(&ops) {
+        let verdict = check_key(&ops);
+        if verdict != Verdict::Linearizable {
             return Err(Violation {
                 key: key.to_owned(),
                 ops: ops.into_iter().cloned().collect(),
+                gave_up: verdict == Verdict::GaveUp,
             });
         }
     }
@@ -131,8 +153,15 @@ struct Event {
     op: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Linearizable,
+    NotLinearizable,
+    GaveUp,
+}
+
 /// Wing–Gong search over one key's operations.
-fn check_key(ops: &[&Record]) -> bool {
+fn check_key(ops: &[&Record]) -> Verdict {
     let n = ops.len();
     // Events in time order: completed returns at their time, unknown ones after all.
     let mut timed: Vec<(u64, Kind, usize)> = Vec::with_capacity(2 * n);
@@ -199,7 +228,10 @@ fn check_key(ops: &[&Record]) -> bool {
     let mut entry = next[len];
     loop {
         if entry == end {
-            return true;
+            return Verdict::Linearizable;
+        }
+        if cache.len() > MAX_STATES {
+            return Verdict::GaveUp;
         }
         let e = &events[entry];
         match e.kind {
@@ -231,7 +263,7 @@ fn check_key(ops: &[&Record]) -> bool {
             }
             Kind::Return => {
                 let Some((call, old)) = stack.pop() else {
-                    return false;
+                    return Verdict::NotLinearizable;
                 };
                 let op = events[call].op;
                 linearized[op / 64] &= !(1 << (op % 64));
@@ -255,6 +287,7 @@ mod tests {
             op,
             invoked,
             completed,
+            request: None,
         }
     }
 

@@ -8,7 +8,7 @@
 //!  linearizability check ◄──history── client workers on every node    + sled + QUIC
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,12 +24,12 @@ use warren_consensus::pki::{self, ClusterCa, NodeIdentity};
 use warren_consensus::quic::{QuicTransport, RpcHandler};
 use warren_consensus::registry::{encode, AnyEntity, Command, Outcome, RegistryError};
 use warren_consensus::transport::{BoxFuture, MembershipChange, Rpc, RpcReply};
-use warren_consensus::types::{Actor, ClusterNode, Request};
+use warren_consensus::types::{Actor, ClusterNode, Proposal, Request, RequestId};
 use warren_proto::registry::{Kind, NodeId, Site};
 use warren_proto::Name;
 
 use crate::checker;
-use crate::history::{History, Op, Out};
+use crate::history::{History, Op, Out, Record};
 use crate::net::SimUdp;
 
 const PORT: u16 = 7400;
@@ -124,6 +124,9 @@ pub struct Report {
     pub membership: Vec<String>,
     /// Nodes crashed right after installing a snapshot.
     pub snapshot_install_crashes: usize,
+    /// Unanswered writes whose fate the log settled (applied, when and with what result;
+    /// or never applied), so the linearizability check need not consider both.
+    pub unanswered_settled: usize,
 }
 
 /// Everything the hosts and the driver share.
@@ -183,8 +186,18 @@ fn site(name: &str, description: &str) -> AnyEntity {
     })
 }
 
-/// Runs one operation against a node's cluster handle.
-async fn execute(cluster: &Cluster, op: &Op) -> Out {
+/// What a client sees of a registry reply.
+fn out_of(reply: &Result<Outcome, RegistryError>) -> Out {
+    match reply {
+        Ok(Outcome::Entity(_) | Outcome::Deleted { .. } | Outcome::Done) => Out::Ok,
+        Err(RegistryError::AlreadyExists { .. }) => Out::Exists,
+        Err(RegistryError::NotFound { .. }) => Out::NotFound,
+        other => panic!("unexpected registry reply {other:?}"),
+    }
+}
+
+/// Runs one operation against a node's cluster handle; writes carry request id `id`.
+async fn execute(cluster: &Cluster, op: &Op, id: RequestId) -> Out {
     let command = match op {
         Op::Read(k) => {
             return match cluster.read().await {
@@ -204,11 +217,12 @@ async fn execute(cluster: &Cluster, op: &Op) -> Out {
             revision: 0,
         },
     };
-    match cluster.write(Request::new(Actor::System, command)).await {
-        Ok(Ok(Outcome::Entity(_) | Outcome::Deleted { .. } | Outcome::Done)) => Out::Ok,
-        Ok(Err(RegistryError::AlreadyExists { .. })) => Out::Exists,
-        Ok(Err(RegistryError::NotFound { .. })) => Out::NotFound,
-        Ok(other) => panic!("unexpected registry reply {other:?}"),
+    let request = Request {
+        id,
+        ..Request::new(Actor::System, command)
+    };
+    match cluster.write(request).await {
+        Ok(reply) => out_of(&reply),
         // Whether a write that got no answer happened is unknown: it may commit later.
         Err(
             ClusterError::NoLeader(_) | ClusterError::Timeout { .. } | ClusterError::ShuttingDown,
@@ -224,8 +238,11 @@ async fn client_worker(shared: Arc<Shared>, cluster: Cluster, node: NodeId) {
         if shared.clients_stop.load(Ordering::SeqCst) {
             return;
         }
-        let id = shared.history.invoke(node.0, op.clone());
-        let out = execute(&cluster, &op).await;
+        let request = RequestId::random();
+        let id = shared
+            .history
+            .invoke(node.0, op.clone(), (!op.is_read()).then_some(request.0));
+        let out = execute(&cluster, &op, request).await;
         shared.history.complete(id, out);
     }
 }
@@ -507,6 +524,97 @@ impl Invariants {
     }
 }
 
+/// When each write was first seen applied by some node, from the log.
+#[derive(Default)]
+struct Applied {
+    scanned_to: u64,
+    first_seen: HashMap<u128, u64>,
+}
+
+impl Applied {
+    /// Reads the entries the most advanced node applied since the last look. Entries already
+    /// compacted away are skipped: their writes stay "no answer" in the history.
+    fn observe(&mut self, live: &BTreeMap<NodeId, Cluster>, history: &History) {
+        let Some((c, applied)) = live
+            .values()
+            .filter_map(|c| c.registry().last_applied().map(|a| (c, a.index)))
+            .max_by_key(|(_, a)| *a)
+        else {
+            return;
+        };
+        if applied <= self.scanned_to {
+            return;
+        }
+        let purged = c
+            .raft()
+            .metrics()
+            .borrow()
+            .purged
+            .map_or(0, |p| p.index + 1);
+        let from = (self.scanned_to + 1).max(purged);
+        if let Ok(entries) = c.log_entries(from..applied + 1) {
+            let now = history.tick();
+            for e in entries {
+                if let openraft::EntryPayload::Normal(Proposal(reqs)) = &e.payload {
+                    for r in reqs {
+                        self.first_seen.entry(r.id.0).or_insert(now);
+                    }
+                }
+            }
+            self.scanned_to = applied;
+        }
+    }
+
+    /// Settles what can be known about writes that got no answer, and checks the answers
+    /// writes did get against what the log applied. A write applied at all was applied
+    /// between its invocation and the moment it was first seen applied, with the reply the
+    /// registry remembers; a write the registry never applied (and would remember if it had)
+    /// has had no effect so far, which is the same as taking effect after everything else:
+    /// it is left out.
+    fn settle(
+        &self,
+        records: Vec<Record>,
+        live: &BTreeMap<NodeId, Cluster>,
+        violations: &mut Vec<String>,
+    ) -> Vec<Record> {
+        let Some(reg) = live
+            .values()
+            .map(|c| c.registry())
+            .max_by_key(|r| r.last_applied().map(|a| a.index))
+        else {
+            return records;
+        };
+        let complete = reg.remembers_every_write();
+        records
+            .into_iter()
+            .filter_map(|mut r| {
+                let Some(id) = r.request else { return Some(r) };
+                let reply = reg.remembered_reply(RequestId(id)).map(out_of);
+                match (&r.completed, reply) {
+                    (Some((_, out)), Some(applied)) if *out != Out::Unknown && *out != applied => {
+                        violations.push(format!(
+                            "{r} was answered {out:?}, but the log applied it as {applied:?}"
+                        ));
+                    }
+                    (Some((_, out)), None) if *out != Out::Unknown && complete => {
+                        violations.push(format!(
+                            "{r} was answered {out:?}, but the log never applied it"
+                        ));
+                    }
+                    (Some((_, Out::Unknown)) | None, Some(applied)) => {
+                        if let Some(t) = self.first_seen.get(&id) {
+                            r.completed = Some((*t, applied));
+                        }
+                    }
+                    (Some((_, Out::Unknown)) | None, None) if complete => return None,
+                    _ => {}
+                }
+                Some(r)
+            })
+            .collect()
+    }
+}
+
 /// One scheduled fault and how it ends.
 #[derive(Debug, Clone)]
 enum Fault {
@@ -664,6 +772,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
     let mut probe: Option<u64> = None;
     let mut stopped_at: Option<u64> = None;
     let mut leader_crash_until: Option<u64> = None;
+    let mut applied = Applied::default();
     loop {
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation step failed: {e}"))?;
@@ -671,6 +780,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         {
             let live = shared.live.lock().expect("live");
             inv.step(&live);
+            applied.observe(&live, &shared.history);
             if step.is_multiple_of(250) {
                 inv.logs(&live);
             }
@@ -943,17 +1053,32 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         sim.step()
             .map_err(|e| anyhow::anyhow!("simulation step failed: {e}"))?;
         step += 1;
-        inv.step(&shared.live.lock().expect("live"));
+        let live = shared.live.lock().expect("live");
+        inv.step(&live);
+        applied.observe(&live, &shared.history);
     }
     inv.logs(&shared.live.lock().expect("live"));
 
-    let records = shared.history.records();
+    let answered = |records: &[Record]| {
+        records
+            .iter()
+            .filter(|r| matches!(r.completed, Some((_, ref o)) if *o != Out::Unknown))
+            .count()
+    };
+    let mut records = shared.history.records();
     report.steps = step;
     report.ops = records.len();
-    report.completed = records
-        .iter()
-        .filter(|r| matches!(r.completed, Some((_, ref o)) if *o != Out::Unknown))
-        .count();
+    report.completed = answered(&records);
+    // Only a converged cluster's registry tells which unanswered writes were applied.
+    if report.violations.is_empty() {
+        records = applied.settle(
+            records,
+            &shared.live.lock().expect("live"),
+            &mut report.violations,
+        );
+        report.unanswered_settled =
+            answered(&records) + (report.ops - records.len()) - report.completed;
+    }
     report.terms_with_leader = inv.leader_of_term.len();
     report.violations.append(&mut inv.violations);
     if let Err(v) = checker::check(&records) {

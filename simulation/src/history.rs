@@ -67,6 +67,8 @@ pub struct Record {
     pub invoked: u64,
     /// Counter value and result at completion; `None` if it never completed.
     pub completed: Option<(u64, Out)>,
+    /// The request id of a write.
+    pub request: Option<u128>,
 }
 
 impl fmt::Display for Record {
@@ -96,8 +98,9 @@ pub struct History {
 }
 
 impl History {
-    /// Records an invocation; returns its id for [`History::complete`].
-    pub fn invoke(&self, node: u64, op: Op) -> usize {
+    /// Records an invocation (of a write with request id `request`); returns its id for
+    /// [`History::complete`].
+    pub fn invoke(&self, node: u64, op: Op, request: Option<u128>) -> usize {
         let t = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut r = self.records.lock().expect("history lock");
         let id = r.len();
@@ -107,8 +110,14 @@ impl History {
             op,
             invoked: t,
             completed: None,
+            request,
         });
         id
+    }
+
+    /// Takes a tick of the history's clock: a moment after every event recorded so far.
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
     }
 
     /// Records a completion.

@@ -135,10 +135,11 @@ fn main() -> ExitCode {
                     print_events(&r);
                 }
                 println!(
-                "ok    {} seed {seed}: {} ops ({} answered), {} faults ({} crashes after a snapshot install), {} terms with a leader, {} simulated s, {:.1} s",
+                "ok    {} seed {seed}: {} ops ({} answered, {} more settled from the log), {} faults ({} crashes after a snapshot install), {} terms with a leader, {} simulated s, {:.1} s",
                 shape_name(shape),
                 r.ops,
                 r.completed,
+                r.unanswered_settled,
                 r.faults.len(),
                 r.snapshot_install_crashes,
                 r.terms_with_leader,
