@@ -8,6 +8,7 @@
 //!   registry  the entities the cluster replicates (users, roles, identity providers,
 //!             sites, resources, policies, API keys, nodes) and their validation
 //!   policy    the policy model: allow/deny trees of and/or/not over criteria
+//!   access    policies compiled for evaluation, and the access decision
 //!   api       admin API request, response and error bodies
 //!   token     API key and join token formats, hashing and constant-time checks
 //!   secret    a string that never shows up in Debug output or logs
@@ -16,6 +17,7 @@
 //! `consensus` applies registry commands on top of these types; `client` speaks the admin
 //! API with them.
 
+pub mod access;
 pub mod api;
 pub mod name;
 pub mod policy;

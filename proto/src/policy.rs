@@ -12,11 +12,14 @@
 //!         - email_domain: example.com
 //!         - source_cidr: 10.0.0.0/8
 //! deny:
-//!   path: { prefix: /admin }
+//!   or:
+//!     - path: { prefix: /admin }
+//!     - not:
+//!         time: { days: [mon, tue, wed, thu, fri], from: "07:00", to: "20:00", timezone: Europe/Paris }
 //! ```
 //!
-//! This module holds the model and its checks; evaluation against a request arrives with
-//! the identity-aware proxy.
+//! This module holds the model and its checks; [`crate::access`] compiles policies and
+//! decides requests.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,77 @@ pub enum Expr {
     Method(String),
     /// The request path matches.
     Path(PathMatch),
+    /// The request comes within this weekly time window.
+    Time(TimeWindow),
+}
+
+/// Days of the week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+impl Weekday {
+    /// Monday is 0.
+    pub fn index(self) -> u8 {
+        self as u8
+    }
+}
+
+/// A weekly window of local time: on `days` (every day when empty), from `from` up to
+/// (not including) `to`, both `HH:MM` in `timezone` (an IANA name like `Europe/Paris`).
+/// A window with `to` before `from` runs past midnight into the next day; `24:00` is the
+/// end of the day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindow {
+    /// The days the window starts on; empty means every day.
+    #[serde(default)]
+    pub days: Vec<Weekday>,
+    /// Start, `HH:MM`.
+    pub from: String,
+    /// End, `HH:MM` (exclusive).
+    pub to: String,
+    /// IANA time zone name.
+    pub timezone: String,
+}
+
+impl TimeWindow {
+    /// `from` and `to` in minutes after midnight.
+    pub fn minutes(&self) -> Result<(u16, u16), FieldError> {
+        let from = parse_hhmm(&self.from, false).map_err(|e| FieldError::new("from", e))?;
+        let to = parse_hhmm(&self.to, true).map_err(|e| FieldError::new("to", e))?;
+        if from == to {
+            return Err(FieldError::new(
+                "to",
+                "the window is empty: `to` equals `from` (use 00:00 to 24:00 for a whole day)",
+            ));
+        }
+        Ok((from, to))
+    }
+}
+
+fn parse_hhmm(s: &str, end: bool) -> Result<u16, String> {
+    let bad = || format!("{s:?} is not a time like 09:30");
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    if h.len() != 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let h: u16 = h.parse().map_err(|_| bad())?;
+    let m: u16 = m.parse().map_err(|_| bad())?;
+    if (h == 24 && m == 0 && end) || (h < 24 && m < 60) {
+        Ok(h * 60 + m)
+    } else {
+        Err(bad())
+    }
 }
 
 /// A claim criterion: the claim at `path` (dot separated, like `org.team`) equals `value`,
@@ -165,6 +239,19 @@ impl Expr {
                 }
             }
             Expr::Path(p) => p.validate().map_err(|e| e.within("path")),
+            Expr::Time(w) => {
+                w.minutes().map_err(|e| e.within("time"))?;
+                jiff::tz::TimeZone::get(&w.timezone).map_err(|_| {
+                    FieldError::new(
+                        "time.timezone",
+                        format!(
+                            "{:?} is not an IANA time zone like Europe/Paris",
+                            w.timezone
+                        ),
+                    )
+                })?;
+                Ok(())
+            }
         }
     }
 }
@@ -232,6 +319,24 @@ mod tests {
         assert_eq!(e.validate().unwrap_err().field, "and[1].or[0].path.regex");
         let e: Expr = yaml("method: get\n").unwrap();
         assert_eq!(e.validate().unwrap_err().field, "method");
+    }
+
+    #[test]
+    fn time_windows_read_from_yaml() {
+        let e: Expr = yaml(
+            "time: {days: [mon, fri], from: \"22:00\", to: \"06:00\", timezone: Europe/Paris}\n",
+        )
+        .unwrap();
+        assert!(e.validate().is_ok());
+        let Expr::Time(w) = e else {
+            panic!("expected a time window")
+        };
+        assert_eq!(w.days, vec![Weekday::Mon, Weekday::Fri]);
+        assert_eq!(w.minutes().unwrap(), (22 * 60, 6 * 60));
+        assert!(yaml::<Expr>(
+            "time: {days: [someday], from: \"09:00\", to: \"10:00\", timezone: UTC}\n"
+        )
+        .is_err());
     }
 
     #[test]

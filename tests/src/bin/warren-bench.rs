@@ -26,6 +26,12 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum What {
+    /// Policy evaluation per request, in-process (a microbenchmark).
+    Policy {
+        /// Decisions to time.
+        #[arg(long, default_value_t = 2_000_000)]
+        iterations: u32,
+    },
     /// Registry writes and leader failover: Warren vs etcd.
     Registry {
         /// Seconds per wrk run.
@@ -497,12 +503,79 @@ async fn registry(seconds: u64, trials: usize, connections: Vec<u32>) -> anyhow:
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().what {
+        What::Policy { iterations } => policy(iterations),
         What::Registry {
             seconds,
             trials,
             connections,
         } => registry(seconds, trials, connections).await,
     }
+}
+
+/// Times `decide` for a resource with three policies of the kind people write (groups,
+/// e-mail domain, CIDR, path regex, office hours in a time zone, a deny rule), for an
+/// allowed and a denied person. Prints ns per decision.
+fn policy(iterations: u32) -> anyhow::Result<()> {
+    use warren_proto::access::{decide, CompiledPolicy, Facts, Identity};
+    use warren_proto::registry::Policy;
+    let yaml = |s: &str| -> anyhow::Result<Policy> {
+        let p: Policy = serde_norway::with::singleton_map_recursive::deserialize(
+            serde_norway::Deserializer::from_str(s),
+        )?;
+        Ok(p)
+    };
+    let policies = [
+        yaml(
+            "name: engineers\nallow:\n  and:\n    - or:\n        - group: engineering\n        - group: sre\n    - email_domain: example.com\n    - time: {days: [mon, tue, wed, thu, fri], from: \"07:00\", to: \"20:00\", timezone: Europe/Paris}\ndeny:\n  or:\n    - path: {prefix: /admin}\n    - path: {regex: '/internal/[0-9]+/debug'}\n",
+        )?,
+        yaml("name: office\nallow:\n  and:\n    - source_cidr: 10.0.0.0/8\n    - method: GET\n    - claim: {path: org.team, value: infra}\n")?,
+        yaml("name: admins\nallow:\n  or:\n    - user: root\n    - email: boss@example.com\n    - group: admins\n")?,
+    ];
+    let compiled: Vec<CompiledPolicy> = policies
+        .iter()
+        .map(CompiledPolicy::compile)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let claims = json!({"org": {"team": ["infra"]}});
+    let groups_alice = vec!["staff".to_owned(), "engineering".to_owned()];
+    let groups_bob = vec!["sales".to_owned()];
+    let facts = |groups: &'static [String], email: &'static str, claims: &'static Value| Facts {
+        identity: Some(Identity {
+            user: "someone",
+            email,
+            groups,
+            claims,
+        }),
+        source: "192.168.7.9".parse().expect("ip"),
+        method: Some("GET"),
+        path: Some("/app/projects/42"),
+        now: 1_795_600_800,
+    };
+    let claims: &'static Value = Box::leak(Box::new(claims));
+    let alice = facts(
+        Box::leak(groups_alice.into_boxed_slice()),
+        "alice@example.com",
+        claims,
+    );
+    let bob = facts(
+        Box::leak(groups_bob.into_boxed_slice()),
+        "bob@other.org",
+        claims,
+    );
+    assert!(decide(&compiled, &alice).allowed());
+    assert!(!decide(&compiled, &bob).allowed());
+    for (who, f) in [("allowed (alice)", alice), ("denied (bob)", bob)] {
+        let started = Instant::now();
+        let mut allowed = 0u32;
+        for _ in 0..iterations {
+            allowed += u32::from(
+                std::hint::black_box(decide(&compiled, std::hint::black_box(&f))).allowed(),
+            );
+        }
+        let ns = started.elapsed().as_nanos() as f64 / f64::from(iterations);
+        println!("policy decision, {who}: {ns:.0} ns ({iterations} decisions, {allowed} allowed)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
