@@ -12,8 +12,10 @@
 //! checks Raft's safety properties after every step, and at the end the linearizability of
 //! every client operation ([`checker`]).
 //!
-//! Every random choice comes from the seed. Storage I/O and cryptographic randomness stay
-//! real, so a replay follows the same schedule but thread timing may differ slightly.
+//! Every random choice of the simulation comes from the seed, and storage I/O runs inline
+//! on the simulated hosts (no background threads). Cryptographic randomness, the order in
+//! which `tokio::select!` polls and hash map order stay real, so a replay follows the same
+//! fault schedule and operations but may diverge in detail.
 
 pub mod checker;
 pub mod cluster;
