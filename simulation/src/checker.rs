@@ -20,10 +20,10 @@ pub struct Violation {
     pub key: String,
     /// Its operations, in invocation order.
     pub ops: Vec<Record>,
-    /// The search was abandoned after [`MAX_STATES`] states: too many overlapping
-    /// operations without an answer. Neither proven nor refuted, reported as a failure so
-    /// it is not mistaken for a pass.
-    pub gave_up: bool,
+    /// The search was abandoned after this many states (the budget, [`MAX_STATES`] by
+    /// default): too many overlapping operations without an answer. Neither proven nor
+    /// refuted, reported as a failure so it is not mistaken for a pass.
+    pub gave_up: Option<usize>,
 }
 
 /// Most search states remembered for one key before the checker gives up.
@@ -31,10 +31,10 @@ pub const MAX_STATES: usize = 4_000_000;
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.gave_up {
+        if let Some(states) = self.gave_up {
             return writeln!(
                 f,
-                "the checker gave up on key {:?} after {MAX_STATES} search states ({} operations): \
+                "the checker gave up on key {:?} after {states} search states ({} operations): \
                  too many overlapping operations without an answer; not proven linearizable",
                 self.key,
                 self.ops.len()
@@ -77,10 +77,15 @@ pub fn step(state: &Option<String>, op: &Op) -> (Option<String>, Out) {
 /// prefix of the history that already fails (operations still running at the cut count as
 /// unanswered).
 pub fn check(records: &[Record]) -> Result<(), Violation> {
-    let Err(v) = check_all(records) else {
+    check_within(records, MAX_STATES)
+}
+
+/// [`check`] with a budget of search states per key.
+pub fn check_within(records: &[Record], max_states: usize) -> Result<(), Violation> {
+    let Err(v) = check_all(records, max_states) else {
         return Ok(());
     };
-    if v.gave_up {
+    if v.gave_up.is_some() {
         return Err(v);
     }
     let ops = v.ops;
@@ -108,7 +113,7 @@ pub fn check(records: &[Record]) -> Result<(), Violation> {
     let (mut lo, mut hi) = (0usize, times.len() - 1);
     while lo < hi {
         let mid = (lo + hi) / 2;
-        if check_all(&cut(times[mid])).is_err() {
+        if check_all(&cut(times[mid]), max_states).is_err() {
             hi = mid;
         } else {
             lo = mid + 1;
@@ -117,11 +122,11 @@ pub fn check(records: &[Record]) -> Result<(), Violation> {
     Err(Violation {
         key: v.key,
         ops: cut(times[hi]),
-        gave_up: false,
+        gave_up: None,
     })
 }
 
-fn check_all(records: &[Record]) -> Result<(), Violation> {
+fn check_all(records: &[Record], max_states: usize) -> Result<(), Violation> {
     let mut by_key: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
     for r in records {
         let dropped = r.op.is_read() && !matches!(r.completed, Some((_, Out::Value(_))));
@@ -130,12 +135,12 @@ fn check_all(records: &[Record]) -> Result<(), Violation> {
         }
     }
     for (key, ops) in by_key {
-        let verdict = check_key(&ops);
+        let verdict = check_key(&ops, max_states);
         if verdict != Verdict::Linearizable {
             return Err(Violation {
                 key: key.to_owned(),
                 ops: ops.into_iter().cloned().collect(),
-                gave_up: verdict == Verdict::GaveUp,
+                gave_up: (verdict == Verdict::GaveUp).then_some(max_states),
             });
         }
     }
@@ -161,7 +166,7 @@ enum Verdict {
 }
 
 /// Wing–Gong search over one key's operations.
-fn check_key(ops: &[&Record]) -> Verdict {
+fn check_key(ops: &[&Record], max_states: usize) -> Verdict {
     let n = ops.len();
     // Events in time order: completed returns at their time, unknown ones after all.
     let mut timed: Vec<(u64, Kind, usize)> = Vec::with_capacity(2 * n);
@@ -230,7 +235,7 @@ fn check_key(ops: &[&Record]) -> Verdict {
         if entry == end {
             return Verdict::Linearizable;
         }
-        if cache.len() > MAX_STATES {
+        if cache.len() > max_states {
             return Verdict::GaveUp;
         }
         let e = &events[entry];
@@ -301,6 +306,42 @@ mod tests {
 
     fn val(v: Option<&str>) -> Out {
         Out::Value(v.map(str::to_owned))
+    }
+
+    /// `n` creates and deletes with no answer, all overlapping, then reads of nothing, then
+    /// an impossible read of a value nobody wrote.
+    fn overlapping_unknowns(n: usize) -> Vec<Record> {
+        let mut h: Vec<Record> = (0..n)
+            .map(|i| {
+                let op = if i % 2 == 0 {
+                    create("a", &i.to_string())
+                } else {
+                    Op::Delete("a".into())
+                };
+                rec(i, op, i as u64, None)
+            })
+            .collect();
+        for i in n..2 * n {
+            let t = 1000 + 2 * i as u64;
+            h.push(rec(i, read("a"), t, Some((t + 1, val(None)))));
+        }
+        h.push(rec(
+            2 * n,
+            read("a"),
+            5000,
+            Some((5001, val(Some("nobody")))),
+        ));
+        h
+    }
+
+    #[test]
+    fn a_search_over_budget_is_a_failure_not_a_pass() {
+        let v = check_within(&overlapping_unknowns(20), 50).unwrap_err();
+        assert_eq!(v.gave_up, Some(50));
+        assert!(v.to_string().contains("gave up"), "{v}");
+        // With room to search, the same kind of history is refuted outright.
+        let v = check(&overlapping_unknowns(6)).unwrap_err();
+        assert_eq!(v.gave_up, None);
     }
 
     #[test]
