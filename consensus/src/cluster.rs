@@ -688,14 +688,21 @@ async fn election_timer(
 ) {
     use rand::Rng;
     let draw = || rand::thread_rng().gen_range(timeouts.clone());
-    let mut metrics = raft.metrics();
+    // Server metrics change with the vote, state, leader and membership only, not with
+    // every write applied.
+    let mut metrics = raft.server_metrics();
     let mut vote = metrics.borrow().vote;
     let mut since = Instant::now();
     let mut timeout = draw();
     loop {
-        let lone_voter = {
+        let (leader, voter, lone_voter) = {
             let m = metrics.borrow();
-            m.state != ServerState::Leader && m.membership_config.membership().voter_ids().eq([me])
+            let voters = m.membership_config.membership();
+            (
+                m.state == ServerState::Leader,
+                voters.voter_ids().any(|v| v == me),
+                voters.voter_ids().eq([me]),
+            )
         };
         // A lone voter needs nobody's vote: it elects itself almost at once.
         let wait = if lone_voter {
@@ -708,27 +715,20 @@ async fn election_timer(
                 let contact = *last_leader_contact.lock().expect("contact lock");
                 if let Some(at) = contact.filter(|at| *at > since) {
                     since = at;
-                    timeout = draw();
-                    continue;
-                }
-                let electable = {
-                    let m = metrics.borrow();
-                    m.state != ServerState::Leader
-                        && m.membership_config.membership().voter_ids().any(|v| v == me)
-                };
-                if electable && raft.trigger().elect().await.is_err() {
+                } else if !leader && voter && raft.trigger().elect().await.is_err() {
                     return;
+                } else {
+                    since = Instant::now();
                 }
-                since = Instant::now();
                 timeout = draw();
             }
             changed = metrics.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                let m = metrics.borrow_and_update();
-                if m.vote != vote {
-                    vote = m.vote;
+                let now_vote = metrics.borrow_and_update().vote;
+                if now_vote != vote {
+                    vote = now_vote;
                     since = Instant::now();
                     timeout = draw();
                 }

@@ -80,11 +80,12 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Request, Waiter)>) {
             // simulation found a leader whose writes all stalled that way). So a proposal
             // also ends when this node stops leading the term it was made in: the caller
             // retries with the same request id, which applies once whatever happened.
-            let mut metrics = raft.metrics();
-            let term = metrics.borrow().current_term;
+            // Server metrics change with the vote and state only, not with every apply.
+            let mut metrics = raft.server_metrics();
+            let vote = metrics.borrow().vote;
             let result = tokio::select! {
                 r = raft.client_write(Proposal(requests)) => r,
-                m = metrics.wait_for(|m| m.current_term != term || m.state != ServerState::Leader) => {
+                m = metrics.wait_for(|m| m.vote != vote || m.state != ServerState::Leader) => {
                     drop(slot);
                     let leader = m.ok().and_then(|m| m.current_leader);
                     return fail(ForwardError::NotLeader { leader }, waiters);
