@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use warren_consensus::cluster::{Cluster, ClusterConfig, ClusterError, PlantedBug};
 use warren_consensus::log_store::StorageIo;
@@ -162,6 +163,11 @@ impl Shared {
             name: format!("n{}", id.0),
             addr: addr.to_string(),
         }
+    }
+
+    /// Queues a membership change for the admin workers.
+    fn queue_change(&self, change: MembershipChange) {
+        self.admin.lock().expect("admin").push_back((change, 0));
     }
 
     fn next_op(&self, node: NodeId) -> (Op, Duration) {
@@ -429,13 +435,17 @@ impl Invariants {
     /// index applied the same sequence.
     fn step(&mut self, live: &BTreeMap<NodeId, Cluster>) {
         for (id, c) in live {
-            let m = c.raft().metrics().borrow().clone();
-            if m.state == ServerState::Leader {
-                let prev = *self.leader_of_term.entry(m.current_term).or_insert(*id);
+            let (state, term) = {
+                let m = c.raft().metrics();
+                let m = m.borrow();
+                (m.state, m.current_term)
+            };
+            if state == ServerState::Leader {
+                let prev = *self.leader_of_term.entry(term).or_insert(*id);
                 if prev != *id {
                     self.violations.push(format!(
-                        "two leaders in term {}: n{} and n{}",
-                        m.current_term, prev.0, id.0
+                        "two leaders in term {term}: n{} and n{}",
+                        prev.0, id.0
                     ));
                 }
             }
@@ -725,18 +735,14 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         if kinds.is_empty() {
             break;
         }
-        let kind = kinds[rng.gen_range(0..kinds.len())];
-        let fault = match kind {
+        let fault = match kinds[rng.gen_range(0..kinds.len())] {
             0 => Fault::Crash(rng.gen_range(0..total)),
             7 => Fault::CrashLeaderMidWrite,
             8 => Fault::CrashInSnapshotInstall(rng.gen_range(0..total)),
             1 => {
                 // Majority / minority split of the voters; learners fall on either side.
                 let mut all: Vec<usize> = (0..total).collect();
-                for i in (1..all.len()).rev() {
-                    let j = rng.gen_range(0..=i);
-                    all.swap(i, j);
-                }
+                all.shuffle(&mut rng);
                 let cut = rng.gen_range(1..=total / 2);
                 let (a, b) = all.split_at(cut);
                 Fault::Partition(a.to_vec(), b.to_vec())
@@ -748,7 +754,11 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             _ => Fault::RemoveAndReadd(rng.gen_range(0..cfg.voters)),
         };
         // A node that is to need a snapshot stays down until the log it needs is gone.
-        let down = if kind == 8 { 5000..8000 } else { 500..5000 };
+        let down = if matches!(fault, Fault::CrashInSnapshotInstall(_)) {
+            5000..8000
+        } else {
+            500..5000
+        };
         schedule.entry(t).or_default().push(fault.clone());
         heal_at
             .entry(t + rng.gen_range(down))
@@ -758,7 +768,10 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
     }
 
     let mut crashed: BTreeSet<usize> = BTreeSet::new();
-    let mut cut_pairs: Vec<(usize, usize)> = Vec::new();
+    let mut links = Links {
+        names: &names,
+        cut: Vec::new(),
+    };
     let leader_index = |shared: &Shared| -> Option<usize> {
         let live = shared.live.lock().expect("live");
         live.iter()
@@ -788,11 +801,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         if step == learners_at {
             for l in cfg.voters..total {
                 let id = NodeId(l as u64 + 1);
-                shared
-                    .admin
-                    .lock()
-                    .expect("admin")
-                    .push_back((MembershipChange::AddLearner(id, shared.cluster_node(id)), 0));
+                shared.queue_change(MembershipChange::AddLearner(id, shared.cluster_node(id)));
             }
         }
         let trapped: Vec<NodeId> = std::mem::take(&mut *shared.trapped.lock().expect("trapped"));
@@ -817,7 +826,8 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                 let live = shared.live.lock().expect("live");
                 live.iter()
                     .find(|(_, c)| {
-                        let m = c.raft().metrics().borrow().clone();
+                        let m = c.raft().metrics();
+                        let m = m.borrow();
                         m.state == ServerState::Leader
                             && (step >= until || m.last_log_index > m.last_applied.map(|a| a.index))
                     })
@@ -857,43 +867,25 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                             .insert(NodeId(i as u64 + 1));
                         format!("{step} ms: crash n{} until it needs a snapshot", i + 1)
                     }
-                    Fault::IsolateLeader => match leader_index(&shared) {
-                        Some(l) => {
-                            for o in (0..total).filter(|o| *o != l) {
-                                sim.partition(names[l].as_str(), names[o].as_str());
-                                cut_pairs.push((l, o));
-                            }
+                    Fault::IsolateLeader | Fault::LeaderDeaf => {
+                        let Some(l) = leader_index(&shared) else {
+                            continue;
+                        };
+                        let others: Vec<usize> = (0..total).filter(|o| *o != l).collect();
+                        if matches!(f, Fault::IsolateLeader) {
+                            links.cut(&mut sim, &[l], &others, false);
                             format!("{step} ms: isolate leader n{}", l + 1)
-                        }
-                        None => continue,
-                    },
-                    Fault::Partition(a, b) => {
-                        for x in &a {
-                            for y in &b {
-                                sim.partition(names[*x].as_str(), names[*y].as_str());
-                                cut_pairs.push((*x, *y));
-                            }
-                        }
-                        format!("{step} ms: partition {:?} | {:?}", plus1(&a), plus1(&b))
-                    }
-                    Fault::LeaderDeaf => match leader_index(&shared) {
-                        Some(l) => {
-                            for o in (0..total).filter(|o| *o != l) {
-                                sim.partition_oneway(names[o].as_str(), names[l].as_str());
-                                cut_pairs.push((o, l));
-                            }
+                        } else {
+                            links.cut(&mut sim, &others, &[l], true);
                             format!("{step} ms: leader n{} hears nobody (one-way)", l + 1)
                         }
-                        None => continue,
-                    },
+                    }
+                    Fault::Partition(a, b) => {
+                        links.cut(&mut sim, &a, &b, false);
+                        format!("{step} ms: partition {:?} | {:?}", plus1(&a), plus1(&b))
+                    }
                     Fault::Loss(p) => {
-                        for a in &names {
-                            for b in &names {
-                                if a < b {
-                                    sim.set_link_fail_rate(a.as_str(), b.as_str(), p);
-                                }
-                            }
-                        }
+                        links.set_loss(&mut sim, p);
                         format!("{step} ms: links drop messages at {:.0}%", p * 100.0)
                     }
                     Fault::Delay(d) => {
@@ -902,11 +894,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                     }
                     Fault::RemoveAndReadd(v) => {
                         let id = NodeId(v as u64 + 1);
-                        shared
-                            .admin
-                            .lock()
-                            .expect("admin")
-                            .push_back((MembershipChange::Remove(id), 0));
+                        shared.queue_change(MembershipChange::Remove(id));
                         format!("{step} ms: remove voter n{}", v + 1)
                     }
                     Fault::Crash(_) | Fault::CrashInSnapshotInstall(_) => continue,
@@ -923,48 +911,26 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                             report.faults.push(format!("{step} ms: restart n{}", i + 1));
                         }
                     }
-                    Fault::Loss(_) => {
-                        for a in &names {
-                            for b in &names {
-                                if a < b {
-                                    sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
-                                }
-                            }
-                        }
-                    }
+                    Fault::Loss(_) => links.set_loss(&mut sim, 0.0),
                     Fault::Delay(_) => sim.set_max_message_latency(Duration::from_millis(5)),
                     Fault::CrashLeaderMidWrite => {}
                     Fault::RemoveAndReadd(v) => {
                         let id = NodeId(v as u64 + 1);
-                        shared
-                            .admin
-                            .lock()
-                            .expect("admin")
-                            .push_back((MembershipChange::Promote(id), 0));
+                        shared.queue_change(MembershipChange::Promote(id));
                         report
                             .faults
                             .push(format!("{step} ms: make n{} a voter again", v + 1));
                     }
-                    _ => {
-                        for (a, b) in cut_pairs.drain(..) {
-                            sim.repair(names[a].as_str(), names[b].as_str());
-                        }
+                    Fault::IsolateLeader | Fault::LeaderDeaf | Fault::Partition(..) => {
+                        links.repair_all(&mut sim);
                     }
                 }
             }
         }
         if step == fault_end {
             // Heal everything: the liveness phase starts.
-            for (a, b) in cut_pairs.drain(..) {
-                sim.repair(names[a].as_str(), names[b].as_str());
-            }
-            for a in &names {
-                for b in &names {
-                    if a < b {
-                        sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
-                    }
-                }
-            }
+            links.repair_all(&mut sim);
+            links.set_loss(&mut sim, 0.0);
             sim.set_max_message_latency(Duration::from_millis(5));
             for i in std::mem::take(&mut crashed) {
                 sim.bounce(names[i].as_str());
@@ -976,11 +942,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             // Every voter back in the membership.
             for v in 0..cfg.voters {
                 let id = NodeId(v as u64 + 1);
-                shared
-                    .admin
-                    .lock()
-                    .expect("admin")
-                    .push_back((MembershipChange::Promote(id), 0));
+                shared.queue_change(MembershipChange::Promote(id));
             }
             report.faults.push(format!("{step} ms: heal everything"));
             healed_at = Some(step);
@@ -1088,6 +1050,47 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
     drop(sim);
     shared.live.lock().expect("live").clear();
     Ok(report)
+}
+
+/// The simulated links between the hosts, and which of them a partition has cut.
+struct Links<'a> {
+    names: &'a [String],
+    /// Cut (from, to) pairs; both directions unless the cut was one-way.
+    cut: Vec<(usize, usize)>,
+}
+
+impl Links<'_> {
+    /// Cuts every link between a host in `a` and one in `b`; `one_way` cuts only the
+    /// direction from `a` to `b`.
+    fn cut(&mut self, sim: &mut turmoil::Sim<'_>, a: &[usize], b: &[usize], one_way: bool) {
+        for &x in a {
+            for &y in b {
+                let (from, to) = (self.names[x].as_str(), self.names[y].as_str());
+                if one_way {
+                    sim.partition_oneway(from, to);
+                } else {
+                    sim.partition(from, to);
+                }
+                self.cut.push((x, y));
+            }
+        }
+    }
+
+    /// Repairs every cut link. Overlapping partitions heal together.
+    fn repair_all(&mut self, sim: &mut turmoil::Sim<'_>) {
+        for (a, b) in self.cut.drain(..) {
+            sim.repair(self.names[a].as_str(), self.names[b].as_str());
+        }
+    }
+
+    /// Makes every link drop messages with probability `p`.
+    fn set_loss(&self, sim: &mut turmoil::Sim<'_>, p: f64) {
+        for (i, a) in self.names.iter().enumerate() {
+            for b in &self.names[i + 1..] {
+                sim.set_link_fail_rate(a.as_str(), b.as_str(), p);
+            }
+        }
+    }
 }
 
 /// Crashes node `i`: its process state is gone, its data dir stays.

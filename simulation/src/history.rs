@@ -101,7 +101,7 @@ impl History {
     /// Records an invocation (of a write with request id `request`); returns its id for
     /// [`History::complete`].
     pub fn invoke(&self, node: u64, op: Op, request: Option<u128>) -> usize {
-        let t = self.clock.fetch_add(1, Ordering::SeqCst);
+        let t = self.tick();
         let mut r = self.records.lock().expect("history lock");
         let id = r.len();
         r.push(Record {
@@ -122,7 +122,7 @@ impl History {
 
     /// Records a completion.
     pub fn complete(&self, id: usize, out: Out) {
-        let t = self.clock.fetch_add(1, Ordering::SeqCst);
+        let t = self.tick();
         let mut r = self.records.lock().expect("history lock");
         if !r[id].op.is_read() && matches!(out, Out::Ok | Out::Exists | Out::NotFound) {
             self.last_answered_write
