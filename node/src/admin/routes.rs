@@ -204,10 +204,7 @@ async fn get_one<E: ApiEntity>(
 ) -> Result<Json<E::View>, ApiErr> {
     let reg = auth_read(&s, &headers).await?;
     let name = path_name(E::KIND, &name)?;
-    E::table(&reg)
-        .get(&name)
-        .map(|e| Json(e.view()))
-        .ok_or_else(|| ApiErr::not_found(E::KIND, name.as_str()))
+    found_or_404(E::KIND, &name, E::table(&reg).get(&name), E::view)
 }
 
 async fn create<E: ApiEntity>(
@@ -401,10 +398,9 @@ async fn get_node(
 ) -> Result<Json<NodeView>, ApiErr> {
     let reg = auth_read(&s, &headers).await?;
     let name = path_name(Kind::Node, &name)?;
-    reg.nodes()
-        .get(&name)
-        .map(|n| Json(node_view(&reg, n)))
-        .ok_or_else(|| ApiErr::not_found(Kind::Node, name.as_str()))
+    found_or_404(Kind::Node, &name, reg.nodes().get(&name), |n| {
+        node_view(&reg, n)
+    })
 }
 
 async fn create_node(
@@ -449,18 +445,38 @@ async fn delete_node(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiErr> {
-    let key = auth_write(&s, &headers).await?;
-    let name = path_name(Kind::Node, &name)?;
-    submit(
-        &s,
-        key,
-        &headers,
-        Command::DeleteNode { name: name.clone() },
-    )
-    .await?;
-    Ok(Json(
-        json!({ "deleted": { "kind": Kind::Node, "name": name } }),
-    ))
+    remove_named(&s, &headers, Kind::Node, &name, "deleted", |name| {
+        Command::DeleteNode { name }
+    })
+    .await
+}
+
+/// Removes the entity of `kind` named `name` with the command `command` makes, and answers
+/// `{"<done>": {"kind": ..., "name": ...}}`.
+async fn remove_named(
+    s: &AdminState,
+    headers: &HeaderMap,
+    kind: Kind,
+    name: &str,
+    done: &str,
+    command: fn(Name) -> Command,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(s, headers).await?;
+    let name = path_name(kind, name)?;
+    submit(s, key, headers, command(name.clone())).await?;
+    Ok(Json(json!({ done: { "kind": kind, "name": name } })))
+}
+
+/// The view of `found`, or a 404 naming `kind` and `name`.
+fn found_or_404<T, V>(
+    kind: Kind,
+    name: &Name,
+    found: Option<T>,
+    view: impl FnOnce(T) -> V,
+) -> Result<Json<V>, ApiErr> {
+    found
+        .map(|x| Json(view(x)))
+        .ok_or_else(|| ApiErr::not_found(kind, name.as_str()))
 }
 
 fn api_key_view(k: &ApiKeyRecord) -> ApiKeyView {
@@ -490,10 +506,7 @@ async fn get_api_key(
 ) -> Result<Json<ApiKeyView>, ApiErr> {
     let reg = auth_read(&s, &headers).await?;
     let name = path_name(Kind::ApiKey, &name)?;
-    reg.api_keys()
-        .get(&name)
-        .map(|k| Json(api_key_view(k)))
-        .ok_or_else(|| ApiErr::not_found(Kind::ApiKey, name.as_str()))
+    found_or_404(Kind::ApiKey, &name, reg.api_keys().get(&name), api_key_view)
 }
 
 async fn create_api_key(
@@ -529,18 +542,10 @@ async fn revoke_api_key(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiErr> {
-    let key = auth_write(&s, &headers).await?;
-    let name = path_name(Kind::ApiKey, &name)?;
-    submit(
-        &s,
-        key,
-        &headers,
-        Command::RevokeApiKey { name: name.clone() },
-    )
-    .await?;
-    Ok(Json(
-        json!({ "revoked": { "kind": Kind::ApiKey, "name": name } }),
-    ))
+    remove_named(&s, &headers, Kind::ApiKey, &name, "revoked", |name| {
+        Command::RevokeApiKey { name }
+    })
+    .await
 }
 
 fn join_token_view(t: &JoinTokenRecord) -> JoinTokenView {
