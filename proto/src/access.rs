@@ -22,7 +22,7 @@ use crate::registry::{FieldError, Policy};
 pub struct Identity<'a> {
     /// The user's registry name.
     pub user: &'a str,
-    /// The user's e-mail address, lower case.
+    /// The user's e-mail address (compared without regard to ASCII case).
     pub email: &'a str,
     /// Roles in the registry and groups from the identity provider.
     pub groups: &'a [String],
@@ -96,7 +96,7 @@ enum Node {
     Not(Box<Node>),
     User(String),
     Email(String),
-    /// `@domain`, lower case.
+    /// `@domain`.
     EmailDomain(String),
     Group(String),
     Claim(Vec<String>, String),
@@ -175,8 +175,8 @@ fn compile_checked(e: &Expr) -> Node {
         Expr::Or(xs) => Node::Or(xs.iter().map(compile_checked).collect()),
         Expr::Not(x) => Node::Not(Box::new(compile_checked(x))),
         Expr::User(u) => Node::User(u.to_string()),
-        Expr::Email(m) => Node::Email(m.to_ascii_lowercase()),
-        Expr::EmailDomain(d) => Node::EmailDomain(format!("@{}", d.to_ascii_lowercase())),
+        Expr::Email(m) => Node::Email(m.clone()),
+        Expr::EmailDomain(d) => Node::EmailDomain(format!("@{d}")),
         Expr::Group(g) => Node::Group(g.clone()),
         Expr::Claim(c) => Node::Claim(
             c.path.split('.').map(str::to_owned).collect(),

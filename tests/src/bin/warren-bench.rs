@@ -8,14 +8,45 @@
 //! - Failover: SIGKILL the leader while a client writes through a survivor (500 ms client
 //!   timeout, immediate retry); the time from the kill to the first acknowledged write.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use serde_json::{json, Value};
 use warren_tests::{free_port, Cluster};
+
+/// Counts heap allocations, so `policy` can report how many decisions make.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+#[allow(unsafe_code)]
+// SAFETY: every call goes to the system allocator unchanged; this only counts.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `realloc` is passed on as it is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 #[derive(Parser)]
 #[command(name = "warren-bench")]
@@ -565,6 +596,7 @@ fn policy(iterations: u32) -> anyhow::Result<()> {
     assert!(decide(&compiled, &alice).allowed());
     assert!(!decide(&compiled, &bob).allowed());
     for (who, f) in [("allowed (alice)", alice), ("denied (bob)", bob)] {
+        let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
         let started = Instant::now();
         let mut allowed = 0u32;
         for _ in 0..iterations {
@@ -573,7 +605,10 @@ fn policy(iterations: u32) -> anyhow::Result<()> {
             );
         }
         let ns = started.elapsed().as_nanos() as f64 / f64::from(iterations);
-        println!("policy decision, {who}: {ns:.0} ns ({iterations} decisions, {allowed} allowed)");
+        let allocs = ALLOCATIONS.load(Ordering::Relaxed) - allocs_before;
+        println!(
+            "policy decision, {who}: {ns:.0} ns, {allocs} heap allocations in all ({iterations} decisions, {allowed} allowed)"
+        );
     }
     Ok(())
 }
