@@ -20,10 +20,12 @@ use imbl::{OrdMap, Vector};
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 use warren_proto::api::{ApplyReport, Change, ChangeAction, Manifest, MemberRole, Scope};
+use warren_proto::certificate::Certificate;
 use warren_proto::registry::{
     Entity, FieldError, IdentityProvider, Kind, Node, NodeId, Policy, Resource, Role, Route, Site,
     User,
 };
+use warren_proto::session::{user_name_from_email, ProxyKeys, Session, SessionId};
 use warren_proto::token::{ApiKey, KeyId, SecretHash};
 use warren_proto::Name;
 
@@ -80,6 +82,8 @@ pub enum AnyEntity {
     Resource(Resource),
     /// A policy.
     Policy(Policy),
+    /// A TLS certificate.
+    Certificate(Certificate),
 }
 
 impl AnyEntity {
@@ -92,6 +96,7 @@ impl AnyEntity {
             AnyEntity::Site(_) => Kind::Site,
             AnyEntity::Resource(_) => Kind::Resource,
             AnyEntity::Policy(_) => Kind::Policy,
+            AnyEntity::Certificate(_) => Kind::Certificate,
         }
     }
 
@@ -104,6 +109,7 @@ impl AnyEntity {
             AnyEntity::Site(e) => e.name(),
             AnyEntity::Resource(e) => e.name(),
             AnyEntity::Policy(e) => e.name(),
+            AnyEntity::Certificate(e) => e.name(),
         }
     }
 }
@@ -181,6 +187,41 @@ pub enum Command {
         /// Node name.
         name: Name,
     },
+    /// Record a sign-in: find the user by e-mail (or create one, named after the address)
+    /// and store the session for it. Refused for a disabled user.
+    SignIn {
+        /// The new session (its `user` is set by the registry).
+        session: Session,
+        /// Display name from the provider, for a user created now.
+        display_name: Option<String>,
+    },
+    /// New tokens from the provider for a session.
+    RefreshSession {
+        /// The session.
+        id: SessionId,
+        /// The new refresh token, if the provider rotated it.
+        refresh_token: Option<warren_proto::Secret>,
+        /// When the new tokens expire.
+        token_expires_at: Option<u64>,
+        /// Groups as the provider now lists them.
+        groups: Vec<String>,
+    },
+    /// End a session (sign-out, revocation, refused refresh).
+    RevokeSession {
+        /// The session.
+        id: SessionId,
+    },
+    /// Mark a one-time sign-in handoff code as used; refused if it already was.
+    ConsumeHandoff {
+        /// The code's random id.
+        id: u128,
+        /// When the code expires (it is forgotten after).
+        expires_at: u64,
+    },
+    /// Store the proxy's keys unless the cluster already has some (the first node wins).
+    EnsureProxyKeys(ProxyKeys),
+    /// Add a new signing key (the newest signs) and drop all but the two newest.
+    RotateSigningKey(warren_proto::session::SigningKey),
 }
 
 /// A successful command's result.
@@ -201,6 +242,13 @@ pub enum Outcome {
     Node(Node),
     /// What an apply changed.
     Applied(ApplyReport),
+    /// A sign-in was recorded for this user.
+    SignedIn {
+        /// The user (found or created).
+        user: Name,
+        /// Whether the user was created by this sign-in.
+        created: bool,
+    },
     /// Nothing to report.
     Done,
 }
@@ -321,6 +369,11 @@ pub struct Registry {
     api_keys: OrdMap<Name, ApiKeyRecord>,
     join_tokens: OrdMap<u64, JoinTokenRecord>,
     nodes: OrdMap<Name, Node>,
+    certificates: OrdMap<Name, Certificate>,
+    sessions: OrdMap<SessionId, Session>,
+    session_expiry: imbl::OrdSet<(u64, SessionId)>,
+    used_handoffs: imbl::OrdSet<(u64, u128)>,
+    proxy_keys: Option<ProxyKeys>,
     // Arc'd: entries are cloned whenever a shared tree node is copied on write.
     dedup: OrdMap<RequestId, Arc<(u64, Reply)>>,
     dedup_order: Vector<(u64, RequestId)>,
@@ -386,6 +439,7 @@ table!(IdentityProvider, identity_providers, IdentityProvider);
 table!(Site, sites, Site);
 table!(Resource, resources, Resource, unique = unique_route);
 table!(Policy, policies, Policy);
+table!(Certificate, certificates, Certificate);
 
 fn unique_email(u: &User, r: &Registry) -> Result<(), RegistryError> {
     let Some(email) = &u.email else {
@@ -454,6 +508,22 @@ fn unique_route(res: &Resource, r: &Registry) -> Result<(), RegistryError> {
 }
 
 impl Registry {
+    /// Stored certificates.
+    pub fn certificates(&self) -> &OrdMap<Name, Certificate> {
+        &self.certificates
+    }
+
+    /// Live sessions (some may have expired since the last write purged them: check
+    /// `expires_at`).
+    pub fn sessions(&self) -> &OrdMap<SessionId, Session> {
+        &self.sessions
+    }
+
+    /// The proxy's keys, once a node created them.
+    pub fn proxy_keys(&self) -> Option<&ProxyKeys> {
+        self.proxy_keys.as_ref()
+    }
+
     /// The cluster's id (0 before bootstrap).
     pub fn cluster_id(&self) -> u128 {
         self.cluster_id
@@ -596,6 +666,11 @@ impl Registry {
             Kind::Site => self.sites.get(name).cloned().map(AnyEntity::Site),
             Kind::Resource => self.resources.get(name).cloned().map(AnyEntity::Resource),
             Kind::Policy => self.policies.get(name).cloned().map(AnyEntity::Policy),
+            Kind::Certificate => self
+                .certificates
+                .get(name)
+                .cloned()
+                .map(AnyEntity::Certificate),
             Kind::ApiKey | Kind::Node | Kind::JoinToken => None,
         }
     }
@@ -610,6 +685,7 @@ impl Registry {
             Kind::Policy => self.policies.contains_key(name),
             Kind::ApiKey => self.api_keys.contains_key(name),
             Kind::Node => self.nodes.contains_key(name),
+            Kind::Certificate => self.certificates.contains_key(name),
             Kind::JoinToken => false,
         }
     }
@@ -652,7 +728,12 @@ impl Registry {
             Actor::ApiKey(id) => {
                 if matches!(
                     req.command,
-                    Command::Bootstrap { .. } | Command::RegisterNode { .. }
+                    Command::Bootstrap { .. }
+                        | Command::RegisterNode { .. }
+                        | Command::SignIn { .. }
+                        | Command::RefreshSession { .. }
+                        | Command::ConsumeHandoff { .. }
+                        | Command::EnsureProxyKeys(_)
                 ) {
                     return Err(RegistryError::Forbidden);
                 }
@@ -813,7 +894,160 @@ impl Registry {
                 self.nodes_by_id.remove(&id);
                 Ok(Outcome::Done)
             }
+            Command::SignIn {
+                session,
+                display_name,
+            } => {
+                self.expire_sessions(req.at);
+                self.sign_in(session.clone(), display_name.clone(), index)
+            }
+            Command::RefreshSession {
+                id,
+                refresh_token,
+                token_expires_at,
+                groups,
+            } => {
+                let mut session =
+                    self.sessions
+                        .get(id)
+                        .cloned()
+                        .ok_or_else(|| RegistryError::NotFound {
+                            kind: Kind::User,
+                            name: format!("session {id}"),
+                        })?;
+                if refresh_token.is_some() {
+                    session.refresh_token = refresh_token.clone();
+                }
+                session.token_expires_at = *token_expires_at;
+                session.groups = groups.clone();
+                self.sessions.insert(*id, session);
+                Ok(Outcome::Done)
+            }
+            Command::RevokeSession { id } => {
+                let session = self
+                    .sessions
+                    .remove(id)
+                    .ok_or_else(|| RegistryError::NotFound {
+                        kind: Kind::User,
+                        name: format!("session {id}"),
+                    })?;
+                self.session_expiry.remove(&(session.expires_at, *id));
+                Ok(Outcome::Done)
+            }
+            Command::ConsumeHandoff { id, expires_at } => {
+                while let Some(first) = self.used_handoffs.get_min().copied() {
+                    if first.0 >= req.at {
+                        break;
+                    }
+                    self.used_handoffs.remove(&first);
+                }
+                if *expires_at < req.at {
+                    return Err(RegistryError::Conflict {
+                        message: "this sign-in link has expired".into(),
+                    });
+                }
+                if self.used_handoffs.contains(&(*expires_at, *id)) {
+                    return Err(RegistryError::Conflict {
+                        message: "this sign-in link was already used".into(),
+                    });
+                }
+                self.used_handoffs.insert((*expires_at, *id));
+                Ok(Outcome::Done)
+            }
+            Command::EnsureProxyKeys(keys) => {
+                if self.proxy_keys.is_none() {
+                    self.proxy_keys = Some(keys.clone());
+                }
+                Ok(Outcome::Done)
+            }
+            Command::RotateSigningKey(key) => {
+                let keys = self.proxy_keys.as_mut().ok_or(RegistryError::Conflict {
+                    message: "the cluster has no proxy keys yet".into(),
+                })?;
+                keys.signing_keys.push(key.clone());
+                let excess = keys.signing_keys.len().saturating_sub(2);
+                keys.signing_keys.drain(..excess);
+                Ok(Outcome::Done)
+            }
         }
+    }
+
+    /// Forgets sessions that ended before `now`.
+    fn expire_sessions(&mut self, now: u64) {
+        while let Some(first) = self.session_expiry.get_min().copied() {
+            if first.0 >= now {
+                break;
+            }
+            self.session_expiry.remove(&first);
+            self.sessions.remove(&first.1);
+        }
+    }
+
+    fn sign_in(
+        &mut self,
+        mut session: Session,
+        display_name: Option<String>,
+        index: u64,
+    ) -> Result<Outcome, RegistryError> {
+        if self.sessions.contains_key(&session.id) {
+            return Err(RegistryError::AlreadyExists {
+                kind: Kind::User,
+                name: format!("session {}", session.id),
+                field: "id".into(),
+                detail: "already exists".into(),
+            });
+        }
+        let existing = self
+            .users
+            .values()
+            .find(|u| {
+                u.email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(&session.email))
+            })
+            .cloned();
+        let (user, created) = match existing {
+            Some(u) if u.disabled => {
+                return Err(RegistryError::Conflict {
+                    message: format!("user {:?} is disabled", u.name.as_str()),
+                })
+            }
+            Some(u) => (u.name, false),
+            None => {
+                let base = user_name_from_email(&session.email);
+                let name = (1..=1000)
+                    .map(|i| {
+                        if i == 1 {
+                            base.clone()
+                        } else {
+                            format!("{base}-{i}")
+                        }
+                    })
+                    .filter_map(|n| Name::new(n).ok())
+                    .find(|n| !self.users.contains_key(n))
+                    .ok_or_else(|| RegistryError::Conflict {
+                        message: "no free user name for this e-mail address".into(),
+                    })?;
+                let user = User {
+                    name: name.clone(),
+                    email: Some(session.email.clone()),
+                    display_name: display_name
+                        .filter(|d| warren_proto::registry::check_text(d, 256).is_ok()),
+                    disabled: false,
+                    revision: 0,
+                };
+                user.validate()
+                    .map_err(|e| RegistryError::invalid(Kind::User, name.as_str(), e))?;
+                let mut user = user;
+                user.revision = index;
+                self.users.insert(name.clone(), user);
+                (name, true)
+            }
+        };
+        session.user = user.clone();
+        self.session_expiry.insert((session.expires_at, session.id));
+        self.sessions.insert(session.id, session);
+        Ok(Outcome::SignedIn { user, created })
     }
 
     fn insert_node(&mut self, node: Node) {
@@ -1035,6 +1269,7 @@ impl Registry {
             AnyEntity::Site(e) => self.create(e, index)?.wrap(),
             AnyEntity::Resource(e) => self.create(e, index)?.wrap(),
             AnyEntity::Policy(e) => self.create(e, index)?.wrap(),
+            AnyEntity::Certificate(e) => self.create(e, index)?.wrap(),
         })
     }
 
@@ -1049,6 +1284,7 @@ impl Registry {
             AnyEntity::Site(e) => w(self.update(e, index)?),
             AnyEntity::Resource(e) => w(self.update(e, index)?),
             AnyEntity::Policy(e) => w(self.update(e, index)?),
+            AnyEntity::Certificate(e) => w(self.update(e, index)?),
         })
     }
 
@@ -1070,6 +1306,7 @@ impl Registry {
             Kind::Site => self.sites.get(name).map(|e| e.revision),
             Kind::Resource => self.resources.get(name).map(|e| e.revision),
             Kind::Policy => self.policies.get(name).map(|e| e.revision),
+            Kind::Certificate => self.certificates.get(name).map(|e| e.revision),
             Kind::ApiKey | Kind::Node | Kind::JoinToken => {
                 return Err(RegistryError::Conflict {
                     message: format!("a {kind} is not deleted with this command"),
@@ -1121,6 +1358,7 @@ impl Registry {
             Kind::Site => drop(self.sites.remove(name)),
             Kind::Resource => drop(self.resources.remove(name)),
             Kind::Policy => drop(self.policies.remove(name)),
+            Kind::Certificate => drop(self.certificates.remove(name)),
             Kind::ApiKey | Kind::Node | Kind::JoinToken => {}
         }
         Ok(cascaded)
@@ -1509,6 +1747,7 @@ mod tests {
             route: Route::Tcp { port },
             targets: vec!["10.0.0.1:5432".parse::<Target>().unwrap()],
             policies: Vec::new(),
+            http: Default::default(),
             revision: 0,
         }
     }

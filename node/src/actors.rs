@@ -230,6 +230,15 @@ pub enum ListenerKind {
         /// The join service.
         join: Arc<JoinService>,
     },
+    /// The HTTPS proxy and its HTTP redirect.
+    Proxy {
+        /// The proxy.
+        proxy: Arc<crate::proxy::Proxy>,
+        /// The bound HTTPS listener.
+        https: Arc<std::net::TcpListener>,
+        /// The bound HTTP listener.
+        http: Arc<std::net::TcpListener>,
+    },
     /// The admin API.
     Admin {
         /// The bound TCP listener.
@@ -270,6 +279,17 @@ impl Actor for Listener {
                     .await;
                 let _ = myself.cast(ListenerMsg::Ended("the QUIC endpoint closed".into()));
             }),
+            ListenerKind::Proxy { proxy, https, http } => {
+                let https = tokio::net::TcpListener::from_std(https.try_clone()?)?;
+                let http = tokio::net::TcpListener::from_std(http.try_clone()?)?;
+                tokio::spawn(async move {
+                    let why = tokio::select! {
+                        why = proxy.clone().serve_https(https) => why,
+                        why = proxy.serve_http(http) => why,
+                    };
+                    let _ = myself.cast(ListenerMsg::Ended(why));
+                })
+            }
             ListenerKind::Admin {
                 listener,
                 tls,
@@ -324,6 +344,12 @@ pub struct SupervisorArgs {
     pub node_name: Name,
     /// This cluster's id.
     pub cluster_id: u128,
+    /// The proxy.
+    pub proxy: Arc<crate::proxy::Proxy>,
+    /// The bound HTTPS listener of the proxy.
+    pub https_listener: Arc<std::net::TcpListener>,
+    /// The bound HTTP listener of the proxy.
+    pub http_listener: Arc<std::net::TcpListener>,
 }
 
 /// The root of the tree.
@@ -334,6 +360,7 @@ enum Child {
     Cluster,
     Rpc,
     Admin,
+    Proxy,
 }
 
 /// State of the [`Supervisor`].
@@ -396,6 +423,16 @@ impl Supervisor {
                     Actor::spawn_linked(None, Listener, kind, myself.get_cell()).await?;
                 actor.get_cell()
             }
+            Child::Proxy => {
+                let kind = ListenerKind::Proxy {
+                    proxy: a.proxy.clone(),
+                    https: a.https_listener.clone(),
+                    http: a.http_listener.clone(),
+                };
+                let (actor, _) =
+                    Actor::spawn_linked(None, Listener, kind, myself.get_cell()).await?;
+                actor.get_cell()
+            }
             Child::Admin => {
                 let admin = AdminState::new(
                     a.cluster.clone(),
@@ -439,7 +476,7 @@ impl Actor for Supervisor {
             cluster_actor,
             tls,
         };
-        for child in [Child::Cluster, Child::Rpc, Child::Admin] {
+        for child in [Child::Cluster, Child::Rpc, Child::Admin, Child::Proxy] {
             self.start_child(&myself, &mut state, child).await?;
         }
         Ok(state)

@@ -28,3 +28,4 @@ pub mod settings;
 
 pub use node::{init, join, run, RunningNode};
 pub use settings::Settings;
+pub mod proxy;

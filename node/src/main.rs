@@ -213,6 +213,10 @@ fn print_serving(node: &RunningNode) {
     println!("  admin API      https://{}/v1/", node.file.admin_addr);
     println!("  cluster CA     {}", node.dir.path("ca.pem").display());
     println!("  cluster addr   {} (QUIC)", node.file.cluster_addr);
+    println!(
+        "  web proxy      https://{} (resources by host name; sign-in on the auth host), HTTP redirect on --http-addr",
+        node.https_addr
+    );
 }
 
 fn print_try(node: &RunningNode) {

@@ -36,6 +36,10 @@ pub struct RunningNode {
     supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
     dbs: [sled::Db; 2],
+    /// Where the HTTPS proxy listens.
+    pub https_addr: SocketAddr,
+    /// The proxy.
+    pub proxy: Arc<crate::proxy::Proxy>,
 }
 
 impl RunningNode {
@@ -52,6 +56,16 @@ impl RunningNode {
         let admin_listener = TcpListener::bind(admin_addr)
             .with_context(|| format!("cannot listen on admin address {admin_addr} (TCP)"))?;
         admin_listener.set_nonblocking(true)?;
+        let https_listener = crate::proxy::bind(
+            resolve_listen(&settings.https_addr, "--https-addr")?,
+            "HTTPS proxy",
+        )?;
+        let http_listener = crate::proxy::bind(
+            resolve_listen(&settings.http_addr, "--http-addr")?,
+            "HTTP redirect",
+        )?;
+        let https_addr = https_listener.local_addr()?;
+        let proxy_settings = settings.proxy(https_addr.port())?;
         let server_config = pki::quic_server_config(&ca, &identity)?;
         let endpoint = quinn::Endpoint::server(server_config, cluster_addr)
             .with_context(|| format!("cannot listen on cluster address {cluster_addr} (UDP)"))?;
@@ -81,7 +95,11 @@ impl RunningNode {
             );
         }
 
+        let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings);
         let args = SupervisorArgs {
+            proxy: proxy.clone(),
+            https_listener: Arc::new(https_listener),
+            http_listener: Arc::new(http_listener),
             cluster: cluster.clone(),
             transport,
             endpoint: endpoint.clone(),
@@ -101,6 +119,7 @@ impl RunningNode {
             cluster = %file.cluster_id,
             cluster_addr = %cluster_addr,
             admin_addr = %admin_addr,
+            https_addr = %https_addr,
             "node started"
         );
         Ok(Self {
@@ -112,6 +131,8 @@ impl RunningNode {
             supervisor,
             supervisor_done,
             dbs: [log_db, state_db],
+            https_addr,
+            proxy,
         })
     }
 

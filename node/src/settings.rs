@@ -34,6 +34,24 @@ pub struct Settings {
     /// unhealthy and stops granting access.
     #[arg(long, env = "WARREN_LEADER_LOSS_BOUND_S", default_value_t = 15)]
     pub leader_loss_bound_s: u64,
+    /// host:port of the HTTPS proxy (web resources and sign-in).
+    #[arg(long, env = "WARREN_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
+    pub https_addr: String,
+    /// host:port of the plain HTTP listener, which redirects to HTTPS.
+    #[arg(long, env = "WARREN_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    /// The HTTPS port users reach the proxy on, if not the port of --https-addr (behind
+    /// port forwarding, say 443).
+    #[arg(long, env = "WARREN_PUBLIC_HTTPS_PORT")]
+    pub public_https_port: Option<u16>,
+    /// Host name of the cluster's sign-in pages; must be the same on every node and have a
+    /// certificate. Register https://<auth-host>[:port]/.warren/callback at the identity
+    /// provider.
+    #[arg(long, env = "WARREN_AUTH_HOST", default_value = "auth.localhost")]
+    pub auth_host: String,
+    /// How long a browser session lasts, in hours.
+    #[arg(long, env = "WARREN_SESSION_HOURS", default_value_t = 12)]
+    pub session_hours: u64,
 }
 
 impl Default for Settings {
@@ -47,11 +65,33 @@ impl Default for Settings {
             request_timeout_ms: d.request_timeout.as_millis() as u64,
             membership_timeout_s: d.membership_timeout.as_secs(),
             leader_loss_bound_s: d.leader_loss_bound.as_secs(),
+            https_addr: "127.0.0.1:8443".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            public_https_port: None,
+            auth_host: "auth.localhost".into(),
+            session_hours: 12,
         }
     }
 }
 
 impl Settings {
+    /// The proxy settings, checked; `https_port` is the port the HTTPS listener got.
+    pub fn proxy(&self, https_port: u16) -> anyhow::Result<crate::proxy::ProxySettings> {
+        warren_proto::registry::check_hostname(&self.auth_host, false)
+            .map_err(|e| anyhow::anyhow!("invalid setting --auth-host: {}", e.reason))?;
+        if !(1..=24 * 90).contains(&self.session_hours) {
+            anyhow::bail!("invalid setting --session-hours: expected 1 to 2160");
+        }
+        if self.public_https_port == Some(0) {
+            anyhow::bail!("invalid setting --public-https-port: expected 1 to 65535");
+        }
+        Ok(crate::proxy::ProxySettings {
+            auth_host: self.auth_host.clone(),
+            public_https_port: self.public_https_port.unwrap_or(https_port),
+            session_ttl: Duration::from_secs(self.session_hours * 3600),
+        })
+    }
+
     /// The consensus settings, checked.
     pub fn cluster(&self) -> anyhow::Result<ClusterConfig> {
         let c = ClusterConfig {

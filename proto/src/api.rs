@@ -187,6 +187,34 @@ impl From<&IdentityProvider> for IdentityProviderView {
     }
 }
 
+/// A certificate as the API shows it: the private key is never returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateView {
+    /// Unique name.
+    pub name: Name,
+    /// DNS names it serves.
+    pub domains: Vec<String>,
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The PEM chain (public).
+    pub cert_pem: String,
+    /// Raft log index of the last change.
+    pub revision: u64,
+}
+
+impl From<&crate::certificate::Certificate> for CertificateView {
+    fn from(c: &crate::certificate::Certificate) -> Self {
+        let info = c.info().ok();
+        Self {
+            name: c.name.clone(),
+            domains: info.as_ref().map(|i| i.domains.clone()).unwrap_or_default(),
+            not_after: info.map(|i| i.not_after).unwrap_or(0),
+            cert_pem: c.cert_pem.clone(),
+            revision: c.revision,
+        }
+    }
+}
+
 /// A node's place in the Raft membership.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -19,10 +19,12 @@
 
 pub mod access;
 pub mod api;
+pub mod certificate;
 pub mod name;
 pub mod policy;
 pub mod registry;
 pub mod secret;
+pub mod session;
 pub mod token;
 
 pub use name::Name;

@@ -8,7 +8,7 @@
 //! cluster. A client that sends a non-zero `revision` with an update asks for the update to
 //! happen only if the entity is still at that revision.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -72,11 +72,13 @@ pub enum Kind {
     Node,
     /// A credential that lets a new node join the cluster.
     JoinToken,
+    /// A TLS certificate chain and key served for the domains it names.
+    Certificate,
 }
 
 impl Kind {
     /// Every kind, in the order the registry lists them.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::User,
         Kind::Role,
         Kind::IdentityProvider,
@@ -86,6 +88,7 @@ impl Kind {
         Kind::ApiKey,
         Kind::Node,
         Kind::JoinToken,
+        Kind::Certificate,
     ];
 
     /// The word for one entity of this kind, as messages use it.
@@ -100,6 +103,7 @@ impl Kind {
             Kind::ApiKey => "API key",
             Kind::Node => "node",
             Kind::JoinToken => "join token",
+            Kind::Certificate => "certificate",
         }
     }
 
@@ -115,6 +119,7 @@ impl Kind {
             Kind::ApiKey => "api-keys",
             Kind::Node => "nodes",
             Kind::JoinToken => "join-tokens",
+            Kind::Certificate => "certificates",
         }
     }
 
@@ -127,7 +132,7 @@ impl Kind {
             Kind::Site => Some("sites"),
             Kind::Resource => Some("resources"),
             Kind::Policy => Some("policies"),
-            Kind::ApiKey | Kind::Node | Kind::JoinToken => None,
+            Kind::ApiKey | Kind::Node | Kind::JoinToken | Kind::Certificate => None,
         }
     }
 }
@@ -459,9 +464,174 @@ pub struct Resource {
     /// Policies that decide who gets in; with none, nobody does.
     #[serde(default)]
     pub policies: Vec<Name>,
+    /// How web requests are handled (HTTP routes only).
+    #[serde(default)]
+    pub http: Box<HttpOptions>,
     /// Raft log index of the last change; set by the cluster.
     #[serde(default)]
     pub revision: u64,
+}
+
+/// Options of a web resource. Every field has a default that suits most apps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Anyone may use it, without signing in or any policy (identity headers are not sent).
+    #[serde(default)]
+    pub public: bool,
+    /// Send this `Host` upstream instead of the one the client asked for.
+    #[serde(default)]
+    pub host_header: Option<String>,
+    /// Headers set on every request sent upstream (replacing the client's).
+    #[serde(default)]
+    pub set_request_headers: BTreeMap<String, String>,
+    /// Headers removed from every request before it goes upstream.
+    #[serde(default)]
+    pub remove_request_headers: Vec<String>,
+    /// Headers set on every response sent to the client.
+    #[serde(default)]
+    pub set_response_headers: BTreeMap<String, String>,
+    /// Headers removed from every response.
+    #[serde(default)]
+    pub remove_response_headers: Vec<String>,
+    /// Seconds to wait for the upstream's response headers (default 30).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    /// Largest request body accepted, in bytes (default 64 MiB; 0 = no limit).
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Active health check of the targets; without one, only failed connections eject a
+    /// target (for 10 s).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+impl HttpOptions {
+    /// Default upstream timeout, in seconds.
+    pub const DEFAULT_TIMEOUT_S: u32 = 30;
+    /// Default body limit, in bytes.
+    pub const DEFAULT_MAX_BODY: u64 = 64 * 1024 * 1024;
+
+    /// Whether every field has its default (then it is left out of the JSON).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(h) = &self.host_header {
+            let host = h.rsplit_once(':').map_or(h.as_str(), |(h, _)| h);
+            if host.parse::<IpAddr>().is_err() {
+                check_hostname(host, false).map_err(|e| e.within("host_header"))?;
+            }
+        }
+        for (field, map) in [
+            ("set_request_headers", &self.set_request_headers),
+            ("set_response_headers", &self.set_response_headers),
+        ] {
+            for (k, v) in map {
+                check_header_name(k).map_err(|e| e.within(&format!("{field}.{k}")))?;
+                if v.len() > 4096 || v.chars().any(|c| c.is_control() && c != '\t') {
+                    return Err(FieldError::new(
+                        format!("{field}.{k}"),
+                        "a header value has at most 4096 characters and no line breaks",
+                    ));
+                }
+            }
+        }
+        for (field, list) in [
+            ("remove_request_headers", &self.remove_request_headers),
+            ("remove_response_headers", &self.remove_response_headers),
+        ] {
+            for (i, k) in list.iter().enumerate() {
+                check_header_name(k).map_err(|e| e.within(&format!("{field}[{i}]")))?;
+            }
+        }
+        if self.timeout_s == Some(0) || self.timeout_s.is_some_and(|t| t > 3600) {
+            return Err(FieldError::new("timeout_s", "expected 1 to 3600 seconds"));
+        }
+        if let Some(hc) = &self.health_check {
+            hc.validate().map_err(|e| e.within("health_check"))?;
+        }
+        Ok(())
+    }
+}
+
+/// An active check of every target of a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `GET` this path and expect a 2xx or 3xx answer; without one, a TCP connect is the check.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Seconds between checks (default 5).
+    #[serde(default = "HealthCheck::default_interval")]
+    pub interval_s: u32,
+    /// Failed checks in a row before a target is left out (default 2); one success brings it
+    /// back.
+    #[serde(default = "HealthCheck::default_failures")]
+    pub failures: u32,
+}
+
+impl HealthCheck {
+    fn default_interval() -> u32 {
+        5
+    }
+    fn default_failures() -> u32 {
+        2
+    }
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(p) = &self.path {
+            if !p.starts_with('/')
+                || p.len() > 1024
+                || p.chars().any(|c| c.is_control() || c == ' ')
+            {
+                return Err(FieldError::new(
+                    "path",
+                    "a path starts with '/' and has no spaces",
+                ));
+            }
+        }
+        if !(1..=3600).contains(&self.interval_s) {
+            return Err(FieldError::new("interval_s", "expected 1 to 3600 seconds"));
+        }
+        if !(1..=100).contains(&self.failures) {
+            return Err(FieldError::new("failures", "expected 1 to 100"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an HTTP header name a resource may set or remove: a token, and not one of the
+/// `X-Warren-*` headers the proxy owns.
+fn check_header_name(k: &str) -> Result<(), FieldError> {
+    let token = !k.is_empty()
+        && k.len() <= 128
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(FieldError::new("", format!("{k:?} is not a header name")));
+    }
+    let lower = k.to_ascii_lowercase();
+    if lower.starts_with("x-warren-") {
+        return Err(FieldError::new(
+            "",
+            "X-Warren-* headers are set by the proxy only",
+        ));
+    }
+    if matches!(
+        lower.as_str(),
+        "host"
+            | "connection"
+            | "upgrade"
+            | "transfer-encoding"
+            | "content-length"
+            | "te"
+            | "trailer"
+            | "keep-alive"
+    ) {
+        return Err(FieldError::new("", format!("{k} is managed by the proxy")));
+    }
+    Ok(())
 }
 
 impl Resource {
@@ -509,6 +679,13 @@ impl Entity for Resource {
         }
         check_unique(&self.targets, "targets")?;
         check_unique(&self.policies, "policies")?;
+        if !self.http.is_default() && !matches!(self.route, Route::Http { .. }) {
+            return Err(FieldError::new(
+                "http",
+                "only web (route.http) resources take HTTP options",
+            ));
+        }
+        self.http.validate().map_err(|e| e.within("http"))?;
         Ok(())
     }
 

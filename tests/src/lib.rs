@@ -6,6 +6,14 @@
 //!
 //! Binaries are built (incrementally) on first use with the same cargo that runs the tests,
 //! so a test never runs against stale binaries.
+//!
+//! Real peers for web access: [`oidc::Idp`] (an OpenID provider), [`oidc::browser`]
+//! (headless Chromium), [`upstream::Upstream`] (the application behind the proxy) and
+//! [`certs`] (throwaway TLS certificates).
+
+pub mod certs;
+pub mod oidc;
+pub mod upstream;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -97,6 +105,10 @@ pub struct TestNode {
     pub cluster_addr: String,
     /// Admin API address.
     pub admin_addr: String,
+    /// HTTPS proxy address.
+    pub https_addr: String,
+    /// HTTP (redirect) address.
+    pub http_addr: String,
     /// Extra environment for every start.
     pub env: Vec<(String, String)>,
     child: Option<Child>,
@@ -112,6 +124,8 @@ impl TestNode {
             dir: base.join(name),
             cluster_addr: format!("127.0.0.1:{}", free_port()),
             admin_addr: format!("127.0.0.1:{}", free_port()),
+            https_addr: format!("127.0.0.1:{}", free_port()),
+            http_addr: format!("127.0.0.1:{}", free_port()),
             env: env.to_vec(),
             child: None,
             log_dir: base.join("logs"),
@@ -131,6 +145,8 @@ impl TestNode {
         let mut cmd = Command::new(&bins().node);
         cmd.args(args)
             .env("WARREN_LOG", "info,openraft=warn")
+            .env("WARREN_HTTPS_ADDR", &self.https_addr)
+            .env("WARREN_HTTP_ADDR", &self.http_addr)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out)?)
             .stderr(std::fs::File::create(&err)?);
@@ -194,6 +210,8 @@ impl TestNode {
         let out = Command::new(&bins().node)
             .args(&args)
             .env("WARREN_LOG", "warn")
+            .env("WARREN_HTTPS_ADDR", &self.https_addr)
+            .env("WARREN_HTTP_ADDR", &self.http_addr)
             .stdin(Stdio::null())
             .output()?;
         if out.status.success() {

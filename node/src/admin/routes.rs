@@ -14,11 +14,14 @@ use warren_consensus::registry::{
     ApiKeyRecord, Command, JoinTokenRecord, Outcome, Registry, RegistryError, Table,
 };
 use warren_consensus::types::{Actor, ClusterNode, Request, RequestId};
+use warren_proto::api::CertificateView;
 use warren_proto::api::{
     AddMember, ApiKeyView, ApplyRequest, CreateApiKey, CreatedApiKey, CreatedJoinToken, ErrorCode,
     Health, IdentityProviderView, JoinTokenView, List, MemberRole, NodeView, UpdateNode,
 };
+use warren_proto::certificate::Certificate;
 use warren_proto::registry::{IdentityProvider, Kind, Node, Policy, Resource, Role, Site, User};
+use warren_proto::session::{SessionId, SessionView};
 use warren_proto::token::{ApiKey, JoinToken, KeyId};
 use warren_proto::Name;
 
@@ -38,6 +41,9 @@ pub fn router(state: AdminState) -> Router {
         .merge(entity_routes::<Site>())
         .merge(entity_routes::<Resource>())
         .merge(entity_routes::<Policy>())
+        .merge(entity_routes::<Certificate>())
+        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{id}", axum::routing::delete(revoke_session))
         .route("/v1/nodes", get(list_nodes).post(create_node))
         .route(
             "/v1/nodes/{name}",
@@ -87,6 +93,10 @@ pub trait ApiEntity: Table {
     fn view(&self) -> Self::View;
     /// Unwraps from an [`warren_consensus::registry::AnyEntity`].
     fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self>;
+    /// Checks the node can make, before the write (the registry checks the rest).
+    fn precheck(&self) -> Result<(), ApiErr> {
+        Ok(())
+    }
 }
 
 macro_rules! plain_view {
@@ -123,6 +133,70 @@ impl ApiEntity for IdentityProvider {
             _ => None,
         }
     }
+}
+
+impl ApiEntity for Certificate {
+    type View = CertificateView;
+    fn view(&self) -> Self::View {
+        CertificateView::from(self)
+    }
+    fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self> {
+        match any {
+            warren_consensus::registry::AnyEntity::Certificate(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn precheck(&self) -> Result<(), ApiErr> {
+        // The registry checks the PEM; only the node has the crypto to check the key
+        // belongs to the certificate.
+        let (Ok(chain), Ok(key)) = (self.chain(), self.key()) else {
+            return Ok(());
+        };
+        rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+            .map(|_| ())
+            .map_err(|e| {
+                ApiErr::new(
+                    ErrorCode::InvalidField,
+                    format!("the key does not fit the certificate: {e}"),
+                )
+                .field("key_pem")
+            })
+    }
+}
+
+async fn list_sessions(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<SessionView>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let now = crate::proxy::unix_now();
+    Ok(Json(List {
+        items: reg
+            .sessions()
+            .values()
+            .filter(|x| x.expires_at > now)
+            .map(SessionView::from)
+            .collect(),
+    }))
+}
+
+async fn revoke_session(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let Some(id) = SessionId::parse(&id) else {
+        return Err(ApiErr::new(
+            ErrorCode::InvalidField,
+            "a session id is 32 hexadecimal digits",
+        )
+        .field("id"));
+    };
+    submit(&s, key, &headers, Command::RevokeSession { id }).await?;
+    Ok(Json(
+        json!({ "revoked": { "kind": "session", "id": id.to_string() } }),
+    ))
 }
 
 fn entity_routes<E: ApiEntity>() -> Router<AdminState> {
@@ -214,6 +288,7 @@ async fn create<E: ApiEntity>(
 ) -> Result<(StatusCode, Json<E::View>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let entity: E = read_json(body, MAX_BODY).await?;
+    entity.precheck()?;
     let outcome = submit(&s, key, &headers, Command::Create(entity.wrap())).await?;
     match outcome {
         Outcome::Entity(any) => E::from_any(any)
@@ -301,6 +376,7 @@ async fn update<E: ApiEntity>(
         }
         let updated: E =
             super::parse_json(&serde_json::to_vec(&doc).expect("a JSON value encodes"))?;
+        updated.precheck()?;
         match submit(&s, key, &headers, Command::Update(updated.wrap())).await {
             Err(e)
                 if e.code() == ErrorCode::RevisionConflict

@@ -1,0 +1,907 @@
+//! Sign-in: OpenID Connect authorization code flow with PKCE, state and nonce on the
+//! cluster's auth host, then a one-time code hands the session to the resource's own
+//! domain (cookies are per domain). Sessions are registry entries, so every node accepts
+//! them; the leader refreshes provider tokens before they expire.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::{
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
+    TokenResponse,
+};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
+use warren_consensus::registry::{Command, Outcome, RegistryError};
+use warren_consensus::types::{Actor as Who, Request as RaftRequest};
+use warren_proto::registry::IdentityProvider;
+use warren_proto::session::{Session, SessionId};
+use warren_proto::{Name, Secret};
+
+use super::pages::{self, esc, page};
+use super::seal::Purpose;
+use super::{
+    authority_with_port, cookie, lookup_session, set_cookie, unix_now, AccessLog, Body, Proxy,
+    ProxyState, SessionCookie, LOGIN_COOKIE, SESSION_COOKIE,
+};
+
+/// How long a sign-in may take at the provider.
+const LOGIN_TTL: u64 = 600;
+/// How long a handoff code is valid.
+const HANDOFF_TTL: u64 = 60;
+/// Refresh provider tokens this long before they expire.
+const REFRESH_AHEAD: u64 = 30;
+
+/// Sign-in state, sealed in a cookie on the auth host while the user is at the provider.
+#[derive(Serialize, Deserialize)]
+struct LoginState {
+    state: String,
+    nonce: String,
+    verifier: String,
+    rd: String,
+    idp: String,
+    exp: u64,
+}
+
+/// A one-time code handing a session to a resource host, sealed.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct HandoffCode {
+    sid: u128,
+    host: String,
+    rd: String,
+    exp: u64,
+    id: u128,
+}
+
+/// A discovered provider.
+struct Discovered {
+    revision: u64,
+    metadata: CoreProviderMetadata,
+    end_session: Option<String>,
+}
+
+/// Discovery results per provider and the HTTP client that talks to providers.
+pub struct Oidc {
+    http: openidconnect::reqwest::Client,
+    discovered: Mutex<HashMap<Name, Arc<Discovered>>>,
+}
+
+impl Oidc {
+    pub(super) fn new() -> Self {
+        let http = openidconnect::reqwest::Client::builder()
+            // Following redirects from the provider's endpoints would allow SSRF.
+            .redirect(openidconnect::reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client builds");
+        Self {
+            http,
+            discovered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn discover(&self, idp: &IdentityProvider) -> Result<Arc<Discovered>, String> {
+        if let Some(d) = self.discovered.lock().expect("oidc lock").get(&idp.name) {
+            if d.revision == idp.revision {
+                return Ok(d.clone());
+            }
+        }
+        let issuer = IssuerUrl::new(idp.issuer.clone()).map_err(|e| e.to_string())?;
+        let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
+            .await
+            .map_err(|e| format!("discovery at {} failed: {e}", idp.issuer))?;
+        // end_session_endpoint is not in the core metadata; read it from the same document.
+        let end_session = async {
+            let url = format!(
+                "{}/.well-known/openid-configuration",
+                idp.issuer.trim_end_matches('/')
+            );
+            let body = self.http.get(url).send().await.ok()?.bytes().await.ok()?;
+            let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            doc.get("end_session_endpoint")?.as_str().map(str::to_owned)
+        }
+        .await;
+        let d = Arc::new(Discovered {
+            revision: idp.revision,
+            metadata,
+            end_session,
+        });
+        self.discovered
+            .lock()
+            .expect("oidc lock")
+            .insert(idp.name.clone(), d.clone());
+        Ok(d)
+    }
+}
+
+/// The openidconnect client with the endpoints discovery sets.
+type OidcClient = openidconnect::Client<
+    openidconnect::EmptyAdditionalClaims,
+    openidconnect::core::CoreAuthDisplay,
+    openidconnect::core::CoreGenderClaim,
+    openidconnect::core::CoreJweContentEncryptionAlgorithm,
+    openidconnect::core::CoreJsonWebKey,
+    openidconnect::core::CoreAuthPrompt,
+    openidconnect::StandardErrorResponse<openidconnect::core::CoreErrorResponseType>,
+    openidconnect::core::CoreTokenResponse,
+    openidconnect::core::CoreTokenIntrospectionResponse,
+    openidconnect::core::CoreRevocableToken,
+    openidconnect::core::CoreRevocationErrorResponse,
+    openidconnect::EndpointSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointMaybeSet,
+    openidconnect::EndpointMaybeSet,
+>;
+
+fn client_for(
+    idp: &IdentityProvider,
+    d: &Discovered,
+    redirect: &str,
+) -> Result<OidcClient, String> {
+    let secret = (!idp.client_secret.is_empty())
+        .then(|| ClientSecret::new(idp.client_secret.expose().to_owned()));
+    let redirect = RedirectUrl::new(redirect.to_owned()).map_err(|e| e.to_string())?;
+    Ok(CoreClient::from_provider_metadata(
+        d.metadata.clone(),
+        ClientId::new(idp.client_id.clone()),
+        secret,
+    )
+    .set_redirect_uri(redirect))
+}
+
+/// The claim `name` of a (verified) JWT's payload.
+fn jwt_claim(jwt: &str, name: &str) -> Option<serde_json::Value> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get(name).cloned()
+}
+
+fn groups_from(jwt: &str, claim: &str) -> Vec<String> {
+    match jwt_claim(jwt, claim) {
+        Some(serde_json::Value::Array(a)) => a
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .filter(|g| !g.is_empty() && g.len() <= 256)
+            .take(256)
+            .collect(),
+        Some(serde_json::Value::String(s)) => vec![s],
+        _ => Vec::new(),
+    }
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn with_cookies(mut resp: Response<Body>, cookies: &[String]) -> Response<Body> {
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+fn bad(title: &str, detail: &str) -> Response<Body> {
+    page(StatusCode::BAD_REQUEST, title, detail)
+}
+
+impl Proxy {
+    /// Requests to the auth host.
+    pub(super) async fn auth_host(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        state: &ProxyState,
+    ) -> (Response<Body>, AccessLog) {
+        let path = req.uri().path().to_owned();
+        let resp = match path.as_str() {
+            "/.warren/sign_in" => self.sign_in(&req, state).await,
+            "/.warren/callback" => self.callback(&req, state).await,
+            "/.warren/sign_out" => self.sign_out(&req, state, &self.settings.auth_host).await,
+            "/.warren" | "/.warren/" | "/" => self.whoami(&req, state, &self.settings.auth_host),
+            _ => page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "This is the sign-in host; there is nothing else here.",
+            ),
+        };
+        (resp, AccessLog::internal("auth host"))
+    }
+
+    /// `/.warren/*` on a resource host.
+    pub(super) async fn resource_host_pages(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        state: &ProxyState,
+        host: &str,
+    ) -> (Response<Body>, AccessLog) {
+        let resp = match req.uri().path() {
+            "/.warren/handoff" => self.handoff(&req, state, host).await,
+            "/.warren/sign_out" => self.sign_out(&req, state, host).await,
+            "/.warren" | "/.warren/" => self.whoami(&req, state, host),
+            _ => page(StatusCode::NOT_FOUND, "Not found", "No such Warren page."),
+        };
+        (resp, AccessLog::internal("warren page"))
+    }
+
+    /// Checks a post-sign-in URL: https, a host this cluster serves, this node's public
+    /// port. Anything else would make the proxy an open redirect.
+    fn check_rd(&self, state: &ProxyState, rd: &str) -> Option<url::Url> {
+        let url = url::Url::parse(rd).ok()?;
+        if url.scheme() != "https" || url.username() != "" || url.password().is_some() {
+            return None;
+        }
+        let host = url.host_str()?.to_ascii_lowercase();
+        let port = url.port().unwrap_or(443);
+        if port != self.settings.public_https_port {
+            return None;
+        }
+        (host == self.settings.auth_host || state.config.routes_for(&host).is_some()).then_some(url)
+    }
+
+    fn session_from_cookie(
+        &self,
+        req: &Request<Incoming>,
+        state: &ProxyState,
+        host: &str,
+    ) -> Option<SessionId> {
+        let sealer = state.sealer.as_ref()?;
+        let c: SessionCookie =
+            sealer.open(Purpose::Session, cookie(req.headers(), SESSION_COOKIE)?)?;
+        (c.host == host).then_some(SessionId(c.sid))
+    }
+
+    async fn sign_in(&self, req: &Request<Incoming>, state: &ProxyState) -> Response<Body> {
+        let q = query(req);
+        let rd = q.get("rd").map(String::as_str).unwrap_or("");
+        let rd = if rd.is_empty() {
+            format!("{}/.warren/", self.auth_origin())
+        } else {
+            rd.to_owned()
+        };
+        let Some(rd_url) = self.check_rd(state, &rd) else {
+            return bad(
+                "Bad sign-in link",
+                "The address to return to after sign-in is not one this cluster serves.",
+            );
+        };
+        let Some(sealer) = &state.sealer else {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "The cluster is still starting; try again in a moment.",
+            );
+        };
+        // Already signed in on the auth host: hand the session over without the provider.
+        if let Some(sid) = self.session_from_cookie(req, state, &self.settings.auth_host) {
+            if lookup_session(&state.registry, &state.config, sid).is_ok() {
+                return self.redirect_handoff(state, sid, &rd_url, Vec::new());
+            }
+        }
+        let idps = state.registry.identity_providers();
+        let idp = match q.get("idp") {
+            Some(name) => Name::new(name.clone())
+                .ok()
+                .and_then(|n| idps.get(&n).cloned()),
+            None if idps.len() == 1 => idps.values().next().cloned(),
+            None => None,
+        };
+        let Some(idp) = idp else {
+            if idps.is_empty() {
+                return page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-in is not set up",
+                    "No identity provider is configured for this cluster.",
+                );
+            }
+            let links: String = idps
+                .keys()
+                .filter_map(|n| {
+                    url::Url::parse_with_params(
+                        &format!("{}/.warren/sign_in", self.auth_origin()),
+                        &[("rd", rd.as_str()), ("idp", n.as_str())],
+                    )
+                    .ok()
+                    .map(|u| {
+                        format!(
+                            "<li><a href=\"{}\">{}</a></li>",
+                            esc(u.as_str()),
+                            esc(n.as_str())
+                        )
+                    })
+                })
+                .collect();
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                .body(pages::full(format!(
+                    "<!doctype html><html><body style=\"font-family:sans-serif;margin:3em\"><h1>Sign in with</h1><ul>{links}</ul></body></html>"
+                )))
+                .expect("valid response");
+        };
+        let discovered = match self.oidc.discover(&idp).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(idp = %idp.name, "identity provider discovery failed: {e}");
+                return page(
+                    StatusCode::BAD_GATEWAY,
+                    "Identity provider unavailable",
+                    "The identity provider could not be reached; try again later.",
+                );
+            }
+        };
+        let callback = format!("{}/.warren/callback", self.auth_origin());
+        let client = match client_for(&idp, &discovered, &callback) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(idp = %idp.name, "identity provider settings: {e}");
+                return page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-in is misconfigured",
+                    "The identity provider's settings are not usable.",
+                );
+            }
+        };
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut auth = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .add_scope(Scope::new("email".into()))
+            .add_scope(Scope::new("profile".into()))
+            .set_pkce_challenge(challenge);
+        for s in &idp.scopes {
+            auth = auth.add_scope(Scope::new(s.clone()));
+        }
+        if idp.scopes.iter().any(|s| s == "offline_access") {
+            // OIDC Core 11: offline access needs explicit consent.
+            auth = auth.add_prompt(openidconnect::core::CoreAuthPrompt::Consent);
+        }
+        let (url, csrf, nonce) = auth.url();
+        let login = LoginState {
+            state: csrf.secret().clone(),
+            nonce: nonce.secret().clone(),
+            verifier: verifier.secret().clone(),
+            rd,
+            idp: idp.name.to_string(),
+            exp: unix_now() + LOGIN_TTL,
+        };
+        let sealed = sealer.seal(Purpose::Login, &login);
+        with_cookies(
+            pages::redirect(url.as_str()),
+            &[set_cookie(
+                LOGIN_COOKIE,
+                &sealed,
+                "/.warren/callback",
+                Some(LOGIN_TTL),
+            )],
+        )
+    }
+
+    async fn callback(&self, req: &Request<Incoming>, state: &ProxyState) -> Response<Body> {
+        let q = query(req);
+        let Some(sealer) = &state.sealer else {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "Try again in a moment.",
+            );
+        };
+        let login: Option<LoginState> =
+            cookie(req.headers(), LOGIN_COOKIE).and_then(|c| sealer.open(Purpose::Login, c));
+        let Some(login) = login else {
+            return bad(
+                "Sign-in expired",
+                "This sign-in was not started here or took too long. Open the app again to sign in.",
+            );
+        };
+        let clear_login = set_cookie(LOGIN_COOKIE, "", "/.warren/callback", Some(0));
+        if login.exp < unix_now() {
+            return with_cookies(
+                bad(
+                    "Sign-in expired",
+                    "The sign-in took too long. Open the app again.",
+                ),
+                &[clear_login],
+            );
+        }
+        let given_state = q.get("state").map(String::as_str).unwrap_or("");
+        if !bool::from(given_state.as_bytes().ct_eq(login.state.as_bytes())) {
+            tracing::warn!("sign-in callback with a state that does not match this browser's");
+            return with_cookies(
+                bad(
+                    "Sign-in refused",
+                    "The sign-in answer does not belong to this browser's sign-in.",
+                ),
+                &[clear_login],
+            );
+        }
+        if let Some(err) = q.get("error") {
+            let desc = q.get("error_description").cloned().unwrap_or_default();
+            return with_cookies(
+                page(
+                    StatusCode::FORBIDDEN,
+                    "Sign-in failed",
+                    &format!("The identity provider said: {err} {desc}"),
+                ),
+                &[clear_login],
+            );
+        }
+        let Some(code) = q.get("code") else {
+            return with_cookies(
+                bad("Sign-in refused", "The answer carries no code."),
+                &[clear_login],
+            );
+        };
+        let idp = Name::new(login.idp.clone())
+            .ok()
+            .and_then(|n| state.registry.identity_providers().get(&n).cloned());
+        let Some(idp) = idp else {
+            return with_cookies(
+                bad(
+                    "Sign-in failed",
+                    "The identity provider was removed during sign-in.",
+                ),
+                &[clear_login],
+            );
+        };
+        let result = self.finish_sign_in(&idp, code, &login).await;
+        let (session, display_name) = match result {
+            Ok(s) => s,
+            Err(resp) => return with_cookies(resp, &[clear_login]),
+        };
+        let sid = session.id;
+        let write = RaftRequest::new(
+            Who::System,
+            Command::SignIn {
+                session,
+                display_name,
+            },
+        );
+        match self.cluster.write(write).await {
+            Ok(Ok(Outcome::SignedIn { user, created })) => {
+                tracing::info!(user = %user, created, idp = %idp.name, "signed in");
+            }
+            Ok(Err(RegistryError::Conflict { message })) => {
+                return with_cookies(
+                    page(StatusCode::FORBIDDEN, "Access denied", &message),
+                    &[clear_login],
+                )
+            }
+            Ok(other) => {
+                tracing::warn!("recording a sign-in: {other:?}");
+                return with_cookies(
+                    page(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Sign-in failed",
+                        "The sign-in could not be recorded.",
+                    ),
+                    &[clear_login],
+                );
+            }
+            Err(e) => {
+                tracing::warn!("recording a sign-in: {e}");
+                return with_cookies(
+                    page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Sign-in unavailable",
+                        "The cluster could not record the sign-in; try again in a moment.",
+                    ),
+                    &[clear_login],
+                );
+            }
+        }
+        let Some(rd) = self.check_rd(state, &login.rd) else {
+            return with_cookies(
+                bad("Bad sign-in link", "The return address is not valid."),
+                &[clear_login],
+            );
+        };
+        let auth_cookie = set_cookie(
+            SESSION_COOKIE,
+            &sealer.seal(
+                Purpose::Session,
+                &SessionCookie {
+                    sid: sid.0,
+                    host: self.settings.auth_host.clone(),
+                },
+            ),
+            "/",
+            None,
+        );
+        // The registry applied the sign-in on the leader; this node may apply it a moment
+        // later, which the handoff on the resource host tolerates by retrying its lookup.
+        self.redirect_handoff(state, sid, &rd, vec![clear_login, auth_cookie])
+    }
+
+    /// Exchanges the code, verifies the ID token, and makes the session.
+    async fn finish_sign_in(
+        &self,
+        idp: &IdentityProvider,
+        code: &str,
+        login: &LoginState,
+    ) -> Result<(Session, Option<String>), Response<Body>> {
+        let fail = |log: String| {
+            tracing::warn!(idp = %idp.name, "sign-in failed: {log}");
+            page(
+                StatusCode::BAD_GATEWAY,
+                "Sign-in failed",
+                "The identity provider did not confirm the sign-in. Open the app again to retry.",
+            )
+        };
+        let d = self.oidc.discover(idp).await.map_err(fail)?;
+        let callback = format!("{}/.warren/callback", self.auth_origin());
+        let client = client_for(idp, &d, &callback).map_err(fail)?;
+        let token = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| fail(e.to_string()))?
+            .set_pkce_verifier(PkceCodeVerifier::new(login.verifier.clone()))
+            .request_async(&self.oidc.http)
+            .await
+            .map_err(|e| fail(format!("code exchange: {e}")))?;
+        let id_token = token
+            .id_token()
+            .ok_or_else(|| fail("no ID token in the answer".into()))?;
+        let claims = id_token
+            .claims(
+                &client.id_token_verifier(),
+                &Nonce::new(login.nonce.clone()),
+            )
+            .map_err(|e| fail(format!("ID token: {e}")))?;
+        let Some(email) = claims.email().map(|e| e.as_str().to_owned()) else {
+            return Err(page(
+                StatusCode::FORBIDDEN,
+                "Sign-in failed",
+                "The identity provider did not share your e-mail address, which Warren needs.",
+            ));
+        };
+        let display_name = claims
+            .name()
+            .and_then(|n| n.get(None))
+            .map(|n| n.as_str().to_owned());
+        let jwt = id_token.to_string();
+        let groups = groups_from(&jwt, idp.groups_claim.as_deref().unwrap_or("groups"));
+        let now = unix_now();
+        let session = Session {
+            id: SessionId::random(),
+            user: Name::new("pending").expect("valid name"),
+            idp: idp.name.clone(),
+            email,
+            groups,
+            created_at: now,
+            expires_at: now + self.settings.session_ttl.as_secs(),
+            refresh_token: token
+                .refresh_token()
+                .map(|t| Secret::new(t.secret().clone())),
+            token_expires_at: token.expires_in().map(|d| now + d.as_secs()),
+            id_token: Some(Secret::new(jwt)),
+        };
+        Ok((session, display_name))
+    }
+
+    fn redirect_handoff(
+        &self,
+        state: &ProxyState,
+        sid: SessionId,
+        rd: &url::Url,
+        cookies: Vec<String>,
+    ) -> Response<Body> {
+        let Some(sealer) = &state.sealer else {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "Try again in a moment.",
+            );
+        };
+        let host = rd.host_str().unwrap_or_default().to_ascii_lowercase();
+        if host == self.settings.auth_host {
+            return with_cookies(pages::redirect(rd.as_str()), &cookies);
+        }
+        let mut path = rd.path().to_owned();
+        if let Some(q) = rd.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        let code = HandoffCode {
+            sid: sid.0,
+            host: host.clone(),
+            rd: path,
+            exp: unix_now() + HANDOFF_TTL,
+            id: rand::random(),
+        };
+        let sealed = sealer.seal(Purpose::Handoff, &code);
+        let to = format!(
+            "https://{}/.warren/handoff?code={sealed}",
+            authority_with_port(&host, self.settings.public_https_port)
+        );
+        with_cookies(pages::redirect(&to), &cookies)
+    }
+
+    async fn handoff(
+        &self,
+        req: &Request<Incoming>,
+        state: &ProxyState,
+        host: &str,
+    ) -> Response<Body> {
+        let q = query(req);
+        let Some(sealer) = &state.sealer else {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "Try again in a moment.",
+            );
+        };
+        let code: Option<HandoffCode> =
+            q.get("code").and_then(|c| sealer.open(Purpose::Handoff, c));
+        let Some(code) = code else {
+            return bad("Bad sign-in link", "This sign-in link is not valid.");
+        };
+        if code.host != host {
+            return bad("Bad sign-in link", "This sign-in link is for another site.");
+        }
+        if code.exp < unix_now() {
+            return bad("Sign-in link expired", "Open the app again to sign in.");
+        }
+        let consume = RaftRequest::new(
+            Who::System,
+            Command::ConsumeHandoff {
+                id: code.id,
+                expires_at: code.exp,
+            },
+        );
+        match self.cluster.write(consume).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(RegistryError::Conflict { message })) => {
+                return bad(
+                    "Sign-in link already used",
+                    &format!("{message}. Open the app again."),
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("consuming a handoff: {e}");
+                return bad("Bad sign-in link", "This sign-in link is not valid.");
+            }
+            Err(e) => {
+                tracing::warn!("consuming a handoff: {e}");
+                return page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-in unavailable",
+                    "The cluster could not complete the sign-in; try again in a moment.",
+                );
+            }
+        }
+        // The write is applied on this node once it returns, so the session is visible.
+        let reg = self.cluster.registry();
+        if lookup_session(&reg, &state.config, SessionId(code.sid)).is_err() {
+            return bad(
+                "Session ended",
+                "The session this link was for has ended. Open the app again.",
+            );
+        }
+        let rd = if code.rd.starts_with('/')
+            && !code.rd.starts_with("//")
+            && !code.rd.starts_with("/\\")
+        {
+            code.rd
+        } else {
+            "/".to_owned()
+        };
+        let cookie = set_cookie(
+            SESSION_COOKIE,
+            &sealer.seal(
+                Purpose::Session,
+                &SessionCookie {
+                    sid: code.sid,
+                    host: host.to_owned(),
+                },
+            ),
+            "/",
+            None,
+        );
+        with_cookies(pages::redirect(&rd), &[cookie])
+    }
+
+    async fn sign_out(
+        &self,
+        req: &Request<Incoming>,
+        state: &ProxyState,
+        host: &str,
+    ) -> Response<Body> {
+        let clear = set_cookie(SESSION_COOKIE, "", "/", Some(0));
+        let Some(sid) = self.session_from_cookie(req, state, host) else {
+            return with_cookies(
+                page(StatusCode::OK, "Signed out", "You are signed out."),
+                &[clear],
+            );
+        };
+        let session = state.registry.sessions().get(&sid).cloned();
+        let revoke = RaftRequest::new(Who::System, Command::RevokeSession { id: sid });
+        if let Err(e) = self.cluster.write(revoke).await {
+            tracing::warn!("revoking a session at sign-out: {e}");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-out unavailable",
+                "The cluster could not end the session; try again in a moment.",
+            );
+        }
+        tracing::info!(session = ?sid, "signed out");
+        // End the provider's session too, where it supports RP-initiated logout.
+        if let Some(s) = session {
+            let idp = state.registry.identity_providers().get(&s.idp).cloned();
+            if let Some(idp) = idp {
+                if let Ok(d) = self.oidc.discover(&idp).await {
+                    if let Some(end) = &d.end_session {
+                        let mut params = vec![("client_id", idp.client_id.clone())];
+                        if let Some(t) = &s.id_token {
+                            params.push(("id_token_hint", t.expose().to_owned()));
+                        }
+                        if let Ok(u) = url::Url::parse_with_params(end, &params) {
+                            return with_cookies(pages::redirect(u.as_str()), &[clear]);
+                        }
+                    }
+                }
+            }
+        }
+        with_cookies(
+            page(StatusCode::OK, "Signed out", "You are signed out."),
+            &[clear],
+        )
+    }
+
+    fn whoami(&self, req: &Request<Incoming>, state: &ProxyState, host: &str) -> Response<Body> {
+        let principal = self
+            .session_from_cookie(req, state, host)
+            .ok_or("no session")
+            .and_then(|sid| lookup_session(&state.registry, &state.config, sid));
+        let Ok(p) = principal else {
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "Not signed in",
+                "You are not signed in on this site.",
+            );
+        };
+        let wants_json = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"));
+        if wants_json {
+            let body = serde_json::json!({
+                "user": p.user.name,
+                "email": p.session.email,
+                "groups": p.groups,
+                "idp": p.session.idp,
+                "expires_at": p.session.expires_at,
+            });
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CACHE_CONTROL, "no-store")
+                .body(pages::full(body.to_string()))
+                .expect("valid response");
+        }
+        let groups = p
+            .groups
+            .iter()
+            .map(|g| esc(g))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let html = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Warren: signed in</title></head>\
+             <body style=\"font-family:sans-serif;margin:3em\"><h1>Signed in</h1>\
+             <p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span></p>\
+             <p>Groups: <span id=\"groups\">{}</span></p>\
+             <p><a href=\"/.warren/sign_out\">Sign out</a></p></body></html>",
+            esc(p.user.name.as_str()),
+            esc(&p.session.email),
+            groups
+        );
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(pages::full(html))
+            .expect("valid response")
+    }
+}
+
+/// On the leader: refreshes provider tokens shortly before they expire; a refresh the
+/// provider refuses ends the session.
+pub(super) async fn refresh_sessions(proxy: Weak<Proxy>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(p) = proxy.upgrade() else { return };
+        if p.cluster.leader() != Some(p.cluster.id()) {
+            continue;
+        }
+        let reg = p.cluster.registry();
+        let now = unix_now();
+        let due: Vec<Session> = reg
+            .sessions()
+            .values()
+            .filter(|s| {
+                s.refresh_token.is_some()
+                    && s.expires_at > now
+                    && s.token_expires_at.is_some_and(|t| t <= now + REFRESH_AHEAD)
+            })
+            .take(64)
+            .cloned()
+            .collect();
+        for s in due {
+            let Some(idp) = reg.identity_providers().get(&s.idp).cloned() else {
+                continue;
+            };
+            p.refresh_one(&idp, &s).await;
+        }
+    }
+}
+
+impl Proxy {
+    async fn refresh_one(&self, idp: &IdentityProvider, s: &Session) {
+        let Some(refresh) = &s.refresh_token else {
+            return;
+        };
+        let Ok(d) = self.oidc.discover(idp).await else {
+            return;
+        };
+        let callback = format!("{}/.warren/callback", self.auth_origin());
+        let Ok(client) = client_for(idp, &d, &callback) else {
+            return;
+        };
+        let refresh = RefreshToken::new(refresh.expose().to_owned());
+        let Ok(request) = client.exchange_refresh_token(&refresh) else {
+            return;
+        };
+        let command = match request.request_async(&self.oidc.http).await {
+            Ok(token) => {
+                let now = unix_now();
+                let groups = token
+                    .id_token()
+                    .map(|t| {
+                        groups_from(
+                            &t.to_string(),
+                            idp.groups_claim.as_deref().unwrap_or("groups"),
+                        )
+                    })
+                    .unwrap_or_else(|| s.groups.clone());
+                tracing::info!(user = %s.user, session = ?s.id, "refreshed provider tokens");
+                Command::RefreshSession {
+                    id: s.id,
+                    refresh_token: token
+                        .refresh_token()
+                        .map(|t| Secret::new(t.secret().clone())),
+                    token_expires_at: token.expires_in().map(|d| now + d.as_secs()),
+                    groups,
+                }
+            }
+            Err(RequestTokenError::ServerResponse(e)) => {
+                tracing::warn!(user = %s.user, session = ?s.id, "the identity provider refused to refresh ({}); ending the session", e.error());
+                Command::RevokeSession { id: s.id }
+            }
+            Err(e) => {
+                tracing::warn!(user = %s.user, "refreshing provider tokens failed, will retry: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .cluster
+            .write(RaftRequest::new(Who::System, command))
+            .await
+        {
+            tracing::warn!("recording a refresh: {e}");
+        }
+    }
+}

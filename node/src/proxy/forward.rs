@@ -1,0 +1,381 @@
+//! Sending an allowed request to one of the route's targets, streaming both ways, and the
+//! active health checks of targets.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
+
+use super::pages::page;
+use super::state::{Pool, Route};
+use super::{unix_now, Body, Principal, Proxy, ProxyState};
+
+/// Headers that describe one connection and never cross the proxy (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(h);
+    }
+}
+
+/// Removes every `X-Warren-*` header (only the proxy sets them).
+pub fn strip_warren_headers(headers: &mut http::HeaderMap) {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-warren-"))
+        .cloned()
+        .collect();
+    for k in spoofed {
+        headers.remove(k);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+fn has_body<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v != "0")
+}
+
+impl Proxy {
+    /// Sends the request to a usable target of `route` and streams the answer back.
+    pub(super) async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        route: &Route,
+        who: Option<&Principal>,
+        peer: SocketAddr,
+        host: &str,
+    ) -> Response<Body> {
+        if route.max_body > 0 {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > route.max_body) {
+                return page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request too large",
+                    &format!(
+                        "This resource accepts request bodies up to {} bytes.",
+                        route.max_body
+                    ),
+                );
+            }
+        }
+        let upgrade = is_upgrade(&req);
+        let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let bodyless = !has_body(&req);
+        let original_host = req.headers().get(header::HOST).cloned();
+        let (mut parts, body) = req.into_parts();
+
+        // Headers for upstream: no hop-by-hop, no spoofed identity, ours added.
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        strip_warren_headers(headers);
+        for h in &route.remove_request {
+            headers.remove(h);
+        }
+        for (k, v) in &route.set_request {
+            headers.insert(k.clone(), v.clone());
+        }
+        let host_value = route
+            .host_header
+            .clone()
+            .or(original_host)
+            .or_else(|| HeaderValue::from_str(host).ok());
+        if let Some(h) = host_value {
+            headers.insert(header::HOST, h);
+        }
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+        }
+        if let Some(p) = who {
+            self.identity_headers(headers, p, host);
+        }
+        if let Some(proto) = upgrade_protocol.filter(|_| upgrade) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto);
+        }
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+
+        let mut body = Some(body);
+        let mut avoid = None;
+        let mut last_error = "no target is available";
+        for attempt in 0..2 {
+            let Some((index, target)) = route.pool.pick(avoid) else {
+                break;
+            };
+            let uri: Uri = match format!("http://{}{}", target.authority, path_and_query).parse() {
+                Ok(u) => u,
+                Err(_) => {
+                    return page(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "The request path is not valid.",
+                    )
+                }
+            };
+            let upstream_body: Body = if bodyless {
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed()
+            } else {
+                match body.take() {
+                    Some(b) if route.max_body > 0 => {
+                        Limited::new(b, route.max_body as usize).boxed()
+                    }
+                    Some(b) => b.map_err(Into::into).boxed(),
+                    None => break,
+                }
+            };
+            let mut up = Request::new(upstream_body);
+            *up.method_mut() = parts.method.clone();
+            *up.version_mut() = http::Version::HTTP_11;
+            *up.headers_mut() = if bodyless && attempt == 0 {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            *up.uri_mut() = uri;
+            match tokio::time::timeout(route.timeout, self.client.request(up)).await {
+                Err(_) => {
+                    return page(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "The app did not answer in time",
+                        &format!(
+                            "The app behind {host} did not answer within {} seconds.",
+                            route.timeout.as_secs()
+                        ),
+                    )
+                }
+                Ok(Ok(resp)) => return self.answer(resp, route, client_upgrade).await,
+                Ok(Err(e)) => {
+                    if e.is_connect() {
+                        target.eject();
+                        tracing::warn!(resource = %route.resource, target = %target.authority, "target refused the connection; left out for a while: {e}");
+                        last_error = "the app is not accepting connections";
+                        if bodyless && attempt == 0 {
+                            avoid = Some(index);
+                            continue;
+                        }
+                    } else if too_large(&e) {
+                        return page(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "Request too large",
+                            &format!(
+                                "This resource accepts request bodies up to {} bytes.",
+                                route.max_body
+                            ),
+                        );
+                    } else {
+                        tracing::warn!(resource = %route.resource, target = %target.authority, "upstream request failed: {e}");
+                        last_error = "the app closed the connection without a complete answer";
+                    }
+                    break;
+                }
+            }
+        }
+        if route.pool.pick(None).is_none() && last_error == "no target is available" {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The app is unavailable",
+                &format!("No healthy server is available for {host} right now."),
+            );
+        }
+        page(
+            StatusCode::BAD_GATEWAY,
+            "The app is not answering",
+            &format!("Warren could not reach the app behind {host}: {last_error}."),
+        )
+    }
+
+    async fn answer(
+        &self,
+        mut resp: Response<Incoming>,
+        route: &Route,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return page(
+                    StatusCode::BAD_GATEWAY,
+                    "The app is not answering",
+                    "The app switched protocols without being asked to.",
+                );
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
+                else {
+                    return;
+                };
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, super::pages::full(Bytes::new()));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        for h in &route.remove_response {
+            parts.headers.remove(h);
+        }
+        for (k, v) in &route.set_response {
+            parts.headers.insert(k.clone(), v.clone());
+        }
+        Response::from_parts(parts, body.map_err(Into::into).boxed())
+    }
+
+    fn identity_headers(&self, headers: &mut http::HeaderMap, p: &Principal, host: &str) {
+        let user = p.user.name.as_str();
+        if let Ok(v) = HeaderValue::from_str(user) {
+            headers.insert(HeaderName::from_static("x-warren-user"), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&p.session.email) {
+            headers.insert(HeaderName::from_static("x-warren-email"), v);
+        }
+        let groups: Vec<&str> = p
+            .groups
+            .iter()
+            .map(String::as_str)
+            .filter(|g| !g.contains(',') && HeaderValue::from_str(g).is_ok())
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&groups.join(",")) {
+            headers.insert(HeaderName::from_static("x-warren-groups"), v);
+        }
+        let state: Arc<ProxyState> = self.state();
+        if let Some(signer) = &state.signer {
+            let iss = self.auth_origin();
+            let jwt = signer.assertion(&iss, host, user, &p.session.email, &groups, unix_now());
+            if let Ok(v) = HeaderValue::from_str(&jwt) {
+                headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
+            }
+        }
+    }
+}
+
+fn too_large(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Checks every target of `pool` on its interval until the pool is dropped.
+pub async fn health_loop(pool: Weak<Pool>, client: Client<HttpConnector, Body>) {
+    loop {
+        let Some(p) = pool.upgrade() else { return };
+        let Some(check) = p.check.clone() else { return };
+        for t in &p.targets {
+            let ok = match &check.path {
+                Some(path) => {
+                    let uri: Result<Uri, _> = format!("http://{}{path}", t.authority).parse();
+                    match uri {
+                        Ok(uri) => {
+                            let req = Request::get(uri)
+                                .header(header::USER_AGENT, "warren-health-check")
+                                .body(
+                                    Empty::<Bytes>::new()
+                                        .map_err(|never| match never {})
+                                        .boxed(),
+                                )
+                                .expect("valid request");
+                            matches!(
+                                tokio::time::timeout(Duration::from_secs(2), client.request(req)).await,
+                                Ok(Ok(r)) if r.status().as_u16() < 400
+                            )
+                        }
+                        Err(_) => false,
+                    }
+                }
+                None => matches!(
+                    tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tokio::net::TcpStream::connect((t.target.host.as_str(), t.target.port))
+                    )
+                    .await,
+                    Ok(Ok(_))
+                ),
+            };
+            if ok {
+                t.failures.store(0, Ordering::Relaxed);
+                if !t.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(target = %t.authority, "target passes its health check again");
+                }
+            } else {
+                let n = t.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= check.failures && t.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(target = %t.authority, "target failed {n} health checks; left out");
+                }
+            }
+        }
+        let interval = Duration::from_secs(check.interval_s.into());
+        drop(p);
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,731 @@
+//! The identity-aware HTTPS proxy every node runs.
+//!
+//! Each connection is a task; each request is handled in that task from the node's local
+//! replica of the registry (an `ArcSwap` load, no lock, no actor hop): route by host and
+//! path, session from the sealed cookie, policy, then the request streams to a target with
+//! the identity headers added. See `docs` in the README for the sign-in flow.
+
+mod auth;
+mod forward;
+pub mod pages;
+pub mod seal;
+pub mod sign;
+pub mod state;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::task::JoinSet;
+use warren_consensus::cluster::Cluster;
+use warren_consensus::registry::{Command, Registry};
+use warren_consensus::types::{Actor as Who, Request as RaftRequest};
+use warren_proto::access::{decide, Decision, Facts, Identity};
+use warren_proto::registry::User;
+use warren_proto::session::{ProxyKeys, Session, SessionId};
+use warren_proto::Secret;
+
+use self::pages::page;
+use self::seal::{Purpose, Sealer};
+use self::sign::Signer;
+use self::state::{build_config, config_changed, Config, Pool, ProxyState};
+
+/// Error type of proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of every response the proxy sends.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Name of the session cookie (on the auth host and on every resource host).
+pub const SESSION_COOKIE: &str = "_warren_session";
+/// Name of the sign-in state cookie (auth host only).
+pub const LOGIN_COOKIE: &str = "_warren_login";
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// The host name of the cluster's sign-in pages (the same on every node).
+    pub auth_host: String,
+    /// The HTTPS port users reach this node on (in redirects and the OIDC callback URL).
+    pub public_https_port: u16,
+    /// How long a session lasts.
+    pub session_ttl: Duration,
+}
+
+/// Who a request comes from, once its session checked out.
+pub struct Principal {
+    /// The session.
+    pub session: Session,
+    /// The user.
+    pub user: User,
+    /// Provider groups plus the roles the user is in.
+    pub groups: Vec<String>,
+}
+
+/// The proxy of one node.
+pub struct Proxy {
+    state: ArcSwap<ProxyState>,
+    cluster: Cluster,
+    settings: ProxySettings,
+    client: Client<HttpConnector, Body>,
+    /// Why this node may not grant access right now (cut off from the leader too long).
+    fail_closed: ArcSwapOption<String>,
+    oidc: auth::Oidc,
+    tasks: std::sync::Mutex<JoinSet<()>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Proxy {
+    /// Creates the proxy and starts its background work: following the registry, health
+    /// checks, the fail-closed watch, cluster keys and session refresh.
+    pub fn start(cluster: Cluster, settings: ProxySettings) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let proxy = Arc::new(Self {
+            state: ArcSwap::from_pointee(ProxyState::empty()),
+            cluster,
+            settings,
+            client,
+            fail_closed: ArcSwapOption::empty(),
+            oidc: auth::Oidc::new(),
+            tasks: std::sync::Mutex::new(JoinSet::new()),
+        });
+        let weak = Arc::downgrade(&proxy);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(follow_registry(weak.clone()));
+        tasks.spawn(watch_serving(weak.clone()));
+        tasks.spawn(auth::refresh_sessions(weak));
+        *proxy.tasks.lock().expect("tasks lock") = tasks;
+        proxy
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<ProxyState> {
+        self.state.load_full()
+    }
+
+    /// TLS settings for the HTTPS listener: certificates by SNI from the registry.
+    pub fn tls_config(self: &Arc<Self>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver(Arc::downgrade(self))));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(tls))
+    }
+
+    fn spawn_health_check(&self, pool: &Arc<Pool>) {
+        if pool.check.is_some() {
+            let weak = Arc::downgrade(pool);
+            self.tasks
+                .lock()
+                .expect("tasks lock")
+                .spawn(forward::health_loop(weak, self.client.clone()));
+        }
+    }
+
+    /// Handles one request from a client at `peer`.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let Some(host) = request_host(&req) else {
+            return Ok(page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The request does not name a valid host.",
+            ));
+        };
+        let (resp, log) = self.route(req, peer, &host).await;
+        let status = resp.status().as_u16();
+        tracing::info!(
+            target: "warren::access",
+            %host,
+            %method,
+            path = %path,
+            status,
+            client = %peer.ip(),
+            resource = log.resource.as_deref().unwrap_or("-"),
+            user = log.user.as_deref().unwrap_or("-"),
+            decision = log.decision,
+            reason = %log.reason,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        Ok(resp)
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        host: &str,
+    ) -> (Response<Body>, AccessLog) {
+        let state = self.state();
+        let path = req.uri().path();
+        if path == "/.well-known/warren/jwks.json" {
+            return (self.jwks(&state), AccessLog::internal("jwks"));
+        }
+        if host == self.settings.auth_host {
+            return self.auth_host(req, &state).await;
+        }
+        if path.starts_with("/.warren/") || path == "/.warren" {
+            return self.resource_host_pages(req, &state, host).await;
+        }
+        let Some(route) = state.config.route(host, path).cloned() else {
+            return (
+                page(
+                    StatusCode::NOT_FOUND,
+                    "Not found",
+                    &format!("No resource is configured for {host}{path}."),
+                ),
+                AccessLog::internal("no route"),
+            );
+        };
+        let mut log = AccessLog {
+            resource: Some(route.resource.to_string()),
+            ..AccessLog::default()
+        };
+        if let Some(why) = &route.broken {
+            tracing::warn!(resource = %route.resource, "refusing requests: {why}");
+            log.reason = "resource misconfigured".into();
+            return (
+                page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Resource unavailable",
+                    "This resource is misconfigured; an administrator has to fix it.",
+                ),
+                log,
+            );
+        }
+        if route.options.public {
+            log.decision = "allow";
+            log.reason = "public resource".into();
+            return (self.forward(req, &route, None, peer, host).await, log);
+        }
+        if let Some(why) = self.fail_closed.load_full() {
+            log.decision = "deny";
+            log.reason = format!("fail closed: {why}");
+            return (
+                page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Access paused",
+                    "This node has lost contact with the rest of the cluster, so it cannot be sure your access is still valid. Try again in a moment.",
+                ),
+                log,
+            );
+        }
+        let principal = match self.principal(&req, &state, host) {
+            Ok(p) => p,
+            Err(why) => {
+                log.decision = "deny";
+                log.reason = why.to_owned();
+                return (self.need_sign_in(&req, host), log);
+            }
+        };
+        log.user = Some(principal.user.name.to_string());
+        if principal.user.disabled {
+            log.decision = "deny";
+            log.reason = "user disabled".into();
+            return (
+                page(
+                    StatusCode::FORBIDDEN,
+                    "Access denied",
+                    "Your account is disabled.",
+                ),
+                log,
+            );
+        }
+        let claims = serde_json::Value::Null;
+        let facts = Facts {
+            identity: Some(Identity {
+                user: principal.user.name.as_str(),
+                email: &principal.session.email,
+                groups: &principal.groups,
+                claims: &claims,
+            }),
+            source: peer.ip(),
+            method: Some(req.method().as_str()),
+            path: Some(req.uri().path()),
+            now: unix_now() as i64,
+        };
+        let decision = decide(&route.policies, &facts);
+        log.reason = decision.reason();
+        if !matches!(decision, Decision::Allow { .. }) {
+            log.decision = "deny";
+            return (
+                page(
+                    StatusCode::FORBIDDEN,
+                    "Access denied",
+                    &format!(
+                        "{} may not use this resource ({}).",
+                        principal.user.name.as_str(),
+                        decision.reason()
+                    ),
+                ),
+                log,
+            );
+        }
+        log.decision = "allow";
+        strip_session_cookie(&mut req);
+        (
+            self.forward(req, &route, Some(&principal), peer, host)
+                .await,
+            log,
+        )
+    }
+
+    /// The session behind the request's cookie, if it is valid for `host`.
+    fn principal(
+        &self,
+        req: &Request<Incoming>,
+        state: &ProxyState,
+        host: &str,
+    ) -> Result<Principal, &'static str> {
+        let sealer = state.sealer.as_ref().ok_or("cluster keys not ready")?;
+        let token = cookie(req.headers(), SESSION_COOKIE).ok_or("no session")?;
+        let c: SessionCookie = sealer
+            .open(Purpose::Session, token)
+            .ok_or("invalid session cookie")?;
+        if c.host != host {
+            return Err("session cookie for another host");
+        }
+        lookup_session(&state.registry, &state.config, SessionId(c.sid))
+    }
+
+    fn need_sign_in(&self, req: &Request<Incoming>, host: &str) -> Response<Body> {
+        let navigational = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+        if !navigational {
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "Sign-in required",
+                "Sign in through your browser first, then try again.",
+            );
+        }
+        let original = format!(
+            "https://{}{}",
+            authority_with_port(host, self.settings.public_https_port),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        );
+        let url = url::Url::parse_with_params(
+            &format!("{}/.warren/sign_in", self.auth_origin()),
+            &[("rd", original.as_str())],
+        );
+        match url {
+            Ok(u) => pages::redirect(u.as_str()),
+            Err(_) => page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The address could not be parsed.",
+            ),
+        }
+    }
+
+    /// `https://<auth host>[:port]`.
+    fn auth_origin(&self) -> String {
+        format!(
+            "https://{}",
+            authority_with_port(&self.settings.auth_host, self.settings.public_https_port)
+        )
+    }
+
+    fn jwks(&self, state: &ProxyState) -> Response<Body> {
+        match &state.signer {
+            Some(s) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CACHE_CONTROL, "max-age=60")
+                .body(pages::full(s.jwks()))
+                .expect("valid response"),
+            None => page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "The cluster has no signing keys yet.",
+            ),
+        }
+    }
+
+    /// Accepts HTTPS connections until the listener fails.
+    pub async fn serve_https(self: Arc<Self>, listener: tokio::net::TcpListener) -> String {
+        let tls = match self.tls_config() {
+            Ok(t) => t,
+            Err(e) => return format!("proxy TLS settings: {e}"),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("proxy accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "proxy TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let service = service_fn(move |req| proxy.clone().handle(req, peer));
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .header_read_timeout(Duration::from_secs(30))
+                    .timer(hyper_util::rt::TokioTimer::new());
+                builder.http2().max_concurrent_streams(256);
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                    .await
+                {
+                    tracing::debug!(%peer, "proxy connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Accepts plain HTTP connections and redirects every request to HTTPS.
+    pub async fn serve_http(self: Arc<Self>, listener: tokio::net::TcpListener) -> String {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("proxy HTTP accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let port = self.settings.public_https_port;
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(match request_host(&req) {
+                        Some(host) => {
+                            let pq = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.as_str())
+                                .unwrap_or("/");
+                            let to = format!("https://{}{pq}", authority_with_port(&host, port));
+                            let mut r = pages::redirect(&to);
+                            *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+                            r
+                        }
+                        None => page(
+                            StatusCode::BAD_REQUEST,
+                            "Bad request",
+                            "The request does not name a valid host.",
+                        ),
+                    })
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(tcp), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, "proxy HTTP connection ended: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// What the access log records beside the request line.
+#[derive(Default)]
+struct AccessLog {
+    resource: Option<String>,
+    user: Option<String>,
+    decision: &'static str,
+    reason: String,
+}
+
+impl AccessLog {
+    fn internal(what: &str) -> Self {
+        Self {
+            decision: "-",
+            reason: what.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+/// What a session cookie holds, sealed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionCookie {
+    sid: u128,
+    host: String,
+}
+
+/// The valid session `id`, with its user and groups.
+fn lookup_session(
+    reg: &Registry,
+    config: &Config,
+    id: SessionId,
+) -> Result<Principal, &'static str> {
+    let session = reg.sessions().get(&id).ok_or("session ended")?;
+    if session.expires_at <= unix_now() {
+        return Err("session expired");
+    }
+    let user = reg.users().get(&session.user).ok_or("user deleted")?;
+    let mut groups = session.groups.clone();
+    if let Some(roles) = config.roles_of.get(&user.name) {
+        groups.extend(roles.iter().cloned());
+    }
+    Ok(Principal {
+        session: session.clone(),
+        user: user.clone(),
+        groups,
+    })
+}
+
+/// The host the request is for, lowercase without port; `None` if missing or malformed.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let host = match raw.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || raw.starts_with('[') => {
+            if !port.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            h
+        }
+        _ => raw,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    ok.then_some(host)
+}
+
+/// `host` with `:port` unless it is 443.
+pub fn authority_with_port(host: &str, port: u16) -> String {
+    if port == 443 {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Removes the proxy's own cookies from what goes upstream.
+fn strip_session_cookie<B>(req: &mut Request<B>) {
+    let headers = req.headers_mut();
+    if cookie(headers, SESSION_COOKIE).is_none() {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.starts_with(&format!("{SESSION_COOKIE}=")) && !kv.is_empty())
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = http::HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// A `Set-Cookie` value for `name` on the current host: HttpOnly, Secure, SameSite=Lax.
+pub fn set_cookie(name: &str, value: &str, path: &str, max_age: Option<u64>) -> String {
+    let age = match max_age {
+        Some(s) => format!("; Max-Age={s}"),
+        None => String::new(),
+    };
+    format!("{name}={value}; Path={path}; HttpOnly; Secure; SameSite=Lax{age}")
+}
+
+/// Follows the registry: rebuilds the state on every change, proposes proxy keys when the
+/// cluster has none.
+async fn follow_registry(proxy: std::sync::Weak<Proxy>) {
+    let Some(p) = proxy.upgrade() else { return };
+    let mut rx = p.cluster.subscribe();
+    drop(p);
+    let mut pools = std::collections::HashMap::new();
+    let mut last_keys: Option<ProxyKeys> = None;
+    let mut asked_keys_at: Option<std::time::Instant> = None;
+    loop {
+        let reg = rx.borrow_and_update().clone();
+        let Some(p) = proxy.upgrade() else { return };
+        let old = p.state.load_full();
+        let config = if config_changed(&old.registry, &reg) || old.registry.last_applied().is_none()
+        {
+            let before: std::collections::HashSet<_> =
+                pools.values().map(|p: &Arc<Pool>| Arc::as_ptr(p)).collect();
+            let config = build_config(&reg, &mut pools);
+            for problem in &config.problems {
+                tracing::warn!("proxy configuration: {problem}");
+            }
+            for pool in pools.values() {
+                if !before.contains(&Arc::as_ptr(pool)) {
+                    p.spawn_health_check(pool);
+                }
+            }
+            Arc::new(config)
+        } else {
+            old.config.clone()
+        };
+        let keys = reg.proxy_keys().cloned();
+        let (sealer, signer) = if keys == last_keys {
+            (old.sealer.clone(), old.signer.clone())
+        } else {
+            last_keys = keys.clone();
+            match &keys {
+                Some(k) => (
+                    Sealer::from_b64(k.cookie_key.expose()).map(Arc::new),
+                    Signer::from_keys(&k.signing_keys).map(Arc::new),
+                ),
+                None => (None, None),
+            }
+        };
+        if keys.is_none()
+            && reg.cluster_id() != 0
+            && asked_keys_at.is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+        {
+            asked_keys_at = Some(std::time::Instant::now());
+            let cluster = p.cluster.clone();
+            tokio::spawn(async move {
+                let keys = ProxyKeys {
+                    cookie_key: Secret::new(Sealer::generate_key()),
+                    signing_keys: vec![Signer::generate(unix_now())],
+                };
+                let req = RaftRequest::new(Who::System, Command::EnsureProxyKeys(keys));
+                if let Err(e) = cluster.write(req).await {
+                    tracing::debug!("proposing proxy keys: {e}");
+                }
+            });
+        }
+        p.state.store(Arc::new(ProxyState {
+            registry: reg,
+            config,
+            sealer,
+            signer,
+        }));
+        drop(p);
+        let wait = if keys.is_none() {
+            // Ask again if the proposal got lost (no leader yet).
+            tokio::time::timeout(Duration::from_secs(2), rx.changed()).await
+        } else {
+            Ok(rx.changed().await)
+        };
+        if let Ok(Err(_)) = wait {
+            return;
+        }
+    }
+}
+
+/// Keeps `fail_closed` current.
+async fn watch_serving(proxy: std::sync::Weak<Proxy>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let Some(p) = proxy.upgrade() else { return };
+        match p.cluster.serving() {
+            Ok(()) => {
+                if p.fail_closed.load().is_some() {
+                    tracing::info!("in contact with the cluster again; granting access");
+                    p.fail_closed.store(None);
+                }
+            }
+            Err(why) => {
+                if p.fail_closed.load().is_none() {
+                    tracing::warn!("failing closed: {why}");
+                }
+                p.fail_closed.store(Some(Arc::new(why)));
+            }
+        }
+    }
+}
+
+/// Picks the certificate for the TLS server name from the current state.
+#[derive(Debug)]
+struct SniResolver(std::sync::Weak<Proxy>);
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        let proxy = self.0.upgrade()?;
+        let cert = proxy.state.load().config.cert_for(&name);
+        if cert.is_none() {
+            tracing::debug!(server_name = %name, "no certificate for this name; refusing the TLS handshake");
+        }
+        cert
+    }
+}
+
+/// Binds the proxy's listeners (checked at start like the admin listener).
+pub fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    use anyhow::Context as _;
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {what} address {addr} (TCP)"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}

@@ -1,0 +1,427 @@
+//! A real OpenID provider and a real headless Chromium, for black-box tests of web access.
+//!
+//! [`Idp`] runs `tests/oidc/op.mjs` (npm `oidc-provider`) on a free loopback port;
+//! [`browser`] runs `tests/oidc/browser.mjs` (npm `playwright-core` driving Debian's
+//! `/usr/bin/chromium`) once and returns what the page showed. Both need
+//! `scripts/install-test-deps` to have run (Node.js, Chromium and `tests/oidc/node_modules`).
+//!
+//! The provider knows these users:
+//!
+//! | user | password | email | groups |
+//! |---|---|---|---|
+//! | `alice` | `alice-pw` | `alice@example.test` | `admins`, `dev` |
+//! | `bob` | `bob-pw` | `bob@example.test` | `dev` |
+//! | `carol` | `carol-pw` | `carol@corp.test` | none |
+//!
+//! Its confidential client (default `warren` / `warren-secret`, `client_secret_basic`) must
+//! use PKCE (S256). A request whose scope has `offline_access` gets a refresh token. The
+//! public client `cli` has the device flow. See `tests/oidc/op.mjs` for every setting.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+use crate::free_port;
+
+/// The folder holding `op.mjs`, `browser.mjs` and their `node_modules`.
+pub fn oidc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc")
+}
+
+/// The Node.js binary: `$WARREN_TEST_NODE`, else `node` from `PATH`.
+fn node() -> String {
+    std::env::var("WARREN_TEST_NODE").unwrap_or_else(|_| "node".into())
+}
+
+fn check_installed() -> anyhow::Result<()> {
+    for module in ["oidc-provider", "playwright-core"] {
+        if !oidc_dir().join("node_modules").join(module).is_dir() {
+            bail!(
+                "{} is missing: run scripts/install-test-deps",
+                oidc_dir().join("node_modules").join(module).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A running OpenID provider (`tests/oidc/op.mjs`), killed when dropped.
+pub struct Idp {
+    /// Issuer URL, `http://127.0.0.1:<port>` (no trailing slash).
+    pub issuer: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Client id of the confidential client.
+    pub client_id: String,
+    /// Client secret of the confidential client.
+    pub client_secret: String,
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Idp {
+    /// Starts the provider with `redirect_uris` for the confidential client and extra
+    /// environment for `op.mjs` (`CLIENT_ID`, `CLIENT_SECRET`, `POST_LOGOUT_REDIRECT_URIS`,
+    /// `OP_ACCESS_TTL`, ...); returns once discovery answers (at most 15 s).
+    ///
+    /// Blocks the calling thread while it waits.
+    pub fn start(redirect_uris: &[String], env: &[(&str, &str)]) -> anyhow::Result<Idp> {
+        check_installed()?;
+        let port = free_port();
+        let log = tempfile::Builder::new()
+            .prefix("warren-idp-")
+            .suffix(".log")
+            .tempfile()?;
+        let mut cmd = Command::new(node());
+        cmd.arg(oidc_dir().join("op.mjs"))
+            .current_dir(oidc_dir())
+            .env("OP_PORT", port.to_string())
+            .env("REDIRECT_URIS", redirect_uris.join(","))
+            .stdin(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?);
+        let mut client_id = "warren".to_owned();
+        let mut client_secret = "warren-secret".to_owned();
+        for (k, v) in env {
+            cmd.env(k, v);
+            match *k {
+                "CLIENT_ID" => client_id = (*v).to_owned(),
+                "CLIENT_SECRET" => client_secret = (*v).to_owned(),
+                _ => {}
+            }
+        }
+        let issuer = env.iter().find(|(k, _)| *k == "OP_ISSUER").map_or_else(
+            || format!("http://127.0.0.1:{port}"),
+            |(_, v)| v.to_string(),
+        );
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "spawning {} {}",
+                node(),
+                oidc_dir().join("op.mjs").display()
+            )
+        })?;
+        let mut idp = Idp {
+            issuer,
+            port,
+            client_id,
+            client_secret,
+            child: Some(child),
+            log,
+        };
+        idp.wait_ready(Duration::from_secs(15))?;
+        Ok(idp)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, body)) = self.request("GET", "/.well-known/openid-configuration") {
+                let v: serde_json::Value = serde_json::from_str(&body)
+                    .with_context(|| format!("discovery is not JSON: {body}"))?;
+                if v["issuer"] != self.issuer.as_str() {
+                    bail!(
+                        "discovery names issuer {}, expected {}",
+                        v["issuer"],
+                        self.issuer
+                    );
+                }
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!(
+                        "op.mjs exited with {status} before it was ready:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "op.mjs did not answer discovery within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The discovery document's URL.
+    pub fn discovery_url(&self) -> String {
+        format!("{}/.well-known/openid-configuration", self.issuer)
+    }
+
+    /// Makes `user` unknown to the provider (`POST /test/disable/<user>`): logins fail,
+    /// refreshes of its tokens answer `invalid_grant`, its IdP sessions no longer count.
+    pub fn disable(&self, user: &str) -> anyhow::Result<()> {
+        self.control("disable", user)
+    }
+
+    /// Undoes [`Idp::disable`].
+    pub fn enable(&self, user: &str) -> anyhow::Result<()> {
+        self.control("enable", user)
+    }
+
+    fn control(&self, action: &str, user: &str) -> anyhow::Result<()> {
+        let (status, body) = self.request("POST", &format!("/test/{action}/{user}"))?;
+        if status != 200 {
+            bail!("{action} {user}: {status} {body}");
+        }
+        Ok(())
+    }
+
+    /// A minimal HTTP/1.0 request to the provider; returns (status, body).
+    fn request(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n",
+            self.port
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP header end")?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line: {head}"))?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// Everything the provider printed so far (requests, logins, errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("==== op.mjs log ====\n{}", self.log());
+        }
+    }
+}
+
+/// What [`browser`] does: open `url`, log in if the IdP asks and a user is given, click
+/// an element if asked, and optionally open a WebSocket from the landed page.
+#[derive(Clone, Debug, Default)]
+pub struct BrowserArgs {
+    /// The page to open (redirects are followed).
+    pub url: String,
+    /// User and password for the IdP login form, if it shows.
+    pub login: Option<(String, String)>,
+    /// A CSS selector to click once if it shows (e.g. `#confirm` on the IdP's device-flow
+    /// page), before or after logging in.
+    pub click: Option<String>,
+    /// Playwright storage state (cookies) to start with.
+    pub storage_in: Option<PathBuf>,
+    /// Where to save the storage state at the end.
+    pub storage_out: Option<PathBuf>,
+    /// A `ws://` or `wss://` URL to open from the landed page, sending `hello-ws`.
+    pub ws: Option<String>,
+    /// How long browser.mjs may take (default 20 s); the process is killed 15 s after that.
+    pub timeout: Option<Duration>,
+}
+
+impl BrowserArgs {
+    /// Opens `url`, nothing else.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Logs in as `user` with `password` if the IdP login form shows.
+    pub fn login(mut self, user: &str, password: &str) -> Self {
+        self.login = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Clicks `selector` once if it shows.
+    pub fn click(mut self, selector: &str) -> Self {
+        self.click = Some(selector.to_owned());
+        self
+    }
+
+    /// Starts with the cookies saved in `path` by an earlier run.
+    pub fn storage_in(mut self, path: impl Into<PathBuf>) -> Self {
+        self.storage_in = Some(path.into());
+        self
+    }
+
+    /// Saves the cookies to `path` at the end.
+    pub fn storage_out(mut self, path: impl Into<PathBuf>) -> Self {
+        self.storage_out = Some(path.into());
+        self
+    }
+
+    /// Opens a WebSocket to `url` from the landed page.
+    pub fn ws(mut self, url: impl Into<String>) -> Self {
+        self.ws = Some(url.into());
+        self
+    }
+
+    /// Sets browser.mjs's own timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// One cookie in the browser at the end of a run.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct BrowserCookie {
+    /// Name.
+    pub name: String,
+    /// Domain (host-only cookies have the bare host).
+    pub domain: String,
+    /// Path.
+    pub path: String,
+    /// HttpOnly.
+    #[serde(rename = "httpOnly")]
+    pub http_only: bool,
+    /// Secure.
+    pub secure: bool,
+    /// SameSite as Chromium reports it: `Strict`, `Lax` or `None`.
+    #[serde(rename = "sameSite")]
+    pub same_site: String,
+    /// Value.
+    pub value: String,
+}
+
+/// What a [`browser`] run saw.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BrowserOutcome {
+    /// URL of the page it ended on.
+    pub url: String,
+    /// HTTP status of the last main-frame response that was not a redirect.
+    pub status: Option<u16>,
+    /// `document.body.innerText` of that page.
+    pub text: String,
+    /// The WebSocket reply to `hello-ws`, or None if none was asked for or it failed
+    /// (why is in `stderr`).
+    pub ws: Option<String>,
+    /// Every cookie in the browser.
+    pub cookies: Vec<BrowserCookie>,
+    /// What browser.mjs printed on stderr (non-loopback requests, WebSocket failures).
+    #[serde(skip)]
+    pub stderr: String,
+}
+
+impl BrowserOutcome {
+    /// The first cookie called `name`.
+    pub fn cookie(&self, name: &str) -> Option<&BrowserCookie> {
+        self.cookies.iter().find(|c| c.name == name)
+    }
+
+    /// URLs of requests that went to a non-loopback host.
+    pub fn non_loopback_requests(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("non-loopback request: "))
+            .collect()
+    }
+}
+
+/// Runs browser.mjs once (a fresh headless Chromium) and returns what it saw.
+///
+/// Fails if browser.mjs fails or times out; the process is killed if it overruns its own
+/// timeout by 15 s. Blocks the calling thread for a few seconds: inside a tokio runtime
+/// that also serves the pages (an [`crate::upstream::Upstream`]), use [`browser_async`].
+pub fn browser(args: &BrowserArgs) -> anyhow::Result<BrowserOutcome> {
+    check_installed()?;
+    let timeout = args.timeout.unwrap_or(Duration::from_secs(20));
+    let mut cmd = Command::new(node());
+    cmd.arg(oidc_dir().join("browser.mjs"))
+        .current_dir(oidc_dir())
+        .args(["--url", &args.url])
+        .args(["--timeout-ms", &timeout.as_millis().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some((user, password)) = &args.login {
+        cmd.args(["--user", user, "--password", password]);
+    }
+    if let Some(sel) = &args.click {
+        cmd.args(["--click", sel]);
+    }
+    if let Some(p) = &args.storage_in {
+        cmd.arg("--storage-in").arg(p);
+    }
+    if let Some(p) = &args.storage_out {
+        cmd.arg("--storage-out").arg(p);
+    }
+    if let Some(ws) = &args.ws {
+        cmd.args(["--ws", ws]);
+    }
+    let mut child = cmd.spawn().context("spawning browser.mjs")?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let hard = timeout + Duration::from_secs(15);
+    let deadline = Instant::now() + hard;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SIGTERM lets Playwright close Chromium; SIGKILL if that hangs.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let grace = Instant::now() + Duration::from_secs(3);
+            while child.try_wait()?.is_none() && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            bail!(
+                "browser.mjs {} ran over {hard:?} and was killed:\n{stderr}",
+                args.url
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    for line in stderr.lines() {
+        eprintln!("[browser] {line}");
+    }
+    if !status.success() {
+        bail!("browser.mjs {} failed ({status}):\n{stderr}", args.url);
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    let mut outcome: BrowserOutcome = serde_json::from_str(line)
+        .with_context(|| format!("browser.mjs printed no result line:\n{stdout}\n{stderr}"))?;
+    outcome.stderr = stderr;
+    Ok(outcome)
+}
+
+/// [`browser`] on tokio's blocking pool, so the calling runtime keeps serving.
+pub async fn browser_async(args: BrowserArgs) -> anyhow::Result<BrowserOutcome> {
+    tokio::task::spawn_blocking(move || browser(&args)).await?
+}
+
+fn drain<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    })
+}

@@ -1,0 +1,557 @@
+//! The identity-aware proxy, black box: three real nodes, a real OpenID provider
+//! (npm oidc-provider), a real headless Chromium, and a plain HTTP app behind the proxy.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use warren_tests::oidc::{browser_async, BrowserArgs, BrowserOutcome, Idp};
+use warren_tests::upstream::Upstream;
+use warren_tests::{certs, phase, Cluster};
+
+const HOSTS: [&str; 5] = [
+    "auth.localhost",
+    "app.localhost",
+    "corp.localhost",
+    "open.localhost",
+    "lan.localhost",
+];
+
+/// An HTTPS client that sends every `*.localhost` name to loopback and trusts `cert`.
+fn web(cert_pem: &str) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(30));
+    for h in HOSTS
+        .iter()
+        .chain(["dead.localhost", "nocert.localhost"].iter())
+    {
+        b = b.resolve(h, "127.0.0.1:0".parse().unwrap());
+    }
+    b.build().unwrap()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+fn session_cookie(b: &BrowserOutcome, domain: &str) -> anyhow::Result<String> {
+    let c = b
+        .cookies
+        .iter()
+        .find(|c| c.name == "_warren_session" && c.domain.trim_start_matches('.') == domain)
+        .with_context(|| format!("no session cookie for {domain}: {:?}", b.cookies))?;
+    assert!(c.http_only && c.secure, "cookie flags: {c:?}");
+    assert_eq!(c.same_site, "Lax");
+    Ok(format!("_warren_session={}", c.value))
+}
+
+async fn echo(
+    web: &reqwest::Client,
+    url: &str,
+    cookie: Option<&str>,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, Value, String)> {
+    let mut req = web.get(url);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await?;
+    let status = resp.status();
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let text = resp.text().await?;
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, v, location))
+}
+
+/// Polls until `f` holds (bounded), returning how long it took.
+async fn eventually<F, Fut>(what: &str, mut f: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    for _ in 0..200 {
+        if f().await? {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("{what} did not happen within {:?}", start.elapsed())
+}
+
+/// Checks an ES256 JWT against a JWKS document.
+fn verify_jwt(jwt: &str, jwks: &Value) -> anyhow::Result<Value> {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    anyhow::ensure!(parts.len() == 3, "not a JWT");
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0])?)?;
+    anyhow::ensure!(header["alg"] == "ES256");
+    let key = jwks["keys"]
+        .as_array()
+        .context("keys")?
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .context("the JWT's kid is not published")?;
+    let mut point = vec![4u8];
+    point.extend(URL_SAFE_NO_PAD.decode(key["x"].as_str().context("x")?)?);
+    point.extend(URL_SAFE_NO_PAD.decode(key["y"].as_str().context("y")?)?);
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
+        .verify(signed.as_bytes(), &URL_SAFE_NO_PAD.decode(parts[2])?)
+        .map_err(|_| anyhow::anyhow!("the JWT signature does not verify"))?;
+    Ok(serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1])?)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    let app = Upstream::start("app").await?;
+    let cluster = Cluster::start(3).await?;
+    let https: Vec<u16> = (0..3)
+        .map(|i| port_of(&cluster.nodes[i].https_addr))
+        .collect();
+    let redirects: Vec<String> = https
+        .iter()
+        .map(|p| format!("https://auth.localhost:{p}/.warren/callback"))
+        .collect();
+    let idp = tokio::task::spawn_blocking(move || Idp::start(&redirects, &[])).await??;
+    let (cert, key) = certs::self_signed(&HOSTS);
+    let web = web(&cert);
+    let api = cluster.api(0);
+
+    phase!("configure: certificate, identity provider, policies, resources");
+    api.post_ok(
+        "/v1/certificates",
+        &json!({"name": "local", "cert_pem": cert, "key_pem": key}),
+    )
+    .await?;
+    let (_, shown) = api.get("/v1/certificates/local").await?;
+    assert!(
+        shown.get("key_pem").is_none(),
+        "the key is never returned: {shown}"
+    );
+    assert_eq!(shown["domains"].as_array().unwrap().len(), HOSTS.len());
+    api.post_ok(
+        "/v1/identity-providers",
+        &json!({"name": "test", "issuer": idp.issuer, "client_id": idp.client_id,
+                "client_secret": idp.client_secret, "scopes": ["groups"], "groups_claim": "groups"}),
+    )
+    .await?;
+    let utc_today = {
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            / 86_400;
+        // 1970-01-01 was a Thursday.
+        (days + 3) % 7
+    };
+    let day = |i: u64| ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(i % 7) as usize];
+    let policies = json!([
+        {"name": "admins", "allow": {"group": "admins"}},
+        {"name": "corp", "allow": {"email_domain": "corp.test"}},
+        {"name": "lan-only", "allow": {"and": [{"group": "admins"}, {"source_cidr": "10.0.0.0/8"}]}},
+        {"name": "this-week-not-now", "allow": {"and": [{"group": "admins"},
+            {"time": {"days": [day(utc_today + 2), day(utc_today + 3), day(utc_today + 4)],
+                      "from": "00:00", "to": "24:00", "timezone": "UTC"}}]}},
+    ]);
+    for p in policies.as_array().unwrap() {
+        api.post_ok("/v1/policies", p).await?;
+    }
+    let target = app.addr.to_string();
+    for (name, domain, policy) in [
+        ("app", "app.localhost", "admins"),
+        ("corp", "corp.localhost", "corp"),
+        ("lan", "lan.localhost", "lan-only"),
+    ] {
+        api.post_ok(
+            "/v1/resources",
+            &json!({"name": name, "route": {"http": {"domain": domain}},
+                    "targets": [target], "policies": [policy]}),
+        )
+        .await?;
+    }
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "weekend", "route": {"http": {"domain": "app.localhost", "path_prefix": "/later"}},
+                "targets": [target], "policies": ["this-week-not-now"]}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "open", "route": {"http": {"domain": "open.localhost"}},
+                "targets": [target], "http": {"public": true}}),
+    )
+    .await?;
+    let jwks_url = format!(
+        "https://auth.localhost:{}/.well-known/warren/jwks.json",
+        https[2]
+    );
+    eventually("the cluster's signing keys are published", || async {
+        Ok(web.get(&jwks_url).send().await?.status() == StatusCode::OK)
+    })
+    .await?;
+    let jwks: Value = web.get(&jwks_url).send().await?.json().await?;
+
+    phase!("a public resource needs no sign-in and gets no identity");
+    let (status, body, _) = echo(
+        &web,
+        &format!("https://open.localhost:{}/echo", https[1]),
+        None,
+        &[("x-warren-user", "mallory")],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["headers"].get("x-warren-user").is_none(), "{body}");
+
+    phase!("alice signs in with Chromium through node 1");
+    let dir = tempfile::tempdir()?;
+    let alice_state = dir.path().join("alice.json");
+    let b = browser_async(
+        BrowserArgs::new(format!(
+            "https://app.localhost:{}/echo?from=browser",
+            https[0]
+        ))
+        .login("alice", "alice-pw")
+        .storage_out(&alice_state)
+        .ws(format!("wss://app.localhost:{}/ws", https[0])),
+    )
+    .await?;
+    assert!(
+        b.url.starts_with(&format!(
+            "https://app.localhost:{}/echo?from=browser",
+            https[0]
+        )),
+        "landed on {}",
+        b.url
+    );
+    let seen: Value = serde_json::from_str(&b.text).with_context(|| b.text.clone())?;
+    assert_eq!(seen["headers"]["x-warren-user"], json!(["alice"]));
+    assert_eq!(
+        seen["headers"]["x-warren-email"],
+        json!(["alice@example.test"])
+    );
+    assert!(seen["headers"]["x-warren-groups"][0]
+        .as_str()
+        .unwrap()
+        .contains("admins"));
+    assert_eq!(
+        b.ws.as_deref(),
+        Some("hello-ws"),
+        "WebSocket echo through the proxy"
+    );
+    assert!(b.non_loopback_requests().is_empty());
+    let alice = session_cookie(&b, "app.localhost")?;
+
+    phase!("the identity assertion verifies against the published JWKS");
+    let jwt = seen["headers"]["x-warren-jwt-assertion"][0]
+        .as_str()
+        .context("no JWT")?;
+    let claims = verify_jwt(jwt, &jwks)?;
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], "app.localhost");
+    let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert!(
+        (240..=360).contains(&ttl),
+        "exp about 5 minutes after iat: {ttl}"
+    );
+    let mut forged = jwt.to_owned();
+    forged.pop();
+    forged.push(if jwt.ends_with('A') { 'B' } else { 'A' });
+    assert!(verify_jwt(&forged, &jwks).is_err());
+
+    phase!("the session started on node 1 works on node 3; spoofed identity headers are stripped");
+    let (status, body, _) = echo(
+        &web,
+        &format!("https://app.localhost:{}/echo", https[2]),
+        Some(&alice),
+        &[
+            ("x-warren-user", "mallory"),
+            ("X-Warren-Groups", "admins"),
+            ("x-warren-jwt-assertion", "x"),
+        ],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["headers"]["x-warren-user"], json!(["alice"]));
+    assert_ne!(body["headers"]["x-warren-jwt-assertion"], json!(["x"]));
+    assert!(
+        body["headers"].get("cookie").is_none(),
+        "the proxy's cookie does not reach the app: {body}"
+    );
+
+    phase!(
+        "policies: source CIDR and time window deny alice; another host does not take her cookie"
+    );
+    let (status, body, _) = echo(
+        &web,
+        &format!("https://app.localhost:{}/later/x", https[1]),
+        Some(&alice),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "time window: {body}");
+    let (status, _, location) = echo(
+        &web,
+        &format!("https://lan.localhost:{}/", https[1]),
+        Some(&alice.replace("app", "lan")),
+        &[],
+    )
+    .await?;
+    assert_eq!(
+        status,
+        StatusCode::FOUND,
+        "a cookie for app.localhost is not one for lan.localhost"
+    );
+    assert!(location.contains("/.warren/sign_in"), "{location}");
+
+    phase!("bob is denied by group; carol gets in by e-mail domain");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1])).login("bob", "bob-pw"),
+    )
+    .await?;
+    assert_eq!(b.status, Some(403), "{}", b.text);
+    assert!(b.text.contains("Access denied"), "{}", b.text);
+    let b = browser_async(
+        BrowserArgs::new(format!("https://corp.localhost:{}/echo", https[2]))
+            .login("carol", "carol-pw"),
+    )
+    .await?;
+    let seen: Value = serde_json::from_str(&b.text).with_context(|| b.text.clone())?;
+    assert_eq!(seen["headers"]["x-warren-user"], json!(["carol"]));
+    let b = browser_async(
+        BrowserArgs::new(format!("https://lan.localhost:{}/echo", https[0]))
+            .storage_in(&alice_state),
+    )
+    .await?;
+    assert_eq!(b.status, Some(403), "source CIDR rule: {}", b.text);
+
+    phase!("bad input: open redirect, forged state, forged and replayed codes, forged cookie");
+    let (status, _, _) = echo(
+        &web,
+        &format!(
+            "https://auth.localhost:{}/.warren/sign_in?rd=https%3A%2F%2Fevil.example%2F",
+            https[0]
+        ),
+        None,
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "open redirect refused");
+    let (status, _, _) = echo(
+        &web,
+        &format!(
+            "https://auth.localhost:{}/.warren/sign_in?rd=https%3A%2F%2Fapp.localhost%3A1%2F",
+            https[0]
+        ),
+        None,
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "another port is refused");
+    let start = web
+        .get(format!(
+            "https://auth.localhost:{}/.warren/sign_in?rd=https%3A%2F%2Fapp.localhost%3A{}%2F",
+            https[0], https[0]
+        ))
+        .send()
+        .await?;
+    assert_eq!(start.status(), StatusCode::FOUND);
+    let login_cookie = start
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("no login cookie")?
+        .to_owned();
+    let (status, body, _) = echo(
+        &web,
+        &format!(
+            "https://auth.localhost:{}/.warren/callback?code=abc&state=forged",
+            https[0]
+        ),
+        Some(&login_cookie),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _, _) = echo(
+        &web,
+        &format!(
+            "https://auth.localhost:{}/.warren/callback?code=abc&state=forged",
+            https[0]
+        ),
+        None,
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no sign-in cookie");
+    let (status, _, _) = echo(
+        &web,
+        &format!(
+            "https://app.localhost:{}/.warren/handoff?code=AAAA",
+            https[0]
+        ),
+        None,
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "forged handoff code");
+    let mut tampered = alice.clone();
+    tampered.push('x');
+    let (status, _, _) = echo(
+        &web,
+        &format!("https://app.localhost:{}/echo", https[0]),
+        Some(&tampered),
+        &[],
+    )
+    .await?;
+    assert_eq!(
+        status,
+        StatusCode::FOUND,
+        "a forged cookie means sign in again"
+    );
+    // A handoff code works once: get one with alice's auth-host session.
+    let auth_cookie = {
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(&alice_state)?)?;
+        let c = state["cookies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "_warren_session" && c["domain"] == "auth.localhost")
+            .context("no auth-host cookie")?
+            .clone();
+        format!("_warren_session={}", c["value"].as_str().unwrap())
+    };
+    let (status, _, handoff) = echo(
+        &web,
+        &format!(
+            "https://auth.localhost:{}/.warren/sign_in?rd=https%3A%2F%2Fapp.localhost%3A{}%2Fecho",
+            https[0], https[0]
+        ),
+        Some(&auth_cookie),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FOUND);
+    assert!(handoff.contains("/.warren/handoff?code="), "{handoff}");
+    let (status, _, to) = echo(&web, &handoff, None, &[]).await?;
+    assert_eq!((status, to.as_str()), (StatusCode::FOUND, "/echo"));
+    let (status, body, _) = echo(&web, &handoff, None, &[]).await?;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a replayed handoff code: {body}"
+    );
+
+    phase!("revoke alice's session through node 2: node 3 denies her next request");
+    let sessions = cluster.api(1).get_ok("/v1/sessions").await?;
+    let alice_sessions: Vec<String> = sessions["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["user"] == "alice")
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!alice_sessions.is_empty());
+    assert!(
+        !sessions.to_string().contains("refresh_token"),
+        "no tokens in the API: {sessions}"
+    );
+    assert!(
+        !sessions.to_string().contains("id_token"),
+        "no tokens in the API: {sessions}"
+    );
+    for id in &alice_sessions {
+        let (status, body) = cluster
+            .api(1)
+            .raw(reqwest::Method::DELETE, &format!("/v1/sessions/{id}"), None)
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let took = eventually("node 3 denies the revoked session", || async {
+        let (status, _, _) = echo(
+            &web,
+            &format!("https://app.localhost:{}/echo", https[2]),
+            Some(&alice),
+            &[],
+        )
+        .await?;
+        Ok(status == StatusCode::FOUND)
+    })
+    .await?;
+    eprintln!("revocation reached node 3 {took:?} after the API answered on node 2");
+
+    phase!("disable carol through node 2: node 3 denies her next request");
+    let carol_state = dir.path().join("carol.json");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://corp.localhost:{}/echo", https[0]))
+            .login("carol", "carol-pw")
+            .storage_out(&carol_state),
+    )
+    .await?;
+    let carol = session_cookie(&b, "corp.localhost")?;
+    cluster
+        .api(1)
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/users/carol",
+            &json!({"disabled": true}),
+        )
+        .await?;
+    eventually("node 3 denies the disabled user", || async {
+        let (status, _, _) = echo(
+            &web,
+            &format!("https://corp.localhost:{}/echo", https[2]),
+            Some(&carol),
+            &[],
+        )
+        .await?;
+        Ok(status == StatusCode::FORBIDDEN)
+    })
+    .await?;
+
+    phase!("sign-out ends the session everywhere and goes to the provider's sign-out");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[0]))
+            .login("alice", "alice-pw"),
+    )
+    .await?;
+    let alice = session_cookie(&b, "app.localhost")?;
+    let (status, _, location) = echo(
+        &web,
+        &format!("https://app.localhost:{}/.warren/sign_out", https[1]),
+        Some(&alice),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FOUND);
+    assert!(
+        location.starts_with(&idp.issuer),
+        "to the provider: {location}"
+    );
+    let (status, _, _) = echo(
+        &web,
+        &format!("https://app.localhost:{}/echo", https[0]),
+        Some(&alice),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FOUND, "signed out");
+    drop(idp);
+    Ok(())
+}
