@@ -25,7 +25,7 @@ use warren_proto::registry::{
     Entity, FieldError, IdentityProvider, Kind, Node, NodeId, Policy, Resource, Role, Route, Site,
     User,
 };
-use warren_proto::session::{user_name_from_email, ProxyKeys, Session, SessionId};
+use warren_proto::session::{user_name_from_email, ProxyKeys, Session, SessionId, ShareLink, Via};
 use warren_proto::token::{ApiKey, KeyId, SecretHash};
 use warren_proto::Name;
 
@@ -220,6 +220,16 @@ pub enum Command {
     },
     /// Store the proxy's keys unless the cluster already has some (the first node wins).
     EnsureProxyKeys(ProxyKeys),
+    /// Store a session opened without single sign-on (PIN, passcode, e-mail code, share
+    /// link), good for one resource.
+    CreateSession(Session),
+    /// Store a share link.
+    CreateShareLink(ShareLink),
+    /// Delete a share link (sessions it opened stay until they expire or are revoked).
+    RevokeShareLink {
+        /// Its id.
+        id: u64,
+    },
     /// Add a new signing key (the newest signs) and drop all but the two newest.
     RotateSigningKey(warren_proto::session::SigningKey),
 }
@@ -374,6 +384,7 @@ pub struct Registry {
     session_expiry: imbl::OrdSet<(u64, SessionId)>,
     used_handoffs: imbl::OrdSet<(u64, u128)>,
     proxy_keys: Option<ProxyKeys>,
+    share_links: OrdMap<u64, ShareLink>,
     // Arc'd: entries are cloned whenever a shared tree node is copied on write.
     dedup: OrdMap<RequestId, Arc<(u64, Reply)>>,
     dedup_order: Vector<(u64, RequestId)>,
@@ -517,6 +528,11 @@ impl Registry {
     /// `expires_at`).
     pub fn sessions(&self) -> &OrdMap<SessionId, Session> {
         &self.sessions
+    }
+
+    /// Share links.
+    pub fn share_links(&self) -> &OrdMap<u64, ShareLink> {
+        &self.share_links
     }
 
     /// The proxy's keys, once a node created them.
@@ -734,6 +750,7 @@ impl Registry {
                         | Command::RefreshSession { .. }
                         | Command::ConsumeHandoff { .. }
                         | Command::EnsureProxyKeys(_)
+                        | Command::CreateSession(_)
                 ) {
                     return Err(RegistryError::Forbidden);
                 }
@@ -960,6 +977,68 @@ impl Registry {
                 }
                 Ok(Outcome::Done)
             }
+            Command::CreateSession(session) => {
+                self.expire_sessions(req.at);
+                let Some(resource) = &session.resource else {
+                    return Err(RegistryError::Conflict {
+                        message: "a session without single sign-on names its resource".into(),
+                    });
+                };
+                if session.via == Via::Sso || !self.resources.contains_key(resource) {
+                    return Err(RegistryError::Conflict {
+                        message: format!("resource {:?} does not exist", resource.as_str()),
+                    });
+                }
+                if self.sessions.contains_key(&session.id) {
+                    return Err(RegistryError::AlreadyExists {
+                        kind: Kind::User,
+                        name: format!("session {}", session.id),
+                        field: "id".into(),
+                        detail: "already exists".into(),
+                    });
+                }
+                self.session_expiry.insert((session.expires_at, session.id));
+                self.sessions.insert(session.id, session.clone());
+                Ok(Outcome::Done)
+            }
+            Command::CreateShareLink(link) => {
+                if !self.resources.contains_key(&link.resource) {
+                    return Err(RegistryError::NotFound {
+                        kind: Kind::Resource,
+                        name: link.resource.to_string(),
+                    });
+                }
+                if self.share_links.contains_key(&link.id) {
+                    return Err(RegistryError::AlreadyExists {
+                        kind: Kind::Resource,
+                        name: format!("share link {:016x}", link.id),
+                        field: "id".into(),
+                        detail: "already exists".into(),
+                    });
+                }
+                let mut link = link.clone();
+                link.created_at = req.at;
+                // Forget links that expired.
+                let expired: Vec<u64> = self
+                    .share_links
+                    .values()
+                    .filter(|l| l.expires_at < req.at)
+                    .map(|l| l.id)
+                    .collect();
+                for id in expired {
+                    self.share_links.remove(&id);
+                }
+                self.share_links.insert(link.id, link);
+                Ok(Outcome::Done)
+            }
+            Command::RevokeShareLink { id } => self
+                .share_links
+                .remove(id)
+                .map(|_| Outcome::Done)
+                .ok_or_else(|| RegistryError::NotFound {
+                    kind: Kind::Resource,
+                    name: format!("share link {id:016x}"),
+                }),
             Command::RotateSigningKey(key) => {
                 let keys = self.proxy_keys.as_mut().ok_or(RegistryError::Conflict {
                     message: "the cluster has no proxy keys yet".into(),

@@ -95,7 +95,7 @@ impl RunningNode {
             );
         }
 
-        let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings);
+        let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings)?;
         let args = SupervisorArgs {
             proxy: proxy.clone(),
             https_listener: Arc::new(https_listener),

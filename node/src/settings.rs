@@ -52,6 +52,17 @@ pub struct Settings {
     /// How long a browser session lasts, in hours.
     #[arg(long, env = "WARREN_SESSION_HOURS", default_value_t = 12)]
     pub session_hours: u64,
+    /// SMTP server for e-mailed one-time codes: smtp://host:port, smtps://user:pass@host,
+    /// smtp://host?tls=required.
+    #[arg(long, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
+    pub smtp_url: Option<warren_proto::Secret>,
+    /// Sender address of e-mailed codes.
+    #[arg(
+        long,
+        env = "WARREN_SMTP_FROM",
+        default_value = "Warren <warren@localhost>"
+    )]
+    pub smtp_from: String,
 }
 
 impl Default for Settings {
@@ -70,8 +81,15 @@ impl Default for Settings {
             public_https_port: None,
             auth_host: "auth.localhost".into(),
             session_hours: 12,
+            smtp_url: None,
+            smtp_from: "Warren <warren@localhost>".into(),
         }
     }
+}
+
+/// Flags that may carry a password are kept redacted in `Debug`.
+fn secret_arg(s: &str) -> Result<warren_proto::Secret, String> {
+    Ok(warren_proto::Secret::new(s))
 }
 
 impl Settings {
@@ -89,6 +107,7 @@ impl Settings {
             auth_host: self.auth_host.clone(),
             public_https_port: self.public_https_port.unwrap_or(https_port),
             session_ttl: Duration::from_secs(self.session_hours * 3600),
+            smtp: self.smtp_url.clone().map(|u| (u, self.smtp_from.clone())),
         })
     }
 

@@ -139,6 +139,19 @@ impl CompiledPolicy {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Whether evaluating it may read ID token claims (callers parse them only then).
+    pub fn uses_claims(&self) -> bool {
+        fn any(n: &Node) -> bool {
+            match n {
+                Node::And(v) | Node::Or(v) => v.iter().any(any),
+                Node::Not(n) => any(n),
+                Node::Claim(..) => true,
+                _ => false,
+            }
+        }
+        self.allow.as_ref().is_some_and(any) || self.deny.as_ref().is_some_and(any)
+    }
 }
 
 /// Decides a request against the resource's policies.

@@ -504,6 +504,161 @@ pub struct HttpOptions {
     /// target (for 10 s).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Ways in besides single sign-on, and requests that need none.
+    #[serde(default)]
+    pub access: AccessMethods,
+}
+
+/// How people may get into a web resource. Single sign-on (then the policies) is the
+/// default; a PIN, a passcode, a one-time code sent to a listed e-mail address or a share
+/// link each open this one resource without an account. Bypass rules let matching requests
+/// through without any sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessMethods {
+    /// Sign in with the cluster's identity provider, then the policies decide.
+    #[serde(default = "yes")]
+    pub sso: bool,
+    /// A PIN (4 to 12 digits). Given in clear to the API, which stores only its hash.
+    #[serde(default)]
+    pub pin: Option<Secret>,
+    /// Hash of the PIN (Argon2id, PHC string); set by the node, shown as `<hidden>`.
+    #[serde(default)]
+    pub pin_hash: Option<String>,
+    /// A passcode (8 to 128 characters). Given in clear to the API, stored hashed.
+    #[serde(default)]
+    pub passcode: Option<Secret>,
+    /// Hash of the passcode; set by the node, shown as `<hidden>`.
+    #[serde(default)]
+    pub passcode_hash: Option<String>,
+    /// E-mail addresses (or `@domain` for a whole domain) that may ask for a one-time
+    /// code by e-mail.
+    #[serde(default)]
+    pub email_codes: Vec<String>,
+    /// Requests that need no sign-in at all.
+    #[serde(default)]
+    pub bypass: Vec<Bypass>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for AccessMethods {
+    fn default() -> Self {
+        Self {
+            sso: true,
+            pin: None,
+            pin_hash: None,
+            passcode: None,
+            passcode_hash: None,
+            email_codes: Vec::new(),
+            bypass: Vec::new(),
+        }
+    }
+}
+
+impl AccessMethods {
+    /// What the API shows in place of a stored hash.
+    pub const HIDDEN: &'static str = "<hidden>";
+
+    /// Whether a way in other than single sign-on is configured.
+    pub fn has_other_methods(&self) -> bool {
+        self.pin_hash.is_some() || self.passcode_hash.is_some() || !self.email_codes.is_empty()
+    }
+
+    /// Whether an e-mail address may ask for a one-time code.
+    pub fn email_allowed(&self, email: &str) -> bool {
+        let email = email.to_ascii_lowercase();
+        self.email_codes.iter().any(|e| {
+            let e = e.to_ascii_lowercase();
+            if let Some(domain) = e.strip_prefix('@') {
+                email.rsplit_once('@').is_some_and(|(_, d)| d == domain)
+            } else {
+                e == email
+            }
+        })
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.pin.is_some() || self.passcode.is_some() {
+            return Err(FieldError::new(
+                if self.pin.is_some() {
+                    "pin"
+                } else {
+                    "passcode"
+                },
+                "stored in clear: the node hashes it before it is written",
+            ));
+        }
+        for (field, h) in [
+            ("pin_hash", &self.pin_hash),
+            ("passcode_hash", &self.passcode_hash),
+        ] {
+            if let Some(h) = h {
+                if !h.starts_with("$argon2") || h.len() > 256 {
+                    return Err(FieldError::new(field, "not an Argon2 hash"));
+                }
+            }
+        }
+        for (i, e) in self.email_codes.iter().enumerate() {
+            let ok = match e.strip_prefix('@') {
+                Some(d) => check_hostname(&d.to_ascii_lowercase(), false).is_ok(),
+                None => check_email(e).is_ok(),
+            };
+            if !ok {
+                return Err(FieldError::new(
+                    format!("email_codes[{i}]"),
+                    format!("{e:?} is neither an e-mail address nor @domain"),
+                ));
+            }
+        }
+        if self.bypass.len() > 64 {
+            return Err(FieldError::new("bypass", "at most 64 rules"));
+        }
+        for (i, b) in self.bypass.iter().enumerate() {
+            if b.path_prefix.is_none() && b.source_cidr.is_none() {
+                return Err(FieldError::new(
+                    format!("bypass[{i}]"),
+                    "give path_prefix, source_cidr or both",
+                ));
+            }
+            if let Some(p) = &b.path_prefix {
+                check_path_prefix(p).map_err(|e| e.within(&format!("bypass[{i}].path_prefix")))?;
+                if p.starts_with("/.warren") {
+                    return Err(FieldError::new(
+                        format!("bypass[{i}].path_prefix"),
+                        "/.warren/ belongs to the proxy",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Requests matching every given field need no sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bypass {
+    /// The request path starts with this (at a `/` boundary).
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The client address is in this network.
+    #[serde(default)]
+    pub source_cidr: Option<ipnet::IpNet>,
+}
+
+impl Bypass {
+    /// Whether a request matches.
+    pub fn matches(&self, path: &str, source: IpAddr) -> bool {
+        let path_ok = self.path_prefix.as_deref().is_none_or(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| p.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+        });
+        let cidr_ok = self.source_cidr.is_none_or(|n| n.contains(&source));
+        path_ok && cidr_ok
+    }
 }
 
 impl HttpOptions {
@@ -551,6 +706,19 @@ impl HttpOptions {
         }
         if let Some(hc) = &self.health_check {
             hc.validate().map_err(|e| e.within("health_check"))?;
+        }
+        self.access.validate().map_err(|e| e.within("access"))?;
+        if self.public && self.access != AccessMethods::default() {
+            return Err(FieldError::new(
+                "access",
+                "a public resource takes no other access settings",
+            ));
+        }
+        if !self.access.sso && !self.access.has_other_methods() && self.access.bypass.is_empty() {
+            return Err(FieldError::new(
+                "access.sso",
+                "without single sign-on, configure a PIN, a passcode or e-mail codes",
+            ));
         }
         Ok(())
     }

@@ -63,6 +63,68 @@ pub struct Session {
     pub token_expires_at: Option<u64>,
     /// The ID token, kept for RP-initiated sign-out (`id_token_hint`).
     pub id_token: Option<Secret>,
+    /// How the session was opened.
+    pub via: Via,
+    /// The one resource a session opened without single sign-on is good for.
+    pub resource: Option<Name>,
+    /// The ID token's claims as JSON (for `claim` policy criteria); empty if none.
+    pub claims: String,
+}
+
+/// How a session was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// Single sign-on with the identity provider: the user's policies decide.
+    Sso,
+    /// The resource's PIN.
+    Pin,
+    /// The resource's passcode.
+    Passcode,
+    /// A one-time code sent to a listed e-mail address.
+    EmailCode,
+    /// A share link.
+    ShareLink,
+}
+
+/// A link that opens one resource without an account until it expires. Only the hash of
+/// its secret is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareLink {
+    /// Random id (in the link, before the secret).
+    pub id: u64,
+    /// The resource it opens.
+    pub resource: Name,
+    /// SHA-256 of the secret.
+    pub hash: crate::token::SecretHash,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// End of validity, seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// A share link as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareLinkView {
+    /// Id, 16 hex digits.
+    pub id: String,
+    /// Resource.
+    pub resource: Name,
+    /// Creation time.
+    pub created_at: u64,
+    /// End of validity.
+    pub expires_at: u64,
+}
+
+impl From<&ShareLink> for ShareLinkView {
+    fn from(l: &ShareLink) -> Self {
+        Self {
+            id: format!("{:016x}", l.id),
+            resource: l.resource.clone(),
+            created_at: l.created_at,
+            expires_at: l.expires_at,
+        }
+    }
 }
 
 /// A session as the admin API shows it: no tokens.
@@ -84,6 +146,10 @@ pub struct SessionView {
     pub expires_at: u64,
     /// When the provider's tokens expire.
     pub token_expires_at: Option<u64>,
+    /// How it was opened.
+    pub via: Via,
+    /// The resource it is limited to, if any.
+    pub resource: Option<Name>,
 }
 
 impl From<&Session> for SessionView {
@@ -97,6 +163,8 @@ impl From<&Session> for SessionView {
             created_at: s.created_at,
             expires_at: s.expires_at,
             token_expires_at: s.token_expires_at,
+            via: s.via,
+            resource: s.resource.clone(),
         }
     }
 }

@@ -119,6 +119,21 @@ impl ApiKey {
     }
 }
 
+/// The secret part of a share link: `wsl_<16 hex id>_<secret>`.
+pub fn share_token(id: u64, secret: &[u8; 32]) -> String {
+    format!("wsl_{id:016x}_{}", B64.encode(secret))
+}
+
+/// Parses a share link's token into its id and secret.
+pub fn parse_share_token(s: &str) -> Option<(u64, [u8; 32])> {
+    let (id, secret) = s.trim().strip_prefix("wsl_")?.split_once('_')?;
+    if id.len() != 16 {
+        return None;
+    }
+    let id = u64::from_str_radix(id, 16).ok()?;
+    Some((id, decode_exact::<32>(secret).ok()?))
+}
+
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ApiKey({}, <redacted>)", self.id)

@@ -13,6 +13,7 @@
 
 pub mod certs;
 pub mod oidc;
+pub mod smtp;
 pub mod upstream;
 
 use std::net::{TcpListener, UdpSocket};

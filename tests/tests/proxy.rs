@@ -555,3 +555,99 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     drop(idp);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn provider_tokens_are_refreshed_and_a_refused_refresh_ends_the_session() -> anyhow::Result<()>
+{
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    let app = Upstream::start("app").await?;
+    let cluster = Cluster::start(1).await?;
+    let https = port_of(&cluster.nodes[0].https_addr);
+    let redirect = vec![format!("https://auth.localhost:{https}/.warren/callback")];
+    // Access tokens live 4 s, so the node refreshes them every round.
+    let idp = tokio::task::spawn_blocking(move || Idp::start(&redirect, &[("OP_ACCESS_TTL", "4")]))
+        .await??;
+    let (cert, key) = certs::self_signed(&HOSTS);
+    let web = web(&cert);
+    let api = cluster.api(0);
+    api.post_ok(
+        "/v1/certificates",
+        &json!({"name": "local", "cert_pem": cert, "key_pem": key}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/identity-providers",
+        &json!({"name": "test", "issuer": idp.issuer, "client_id": idp.client_id,
+                "client_secret": idp.client_secret, "scopes": ["groups", "offline_access"]}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/policies",
+        &json!({"name": "dev", "allow": {"group": "dev"}}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "app", "route": {"http": {"domain": "app.localhost"}},
+                "targets": [app.addr.to_string()], "policies": ["dev"]}),
+    )
+    .await?;
+    let jwks_url = format!("https://auth.localhost:{https}/.well-known/warren/jwks.json");
+    eventually("the cluster's keys exist", || async {
+        Ok(web.get(&jwks_url).send().await?.status() == StatusCode::OK)
+    })
+    .await?;
+
+    phase!("bob signs in; the node refreshes his provider tokens before they expire");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{https}/echo")).login("bob", "bob-pw"),
+    )
+    .await?;
+    let bob = session_cookie(&b, "app.localhost")?;
+    let expiry = || async {
+        let s = api.get_ok("/v1/sessions").await?;
+        Ok::<_, anyhow::Error>(s["items"][0]["token_expires_at"].as_u64())
+    };
+    let first = expiry().await?.context("no token expiry recorded")?;
+    let mut refreshed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if expiry().await?.is_some_and(|t| t > first) {
+            refreshed = true;
+            break;
+        }
+    }
+    assert!(refreshed, "the provider tokens were not refreshed");
+    let (status, _, _) = echo(
+        &web,
+        &format!("https://app.localhost:{https}/echo"),
+        Some(&bob),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+
+    phase!("the provider stops knowing bob: the next refresh is refused and the session ends");
+    let idp_ref = &idp;
+    tokio::task::block_in_place(|| idp_ref.disable("bob"))?;
+    let mut ended = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (status, _, _) = echo(
+            &web,
+            &format!("https://app.localhost:{https}/echo"),
+            Some(&bob),
+            &[],
+        )
+        .await?;
+        if status == StatusCode::FOUND {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended, "the session outlived a refused refresh");
+    assert!(cluster.logs().contains("refused to refresh"));
+    Ok(())
+}

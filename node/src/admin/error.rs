@@ -28,6 +28,11 @@ impl ApiErr {
         self
     }
 
+    /// The offending field, if one was named.
+    pub fn field_name(&self) -> Option<&str> {
+        self.0.field.as_deref()
+    }
+
     /// The code.
     pub fn code(&self) -> ErrorCode {
         self.0.code

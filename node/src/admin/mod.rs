@@ -53,6 +53,8 @@ struct Inner {
     node_name: Name,
     cluster_id: u128,
     members: Members,
+    /// The proxy's public HTTPS port, for share link URLs.
+    proxy_port: u16,
 }
 
 impl AdminState {
@@ -64,9 +66,11 @@ impl AdminState {
         node_name: Name,
         cluster_id: u128,
         members: Members,
+        proxy_port: u16,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                proxy_port,
                 cluster,
                 transport,
                 ca,

@@ -20,8 +20,10 @@ use warren_proto::api::{
     Health, IdentityProviderView, JoinTokenView, List, MemberRole, NodeView, UpdateNode,
 };
 use warren_proto::certificate::Certificate;
-use warren_proto::registry::{IdentityProvider, Kind, Node, Policy, Resource, Role, Site, User};
-use warren_proto::session::{SessionId, SessionView};
+use warren_proto::registry::{
+    AccessMethods, IdentityProvider, Kind, Node, Policy, Resource, Role, Site, User,
+};
+use warren_proto::session::{SessionId, SessionView, ShareLink, ShareLinkView};
 use warren_proto::token::{ApiKey, JoinToken, KeyId};
 use warren_proto::Name;
 
@@ -43,6 +45,12 @@ pub fn router(state: AdminState) -> Router {
         .merge(entity_routes::<Policy>())
         .merge(entity_routes::<Certificate>())
         .route("/v1/sessions", get(list_sessions))
+        .route("/v1/resources/{name}/share-links", post(create_share_link))
+        .route("/v1/share-links", get(list_share_links))
+        .route(
+            "/v1/share-links/{id}",
+            axum::routing::delete(revoke_share_link),
+        )
         .route("/v1/sessions/{id}", axum::routing::delete(revoke_session))
         .route("/v1/nodes", get(list_nodes).post(create_node))
         .route(
@@ -93,8 +101,10 @@ pub trait ApiEntity: Table {
     fn view(&self) -> Self::View;
     /// Unwraps from an [`warren_consensus::registry::AnyEntity`].
     fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self>;
-    /// Checks the node can make, before the write (the registry checks the rest).
-    fn precheck(&self) -> Result<(), ApiErr> {
+    /// Checks only the node can make and changes only it can do (hashing credentials),
+    /// before the write; `current` is the stored version, if any. The registry checks the
+    /// rest.
+    fn prepare(&mut self, _current: Option<&Self>) -> Result<(), ApiErr> {
         Ok(())
     }
 }
@@ -119,7 +129,87 @@ macro_rules! plain_view {
 plain_view!(User, User);
 plain_view!(Role, Role);
 plain_view!(Site, Site);
-plain_view!(Resource, Resource);
+
+impl ApiEntity for Resource {
+    type View = Resource;
+    fn view(&self) -> Self::View {
+        let mut r = self.clone();
+        let a = &mut r.http.access;
+        for h in [&mut a.pin_hash, &mut a.passcode_hash] {
+            if h.is_some() {
+                *h = Some(AccessMethods::HIDDEN.to_owned());
+            }
+        }
+        r
+    }
+    fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self> {
+        match any {
+            warren_consensus::registry::AnyEntity::Resource(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn prepare(&mut self, current: Option<&Self>) -> Result<(), ApiErr> {
+        let current = current.map(|c| &c.http.access);
+        let a = &mut self.http.access;
+        let pin = a.pin.take();
+        prepare_credential(
+            pin,
+            &mut a.pin_hash,
+            current.and_then(|c| c.pin_hash.as_deref()),
+            "http.access.pin",
+            |p| (4..=12).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()),
+            "a PIN is 4 to 12 digits",
+        )?;
+        let passcode = a.passcode.take();
+        prepare_credential(
+            passcode,
+            &mut a.passcode_hash,
+            current.and_then(|c| c.passcode_hash.as_deref()),
+            "http.access.passcode",
+            |p| (8..=128).contains(&p.chars().count()) && !p.chars().any(char::is_control),
+            "a passcode is 8 to 128 characters",
+        )
+    }
+}
+
+/// Hashes a credential given in clear, or keeps the stored hash where the client sent back
+/// `<hidden>` (what it read) or the stored hash itself. A hash the cluster did not make is
+/// refused: it could only come from outside.
+fn prepare_credential(
+    clear: Option<warren_proto::Secret>,
+    hash: &mut Option<String>,
+    stored: Option<&str>,
+    field: &str,
+    ok: impl Fn(&str) -> bool,
+    expected: &str,
+) -> Result<(), ApiErr> {
+    if let Some(clear) = clear {
+        if !ok(clear.expose()) {
+            return Err(ApiErr::new(ErrorCode::InvalidField, expected).field(field));
+        }
+        *hash = Some(crate::proxy::credential::hash(clear.expose()));
+        return Ok(());
+    }
+    match hash.as_deref() {
+        None => Ok(()),
+        Some(h) if h == AccessMethods::HIDDEN || Some(h) == stored => {
+            *hash = stored.map(str::to_owned);
+            if hash.is_none() {
+                return Err(ApiErr::new(
+                    ErrorCode::InvalidField,
+                    "nothing is stored to keep; give the value in clear",
+                )
+                .field(format!("{field}_hash")));
+            }
+            Ok(())
+        }
+        Some(_) => Err(ApiErr::new(
+            ErrorCode::InvalidField,
+            "set the value in clear (it is hashed by the cluster), not its hash",
+        )
+        .field(format!("{field}_hash"))),
+    }
+}
 plain_view!(Policy, Policy);
 
 impl ApiEntity for IdentityProvider {
@@ -146,7 +236,7 @@ impl ApiEntity for Certificate {
             _ => None,
         }
     }
-    fn precheck(&self) -> Result<(), ApiErr> {
+    fn prepare(&mut self, _current: Option<&Self>) -> Result<(), ApiErr> {
         // The registry checks the PEM; only the node has the crypto to check the key
         // belongs to the certificate.
         let (Ok(chain), Ok(key)) = (self.chain(), self.key()) else {
@@ -162,6 +252,117 @@ impl ApiEntity for Certificate {
                 .field("key_pem")
             })
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateShareLink {
+    /// Seconds until the link stops working (default one day, at most 90 days).
+    #[serde(default = "default_share_ttl")]
+    expires_in_s: u64,
+}
+
+fn default_share_ttl() -> u64 {
+    86_400
+}
+
+async fn create_share_link(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(Kind::Resource, &name)?;
+    let req: CreateShareLink = read_json(body, MAX_BODY).await?;
+    if !(60..=90 * 86_400).contains(&req.expires_in_s) {
+        return Err(
+            ApiErr::new(ErrorCode::InvalidField, "expected 60 seconds to 90 days")
+                .field("expires_in_s"),
+        );
+    }
+    let reg = s.cluster().read().await?;
+    let res = reg
+        .resources()
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiErr::not_found(Kind::Resource, name.as_str()))?;
+    let warren_proto::registry::Route::Http {
+        domain,
+        path_prefix,
+    } = &res.route
+    else {
+        return Err(ApiErr::new(
+            ErrorCode::InvalidField,
+            "share links open web resources only",
+        )
+        .field("route"));
+    };
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    let id: u64 = rand::random();
+    let now = crate::proxy::unix_now();
+    let link = ShareLink {
+        id,
+        resource: name.clone(),
+        hash: warren_proto::token::SecretHash::of(&secret),
+        created_at: now,
+        expires_at: now + req.expires_in_s,
+    };
+    submit(&s, key, &headers, Command::CreateShareLink(link.clone())).await?;
+    let token = warren_proto::token::share_token(id, &secret);
+    let port = s.inner.proxy_port;
+    let url = (!domain.starts_with("*.")).then(|| {
+        format!(
+            "https://{}{}/.warren/share?t={token}",
+            crate::proxy::authority_with_port(domain, port),
+            path_prefix.as_deref().unwrap_or("").trim_end_matches('/'),
+        )
+    });
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "share_link": ShareLinkView::from(&link),
+            "token": token,
+            "url": url,
+        })),
+    ))
+}
+
+async fn list_share_links(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<ShareLinkView>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(List {
+        items: reg
+            .share_links()
+            .values()
+            .map(ShareLinkView::from)
+            .collect(),
+    }))
+}
+
+async fn revoke_share_link(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let id = (id.len() == 16)
+        .then(|| u64::from_str_radix(&id, 16).ok())
+        .flatten()
+        .ok_or_else(|| {
+            ApiErr::new(
+                ErrorCode::InvalidField,
+                "a share link id is 16 hexadecimal digits",
+            )
+            .field("id")
+        })?;
+    submit(&s, key, &headers, Command::RevokeShareLink { id }).await?;
+    Ok(Json(
+        json!({ "revoked": { "kind": "share link", "id": format!("{id:016x}") } }),
+    ))
 }
 
 async fn list_sessions(
@@ -287,8 +488,8 @@ async fn create<E: ApiEntity>(
     body: Body,
 ) -> Result<(StatusCode, Json<E::View>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
-    let entity: E = read_json(body, MAX_BODY).await?;
-    entity.precheck()?;
+    let mut entity: E = read_json(body, MAX_BODY).await?;
+    entity.prepare(None)?;
     let outcome = submit(&s, key, &headers, Command::Create(entity.wrap())).await?;
     match outcome {
         Outcome::Entity(any) => E::from_any(any)
@@ -374,9 +575,9 @@ async fn update<E: ApiEntity>(
         if explicit_revision.is_none() {
             doc["revision"] = json!(current.revision());
         }
-        let updated: E =
+        let mut updated: E =
             super::parse_json(&serde_json::to_vec(&doc).expect("a JSON value encodes"))?;
-        updated.precheck()?;
+        updated.prepare(Some(&current))?;
         match submit(&s, key, &headers, Command::Update(updated.wrap())).await {
             Err(e)
                 if e.code() == ErrorCode::RevisionConflict
@@ -790,8 +991,17 @@ async fn apply(
     body: Body,
 ) -> Result<Json<warren_proto::api::ApplyReport>, ApiErr> {
     let key = auth_write(&s, &headers).await?;
-    let req: ApplyRequest = read_json(body, MAX_APPLY_BODY).await?;
+    let mut req: ApplyRequest = read_json(body, MAX_APPLY_BODY).await?;
     let reg = s.cluster().read().await?;
+    if let Some(resources) = &mut req.manifest.resources {
+        for (i, r) in resources.iter_mut().enumerate() {
+            let current = reg.resources().get(&r.name).cloned();
+            r.prepare(current.as_ref()).map_err(|e| {
+                let field = format!("resources[{i}].{}", e.field_name().unwrap_or_default());
+                e.field(field)
+            })?;
+        }
+    }
     let mut plan = reg
         .plan_manifest(&req.manifest, req.prune)
         .map_err(in_manifest)?;

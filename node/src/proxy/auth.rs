@@ -226,8 +226,11 @@ impl Proxy {
         req: Request<Incoming>,
         state: &ProxyState,
         host: &str,
+        peer: std::net::SocketAddr,
     ) -> (Response<Body>, AccessLog) {
         let resp = match req.uri().path() {
+            "/.warren/auth" => self.methods(req, state, host, peer).await,
+            "/.warren/share" => self.share(req, state, host, peer).await,
             "/.warren/handoff" => self.handoff(&req, state, host).await,
             "/.warren/sign_out" => self.sign_out(&req, state, host).await,
             "/.warren" | "/.warren/" => self.whoami(&req, state, host),
@@ -587,7 +590,16 @@ impl Proxy {
                 .refresh_token()
                 .map(|t| Secret::new(t.secret().clone())),
             token_expires_at: token.expires_in().map(|d| now + d.as_secs()),
+            claims: jwt
+                .split('.')
+                .nth(1)
+                .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|c| c.len() <= 16 * 1024)
+                .unwrap_or_default(),
             id_token: Some(Secret::new(jwt)),
+            via: warren_proto::session::Via::Sso,
+            resource: None,
         };
         Ok((session, display_name))
     }
@@ -780,7 +792,8 @@ impl Proxy {
             .is_some_and(|v| v.contains("application/json"));
         if wants_json {
             let body = serde_json::json!({
-                "user": p.user.name,
+                "user": p.name(),
+                "via": p.session.via,
                 "email": p.session.email,
                 "groups": p.groups,
                 "idp": p.session.idp,
@@ -804,7 +817,7 @@ impl Proxy {
              <p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span></p>\
              <p>Groups: <span id=\"groups\">{}</span></p>\
              <p><a href=\"/.warren/sign_out\">Sign out</a></p></body></html>",
-            esc(p.user.name.as_str()),
+            esc(p.name()),
             esc(&p.session.email),
             groups
         );

@@ -288,7 +288,31 @@ impl Proxy {
     }
 
     fn identity_headers(&self, headers: &mut http::HeaderMap, p: &Principal, host: &str) {
-        let user = p.user.name.as_str();
+        if p.session.via != warren_proto::session::Via::Sso {
+            // No account behind a PIN, passcode or share link; an e-mail code proves the
+            // address only.
+            if p.session.email.is_empty() {
+                return;
+            }
+            if let Ok(v) = HeaderValue::from_str(&p.session.email) {
+                headers.insert(HeaderName::from_static("x-warren-email"), v);
+            }
+            if let Some(signer) = &self.state().signer {
+                let jwt = signer.assertion(
+                    &self.auth_origin(),
+                    host,
+                    &p.session.email,
+                    &p.session.email,
+                    &[],
+                    unix_now(),
+                );
+                if let Ok(v) = HeaderValue::from_str(&jwt) {
+                    headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
+                }
+            }
+            return;
+        }
+        let user = p.name();
         if let Ok(v) = HeaderValue::from_str(user) {
             headers.insert(HeaderName::from_static("x-warren-user"), v);
         }

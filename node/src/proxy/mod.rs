@@ -6,7 +6,9 @@
 //! the identity headers added. See `docs` in the README for the sign-in flow.
 
 mod auth;
+pub mod credential;
 mod forward;
+pub mod methods;
 pub mod pages;
 pub mod seal;
 pub mod sign;
@@ -34,13 +36,13 @@ use warren_consensus::registry::{Command, Registry};
 use warren_consensus::types::{Actor as Who, Request as RaftRequest};
 use warren_proto::access::{decide, Decision, Facts, Identity};
 use warren_proto::registry::User;
-use warren_proto::session::{ProxyKeys, Session, SessionId};
+use warren_proto::session::{ProxyKeys, Session, SessionId, Via};
 use warren_proto::Secret;
 
 use self::pages::page;
 use self::seal::{Purpose, Sealer};
 use self::sign::Signer;
-use self::state::{build_config, config_changed, Config, Pool, ProxyState};
+use self::state::{build_config, config_changed, Config, Pool, ProxyState, Route};
 
 /// Error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,16 +63,27 @@ pub struct ProxySettings {
     pub public_https_port: u16,
     /// How long a session lasts.
     pub session_ttl: Duration,
+    /// SMTP URL and sender for e-mailed codes, if configured.
+    pub smtp: Option<(Secret, String)>,
 }
 
 /// Who a request comes from, once its session checked out.
 pub struct Principal {
     /// The session.
     pub session: Session,
-    /// The user.
-    pub user: User,
+    /// The user (single sign-on sessions only).
+    pub user: Option<User>,
     /// Provider groups plus the roles the user is in.
     pub groups: Vec<String>,
+}
+
+impl Principal {
+    /// The name to show and send upstream.
+    pub fn name(&self) -> &str {
+        self.user
+            .as_ref()
+            .map_or(self.session.user.as_str(), |u| u.name.as_str())
+    }
 }
 
 /// The proxy of one node.
@@ -82,6 +95,8 @@ pub struct Proxy {
     /// Why this node may not grant access right now (cut off from the leader too long).
     fail_closed: ArcSwapOption<String>,
     oidc: auth::Oidc,
+    attempts: credential::Attempts,
+    mailer: Option<methods::Mailer>,
     tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
@@ -104,7 +119,11 @@ pub fn unix_now() -> u64 {
 impl Proxy {
     /// Creates the proxy and starts its background work: following the registry, health
     /// checks, the fail-closed watch, cluster keys and session refresh.
-    pub fn start(cluster: Cluster, settings: ProxySettings) -> Arc<Self> {
+    pub fn start(cluster: Cluster, settings: ProxySettings) -> anyhow::Result<Arc<Self>> {
+        let mailer = match &settings.smtp {
+            Some((url, from)) => Some(methods::Mailer::new(url.expose(), from)?),
+            None => None,
+        };
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -120,6 +139,8 @@ impl Proxy {
             client,
             fail_closed: ArcSwapOption::empty(),
             oidc: auth::Oidc::new(),
+            attempts: credential::Attempts::default(),
+            mailer,
             tasks: std::sync::Mutex::new(JoinSet::new()),
         });
         let weak = Arc::downgrade(&proxy);
@@ -128,7 +149,12 @@ impl Proxy {
         tasks.spawn(watch_serving(weak.clone()));
         tasks.spawn(auth::refresh_sessions(weak));
         *proxy.tasks.lock().expect("tasks lock") = tasks;
-        proxy
+        Ok(proxy)
+    }
+
+    /// The HTTPS port users reach the proxy on.
+    pub fn public_https_port(&self) -> u16 {
+        self.settings.public_https_port
     }
 
     /// The current state.
@@ -208,7 +234,7 @@ impl Proxy {
             return self.auth_host(req, &state).await;
         }
         if path.starts_with("/.warren/") || path == "/.warren" {
-            return self.resource_host_pages(req, &state, host).await;
+            return self.resource_host_pages(req, &state, host, peer).await;
         }
         let Some(route) = state.config.route(host, path).cloned() else {
             return (
@@ -241,6 +267,18 @@ impl Proxy {
             log.reason = "public resource".into();
             return (self.forward(req, &route, None, peer, host).await, log);
         }
+        if route
+            .options
+            .access
+            .bypass
+            .iter()
+            .any(|b| b.matches(req.uri().path(), peer.ip()))
+        {
+            log.decision = "allow";
+            log.reason = "bypass rule".into();
+            strip_session_cookie(&mut req);
+            return (self.forward(req, &route, None, peer, host).await, log);
+        }
         if let Some(why) = self.fail_closed.load_full() {
             log.decision = "deny";
             log.reason = format!("fail closed: {why}");
@@ -254,15 +292,30 @@ impl Proxy {
             );
         }
         let principal = match self.principal(&req, &state, host) {
-            Ok(p) => p,
+            Ok(p) if p.session.via == Via::Sso && route.options.access.sso => p,
+            Ok(p) if p.session.resource.as_ref() == Some(&route.resource) => {
+                log.user = Some(p.name().to_owned());
+                log.decision = "allow";
+                log.reason = format!("{:?} session for this resource", p.session.via);
+                strip_session_cookie(&mut req);
+                return (self.forward(req, &route, Some(&p), peer, host).await, log);
+            }
+            Ok(_) => {
+                log.decision = "deny";
+                log.reason = "session not good for this resource".into();
+                return (self.need_sign_in(&req, host, &route), log);
+            }
             Err(why) => {
                 log.decision = "deny";
                 log.reason = why.to_owned();
-                return (self.need_sign_in(&req, host), log);
+                return (self.need_sign_in(&req, host, &route), log);
             }
         };
-        log.user = Some(principal.user.name.to_string());
-        if principal.user.disabled {
+        let Some(user) = &principal.user else {
+            return (self.need_sign_in(&req, host, &route), log);
+        };
+        log.user = Some(user.name.to_string());
+        if user.disabled {
             log.decision = "deny";
             log.reason = "user disabled".into();
             return (
@@ -274,10 +327,15 @@ impl Proxy {
                 log,
             );
         }
-        let claims = serde_json::Value::Null;
+        // Claims are parsed only for routes whose policies look at them.
+        let claims = if route.needs_claims {
+            serde_json::from_str(&principal.session.claims).unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::Null
+        };
         let facts = Facts {
             identity: Some(Identity {
-                user: principal.user.name.as_str(),
+                user: user.name.as_str(),
                 email: &principal.session.email,
                 groups: &principal.groups,
                 claims: &claims,
@@ -297,7 +355,7 @@ impl Proxy {
                     "Access denied",
                     &format!(
                         "{} may not use this resource ({}).",
-                        principal.user.name.as_str(),
+                        user.name.as_str(),
                         decision.reason()
                     ),
                 ),
@@ -331,7 +389,7 @@ impl Proxy {
         lookup_session(&state.registry, &state.config, SessionId(c.sid))
     }
 
-    fn need_sign_in(&self, req: &Request<Incoming>, host: &str) -> Response<Body> {
+    fn need_sign_in(&self, req: &Request<Incoming>, host: &str, route: &Route) -> Response<Body> {
         let navigational = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
         if !navigational {
             return page(
@@ -339,6 +397,17 @@ impl Proxy {
                 "Sign-in required",
                 "Sign in through your browser first, then try again.",
             );
+        }
+        if route.options.access.has_other_methods() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let to = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("rd", pq)
+                .finish();
+            return pages::redirect(&format!("/.warren/auth?{to}"));
         }
         let original = format!(
             "https://{}{}",
@@ -514,6 +583,13 @@ fn lookup_session(
     if session.expires_at <= unix_now() {
         return Err("session expired");
     }
+    if session.via != Via::Sso {
+        return Ok(Principal {
+            session: session.clone(),
+            user: None,
+            groups: Vec::new(),
+        });
+    }
     let user = reg.users().get(&session.user).ok_or("user deleted")?;
     let mut groups = session.groups.clone();
     if let Some(roles) = config.roles_of.get(&user.name) {
@@ -521,7 +597,7 @@ fn lookup_session(
     }
     Ok(Principal {
         session: session.clone(),
-        user: user.clone(),
+        user: Some(user.clone()),
         groups,
     })
 }

@@ -21,6 +21,8 @@ pub enum Purpose {
     Login,
     /// A one-time code that hands a session to a resource's domain.
     Handoff,
+    /// The pending e-mail code of a resource's sign-in form.
+    EmailCode,
 }
 
 impl Purpose {
@@ -29,6 +31,7 @@ impl Purpose {
             Purpose::Session => b"warren/session/v1",
             Purpose::Login => b"warren/login/v1",
             Purpose::Handoff => b"warren/handoff/v1",
+            Purpose::EmailCode => b"warren/email-code/v1",
         }
     }
 }

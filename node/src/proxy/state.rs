@@ -131,6 +131,8 @@ pub struct Route {
     pub pool: Arc<Pool>,
     /// Why the route cannot serve (a policy that does not compile); requests get 503.
     pub broken: Option<String>,
+    /// Whether a policy reads ID token claims.
+    pub needs_claims: bool,
 }
 
 impl Route {
@@ -337,7 +339,9 @@ fn build_route(
             .collect::<Vec<_>>()
     };
     let o = &res.http;
+    let needs_claims = policies.iter().any(CompiledPolicy::uses_claims);
     Route {
+        needs_claims,
         resource: res.name.clone(),
         host: domain.to_owned(),
         prefix: prefix.unwrap_or("/").to_owned(),
