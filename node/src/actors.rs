@@ -441,7 +441,7 @@ impl Supervisor {
                     a.node_name.clone(),
                     a.cluster_id,
                     state.members(),
-                    a.proxy.public_https_port(),
+                    a.proxy.clone(),
                 );
                 let kind = ListenerKind::Admin {
                     listener: a.admin_listener.clone(),

@@ -52,6 +52,10 @@ pub struct Settings {
     /// How long a browser session lasts, in hours.
     #[arg(long, env = "WARREN_SESSION_HOURS", default_value_t = 12)]
     pub session_hours: u64,
+    /// Replace the key that signs identity assertions after this many hours (the previous
+    /// key stays published in the JWKS until the next rotation).
+    #[arg(long, env = "WARREN_SIGNING_KEY_ROTATION_HOURS", default_value_t = 24 * 30)]
+    pub signing_key_rotation_hours: u64,
     /// SMTP server for e-mailed one-time codes: smtp://host:port, smtps://user:pass@host,
     /// smtp://host?tls=required.
     #[arg(long, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
@@ -82,6 +86,7 @@ impl Default for Settings {
             auth_host: "auth.localhost".into(),
             session_hours: 12,
             smtp_url: None,
+            signing_key_rotation_hours: 24 * 30,
             smtp_from: "Warren <warren@localhost>".into(),
         }
     }
@@ -107,6 +112,9 @@ impl Settings {
             auth_host: self.auth_host.clone(),
             public_https_port: self.public_https_port.unwrap_or(https_port),
             session_ttl: Duration::from_secs(self.session_hours * 3600),
+            signing_key_rotation: Duration::from_secs(
+                self.signing_key_rotation_hours.max(1) * 3600,
+            ),
             smtp: self.smtp_url.clone().map(|u| (u, self.smtp_from.clone())),
         })
     }

@@ -294,6 +294,38 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         "the proxy's cookie does not reach the app: {body}"
     );
 
+    phase!("rotate the signing key through node 2: node 3 signs with the new key, the old one stays published");
+    let rotated = cluster
+        .api(1)
+        .post_ok("/v1/signing-keys/rotate", &json!({}))
+        .await?;
+    let new_kid = rotated["rotated"]["kid"]
+        .as_str()
+        .context("kid")?
+        .to_owned();
+    eventually("node 3 publishes the new key", || async {
+        let jwks: Value = web.get(&jwks_url).send().await?.json().await?;
+        Ok(jwks.to_string().contains(&new_kid))
+    })
+    .await?;
+    let jwks: Value = web.get(&jwks_url).send().await?.json().await?;
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2, "{jwks}");
+    verify_jwt(jwt, &jwks).context("an assertion signed before the rotation still verifies")?;
+    let (_, body, _) = echo(
+        &web,
+        &format!("https://app.localhost:{}/echo", https[2]),
+        Some(&alice),
+        &[],
+    )
+    .await?;
+    let jwt2 = body["headers"]["x-warren-jwt-assertion"][0]
+        .as_str()
+        .context("no JWT")?;
+    let header: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt2.split('.').next().unwrap())?)?;
+    assert_eq!(header["kid"], new_kid.as_str());
+    verify_jwt(jwt2, &jwks)?;
+
     phase!(
         "policies: source CIDR and time window deny alice; another host does not take her cookie"
     );
@@ -524,6 +556,38 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         Ok(status == StatusCode::FORBIDDEN)
     })
     .await?;
+
+    phase!("metrics count requests and decisions");
+    let resp = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+            cluster.ca(),
+        )?)?)
+        .build()?
+        .get(format!("https://{}/metrics", cluster.nodes[0].admin_addr))
+        .bearer_auth(&cluster.admin_key)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await?;
+    let count = |metric: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(metric))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("warren_proxy_decisions_total{decision=\"allow\"}") >= 1,
+        "{text}"
+    );
+    assert!(
+        count("warren_proxy_decisions_total{decision=\"deny\"}") >= 1,
+        "{text}"
+    );
+    assert!(
+        count("warren_proxy_request_duration_seconds_count") >= 3,
+        "{text}"
+    );
 
     phase!("sign-out ends the session everywhere and goes to the provider's sign-out");
     let b = browser_async(

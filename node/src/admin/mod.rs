@@ -53,8 +53,8 @@ struct Inner {
     node_name: Name,
     cluster_id: u128,
     members: Members,
-    /// The proxy's public HTTPS port, for share link URLs.
-    proxy_port: u16,
+    /// The node's proxy (its port for share link URLs, its metrics).
+    proxy: Arc<crate::proxy::Proxy>,
 }
 
 impl AdminState {
@@ -66,11 +66,11 @@ impl AdminState {
         node_name: Name,
         cluster_id: u128,
         members: Members,
-        proxy_port: u16,
+        proxy: Arc<crate::proxy::Proxy>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                proxy_port,
+                proxy,
                 cluster,
                 transport,
                 ca,

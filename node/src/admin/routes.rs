@@ -45,6 +45,8 @@ pub fn router(state: AdminState) -> Router {
         .merge(entity_routes::<Policy>())
         .merge(entity_routes::<Certificate>())
         .route("/v1/sessions", get(list_sessions))
+        .route("/v1/signing-keys/rotate", post(rotate_signing_key))
+        .route("/metrics", get(metrics))
         .route("/v1/resources/{name}/share-links", post(create_share_link))
         .route("/v1/share-links", get(list_share_links))
         .route(
@@ -311,7 +313,7 @@ async fn create_share_link(
     };
     submit(&s, key, &headers, Command::CreateShareLink(link.clone())).await?;
     let token = warren_proto::token::share_token(id, &secret);
-    let port = s.inner.proxy_port;
+    let port = s.inner.proxy.public_https_port();
     let url = (!domain.starts_with("*.")).then(|| {
         format!(
             "https://{}{}/.warren/share?t={token}",
@@ -363,6 +365,30 @@ async fn revoke_share_link(
     Ok(Json(
         json!({ "revoked": { "kind": "share link", "id": format!("{id:016x}") } }),
     ))
+}
+
+async fn rotate_signing_key(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let new = crate::proxy::sign::Signer::generate(crate::proxy::unix_now());
+    let kid = new.kid.clone();
+    submit(&s, key, &headers, Command::RotateSigningKey(new)).await?;
+    Ok(Json(json!({ "rotated": { "kid": kid } })))
+}
+
+async fn metrics(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<(HeaderMap, String), ApiErr> {
+    auth_read(&s, &headers).await?;
+    let mut h = HeaderMap::new();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok((h, s.inner.proxy.metrics.render()))
 }
 
 async fn list_sessions(

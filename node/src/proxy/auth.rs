@@ -695,8 +695,19 @@ impl Proxy {
                 );
             }
         }
-        // The write is applied on this node once it returns, so the session is visible.
-        let reg = self.cluster.registry();
+        // A forwarded write returns once the leader applied it; wait until this node has
+        // too, so the session (and its sign-in, committed before) is visible here.
+        let reg = match self.cluster.read().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("waiting for the sign-in to reach this node: {e}");
+                return page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-in unavailable",
+                    "The cluster could not complete the sign-in; try again in a moment.",
+                );
+            }
+        };
         if lookup_session(&reg, &state.config, SessionId(code.sid)).is_err() {
             return bad(
                 "Session ended",
@@ -842,6 +853,18 @@ pub(super) async fn refresh_sessions(proxy: Weak<Proxy>) {
         }
         let reg = p.cluster.registry();
         let now = unix_now();
+        let newest = reg
+            .proxy_keys()
+            .and_then(|k| k.signing_keys.last())
+            .map(|k| k.created_at);
+        if newest.is_some_and(|t| t + p.settings.signing_key_rotation.as_secs() <= now) {
+            tracing::info!("rotating the assertion signing key");
+            let key = super::sign::Signer::generate(now);
+            let cmd = Command::RotateSigningKey(key);
+            if let Err(e) = p.cluster.write(RaftRequest::new(Who::System, cmd)).await {
+                tracing::warn!("rotating the signing key: {e}");
+            }
+        }
         let due: Vec<Session> = reg
             .sessions()
             .values()

@@ -513,6 +513,10 @@ impl Proxy {
                 );
             }
         }
+        // The next request comes back to this node: make sure it has applied the session.
+        if let Err(e) = self.cluster.barrier().await {
+            tracing::warn!("waiting for a new session to reach this node: {e}");
+        }
         tracing::info!(target: "warren::access", resource = %route.resource, via = ?via, decision = "allow", "session opened without an account");
         let cookie = set_cookie(
             SESSION_COOKIE,

@@ -9,6 +9,7 @@ mod auth;
 pub mod credential;
 mod forward;
 pub mod methods;
+pub mod metrics;
 pub mod pages;
 pub mod seal;
 pub mod sign;
@@ -63,6 +64,9 @@ pub struct ProxySettings {
     pub public_https_port: u16,
     /// How long a session lasts.
     pub session_ttl: Duration,
+    /// Age at which the leader replaces the assertion signing key (the old one stays
+    /// published until the next rotation).
+    pub signing_key_rotation: Duration,
     /// SMTP URL and sender for e-mailed codes, if configured.
     pub smtp: Option<(Secret, String)>,
 }
@@ -96,6 +100,8 @@ pub struct Proxy {
     fail_closed: ArcSwapOption<String>,
     oidc: auth::Oidc,
     attempts: credential::Attempts,
+    /// Request counters for `/metrics`.
+    pub metrics: metrics::Metrics,
     mailer: Option<methods::Mailer>,
     tasks: std::sync::Mutex<JoinSet<()>>,
 }
@@ -140,6 +146,7 @@ impl Proxy {
             fail_closed: ArcSwapOption::empty(),
             oidc: auth::Oidc::new(),
             attempts: credential::Attempts::default(),
+            metrics: metrics::Metrics::default(),
             mailer,
             tasks: std::sync::Mutex::new(JoinSet::new()),
         });
@@ -202,6 +209,7 @@ impl Proxy {
         };
         let (resp, log) = self.route(req, peer, &host).await;
         let status = resp.status().as_u16();
+        self.metrics.record(status, log.decision, started.elapsed());
         tracing::info!(
             target: "warren::access",
             %host,
