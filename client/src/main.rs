@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use warren_client::admin::{self, AdminCmd, Connection};
+use warren_client::login::{self, Login};
 
 /// Warren client.
 #[derive(Parser)]
@@ -13,6 +14,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Administer the cluster through its admin API.
@@ -22,6 +25,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
+    /// Sign in with your identity provider (`warren login status`: who is signed in).
+    Login(Login),
+    /// Sign out: revoke the stored tokens at the provider and delete them.
+    Logout,
 }
 
 fn main() -> ExitCode {
@@ -36,8 +43,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Cmd::Admin { conn, cmd } = cli.command;
-    match runtime.block_on(admin::run(&conn, cmd)) {
+    let result = runtime.block_on(async {
+        match cli.command {
+            Cmd::Admin { conn, cmd } => admin::run(&conn, cmd).await,
+            Cmd::Login(l) => login::run(l).await,
+            Cmd::Logout => login::logout().await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warren: {e:#}");

@@ -112,6 +112,32 @@ async fn apply_is_idempotent_and_all_or_nothing() -> anyhow::Result<()> {
         "{err}"
     );
 
+    phase!("a policy that does not parse names the line and the reason");
+    std::fs::write(
+        &file,
+        "policies:\n  - name: p\n    allow:\n      or:\n        - group: admins\n        - source_cidr: 10.0.0.0/33\n",
+    )?;
+    let (ok, _, err) = c.warren(0, &["apply", "-f", f]);
+    assert!(!ok);
+    assert!(err.contains("line 6"), "{err}");
+    std::fs::write(
+        &file,
+        "policies:\n  - name: p\n    allow:\n      time: {from: \"09:00\", to: \"17:00\", timezone: Mars/Olympus}\n",
+    )?;
+    let (ok, _, err) = c.warren(0, &["apply", "-f", f]);
+    assert!(!ok);
+    assert!(
+        err.contains("Mars/Olympus") && err.contains("policies.p.allow"),
+        "{err}"
+    );
+    assert!(
+        !c.api(0)
+            .names("/v1/policies")
+            .await?
+            .contains(&"p".to_owned()),
+        "nothing applied"
+    );
+
     phase!("prune removes what the file no longer lists, of the kinds it lists");
     std::fs::write(
         &file,

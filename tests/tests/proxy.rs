@@ -12,13 +12,43 @@ use warren_tests::oidc::{browser_async, BrowserArgs, BrowserOutcome, Idp};
 use warren_tests::upstream::Upstream;
 use warren_tests::{certs, phase, Cluster};
 
-const HOSTS: [&str; 5] = [
+const HOSTS: [&str; 7] = [
     "auth.localhost",
     "app.localhost",
     "corp.localhost",
     "open.localhost",
     "lan.localhost",
+    "claims.localhost",
+    "noclaim.localhost",
 ];
+
+/// Opens a session on `host` with a session of the auth host, as the browser would:
+/// sign-in link, handoff, cookie. Returns the cookie, or the status that stopped it.
+async fn session_for(
+    web: &reqwest::Client,
+    auth_cookie: &str,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<Result<String, StatusCode>> {
+    let resp = web
+        .get(format!(
+            "https://auth.localhost:{port}/.warren/sign_in?rd=https%3A%2F%2F{host}%3A{port}%2Fecho"
+        ))
+        .header("cookie", auth_cookie)
+        .send()
+        .await?;
+    let Some(handoff) = resp.headers().get("location").and_then(|v| v.to_str().ok()) else {
+        return Ok(Err(resp.status()));
+    };
+    let resp = web.get(handoff).send().await?;
+    Ok(resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+        .ok_or(resp.status()))
+}
 
 /// An HTTPS client that sends every `*.localhost` name to loopback and trusts `cert`.
 fn web(cert_pem: &str) -> reqwest::Client {
@@ -165,6 +195,8 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         {"name": "admins", "allow": {"group": "admins"}},
         {"name": "corp", "allow": {"email_domain": "corp.test"}},
         {"name": "lan-only", "allow": {"and": [{"group": "admins"}, {"source_cidr": "10.0.0.0/8"}]}},
+        {"name": "named-alice", "allow": {"claim": {"path": "name", "value": "Alice Test"}}},
+        {"name": "named-nobody", "allow": {"claim": {"path": "name", "value": "Nobody"}}},
         {"name": "this-week-not-now", "allow": {"and": [{"group": "admins"},
             {"time": {"days": [day(utc_today + 2), day(utc_today + 3), day(utc_today + 4)],
                       "from": "00:00", "to": "24:00", "timezone": "UTC"}}]}},
@@ -177,6 +209,8 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         ("app", "app.localhost", "admins"),
         ("corp", "corp.localhost", "corp"),
         ("lan", "lan.localhost", "lan-only"),
+        ("claims", "claims.localhost", "named-alice"),
+        ("noclaim", "noclaim.localhost", "named-nobody"),
     ] {
         api.post_ok(
             "/v1/resources",
@@ -351,6 +385,41 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     );
     assert!(location.contains("/.warren/sign_in"), "{location}");
 
+    phase!("a claim rule: alice's ID token name opens one resource, not the other");
+    let alice_auth = {
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(&alice_state)?)?;
+        let c = state["cookies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "_warren_session" && c["domain"] == "auth.localhost")
+            .context("no auth-host cookie")?
+            .clone();
+        format!("_warren_session={}", c["value"].as_str().unwrap())
+    };
+    let cookie = session_for(&web, &alice_auth, "claims.localhost", https[1])
+        .await?
+        .map_err(|s| anyhow::anyhow!("no session for claims.localhost: {s}"))?;
+    let (status, body, _) = echo(
+        &web,
+        &format!("https://claims.localhost:{}/echo", https[1]),
+        Some(&cookie),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cookie = session_for(&web, &alice_auth, "noclaim.localhost", https[1])
+        .await?
+        .map_err(|s| anyhow::anyhow!("no session for noclaim.localhost: {s}"))?;
+    let (status, _, _) = echo(
+        &web,
+        &format!("https://noclaim.localhost:{}/echo", https[1]),
+        Some(&cookie),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
     phase!("bob is denied by group; carol gets in by e-mail domain");
     let b = browser_async(
         BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1])).login("bob", "bob-pw"),
@@ -458,17 +527,7 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         "a forged cookie means sign in again"
     );
     // A handoff code works once: get one with alice's auth-host session.
-    let auth_cookie = {
-        let state: Value = serde_json::from_str(&std::fs::read_to_string(&alice_state)?)?;
-        let c = state["cookies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "_warren_session" && c["domain"] == "auth.localhost")
-            .context("no auth-host cookie")?
-            .clone();
-        format!("_warren_session={}", c["value"].as_str().unwrap())
-    };
+    let auth_cookie = alice_auth.clone();
     let (status, _, handoff) = echo(
         &web,
         &format!(

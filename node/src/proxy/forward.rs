@@ -19,6 +19,9 @@ use super::pages::page;
 use super::state::{Pool, Route};
 use super::{unix_now, Body, Principal, Proxy, ProxyState};
 
+/// How much of a too-large request body is read before the 413 is sent.
+const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
+
 /// Headers that describe one connection and never cross the proxy (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -70,13 +73,10 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             })
 }
 
-fn has_body<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v != "0")
+/// Whether the request carries a body. Asks the body itself: an HTTP/2 request streams a
+/// body with neither Content-Length nor Transfer-Encoding.
+fn has_body(req: &Request<Incoming>) -> bool {
+    !hyper::body::Body::is_end_stream(req.body())
 }
 
 impl Proxy {
@@ -96,6 +96,21 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             if declared.is_some_and(|n| n > route.max_body) {
+                // Read (and drop) a bounded part of what the client is sending before
+                // answering, so it sees the 413 instead of a reset while still writing.
+                let drain = async {
+                    let mut body = req.into_body();
+                    let mut seen = 0u64;
+                    while seen < DRAIN_LIMIT {
+                        match body.frame().await {
+                            Some(Ok(f)) => {
+                                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                            }
+                            _ => break,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
                 return page(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "Request too large",
@@ -110,7 +125,12 @@ impl Proxy {
         let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let bodyless = !has_body(&req);
-        let original_host = req.headers().get(header::HOST).cloned();
+        // HTTP/2 carries the host in the URI, not a Host header: pass the same on either way.
+        let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let (mut parts, body) = req.into_parts();
 
         // Headers for upstream: no hop-by-hop, no spoofed identity, ours added.
