@@ -549,6 +549,46 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         "a replayed handoff code: {body}"
     );
 
+    phase!("change the policy through node 2: node 3 applies it to alice's next request");
+    cluster
+        .api(1)
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/policies/admins",
+            &json!({"allow": {"group": "nobody"}}),
+        )
+        .await?;
+    eventually("node 3 denies under the changed policy", || async {
+        let (status, _, _) = echo(
+            &web,
+            &format!("https://app.localhost:{}/echo", https[2]),
+            Some(&alice),
+            &[],
+        )
+        .await?;
+        Ok(status == StatusCode::FORBIDDEN)
+    })
+    .await?;
+    cluster
+        .api(1)
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/policies/admins",
+            &json!({"allow": {"group": "admins"}}),
+        )
+        .await?;
+    eventually("node 3 allows again", || async {
+        let (status, _, _) = echo(
+            &web,
+            &format!("https://app.localhost:{}/echo", https[2]),
+            Some(&alice),
+            &[],
+        )
+        .await?;
+        Ok(status == StatusCode::OK)
+    })
+    .await?;
+
     phase!("revoke alice's session through node 2: node 3 denies her next request");
     let sessions = cluster.api(1).get_ok("/v1/sessions").await?;
     let alice_sessions: Vec<String> = sessions["items"]
