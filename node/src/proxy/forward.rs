@@ -85,7 +85,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         route: &Route,
-        who: Option<&Principal>,
+        who: Option<&Principal<'_>>,
         peer: SocketAddr,
         host: &str,
     ) -> Response<Body> {
@@ -307,7 +307,7 @@ impl Proxy {
         Response::from_parts(parts, body.map_err(Into::into).boxed())
     }
 
-    fn identity_headers(&self, headers: &mut http::HeaderMap, p: &Principal, host: &str) {
+    fn identity_headers(&self, headers: &mut http::HeaderMap, p: &Principal<'_>, host: &str) {
         if p.session.via != warren_proto::session::Via::Sso {
             // No account behind a PIN, passcode or share link; an e-mail code proves the
             // address only.

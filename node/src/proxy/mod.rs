@@ -71,17 +71,18 @@ pub struct ProxySettings {
     pub smtp: Option<(Secret, String)>,
 }
 
-/// Who a request comes from, once its session checked out.
-pub struct Principal {
+/// Who a request comes from, once its session checked out. Borrows from the registry
+/// snapshot the request holds: nothing is copied per request unless the user is in roles.
+pub struct Principal<'r> {
     /// The session.
-    pub session: Session,
+    pub session: &'r Session,
     /// The user (single sign-on sessions only).
-    pub user: Option<User>,
+    pub user: Option<&'r User>,
     /// Provider groups plus the roles the user is in.
-    pub groups: Vec<String>,
+    pub groups: std::borrow::Cow<'r, [String]>,
 }
 
-impl Principal {
+impl Principal<'_> {
     /// The name to show and send upstream.
     pub fn name(&self) -> &str {
         self.user
@@ -319,7 +320,7 @@ impl Proxy {
                 return (self.need_sign_in(&req, host, &route), log);
             }
         };
-        let Some(user) = &principal.user else {
+        let Some(user) = principal.user else {
             return (self.need_sign_in(&req, host, &route), log);
         };
         log.user = Some(user.name.to_string());
@@ -380,12 +381,12 @@ impl Proxy {
     }
 
     /// The session behind the request's cookie, if it is valid for `host`.
-    fn principal(
+    fn principal<'r>(
         &self,
         req: &Request<Incoming>,
-        state: &ProxyState,
+        state: &'r ProxyState,
         host: &str,
-    ) -> Result<Principal, &'static str> {
+    ) -> Result<Principal<'r>, &'static str> {
         let sealer = state.sealer.as_ref().ok_or("cluster keys not ready")?;
         let token = cookie(req.headers(), SESSION_COOKIE).ok_or("no session")?;
         let c: SessionCookie = sealer
@@ -582,30 +583,34 @@ struct SessionCookie {
 }
 
 /// The valid session `id`, with its user and groups.
-fn lookup_session(
-    reg: &Registry,
+fn lookup_session<'r>(
+    reg: &'r Registry,
     config: &Config,
     id: SessionId,
-) -> Result<Principal, &'static str> {
+) -> Result<Principal<'r>, &'static str> {
     let session = reg.sessions().get(&id).ok_or("session ended")?;
     if session.expires_at <= unix_now() {
         return Err("session expired");
     }
     if session.via != Via::Sso {
         return Ok(Principal {
-            session: session.clone(),
+            session,
             user: None,
-            groups: Vec::new(),
+            groups: std::borrow::Cow::Borrowed(&[]),
         });
     }
     let user = reg.users().get(&session.user).ok_or("user deleted")?;
-    let mut groups = session.groups.clone();
-    if let Some(roles) = config.roles_of.get(&user.name) {
-        groups.extend(roles.iter().cloned());
-    }
+    let groups = match config.roles_of.get(&user.name) {
+        Some(roles) => {
+            let mut g = session.groups.clone();
+            g.extend(roles.iter().cloned());
+            std::borrow::Cow::Owned(g)
+        }
+        None => std::borrow::Cow::Borrowed(session.groups.as_slice()),
+    };
     Ok(Principal {
-        session: session.clone(),
-        user: Some(user.clone()),
+        session,
+        user: Some(user),
         groups,
     })
 }
