@@ -95,6 +95,14 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: ApiKeyCmd,
     },
+    /// Enrollment tokens for a site's agent (one-time use; shown once).
+    SiteToken {
+        /// The site.
+        site: String,
+        /// Seconds until the token expires unused.
+        #[arg(long, default_value_t = 86_400)]
+        expires_in: u64,
+    },
     /// Join tokens for new nodes.
     JoinToken {
         /// What to do.
@@ -617,6 +625,24 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Cluster { cmd } => cluster(&client, json, cmd).await,
         AdminCmd::ApiKey { cmd } => api_key(&client, json, cmd).await,
         AdminCmd::JoinToken { cmd } => join_token(&client, json, cmd).await,
+        AdminCmd::SiteToken { site, expires_in } => {
+            let body = serde_json::json!({ "expires_in_s": expires_in });
+            let v = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sites/{}/tokens", enc(&site)),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                println!("site token for {site}; it works once and is shown only now:");
+                println!("{}", output::cell(v.get("token")));
+                println!("run: warren-agent --token <token> --node <node cluster address>");
+            }
+            Ok(())
+        }
         AdminCmd::Apply {
             file,
             prune,

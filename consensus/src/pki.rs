@@ -157,6 +157,88 @@ impl ClusterCa {
     }
 }
 
+impl ClusterCa {
+    /// Signs a site agent's CSR: client authentication only, one name,
+    /// `<site>.site.warren.invalid`, valid one year. `None` if this node lacks the CA key.
+    pub fn sign_site(
+        &self,
+        csr_pem: &str,
+        site: &warren_proto::Name,
+    ) -> Result<Option<String>, PkiError> {
+        let Some(key_pem) = &self.key_pem else {
+            return Ok(None);
+        };
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, key)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Warren");
+        dn.push(DnType::CommonName, format!("warren agent of site {site}"));
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::DnsName(
+            warren_proto::tunnel::site_cert_name(site).try_into()?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time_now();
+        params.not_before = now - Duration::from_secs(3600);
+        params.not_after = now + Duration::from_secs(365 * 86400);
+        csr.params = params;
+        Ok(Some(csr.signed_by(&issuer)?.pem()))
+    }
+}
+
+/// What the verified client certificate of a connection says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A node of this cluster.
+    Node,
+    /// The agent of a site.
+    Site(warren_proto::Name),
+    /// No certificate, or one that is neither.
+    Unknown,
+}
+
+/// Classifies the (CA-verified) client certificate of `conn` by its names: node
+/// certificates carry the cluster server name, site certificates only their site name.
+pub fn peer_kind(conn: &quinn::Connection) -> Peer {
+    let Some(certs) = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+    else {
+        return Peer::Unknown;
+    };
+    let Some(leaf) = certs.first() else {
+        return Peer::Unknown;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Peer::Unknown;
+    };
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.iter().any(|n| n == CLUSTER_SERVER_NAME) {
+        return Peer::Node;
+    }
+    match names.as_slice() {
+        [one] => warren_proto::tunnel::site_of_cert_name(one).map_or(Peer::Unknown, Peer::Site),
+        _ => Peer::Unknown,
+    }
+}
+
 fn node_sans(hosts: &[String]) -> Result<Vec<SanType>, PkiError> {
     let mut names: Vec<String> = vec![
         CLUSTER_SERVER_NAME.into(),
@@ -245,7 +327,13 @@ pub fn quic_server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(me.chain.clone(), me.key())?;
-    tls.alpn_protocols = vec![ALPN_CLUSTER.to_vec(), ALPN_JOIN.to_vec()];
+    tls.alpn_protocols = vec![
+        ALPN_CLUSTER.to_vec(),
+        ALPN_JOIN.to_vec(),
+        warren_proto::tunnel::ALPN_AGENT.to_vec(),
+        warren_proto::tunnel::ALPN_ENROLL.to_vec(),
+        warren_proto::tunnel::ALPN_RELAY.to_vec(),
+    ];
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| PkiError::Quic(e.to_string()))?;
@@ -260,11 +348,20 @@ pub fn quic_client_config(
     ca: &ClusterCa,
     me: &NodeIdentity,
 ) -> Result<quinn::ClientConfig, PkiError> {
+    quic_client_config_for(ca, me, ALPN_CLUSTER)
+}
+
+/// Like [`quic_client_config`] for another node-to-node ALPN (relayed data streams).
+pub fn quic_client_config_for(
+    ca: &ClusterCa,
+    me: &NodeIdentity,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, PkiError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(me.chain.clone(), me.key())?;
-    tls.alpn_protocols = vec![ALPN_CLUSTER.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| PkiError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -310,7 +407,8 @@ fn transport_config() -> quinn::TransportConfig {
             .expect("5 s fits a QUIC idle timeout"),
     ));
     t.max_concurrent_bidi_streams(1024u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
+    // Unidirectional streams carry node-to-node announcements (which sites a node holds).
+    t.max_concurrent_uni_streams(64u32.into());
     t
 }
 

@@ -269,17 +269,18 @@ pub trait OtherAlpn: Send + Sync + 'static {
 }
 
 /// Accepts connections on a node's endpoint until it closes: node-to-node RPC (ALPN
-/// `warren-cluster/1`, which requires a certificate from the cluster CA) goes to `handler`,
-/// connections with `other`'s ALPN to `other`, anything else is closed.
+/// `warren-cluster/1`, which requires a node certificate from the cluster CA) goes to
+/// `handler`, connections with another service's ALPN to that service, anything else is
+/// closed.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     cluster_id: u128,
     handler: Arc<dyn RpcHandler>,
-    other: Option<Arc<dyn OtherAlpn>>,
+    others: Vec<Arc<dyn OtherAlpn>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
-        let other = other.clone();
+        let others = others.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -294,16 +295,21 @@ pub async fn accept_loop(
                 .handshake_data()
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.protocol);
-            match (alpn.as_deref(), other) {
-                (Some(crate::pki::ALPN_CLUSTER), _) if conn.peer_identity().is_some() => {
+            match alpn.as_deref() {
+                Some(crate::pki::ALPN_CLUSTER)
+                    if crate::pki::peer_kind(&conn) == crate::pki::Peer::Node =>
+                {
                     serve_cluster_connection(conn, cluster_id, handler).await;
                 }
-                (Some(crate::pki::ALPN_CLUSTER), _) => {
-                    tracing::debug!(%remote, "cluster connection without a certificate");
-                    conn.close(1u32.into(), b"a cluster certificate is required");
+                Some(crate::pki::ALPN_CLUSTER) => {
+                    tracing::debug!(%remote, "cluster connection without a node certificate");
+                    conn.close(1u32.into(), b"a node certificate is required");
                 }
-                (Some(a), Some(other)) if a == other.alpn() => other.serve(conn).await,
-                _ => conn.close(1u32.into(), b"unknown protocol"),
+                Some(a) => match others.iter().find(|o| o.alpn() == a) {
+                    Some(other) => other.clone().serve(conn).await,
+                    None => conn.close(1u32.into(), b"unknown protocol"),
+                },
+                None => conn.close(1u32.into(), b"unknown protocol"),
             }
         });
     }

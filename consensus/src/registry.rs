@@ -66,6 +66,21 @@ pub struct JoinTokenRecord {
     pub revision: u64,
 }
 
+/// A stored one-time site enrollment token: the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteTokenRecord {
+    /// Token id (inside the token).
+    pub id: u64,
+    /// The site it enrolls an agent for.
+    pub site: Name,
+    /// SHA-256 of the secret.
+    pub hash: SecretHash,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// End of validity, seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
 /// Any declarative entity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -220,6 +235,13 @@ pub enum Command {
     },
     /// Store the proxy's keys unless the cluster already has some (the first node wins).
     EnsureProxyKeys(ProxyKeys),
+    /// Store a one-time site enrollment token.
+    CreateSiteToken(SiteTokenRecord),
+    /// Use up a site token (an agent enrolled with it); refused if it is gone or expired.
+    ConsumeSiteToken {
+        /// Its id.
+        id: u64,
+    },
     /// Store a session opened without single sign-on (PIN, passcode, e-mail code, share
     /// link), good for one resource.
     CreateSession(Session),
@@ -252,6 +274,11 @@ pub enum Outcome {
     Node(Node),
     /// What an apply changed.
     Applied(ApplyReport),
+    /// An agent enrolled for this site.
+    SiteEnrolled {
+        /// The site.
+        site: Name,
+    },
     /// A sign-in was recorded for this user.
     SignedIn {
         /// The user (found or created).
@@ -385,6 +412,7 @@ pub struct Registry {
     used_handoffs: imbl::OrdSet<(u64, u128)>,
     proxy_keys: Option<ProxyKeys>,
     share_links: OrdMap<u64, ShareLink>,
+    site_tokens: OrdMap<u64, SiteTokenRecord>,
     // Arc'd: entries are cloned whenever a shared tree node is copied on write.
     dedup: OrdMap<RequestId, Arc<(u64, Reply)>>,
     dedup_order: Vector<(u64, RequestId)>,
@@ -528,6 +556,11 @@ impl Registry {
     /// `expires_at`).
     pub fn sessions(&self) -> &OrdMap<SessionId, Session> {
         &self.sessions
+    }
+
+    /// Unused site enrollment tokens.
+    pub fn site_tokens(&self) -> &OrdMap<u64, SiteTokenRecord> {
+        &self.site_tokens
     }
 
     /// Share links.
@@ -751,6 +784,7 @@ impl Registry {
                         | Command::ConsumeHandoff { .. }
                         | Command::EnsureProxyKeys(_)
                         | Command::CreateSession(_)
+                        | Command::ConsumeSiteToken { .. }
                 ) {
                     return Err(RegistryError::Forbidden);
                 }
@@ -1000,6 +1034,56 @@ impl Registry {
                 self.session_expiry.insert((session.expires_at, session.id));
                 self.sessions.insert(session.id, session.clone());
                 Ok(Outcome::Done)
+            }
+            Command::CreateSiteToken(record) => {
+                if !self.sites.contains_key(&record.site) {
+                    return Err(RegistryError::NotFound {
+                        kind: Kind::Site,
+                        name: record.site.to_string(),
+                    });
+                }
+                if self.site_tokens.contains_key(&record.id) {
+                    return Err(RegistryError::AlreadyExists {
+                        kind: Kind::Site,
+                        name: format!("token {:016x}", record.id),
+                        field: "id".into(),
+                        detail: "already exists".into(),
+                    });
+                }
+                let expired: Vec<u64> = self
+                    .site_tokens
+                    .values()
+                    .filter(|t| t.expires_at < req.at)
+                    .map(|t| t.id)
+                    .collect();
+                for id in expired {
+                    self.site_tokens.remove(&id);
+                }
+                let mut record = record.clone();
+                record.created_at = req.at;
+                self.site_tokens.insert(record.id, record);
+                Ok(Outcome::Done)
+            }
+            Command::ConsumeSiteToken { id } => {
+                let token = self
+                    .site_tokens
+                    .get(id)
+                    .cloned()
+                    .ok_or(RegistryError::Conflict {
+                        message: "the site token is unknown or was already used".into(),
+                    })?;
+                if token.expires_at < req.at {
+                    return Err(RegistryError::Conflict {
+                        message: "the site token has expired".into(),
+                    });
+                }
+                if !self.sites.contains_key(&token.site) {
+                    return Err(RegistryError::Conflict {
+                        message: format!("site {:?} no longer exists", token.site.as_str()),
+                    });
+                }
+                self.site_tokens.remove(id);
+                Ok(Outcome::SiteEnrolled { site: token.site })
             }
             Command::CreateShareLink(link) => {
                 if !self.resources.contains_key(&link.resource) {

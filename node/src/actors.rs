@@ -229,6 +229,8 @@ pub enum ListenerKind {
         cluster_id: u128,
         /// The join service.
         join: Arc<JoinService>,
+        /// The site services (enrollment, agent tunnels, relayed streams).
+        sites: Arc<crate::sites::Sites>,
     },
     /// The HTTPS proxy and its HTTP redirect.
     Proxy {
@@ -272,11 +274,21 @@ impl Actor for Listener {
                 cluster,
                 cluster_id,
                 join,
+                sites,
             } => tokio::spawn(async move {
+                use warren_consensus::quic::OtherAlpn;
                 let handler: Arc<dyn warren_consensus::quic::RpcHandler> = Arc::new(cluster);
-                let join: Arc<dyn warren_consensus::quic::OtherAlpn> = join;
-                warren_consensus::quic::accept_loop(endpoint, cluster_id, handler, Some(join))
-                    .await;
+                let others: Vec<Arc<dyn OtherAlpn>> = vec![
+                    join,
+                    Arc::new(crate::sites::EnrollService {
+                        sites: sites.clone(),
+                    }),
+                    Arc::new(crate::sites::AgentService {
+                        sites: sites.clone(),
+                    }),
+                    Arc::new(crate::sites::RelayService { sites }),
+                ];
+                warren_consensus::quic::accept_loop(endpoint, cluster_id, handler, others).await;
                 let _ = myself.cast(ListenerMsg::Ended("the QUIC endpoint closed".into()));
             }),
             ListenerKind::Proxy { proxy, https, http } => {
@@ -346,6 +358,8 @@ pub struct SupervisorArgs {
     pub cluster_id: u128,
     /// The proxy.
     pub proxy: Arc<crate::proxy::Proxy>,
+    /// The site services.
+    pub sites: Arc<crate::sites::Sites>,
     /// The bound HTTPS listener of the proxy.
     pub https_listener: Arc<std::net::TcpListener>,
     /// The bound HTTP listener of the proxy.
@@ -418,6 +432,7 @@ impl Supervisor {
                     cluster: a.cluster.clone(),
                     cluster_id: a.cluster_id,
                     join,
+                    sites: a.sites.clone(),
                 };
                 let (actor, _) =
                     Actor::spawn_linked(None, Listener, kind, myself.get_cell()).await?;

@@ -28,4 +28,6 @@ pub mod settings;
 
 pub use node::{init, join, run, RunningNode};
 pub use settings::Settings;
+pub mod l4;
 pub mod proxy;
+pub mod sites;

@@ -40,6 +40,7 @@ pub struct RunningNode {
     pub https_addr: SocketAddr,
     /// The proxy.
     pub proxy: Arc<crate::proxy::Proxy>,
+    _l4: Arc<crate::l4::L4>,
 }
 
 impl RunningNode {
@@ -95,8 +96,17 @@ impl RunningNode {
             );
         }
 
-        let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings)?;
+        let sites = crate::sites::Sites::start(
+            cluster.clone(),
+            ca.clone(),
+            cluster_id,
+            endpoint.clone(),
+            pki::quic_client_config_for(&ca, &identity, warren_proto::tunnel::ALPN_RELAY)?,
+        );
+        let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings, sites.clone())?;
+        let l4 = crate::l4::L4::start(proxy.clone(), settings.l4_addr()?);
         let args = SupervisorArgs {
+            sites: sites.clone(),
             proxy: proxy.clone(),
             https_listener: Arc::new(https_listener),
             http_listener: Arc::new(http_listener),
@@ -133,6 +143,7 @@ impl RunningNode {
             dbs: [log_db, state_db],
             https_addr,
             proxy,
+            _l4: l4,
         })
     }
 

@@ -56,6 +56,9 @@ pub struct Settings {
     /// key stays published in the JWKS until the next rotation).
     #[arg(long, env = "WARREN_SIGNING_KEY_ROTATION_HOURS", default_value_t = 24 * 30)]
     pub signing_key_rotation_hours: u64,
+    /// IP address the public TCP ports of TCP resources listen on.
+    #[arg(long, env = "WARREN_L4_ADDR", default_value = "127.0.0.1")]
+    pub l4_addr: String,
     /// SMTP server for e-mailed one-time codes: smtp://host:port, smtps://user:pass@host,
     /// smtp://host?tls=required.
     #[arg(long, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
@@ -86,6 +89,7 @@ impl Default for Settings {
             auth_host: "auth.localhost".into(),
             session_hours: 12,
             smtp_url: None,
+            l4_addr: "127.0.0.1".into(),
             signing_key_rotation_hours: 24 * 30,
             smtp_from: "Warren <warren@localhost>".into(),
         }
@@ -98,6 +102,16 @@ fn secret_arg(s: &str) -> Result<warren_proto::Secret, String> {
 }
 
 impl Settings {
+    /// The address TCP resources listen on.
+    pub fn l4_addr(&self) -> anyhow::Result<std::net::IpAddr> {
+        self.l4_addr.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "invalid setting --l4-addr {:?}: expected an IP address",
+                self.l4_addr
+            )
+        })
+    }
+
     /// The proxy settings, checked; `https_port` is the port the HTTPS listener got.
     pub fn proxy(&self, https_port: u16) -> anyhow::Result<crate::proxy::ProxySettings> {
         warren_proto::registry::check_hostname(&self.auth_host, false)

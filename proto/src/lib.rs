@@ -26,6 +26,7 @@ pub mod registry;
 pub mod secret;
 pub mod session;
 pub mod token;
+pub mod tunnel;
 
 pub use name::Name;
 pub use secret::Secret;

@@ -152,9 +152,47 @@ pub struct JoinToken {
     secret: [u8; 32],
 }
 
+/// The common layout of tokens that pin a cluster: cluster id, CA fingerprint, token id
+/// and secret, base64url after a prefix.
+const PINNED_LEN: usize = 16 + 32 + 8 + 32;
+
+fn parse_pinned(
+    prefix: &'static str,
+    s: &str,
+) -> Result<(u128, [u8; 32], u64, [u8; 32]), TokenError> {
+    let body = s
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or(TokenError::Prefix(prefix))?;
+    let raw = decode_exact::<PINNED_LEN>(body)?;
+    let (cluster, rest) = raw.split_at(16);
+    let (fp, rest) = rest.split_at(32);
+    let (id, secret) = rest.split_at(8);
+    Ok((
+        u128::from_be_bytes(cluster.try_into().map_err(|_| TokenError::Malformed)?),
+        fp.try_into().map_err(|_| TokenError::Malformed)?,
+        u64::from_be_bytes(id.try_into().map_err(|_| TokenError::Malformed)?),
+        secret.try_into().map_err(|_| TokenError::Malformed)?,
+    ))
+}
+
+fn reveal_pinned(
+    prefix: &str,
+    cluster_id: u128,
+    fp: &[u8; 32],
+    id: u64,
+    secret: &[u8; 32],
+) -> String {
+    let mut raw = Vec::with_capacity(PINNED_LEN);
+    raw.extend_from_slice(&cluster_id.to_be_bytes());
+    raw.extend_from_slice(fp);
+    raw.extend_from_slice(&id.to_be_bytes());
+    raw.extend_from_slice(secret);
+    format!("{prefix}{}", B64.encode(raw))
+}
+
 impl JoinToken {
     const PREFIX: &'static str = "wjt1_";
-    const LEN: usize = 16 + 32 + 8 + 32;
 
     /// A new random token for a cluster.
     pub fn generate(
@@ -174,19 +212,12 @@ impl JoinToken {
 
     /// Parses the `wjt1_…` form.
     pub fn parse(s: &str) -> Result<Self, TokenError> {
-        let body = s
-            .trim()
-            .strip_prefix(Self::PREFIX)
-            .ok_or(TokenError::Prefix(Self::PREFIX))?;
-        let raw = decode_exact::<{ Self::LEN }>(body)?;
-        let (cluster, rest) = raw.split_at(16);
-        let (fp, rest) = rest.split_at(32);
-        let (id, secret) = rest.split_at(8);
+        let (cluster_id, ca_fingerprint, token_id, secret) = parse_pinned(Self::PREFIX, s)?;
         Ok(Self {
-            cluster_id: u128::from_be_bytes(cluster.try_into().map_err(|_| TokenError::Malformed)?),
-            ca_fingerprint: fp.try_into().map_err(|_| TokenError::Malformed)?,
-            token_id: u64::from_be_bytes(id.try_into().map_err(|_| TokenError::Malformed)?),
-            secret: secret.try_into().map_err(|_| TokenError::Malformed)?,
+            cluster_id,
+            ca_fingerprint,
+            token_id,
+            secret,
         })
     }
 
@@ -202,12 +233,89 @@ impl JoinToken {
 
     /// The `wjt1_…` form, to hand to the operator of the new node.
     pub fn reveal(&self) -> String {
-        let mut raw = Vec::with_capacity(Self::LEN);
-        raw.extend_from_slice(&self.cluster_id.to_be_bytes());
-        raw.extend_from_slice(&self.ca_fingerprint);
-        raw.extend_from_slice(&self.token_id.to_be_bytes());
-        raw.extend_from_slice(&self.secret);
-        format!("{}{}", Self::PREFIX, B64.encode(raw))
+        reveal_pinned(
+            Self::PREFIX,
+            self.cluster_id,
+            &self.ca_fingerprint,
+            self.token_id,
+            &self.secret,
+        )
+    }
+}
+
+/// A one-time token that enrolls a `warren-agent` as a site's connector: the same layout
+/// as a join token (cluster pin, id, secret) with its own prefix, so neither can be used as
+/// the other. `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SiteToken {
+    /// The cluster the token belongs to.
+    pub cluster_id: u128,
+    /// SHA-256 of the cluster CA certificate (DER).
+    pub ca_fingerprint: [u8; 32],
+    /// Which token this is in the registry.
+    pub token_id: u64,
+    secret: [u8; 32],
+}
+
+impl SiteToken {
+    const PREFIX: &'static str = "wst1_";
+
+    /// A new random token.
+    pub fn generate(
+        cluster_id: u128,
+        ca_fingerprint: [u8; 32],
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Self {
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        Self {
+            cluster_id,
+            ca_fingerprint,
+            token_id: rng.next_u64(),
+            secret,
+        }
+    }
+
+    /// Parses the `wst1_…` form.
+    pub fn parse(s: &str) -> Result<Self, TokenError> {
+        let (cluster_id, ca_fingerprint, token_id, secret) = parse_pinned(Self::PREFIX, s)?;
+        Ok(Self {
+            cluster_id,
+            ca_fingerprint,
+            token_id,
+            secret,
+        })
+    }
+
+    /// The hash the registry stores.
+    pub fn hash(&self) -> SecretHash {
+        SecretHash::of(&self.secret)
+    }
+
+    /// The secret, for comparing against a stored hash.
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+
+    /// The `wst1_…` form, shown once to whoever installs the agent.
+    pub fn reveal(&self) -> String {
+        reveal_pinned(
+            Self::PREFIX,
+            self.cluster_id,
+            &self.ca_fingerprint,
+            self.token_id,
+            &self.secret,
+        )
+    }
+}
+
+impl fmt::Debug for SiteToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SiteToken(cluster {:032x}, token {:016x}, <redacted>)",
+            self.cluster_id, self.token_id
+        )
     }
 }
 

@@ -395,7 +395,7 @@ async fn node_main(shared: Arc<Shared>, index: usize) -> turmoil::Result {
         endpoint,
         shared.cluster_id,
         handler,
-        None,
+        Vec::new(),
     ));
     shared
         .live

@@ -46,6 +46,8 @@ pub struct Bins {
     pub node: PathBuf,
     /// `warren`.
     pub warren: PathBuf,
+    /// `warren-agent`.
+    pub agent: PathBuf,
 }
 
 /// Builds the binaries once per test process and returns their paths.
@@ -80,6 +82,7 @@ pub fn bins() -> &'static Bins {
         Bins {
             node: dir.join("warren-node"),
             warren: dir.join("warren"),
+            agent: dir.join("warren-agent"),
         }
     })
 }
@@ -110,6 +113,8 @@ pub struct TestNode {
     pub https_addr: String,
     /// HTTP (redirect) address.
     pub http_addr: String,
+    /// IP address its TCP resources listen on (each node its own loopback address).
+    pub l4_ip: String,
     /// Extra environment for every start.
     pub env: Vec<(String, String)>,
     child: Option<Child>,
@@ -127,6 +132,11 @@ impl TestNode {
             admin_addr: format!("127.0.0.1:{}", free_port()),
             https_addr: format!("127.0.0.1:{}", free_port()),
             http_addr: format!("127.0.0.1:{}", free_port()),
+            l4_ip: {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("127.0.{}.{}", 10 + (n / 250) % 200, 1 + n % 250)
+            },
             env: env.to_vec(),
             child: None,
             log_dir: base.join("logs"),
@@ -148,6 +158,7 @@ impl TestNode {
             .env("WARREN_LOG", "info,openraft=warn")
             .env("WARREN_HTTPS_ADDR", &self.https_addr)
             .env("WARREN_HTTP_ADDR", &self.http_addr)
+            .env("WARREN_L4_ADDR", &self.l4_ip)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out)?)
             .stderr(std::fs::File::create(&err)?);

@@ -48,6 +48,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/signing-keys/rotate", post(rotate_signing_key))
         .route("/metrics", get(metrics))
         .route("/v1/resources/{name}/share-links", post(create_share_link))
+        .route("/v1/sites/{name}/tokens", post(create_site_token))
+        .route("/v1/sites/{name}/status", get(site_status))
         .route("/v1/share-links", get(list_share_links))
         .route(
             "/v1/share-links/{id}",
@@ -266,6 +268,71 @@ struct CreateShareLink {
 
 fn default_share_ttl() -> u64 {
     86_400
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSiteToken {
+    /// Seconds until the token expires unused (default one day, at most 30 days).
+    #[serde(default = "default_share_ttl")]
+    expires_in_s: u64,
+}
+
+async fn create_site_token(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(Kind::Site, &name)?;
+    let req: CreateSiteToken = read_json(body, MAX_BODY).await?;
+    if !(60..=30 * 86_400).contains(&req.expires_in_s) {
+        return Err(
+            ApiErr::new(ErrorCode::InvalidField, "expected 60 seconds to 30 days")
+                .field("expires_in_s"),
+        );
+    }
+    let token = warren_proto::token::SiteToken::generate(
+        s.inner.cluster_id,
+        s.inner.ca.fingerprint(),
+        &mut rand::rngs::OsRng,
+    );
+    let now = crate::proxy::unix_now();
+    let record = warren_consensus::registry::SiteTokenRecord {
+        id: token.token_id,
+        site: name.clone(),
+        hash: token.hash(),
+        created_at: now,
+        expires_at: now + req.expires_in_s,
+    };
+    submit(&s, key, &headers, Command::CreateSiteToken(record)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "site": name,
+            "token": token.reveal(),
+            "expires_at": now + req.expires_in_s,
+        })),
+    ))
+}
+
+async fn site_status(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let name = path_name(Kind::Site, &name)?;
+    if !reg.sites().contains_key(&name) {
+        return Err(ApiErr::not_found(Kind::Site, name.as_str()));
+    }
+    let sites = s.inner.proxy.sites();
+    Ok(Json(json!({
+        "site": name,
+        "connected": sites.connected(&name),
+        "tunnel_here": sites.held().contains(&name),
+    })))
 }
 
 async fn create_share_link(

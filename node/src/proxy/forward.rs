@@ -182,10 +182,22 @@ impl Proxy {
         let mut avoid = None;
         let mut last_error = "no target is available";
         for attempt in 0..2 {
-            let Some((index, target)) = route.pool.pick(avoid) else {
+            let picked = match &route.site {
+                Some(site) => route
+                    .pool
+                    .pick_where(avoid, |t| self.sites.target_ok(site, &t.target)),
+                None => route.pool.pick(avoid),
+            };
+            let Some((index, target)) = picked else {
                 break;
             };
-            let uri: Uri = match format!("http://{}{}", target.authority, path_and_query).parse() {
+            // Through a tunnel the request goes on a connection of its own: origin form.
+            let uri = if route.site.is_some() {
+                path_and_query.clone()
+            } else {
+                format!("http://{}{}", target.authority, path_and_query)
+            };
+            let uri: Uri = match uri.parse() {
                 Ok(u) => u,
                 Err(_) => {
                     return page(
@@ -217,7 +229,7 @@ impl Proxy {
                 std::mem::take(&mut parts.headers)
             };
             *up.uri_mut() = uri;
-            match tokio::time::timeout(route.timeout, self.client.request(up)).await {
+            match tokio::time::timeout(route.timeout, self.send(route, target, up)).await {
                 Err(_) => {
                     return page(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -229,8 +241,16 @@ impl Proxy {
                     )
                 }
                 Ok(Ok(resp)) => return self.answer(resp, route, client_upgrade).await,
-                Ok(Err(e)) => {
-                    if e.is_connect() {
+                Ok(Err(Failure::NotConnected(why))) => {
+                    tracing::warn!(resource = %route.resource, "{why}");
+                    return page(
+                        StatusCode::BAD_GATEWAY,
+                        "The site is not connected",
+                        &format!("The network behind {host} is not connected to Warren right now."),
+                    );
+                }
+                Ok(Err(Failure::Http(e))) => {
+                    if matches!(&e, HttpFailure::Connect(_)) {
                         target.eject();
                         tracing::warn!(resource = %route.resource, target = %target.authority, "target refused the connection; left out for a while: {e}");
                         last_error = "the app is not accepting connections";
@@ -238,7 +258,7 @@ impl Proxy {
                             avoid = Some(index);
                             continue;
                         }
-                    } else if too_large(&e) {
+                    } else if matches!(&e, HttpFailure::TooLarge) {
                         return page(
                             StatusCode::PAYLOAD_TOO_LARGE,
                             "Request too large",
@@ -255,7 +275,14 @@ impl Proxy {
                 }
             }
         }
-        if route.pool.pick(None).is_none() && last_error == "no target is available" {
+        let any_usable = match &route.site {
+            Some(site) => route
+                .pool
+                .pick_where(None, |t| self.sites.target_ok(site, &t.target))
+                .is_some(),
+            None => route.pool.pick(None).is_some(),
+        };
+        if !any_usable && last_error == "no target is available" {
             return page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The app is unavailable",
@@ -267,6 +294,58 @@ impl Proxy {
             "The app is not answering",
             &format!("Warren could not reach the app behind {host}: {last_error}."),
         )
+    }
+
+    /// Sends the request to `target`: directly, or through the site's tunnel.
+    async fn send(
+        &self,
+        route: &Route,
+        target: &super::state::TargetState,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let Some(site) = &route.site else {
+            return self.client.request(req).await.map_err(|e| {
+                Failure::Http(if e.is_connect() {
+                    HttpFailure::Connect(e.to_string())
+                } else if too_large(&e) {
+                    HttpFailure::TooLarge
+                } else {
+                    HttpFailure::Other(e.to_string())
+                })
+            });
+        };
+        let stream = match self
+            .sites
+            .open(site, &target.target, warren_proto::tunnel::Protocol::Tcp)
+            .await
+        {
+            Ok(s) => s,
+            Err(crate::sites::OpenError::NotConnected(s)) => {
+                return Err(Failure::NotConnected(format!(
+                    "site {s} has no agent tunnel"
+                )))
+            }
+            Err(crate::sites::OpenError::Refused(why)) => {
+                return Err(Failure::Http(HttpFailure::Connect(why)))
+            }
+            Err(e) => return Err(Failure::Http(HttpFailure::Other(e.to_string()))),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Failure::Http(HttpFailure::Other(e.to_string())))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender.send_request(req).await.map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return Failure::Http(HttpFailure::TooLarge);
+                }
+                source = s.source();
+            }
+            Failure::Http(HttpFailure::Other(e.to_string()))
+        })
     }
 
     async fn answer(
@@ -355,6 +434,32 @@ impl Proxy {
             if let Ok(v) = HeaderValue::from_str(&jwt) {
                 headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
             }
+        }
+    }
+}
+
+/// Why a request did not get an answer from upstream.
+enum Failure {
+    /// No node holds a tunnel to the route's site.
+    NotConnected(String),
+    /// The HTTP exchange failed.
+    Http(HttpFailure),
+}
+
+enum HttpFailure {
+    /// The target refused or could not be reached.
+    Connect(String),
+    /// The request body went over the limit.
+    TooLarge,
+    /// Anything else.
+    Other(String),
+}
+
+impl std::fmt::Display for HttpFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpFailure::Connect(e) | HttpFailure::Other(e) => f.write_str(e),
+            HttpFailure::TooLarge => f.write_str("body over the limit"),
         }
     }
 }

@@ -104,6 +104,7 @@ pub struct Proxy {
     /// Request counters for `/metrics`.
     pub metrics: metrics::Metrics,
     mailer: Option<methods::Mailer>,
+    sites: Arc<crate::sites::Sites>,
     tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
@@ -126,7 +127,11 @@ pub fn unix_now() -> u64 {
 impl Proxy {
     /// Creates the proxy and starts its background work: following the registry, health
     /// checks, the fail-closed watch, cluster keys and session refresh.
-    pub fn start(cluster: Cluster, settings: ProxySettings) -> anyhow::Result<Arc<Self>> {
+    pub fn start(
+        cluster: Cluster,
+        settings: ProxySettings,
+        sites: Arc<crate::sites::Sites>,
+    ) -> anyhow::Result<Arc<Self>> {
         let mailer = match &settings.smtp {
             Some((url, from)) => Some(methods::Mailer::new(url.expose(), from)?),
             None => None,
@@ -149,6 +154,7 @@ impl Proxy {
             attempts: credential::Attempts::default(),
             metrics: metrics::Metrics::default(),
             mailer,
+            sites,
             tasks: std::sync::Mutex::new(JoinSet::new()),
         });
         let weak = Arc::downgrade(&proxy);
@@ -158,6 +164,21 @@ impl Proxy {
         tasks.spawn(auth::refresh_sessions(weak));
         *proxy.tasks.lock().expect("tasks lock") = tasks;
         Ok(proxy)
+    }
+
+    /// The cluster handle.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The site services.
+    pub fn sites(&self) -> &Arc<crate::sites::Sites> {
+        &self.sites
+    }
+
+    /// Why this node may not grant access now, if it may not.
+    pub fn fail_closed(&self) -> Option<Arc<String>> {
+        self.fail_closed.load_full()
     }
 
     /// The HTTPS port users reach the proxy on.

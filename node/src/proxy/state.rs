@@ -90,6 +90,15 @@ impl Pool {
 
     /// The next usable target after round robin, skipping `avoid`; `None` if none is usable.
     pub fn pick(&self, avoid: Option<usize>) -> Option<(usize, &TargetState)> {
+        self.pick_where(avoid, |_| true)
+    }
+
+    /// Like [`Pool::pick`], among targets that also pass `ok` (the agent's health report).
+    pub fn pick_where(
+        &self,
+        avoid: Option<usize>,
+        ok: impl Fn(&TargetState) -> bool,
+    ) -> Option<(usize, &TargetState)> {
         let n = self.targets.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
@@ -97,7 +106,7 @@ impl Pool {
             .map(|i| (start + i) % n)
             .filter(|i| Some(*i) != avoid)
             .map(|i| (i, &self.targets[i]))
-            .find(|(_, t)| t.usable(now))
+            .find(|(_, t)| t.usable(now) && ok(t))
     }
 }
 
@@ -133,6 +142,8 @@ pub struct Route {
     pub broken: Option<String>,
     /// Whether a policy reads ID token claims.
     pub needs_claims: bool,
+    /// The site whose agent reaches the targets, if any.
+    pub site: Option<Name>,
 }
 
 impl Route {
@@ -265,13 +276,15 @@ pub fn build_config(reg: &Registry, pools: &mut HashMap<Name, Arc<Pool>>) -> Con
         else {
             continue;
         };
-        if res.site.is_some() {
-            // Sites are reached through agents (not yet): no local route.
-            continue;
-        }
+        // Behind a site, the agent checks the targets and reports; the node does not.
+        let check = if res.site.is_some() {
+            None
+        } else {
+            res.http.health_check.clone()
+        };
         let pool = match pools.get(&res.name) {
-            Some(p) if same_targets(p, res) => p.clone(),
-            _ => Arc::new(Pool::new(&res.targets, res.http.health_check.clone())),
+            Some(p) if same_targets(p, res) && p.check == check => p.clone(),
+            _ => Arc::new(Pool::new(&res.targets, check)),
         };
         kept.insert(res.name.clone(), pool.clone());
         let route = build_route(reg, res, domain, path_prefix.as_deref(), pool);
@@ -294,8 +307,7 @@ pub fn build_config(reg: &Registry, pools: &mut HashMap<Name, Arc<Pool>>) -> Con
 }
 
 fn same_targets(pool: &Pool, res: &Resource) -> bool {
-    pool.check == res.http.health_check
-        && pool.targets.len() == res.targets.len()
+    pool.targets.len() == res.targets.len()
         && pool
             .targets
             .iter()
@@ -341,6 +353,7 @@ fn build_route(
     let o = &res.http;
     let needs_claims = policies.iter().any(CompiledPolicy::uses_claims);
     Route {
+        site: res.site.clone(),
         needs_claims,
         resource: res.name.clone(),
         host: domain.to_owned(),

@@ -1,0 +1,125 @@
+//! Node to node: data streams relayed to the node holding a site's tunnel, and the
+//! announcements of which sites each node holds.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use warren_consensus::pki::{peer_kind, Peer};
+use warren_consensus::quic::OtherAlpn;
+use warren_proto::tunnel::io::{read_frame, write_frame};
+use warren_proto::tunnel::{Held, Open, Opened, ALPN_RELAY, MAX_CONTROL, MAX_HEADER};
+
+use super::{open_on, OpenError, Sites};
+
+/// Serves `warren-relay/1`.
+pub struct RelayService {
+    /// The node's site service.
+    pub sites: Arc<Sites>,
+}
+
+impl OtherAlpn for RelayService {
+    fn alpn(&self) -> &'static [u8] {
+        ALPN_RELAY
+    }
+
+    fn serve(self: Arc<Self>, conn: quinn::Connection) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if peer_kind(&conn) != Peer::Node {
+                conn.close(1u32.into(), b"a node certificate is required");
+                return;
+            }
+            loop {
+                tokio::select! {
+                    bi = conn.accept_bi() => {
+                        let Ok((send, recv)) = bi else { return };
+                        tokio::spawn(relay_stream(self.sites.clone(), send, recv));
+                    }
+                    uni = conn.accept_uni() => {
+                        let Ok(mut recv) = uni else { return };
+                        let sites = self.sites.clone();
+                        tokio::spawn(async move {
+                            if let Ok(Some(held)) = read_frame::<_, Held>(&mut recv, MAX_CONTROL).await {
+                                sites.set_held_by(held.node, held.sites);
+                            }
+                        });
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Passes a peer's data stream on to a tunnel this node holds (never a second hop).
+async fn relay_stream(sites: Arc<Sites>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let Ok(Some(header)) = read_frame::<_, Open>(&mut recv, MAX_HEADER).await else {
+        return;
+    };
+    let tunnels = sites
+        .local
+        .load()
+        .get(&header.site)
+        .cloned()
+        .unwrap_or_default();
+    for t in tunnels {
+        match open_on(&t.conn, &header).await {
+            Ok(mut upstream) => {
+                if write_frame(&mut send, &Opened::Ok).await.is_err() {
+                    return;
+                }
+                let mut here = tokio::io::join(recv, send);
+                let _ = tokio::io::copy_bidirectional(&mut here, &mut upstream).await;
+                return;
+            }
+            Err(OpenError::Refused(why)) => {
+                let _ = write_frame(&mut send, &Opened::Refused(why)).await;
+                return;
+            }
+            Err(_) => continue,
+        }
+    }
+    // No tunnel here (any more): reset, so the asking node tries another holder.
+    let _ = send.reset(1u32.into());
+}
+
+/// Every second, tells every peer which sites this node holds.
+pub async fn announce(sites: Weak<Sites>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = sites.upgrade() else { return };
+        let me = s.cluster.id().0;
+        let held = Held {
+            node: me,
+            sites: s.held(),
+        };
+        let peers: Vec<u64> = s
+            .cluster
+            .registry()
+            .nodes()
+            .values()
+            .map(|n| n.id.0)
+            .filter(|id| *id != me)
+            .collect();
+        for peer in peers {
+            let s = s.clone();
+            let held = held.clone();
+            tokio::spawn(async move {
+                let conn = match s.peer(peer).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(peer, "cannot tell a peer what this node holds: {e}");
+                        return;
+                    }
+                };
+                let Ok(mut send) = conn.open_uni().await else {
+                    return;
+                };
+                if write_frame(&mut send, &held).await.is_ok() {
+                    let _ = send.finish();
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Sites, black box: a real `warren-agent` enrolls with a one-time token, keeps tunnels to
+//! the cluster, and every node serves the site's web and TCP resources through them.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use warren_tests::upstream::Upstream;
+use warren_tests::{bins, certs, free_port, phase, Cluster};
+
+/// A `warren-agent` process, killed when dropped.
+struct Agent {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(
+        state: &Path,
+        token: Option<&str>,
+        nodes: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(&bins().agent);
+        cmd.arg("--state-dir").arg(state);
+        for n in nodes {
+            cmd.args(["--node", n]);
+        }
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.env("WARREN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log)?)
+            .stderr(std::fs::File::create(log.with_extension("err"))?);
+        Ok(Self {
+            child: cmd.spawn().context("spawning warren-agent")?,
+            log: log.to_owned(),
+        })
+    }
+
+    fn log(&self) -> String {
+        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let err = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
+        format!("{out}{err}")
+    }
+
+    /// Waits for the process to exit (bounded) and returns its status and log.
+    fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<(bool, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok((s.success(), self.log()));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "warren-agent did not exit within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn web(cert_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .resolve("web.localhost", "127.0.0.1:0".parse().unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+async fn get_echo(web: &reqwest::Client, port: u16) -> anyhow::Result<(StatusCode, String)> {
+    let resp = web
+        .get(format!("https://web.localhost:{port}/echo"))
+        .send()
+        .await?;
+    Ok((resp.status(), resp.text().await?))
+}
+
+/// Polls (bounded) until `f` holds; returns how long it took.
+async fn until<F, Fut>(what: &str, limit: Duration, mut f: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{what} did not happen within {limit:?}")
+}
+
+/// Sends one HTTP request over a raw TCP connection and returns the response text.
+async fn http_over_tcp(addr: &str) -> anyhow::Result<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() -> anyhow::Result<()>
+{
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    let app = Upstream::start("behind-the-site").await?;
+    let mut cluster = Cluster::start(3).await?;
+    let dir = tempfile::tempdir()?;
+    let api = cluster.api(0);
+    let (cert, key) = certs::self_signed(&["web.localhost"]);
+    let web = web(&cert);
+    let https: Vec<u16> = (0..3)
+        .map(|i| port_of(&cluster.nodes[i].https_addr))
+        .collect();
+    let tcp_port = free_port();
+
+    phase!("configure a site with a web and a TCP resource");
+    api.post_ok("/v1/sites", &json!({"name": "hq"})).await?;
+    api.post_ok(
+        "/v1/certificates",
+        &json!({"name": "web", "cert_pem": cert, "key_pem": key}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/policies",
+        &json!({"name": "loopback", "allow": {"source_cidr": "127.0.0.0/8"}}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/policies",
+        &json!({"name": "nobody", "allow": {"source_cidr": "192.0.2.0/24"}}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "web", "site": "hq", "route": {"http": {"domain": "web.localhost"}},
+                "targets": [app.addr.to_string()], "http": {"public": true}}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "db", "site": "hq", "route": {"tcp": {"port": tcp_port}},
+                "targets": [app.addr.to_string()], "policies": ["loopback"]}),
+    )
+    .await?;
+
+    phase!("before any agent: a clear 502");
+    let (status, body) = get_echo(&web, https[1]).await?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("not connected"), "{body}");
+
+    phase!("bad tokens are refused with a reason, nothing changes");
+    let token = api
+        .post_ok("/v1/sites/hq/tokens", &json!({"expires_in_s": 600}))
+        .await?["token"]
+        .as_str()
+        .context("no token")?
+        .to_owned();
+    let n1 = cluster.nodes[0].cluster_addr.clone();
+    let mut forged = Agent::start(
+        &dir.path().join("forged"),
+        Some("wst1_AAAA"),
+        &[&n1],
+        &dir.path().join("forged.log"),
+    )?;
+    let (ok, log) = forged.wait_exit(Duration::from_secs(15))?;
+    assert!(!ok && log.contains("--token"), "{log}");
+    let mut bad = token.clone();
+    bad.truncate(token.len() - 2);
+    bad.push_str(if token.ends_with("AA") { "BB" } else { "AA" });
+    let mut wrong = Agent::start(
+        &dir.path().join("wrong"),
+        Some(&bad),
+        &[&n1],
+        &dir.path().join("wrong.log"),
+    )?;
+    let (ok, log) = wrong.wait_exit(Duration::from_secs(20))?;
+    assert!(!ok && log.contains("unknown or was already used"), "{log}");
+
+    phase!("the agent enrolls through node 1 and learns the other nodes");
+    let state = dir.path().join("agent");
+    let _agent = Agent::start(&state, Some(&token), &[&n1], &dir.path().join("agent.log"))?;
+    let took = until(
+        "the site works through node 2",
+        Duration::from_secs(20),
+        || async { matches!(get_echo(&web, https[1]).await, Ok((StatusCode::OK, _))) },
+    )
+    .await?;
+    eprintln!("site reachable through node 2 {took:?} after the agent started");
+    for (i, port) in https.iter().enumerate() {
+        until(
+            &format!("the site works through node {}", i + 1),
+            Duration::from_secs(5),
+            || async { matches!(get_echo(&web, *port).await, Ok((StatusCode::OK, _))) },
+        )
+        .await?;
+        let (status, body) = get_echo(&web, *port).await?;
+        assert_eq!(status, StatusCode::OK, "node {}: {body}", i + 1);
+        let v: Value = serde_json::from_str(&body)?;
+        assert_eq!(v["upstream"], "behind-the-site");
+    }
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join("site.key"))?.permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600, "the agent key is private");
+
+    phase!("the token worked once: a second agent with it is refused");
+    let mut again = Agent::start(
+        &dir.path().join("again"),
+        Some(&token),
+        &[&n1],
+        &dir.path().join("again.log"),
+    )?;
+    let (ok, log) = again.wait_exit(Duration::from_secs(20))?;
+    assert!(!ok && log.contains("unknown or was already used"), "{log}");
+
+    phase!("a TCP resource on every node, checked by source address");
+    for node in &cluster.nodes {
+        let addr = format!("{}:{tcp_port}", node.l4_ip);
+        let text = http_over_tcp(&addr).await?;
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.contains("behind-the-site"),
+            "{addr}: {text}"
+        );
+    }
+    api.send(
+        reqwest::Method::PATCH,
+        "/v1/resources/db",
+        &json!({"policies": ["nobody"]}),
+    )
+    .await?;
+    let addr = format!("{}:{tcp_port}", cluster.nodes[2].l4_ip);
+    until(
+        "the TCP port refuses a denied source",
+        Duration::from_secs(5),
+        || async {
+            http_over_tcp(&addr)
+                .await
+                .map(|t| t.is_empty())
+                .unwrap_or(true)
+        },
+    )
+    .await?;
+    api.send(
+        reqwest::Method::PATCH,
+        "/v1/resources/db",
+        &json!({"policies": ["loopback"]}),
+    )
+    .await?;
+    until(
+        "the TCP port allows loopback again",
+        Duration::from_secs(5),
+        || async {
+            http_over_tcp(&addr)
+                .await
+                .is_ok_and(|t| t.starts_with("HTTP/1.1 200"))
+        },
+    )
+    .await?;
+
+    phase!("an open TCP flow is cut when the policy stops allowing it");
+    let mut flow = tokio::net::TcpStream::connect(&addr).await?;
+    flow.write_all(b"GET /echo HTTP/1.1\r\nHost: db\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), flow.read(&mut buf)).await??;
+    assert!(
+        n > 0 && buf.starts_with(b"HTTP/1.1 200"),
+        "the flow works first"
+    );
+    api.send(
+        reqwest::Method::PATCH,
+        "/v1/resources/db",
+        &json!({"policies": ["nobody"]}),
+    )
+    .await?;
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match flow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the open flow was not cut");
+    api.send(
+        reqwest::Method::PATCH,
+        "/v1/resources/db",
+        &json!({"policies": ["loopback"]}),
+    )
+    .await?;
+
+    phase!("SIGKILL node 1 (the agent's first tunnel): the other nodes keep serving");
+    let killed = Instant::now();
+    cluster.nodes[0].kill9();
+    let took = until(
+        "the site works through node 3 after node 1 died",
+        Duration::from_secs(10),
+        || async { matches!(get_echo(&web, https[2]).await, Ok((StatusCode::OK, _))) },
+    )
+    .await?;
+    eprintln!(
+        "first success through node 3 {took:?} after SIGKILL of node 1 ({:?})",
+        killed.elapsed()
+    );
+    let (status, _) = get_echo(&web, https[1]).await?;
+    assert_eq!(status, StatusCode::OK);
+
+    phase!("the agent's network stops (SIGSTOP) and comes back: the site returns by itself");
+    _agent.signal(nix::sys::signal::Signal::SIGSTOP);
+    until("the site goes away", Duration::from_secs(15), || async {
+        !matches!(get_echo(&web, https[1]).await, Ok((StatusCode::OK, _)))
+    })
+    .await?;
+    _agent.signal(nix::sys::signal::Signal::SIGCONT);
+    let took = until("the site comes back", Duration::from_secs(20), || async {
+        matches!(get_echo(&web, https[1]).await, Ok((StatusCode::OK, _)))
+    })
+    .await?;
+    eprintln!("site back {took:?} after the agent resumed");
+
+    phase!("restart node 1: the agent keeps working from its stored certificate");
+    cluster.nodes[0].run()?;
+    until(
+        "node 1 serves the site again",
+        Duration::from_secs(20),
+        || async { matches!(get_echo(&web, https[0]).await, Ok((StatusCode::OK, _))) },
+    )
+    .await?;
+    Ok(())
+}
