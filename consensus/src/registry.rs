@@ -81,6 +81,18 @@ pub struct SiteTokenRecord {
     pub expires_at: u64,
 }
 
+/// Cluster-wide ACME state: the account, which node may order now, pending HTTP-01
+/// answers (so whichever node the CA reaches can answer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeState {
+    /// The ACME account's credentials (JSON), once created.
+    pub account: Option<warren_proto::Secret>,
+    /// The node holding the ordering lease, and until when (seconds since the epoch).
+    pub lease: Option<(u64, u64)>,
+    /// HTTP-01 challenge token -> (key authorization, expiry).
+    pub challenges: OrdMap<String, (String, u64)>,
+}
+
 /// Any declarative entity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -241,6 +253,30 @@ pub enum Command {
     ConsumeSiteToken {
         /// Its id.
         id: u64,
+    },
+    /// Take (or renew, or with `until` 0 release) the ACME ordering lease for `node`;
+    /// refused while another node holds an unexpired one.
+    AcmeLease {
+        /// The node.
+        node: u64,
+        /// Until when.
+        until: u64,
+    },
+    /// Store the ACME account unless one is stored already (the first wins).
+    AcmeAccount(warren_proto::Secret),
+    /// Publish an HTTP-01 answer.
+    AcmeChallenge {
+        /// The challenge token.
+        token: String,
+        /// The key authorization to answer with.
+        key_authorization: String,
+        /// When to forget it.
+        expires_at: u64,
+    },
+    /// Withdraw an HTTP-01 answer.
+    AcmeChallengeDone {
+        /// The challenge token.
+        token: String,
     },
     /// Store a session opened without single sign-on (PIN, passcode, e-mail code, share
     /// link), good for one resource.
@@ -413,6 +449,7 @@ pub struct Registry {
     proxy_keys: Option<ProxyKeys>,
     share_links: OrdMap<u64, ShareLink>,
     site_tokens: OrdMap<u64, SiteTokenRecord>,
+    acme: AcmeState,
     // Arc'd: entries are cloned whenever a shared tree node is copied on write.
     dedup: OrdMap<RequestId, Arc<(u64, Reply)>>,
     dedup_order: Vector<(u64, RequestId)>,
@@ -556,6 +593,11 @@ impl Registry {
     /// `expires_at`).
     pub fn sessions(&self) -> &OrdMap<SessionId, Session> {
         &self.sessions
+    }
+
+    /// ACME state.
+    pub fn acme(&self) -> &AcmeState {
+        &self.acme
     }
 
     /// Unused site enrollment tokens.
@@ -785,6 +827,10 @@ impl Registry {
                         | Command::EnsureProxyKeys(_)
                         | Command::CreateSession(_)
                         | Command::ConsumeSiteToken { .. }
+                        | Command::AcmeLease { .. }
+                        | Command::AcmeAccount(_)
+                        | Command::AcmeChallenge { .. }
+                        | Command::AcmeChallengeDone { .. }
                 ) {
                     return Err(RegistryError::Forbidden);
                 }
@@ -1033,6 +1079,53 @@ impl Registry {
                 }
                 self.session_expiry.insert((session.expires_at, session.id));
                 self.sessions.insert(session.id, session.clone());
+                Ok(Outcome::Done)
+            }
+            Command::AcmeLease { node, until } => {
+                if let Some((holder, held_until)) = self.acme.lease {
+                    if holder != *node && held_until > req.at {
+                        return Err(RegistryError::Conflict {
+                            message: format!("node {holder} holds the ACME lease"),
+                        });
+                    }
+                }
+                self.acme.lease = (*until > req.at).then_some((*node, *until));
+                Ok(Outcome::Done)
+            }
+            Command::AcmeAccount(credentials) => {
+                if self.acme.account.is_none() {
+                    self.acme.account = Some(credentials.clone());
+                }
+                Ok(Outcome::Done)
+            }
+            Command::AcmeChallenge {
+                token,
+                key_authorization,
+                expires_at,
+            } => {
+                if token.len() > 256 || key_authorization.len() > 512 {
+                    return Err(RegistryError::Conflict {
+                        message: "challenge too long".into(),
+                    });
+                }
+                let now = req.at;
+                let expired: Vec<String> = self
+                    .acme
+                    .challenges
+                    .iter()
+                    .filter(|(_, (_, exp))| *exp <= now)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for t in expired {
+                    self.acme.challenges.remove(&t);
+                }
+                self.acme
+                    .challenges
+                    .insert(token.clone(), (key_authorization.clone(), *expires_at));
+                Ok(Outcome::Done)
+            }
+            Command::AcmeChallengeDone { token } => {
+                self.acme.challenges.remove(token);
                 Ok(Outcome::Done)
             }
             Command::CreateSiteToken(record) => {

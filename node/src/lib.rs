@@ -28,6 +28,7 @@ pub mod settings;
 
 pub use node::{init, join, run, RunningNode};
 pub use settings::Settings;
+pub mod acme;
 pub mod l4;
 pub mod proxy;
 pub mod sites;

@@ -93,6 +93,8 @@ impl NodeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for every TLS client and server in the process (ACME, OIDC, ...).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
         eprintln!("warren-node: --log {:?}: {e}; using \"info\"", cli.log);
         tracing_subscriber::EnvFilter::new("info")

@@ -41,6 +41,16 @@ pub struct RunningNode {
     /// The proxy.
     pub proxy: Arc<crate::proxy::Proxy>,
     _l4: Arc<crate::l4::L4>,
+    _acme: Option<Arc<AbortOnDrop>>,
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl RunningNode {
@@ -105,6 +115,9 @@ impl RunningNode {
         );
         let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings, sites.clone())?;
         let l4 = crate::l4::L4::start(proxy.clone(), settings.l4_addr()?);
+        let acme = settings
+            .acme()?
+            .map(|a| Arc::new(AbortOnDrop(crate::acme::start(cluster.clone(), a))));
         let args = SupervisorArgs {
             sites: sites.clone(),
             proxy: proxy.clone(),
@@ -144,6 +157,7 @@ impl RunningNode {
             https_addr,
             proxy,
             _l4: l4,
+            _acme: acme,
         })
     }
 

@@ -56,6 +56,17 @@ pub struct Settings {
     /// key stays published in the JWKS until the next rotation).
     #[arg(long, env = "WARREN_SIGNING_KEY_ROTATION_HOURS", default_value_t = 24 * 30)]
     pub signing_key_rotation_hours: u64,
+    /// ACME directory URL: with it, the cluster gets certificates for the domains of web
+    /// resources automatically (HTTP-01 on --http-addr, which must be port 80 as the CA
+    /// sees it).
+    #[arg(long, env = "WARREN_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    /// PEM file of a CA to trust for the ACME server's own TLS (a private or test CA).
+    #[arg(long, env = "WARREN_ACME_ROOT_CA")]
+    pub acme_root_ca: Option<std::path::PathBuf>,
+    /// Contact e-mail of the ACME account.
+    #[arg(long, env = "WARREN_ACME_EMAIL")]
+    pub acme_email: Option<String>,
     /// IP address the public TCP ports of TCP resources listen on.
     #[arg(long, env = "WARREN_L4_ADDR", default_value = "127.0.0.1")]
     pub l4_addr: String,
@@ -89,6 +100,9 @@ impl Default for Settings {
             auth_host: "auth.localhost".into(),
             session_hours: 12,
             smtp_url: None,
+            acme_directory: None,
+            acme_root_ca: None,
+            acme_email: None,
             l4_addr: "127.0.0.1".into(),
             signing_key_rotation_hours: 24 * 30,
             smtp_from: "Warren <warren@localhost>".into(),
@@ -102,6 +116,32 @@ fn secret_arg(s: &str) -> Result<warren_proto::Secret, String> {
 }
 
 impl Settings {
+    /// The ACME settings, if ACME is on.
+    pub fn acme(&self) -> anyhow::Result<Option<crate::acme::AcmeSettings>> {
+        let Some(dir) = &self.acme_directory else {
+            return Ok(None);
+        };
+        let url = url::Url::parse(dir)
+            .map_err(|e| anyhow::anyhow!("invalid setting --acme-directory {dir:?}: {e}"))?;
+        if url.scheme() != "https" {
+            anyhow::bail!("invalid setting --acme-directory: ACME servers are https:// URLs");
+        }
+        if let Some(p) = &self.acme_root_ca {
+            if !p.is_file() {
+                anyhow::bail!(
+                    "invalid setting --acme-root-ca: {} is not a file",
+                    p.display()
+                );
+            }
+        }
+        Ok(Some(crate::acme::AcmeSettings {
+            directory: dir.clone(),
+            root_ca: self.acme_root_ca.clone(),
+            email: self.acme_email.clone(),
+            renew_before: Duration::from_secs(30 * 86_400),
+        }))
+    }
+
     /// The address TCP resources listen on.
     pub fn l4_addr(&self) -> anyhow::Result<std::net::IpAddr> {
         self.l4_addr.parse().map_err(|_| {

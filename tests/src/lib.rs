@@ -125,6 +125,16 @@ pub struct TestNode {
 impl TestNode {
     /// A node description with fresh ports (not started).
     pub fn new(base: &Path, name: &str, env: &[(String, String)]) -> Self {
+        let mut node = Self::with_fresh_ports(base, name, env);
+        // `WARREN_TEST_HTTP_PORT`: every node's HTTP listener on its own loopback address
+        // at this port (ACME HTTP-01 validation connects to one fixed port).
+        if let Some((_, port)) = env.iter().find(|(k, _)| k == "WARREN_TEST_HTTP_PORT") {
+            node.http_addr = format!("{}:{port}", node.l4_ip);
+        }
+        node
+    }
+
+    fn with_fresh_ports(base: &Path, name: &str, env: &[(String, String)]) -> Self {
         Self {
             name: name.to_owned(),
             dir: base.join(name),
@@ -142,6 +152,22 @@ impl TestNode {
             log_dir: base.join("logs"),
             starts: 0,
         }
+    }
+
+    /// The same node with its cluster (QUIC) address on `ip` (same port; an IPv6 address
+    /// is put in brackets).
+    pub fn with_cluster_ip(mut self, ip: &str) -> Self {
+        let port = self
+            .cluster_addr
+            .rsplit_once(':')
+            .map_or("", |(_, p)| p)
+            .to_owned();
+        self.cluster_addr = if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        };
+        self
     }
 
     fn spawn(&mut self, args: &[&str]) -> anyhow::Result<PathBuf> {
@@ -354,6 +380,9 @@ pub struct Cluster {
     pub join_token: String,
     /// Environment given to every node.
     pub env: Vec<(String, String)>,
+    /// IP address of every node's cluster (QUIC) address: 127.0.0.1, unless the cluster
+    /// was started with [`Cluster::start_on`].
+    pub cluster_ip: String,
 }
 
 impl Cluster {
@@ -364,13 +393,30 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra environment for every node.
     pub async fn start_with_env(voters: usize, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_on_with_env(voters, "127.0.0.1", env).await
+    }
+
+    /// Like [`Cluster::start`], with every node's cluster (QUIC) address on `ip` (an address
+    /// of this network namespace, say one end of a veth, that agents in other namespaces
+    /// can reach) instead of 127.0.0.1. The admin, HTTPS and TCP-resource listeners stay on
+    /// loopback.
+    pub async fn start_on(voters: usize, ip: &str) -> anyhow::Result<Self> {
+        Self::start_on_with_env(voters, ip, &[]).await
+    }
+
+    /// [`Cluster::start_on`] with extra environment for every node.
+    pub async fn start_on_with_env(
+        voters: usize,
+        ip: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         since_start();
         let tmp = tempfile::Builder::new().prefix("warren-test-").tempdir()?;
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut n1 = TestNode::new(tmp.path(), "n1", &env);
+        let mut n1 = TestNode::new(tmp.path(), "n1", &env).with_cluster_ip(ip);
         phase!("init n1");
         let (admin_key, join_token) = n1.init()?;
         let mut c = Self {
@@ -379,6 +425,7 @@ impl Cluster {
             admin_key,
             join_token,
             env,
+            cluster_ip: ip.to_owned(),
         };
         c.api(0).wait_healthy(Duration::from_secs(30)).await?;
         for _ in 1..voters {
@@ -395,7 +442,8 @@ impl Cluster {
             .iter_mut()
             .find_map(|n| n.is_running().then(|| n.cluster_addr.clone()))
             .context("no running node to join through")?;
-        let mut node = TestNode::new(self.tmp.path(), &name, &self.env);
+        let mut node =
+            TestNode::new(self.tmp.path(), &name, &self.env).with_cluster_ip(&self.cluster_ip);
         phase!("join {name}{}", if learner { " as a learner" } else { "" });
         node.join(&peer, &self.join_token, learner)?;
         self.nodes.push(node);

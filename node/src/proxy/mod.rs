@@ -544,26 +544,50 @@ impl Proxy {
                 }
             };
             let port = self.settings.public_https_port;
+            let proxy = self.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(match request_host(&req) {
-                        Some(host) => {
-                            let pq = req
-                                .uri()
-                                .path_and_query()
-                                .map(|p| p.as_str())
-                                .unwrap_or("/");
-                            let to = format!("https://{}{pq}", authority_with_port(&host, port));
-                            let mut r = pages::redirect(&to);
-                            *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
-                            r
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    async move {
+                        if let Some(token) = req
+                            .uri()
+                            .path()
+                            .strip_prefix("/.well-known/acme-challenge/")
+                        {
+                            return Ok::<_, Infallible>(
+                                match crate::acme::challenge_answer(&proxy.cluster, token).await {
+                                    Some(k) => Response::builder()
+                                        .header(header::CONTENT_TYPE, "text/plain")
+                                        .body(pages::full(k))
+                                        .expect("valid response"),
+                                    None => page(
+                                        StatusCode::NOT_FOUND,
+                                        "Not found",
+                                        "No such challenge.",
+                                    ),
+                                },
+                            );
                         }
-                        None => page(
-                            StatusCode::BAD_REQUEST,
-                            "Bad request",
-                            "The request does not name a valid host.",
-                        ),
-                    })
+                        Ok::<_, Infallible>(match request_host(&req) {
+                            Some(host) => {
+                                let pq = req
+                                    .uri()
+                                    .path_and_query()
+                                    .map(|p| p.as_str())
+                                    .unwrap_or("/");
+                                let to =
+                                    format!("https://{}{pq}", authority_with_port(&host, port));
+                                let mut r = pages::redirect(&to);
+                                *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+                                r
+                            }
+                            None => page(
+                                StatusCode::BAD_REQUEST,
+                                "Bad request",
+                                "The request does not name a valid host.",
+                            ),
+                        })
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())

@@ -1,0 +1,258 @@
+//! Automatic TLS: ACME (HTTP-01) certificates for the domains of web resources.
+//!
+//! Every node looks every few seconds for resource domains without a certificate valid for
+//! more than [`AcmeSettings::renew_before`]. One node orders at a time, under a lease held in
+//! Raft; the HTTP-01 answers go through Raft too, so whichever node the CA reaches can
+//! answer (`/.well-known/acme-challenge/` on the HTTP port); the issued chain and key are
+//! stored as a certificate entity, so every node serves them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use warren_consensus::cluster::Cluster;
+use warren_consensus::registry::{AnyEntity, Command, Registry};
+use warren_consensus::types::{Actor as Who, Request};
+use warren_proto::certificate::Certificate;
+use warren_proto::registry::Route;
+use warren_proto::{Name, Secret};
+
+use crate::proxy::unix_now;
+
+/// ACME settings of a node (the same on every node of a cluster).
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// A PEM file to trust for the CA's own TLS (a test CA), if not a public one.
+    pub root_ca: Option<std::path::PathBuf>,
+    /// Contact address for the account.
+    pub email: Option<String>,
+    /// Renew this long before a certificate expires.
+    pub renew_before: Duration,
+}
+
+/// How long a node may order before another may take over.
+const LEASE: u64 = 300;
+
+/// Starts the ACME loop of this node.
+pub fn start(cluster: Cluster, settings: AcmeSettings) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(cluster, settings))
+}
+
+/// The certificate entity name for an ACME certificate of `domain`.
+fn cert_name(domain: &str) -> Option<Name> {
+    Name::new(format!("acme.{domain}")).ok().or_else(|| {
+        let digest = warren_proto::token::fingerprint(domain.as_bytes());
+        Name::new(format!("acme.{}", hex::encode(&digest[..12]))).ok()
+    })
+}
+
+/// Resource domains that need a certificate now.
+pub fn domains_needing_certs(reg: &Registry, now: u64, renew_before: Duration) -> Vec<String> {
+    let mut covered: HashMap<String, i64> = HashMap::new();
+    for c in reg.certificates().values() {
+        if let Ok(info) = c.info() {
+            for d in info.domains {
+                let e = covered.entry(d).or_insert(i64::MIN);
+                *e = (*e).max(info.not_after);
+            }
+        }
+    }
+    let due = now as i64 + renew_before.as_secs() as i64;
+    let mut out: Vec<String> = reg
+        .resources()
+        .values()
+        .filter_map(|r| match &r.route {
+            Route::Http { domain, .. } if !domain.starts_with("*.") => Some(domain.clone()),
+            _ => None,
+        })
+        .filter(|d| {
+            let wildcard = d.split_once('.').map(|(_, p)| format!("*.{p}"));
+            let valid = |n: &str| covered.get(n).is_some_and(|t| *t > due);
+            !valid(d) && !wildcard.as_deref().is_some_and(valid)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+async fn write(cluster: &Cluster, command: Command) -> anyhow::Result<()> {
+    cluster
+        .write(Request::new(Who::System, command))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+async fn run(cluster: Cluster, settings: AcmeSettings) {
+    let me = cluster.id().0;
+    let mut failed: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let reg = cluster.registry();
+        if reg.cluster_id() == 0 {
+            continue;
+        }
+        let now = unix_now();
+        let needed: Vec<String> = domains_needing_certs(&reg, now, settings.renew_before)
+            .into_iter()
+            .filter(|d| {
+                failed
+                    .get(d)
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+            })
+            .collect();
+        if needed.is_empty() {
+            continue;
+        }
+        if let Some((holder, until)) = reg.acme().lease {
+            if holder != me && until > now {
+                continue;
+            }
+        }
+        if write(
+            &cluster,
+            Command::AcmeLease {
+                node: me,
+                until: now + LEASE,
+            },
+        )
+        .await
+        .is_err()
+        {
+            continue;
+        }
+        tracing::info!(domains = ?needed, "holding the ACME lease; ordering certificates");
+        let account = match account(&cluster, &settings).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("ACME account: {e:#}");
+                let _ = write(&cluster, Command::AcmeLease { node: me, until: 0 }).await;
+                continue;
+            }
+        };
+        for domain in needed {
+            match order(&cluster, &account, &domain).await {
+                Ok(()) => {
+                    failed.remove(&domain);
+                    tracing::info!(%domain, "certificate issued and stored");
+                }
+                Err(e) => {
+                    failed.insert(domain.clone(), Instant::now());
+                    tracing::warn!(%domain, "ACME order failed (retry in a minute): {e:#}");
+                }
+            }
+        }
+        let _ = write(&cluster, Command::AcmeLease { node: me, until: 0 }).await;
+    }
+}
+
+async fn account(cluster: &Cluster, settings: &AcmeSettings) -> anyhow::Result<Account> {
+    let builder = || -> anyhow::Result<_> {
+        Ok(match &settings.root_ca {
+            Some(path) => Account::builder_with_root(path)
+                .with_context(|| format!("--acme-root-ca {}", path.display()))?,
+            None => Account::builder()?,
+        })
+    };
+    if let Some(stored) = &cluster.registry().acme().account {
+        let creds: AccountCredentials = serde_json::from_str(stored.expose())
+            .context("the stored ACME account does not parse")?;
+        return Ok(builder()?.from_credentials(creds).await?);
+    }
+    let contact = settings.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, creds) = builder()?
+        .create(
+            &NewAccount {
+                contact: &contacts,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            settings.directory.clone(),
+            None,
+        )
+        .await
+        .with_context(|| format!("creating an account at {}", settings.directory))?;
+    let json = serde_json::to_string(&creds)?;
+    write(cluster, Command::AcmeAccount(Secret::new(json))).await?;
+    Ok(account)
+}
+
+async fn order(cluster: &Cluster, account: &Account, domain: &str) -> anyhow::Result<()> {
+    let ids = [Identifier::Dns(domain.to_owned())];
+    let mut order = account.new_order(&NewOrder::new(&ids)).await?;
+    let mut tokens = Vec::new();
+    {
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz?;
+            if authz.status == AuthorizationStatus::Valid {
+                continue;
+            }
+            let mut challenge = authz
+                .challenge(ChallengeType::Http01)
+                .context("the CA offers no HTTP-01 challenge")?;
+            let token = challenge.token.clone();
+            let key_authorization = challenge.key_authorization().as_str().to_owned();
+            write(
+                cluster,
+                Command::AcmeChallenge {
+                    token: token.clone(),
+                    key_authorization,
+                    expires_at: unix_now() + 600,
+                },
+            )
+            .await?;
+            tokens.push(token);
+            challenge.set_ready().await?;
+        }
+    }
+    let status = order.poll_ready(&RetryPolicy::default()).await?;
+    let result = async {
+        if status != OrderStatus::Ready {
+            anyhow::bail!("the order is {status:?}, not ready (the CA could not validate)");
+        }
+        let key_pem = order.finalize().await?;
+        let chain = order.poll_certificate(&RetryPolicy::default()).await?;
+        let name = cert_name(domain).context("no certificate name")?;
+        let cert = Certificate {
+            name: name.clone(),
+            cert_pem: chain,
+            key_pem: Secret::new(key_pem),
+            revision: 0,
+        };
+        let exists = cluster.registry().certificates().contains_key(&name);
+        let command = if exists {
+            Command::Update(AnyEntity::Certificate(cert))
+        } else {
+            Command::Create(AnyEntity::Certificate(cert))
+        };
+        write(cluster, command).await
+    }
+    .await;
+    for token in tokens {
+        let _ = write(cluster, Command::AcmeChallengeDone { token }).await;
+    }
+    result
+}
+
+/// The answer to an HTTP-01 challenge for `token`, from the registry (checking the leader
+/// once when this node has not seen the token yet).
+pub async fn challenge_answer(cluster: &Cluster, token: &str) -> Option<String> {
+    let lookup = |reg: Arc<Registry>| reg.acme().challenges.get(token).map(|(k, _)| k.clone());
+    if let Some(k) = lookup(cluster.registry()) {
+        return Some(k);
+    }
+    cluster.read().await.ok().and_then(lookup)
+}
