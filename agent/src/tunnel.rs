@@ -251,8 +251,8 @@ async fn serve_stream(
             "{} is not a target of site {}",
             header.target, shared.site
         )))
-    } else if header.protocol != Protocol::Tcp {
-        Err(refuse("only TCP is supported".into()))
+    } else if header.protocol == Protocol::Udp {
+        return serve_udp(header.target, send, recv).await;
     } else {
         match tokio::time::timeout(
             Duration::from_secs(5),
@@ -351,4 +351,59 @@ async fn check_target(t: &Target, path: Option<&str>) -> bool {
         tokio::time::timeout(Duration::from_secs(2), attempt).await,
         Ok(Some(true))
     )
+}
+
+/// A UDP flow: datagrams framed on the stream, a connected socket to the target.
+async fn serve_udp(target: Target, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    use warren_proto::tunnel::io::{read_datagram, write_datagram};
+    let socket = async {
+        let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or_else(|| "no address".to_owned())?;
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = tokio::net::UdpSocket::bind(bind)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.connect(addr).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(s)
+    }
+    .await;
+    let socket = match socket {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = write_frame(&mut send, &Opened::Refused(format!("{target}: {e}"))).await;
+            return;
+        }
+    };
+    if write_frame(&mut send, &Opened::Ok).await.is_err() {
+        return;
+    }
+    let mut from_node = vec![0u8; 65_535];
+    let mut from_target = vec![0u8; 65_535];
+    let idle_for = Duration::from_secs(60);
+    let idle = tokio::time::sleep(idle_for);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            n = read_datagram(&mut recv, &mut from_node) => {
+                let Ok(Some(n)) = n else { return };
+                let _ = socket.send(&from_node[..n]).await;
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
+            }
+            n = socket.recv(&mut from_target) => {
+                let Ok(n) = n else { return };
+                if write_datagram(&mut send, &from_target[..n]).await.is_err() {
+                    return;
+                }
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
+            }
+            _ = &mut idle => return,
+        }
+    }
 }

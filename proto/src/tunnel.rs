@@ -213,6 +213,40 @@ pub mod io {
         w.write_all(&encode_frame(msg)).await
     }
 
+    /// Writes one UDP datagram on a stream: 2-byte big-endian length, then the bytes.
+    pub async fn write_datagram<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let len = u16::try_from(data.len()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "datagram over 65535 bytes",
+            )
+        })?;
+        let mut frame = Vec::with_capacity(2 + data.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(data);
+        w.write_all(&frame).await
+    }
+
+    /// Reads one UDP datagram from a stream into `buf` (at least 65535 bytes); its length,
+    /// or `None` at the end of the stream.
+    pub async fn read_datagram<R: AsyncRead + Unpin>(
+        r: &mut R,
+        buf: &mut [u8],
+    ) -> std::io::Result<Option<usize>> {
+        let mut len = [0u8; 2];
+        match r.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let len = u16::from_be_bytes(len) as usize;
+        r.read_exact(&mut buf[..len]).await?;
+        Ok(Some(len))
+    }
+
     /// Reads one frame of at most `max` bytes; `Ok(None)` at a clean end of stream.
     pub async fn read_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
         r: &mut R,

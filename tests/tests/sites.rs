@@ -246,6 +246,55 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
     let (ok, log) = again.wait_exit(Duration::from_secs(20))?;
     assert!(!ok && log.contains("unknown or was already used"), "{log}");
 
+    phase!("an agent of another cluster is refused by this one");
+    let other = Cluster::start(1).await?;
+    other
+        .api(0)
+        .post_ok("/v1/sites", &json!({"name": "hq"}))
+        .await?;
+    let other_token = other
+        .api(0)
+        .post_ok("/v1/sites/hq/tokens", &json!({}))
+        .await?["token"]
+        .as_str()
+        .context("no token")?
+        .to_owned();
+    let stranger_state = dir.path().join("stranger");
+    let mut enroll_other = Agent::start(
+        &stranger_state,
+        Some(&other_token),
+        &[&other.nodes[0].cluster_addr],
+        &dir.path().join("stranger-enroll.log"),
+    )?;
+    until(
+        "the stranger enrolls with its own cluster",
+        Duration::from_secs(15),
+        || async { stranger_state.join("site.json").exists() },
+    )
+    .await?;
+    drop(enroll_other.child.kill());
+    let _ = enroll_other.child.wait();
+    let stranger = Agent::start(
+        &stranger_state,
+        None,
+        &[&n1],
+        &dir.path().join("stranger.log"),
+    )?;
+    until(
+        "the stranger's tunnel is refused",
+        Duration::from_secs(15),
+        || async { stranger.log().contains("tunnel failed") },
+    )
+    .await?;
+    let log = stranger.log();
+    assert!(!log.contains("tunnel up"), "{log}");
+    assert!(
+        log.to_lowercase().contains("certificate") || log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    drop(stranger);
+    drop(other);
+
     phase!("a TCP resource on every node, checked by source address");
     for node in &cluster.nodes {
         let addr = format!("{}:{tcp_port}", node.l4_ip);
@@ -322,6 +371,42 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
         &json!({"policies": ["loopback"]}),
     )
     .await?;
+
+    phase!("a UDP resource behind the site: datagrams both ways through every node");
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let echo_addr = echo.local_addr()?;
+    let echo_task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = echo.send_to(&reply, from).await;
+        }
+    });
+    let udp_port = free_port();
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "dgram", "site": "hq", "route": {"udp": {"port": udp_port}},
+                "targets": [echo_addr.to_string()], "policies": ["loopback"]}),
+    )
+    .await?;
+    for node in &cluster.nodes {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let to = format!("{}:{udp_port}", node.l4_ip);
+        let mut got = None;
+        for _ in 0..50 {
+            client.send_to(b"ping", &to).await?;
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(200), client.recv(&mut buf)).await
+            {
+                got = Some(buf[..n].to_vec());
+                break;
+            }
+        }
+        assert_eq!(got.as_deref(), Some(&b"echo:ping"[..]), "UDP through {to}");
+    }
+    echo_task.abort();
 
     phase!("SIGKILL node 1 (the agent's first tunnel): the other nodes keep serving");
     let killed = Instant::now();

@@ -316,3 +316,38 @@ async fn open_on(conn: &quinn::Connection, header: &Open) -> Result<SiteStream, 
         .await
         .map_err(|_| OpenError::Failed("no answer in time".into()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use warren_proto::tunnel::io::read_frame;
+    use warren_proto::tunnel::{encode_frame, Open, MAX_HEADER};
+
+    #[tokio::test]
+    async fn oversized_truncated_and_malformed_headers_are_refused() {
+        // A length over the limit is refused before anything is read or allocated.
+        let mut oversized: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let e = read_frame::<_, Open>(&mut oversized, MAX_HEADER)
+            .await
+            .unwrap_err();
+        assert!(e.contains("over the"), "{e}");
+        // Shorter than it says.
+        let mut truncated: &[u8] = &[0, 0, 0, 50, 1, 2, 3];
+        assert!(read_frame::<_, Open>(&mut truncated, MAX_HEADER)
+            .await
+            .unwrap_err()
+            .contains("truncated"));
+        // Well framed, but not an Open (a target that does not parse).
+        let garbage = encode_frame(&("hq", "not a target", 7u8));
+        let mut garbage: &[u8] = &garbage;
+        assert!(read_frame::<_, Open>(&mut garbage, MAX_HEADER)
+            .await
+            .unwrap_err()
+            .contains("malformed"));
+        // A clean end of stream is not an error.
+        let mut empty: &[u8] = &[];
+        assert!(read_frame::<_, Open>(&mut empty, MAX_HEADER)
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
