@@ -28,9 +28,12 @@ enum Proto {
     Udp,
 }
 
+/// A resource's port: whose it is and the task serving it.
+type Listening = (Name, JoinHandle<()>);
+
 /// The listeners of TCP and UDP resources.
 pub struct L4 {
-    listeners: Mutex<HashMap<(Proto, u16), (Name, JoinHandle<()>)>>,
+    listeners: Mutex<HashMap<(Proto, u16), Listening>>,
     follower: Mutex<Option<JoinHandle<()>>>,
 }
 
