@@ -182,11 +182,12 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
     assert!(body.contains("not connected"), "{body}");
 
     phase!("bad tokens are refused with a reason, nothing changes");
-    let token = api
-        .post_ok("/v1/sites/hq/tokens", &json!({"expires_in_s": 600}))
-        .await?["token"]
-        .as_str()
-        .context("no token")?
+    let (ok, out, err) = cluster.warren(0, &["site-token", "hq", "--expires-in", "600"]);
+    assert!(ok, "{err}");
+    let token = out
+        .lines()
+        .find(|l| l.starts_with("wst1_"))
+        .with_context(|| format!("no token in: {out}"))?
         .to_owned();
     let n1 = cluster.nodes[0].cluster_addr.clone();
     let mut forged = Agent::start(
