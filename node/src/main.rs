@@ -99,9 +99,13 @@ fn main() -> std::process::ExitCode {
         eprintln!("warren-node: --log {:?}: {e}; using \"info\"", cli.log);
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Colour codes only on a terminal: a log file or journal gets plain text (and the
+    // access log, a line per request, is cheaper to write).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -223,7 +223,9 @@ impl Proxy {
             let mut up = Request::new(upstream_body);
             *up.method_mut() = parts.method.clone();
             *up.version_mut() = http::Version::HTTP_11;
-            *up.headers_mut() = if bodyless && attempt == 0 {
+            // Keep a copy only when a retry on another target can happen.
+            let may_retry = bodyless && attempt == 0 && route.pool.targets.len() > 1;
+            *up.headers_mut() = if may_retry {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
