@@ -251,7 +251,12 @@ impl Sites {
                 Some(Some(Err(e))) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| OpenError::NotConnected(site.clone())))
+        // Every route failed (tunnels going away, peers that no longer hold one): to the
+        // user that is a site that is not connected, not a failing app.
+        if let Some(e) = last {
+            tracing::debug!(%site, "no route to the site worked: {e}");
+        }
+        Err(OpenError::NotConnected(site.clone()))
     }
 
     async fn try_route(&self, route: Route, header: &Open) -> Result<SiteStream, OpenError> {
