@@ -37,7 +37,14 @@ struct Shared {
     config: watch::Sender<Option<SiteConfig>>,
     health: broadcast::Sender<Vec<(Target, bool)>>,
     candidates: Mutex<Vec<Candidate>>,
+    /// Live tunnels by node address.
+    live: Mutex<HashMap<String, quinn::Connection>>,
 }
+
+/// How often the agent measures the nodes it has no tunnel to.
+const REBALANCE_EVERY: Duration = Duration::from_secs(15);
+/// A node replaces the slowest tunnel when its handshake takes less than this share of it.
+const CLOSER: f64 = 0.7;
 
 /// Keeps tunnels until the process is killed.
 pub async fn run(id: Identity, seeds: Vec<String>) -> anyhow::Result<()> {
@@ -63,8 +70,10 @@ pub async fn run(id: Identity, seeds: Vec<String>) -> anyhow::Result<()> {
                 })
                 .collect(),
         ),
+        live: Mutex::new(HashMap::new()),
     });
     tokio::spawn(health_loop(shared.clone()));
+    tokio::spawn(rebalance(shared.clone()));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -150,6 +159,11 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
         }
     }
     tracing::info!(node = %addr, site = %shared.site, handshake_ms = rtt.as_millis() as u64, "tunnel up");
+    shared
+        .live
+        .lock()
+        .expect("live lock")
+        .insert(addr.to_owned(), conn.clone());
     let reader = {
         let shared = shared.clone();
         async move {
@@ -195,8 +209,68 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
         r = reporter => r,
         r = acceptor => r,
     };
+    shared.live.lock().expect("live lock").remove(addr);
     conn.close(0u32.into(), b"agent closing");
     why
+}
+
+/// Keeps the tunnels on the closest nodes: measures the handshake time to nodes without a
+/// tunnel now and then, and when one is clearly closer than the slowest tunnel, closes that
+/// tunnel (the dialler then picks the closer node). A node that comes back after a restart
+/// gets its tunnel back this way when it is the closer one.
+async fn rebalance(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(REBALANCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let idle: Vec<String> = {
+            let c = shared.candidates.lock().expect("candidates lock");
+            c.iter()
+                .filter(|c| !c.connected && c.retry_at <= Instant::now())
+                .map(|c| c.addr.clone())
+                .collect()
+        };
+        for addr in idle {
+            let Some(rtt) = probe(&shared, &addr).await else {
+                continue;
+            };
+            let slowest = {
+                let mut c = shared.candidates.lock().expect("candidates lock");
+                if let Some(cand) = c.iter_mut().find(|c| c.addr == addr) {
+                    cand.rtt = Some(rtt);
+                }
+                c.iter()
+                    .filter(|c| c.connected)
+                    .filter_map(|c| c.rtt.map(|r| (c.addr.clone(), r)))
+                    .max_by_key(|(_, r)| *r)
+            };
+            let live = shared.live.lock().expect("live lock").len();
+            if let Some((worst, worst_rtt)) = slowest {
+                if live >= TUNNELS && rtt.as_secs_f64() < worst_rtt.as_secs_f64() * CLOSER {
+                    tracing::info!(from = %worst, to = %addr, "moving a tunnel to a closer node");
+                    if let Some(conn) = shared.live.lock().expect("live lock").get(&worst) {
+                        conn.close(0u32.into(), b"moving to a closer node");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The handshake time to `addr`, or `None` if it does not answer.
+async fn probe(shared: &Shared, addr: &str) -> Option<Duration> {
+    let sock = tokio::net::lookup_host(addr).await.ok()?.next()?;
+    let t0 = Instant::now();
+    let connecting = shared.endpoint.connect(sock, tls::SERVER_NAME).ok()?;
+    let conn = tokio::time::timeout(Duration::from_secs(3), connecting)
+        .await
+        .ok()?
+        .ok()?;
+    let rtt = t0.elapsed();
+    conn.close(0u32.into(), b"probe");
+    Some(rtt)
 }
 
 fn learn_nodes(shared: &Shared, nodes: &[String]) {
