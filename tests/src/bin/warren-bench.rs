@@ -1,5 +1,7 @@
-//! `warren-bench registry`: replicated writes and failover, Warren against etcd, side by side
-//! on this machine. See BENCHMARKS.md for how to run it and what it printed.
+//! `warren-bench`: measurements of Warren against established systems, side by side on this
+//! machine. See BENCHMARKS.md for how to run each and what it printed.
+//!
+//! `registry`: replicated writes and failover, Warren against etcd.
 //!
 //! - Throughput and latency: `wrk` posts distinct-key writes for 10 s at 1, 16 and 64
 //!   connections to the leader of a 3-node loopback Warren cluster (admin API, HTTPS:
@@ -7,6 +9,16 @@
 //!   gateway, plain HTTP: put a 256-byte value).
 //! - Failover: SIGKILL the leader while a client writes through a survivor (500 ms client
 //!   timeout, immediate retry); the time from the kill to the first acknowledged write.
+//!
+//! `proxy`: authenticated requests through one node's proxy (session cookie checked and
+//! policy decided per request) against nginx as a plain TLS reverse proxy and against the
+//! backend directly, all in front of the same static backend and driven by the same load
+//! generator (below, in Rust: it sets the TLS server name and `Host` apart, which `wrk`
+//! cannot); also a public resource on the node, for the cost of the path without the
+//! identity work. The paths take turns in rounds; each one's median round is shown, with
+//! the CPU each process used per request.
+//!
+//! `policy`: policy decisions in-process (a microbenchmark).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -74,6 +86,29 @@ enum What {
         /// Connection counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         connections: Vec<u32>,
+    },
+    /// Authenticated requests through one node's proxy vs nginx vs the backend directly.
+    Proxy {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Seconds of load before each measured run, not counted.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
+        /// Connection counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        connections: Vec<u32>,
+        /// Rounds over all paths per connection count; the median round of each is shown.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// The static backend `proxy` starts (`GET` anything: `hello`); exits when its
+    /// standard input closes.
+    #[command(hide = true)]
+    Backend {
+        /// Port on 127.0.0.1.
+        #[arg(long)]
+        port: u16,
     },
 }
 
@@ -540,6 +575,13 @@ async fn main() -> anyhow::Result<()> {
             trials,
             connections,
         } => registry(seconds, trials, connections).await,
+        What::Proxy {
+            seconds,
+            warmup,
+            connections,
+            rounds,
+        } => proxy::run(seconds, warmup, connections, rounds).await,
+        What::Backend { port } => proxy::backend(port).await,
     }
 }
 
@@ -611,6 +653,772 @@ fn policy(iterations: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `warren-bench proxy` and the backend it starts.
+mod proxy {
+    use std::convert::Infallible;
+    use std::io::Read as _;
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context as _};
+    use bytes::Bytes;
+    use http::{header, HeaderValue, Request, Response, StatusCode};
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use hyper::client::conn::http1::SendRequest;
+    use hyper_util::rt::TokioIo;
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use serde_json::json;
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use warren_tests::oidc::{browser_async, BrowserArgs, Idp};
+    use warren_tests::{certs, free_port, phase, Cluster};
+
+    /// What the backend answers to every request.
+    const HELLO: &[u8] = b"hello\n";
+    /// The host both proxies serve (Warren and Chromium send `*.localhost` to loopback).
+    const APP_HOST: &str = "app.localhost";
+    /// Warren's sign-in host (its default).
+    const AUTH_HOST: &str = "auth.localhost";
+    /// A public resource on Warren (no session, no policy): the cost of the path alone.
+    const OPEN_HOST: &str = "open.localhost";
+    /// A request that takes longer counts as an error (and its connection is replaced).
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Clock ticks per second of the times in `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+    const USER_HZ: f64 = 100.0;
+
+    /// Serves `hello` to every request on 127.0.0.1:`port` (HTTP/1.1, keep-alive) until
+    /// standard input closes: the benchmark holds it open, so the backend ends with it.
+    pub async fn backend(port: u16) -> anyhow::Result<()> {
+        std::thread::spawn(|| {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            std::process::exit(0);
+        });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header(header::CONTENT_TYPE, "text/plain")
+                            .body(Full::new(Bytes::from_static(HELLO)))
+                            .expect("a valid response"),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    }
+
+    /// A process this benchmark started, ended when dropped: SIGTERM (nginx's master then
+    /// stops its workers and waits for them), SIGKILL to it and the children it had if it
+    /// is still there 5 s later.
+    struct Proc {
+        what: &'static str,
+        child: Option<Child>,
+        log: PathBuf,
+    }
+
+    impl Proc {
+        fn spawn(what: &'static str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+            let file = std::fs::File::create(&log)?;
+            let child = cmd
+                .stdin(Stdio::piped())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()
+                .with_context(|| format!("starting {what}"))?;
+            Ok(Self {
+                what,
+                child: Some(child),
+                log,
+            })
+        }
+
+        fn pid(&self) -> u32 {
+            self.child.as_ref().map_or(0, Child::id)
+        }
+
+        /// Waits (at most 10 s) until `addr` accepts connections.
+        fn wait_listening(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return Ok(());
+                }
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
+                    bail!(
+                        "{} exited with {status}:\n{}",
+                        self.what,
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
+                }
+                if Instant::now() > deadline {
+                    bail!("{} does not listen on {addr} after 10 s", self.what);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let Some(mut child) = self.child.take() else {
+                return;
+            };
+            let pid = child.id();
+            let children = children_of(pid);
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            for c in children {
+                // Only if it is still the orphan of this process (pid not reused).
+                if proc_stat(c).is_some_and(|f| f.ppid == 1 || f.ppid == pid) {
+                    let _ = kill(Pid::from_raw(c as i32), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// What `/proc/<pid>/stat` says about a process.
+    struct Stat {
+        ppid: u32,
+        /// User plus system time of all its threads, in clock ticks.
+        cpu_ticks: u64,
+    }
+
+    fn proc_stat(pid: u32) -> Option<Stat> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state is field 3.
+        let rest: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+        let field = |n: usize| rest.get(n - 3)?.parse::<u64>().ok();
+        Some(Stat {
+            ppid: u32::try_from(field(4)?).ok()?,
+            cpu_ticks: field(14)? + field(15)?,
+        })
+    }
+
+    fn children_of(pid: u32) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| proc_stat(*p).is_some_and(|s| s.ppid == pid))
+            .collect()
+    }
+
+    /// CPU seconds the processes `pids` have used so far.
+    fn cpu_seconds(pids: &[u32]) -> f64 {
+        pids.iter()
+            .filter_map(|p| proc_stat(*p))
+            .map(|s| s.cpu_ticks as f64 / USER_HZ)
+            .sum()
+    }
+
+    /// (busy, total) clock ticks of all CPUs so far, from `/proc/stat`.
+    fn machine_ticks() -> (u64, u64) {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+            return (0, 0);
+        };
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is in user already).
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        (total - idle, total)
+    }
+
+    /// Waits (at most about 60 s) until the CPUs have been under 10% busy for a second, so
+    /// that other work on the machine stays out of the next run if it can; the "others"
+    /// column shows what came in anyway.
+    async fn wait_quiet() {
+        for i in 0..60 {
+            let before = machine_ticks();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let after = machine_ticks();
+            let busy = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+            if busy < 0.10 {
+                return;
+            }
+            if i == 0 {
+                eprintln!(
+                    "the CPUs are {:.0}% busy with other work; waiting up to a minute",
+                    busy * 100.0
+                );
+            }
+        }
+    }
+
+    fn load_average() -> String {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Where the load generator sends `GET /`, and how.
+    struct Target {
+        label: &'static str,
+        addr: SocketAddr,
+        host: HeaderValue,
+        tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+        cookie: Option<HeaderValue>,
+        /// The proxy's processes, for CPU accounting (none for the backend itself).
+        pids: Vec<u32>,
+    }
+
+    type Sender = SendRequest<Empty<Bytes>>;
+
+    impl Target {
+        /// A fresh keep-alive HTTP/1.1 connection (over TLS with the target's server name).
+        async fn connect(&self) -> anyhow::Result<Sender> {
+            let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+            tcp.set_nodelay(true)?;
+            match &self.tls {
+                None => handshake(tcp).await,
+                Some((tls, name)) => handshake(tls.connect(name.clone(), tcp).await?).await,
+            }
+        }
+
+        fn request(&self) -> Request<Empty<Bytes>> {
+            let mut req = Request::new(Empty::new());
+            *req.uri_mut() = http::Uri::from_static("/");
+            req.headers_mut().insert(header::HOST, self.host.clone());
+            if let Some(c) = &self.cookie {
+                req.headers_mut().insert(header::COOKIE, c.clone());
+            }
+            req
+        }
+    }
+
+    async fn handshake<S>(io: S) -> anyhow::Result<Sender>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// One request; whether it got `200 hello`.
+    async fn send(sender: &mut Sender, req: Request<Empty<Bytes>>) -> anyhow::Result<bool> {
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(status == StatusCode::OK && body.as_ref() == HELLO)
+    }
+
+    /// What one connection saw.
+    #[derive(Default)]
+    struct Tally {
+        latencies_us: Vec<u32>,
+        errors: u64,
+    }
+
+    /// Sends requests one after the other on one connection until `deadline`; replaces the
+    /// connection if it fails.
+    async fn drive(target: Arc<Target>, sender: Sender, deadline: Instant) -> Tally {
+        let mut tally = Tally::default();
+        let mut sender = Some(sender);
+        while Instant::now() < deadline {
+            let Some(s) = sender.as_mut() else {
+                match tokio::time::timeout(REQUEST_TIMEOUT, target.connect()).await {
+                    Ok(Ok(s)) => sender = Some(s),
+                    _ => {
+                        tally.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                continue;
+            };
+            let started = Instant::now();
+            match tokio::time::timeout(REQUEST_TIMEOUT, send(s, target.request())).await {
+                Ok(Ok(ok)) => {
+                    let us = started.elapsed().as_micros();
+                    tally
+                        .latencies_us
+                        .push(u32::try_from(us).unwrap_or(u32::MAX));
+                    tally.errors += u64::from(!ok);
+                }
+                Ok(Err(_)) | Err(_) => {
+                    tally.errors += 1;
+                    sender = None;
+                }
+            }
+        }
+        tally
+    }
+
+    /// What one run measured.
+    struct Measured {
+        rps: f64,
+        p50_ms: f64,
+        p99_ms: f64,
+        errors: u64,
+        /// CPU µs per request of the proxy, the backend and the load generator.
+        cpu_us: [Option<f64>; 3],
+        /// Share of all CPUs busy during the run (everyone's work), in percent.
+        busy: f64,
+        /// The part of `busy` that was neither the proxy, the backend nor the load generator
+        /// (other work on the machine), in percent.
+        others: f64,
+    }
+
+    /// `conns` connections, each sending one request at a time for `length`.
+    async fn load(
+        target: &Arc<Target>,
+        conns: u32,
+        length: Duration,
+        backend_pid: u32,
+    ) -> anyhow::Result<Measured> {
+        let senders = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            futures::future::try_join_all((0..conns).map(|_| target.connect())),
+        )
+        .await
+        .with_context(|| format!("connecting to {}", target.label))??;
+        let me = std::process::id();
+        let cpu_before = [
+            cpu_seconds(&target.pids),
+            cpu_seconds(&[backend_pid]),
+            cpu_seconds(&[me]),
+        ];
+        let machine_before = machine_ticks();
+        let started = Instant::now();
+        let deadline = started + length;
+        let tasks: Vec<_> = senders
+            .into_iter()
+            .map(|s| tokio::spawn(drive(target.clone(), s, deadline)))
+            .collect();
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let t = t.await?;
+            latencies.extend(t.latencies_us);
+            errors += t.errors;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let machine_after = machine_ticks();
+        let cpu_after = [
+            cpu_seconds(&target.pids),
+            cpu_seconds(&[backend_pid]),
+            cpu_seconds(&[me]),
+        ];
+        if latencies.is_empty() {
+            bail!("no request to {} completed", target.label);
+        }
+        latencies.sort_unstable();
+        let pct = |p: f64| {
+            let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+            f64::from(latencies[rank - 1]) / 1000.0
+        };
+        let n = latencies.len() as f64;
+        let per_request = |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / n;
+        let machine_total = (machine_after.1 - machine_before.1).max(1) as f64;
+        let busy = (machine_after.0 - machine_before.0) as f64 / machine_total;
+        let ours = (0..3).map(|i| cpu_after[i] - cpu_before[i]).sum::<f64>() * USER_HZ;
+        Ok(Measured {
+            rps: n / elapsed,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors,
+            cpu_us: [
+                (!target.pids.is_empty()).then(|| per_request(0)),
+                Some(per_request(1)),
+                Some(per_request(2)),
+            ],
+            busy: busy * 100.0,
+            others: (busy - ours / machine_total).max(0.0) * 100.0,
+        })
+    }
+
+    /// Checks that `target` answers `200 hello` (through Warren: that the session and the
+    /// policy let the request through).
+    async fn probe(target: &Target) -> anyhow::Result<()> {
+        let mut s = target.connect().await?;
+        let req = target.request();
+        s.ready().await?;
+        let resp = s.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if status != StatusCode::OK || body.as_ref() != HELLO {
+            bail!(
+                "{} answered {status}: {}",
+                target.label,
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(())
+    }
+
+    fn nginx_conf(dir: &Path, listen: SocketAddr, backend: SocketAddr, workers: usize) -> String {
+        let d = dir.display();
+        format!(
+            r#"# Written by warren-bench proxy: nginx as a plain TLS reverse proxy.
+worker_processes {workers};
+daemon off;
+user root;
+pid {d}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  # One log line per request, as Warren's proxy writes one (warren::access).
+  access_log {d}/access.log;
+  # The default of 1000 requests would close every client connection now and then.
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
+  upstream backend {{ server {backend}; keepalive 128; }}
+  server {{
+    listen {listen} ssl;
+    server_name {APP_HOST};
+    ssl_certificate {d}/cert.pem;
+    ssl_certificate_key {d}/key.pem;
+    ssl_protocols TLSv1.3;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto https;
+    }}
+  }}
+}}
+"#
+        )
+    }
+
+    fn nginx_binary() -> PathBuf {
+        std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("nginx"))
+                    .find(|f| f.is_file())
+            })
+            .unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
+    }
+
+    /// A one-node cluster whose proxy serves [`APP_HOST`] from `backend` to the group
+    /// `admins` (and [`OPEN_HOST`] to anyone), with alice signed in through a real OpenID
+    /// provider and Chromium; returns her session cookie (`_warren_session=...`).
+    async fn warren_signed_in(
+        backend: SocketAddr,
+        cert: &str,
+        key: &str,
+        web: &reqwest::Client,
+    ) -> anyhow::Result<(Cluster, Idp, String)> {
+        let cluster = Cluster::start(1).await?;
+        let https: u16 = cluster.nodes[0]
+            .https_addr
+            .rsplit_once(':')
+            .context("https address")?
+            .1
+            .parse()?;
+        let redirect = vec![format!("https://{AUTH_HOST}:{https}/.warren/callback")];
+        let idp = tokio::task::spawn_blocking(move || Idp::start(&redirect, &[])).await??;
+        let api = cluster.api(0);
+        api.post_ok(
+            "/v1/certificates",
+            &json!({"name": "bench", "cert_pem": cert, "key_pem": key}),
+        )
+        .await?;
+        api.post_ok(
+            "/v1/identity-providers",
+            &json!({"name": "test", "issuer": idp.issuer, "client_id": idp.client_id,
+                    "client_secret": idp.client_secret, "scopes": ["groups"],
+                    "groups_claim": "groups"}),
+        )
+        .await?;
+        api.post_ok(
+            "/v1/policies",
+            &json!({"name": "admins", "allow": {"group": "admins"}}),
+        )
+        .await?;
+        api.post_ok(
+            "/v1/resources",
+            &json!({"name": "app", "route": {"http": {"domain": APP_HOST}},
+                    "targets": [backend.to_string()], "policies": ["admins"]}),
+        )
+        .await?;
+        api.post_ok(
+            "/v1/resources",
+            &json!({"name": "open", "route": {"http": {"domain": OPEN_HOST}},
+                    "targets": [backend.to_string()], "http": {"public": true}}),
+        )
+        .await?;
+        // Sign-in needs the cluster's proxy keys, which the node proposes once it leads.
+        let jwks = format!("https://{AUTH_HOST}:{https}/.well-known/warren/jwks.json");
+        let mut ready = false;
+        for _ in 0..400 {
+            if let Ok(r) = web.get(&jwks).send().await {
+                if r.status() == StatusCode::OK {
+                    ready = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if !ready {
+            bail!("the cluster's keys were not published within 10 s");
+        }
+        phase!("alice signs in with Chromium");
+        let b = browser_async(
+            BrowserArgs::new(format!("https://{APP_HOST}:{https}/")).login("alice", "alice-pw"),
+        )
+        .await?;
+        if b.status != Some(200) || b.text.trim() != "hello" {
+            bail!("sign-in ended on {} with {:?}: {}", b.url, b.status, b.text);
+        }
+        let cookie = b
+            .cookies
+            .iter()
+            .find(|c| c.name == "_warren_session" && c.domain.trim_start_matches('.') == APP_HOST)
+            .with_context(|| format!("no session cookie for {APP_HOST}: {:?}", b.cookies))?;
+        let cookie = format!("_warren_session={}", cookie.value);
+        Ok((cluster, idp, cookie))
+    }
+
+    /// Runs the comparison and prints it as Markdown.
+    pub async fn run(
+        seconds: u64,
+        warmup: u64,
+        connections: Vec<u32>,
+        rounds: usize,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+        // Release binaries unless asked otherwise (WARREN_TEST_RELEASE=0: a quick check).
+        if std::env::var_os("WARREN_TEST_RELEASE").is_none() {
+            std::env::set_var("WARREN_TEST_RELEASE", "1");
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let work = tempfile::Builder::new()
+            .prefix("warren-bench-proxy-")
+            .tempdir()?;
+        let dir = work.path();
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let (cert, key) = certs::self_signed(&[AUTH_HOST, APP_HOST, OPEN_HOST]);
+        std::fs::write(dir.join("cert.pem"), &cert)?;
+        std::fs::write(dir.join("key.pem"), &key)?;
+
+        phase!("backend and nginx ({cores} workers)");
+        let backend_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["backend", "--port", &backend_addr.port().to_string()]);
+        let mut backend = Proc::spawn("the backend", cmd, dir.join("backend.log"))?;
+        backend.wait_listening(backend_addr)?;
+
+        let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(dir, nginx_addr, backend_addr, cores))?;
+        let mut cmd = Command::new(nginx_binary());
+        cmd.arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf);
+        let mut nginx = Proc::spawn("nginx (apt-get install nginx)", cmd, dir.join("nginx.log"))?;
+        nginx.wait_listening(nginx_addr)?;
+        let mut nginx_pids = vec![nginx.pid()];
+        nginx_pids.extend(children_of(nginx.pid()));
+
+        let roots = {
+            let mut r = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(cert.as_bytes()) {
+                r.add(c?)?;
+            }
+            r
+        };
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let sni = ServerName::try_from(APP_HOST)?.to_owned();
+
+        phase!("Warren: one node, identity provider, policy, resource");
+        let web = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes())?)
+            .resolve(AUTH_HOST, "127.0.0.1:0".parse()?)
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let (cluster, idp, cookie) = warren_signed_in(backend_addr, &cert, &key, &web).await?;
+        let warren_addr: SocketAddr = cluster.nodes[0].https_addr.parse()?;
+        let warren_pid = cluster.nodes[0].pid().context("the node is not running")?;
+
+        let targets = [
+            Target {
+                label: "backend directly (HTTP)",
+                addr: backend_addr,
+                host: HeaderValue::from_str(&backend_addr.to_string())?,
+                tls: None,
+                cookie: None,
+                pids: Vec::new(),
+            },
+            Target {
+                label: "nginx (HTTPS)",
+                addr: nginx_addr,
+                host: HeaderValue::from_static(APP_HOST),
+                tls: Some((tls.clone(), sni.clone())),
+                cookie: None,
+                pids: nginx_pids,
+            },
+            Target {
+                label: "Warren (HTTPS, session + policy)",
+                addr: warren_addr,
+                host: HeaderValue::from_static(APP_HOST),
+                tls: Some((tls.clone(), sni)),
+                cookie: Some(HeaderValue::from_str(&cookie)?),
+                pids: vec![warren_pid],
+            },
+            Target {
+                label: "Warren, public resource (HTTPS; no session, no policy)",
+                addr: warren_addr,
+                host: HeaderValue::from_static(OPEN_HOST),
+                tls: Some((tls, ServerName::try_from(OPEN_HOST)?.to_owned())),
+                cookie: None,
+                pids: vec![warren_pid],
+            },
+        ]
+        .map(Arc::new);
+        for t in &targets {
+            probe(t).await?;
+        }
+        // The cookie is what lets the requests through: without it, none.
+        let anonymous = Target {
+            label: "Warren without a session",
+            addr: warren_addr,
+            host: HeaderValue::from_static(APP_HOST),
+            tls: targets[2].tls.clone(),
+            cookie: None,
+            pids: Vec::new(),
+        };
+        if probe(&anonymous).await.is_ok() {
+            bail!("Warren let a request without a session through");
+        }
+
+        let load_before = load_average();
+        // Paths take turns within each round, so that a change in the machine's speed or
+        // other work touches all of them alike.
+        let mut runs: Vec<(u32, usize, Measured)> = Vec::new();
+        for &c in &connections {
+            for round in 1..=rounds {
+                for (i, t) in targets.iter().enumerate() {
+                    phase!(
+                        "{c} connections, round {round}/{rounds}: {} ({warmup} s warm-up, {seconds} s measured)",
+                        t.label
+                    );
+                    wait_quiet().await;
+                    if warmup > 0 {
+                        load(t, c, Duration::from_secs(warmup), backend.pid()).await?;
+                    }
+                    let m = load(t, c, Duration::from_secs(seconds), backend.pid()).await?;
+                    runs.push((c, i, m));
+                }
+            }
+        }
+        let load_after = load_average();
+
+        // The median round of each path (by requests/s), and the range over all rounds.
+        let mut rows = Vec::new();
+        for &c in &connections {
+            for (i, t) in targets.iter().enumerate() {
+                let mut of: Vec<&Measured> = runs
+                    .iter()
+                    .filter(|r| r.0 == c && r.1 == i)
+                    .map(|r| &r.2)
+                    .collect();
+                of.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+                let range = (of[0].rps, of[of.len() - 1].rps);
+                let errors: u64 = of.iter().map(|m| m.errors).sum();
+                rows.push((c, t.label, of[of.len() / 2], range, errors));
+            }
+        }
+        println!(
+            "### Proxy: `GET /` with a 6-byte answer; median of {rounds} rounds of {seconds} s (after {warmup} s of warm-up each)\n"
+        );
+        println!("| connections | path | requests/s | range | p50 ms | p99 ms | errors | CPU µs/request: proxy | backend | load generator | CPUs busy (others) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        for (c, label, m, (lo, hi), errors) in &rows {
+            println!(
+                "| {c} | {label} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.2} | {errors} | {} | {} | {} | {:.0}% ({:.0}%) |",
+                m.rps,
+                m.p50_ms,
+                m.p99_ms,
+                us(m.cpu_us[0]),
+                us(m.cpu_us[1]),
+                us(m.cpu_us[2]),
+                m.busy,
+                m.others
+            );
+        }
+        println!();
+        for &c in &connections {
+            let of = |label: &str| rows.iter().find(|r| r.0 == c && r.1 == label).map(|r| r.2);
+            if let (Some(n), Some(w)) = (of(targets[1].label), of(targets[2].label)) {
+                println!(
+                    "- {c} connections: Warren {:.2}x nginx's requests/s, p99 {:.2} ms against {:.2} ms ({})",
+                    w.rps / n.rps,
+                    w.p99_ms,
+                    n.p99_ms,
+                    if w.rps >= n.rps && w.p99_ms <= n.p99_ms {
+                        "target met"
+                    } else {
+                        "target not met"
+                    }
+                );
+            }
+        }
+        println!(
+            "- {cores} CPUs; load average (1, 5, 15 min) {load_before} before the runs, {load_after} after"
+        );
+        if std::env::var("WARREN_BENCH_KEEP").is_ok() {
+            let kept = work.keep();
+            eprintln!("kept {}", kept.display());
+        }
+        drop(nginx);
+        drop(backend);
+        drop(cluster);
+        drop(idp);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
