@@ -400,7 +400,7 @@ impl Proxy {
             }
             if let Some(signer) = &self.state().signer {
                 let jwt = signer.assertion(
-                    &self.auth_origin(),
+                    self.auth_origin(),
                     host,
                     &p.session.email,
                     &p.session.email,
@@ -432,7 +432,7 @@ impl Proxy {
         let state: Arc<ProxyState> = self.state();
         if let Some(signer) = &state.signer {
             let iss = self.auth_origin();
-            let jwt = signer.assertion(&iss, host, user, &p.session.email, &groups, unix_now());
+            let jwt = signer.assertion(iss, host, user, &p.session.email, &groups, unix_now());
             if let Ok(v) = HeaderValue::from_str(&jwt) {
                 headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
             }

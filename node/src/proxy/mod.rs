@@ -105,6 +105,8 @@ pub struct Proxy {
     pub metrics: metrics::Metrics,
     mailer: Option<methods::Mailer>,
     sites: Arc<crate::sites::Sites>,
+    /// `https://<auth host>[:port]`, the issuer of assertions.
+    auth_origin: String,
     tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
@@ -132,6 +134,10 @@ impl Proxy {
         settings: ProxySettings,
         sites: Arc<crate::sites::Sites>,
     ) -> anyhow::Result<Arc<Self>> {
+        let auth_origin = format!(
+            "https://{}",
+            authority_with_port(&settings.auth_host, settings.public_https_port)
+        );
         let mailer = match &settings.smtp {
             Some((url, from)) => Some(methods::Mailer::new(url.expose(), from)?),
             None => None,
@@ -155,6 +161,7 @@ impl Proxy {
             metrics: metrics::Metrics::default(),
             mailer,
             sites,
+            auth_origin,
             tasks: std::sync::Mutex::new(JoinSet::new()),
         });
         let weak = Arc::downgrade(&proxy);
@@ -462,11 +469,8 @@ impl Proxy {
     }
 
     /// `https://<auth host>[:port]`.
-    fn auth_origin(&self) -> String {
-        format!(
-            "https://{}",
-            authority_with_port(&self.settings.auth_host, self.settings.public_https_port)
-        )
+    fn auth_origin(&self) -> &str {
+        &self.auth_origin
     }
 
     fn jwks(&self, state: &ProxyState) -> Response<Body> {
