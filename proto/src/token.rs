@@ -140,9 +140,19 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// A token that lets a new node join a cluster. `Debug` hides the secret.
+/// What a [`PinnedToken`] is for: its prefix and its name in `Debug`.
+pub trait TokenKind {
+    /// The prefix of the printed form.
+    const PREFIX: &'static str;
+    /// The type's name in `Debug`.
+    const NAME: &'static str;
+}
+
+/// A token that pins a cluster: the cluster id, the SHA-256 of its CA certificate, the
+/// token's id in the registry and a secret, printed as base64url after the kind's prefix
+/// (so a token of one kind is never accepted as another). `Debug` hides the secret.
 #[derive(Clone, PartialEq, Eq)]
-pub struct JoinToken {
+pub struct PinnedToken<K> {
     /// The cluster the token belongs to.
     pub cluster_id: u128,
     /// SHA-256 of the cluster CA certificate (DER).
@@ -150,50 +160,33 @@ pub struct JoinToken {
     /// Which token this is in the registry.
     pub token_id: u64,
     secret: [u8; 32],
+    kind: std::marker::PhantomData<K>,
 }
 
-/// The common layout of tokens that pin a cluster: cluster id, CA fingerprint, token id
-/// and secret, base64url after a prefix.
+/// Tokens that let a new node join a cluster (`wjt1_…`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Join;
+impl TokenKind for Join {
+    const PREFIX: &'static str = "wjt1_";
+    const NAME: &'static str = "JoinToken";
+}
+
+/// One-time tokens that enroll a `warren-agent` for a site (`wst1_…`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Site;
+impl TokenKind for Site {
+    const PREFIX: &'static str = "wst1_";
+    const NAME: &'static str = "SiteToken";
+}
+
+/// A token that lets a new node join a cluster.
+pub type JoinToken = PinnedToken<Join>;
+/// A one-time token that enrolls a site's agent.
+pub type SiteToken = PinnedToken<Site>;
+
 const PINNED_LEN: usize = 16 + 32 + 8 + 32;
 
-fn parse_pinned(
-    prefix: &'static str,
-    s: &str,
-) -> Result<(u128, [u8; 32], u64, [u8; 32]), TokenError> {
-    let body = s
-        .trim()
-        .strip_prefix(prefix)
-        .ok_or(TokenError::Prefix(prefix))?;
-    let raw = decode_exact::<PINNED_LEN>(body)?;
-    let (cluster, rest) = raw.split_at(16);
-    let (fp, rest) = rest.split_at(32);
-    let (id, secret) = rest.split_at(8);
-    Ok((
-        u128::from_be_bytes(cluster.try_into().map_err(|_| TokenError::Malformed)?),
-        fp.try_into().map_err(|_| TokenError::Malformed)?,
-        u64::from_be_bytes(id.try_into().map_err(|_| TokenError::Malformed)?),
-        secret.try_into().map_err(|_| TokenError::Malformed)?,
-    ))
-}
-
-fn reveal_pinned(
-    prefix: &str,
-    cluster_id: u128,
-    fp: &[u8; 32],
-    id: u64,
-    secret: &[u8; 32],
-) -> String {
-    let mut raw = Vec::with_capacity(PINNED_LEN);
-    raw.extend_from_slice(&cluster_id.to_be_bytes());
-    raw.extend_from_slice(fp);
-    raw.extend_from_slice(&id.to_be_bytes());
-    raw.extend_from_slice(secret);
-    format!("{prefix}{}", B64.encode(raw))
-}
-
-impl JoinToken {
-    const PREFIX: &'static str = "wjt1_";
-
+impl<K: TokenKind> PinnedToken<K> {
     /// A new random token for a cluster.
     pub fn generate(
         cluster_id: u128,
@@ -207,17 +200,26 @@ impl JoinToken {
             ca_fingerprint,
             token_id: rng.next_u64(),
             secret,
+            kind: std::marker::PhantomData,
         }
     }
 
-    /// Parses the `wjt1_…` form.
+    /// Parses the printed form.
     pub fn parse(s: &str) -> Result<Self, TokenError> {
-        let (cluster_id, ca_fingerprint, token_id, secret) = parse_pinned(Self::PREFIX, s)?;
+        let body = s
+            .trim()
+            .strip_prefix(K::PREFIX)
+            .ok_or(TokenError::Prefix(K::PREFIX))?;
+        let raw = decode_exact::<PINNED_LEN>(body)?;
+        let (cluster, rest) = raw.split_at(16);
+        let (fp, rest) = rest.split_at(32);
+        let (id, secret) = rest.split_at(8);
         Ok(Self {
-            cluster_id,
-            ca_fingerprint,
-            token_id,
-            secret,
+            cluster_id: u128::from_be_bytes(cluster.try_into().map_err(|_| TokenError::Malformed)?),
+            ca_fingerprint: fp.try_into().map_err(|_| TokenError::Malformed)?,
+            token_id: u64::from_be_bytes(id.try_into().map_err(|_| TokenError::Malformed)?),
+            secret: secret.try_into().map_err(|_| TokenError::Malformed)?,
+            kind: std::marker::PhantomData,
         })
     }
 
@@ -231,100 +233,25 @@ impl JoinToken {
         &self.secret
     }
 
-    /// The `wjt1_…` form, to hand to the operator of the new node.
+    /// The printed form, shown once to whoever uses the token.
     pub fn reveal(&self) -> String {
-        reveal_pinned(
-            Self::PREFIX,
-            self.cluster_id,
-            &self.ca_fingerprint,
-            self.token_id,
-            &self.secret,
-        )
+        let mut raw = Vec::with_capacity(PINNED_LEN);
+        raw.extend_from_slice(&self.cluster_id.to_be_bytes());
+        raw.extend_from_slice(&self.ca_fingerprint);
+        raw.extend_from_slice(&self.token_id.to_be_bytes());
+        raw.extend_from_slice(&self.secret);
+        format!("{}{}", K::PREFIX, B64.encode(raw))
     }
 }
 
-/// A one-time token that enrolls a `warren-agent` as a site's connector: the same layout
-/// as a join token (cluster pin, id, secret) with its own prefix, so neither can be used as
-/// the other. `Debug` hides the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SiteToken {
-    /// The cluster the token belongs to.
-    pub cluster_id: u128,
-    /// SHA-256 of the cluster CA certificate (DER).
-    pub ca_fingerprint: [u8; 32],
-    /// Which token this is in the registry.
-    pub token_id: u64,
-    secret: [u8; 32],
-}
-
-impl SiteToken {
-    const PREFIX: &'static str = "wst1_";
-
-    /// A new random token.
-    pub fn generate(
-        cluster_id: u128,
-        ca_fingerprint: [u8; 32],
-        rng: &mut (impl RngCore + CryptoRng),
-    ) -> Self {
-        let mut secret = [0u8; 32];
-        rng.fill_bytes(&mut secret);
-        Self {
-            cluster_id,
-            ca_fingerprint,
-            token_id: rng.next_u64(),
-            secret,
-        }
-    }
-
-    /// Parses the `wst1_…` form.
-    pub fn parse(s: &str) -> Result<Self, TokenError> {
-        let (cluster_id, ca_fingerprint, token_id, secret) = parse_pinned(Self::PREFIX, s)?;
-        Ok(Self {
-            cluster_id,
-            ca_fingerprint,
-            token_id,
-            secret,
-        })
-    }
-
-    /// The hash the registry stores.
-    pub fn hash(&self) -> SecretHash {
-        SecretHash::of(&self.secret)
-    }
-
-    /// The secret, for comparing against a stored hash.
-    pub fn secret(&self) -> &[u8; 32] {
-        &self.secret
-    }
-
-    /// The `wst1_…` form, shown once to whoever installs the agent.
-    pub fn reveal(&self) -> String {
-        reveal_pinned(
-            Self::PREFIX,
-            self.cluster_id,
-            &self.ca_fingerprint,
-            self.token_id,
-            &self.secret,
-        )
-    }
-}
-
-impl fmt::Debug for SiteToken {
+impl<K: TokenKind> fmt::Debug for PinnedToken<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "SiteToken(cluster {:032x}, token {:016x}, <redacted>)",
-            self.cluster_id, self.token_id
-        )
-    }
-}
-
-impl fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "JoinToken(cluster {:032x}, token {:016x}, <redacted>)",
-            self.cluster_id, self.token_id
+            "{}(cluster {:032x}, token {:016x}, <redacted>)",
+            K::NAME,
+            self.cluster_id,
+            self.token_id
         )
     }
 }
@@ -387,5 +314,17 @@ mod tests {
             JoinToken::parse("wjt2_AAAA"),
             Err(TokenError::Prefix("wjt1_"))
         );
+    }
+
+    #[test]
+    fn a_site_token_is_not_a_join_token_and_hides_its_secret() {
+        let t = SiteToken::generate(7, [9; 32], &mut rand::rngs::OsRng);
+        let shown = t.reveal();
+        assert!(shown.starts_with("wst1_"));
+        assert_eq!(SiteToken::parse(&shown).unwrap(), t);
+        assert_eq!(JoinToken::parse(&shown), Err(TokenError::Prefix("wjt1_")));
+        let debug = format!("{t:?}");
+        assert!(debug.starts_with("SiteToken(") && debug.contains("<redacted>"));
+        assert!(!debug.contains(&shown[5..15]));
     }
 }
