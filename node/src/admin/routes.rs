@@ -258,24 +258,30 @@ impl ApiEntity for Certificate {
     }
 }
 
+/// The body of a request that makes something that expires.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateShareLink {
-    /// Seconds until the link stops working (default one day, at most 90 days).
+struct ExpiresIn {
+    /// Seconds until it stops working (default one day).
     #[serde(default = "default_share_ttl")]
     expires_in_s: u64,
+}
+
+/// Reads an [`ExpiresIn`] body and checks it is 60 seconds to `max_days` days.
+async fn read_expiry(body: Body, max_days: u64) -> Result<u64, ApiErr> {
+    let req: ExpiresIn = read_json(body, MAX_BODY).await?;
+    if !(60..=max_days * 86_400).contains(&req.expires_in_s) {
+        return Err(ApiErr::new(
+            ErrorCode::InvalidField,
+            format!("expected 60 seconds to {max_days} days"),
+        )
+        .field("expires_in_s"));
+    }
+    Ok(req.expires_in_s)
 }
 
 fn default_share_ttl() -> u64 {
     86_400
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateSiteToken {
-    /// Seconds until the token expires unused (default one day, at most 30 days).
-    #[serde(default = "default_share_ttl")]
-    expires_in_s: u64,
 }
 
 async fn create_site_token(
@@ -286,13 +292,7 @@ async fn create_site_token(
 ) -> Result<(StatusCode, Json<Value>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let name = path_name(Kind::Site, &name)?;
-    let req: CreateSiteToken = read_json(body, MAX_BODY).await?;
-    if !(60..=30 * 86_400).contains(&req.expires_in_s) {
-        return Err(
-            ApiErr::new(ErrorCode::InvalidField, "expected 60 seconds to 30 days")
-                .field("expires_in_s"),
-        );
-    }
+    let expires_in_s = read_expiry(body, 30).await?;
     let token = warren_proto::token::SiteToken::generate(
         s.inner.cluster_id,
         s.inner.ca.fingerprint(),
@@ -304,7 +304,7 @@ async fn create_site_token(
         site: name.clone(),
         hash: token.hash(),
         created_at: now,
-        expires_at: now + req.expires_in_s,
+        expires_at: now + expires_in_s,
     };
     submit(&s, key, &headers, Command::CreateSiteToken(record)).await?;
     Ok((
@@ -312,7 +312,7 @@ async fn create_site_token(
         Json(json!({
             "site": name,
             "token": token.reveal(),
-            "expires_at": now + req.expires_in_s,
+            "expires_at": now + expires_in_s,
         })),
     ))
 }
@@ -343,13 +343,7 @@ async fn create_share_link(
 ) -> Result<(StatusCode, Json<Value>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let name = path_name(Kind::Resource, &name)?;
-    let req: CreateShareLink = read_json(body, MAX_BODY).await?;
-    if !(60..=90 * 86_400).contains(&req.expires_in_s) {
-        return Err(
-            ApiErr::new(ErrorCode::InvalidField, "expected 60 seconds to 90 days")
-                .field("expires_in_s"),
-        );
-    }
+    let expires_in_s = read_expiry(body, 90).await?;
     let reg = s.cluster().read().await?;
     let res = reg
         .resources()
@@ -376,7 +370,7 @@ async fn create_share_link(
         resource: name.clone(),
         hash: warren_proto::token::SecretHash::of(&secret),
         created_at: now,
-        expires_at: now + req.expires_in_s,
+        expires_at: now + expires_in_s,
     };
     submit(&s, key, &headers, Command::CreateShareLink(link.clone())).await?;
     let token = warren_proto::token::share_token(id, &secret);
