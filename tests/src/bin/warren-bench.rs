@@ -18,6 +18,12 @@
 //! identity work. The paths take turns in rounds; each one's median round is shown, with
 //! the CPU each process used per request.
 //!
+//! `sites`: a site's public web resource through a node and the agent's QUIC tunnel to the
+//! same backend, against nginx and the backend directly (the same backend, nginx and load
+//! generator as `proxy`); a large download through each (the backend's
+//! `/download?bytes=N`); and the time from SIGKILL of a node holding the agent's tunnel to
+//! the first success through each surviving node.
+//!
 //! `policy`: policy decisions in-process (a microbenchmark).
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -101,6 +107,28 @@ enum What {
         /// Rounds over all paths per connection count; the median round of each is shown.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// A site's public web resource through a node and the agent's tunnel vs nginx vs the
+    /// backend directly; a download through each; node loss to the first success.
+    Sites {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Seconds of load before each measured run, not counted.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
+        /// Connection counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        connections: Vec<u32>,
+        /// Rounds over all paths (requests and downloads); the median round is shown.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// MiB per download.
+        #[arg(long, default_value_t = 1024)]
+        download_mib: u64,
+        /// Node-loss trials.
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
     },
     /// The static backend `proxy` starts (`GET` anything: `hello`); exits when its
     /// standard input closes.
@@ -581,6 +609,14 @@ async fn main() -> anyhow::Result<()> {
             connections,
             rounds,
         } => proxy::run(seconds, warmup, connections, rounds).await,
+        What::Sites {
+            seconds,
+            warmup,
+            connections,
+            rounds,
+            download_mib,
+            trials,
+        } => sites::run(seconds, warmup, connections, rounds, download_mib, trials).await,
         What::Backend { port } => proxy::backend(port).await,
     }
 }
@@ -661,14 +697,17 @@ mod proxy {
     use std::io::Read as _;
     use std::net::SocketAddr;
     use std::path::{Path, PathBuf};
+    use std::pin::Pin;
     use std::process::{Child, Command, Stdio};
     use std::sync::Arc;
+    use std::task::{Context, Poll};
     use std::time::{Duration, Instant};
 
     use anyhow::{bail, Context as _};
     use bytes::Bytes;
     use http::{header, HeaderValue, Request, Response, StatusCode};
-    use http_body_util::{BodyExt as _, Empty, Full};
+    use http_body_util::{BodyExt as _, Either, Empty, Full};
+    use hyper::body::{Frame, SizeHint};
     use hyper::client::conn::http1::SendRequest;
     use hyper_util::rt::TokioIo;
     use nix::sys::signal::{kill, Signal};
@@ -681,20 +720,75 @@ mod proxy {
     use warren_tests::{certs, free_port, phase, Cluster};
 
     /// What the backend answers to every request.
-    const HELLO: &[u8] = b"hello\n";
+    pub(super) const HELLO: &[u8] = b"hello\n";
     /// The host both proxies serve (Warren and Chromium send `*.localhost` to loopback).
-    const APP_HOST: &str = "app.localhost";
+    pub(super) const APP_HOST: &str = "app.localhost";
     /// Warren's sign-in host (its default).
     const AUTH_HOST: &str = "auth.localhost";
     /// A public resource on Warren (no session, no policy): the cost of the path alone.
     const OPEN_HOST: &str = "open.localhost";
     /// A request that takes longer counts as an error (and its connection is replaced).
-    const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
     /// Clock ticks per second of the times in `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
     const USER_HZ: f64 = 100.0;
 
-    /// Serves `hello` to every request on 127.0.0.1:`port` (HTTP/1.1, keep-alive) until
-    /// standard input closes: the benchmark holds it open, so the backend ends with it.
+    /// What `/download` sends, over and over: one static 256 KiB chunk.
+    static CHUNK: [u8; 256 * 1024] = [b'w'; 256 * 1024];
+
+    /// A body of `left` bytes sent as frames that point at [`CHUNK`] (no copy and no
+    /// allocation per frame), with its exact length (so a `Content-Length`).
+    struct Download {
+        left: u64,
+    }
+
+    impl hyper::body::Body for Download {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            let n = usize::try_from(self.left).map_or(CHUNK.len(), |l| l.min(CHUNK.len()));
+            self.left -= n as u64;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&CHUNK[..n])))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.left == 0
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.left)
+        }
+    }
+
+    /// The backend's answer: `GET /download?bytes=N` streams N bytes, anything else is
+    /// `hello`.
+    fn answer<B>(req: &Request<B>) -> Response<Either<Full<Bytes>, Download>> {
+        let bytes = (req.uri().path() == "/download")
+            .then(|| req.uri().query())
+            .flatten()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("bytes=")))
+            .and_then(|n| n.parse::<u64>().ok());
+        let builder = Response::builder();
+        match bytes {
+            Some(left) => builder
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(Either::Right(Download { left })),
+            None => builder
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Either::Left(Full::new(Bytes::from_static(HELLO)))),
+        }
+        .expect("a valid response")
+    }
+
+    /// Serves `hello` to every request on 127.0.0.1:`port` (HTTP/1.1, keep-alive), and
+    /// N bytes to `GET /download?bytes=N`, until standard input closes: the benchmark holds
+    /// it open, so the backend ends with it.
     pub async fn backend(port: u16) -> anyhow::Result<()> {
         std::thread::spawn(|| {
             let _ = std::io::stdin().read_to_end(&mut Vec::new());
@@ -708,13 +802,9 @@ mod proxy {
             };
             let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header(header::CONTENT_TYPE, "text/plain")
-                            .body(Full::new(Bytes::from_static(HELLO)))
-                            .expect("a valid response"),
-                    )
+                let service = hyper::service::service_fn(|req| {
+                    let resp = answer(&req);
+                    async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
@@ -726,14 +816,18 @@ mod proxy {
     /// A process this benchmark started, ended when dropped: SIGTERM (nginx's master then
     /// stops its workers and waits for them), SIGKILL to it and the children it had if it
     /// is still there 5 s later.
-    struct Proc {
+    pub(super) struct Proc {
         what: &'static str,
         child: Option<Child>,
         log: PathBuf,
     }
 
     impl Proc {
-        fn spawn(what: &'static str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        pub(super) fn spawn(
+            what: &'static str,
+            mut cmd: Command,
+            log: PathBuf,
+        ) -> anyhow::Result<Self> {
             let file = std::fs::File::create(&log)?;
             let child = cmd
                 .stdin(Stdio::piped())
@@ -748,7 +842,7 @@ mod proxy {
             })
         }
 
-        fn pid(&self) -> u32 {
+        pub(super) fn pid(&self) -> u32 {
             self.child.as_ref().map_or(0, Child::id)
         }
 
@@ -874,7 +968,7 @@ mod proxy {
         }
     }
 
-    fn load_average() -> String {
+    pub(super) fn load_average() -> String {
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -884,21 +978,21 @@ mod proxy {
     }
 
     /// Where the load generator sends `GET /`, and how.
-    struct Target {
-        label: &'static str,
-        addr: SocketAddr,
-        host: HeaderValue,
-        tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
-        cookie: Option<HeaderValue>,
+    pub(super) struct Target {
+        pub(super) label: &'static str,
+        pub(super) addr: SocketAddr,
+        pub(super) host: HeaderValue,
+        pub(super) tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+        pub(super) cookie: Option<HeaderValue>,
         /// The proxy's processes, for CPU accounting (none for the backend itself).
-        pids: Vec<u32>,
+        pub(super) pids: Vec<u32>,
     }
 
-    type Sender = SendRequest<Empty<Bytes>>;
+    pub(super) type Sender = SendRequest<Empty<Bytes>>;
 
     impl Target {
         /// A fresh keep-alive HTTP/1.1 connection (over TLS with the target's server name).
-        async fn connect(&self) -> anyhow::Result<Sender> {
+        pub(super) async fn connect(&self) -> anyhow::Result<Sender> {
             let tcp = tokio::net::TcpStream::connect(self.addr).await?;
             tcp.set_nodelay(true)?;
             match &self.tls {
@@ -907,9 +1001,14 @@ mod proxy {
             }
         }
 
-        fn request(&self) -> Request<Empty<Bytes>> {
+        pub(super) fn request(&self) -> Request<Empty<Bytes>> {
+            self.get(http::Uri::from_static("/"))
+        }
+
+        /// `GET uri` with the target's `Host` (and cookie).
+        pub(super) fn get(&self, uri: http::Uri) -> Request<Empty<Bytes>> {
             let mut req = Request::new(Empty::new());
-            *req.uri_mut() = http::Uri::from_static("/");
+            *req.uri_mut() = uri;
             req.headers_mut().insert(header::HOST, self.host.clone());
             if let Some(c) = &self.cookie {
                 req.headers_mut().insert(header::COOKIE, c.clone());
@@ -930,7 +1029,10 @@ mod proxy {
     }
 
     /// One request; whether it got `200 hello`.
-    async fn send(sender: &mut Sender, req: Request<Empty<Bytes>>) -> anyhow::Result<bool> {
+    pub(super) async fn send(
+        sender: &mut Sender,
+        req: Request<Empty<Bytes>>,
+    ) -> anyhow::Result<bool> {
         sender.ready().await?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
@@ -980,10 +1082,11 @@ mod proxy {
     }
 
     /// What one run measured.
-    struct Measured {
-        rps: f64,
-        p50_ms: f64,
-        p99_ms: f64,
+    #[derive(Clone, Copy)]
+    pub(super) struct Measured {
+        pub(super) rps: f64,
+        pub(super) p50_ms: f64,
+        pub(super) p99_ms: f64,
         errors: u64,
         /// CPU µs per request of the proxy, the backend and the load generator.
         cpu_us: [Option<f64>; 3],
@@ -1064,7 +1167,7 @@ mod proxy {
 
     /// Checks that `target` answers `200 hello` (through Warren: that the session and the
     /// policy let the request through).
-    async fn probe(target: &Target) -> anyhow::Result<()> {
+    pub(super) async fn probe(target: &Target) -> anyhow::Result<()> {
         let mut s = target.connect().await?;
         let req = target.request();
         s.ready().await?;
@@ -1126,6 +1229,259 @@ http {{
                     .find(|f| f.is_file())
             })
             .unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
+    }
+
+    /// The static backend and nginx in front of it, as `proxy` and `sites` start them.
+    pub(super) struct Servers {
+        pub(super) backend: Proc,
+        pub(super) backend_addr: SocketAddr,
+        pub(super) nginx: Proc,
+        pub(super) nginx_addr: SocketAddr,
+        /// nginx's master and workers, for CPU accounting.
+        pub(super) nginx_pids: Vec<u32>,
+    }
+
+    impl Servers {
+        /// Starts the backend and nginx (`workers` workers, serving `cert`/`key` for every
+        /// name) with their files in `dir`.
+        pub(super) fn start(
+            dir: &Path,
+            cert: &str,
+            key: &str,
+            workers: usize,
+        ) -> anyhow::Result<Self> {
+            std::fs::create_dir_all(dir.join("tmp"))?;
+            std::fs::write(dir.join("cert.pem"), cert)?;
+            std::fs::write(dir.join("key.pem"), key)?;
+            phase!("backend and nginx ({workers} workers)");
+            let backend_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.args(["backend", "--port", &backend_addr.port().to_string()]);
+            let mut backend = Proc::spawn("the backend", cmd, dir.join("backend.log"))?;
+            backend.wait_listening(backend_addr)?;
+
+            let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let conf = dir.join("nginx.conf");
+            std::fs::write(&conf, nginx_conf(dir, nginx_addr, backend_addr, workers))?;
+            let mut cmd = Command::new(nginx_binary());
+            cmd.arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(&conf);
+            let mut nginx =
+                Proc::spawn("nginx (apt-get install nginx)", cmd, dir.join("nginx.log"))?;
+            nginx.wait_listening(nginx_addr)?;
+            let mut nginx_pids = vec![nginx.pid()];
+            nginx_pids.extend(children_of(nginx.pid()));
+            Ok(Self {
+                backend,
+                backend_addr,
+                nginx,
+                nginx_addr,
+                nginx_pids,
+            })
+        }
+    }
+
+    /// A TLS 1.3 client (ALPN `http/1.1`) that trusts only `cert`.
+    pub(super) fn tls_connector(cert: &str) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        let roots = {
+            let mut r = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(cert.as_bytes()) {
+                r.add(c?)?;
+            }
+            r
+        };
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
+    }
+
+    /// The backend directly (plain HTTP) and nginx in front of it (HTTPS, [`APP_HOST`]).
+    pub(super) fn direct_and_nginx(
+        backend_addr: SocketAddr,
+        nginx_addr: SocketAddr,
+        nginx_pids: Vec<u32>,
+        tls: &tokio_rustls::TlsConnector,
+    ) -> anyhow::Result<[Target; 2]> {
+        Ok([
+            Target {
+                label: "backend directly (HTTP)",
+                addr: backend_addr,
+                host: HeaderValue::from_str(&backend_addr.to_string())?,
+                tls: None,
+                cookie: None,
+                pids: Vec::new(),
+            },
+            Target {
+                label: "nginx (HTTPS)",
+                addr: nginx_addr,
+                host: HeaderValue::from_static(APP_HOST),
+                tls: Some((tls.clone(), ServerName::try_from(APP_HOST)?.to_owned())),
+                cookie: None,
+                pids: nginx_pids,
+            },
+        ])
+    }
+
+    /// One path's median round at one connection count.
+    pub(super) struct Row {
+        pub(super) conns: u32,
+        pub(super) label: &'static str,
+        pub(super) median: Measured,
+        /// Lowest and highest requests/s over the rounds.
+        range: (f64, f64),
+        /// Errors over all rounds.
+        errors: u64,
+    }
+
+    /// Loads every target in turn, `rounds` times per connection count (`warmup` s, then
+    /// `seconds` s measured, each after waiting for idle CPUs); each path's median round.
+    pub(super) async fn compare(
+        targets: &[Arc<Target>],
+        connections: &[u32],
+        rounds: usize,
+        warmup: u64,
+        seconds: u64,
+        backend_pid: u32,
+    ) -> anyhow::Result<Vec<Row>> {
+        // Paths take turns within each round, so that a change in the machine's speed or
+        // other work touches all of them alike.
+        let mut runs: Vec<(u32, usize, Measured)> = Vec::new();
+        for &c in connections {
+            for round in 1..=rounds {
+                for (i, t) in targets.iter().enumerate() {
+                    phase!(
+                        "{c} connections, round {round}/{rounds}: {} ({warmup} s warm-up, {seconds} s measured)",
+                        t.label
+                    );
+                    wait_quiet().await;
+                    if warmup > 0 {
+                        load(t, c, Duration::from_secs(warmup), backend_pid).await?;
+                    }
+                    let m = load(t, c, Duration::from_secs(seconds), backend_pid).await?;
+                    runs.push((c, i, m));
+                }
+            }
+        }
+        // The median round of each path (by requests/s), and the range over all rounds.
+        let mut rows = Vec::new();
+        for &c in connections {
+            for (i, t) in targets.iter().enumerate() {
+                let mut of: Vec<Measured> = runs
+                    .iter()
+                    .filter(|r| r.0 == c && r.1 == i)
+                    .map(|r| r.2)
+                    .collect();
+                of.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+                rows.push(Row {
+                    conns: c,
+                    label: t.label,
+                    median: of[of.len() / 2],
+                    range: (of[0].rps, of[of.len() - 1].rps),
+                    errors: of.iter().map(|m| m.errors).sum(),
+                });
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Prints `rows` as a Markdown table.
+    pub(super) fn print_rows(rows: &[Row]) {
+        println!("| connections | path | requests/s | range | p50 ms | p99 ms | errors | CPU µs/request: proxy | backend | load generator | CPUs busy (others) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        for r in rows {
+            let m = &r.median;
+            println!(
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {:.0}% ({:.0}%) |",
+                r.conns,
+                r.label,
+                m.rps,
+                r.range.0,
+                r.range.1,
+                m.p50_ms,
+                m.p99_ms,
+                r.errors,
+                us(m.cpu_us[0]),
+                us(m.cpu_us[1]),
+                us(m.cpu_us[2]),
+                m.busy,
+                m.others
+            );
+        }
+        println!();
+    }
+
+    /// One download of `bytes` bytes from `target` (`GET /download?bytes=N`).
+    #[derive(Clone, Copy)]
+    pub(super) struct Downloaded {
+        pub(super) seconds: f64,
+        /// CPU seconds per GiB of the proxy (none for the backend itself), the backend and
+        /// the client.
+        pub(super) cpu_per_gib: [Option<f64>; 3],
+    }
+
+    /// Downloads `bytes` bytes from `target` on a fresh connection, reading the body frame
+    /// by frame; times it from the request to the last byte (at most 10 minutes).
+    pub(super) async fn download(
+        target: &Target,
+        bytes: u64,
+        backend_pid: u32,
+    ) -> anyhow::Result<Downloaded> {
+        let mut s = tokio::time::timeout(REQUEST_TIMEOUT, target.connect())
+            .await
+            .with_context(|| format!("connecting to {}", target.label))??;
+        let req = target.get(format!("/download?bytes={bytes}").parse()?);
+        let me = std::process::id();
+        let cpu = || {
+            [
+                cpu_seconds(&target.pids),
+                cpu_seconds(&[backend_pid]),
+                cpu_seconds(&[me]),
+            ]
+        };
+        let before = cpu();
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(600), async {
+            s.ready().await?;
+            let resp = s.send_request(req).await?;
+            anyhow::ensure!(resp.status() == StatusCode::OK, "{}", resp.status());
+            let mut body = resp.into_body();
+            let mut got = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    got += data.len() as u64;
+                }
+            }
+            Ok(got)
+        })
+        .await
+        .with_context(|| format!("downloading from {}: over 10 minutes", target.label))??;
+        let seconds = started.elapsed().as_secs_f64();
+        let after = cpu();
+        anyhow::ensure!(
+            got == bytes,
+            "{} sent {got} bytes, not {bytes}",
+            target.label
+        );
+        let gib = bytes as f64 / f64::from(1u32 << 30);
+        let per = |i: usize| (after[i] - before[i]) / gib;
+        Ok(Downloaded {
+            seconds,
+            cpu_per_gib: [
+                (!target.pids.is_empty()).then(|| per(0)),
+                Some(per(1)),
+                Some(per(2)),
+            ],
+        })
     }
 
     /// A one-node cluster whose proxy serves [`APP_HOST`] from `backend` to the group
@@ -1226,48 +1582,15 @@ http {{
             .prefix("warren-bench-proxy-")
             .tempdir()?;
         let dir = work.path();
-        std::fs::create_dir_all(dir.join("tmp"))?;
         let (cert, key) = certs::self_signed(&[AUTH_HOST, APP_HOST, OPEN_HOST]);
-        std::fs::write(dir.join("cert.pem"), &cert)?;
-        std::fs::write(dir.join("key.pem"), &key)?;
-
-        phase!("backend and nginx ({cores} workers)");
-        let backend_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["backend", "--port", &backend_addr.port().to_string()]);
-        let mut backend = Proc::spawn("the backend", cmd, dir.join("backend.log"))?;
-        backend.wait_listening(backend_addr)?;
-
-        let nginx_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(dir, nginx_addr, backend_addr, cores))?;
-        let mut cmd = Command::new(nginx_binary());
-        cmd.arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf);
-        let mut nginx = Proc::spawn("nginx (apt-get install nginx)", cmd, dir.join("nginx.log"))?;
-        nginx.wait_listening(nginx_addr)?;
-        let mut nginx_pids = vec![nginx.pid()];
-        nginx_pids.extend(children_of(nginx.pid()));
-
-        let roots = {
-            let mut r = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_slice_iter(cert.as_bytes()) {
-                r.add(c?)?;
-            }
-            r
-        };
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let Servers {
+            backend,
+            backend_addr,
+            nginx,
+            nginx_addr,
+            nginx_pids,
+        } = Servers::start(dir, &cert, &key, cores)?;
+        let tls = tls_connector(&cert)?;
         let sni = ServerName::try_from(APP_HOST)?.to_owned();
 
         phase!("Warren: one node, identity provider, policy, resource");
@@ -1282,23 +1605,10 @@ http {{
         let warren_addr: SocketAddr = cluster.nodes[0].https_addr.parse()?;
         let warren_pid = cluster.nodes[0].pid().context("the node is not running")?;
 
+        let [direct, via_nginx] = direct_and_nginx(backend_addr, nginx_addr, nginx_pids, &tls)?;
         let targets = [
-            Target {
-                label: "backend directly (HTTP)",
-                addr: backend_addr,
-                host: HeaderValue::from_str(&backend_addr.to_string())?,
-                tls: None,
-                cookie: None,
-                pids: Vec::new(),
-            },
-            Target {
-                label: "nginx (HTTPS)",
-                addr: nginx_addr,
-                host: HeaderValue::from_static(APP_HOST),
-                tls: Some((tls.clone(), sni.clone())),
-                cookie: None,
-                pids: nginx_pids,
-            },
+            direct,
+            via_nginx,
             Target {
                 label: "Warren (HTTPS, session + policy)",
                 addr: warren_addr,
@@ -1334,64 +1644,26 @@ http {{
         }
 
         let load_before = load_average();
-        // Paths take turns within each round, so that a change in the machine's speed or
-        // other work touches all of them alike.
-        let mut runs: Vec<(u32, usize, Measured)> = Vec::new();
-        for &c in &connections {
-            for round in 1..=rounds {
-                for (i, t) in targets.iter().enumerate() {
-                    phase!(
-                        "{c} connections, round {round}/{rounds}: {} ({warmup} s warm-up, {seconds} s measured)",
-                        t.label
-                    );
-                    wait_quiet().await;
-                    if warmup > 0 {
-                        load(t, c, Duration::from_secs(warmup), backend.pid()).await?;
-                    }
-                    let m = load(t, c, Duration::from_secs(seconds), backend.pid()).await?;
-                    runs.push((c, i, m));
-                }
-            }
-        }
+        let rows = compare(
+            &targets,
+            &connections,
+            rounds,
+            warmup,
+            seconds,
+            backend.pid(),
+        )
+        .await?;
         let load_after = load_average();
-
-        // The median round of each path (by requests/s), and the range over all rounds.
-        let mut rows = Vec::new();
-        for &c in &connections {
-            for (i, t) in targets.iter().enumerate() {
-                let mut of: Vec<&Measured> = runs
-                    .iter()
-                    .filter(|r| r.0 == c && r.1 == i)
-                    .map(|r| &r.2)
-                    .collect();
-                of.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-                let range = (of[0].rps, of[of.len() - 1].rps);
-                let errors: u64 = of.iter().map(|m| m.errors).sum();
-                rows.push((c, t.label, of[of.len() / 2], range, errors));
-            }
-        }
         println!(
             "### Proxy: `GET /` with a 6-byte answer; median of {rounds} rounds of {seconds} s (after {warmup} s of warm-up each)\n"
         );
-        println!("| connections | path | requests/s | range | p50 ms | p99 ms | errors | CPU µs/request: proxy | backend | load generator | CPUs busy (others) |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
-        for (c, label, m, (lo, hi), errors) in &rows {
-            println!(
-                "| {c} | {label} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.2} | {errors} | {} | {} | {} | {:.0}% ({:.0}%) |",
-                m.rps,
-                m.p50_ms,
-                m.p99_ms,
-                us(m.cpu_us[0]),
-                us(m.cpu_us[1]),
-                us(m.cpu_us[2]),
-                m.busy,
-                m.others
-            );
-        }
-        println!();
+        print_rows(&rows);
         for &c in &connections {
-            let of = |label: &str| rows.iter().find(|r| r.0 == c && r.1 == label).map(|r| r.2);
+            let of = |label: &str| {
+                rows.iter()
+                    .find(|r| r.conns == c && r.label == label)
+                    .map(|r| r.median)
+            };
             if let (Some(n), Some(w)) = (of(targets[1].label), of(targets[2].label)) {
                 println!(
                     "- {c} connections: Warren {:.2}x nginx's requests/s, p99 {:.2} ms against {:.2} ms ({})",
@@ -1417,6 +1689,442 @@ http {{
         drop(backend);
         drop(cluster);
         drop(idp);
+        Ok(())
+    }
+}
+
+/// `warren-bench sites`: a site's public web resource through a node and the agent's
+/// tunnel, against nginx and the backend directly (the `proxy` benchmark's backend, nginx
+/// and load generator); a download through each; node loss to the first success.
+mod sites {
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context as _};
+    use http::HeaderValue;
+    use rustls_pki_types::ServerName;
+    use serde_json::json;
+    use warren_tests::{bins, certs, phase, Cluster};
+
+    use super::median;
+    use super::proxy::{
+        compare, direct_and_nginx, download, load_average, print_rows, probe, send, tls_connector,
+        Downloaded, Proc, Sender, Servers, Target, APP_HOST,
+    };
+
+    /// The site's web resource (Warren sends `*.localhost` to loopback).
+    const SITE_HOST: &str = "web.localhost";
+    /// A failover poll that takes longer counts as failed.
+    const POLL_TIMEOUT: Duration = Duration::from_millis(500);
+    /// How long each survivor is watched after a kill.
+    const WATCH: Duration = Duration::from_secs(6);
+    /// A failover poll that succeeds but takes longer than this counts as slow.
+    const SLOW: Duration = Duration::from_millis(100);
+    /// Time between failover polls.
+    const POLL_EVERY: Duration = Duration::from_millis(10);
+    /// The longest a failover may take before the trial counts as failed.
+    const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
+
+    fn site_target(
+        label: &'static str,
+        addr: &str,
+        tls: &tokio_rustls::TlsConnector,
+        pids: Vec<u32>,
+    ) -> anyhow::Result<Target> {
+        Ok(Target {
+            label,
+            addr: addr.parse()?,
+            host: HeaderValue::from_static(SITE_HOST),
+            tls: Some((tls.clone(), ServerName::try_from(SITE_HOST)?.to_owned())),
+            cookie: None,
+            pids,
+        })
+    }
+
+    /// Polls `target` (bounded) until it answers `200 hello`.
+    async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < limit {
+            match tokio::time::timeout(Duration::from_secs(2), probe(target)).await {
+                Ok(Ok(())) => return Ok(started.elapsed()),
+                Ok(Err(e)) => last = format!("{e:#}"),
+                Err(_) => last = "timed out".to_owned(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "{} did not serve the site within {limit:?}: {last}",
+            target.label
+        )
+    }
+
+    /// Which of `nodes` (cluster addresses) the agent's log says it has a tunnel to now.
+    fn tunnels(log: &str, nodes: &[String]) -> Vec<bool> {
+        let mut up = vec![false; nodes.len()];
+        for line in log.lines() {
+            let Some(i) = nodes.iter().position(|n| line.contains(n.as_str())) else {
+                continue;
+            };
+            if line.contains("tunnel up") {
+                up[i] = true;
+            } else if line.contains("tunnel closed") || line.contains("tunnel failed") {
+                up[i] = false;
+            } else if line.contains("moving a tunnel") {
+                // `from = <node> to = <node>`: the first address named is the one left.
+                let from = nodes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, n)| line.find(n.as_str()).map(|at| (at, j)))
+                    .min();
+                if let Some((_, j)) = from {
+                    up[j] = false;
+                }
+            }
+        }
+        up
+    }
+
+    /// What one survivor answered after the kill.
+    struct Watched {
+        /// Time from the kill to the first `200 hello`.
+        first: Option<Duration>,
+        /// Polls that failed (error, wrong answer or over [`POLL_TIMEOUT`]).
+        failed: u32,
+        polls: u32,
+        /// The longest time from the start of a failed poll to the end of the next good one.
+        longest_gap: Duration,
+        /// The slowest poll that succeeded.
+        slowest: Duration,
+        /// Polls that succeeded after more than [`SLOW`].
+        slow: u32,
+    }
+
+    /// Polls `target` every [`POLL_EVERY`] (each request at most [`POLL_TIMEOUT`], on a
+    /// kept connection while it works) from `killed_at` for [`WATCH`], and longer (up to
+    /// [`FAILOVER_LIMIT`]) until one answers `200 hello`.
+    async fn watch(target: Arc<Target>, killed_at: Instant) -> Watched {
+        let mut w = Watched {
+            first: None,
+            failed: 0,
+            polls: 0,
+            longest_gap: Duration::ZERO,
+            slowest: Duration::ZERO,
+            slow: 0,
+        };
+        let mut failing_since: Option<Instant> = None;
+        let mut conn: Option<Sender> = None;
+        while killed_at.elapsed() < WATCH
+            || (w.first.is_none() && killed_at.elapsed() < FAILOVER_LIMIT)
+        {
+            let at = Instant::now();
+            let ok = tokio::time::timeout(POLL_TIMEOUT, async {
+                if conn.is_none() {
+                    conn = Some(target.connect().await?);
+                }
+                let s = conn.as_mut().expect("connected");
+                send(s, target.request()).await
+            })
+            .await;
+            w.polls += 1;
+            if matches!(ok, Ok(Ok(true))) {
+                w.first.get_or_insert_with(|| killed_at.elapsed());
+                w.slowest = w.slowest.max(at.elapsed());
+                w.slow += u32::from(at.elapsed() > SLOW);
+                if let Some(since) = failing_since.take() {
+                    w.longest_gap = w.longest_gap.max(since.elapsed());
+                }
+            } else {
+                w.failed += 1;
+                failing_since.get_or_insert(at);
+                if !matches!(ok, Ok(Ok(false))) {
+                    conn = None;
+                }
+            }
+            tokio::time::sleep_until((at + POLL_EVERY).into()).await;
+        }
+        if let Some(since) = failing_since {
+            w.longest_gap = w.longest_gap.max(since.elapsed());
+        }
+        w
+    }
+
+    /// Runs the comparison and prints it as Markdown.
+    #[allow(clippy::too_many_lines)]
+    pub async fn run(
+        seconds: u64,
+        warmup: u64,
+        connections: Vec<u32>,
+        rounds: usize,
+        download_mib: u64,
+        trials: usize,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+        // Release binaries unless asked otherwise (WARREN_TEST_RELEASE=0: a quick check).
+        if std::env::var_os("WARREN_TEST_RELEASE").is_none() {
+            std::env::set_var("WARREN_TEST_RELEASE", "1");
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let work = tempfile::Builder::new()
+            .prefix("warren-bench-sites-")
+            .tempdir()?;
+        let dir = work.path();
+        let (cert, key) = certs::self_signed(&[APP_HOST, SITE_HOST]);
+        let servers = Servers::start(dir, &cert, &key, cores)?;
+        let backend_pid = servers.backend.pid();
+        let tls = tls_connector(&cert)?;
+
+        phase!("Warren: 3 nodes, site hq, an agent enrolled through node 1, resource web");
+        let mut cluster = Cluster::start(3).await?;
+        let api = cluster.api(0);
+        api.post_ok("/v1/sites", &json!({"name": "hq"})).await?;
+        api.post_ok(
+            "/v1/certificates",
+            &json!({"name": "web", "cert_pem": cert, "key_pem": key}),
+        )
+        .await?;
+        let token = api.post_ok("/v1/sites/hq/tokens", &json!({})).await?["token"]
+            .as_str()
+            .context("no token in the answer")?
+            .to_owned();
+        let mut cmd = Command::new(&bins().agent);
+        cmd.arg("--token")
+            .arg(&token)
+            .arg("--node")
+            .arg(&cluster.nodes[0].cluster_addr)
+            .arg("--state-dir")
+            .arg(dir.join("agent"))
+            .env("WARREN_LOG", "info")
+            .env("NO_COLOR", "1");
+        let agent_log = dir.join("agent.log");
+        let agent = Proc::spawn("warren-agent", cmd, agent_log.clone())?;
+        api.post_ok(
+            "/v1/resources",
+            &json!({"name": "web", "site": "hq", "route": {"http": {"domain": SITE_HOST}},
+                    "targets": [servers.backend_addr.to_string()], "http": {"public": true}}),
+        )
+        .await?;
+        let node_pid = cluster.nodes[0].pid().context("node 1 is not running")?;
+        let through = site_target(
+            "Warren site: node 1 → agent tunnel → backend (HTTPS)",
+            &cluster.nodes[0].https_addr,
+            &tls,
+            vec![node_pid, agent.pid()],
+        )?;
+        let took = wait_serving(&through, Duration::from_secs(60)).await?;
+        eprintln!("the site answers through node 1 {took:?} after the resource was added");
+
+        let [direct, via_nginx] = direct_and_nginx(
+            servers.backend_addr,
+            servers.nginx_addr,
+            servers.nginx_pids.clone(),
+            &tls,
+        )?;
+        let targets = [direct, via_nginx, through].map(Arc::new);
+        for t in &targets {
+            probe(t).await?;
+        }
+
+        let load_before = load_average();
+        let rows = compare(&targets, &connections, rounds, warmup, seconds, backend_pid).await?;
+
+        let bytes = download_mib << 20;
+        let mut downloads: Vec<(usize, Downloaded)> = Vec::new();
+        for round in 1..=rounds {
+            for (i, t) in targets.iter().enumerate() {
+                phase!(
+                    "download {download_mib} MiB, round {round}/{rounds}: {}",
+                    t.label
+                );
+                downloads.push((i, download(t, bytes, backend_pid).await?));
+            }
+        }
+        let load_after = load_average();
+
+        // Failover: SIGKILL a node the agent has a tunnel to (the first time, node 1, which
+        // it enrolled through), poll through both survivors.
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.cluster_addr.clone())
+            .collect();
+        let mut failovers = Vec::new();
+        for trial in 1..=trials {
+            let up = tunnels(
+                &std::fs::read_to_string(&agent_log).unwrap_or_default(),
+                &addrs,
+            );
+            let victim = if trial == 1 {
+                0
+            } else {
+                (0..3).find(|&i| up[i]).unwrap_or(0)
+            };
+            let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+            let polled: Vec<Arc<Target>> = survivors
+                .iter()
+                .map(|&i| {
+                    site_target(
+                        "a surviving node",
+                        &cluster.nodes[i].https_addr,
+                        &tls,
+                        vec![],
+                    )
+                    .map(Arc::new)
+                })
+                .collect::<anyhow::Result<_>>()?;
+            for t in &polled {
+                wait_serving(t, Duration::from_secs(30)).await?;
+            }
+            phase!(
+                "failover {trial}/{trials}: SIGKILL node {} (tunnels to nodes {:?})",
+                victim + 1,
+                (0..3).filter(|&i| up[i]).map(|i| i + 1).collect::<Vec<_>>()
+            );
+            let killed_at = Instant::now();
+            cluster.nodes[victim].kill9();
+            let got = futures::future::join_all(
+                polled
+                    .iter()
+                    .map(|t| tokio::spawn(watch(t.clone(), killed_at))),
+            )
+            .await;
+            for (k, g) in survivors.iter().zip(got) {
+                let w = g?;
+                eprintln!(
+                    "  node {}: first success {:?} after the kill; {} of {} polls failed, longest gap {:?}; {} slow, slowest {:?}",
+                    k + 1,
+                    w.first,
+                    w.failed,
+                    w.polls,
+                    w.longest_gap,
+                    w.slow,
+                    w.slowest
+                );
+                failovers.push((trial, victim, *k, up[*k], w));
+            }
+            cluster.nodes[victim].run()?;
+            let back = site_target(
+                "the restarted node",
+                &cluster.nodes[victim].https_addr,
+                &tls,
+                vec![],
+            )?;
+            wait_serving(&back, Duration::from_secs(60)).await?;
+            // Let the announcements of who holds the site settle (they expire after 3.5 s).
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+
+        println!(
+            "### Sites: `GET /` with a 6-byte answer; median of {rounds} rounds of {seconds} s (after {warmup} s of warm-up each)\n"
+        );
+        print_rows(&rows);
+        for &c in &connections {
+            let of = |i: usize| {
+                rows.iter()
+                    .find(|r| r.conns == c && r.label == targets[i].label)
+                    .map(|r| r.median)
+            };
+            if let (Some(n), Some(w)) = (of(1), of(2)) {
+                println!(
+                    "- {c} connections: through the tunnel {:.2}x nginx's requests/s, p99 {:.2} ms against {:.2} ms",
+                    w.rps / n.rps,
+                    w.p99_ms,
+                    n.p99_ms
+                );
+            }
+        }
+        println!(
+            "\n### Sites: download of {download_mib} MiB (`GET /download?bytes={bytes}`, one connection), median of {rounds}\n"
+        );
+        println!("| path | MB/s | Gbit/s | range MB/s | CPU s/GiB: proxy | backend | client |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        let s = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+        let mut tunnel_gbit = 0.0;
+        for (i, t) in targets.iter().enumerate() {
+            let mut of: Vec<Downloaded> =
+                downloads.iter().filter(|d| d.0 == i).map(|d| d.1).collect();
+            of.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+            let mbs = |d: &Downloaded| bytes as f64 / d.seconds / 1e6;
+            let m = of[of.len() / 2];
+            if i == 2 {
+                tunnel_gbit = mbs(&m) * 8.0 / 1000.0;
+            }
+            println!(
+                "| {} | {:.0} | {:.2} | {:.0}–{:.0} | {} | {} | {} |",
+                t.label,
+                mbs(&m),
+                mbs(&m) * 8.0 / 1000.0,
+                mbs(&of[0]),
+                mbs(&of[of.len() - 1]),
+                s(m.cpu_per_gib[0]),
+                s(m.cpu_per_gib[1]),
+                s(m.cpu_per_gib[2]),
+            );
+        }
+        println!(
+            "\n- through the tunnel: {tunnel_gbit:.2} Gbit/s ({})",
+            if tunnel_gbit >= 2.0 {
+                "target of 2 Gbit/s met"
+            } else {
+                "target of 2 Gbit/s not met"
+            }
+        );
+        if trials > 0 {
+            println!("\n### Sites: SIGKILL of a node holding a tunnel, then the site through each survivor (polled every {} ms, {} ms timeout, for {} s)\n", POLL_EVERY.as_millis(), POLL_TIMEOUT.as_millis(), WATCH.as_secs());
+            println!("| trial | killed | polled through | it had a tunnel | first success ms | failed polls | longest gap ms | polls over {} ms | slowest good poll ms |", SLOW.as_millis());
+            println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+            for (trial, victim, k, had, w) in &failovers {
+                println!(
+                    "| {trial} | node {} | node {} | {} | {} | {} of {} | {:.0} | {} | {:.0} |",
+                    victim + 1,
+                    k + 1,
+                    if *had { "yes" } else { "no" },
+                    w.first.map_or_else(
+                        || "none in 30 s".to_owned(),
+                        |d| format!("{:.0}", d.as_secs_f64() * 1000.0)
+                    ),
+                    w.failed,
+                    w.polls,
+                    w.longest_gap.as_secs_f64() * 1000.0,
+                    w.slow,
+                    w.slowest.as_secs_f64() * 1000.0
+                );
+            }
+            // Per trial, the survivor that took longest: when the site worked everywhere.
+            let mut worst: Vec<f64> = (1..=trials)
+                .map(|t| {
+                    failovers
+                        .iter()
+                        .filter(|f| f.0 == t)
+                        .map(|f| {
+                            f.4.first
+                                .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0)
+                        })
+                        .fold(0.0, f64::max)
+                })
+                .collect();
+            let med = median(&mut worst);
+            println!(
+                "\n- median over trials of the slower survivor: {med:.0} ms ({})",
+                if med < 3000.0 {
+                    "target of 3 s met"
+                } else {
+                    "target of 3 s not met"
+                }
+            );
+        }
+        println!(
+            "- {cores} CPUs; load average (1, 5, 15 min) {load_before} before the runs, {load_after} after the downloads"
+        );
+        if std::env::var("WARREN_BENCH_KEEP").is_ok() {
+            let kept = work.keep();
+            eprintln!("kept {}", kept.display());
+        }
+        drop(agent);
+        drop(cluster);
+        drop(servers);
         Ok(())
     }
 }
