@@ -409,6 +409,89 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
     }
     echo_task.abort();
 
+    phase!(
+        "through the tunnel: a WebSocket (Chromium), a 64 MiB download and a 16 MiB upload intact"
+    );
+    let b = warren_tests::oidc::browser_async(
+        warren_tests::oidc::BrowserArgs::new(format!("https://web.localhost:{}/echo", https[1]))
+            .ws(format!("wss://web.localhost:{}/ws", https[1])),
+    )
+    .await?;
+    assert_eq!(
+        b.ws.as_deref(),
+        Some("hello-ws"),
+        "WebSocket through the site: {}",
+        b.text
+    );
+    let total: u64 = 64 << 20;
+    let mut resp = web
+        .get(format!(
+            "https://web.localhost:{}/download?bytes={total}",
+            https[2]
+        ))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut n = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        n += chunk.len() as u64;
+        sha2::Digest::update(&mut hasher, &chunk);
+    }
+    assert_eq!(n, total);
+    assert_eq!(
+        hex::encode(sha2::Digest::finalize(hasher)),
+        warren_tests::upstream::download_pattern_sha256(total)
+    );
+    let body: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    let expected = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+    let up: Value = web
+        .post(format!("https://web.localhost:{}/upload", https[0]))
+        .timeout(Duration::from_secs(60))
+        .body(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(up["bytes"], 16u64 << 20);
+    assert_eq!(up["sha256"], expected.as_str());
+
+    phase!("a target the agent finds unhealthy is left out: a clear 502");
+    let sick_app = Upstream::start("sick").await?;
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "sick", "site": "hq",
+                "route": {"http": {"domain": "web.localhost", "path_prefix": "/sick"}},
+                "targets": [sick_app.addr.to_string()],
+                "http": {"public": true, "health_check": {"path": "/status/500", "interval_s": 1, "failures": 1}}}),
+    )
+    .await?;
+    until(
+        "the sick target is reported and left out",
+        Duration::from_secs(10),
+        || async {
+            web.get(format!("https://web.localhost:{}/sick/x", https[1]))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::BAD_GATEWAY)
+        },
+    )
+    .await?;
+    let text = web
+        .get(format!("https://web.localhost:{}/sick/x", https[1]))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(text.contains("No healthy server"), "{text}");
+    let (status, _) = get_echo(&web, https[1]).await?;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the healthy resource on the same host still works"
+    );
+
     phase!("SIGKILL node 1 (the agent's first tunnel): the other nodes keep serving");
     let killed = Instant::now();
     cluster.nodes[0].kill9();

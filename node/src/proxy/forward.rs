@@ -285,8 +285,15 @@ impl Proxy {
             None => route.pool.pick(None).is_some(),
         };
         if !any_usable && last_error == "no target is available" {
+            // Behind a site the agent's checks decide: the gateway (the site) has nothing
+            // healthy to reach, a 502 like a site without a tunnel.
+            let status = if route.site.is_some() {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             return page(
-                StatusCode::SERVICE_UNAVAILABLE,
+                status,
                 "The app is unavailable",
                 &format!("No healthy server is available for {host} right now."),
             );
