@@ -20,6 +20,8 @@ use crate::tls;
 
 /// How many tunnels the agent keeps.
 const TUNNELS: usize = 2;
+/// Buffer size of each direction when splicing a stream to a target.
+const COPY_BUF: usize = 64 * 1024;
 /// Longest wait before dialling a node again.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -346,7 +348,9 @@ async fn serve_stream(
                 return;
             }
             let mut tunnel = tokio::io::join(recv, send);
-            let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut tcp).await;
+            let _ =
+                tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, COPY_BUF, COPY_BUF)
+                    .await;
         }
         Err(refused) => {
             tracing::debug!(target = %header.target, "refused a stream: {refused:?}");

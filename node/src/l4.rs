@@ -221,7 +221,12 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
         }
     };
     let mut recheck = tokio::time::interval(Duration::from_secs(1));
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        crate::sites::COPY_BUF,
+        crate::sites::COPY_BUF,
+    );
     tokio::pin!(copy);
     loop {
         tokio::select! {

@@ -48,6 +48,10 @@ pub enum OpenError {
     Failed(String),
 }
 
+/// Buffer size of each direction when splicing a stream (bulk transfers move in large
+/// chunks instead of tokio's default 8 KiB).
+pub const COPY_BUF: usize = 64 * 1024;
+
 /// How long a route to a site gets before the next one is tried alongside.
 const HEAD_START: Duration = Duration::from_millis(300);
 

@@ -68,7 +68,13 @@ async fn relay_stream(sites: Arc<Sites>, mut send: quinn::SendStream, mut recv: 
                     return;
                 }
                 let mut here = tokio::io::join(recv, send);
-                let _ = tokio::io::copy_bidirectional(&mut here, &mut upstream).await;
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut here,
+                    &mut upstream,
+                    super::COPY_BUF,
+                    super::COPY_BUF,
+                )
+                .await;
                 return;
             }
             Err(OpenError::Refused(why)) => {
