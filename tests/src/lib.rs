@@ -701,3 +701,26 @@ impl Api {
             .collect())
     }
 }
+
+/// An HTTPS client for the proxy in tests: sends each of `hosts` to 127.0.0.1 (whatever
+/// the port in the URL), trusts only `cert_pem`, follows no redirects.
+pub fn web_client(cert_pem: &str, hosts: &[&str], timeout: Duration) -> reqwest::ClientBuilder {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("a PEM certificate"),
+        )
+        .timeout(timeout);
+    for h in hosts {
+        b = b.resolve(h, "127.0.0.1:0".parse().expect("an address"));
+    }
+    b
+}
+
+/// The port of a `host:port` address.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("host:port")
+}

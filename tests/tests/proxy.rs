@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use warren_tests::oidc::{browser_async, BrowserArgs, BrowserOutcome, Idp};
 use warren_tests::upstream::Upstream;
-use warren_tests::{certs, phase, Cluster};
+use warren_tests::{certs, phase, port_of, web_client, Cluster};
 
 const HOSTS: [&str; 7] = [
     "auth.localhost",
@@ -52,22 +52,9 @@ async fn session_for(
 
 /// An HTTPS client that sends every `*.localhost` name to loopback and trusts `cert`.
 fn web(cert_pem: &str) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(30));
-    for h in HOSTS
-        .iter()
-        .chain(["dead.localhost", "nocert.localhost"].iter())
-    {
-        b = b.resolve(h, "127.0.0.1:0".parse().unwrap());
-    }
-    b.build().unwrap()
-}
-
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    web_client(cert_pem, &HOSTS, Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 fn session_cookie(b: &BrowserOutcome, domain: &str) -> anyhow::Result<String> {

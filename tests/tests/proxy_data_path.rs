@@ -50,15 +50,8 @@ const MIB: u64 = 1024 * 1024;
 
 /// An HTTPS client that sends every `*.localhost` name to loopback and trusts `cert`.
 fn web_builder(cert_pem: &str) -> reqwest::ClientBuilder {
-    let mut b = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(30));
-    for h in HOSTS.iter().chain([NO_CERT_HOST].iter()) {
-        b = b.resolve(h, "127.0.0.1:0".parse().unwrap());
-    }
-    b
+    let hosts: Vec<&str> = HOSTS.iter().copied().chain([NO_CERT_HOST]).collect();
+    warren_tests::web_client(cert_pem, &hosts, Duration::from_secs(30))
 }
 
 /// The same, speaking HTTP/1.1 only (reqwest would otherwise negotiate HTTP/2 by ALPN).
@@ -66,9 +59,7 @@ fn web(cert_pem: &str) -> reqwest::Client {
     web_builder(cert_pem).http1_only().build().unwrap()
 }
 
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
-}
+use warren_tests::port_of;
 
 /// A cluster with the test certificate uploaded, and a client that trusts it.
 struct Setup {

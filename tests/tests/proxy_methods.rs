@@ -20,15 +20,9 @@ const HOSTS: [&str; 6] = [
 ];
 
 fn web(cert_pem: &str) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(20));
-    for h in HOSTS {
-        b = b.resolve(h, "127.0.0.1:0".parse().unwrap());
-    }
-    b.build().unwrap()
+    warren_tests::web_client(cert_pem, &HOSTS, Duration::from_secs(20))
+        .build()
+        .unwrap()
 }
 
 struct Site<'a> {

@@ -80,19 +80,12 @@ impl Drop for Agent {
 }
 
 fn web(cert_pem: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .resolve("web.localhost", "127.0.0.1:0".parse().unwrap())
-        .timeout(Duration::from_secs(10))
+    warren_tests::web_client(cert_pem, &["web.localhost"], Duration::from_secs(10))
         .build()
         .unwrap()
 }
 
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
-}
+use warren_tests::port_of;
 
 async fn get_echo(web: &reqwest::Client, port: u16) -> anyhow::Result<(StatusCode, String)> {
     let resp = web

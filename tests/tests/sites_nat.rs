@@ -515,20 +515,12 @@ impl Drop for Agent {
 
 /// An HTTPS client that sends the test's host names to loopback and trusts `cert`.
 fn web(cert_pem: &str) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(3));
-    for h in HOSTS {
-        b = b.resolve(h, "127.0.0.1:0".parse().unwrap());
-    }
-    b.build().unwrap()
+    warren_tests::web_client(cert_pem, &HOSTS, Duration::from_secs(3))
+        .build()
+        .unwrap()
 }
 
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
-}
+use warren_tests::port_of;
 
 /// GET `https://<host>:<port><path>`; status and body.
 async fn get(
