@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,8 +16,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
 use super::pages::page;
+use super::sign::Signer;
 use super::state::{Pool, Route};
-use super::{unix_now, Body, Principal, Proxy, ProxyState};
+use super::{unix_now, Body, Principal, Proxy};
 
 /// How much of a too-large request body is read before the 413 is sent.
 const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
@@ -86,6 +87,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         route: &Route,
         who: Option<&Principal<'_>>,
+        signer: Option<&Signer>,
         peer: SocketAddr,
         host: &str,
     ) -> Response<Body> {
@@ -166,7 +168,7 @@ impl Proxy {
             headers.insert(HeaderName::from_static("x-forwarded-host"), v);
         }
         if let Some(p) = who {
-            self.identity_headers(headers, p, host);
+            self.identity_headers(headers, p, host, signer);
         }
         if let Some(proto) = upgrade_protocol.filter(|_| upgrade) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -395,34 +397,29 @@ impl Proxy {
         Response::from_parts(parts, body.map_err(Into::into).boxed())
     }
 
-    fn identity_headers(&self, headers: &mut http::HeaderMap, p: &Principal<'_>, host: &str) {
-        if p.session.via != warren_proto::session::Via::Sso {
-            // No account behind a PIN, passcode or share link; an e-mail code proves the
-            // address only.
-            if p.session.email.is_empty() {
-                return;
-            }
-            if let Ok(v) = HeaderValue::from_str(&p.session.email) {
-                headers.insert(HeaderName::from_static("x-warren-email"), v);
-            }
-            if let Some(signer) = &self.state().signer {
-                let jwt = signer.assertion(
-                    self.auth_origin(),
-                    host,
-                    &p.session.email,
-                    &p.session.email,
-                    &[],
-                    unix_now(),
-                );
-                if let Ok(v) = HeaderValue::from_str(&jwt) {
-                    headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
-                }
-            }
+    /// Who is asking, for the app: user, e-mail and groups headers and a signed assertion.
+    /// A PIN, passcode or share link has no account behind it (nothing is sent); an e-mail
+    /// code proves the address only.
+    fn identity_headers(
+        &self,
+        headers: &mut http::HeaderMap,
+        p: &Principal<'_>,
+        host: &str,
+        signer: Option<&Signer>,
+    ) {
+        let sso = p.session.via == warren_proto::session::Via::Sso;
+        if !sso && p.session.email.is_empty() {
             return;
         }
-        let user = p.name();
-        if let Ok(v) = HeaderValue::from_str(user) {
-            headers.insert(HeaderName::from_static("x-warren-user"), v);
+        let sub = if sso {
+            p.name()
+        } else {
+            p.session.email.as_str()
+        };
+        if sso {
+            if let Ok(v) = HeaderValue::from_str(sub) {
+                headers.insert(HeaderName::from_static("x-warren-user"), v);
+            }
         }
         if let Ok(v) = HeaderValue::from_str(&p.session.email) {
             headers.insert(HeaderName::from_static("x-warren-email"), v);
@@ -433,13 +430,20 @@ impl Proxy {
             .map(String::as_str)
             .filter(|g| !g.contains(',') && HeaderValue::from_str(g).is_ok())
             .collect();
-        if let Ok(v) = HeaderValue::from_str(&groups.join(",")) {
-            headers.insert(HeaderName::from_static("x-warren-groups"), v);
+        if sso {
+            if let Ok(v) = HeaderValue::from_str(&groups.join(",")) {
+                headers.insert(HeaderName::from_static("x-warren-groups"), v);
+            }
         }
-        let state: Arc<ProxyState> = self.state();
-        if let Some(signer) = &state.signer {
-            let iss = self.auth_origin();
-            let jwt = signer.assertion(iss, host, user, &p.session.email, &groups, unix_now());
+        if let Some(signer) = signer {
+            let jwt = signer.assertion(
+                self.auth_origin(),
+                host,
+                sub,
+                &p.session.email,
+                &groups,
+                unix_now(),
+            );
             if let Ok(v) = HeaderValue::from_str(&jwt) {
                 headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
             }

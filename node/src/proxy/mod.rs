@@ -302,7 +302,7 @@ impl Proxy {
         if route.options.public {
             log.decision = "allow";
             log.reason = "public resource".into();
-            return (self.forward(req, &route, None, peer, host).await, log);
+            return (self.forward(req, &route, None, None, peer, host).await, log);
         }
         if route
             .options
@@ -314,7 +314,7 @@ impl Proxy {
             log.decision = "allow";
             log.reason = "bypass rule".into();
             strip_session_cookie(&mut req);
-            return (self.forward(req, &route, None, peer, host).await, log);
+            return (self.forward(req, &route, None, None, peer, host).await, log);
         }
         if let Some(why) = self.fail_closed.load_full() {
             log.decision = "deny";
@@ -335,7 +335,11 @@ impl Proxy {
                 log.decision = "allow";
                 log.reason = format!("{:?} session for this resource", p.session.via);
                 strip_session_cookie(&mut req);
-                return (self.forward(req, &route, Some(&p), peer, host).await, log);
+                return (
+                    self.forward(req, &route, Some(&p), state.signer.as_deref(), peer, host)
+                        .await,
+                    log,
+                );
             }
             Ok(_) => {
                 log.decision = "deny";
@@ -402,8 +406,15 @@ impl Proxy {
         log.decision = "allow";
         strip_session_cookie(&mut req);
         (
-            self.forward(req, &route, Some(&principal), peer, host)
-                .await,
+            self.forward(
+                req,
+                &route,
+                Some(&principal),
+                state.signer.as_deref(),
+                peer,
+                host,
+            )
+            .await,
             log,
         )
     }
