@@ -1109,16 +1109,7 @@ impl Registry {
                     });
                 }
                 let now = req.at;
-                let expired: Vec<String> = self
-                    .acme
-                    .challenges
-                    .iter()
-                    .filter(|(_, (_, exp))| *exp <= now)
-                    .map(|(t, _)| t.clone())
-                    .collect();
-                for t in expired {
-                    self.acme.challenges.remove(&t);
-                }
+                forget_where(&mut self.acme.challenges, |(_, exp)| *exp <= now);
                 self.acme
                     .challenges
                     .insert(token.clone(), (key_authorization.clone(), *expires_at));
@@ -1143,15 +1134,7 @@ impl Registry {
                         detail: "already exists".into(),
                     });
                 }
-                let expired: Vec<u64> = self
-                    .site_tokens
-                    .values()
-                    .filter(|t| t.expires_at < req.at)
-                    .map(|t| t.id)
-                    .collect();
-                for id in expired {
-                    self.site_tokens.remove(&id);
-                }
+                forget_where(&mut self.site_tokens, |t| t.expires_at < req.at);
                 let mut record = record.clone();
                 record.created_at = req.at;
                 self.site_tokens.insert(record.id, record);
@@ -1196,15 +1179,7 @@ impl Registry {
                 let mut link = link.clone();
                 link.created_at = req.at;
                 // Forget links that expired.
-                let expired: Vec<u64> = self
-                    .share_links
-                    .values()
-                    .filter(|l| l.expires_at < req.at)
-                    .map(|l| l.id)
-                    .collect();
-                for id in expired {
-                    self.share_links.remove(&id);
-                }
+                forget_where(&mut self.share_links, |l| l.expires_at < req.at);
                 self.share_links.insert(link.id, link);
                 Ok(Outcome::Done)
             }
@@ -1751,6 +1726,19 @@ impl Registry {
             .values()
             .map(|n| (n.id, n.name.clone()))
             .collect();
+    }
+}
+
+/// Removes the entries of `map` whose value matches `expired` (time-limited records: ACME
+/// answers, site tokens, share links).
+fn forget_where<K: Ord + Clone, V: Clone>(map: &mut OrdMap<K, V>, expired: impl Fn(&V) -> bool) {
+    let gone: Vec<K> = map
+        .iter()
+        .filter(|(_, v)| expired(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in gone {
+        map.remove(&k);
     }
 }
 
