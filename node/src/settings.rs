@@ -74,6 +74,12 @@ pub struct Settings {
     /// smtp://host?tls=required.
     #[arg(long, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
     pub smtp_url: Option<warren_proto::Secret>,
+    /// Networks of proxies in front of this node (load balancers), comma-separated CIDRs.
+    /// From a peer in one of them the proxy believes `X-Forwarded-For`: the client is the
+    /// last address in it that is not itself a trusted proxy. From anyone else the
+    /// client's forwarding headers are replaced. Empty (the default): trust nobody.
+    #[arg(long, env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Sender address of e-mailed codes.
     #[arg(
         long,
@@ -106,6 +112,7 @@ impl Default for Settings {
             l4_addr: "127.0.0.1".into(),
             signing_key_rotation_hours: 24 * 30,
             smtp_from: "Warren <warren@localhost>".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -170,6 +177,7 @@ impl Settings {
                 self.signing_key_rotation_hours.max(1) * 3600,
             ),
             smtp: self.smtp_url.clone().map(|u| (u, self.smtp_from.clone())),
+            trusted_proxies: self.trusted_proxies.clone(),
         })
     }
 

@@ -241,7 +241,9 @@ fn eval(n: &Node, f: &Facts<'_>) -> bool {
         Node::Cidr(net) => net.contains(&canonical(f.source)),
         Node::Method(m) => f.method == Some(m.as_str()),
         Node::PathExact(p) => f.path == Some(p.as_str()),
-        Node::PathPrefix(p) => f.path.is_some_and(|x| x.starts_with(p.as_str())),
+        Node::PathPrefix(p) => f
+            .path
+            .is_some_and(|x| crate::canonical::prefix_matches(x, p)),
         Node::PathRegex(r) => f.path.is_some_and(|x| r.is_match(x)),
         Node::Time(w) => w.contains(f.now),
     }

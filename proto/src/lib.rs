@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod api;
+pub mod canonical;
 pub mod certificate;
 pub mod name;
 pub mod policy;

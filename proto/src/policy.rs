@@ -271,7 +271,7 @@ impl PathMatch {
                         "a path starts with '/' and has at most 1024 bytes",
                     ));
                 }
-                Ok(())
+                crate::registry::canonical_form(p).map_err(|e| e.within(field))
             }
             PathMatch::Regex(r) => {
                 if r.len() > 1024 {

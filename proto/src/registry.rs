@@ -507,6 +507,11 @@ pub struct HttpOptions {
     /// Ways in besides single sign-on, and requests that need none.
     #[serde(default)]
     pub access: AccessMethods,
+    /// Protocols a request may upgrade to besides WebSocket (an `Upgrade` token such as
+    /// `h2c`, compared without case). Any other `Upgrade` is dropped and the request goes
+    /// upstream as plain HTTP: an upgraded connection is not checked request by request.
+    #[serde(default)]
+    pub upgrades: Vec<String>,
 }
 
 /// How people may get into a web resource. Single sign-on (then the policies) is the
@@ -652,10 +657,10 @@ pub struct Bypass {
 impl Bypass {
     /// Whether a request matches.
     pub fn matches(&self, path: &str, source: IpAddr) -> bool {
-        let path_ok = self.path_prefix.as_deref().is_none_or(|p| {
-            path.strip_prefix(p)
-                .is_some_and(|rest| p.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
-        });
+        let path_ok = self
+            .path_prefix
+            .as_deref()
+            .is_none_or(|p| crate::canonical::prefix_matches(path, p));
         let cidr_ok = self.source_cidr.is_none_or(|n| n.contains(&source));
         path_ok && cidr_ok
     }
@@ -706,6 +711,21 @@ impl HttpOptions {
         }
         if let Some(hc) = &self.health_check {
             hc.validate().map_err(|e| e.within("health_check"))?;
+        }
+        if self.upgrades.len() > 16 {
+            return Err(FieldError::new("upgrades", "at most 16 protocols"));
+        }
+        for (i, u) in self.upgrades.iter().enumerate() {
+            let token = !u.is_empty()
+                && u.len() <= 64
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if !token {
+                return Err(FieldError::new(
+                    format!("upgrades[{i}]"),
+                    format!("{u:?} is not an Upgrade protocol token like h2c"),
+                ));
+            }
         }
         self.access.validate().map_err(|e| e.within("access"))?;
         if self.public && self.access != AccessMethods::default() {
@@ -1018,13 +1038,23 @@ fn check_path_prefix(p: &str) -> Result<(), FieldError> {
             "a path prefix has no spaces, control characters, '?' or '#'",
         ));
     }
-    if p.split('/').any(|seg| seg == ".." || seg == ".") {
-        return Err(FieldError::new(
+    canonical_form(p)
+}
+
+/// A configured path must be in the canonical form request paths are matched in
+/// (`crate::canonical`), or it could never match.
+pub(crate) fn canonical_form(p: &str) -> Result<(), FieldError> {
+    match crate::canonical::check_configured_path(p) {
+        Ok(()) => Ok(()),
+        Err(Some(c)) => Err(FieldError::new(
             "",
-            "a path prefix has no '.' or '..' segments",
-        ));
+            format!("{p:?} is not in canonical form (write it as {c:?}): requests are matched after percent-decoding, merging slashes and removing dot segments"),
+        )),
+        Err(None) => Err(FieldError::new(
+            "",
+            format!("{p:?} can never match: requests with '\\', ';', escaped '/', control characters or malformed escapes are refused"),
+        )),
     }
-    Ok(())
 }
 
 fn check_email(e: &str) -> Result<(), FieldError> {

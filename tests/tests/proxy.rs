@@ -61,11 +61,11 @@ fn session_cookie(b: &BrowserOutcome, domain: &str) -> anyhow::Result<String> {
     let c = b
         .cookies
         .iter()
-        .find(|c| c.name == "_warren_session" && c.domain.trim_start_matches('.') == domain)
+        .find(|c| c.name == "__Host-warren_session" && c.domain.trim_start_matches('.') == domain)
         .with_context(|| format!("no session cookie for {domain}: {:?}", b.cookies))?;
     assert!(c.http_only && c.secure, "cookie flags: {c:?}");
     assert_eq!(c.same_site, "Lax");
-    Ok(format!("_warren_session={}", c.value))
+    Ok(format!("__Host-warren_session={}", c.value))
 }
 
 async fn echo(
@@ -379,10 +379,10 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
             .as_array()
             .unwrap()
             .iter()
-            .find(|c| c["name"] == "_warren_session" && c["domain"] == "auth.localhost")
+            .find(|c| c["name"] == "__Host-warren_session" && c["domain"] == "auth.localhost")
             .context("no auth-host cookie")?
             .clone();
-        format!("_warren_session={}", c["value"].as_str().unwrap())
+        format!("__Host-warren_session={}", c["value"].as_str().unwrap())
     };
     let cookie = session_for(&web, &alice_auth, "claims.localhost", https[1])
         .await?

@@ -63,7 +63,7 @@ impl Site<'_> {
             .get_all("set-cookie")
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .find(|v| v.starts_with("_warren_session="))
+            .find(|v| v.starts_with("__Host-warren_session="))
             .map(|v| v.split(';').next().unwrap().to_owned());
         Ok((status, resp.text().await?, cookie))
     }

@@ -624,9 +624,9 @@ fn session_cookie(b: &BrowserOutcome, domain: &str) -> anyhow::Result<String> {
     let c = b
         .cookies
         .iter()
-        .find(|c| c.name == "_warren_session" && c.domain.trim_start_matches('.') == domain)
+        .find(|c| c.name == "__Host-warren_session" && c.domain.trim_start_matches('.') == domain)
         .with_context(|| format!("no session cookie for {domain}: {:?}", b.cookies))?;
-    Ok(format!("_warren_session={}", c.value))
+    Ok(format!("__Host-warren_session={}", c.value))
 }
 
 /// Lines of node logs that say an agent connected (terminal colours taken out).

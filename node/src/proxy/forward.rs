@@ -1,7 +1,6 @@
 //! Sending an allowed request to one of the route's targets, streaming both ways, and the
 //! active health checks of targets.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
 use super::pages::page;
+use super::request::{self, View};
 use super::sign::Signer;
 use super::state::{Pool, Route};
 use super::{unix_now, Body, Principal, Proxy};
@@ -49,31 +49,6 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-/// Removes every `X-Warren-*` header (only the proxy sets them).
-pub fn strip_warren_headers(headers: &mut http::HeaderMap) {
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-warren-"))
-        .cloned()
-        .collect();
-    for k in spoofed {
-        headers.remove(k);
-    }
-}
-
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
 /// Whether the request carries a body. Asks the body itself: an HTTP/2 request streams a
 /// body with neither Content-Length nor Transfer-Encoding.
 fn has_body(req: &Request<Incoming>) -> bool {
@@ -88,9 +63,10 @@ impl Proxy {
         route: &Route,
         who: Option<&Principal<'_>>,
         signer: Option<&Signer>,
-        peer: SocketAddr,
-        host: &str,
+        client: &request::Client,
+        view: &View,
     ) -> Response<Body> {
+        let host = view.host.as_str();
         if route.max_body > 0 {
             let declared = req
                 .headers()
@@ -123,54 +99,38 @@ impl Proxy {
                 );
             }
         }
-        let upgrade = is_upgrade(&req);
-        let upgrade_protocol = req.headers().get(header::UPGRADE).cloned();
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // Only WebSocket, or what the resource lists: an upgraded connection is one policy
+        // check for everything that follows on it.
+        let upgrade_protocol = request::allowed_upgrade(&req, &route.options.upgrades);
+        let client_upgrade = upgrade_protocol
+            .is_some()
+            .then(|| hyper::upgrade::on(&mut req));
         let bodyless = !has_body(&req);
-        // HTTP/2 carries the host in the URI, not a Host header: pass the same on either way.
-        let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
         let (mut parts, body) = req.into_parts();
 
-        // Headers for upstream: no hop-by-hop, no spoofed identity, ours added.
+        // Headers for upstream: no hop-by-hop, nothing only the proxy may say, ours added.
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
-        strip_warren_headers(headers);
+        request::sanitize(headers);
         for h in &route.remove_request {
             headers.remove(h);
         }
         for (k, v) in &route.set_request {
             headers.insert(k.clone(), v.clone());
         }
+        // The host that was routed, never one the client named elsewhere.
         let host_value = route
             .host_header
             .clone()
-            .or(original_host)
-            .or_else(|| HeaderValue::from_str(host).ok());
+            .or_else(|| HeaderValue::from_str(&view.authority()).ok());
         if let Some(h) = host_value {
             headers.insert(header::HOST, h);
         }
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-        }
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("https"),
-        );
-        if let Ok(v) = HeaderValue::from_str(host) {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), v);
-        }
+        request::set_forwarding(headers, client, view);
         if let Some(p) = who {
             self.identity_headers(headers, p, host, signer);
         }
-        if let Some(proto) = upgrade_protocol.filter(|_| upgrade) {
+        if let Some(proto) = upgrade_protocol {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, proto);
         }
@@ -365,6 +325,7 @@ impl Proxy {
         route: &Route,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<Body> {
+        request::strip_proxy_set_cookies(resp.headers_mut());
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 return page(
@@ -388,6 +349,7 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        request::strip_proxy_set_cookies(&mut parts.headers);
         for h in &route.remove_response {
             parts.headers.remove(h);
         }

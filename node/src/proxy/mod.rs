@@ -11,6 +11,7 @@ mod forward;
 pub mod methods;
 pub mod metrics;
 pub mod pages;
+pub mod request;
 pub mod seal;
 pub mod sign;
 pub mod state;
@@ -50,10 +51,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every response the proxy sends.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// Name of the session cookie (on the auth host and on every resource host).
-pub const SESSION_COOKIE: &str = "_warren_session";
-/// Name of the sign-in state cookie (auth host only).
-pub const LOGIN_COOKIE: &str = "_warren_login";
+/// Name of the session cookie (on the auth host and on every resource host). `__Host-`:
+/// browsers take it only with `Secure`, `Path=/` and no `Domain`, so a sibling domain
+/// cannot plant a session of its choosing on a resource host.
+pub const SESSION_COOKIE: &str = "__Host-warren_session";
+/// Name of the sign-in state cookie (auth host only; `__Secure-`: only over HTTPS).
+pub const LOGIN_COOKIE: &str = "__Secure-warren_login";
 
 /// The proxy's settings.
 #[derive(Debug, Clone)]
@@ -69,6 +72,8 @@ pub struct ProxySettings {
     pub signing_key_rotation: Duration,
     /// SMTP URL and sender for e-mailed codes, if configured.
     pub smtp: Option<(Secret, String)>,
+    /// Proxies in front of the nodes whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Who a request comes from, once its session checked out. Borrows from the registry
@@ -220,32 +225,61 @@ impl Proxy {
         }
     }
 
-    /// Handles one request from a client at `peer`.
+    /// Handles one request from a client at `peer`, on a TLS connection made for `sni`.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
+        sni: Option<Arc<str>>,
     ) -> Result<Response<Body>, Infallible> {
         let started = std::time::Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let Some(host) = request_host(&req) else {
-            return Ok(page(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The request does not name a valid host.",
-            ));
+        let client = request::Client::of(peer, req.headers(), &self.settings.trusted_proxies);
+        let view = match request::canonicalize(&mut req) {
+            Ok(v) => v,
+            Err(resp) => {
+                tracing::info!(
+                    target: "warren::access",
+                    method = %req.method(),
+                    status = resp.status().as_u16(),
+                    client = %client.ip,
+                    decision = "-",
+                    reason = "refused: not canonical",
+                    "request"
+                );
+                self.metrics
+                    .record(resp.status().as_u16(), "-", started.elapsed());
+                return Ok(resp);
+            }
         };
-        let (resp, log) = self.route(req, peer, &host).await;
+        let (resp, log) =
+            if request::misdirected(&self.state.load().config, sni.as_deref(), &view.host) {
+                (
+                    request::misdirected_page(&view.host),
+                    AccessLog::internal("misdirected: not the connection's certificate"),
+                )
+            } else {
+                let method = req.method().clone();
+                let path = req.uri().path().to_owned();
+                let (resp, log) = self.route(req, &client, &view).await;
+                (
+                    resp,
+                    AccessLog {
+                        method: Some(method),
+                        path: Some(path),
+                        ..log
+                    },
+                )
+            };
         let status = resp.status().as_u16();
         self.metrics.record(status, log.decision, started.elapsed());
+        let host = &view.host;
         tracing::info!(
             target: "warren::access",
             %host,
-            %method,
-            path = %path,
+            method = %log.method.as_ref().map_or("-", |m| m.as_str()),
+            path = %log.path.as_deref().unwrap_or("-"),
             status,
-            client = %peer.ip(),
+            client = %client.ip,
             resource = log.resource.as_deref().unwrap_or("-"),
             user = log.user.as_deref().unwrap_or("-"),
             decision = log.decision,
@@ -258,10 +292,12 @@ impl Proxy {
 
     async fn route(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-        host: &str,
+        req: Request<Incoming>,
+        client: &request::Client,
+        view: &request::View,
     ) -> (Response<Body>, AccessLog) {
+        let host = view.host.as_str();
+        let peer = client.addr();
         let state = self.state();
         let path = req.uri().path();
         if path == "/.well-known/warren/jwks.json" {
@@ -302,19 +338,24 @@ impl Proxy {
         if route.options.public {
             log.decision = "allow";
             log.reason = "public resource".into();
-            return (self.forward(req, &route, None, None, peer, host).await, log);
+            return (
+                self.forward(req, &route, None, None, client, view).await,
+                log,
+            );
         }
         if route
             .options
             .access
             .bypass
             .iter()
-            .any(|b| b.matches(req.uri().path(), peer.ip()))
+            .any(|b| b.matches(req.uri().path(), client.ip))
         {
             log.decision = "allow";
             log.reason = "bypass rule".into();
-            strip_session_cookie(&mut req);
-            return (self.forward(req, &route, None, None, peer, host).await, log);
+            return (
+                self.forward(req, &route, None, None, client, view).await,
+                log,
+            );
         }
         if let Some(why) = self.fail_closed.load_full() {
             log.decision = "deny";
@@ -334,9 +375,8 @@ impl Proxy {
                 log.user = Some(p.name().to_owned());
                 log.decision = "allow";
                 log.reason = format!("{:?} session for this resource", p.session.via);
-                strip_session_cookie(&mut req);
                 return (
-                    self.forward(req, &route, Some(&p), state.signer.as_deref(), peer, host)
+                    self.forward(req, &route, Some(&p), state.signer.as_deref(), client, view)
                         .await,
                     log,
                 );
@@ -381,7 +421,7 @@ impl Proxy {
                 groups: &principal.groups,
                 claims: &claims,
             }),
-            source: peer.ip(),
+            source: client.ip,
             method: Some(req.method().as_str()),
             path: Some(req.uri().path()),
             now: unix_now() as i64,
@@ -404,15 +444,14 @@ impl Proxy {
             );
         }
         log.decision = "allow";
-        strip_session_cookie(&mut req);
         (
             self.forward(
                 req,
                 &route,
                 Some(&principal),
                 state.signer.as_deref(),
-                peer,
-                host,
+                client,
+                view,
             )
             .await,
             log,
@@ -529,7 +568,8 @@ impl Proxy {
                     }
                     Err(_) => return,
                 };
-                let service = service_fn(move |req| proxy.clone().handle(req, peer));
+                let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
+                let service = service_fn(move |req| proxy.clone().handle(req, peer, sni.clone()));
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder
@@ -619,6 +659,8 @@ impl Proxy {
 /// What the access log records beside the request line.
 #[derive(Default)]
 struct AccessLog {
+    method: Option<http::Method>,
+    path: Option<String>,
     resource: Option<String>,
     user: Option<String>,
     decision: &'static str,
@@ -681,22 +723,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
         Some(a) => a.as_str(),
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
-    let host = match raw.rsplit_once(':') {
-        Some((h, port)) if !h.ends_with(']') || raw.starts_with('[') => {
-            if !port.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            h
-        }
-        _ => raw,
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
-    ok.then_some(host)
+    warren_proto::canonical::Authority::parse(raw).map(|a| a.host.into_owned())
 }
 
 /// `host` with `:port` unless it is 443.
@@ -718,29 +745,6 @@ pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
-}
-
-/// Removes the proxy's own cookies from what goes upstream.
-fn strip_session_cookie<B>(req: &mut Request<B>) {
-    let headers = req.headers_mut();
-    if cookie(headers, SESSION_COOKIE).is_none() {
-        return;
-    }
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|kv| !kv.starts_with(&format!("{SESSION_COOKIE}=")) && !kv.is_empty())
-        .map(str::to_owned)
-        .collect();
-    headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = http::HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, v);
-        }
-    }
 }
 
 /// A `Set-Cookie` value for `name` on the current host: HttpOnly, Secure, SameSite=Lax.

@@ -147,15 +147,35 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether `path` is under this route's prefix.
+    /// Whether the (canonical) `path` is under this route's prefix.
     pub fn matches(&self, path: &str) -> bool {
-        if self.prefix == "/" {
-            return true;
-        }
-        match path.strip_prefix(self.prefix.as_str()) {
-            Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
-            None => false,
-        }
+        warren_proto::canonical::prefix_matches(path, &self.prefix)
+    }
+
+    /// Whether a signed-in user's session may be handed to this route's host for it: a
+    /// public route or one without single sign-on never gets one.
+    pub fn takes_sso(&self) -> bool {
+        !self.options.public && self.options.access.sso
+    }
+}
+
+/// A certificate the proxy serves, with the names it covers.
+pub struct ServedCert {
+    /// What rustls serves.
+    pub key: Arc<CertifiedKey>,
+    /// DNS names (exact or `*.suffix`), lower case.
+    pub names: Vec<String>,
+}
+
+impl ServedCert {
+    /// Whether the certificate is valid for `host` (a `*.` name covers one label).
+    pub fn covers(&self, host: &str) -> bool {
+        self.names.iter().any(|n| match n.strip_prefix("*.") {
+            Some(suffix) => host
+                .split_once('.')
+                .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+            None => n == host,
+        })
     }
 }
 
@@ -165,7 +185,7 @@ pub struct Config {
     /// Routes by host key, longest prefix first.
     pub routes: HashMap<String, Vec<Arc<Route>>>,
     /// Certificates by DNS name (exact or `*.suffix`).
-    pub certs: HashMap<String, Arc<CertifiedKey>>,
+    pub certs: HashMap<String, Arc<ServedCert>>,
     /// Roles each user is in.
     pub roles_of: HashMap<Name, Vec<String>>,
     /// Problems found while building, for the log.
@@ -195,11 +215,16 @@ impl Config {
 
     /// The certificate for a TLS server name.
     pub fn cert_for(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.served_cert(name).map(|c| c.key.clone())
+    }
+
+    /// The certificate served for a TLS server name, with the names it covers.
+    pub fn served_cert(&self, name: &str) -> Option<&ServedCert> {
         if let Some(c) = self.certs.get(name) {
-            return Some(c.clone());
+            return Some(c);
         }
         let (_, parent) = name.split_once('.')?;
-        self.certs.get(&format!("*.{parent}")).cloned()
+        self.certs.get(&format!("*.{parent}")).map(|c| &**c)
     }
 }
 
@@ -248,9 +273,17 @@ pub fn build_config(reg: &Registry, pools: &mut HashMap<Name, Arc<Pool>>) -> Con
             Ok::<_, String>((info, Arc::new(ck)))
         })();
         match built {
-            Ok((info, ck)) => {
-                for d in info.domains {
-                    config.certs.insert(d, ck.clone());
+            Ok((info, key)) => {
+                let served = Arc::new(ServedCert {
+                    key,
+                    names: info
+                        .domains
+                        .iter()
+                        .map(|d| d.to_ascii_lowercase())
+                        .collect(),
+                });
+                for d in &served.names {
+                    config.certs.insert(d.clone(), served.clone());
                 }
             }
             Err(e) => config

@@ -1486,7 +1486,7 @@ http {{
 
     /// A one-node cluster whose proxy serves [`APP_HOST`] from `backend` to the group
     /// `admins` (and [`OPEN_HOST`] to anyone), with alice signed in through a real OpenID
-    /// provider and Chromium; returns her session cookie (`_warren_session=...`).
+    /// provider and Chromium; returns her session cookie (`__Host-warren_session=...`).
     async fn warren_signed_in(
         backend: SocketAddr,
         cert: &str,
@@ -1558,9 +1558,11 @@ http {{
         let cookie = b
             .cookies
             .iter()
-            .find(|c| c.name == "_warren_session" && c.domain.trim_start_matches('.') == APP_HOST)
+            .find(|c| {
+                c.name == "__Host-warren_session" && c.domain.trim_start_matches('.') == APP_HOST
+            })
             .with_context(|| format!("no session cookie for {APP_HOST}: {:?}", b.cookies))?;
-        let cookie = format!("_warren_session={}", cookie.value);
+        let cookie = format!("__Host-warren_session={}", cookie.value);
         Ok((cluster, idp, cookie))
     }
 
