@@ -2,7 +2,7 @@
 //! active health checks of targets.
 
 use std::sync::atomic::Ordering;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +18,10 @@ use super::pages::page;
 use super::request::{self, View};
 use super::sign::Signer;
 use super::state::{Pool, Route};
-use super::{unix_now, Body, Principal, Proxy};
+use super::{unix_now, Body, Grant, GrantKind, Principal, Proxy};
+
+/// How often an upgraded connection is checked again when nothing changed.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How much of a too-large request body is read before the 413 is sent.
 const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
@@ -58,7 +61,7 @@ fn has_body(req: &Request<Incoming>) -> bool {
 impl Proxy {
     /// Sends the request to a usable target of `route` and streams the answer back.
     pub(super) async fn forward(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<Incoming>,
         route: &Route,
         who: Option<&Principal<'_>>,
@@ -107,6 +110,19 @@ impl Proxy {
             .then(|| hyper::upgrade::on(&mut req));
         let bodyless = !has_body(&req);
         let (mut parts, body) = req.into_parts();
+        // An upgraded connection outlives this check: it keeps what let it through.
+        let grant = client_upgrade.as_ref().map(|_| Grant {
+            resource: route.resource.clone(),
+            host: view.host.clone(),
+            path: parts.uri.path().to_owned(),
+            method: parts.method.clone(),
+            source: client.ip,
+            how: match who {
+                Some(p) => GrantKind::Session(p.session.id),
+                None if route.options.public => GrantKind::Public,
+                None => GrantKind::Bypass,
+            },
+        });
 
         // Headers for upstream: no hop-by-hop, nothing only the proxy may say, ours added.
         let headers = &mut parts.headers;
@@ -204,7 +220,7 @@ impl Proxy {
                         ),
                     )
                 }
-                Ok(Ok(resp)) => return self.answer(resp, route, client_upgrade).await,
+                Ok(Ok(resp)) => return self.answer(resp, route, client_upgrade, grant).await,
                 Ok(Err(Failure::NotConnected(why))) => {
                     tracing::warn!(resource = %route.resource, "{why}");
                     return page(
@@ -320,10 +336,11 @@ impl Proxy {
     }
 
     async fn answer(
-        &self,
+        self: &Arc<Self>,
         mut resp: Response<Incoming>,
         route: &Route,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        grant: Option<Grant>,
     ) -> Response<Body> {
         request::strip_proxy_set_cookies(resp.headers_mut());
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -335,6 +352,8 @@ impl Proxy {
                 );
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let proxy = Arc::downgrade(self);
+            let mut changed = self.watch_state();
             tokio::spawn(async move {
                 let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
                 else {
@@ -342,7 +361,27 @@ impl Proxy {
                 };
                 let mut client = TokioIo::new(client);
                 let mut upstream = TokioIo::new(upstream);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+                tokio::pin!(copy);
+                // Checked again on every change of the state (a revoked session, a disabled
+                // user, a new policy) and every second (expiry, time windows): like an L4
+                // flow, the connection ends when the request would no longer be allowed.
+                let mut tick = tokio::time::interval(RECHECK_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = &mut copy => return,
+                        r = changed.changed() => if r.is_err() { return },
+                        _ = tick.tick() => {}
+                    }
+                    let (Some(p), Some(g)) = (proxy.upgrade(), &grant) else {
+                        return;
+                    };
+                    if let Err(why) = p.recheck(g) {
+                        tracing::info!(resource = %g.resource, "closing an upgraded connection: {why}");
+                        return;
+                    }
+                }
             });
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, super::pages::full(Bytes::new()));

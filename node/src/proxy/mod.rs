@@ -113,6 +113,8 @@ pub struct Proxy {
     /// `https://<auth host>[:port]`, the issuer of assertions.
     auth_origin: String,
     tasks: std::sync::Mutex<JoinSet<()>>,
+    /// Told after every new state or fail-closed change (upgraded connections re-check).
+    state_changed: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -168,6 +170,7 @@ impl Proxy {
             sites,
             auth_origin,
             tasks: std::sync::Mutex::new(JoinSet::new()),
+            state_changed: tokio::sync::watch::Sender::new(()),
         });
         let weak = Arc::downgrade(&proxy);
         let mut tasks = JoinSet::new();
@@ -236,14 +239,15 @@ impl Proxy {
         let client = request::Client::of(peer, req.headers(), &self.settings.trusted_proxies);
         let view = match request::canonicalize(&mut req) {
             Ok(v) => v,
-            Err(resp) => {
+            Err(refusal) => {
+                let resp = refusal.response();
                 tracing::info!(
                     target: "warren::access",
                     method = %req.method(),
                     status = resp.status().as_u16(),
                     client = %client.ip,
                     decision = "-",
-                    reason = "refused: not canonical",
+                    reason = %refusal,
                     "request"
                 );
                 self.metrics
@@ -396,52 +400,31 @@ impl Proxy {
             return (self.need_sign_in(&req, host, &route), log);
         };
         log.user = Some(user.name.to_string());
-        if user.disabled {
-            log.decision = "deny";
-            log.reason = "user disabled".into();
-            return (
-                page(
-                    StatusCode::FORBIDDEN,
-                    "Access denied",
-                    "Your account is disabled.",
-                ),
-                log,
-            );
-        }
-        // Claims are parsed only for routes whose policies look at them.
-        let claims = if route.needs_claims {
-            serde_json::from_str(&principal.session.claims).unwrap_or(serde_json::Value::Null)
-        } else {
-            serde_json::Value::Null
-        };
-        let facts = Facts {
-            identity: Some(Identity {
-                user: user.name.as_str(),
-                email: &principal.session.email,
-                groups: &principal.groups,
-                claims: &claims,
-            }),
+        let asked = Asked {
             source: client.ip,
-            method: Some(req.method().as_str()),
-            path: Some(req.uri().path()),
-            now: unix_now() as i64,
+            method: req.method().as_str(),
+            path: req.uri().path(),
         };
-        let decision = decide(&route.policies, &facts);
-        log.reason = decision.reason();
-        if !matches!(decision, Decision::Allow { .. }) {
-            log.decision = "deny";
-            return (
-                page(
-                    StatusCode::FORBIDDEN,
-                    "Access denied",
-                    &format!(
-                        "{} may not use this resource ({}).",
-                        user.name.as_str(),
-                        decision.reason()
+        match sso_decision(&route, &principal, user, &asked) {
+            Ok(reason) => log.reason = reason,
+            Err(SsoDenied::Disabled) => {
+                log.decision = "deny";
+                log.reason = "user disabled".into();
+                return (
+                    page(
+                        StatusCode::FORBIDDEN,
+                        "Access denied",
+                        "Your account is disabled.",
                     ),
-                ),
-                log,
-            );
+                    log,
+                );
+            }
+            Err(SsoDenied::Policy(reason)) => {
+                log.decision = "deny";
+                let detail = format!("{} may not use this resource ({reason}).", user.name);
+                log.reason = reason;
+                return (page(StatusCode::FORBIDDEN, "Access denied", &detail), log);
+            }
         }
         log.decision = "allow";
         (
@@ -456,6 +439,58 @@ impl Proxy {
             .await,
             log,
         )
+    }
+
+    /// Whether what let an upgraded connection through still holds, on this node's current
+    /// state: the route, its public flag or bypass rule, or the session, user and policies.
+    pub(crate) fn recheck(&self, grant: &Grant) -> Result<(), String> {
+        let state = self.state.load();
+        let route = state
+            .config
+            .route(&grant.host, &grant.path)
+            .filter(|r| r.resource == grant.resource && r.broken.is_none())
+            .ok_or("the resource changed")?;
+        let sid = match grant.how {
+            GrantKind::Public if route.options.public => return Ok(()),
+            GrantKind::Bypass
+                if route
+                    .options
+                    .access
+                    .bypass
+                    .iter()
+                    .any(|b| b.matches(&grant.path, grant.source)) =>
+            {
+                return Ok(())
+            }
+            GrantKind::Session(sid) => sid,
+            _ => return Err("the resource needs a sign-in now".into()),
+        };
+        if let Some(why) = self.fail_closed.load_full() {
+            return Err(format!("fail closed: {why}"));
+        }
+        let p = lookup_session(&state.registry, &state.config, sid)?;
+        if p.session.via == Via::Sso && route.options.access.sso {
+            let user = p.user.ok_or("user deleted")?;
+            let asked = Asked {
+                source: grant.source,
+                method: grant.method.as_str(),
+                path: &grant.path,
+            };
+            return match sso_decision(route, &p, user, &asked) {
+                Ok(_) => Ok(()),
+                Err(SsoDenied::Disabled) => Err("user disabled".into()),
+                Err(SsoDenied::Policy(reason)) => Err(reason),
+            };
+        }
+        if p.session.resource.as_ref() == Some(&route.resource) {
+            return Ok(());
+        }
+        Err("session not good for this resource".into())
+    }
+
+    /// A receiver that sees every change of the state (registry or fail-closed).
+    pub(crate) fn watch_state(&self) -> tokio::sync::watch::Receiver<()> {
+        self.state_changed.subscribe()
     }
 
     /// The session behind the request's cookie, if it is valid for `host`.
@@ -656,6 +691,84 @@ impl Proxy {
     }
 }
 
+/// What a request asks for, as policies see it.
+struct Asked<'a> {
+    source: std::net::IpAddr,
+    method: &'a str,
+    path: &'a str,
+}
+
+/// Why a signed-in user is refused.
+enum SsoDenied {
+    /// The user is disabled.
+    Disabled,
+    /// The resource's policies say no (the reason).
+    Policy(String),
+}
+
+/// The decision for a signed-in user on `route`: the allowing policy's reason, or why not.
+fn sso_decision(
+    route: &Route,
+    principal: &Principal<'_>,
+    user: &User,
+    asked: &Asked<'_>,
+) -> Result<String, SsoDenied> {
+    if user.disabled {
+        return Err(SsoDenied::Disabled);
+    }
+    // Claims are parsed only for routes whose policies look at them.
+    let claims = if route.needs_claims {
+        serde_json::from_str(&principal.session.claims).unwrap_or(serde_json::Value::Null)
+    } else {
+        serde_json::Value::Null
+    };
+    let facts = Facts {
+        identity: Some(Identity {
+            user: user.name.as_str(),
+            email: &principal.session.email,
+            groups: &principal.groups,
+            claims: &claims,
+        }),
+        source: asked.source,
+        method: Some(asked.method),
+        path: Some(asked.path),
+        now: unix_now() as i64,
+    };
+    let decision = decide(&route.policies, &facts);
+    match decision {
+        Decision::Allow { .. } => Ok(decision.reason()),
+        _ => Err(SsoDenied::Policy(decision.reason())),
+    }
+}
+
+/// What let a request through, kept by a connection that outlives the request (an
+/// upgrade) so that it can be checked again whenever the state changes.
+pub(crate) struct Grant {
+    /// The resource it was for.
+    pub resource: warren_proto::Name,
+    /// The routed host.
+    pub host: String,
+    /// The canonical path.
+    pub path: String,
+    /// The method.
+    pub method: http::Method,
+    /// The client's address.
+    pub source: std::net::IpAddr,
+    /// On what grounds.
+    pub how: GrantKind,
+}
+
+/// The grounds of a [`Grant`].
+#[derive(Clone, Copy)]
+pub(crate) enum GrantKind {
+    /// The resource is public.
+    Public,
+    /// A bypass rule matched.
+    Bypass,
+    /// A session (single sign-on, or one for this resource only).
+    Session(SessionId),
+}
+
 /// What the access log records beside the request line.
 #[derive(Default)]
 struct AccessLog {
@@ -822,6 +935,7 @@ async fn follow_registry(proxy: std::sync::Weak<Proxy>) {
             sealer,
             signer,
         }));
+        p.state_changed.send_replace(());
         drop(p);
         let wait = if keys.is_none() {
             // Ask again if the proposal got lost (no leader yet).
@@ -846,13 +960,18 @@ async fn watch_serving(proxy: std::sync::Weak<Proxy>) {
                 if p.fail_closed.load().is_some() {
                     tracing::info!("in contact with the cluster again; granting access");
                     p.fail_closed.store(None);
+                    p.state_changed.send_replace(());
                 }
             }
             Err(why) => {
-                if p.fail_closed.load().is_none() {
+                let first = p.fail_closed.load().is_none();
+                if first {
                     tracing::warn!("failing closed: {why}");
                 }
                 p.fail_closed.store(Some(Arc::new(why)));
+                if first {
+                    p.state_changed.send_replace(());
+                }
             }
         }
     }

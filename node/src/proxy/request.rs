@@ -44,34 +44,68 @@ impl View {
     }
 }
 
-/// Checks the method and authority and makes the path canonical, rewriting the request's
-/// URI in place when its path was not; or the answer refusing it.
-pub fn canonicalize<B>(req: &mut Request<B>) -> Result<View, Response<Body>> {
-    match check_method(req.method().as_str()) {
-        Ok(()) => {}
-        Err(MethodError::NotUpperCase) => {
-            return Err(refuse(
-                "The request method must be upper case (methods are case-sensitive).",
-            ))
-        }
-        Err(MethodError::NotAllowed) => {
+/// Why a request was refused before routing. The client is at fault in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The method is not upper case.
+    #[error("the request method must be upper case (methods are case-sensitive)")]
+    MethodCase,
+    /// `CONNECT` or `TRACE`.
+    #[error("{0} is not allowed through Warren")]
+    MethodNotAllowed(http::Method),
+    /// No valid host, or more than one.
+    #[error("{0}")]
+    Authority(&'static str),
+    /// A path canonical form cannot make unambiguous.
+    #[error("refused: {0}")]
+    Path(#[from] warren_proto::canonical::PathError),
+}
+
+impl Refusal {
+    /// The answer to the client: 405 for a method, 400 otherwise.
+    pub fn response(&self) -> Response<Body> {
+        if let Refusal::MethodNotAllowed(_) = self {
             let mut r = page(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "Method not allowed",
-                &format!("{} is not allowed through Warren.", req.method()),
+                &format!("{}.", capitalized(&self.to_string())),
             );
             r.headers_mut().insert(
                 header::ALLOW,
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             );
-            return Err(r);
+            return r;
+        }
+        page(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            &format!("{}.", capitalized(&self.to_string())),
+        )
+    }
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Checks the method and authority and makes the path canonical, rewriting the request's
+/// URI in place when its path was not.
+pub fn canonicalize<B>(req: &mut Request<B>) -> Result<View, Refusal> {
+    match check_method(req.method().as_str()) {
+        Ok(()) => {}
+        Err(MethodError::NotUpperCase) => return Err(Refusal::MethodCase),
+        Err(MethodError::NotAllowed) => {
+            return Err(Refusal::MethodNotAllowed(req.method().clone()))
         }
     }
     let view = authority(req)?;
-    let canonical = match canonical_path(req.uri().path()) {
-        Ok(Cow::Borrowed(_)) => None,
-        Ok(Cow::Owned(c)) => Some(c),
-        Err(e) => return Err(refuse(&format!("Refused: {e}."))),
+    let canonical = match canonical_path(req.uri().path())? {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(c) => Some(c),
     };
     if let Some(mut path) = canonical {
         if let Some(q) = req.uri().query() {
@@ -79,30 +113,29 @@ pub fn canonicalize<B>(req: &mut Request<B>) -> Result<View, Response<Body>> {
             path.push_str(q);
         }
         let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = match path.parse() {
-            Ok(pq) => Some(pq),
-            Err(_) => return Err(refuse("The request path is not valid.")),
-        };
-        *req.uri_mut() = match Uri::from_parts(parts) {
-            Ok(u) => u,
-            Err(_) => return Err(refuse("The request path is not valid.")),
-        };
+        let invalid = || Refusal::Authority("the request path is not valid");
+        parts.path_and_query = Some(path.parse().map_err(|_| invalid())?);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| invalid())?;
     }
     Ok(view)
 }
 
 /// The one authority of the request: the Host header and the request-target's authority
 /// (HTTP/1.1 absolute form, or HTTP/2 `:authority`) must agree where both are given.
-fn authority<B>(req: &Request<B>) -> Result<View, Response<Body>> {
+fn authority<B>(req: &Request<B>) -> Result<View, Refusal> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
-        return Err(refuse("The request has more than one Host header."));
+        return Err(Refusal::Authority(
+            "the request has more than one Host header",
+        ));
     }
     if req.version() == http::Version::HTTP_11 && host_header.is_none() {
-        return Err(refuse("An HTTP/1.1 request needs a Host header."));
+        return Err(Refusal::Authority(
+            "an HTTP/1.1 request needs a Host header",
+        ));
     }
-    let bad_host = || refuse("The request does not name a valid host.");
+    let bad_host = || Refusal::Authority("the request does not name a valid host");
     let from_header = match host_header {
         Some(v) => Some(
             v.to_str()
@@ -118,8 +151,8 @@ fn authority<B>(req: &Request<B>) -> Result<View, Response<Body>> {
     };
     let a = match (from_target, from_header) {
         (Some(t), Some(h)) if !t.same_as(&h, 443) => {
-            return Err(refuse(
-                "The request names one host in its target and another in its Host header.",
+            return Err(Refusal::Authority(
+                "the request names one host in its target and another in its Host header",
             ))
         }
         (Some(a), _) | (None, Some(a)) => a,
@@ -363,10 +396,6 @@ pub fn allowed_upgrade<B>(req: &Request<B>, extra: &[String]) -> Option<HeaderVa
     ok.then(|| value.clone())
 }
 
-fn refuse(why: &str) -> Response<Body> {
-    page(StatusCode::BAD_REQUEST, "Bad request", why)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,7 +424,7 @@ mod tests {
         ] {
             let r = canonicalize(&mut req(target, hosts));
             assert_eq!(
-                r.map(|_| ()).unwrap_err().status(),
+                r.map(|_| ()).unwrap_err().response().status(),
                 StatusCode::BAD_REQUEST,
                 "{target} {hosts:?}"
             );
@@ -410,7 +439,7 @@ mod tests {
         assert_eq!(r.uri().query(), Some("a=%2F..&b"));
         let mut r = req("/a%2fb", &["a.localhost"]);
         assert_eq!(
-            canonicalize(&mut r).unwrap_err().status(),
+            canonicalize(&mut r).unwrap_err().response().status(),
             StatusCode::BAD_REQUEST
         );
     }
@@ -420,12 +449,12 @@ mod tests {
         let mut r = req("/", &["a.localhost"]);
         *r.method_mut() = http::Method::from_bytes(b"get").unwrap();
         assert_eq!(
-            canonicalize(&mut r).unwrap_err().status(),
+            canonicalize(&mut r).unwrap_err().response().status(),
             StatusCode::BAD_REQUEST
         );
         *r.method_mut() = http::Method::TRACE;
         assert_eq!(
-            canonicalize(&mut r).unwrap_err().status(),
+            canonicalize(&mut r).unwrap_err().response().status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
     }
