@@ -14,6 +14,7 @@
 //! encoded) and rebuilds it after a restart by replaying the log since the last one.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::{OrdMap, Vector};
@@ -35,6 +36,68 @@ use crate::types::{
 
 /// How many replies the registry remembers for deduplicating retried writes.
 pub const DEDUP_WINDOW: usize = 8192;
+/// Most (client, key) pairs whose attempts the registry counts; beyond, the pair that
+/// expires first is forgotten (an attacker filling the table wins back a few tries at one
+/// secret for every 100 000 writes, where refusing new pairs would lock everyone out).
+pub const MAX_ATTEMPT_RECORDS: usize = 100_000;
+/// Longest subject (`sub` claim) a sign-in may carry, in bytes (OpenID Connect Core 2:
+/// at most 255 ASCII characters).
+pub const MAX_SUBJECT: usize = 255;
+/// Longest attempt key, in bytes.
+pub const MAX_ATTEMPT_KEY: usize = 256;
+
+/// An account at an identity provider: the provider's name and the ID token's `sub`,
+/// which the provider never reassigns (unlike an e-mail address).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProviderSubject {
+    /// The identity provider (its name in the registry).
+    pub idp: Name,
+    /// The `sub` claim of its ID tokens.
+    pub subject: String,
+}
+
+/// Whose tries at a guessable secret are counted together: a client address and what it
+/// tries (e.g. `pin:<resource>`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AttemptKey {
+    /// The client address (the caller may have reduced it to a prefix, e.g. an IPv6 /64).
+    pub client: IpAddr,
+    /// What is tried.
+    pub key: String,
+}
+
+/// The tries counted for one [`AttemptKey`]: each failed or still unresolved one, until it
+/// leaves the window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// `(counts until, reservation id)`, seconds since the Unix epoch, oldest first.
+    pub tries: Vec<(u64, u128)>,
+}
+
+impl AttemptRecord {
+    /// How many tries count at `now` (seconds since the Unix epoch).
+    pub fn counted(&self, now: u64) -> usize {
+        self.live(now).count()
+    }
+
+    /// Seconds from `now` until the oldest try still counted stops counting (0 if none).
+    pub fn retry_after(&self, now: u64) -> u64 {
+        self.live(now)
+            .map(|t| t.0)
+            .min()
+            .map_or(0, |until| until.saturating_sub(now).max(1))
+    }
+
+    /// When the last try stops counting.
+    fn expires_at(&self) -> u64 {
+        self.tries.iter().map(|t| t.0).max().unwrap_or(0)
+    }
+
+    /// The tries that still count at `now`.
+    fn live(&self, now: u64) -> impl Iterator<Item = &(u64, u128)> {
+        self.tries.iter().filter(move |t| t.0 > now)
+    }
+}
 
 /// A stored admin API key: the hash of its secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,13 +277,21 @@ pub enum Command {
         /// Node name.
         name: Name,
     },
-    /// Record a sign-in: find the user by e-mail (or create one, named after the address)
-    /// and store the session for it. Refused for a disabled user.
+    /// Record a sign-in and store the session for its user: the user linked to this
+    /// provider account (`session.idp`, `subject`) if there is one; else the user with the
+    /// e-mail address, linked now, if the provider verified the address and that user has
+    /// no linked account yet; else, if no user has the address, a new user named after it,
+    /// linked now. Refused for a disabled user, and when the address belongs to a user this
+    /// account may not take over ([`RegistryError::EmailBelongsToAnotherUser`]).
     SignIn {
         /// The new session (its `user` is set by the registry).
         session: Session,
         /// Display name from the provider, for a user created now.
         display_name: Option<String>,
+        /// The ID token's `sub` claim.
+        subject: String,
+        /// The ID token's `email_verified` claim (absent means false).
+        email_verified: bool,
     },
     /// New tokens from the provider for a session.
     RefreshSession {
@@ -290,6 +361,28 @@ pub enum Command {
     },
     /// Add a new signing key (the newest signs) and drop all but the two newest.
     RotateSigningKey(warren_proto::session::SigningKey),
+    /// Count one try at a guessable secret (PIN, passcode, e-mailed code) before it is
+    /// checked; refused with [`RegistryError::TooManyAttempts`] when `limit` tries of
+    /// `client` at `key` already count. A try counts for `window` seconds from the
+    /// request's time unless released.
+    ReserveAttempt {
+        /// Whose tries.
+        attempt: AttemptKey,
+        /// Random id of this try, to release it.
+        id: u128,
+        /// Most tries that may count at once (1 to 1000).
+        limit: u32,
+        /// How long a try counts, in seconds (1 to 86 400).
+        window: u64,
+    },
+    /// The try `id` succeeded: it no longer counts (successful users behind one address are
+    /// never locked out by their own tries). Releasing an unknown try does nothing.
+    ReleaseAttempt {
+        /// Whose tries.
+        attempt: AttemptKey,
+        /// The id given to [`Command::ReserveAttempt`].
+        id: u128,
+    },
 }
 
 /// A successful command's result.
@@ -415,6 +508,28 @@ pub enum RegistryError {
         /// What is in the way.
         message: String,
     },
+    /// A sign-in's e-mail address belongs to a user this provider account may not take
+    /// over: the provider did not verify the address, or the user is linked to another
+    /// provider account already. The signer's problem (an admin can delete or re-address
+    /// the user); nothing was changed.
+    #[error("the e-mail address belongs to user {user:?}, which this sign-in may not take over")]
+    EmailBelongsToAnotherUser {
+        /// The user holding the address.
+        user: Name,
+    },
+    /// The user a sign-in is for is disabled; nothing was changed.
+    #[error("user {user:?} is disabled")]
+    UserDisabled {
+        /// The user.
+        user: Name,
+    },
+    /// Too many tries at a guessable secret from this client: it must wait. The client's
+    /// fault; nothing was counted.
+    #[error("too many attempts; try again in {retry_after} s")]
+    TooManyAttempts {
+        /// Seconds until the oldest counted try leaves the window.
+        retry_after: u64,
+    },
 }
 
 impl RegistryError {
@@ -450,6 +565,13 @@ pub struct Registry {
     share_links: OrdMap<u64, ShareLink>,
     site_tokens: OrdMap<u64, SiteTokenRecord>,
     acme: AcmeState,
+    /// Provider accounts -> the user they sign in as. Beside `users`, not in `User`, so a
+    /// manifest's `apply` never touches it; a deleted user's links go with it.
+    identities: OrdMap<ProviderSubject, Name>,
+    /// Counted tries at guessable secrets, cluster-wide.
+    attempts: OrdMap<AttemptKey, AttemptRecord>,
+    /// `(expires_at, key)` of every record in `attempts`, to forget them in order.
+    attempt_expiry: imbl::OrdSet<(u64, AttemptKey)>,
     // Arc'd: entries are cloned whenever a shared tree node is copied on write.
     dedup: OrdMap<RequestId, Arc<(u64, Reply)>>,
     dedup_order: Vector<(u64, RequestId)>,
@@ -610,6 +732,17 @@ impl Registry {
         &self.share_links
     }
 
+    /// Provider accounts and the users they sign in as.
+    pub fn identities(&self) -> &OrdMap<ProviderSubject, Name> {
+        &self.identities
+    }
+
+    /// Counted tries at guessable secrets (some may have left their window since the last
+    /// write purged them).
+    pub fn attempts(&self) -> &OrdMap<AttemptKey, AttemptRecord> {
+        &self.attempts
+    }
+
     /// The proxy's keys, once a node created them.
     pub fn proxy_keys(&self) -> Option<&ProxyKeys> {
         self.proxy_keys.as_ref()
@@ -660,6 +793,8 @@ impl Registry {
             + self.api_keys.len()
             + self.join_tokens.len()
             + self.nodes.len()
+            + self.identities.len()
+            + self.attempts.len()
             + self.dedup.len()
     }
 
@@ -831,6 +966,8 @@ impl Registry {
                         | Command::AcmeAccount(_)
                         | Command::AcmeChallenge { .. }
                         | Command::AcmeChallengeDone { .. }
+                        | Command::ReserveAttempt { .. }
+                        | Command::ReleaseAttempt { .. }
                 ) {
                     return Err(RegistryError::Forbidden);
                 }
@@ -994,9 +1131,21 @@ impl Registry {
             Command::SignIn {
                 session,
                 display_name,
+                subject,
+                email_verified,
             } => {
                 self.expire_sessions(req.at);
-                self.sign_in(session.clone(), display_name.clone(), index)
+                let identity = ProviderSubject {
+                    idp: session.idp.clone(),
+                    subject: subject.clone(),
+                };
+                self.sign_in(
+                    session.clone(),
+                    display_name.clone(),
+                    identity,
+                    *email_verified,
+                    index,
+                )
             }
             Command::RefreshSession {
                 id,
@@ -1200,6 +1349,92 @@ impl Registry {
                 keys.signing_keys.drain(..excess);
                 Ok(Outcome::Done)
             }
+            Command::ReserveAttempt {
+                attempt,
+                id,
+                limit,
+                window,
+            } => self
+                .reserve_attempt(attempt, *id, *limit, *window, req.at)
+                .map(|()| Outcome::Done),
+            Command::ReleaseAttempt { attempt, id } => {
+                self.release_attempt(attempt, *id);
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Counts a try unless `limit` tries already count; see [`Command::ReserveAttempt`].
+    fn reserve_attempt(
+        &mut self,
+        attempt: &AttemptKey,
+        id: u128,
+        limit: u32,
+        window: u64,
+        now: u64,
+    ) -> Result<(), RegistryError> {
+        if attempt.key.is_empty() || attempt.key.len() > MAX_ATTEMPT_KEY {
+            return Err(RegistryError::Conflict {
+                message: format!("an attempt key has 1 to {MAX_ATTEMPT_KEY} bytes"),
+            });
+        }
+        if !(1..=1000).contains(&limit) || !(1..=86_400).contains(&window) {
+            return Err(RegistryError::Conflict {
+                message: "an attempt limit is 1 to 1000 tries within 1 s to 1 day".into(),
+            });
+        }
+        let mut record = self.attempts.get(attempt).cloned().unwrap_or_default();
+        if record.counted(now) >= limit as usize {
+            return Err(RegistryError::TooManyAttempts {
+                retry_after: record.retry_after(now),
+            });
+        }
+        self.forget_attempts(now);
+        if let Some(old) = self.attempts.get(attempt) {
+            self.attempt_expiry
+                .remove(&(old.expires_at(), attempt.clone()));
+        } else if self.attempts.len() >= MAX_ATTEMPT_RECORDS {
+            if let Some(first) = self.attempt_expiry.get_min().cloned() {
+                self.attempt_expiry.remove(&first);
+                self.attempts.remove(&first.1);
+            }
+        }
+        record.tries.retain(|t| t.0 > now);
+        record.tries.push((now.saturating_add(window), id));
+        self.attempt_expiry
+            .insert((record.expires_at(), attempt.clone()));
+        self.attempts.insert(attempt.clone(), record);
+        Ok(())
+    }
+
+    /// Stops counting the try `id`; see [`Command::ReleaseAttempt`].
+    fn release_attempt(&mut self, attempt: &AttemptKey, id: u128) {
+        let Some(mut record) = self.attempts.get(attempt).cloned() else {
+            return;
+        };
+        let Some(i) = record.tries.iter().position(|t| t.1 == id) else {
+            return;
+        };
+        self.attempt_expiry
+            .remove(&(record.expires_at(), attempt.clone()));
+        record.tries.remove(i);
+        if record.tries.is_empty() {
+            self.attempts.remove(attempt);
+        } else {
+            self.attempt_expiry
+                .insert((record.expires_at(), attempt.clone()));
+            self.attempts.insert(attempt.clone(), record);
+        }
+    }
+
+    /// Forgets attempt records whose every try left its window before `now`.
+    fn forget_attempts(&mut self, now: u64) {
+        while let Some(first) = self.attempt_expiry.get_min().cloned() {
+            if first.0 > now {
+                break;
+            }
+            self.attempt_expiry.remove(&first);
+            self.attempts.remove(&first.1);
         }
     }
 
@@ -1218,6 +1453,8 @@ impl Registry {
         &mut self,
         mut session: Session,
         display_name: Option<String>,
+        identity: ProviderSubject,
+        email_verified: bool,
         index: u64,
     ) -> Result<Outcome, RegistryError> {
         if self.sessions.contains_key(&session.id) {
@@ -1228,57 +1465,91 @@ impl Registry {
                 detail: "already exists".into(),
             });
         }
-        let existing = self
-            .users
-            .values()
-            .find(|u| {
-                u.email
-                    .as_deref()
-                    .is_some_and(|e| e.eq_ignore_ascii_case(&session.email))
-            })
+        if identity.subject.is_empty() || identity.subject.len() > MAX_SUBJECT {
+            return Err(RegistryError::Invalid {
+                kind: Kind::User,
+                name: String::new(),
+                field: "subject".into(),
+                reason: format!("the ID token's sub claim has 1 to {MAX_SUBJECT} bytes"),
+            });
+        }
+        let linked = self
+            .identities
+            .get(&identity)
+            .and_then(|n| self.users.get(n))
             .cloned();
-        let (user, created) = match existing {
-            Some(u) if u.disabled => {
-                return Err(RegistryError::Conflict {
-                    message: format!("user {:?} is disabled", u.name.as_str()),
-                })
-            }
+        let (user, created) = match linked {
+            Some(u) if u.disabled => return Err(RegistryError::UserDisabled { user: u.name }),
             Some(u) => (u.name, false),
-            None => {
-                let base = user_name_from_email(&session.email);
-                let name = (1..=1000)
-                    .map(|i| {
-                        if i == 1 {
-                            base.clone()
-                        } else {
-                            format!("{base}-{i}")
-                        }
-                    })
-                    .filter_map(|n| Name::new(n).ok())
-                    .find(|n| !self.users.contains_key(n))
-                    .ok_or_else(|| RegistryError::Conflict {
-                        message: "no free user name for this e-mail address".into(),
-                    })?;
-                let user = User {
-                    name: name.clone(),
-                    email: Some(session.email.clone()),
-                    display_name: display_name
-                        .filter(|d| warren_proto::registry::check_text(d, 256).is_ok()),
-                    disabled: false,
-                    revision: 0,
-                };
-                user.validate()
-                    .map_err(|e| RegistryError::invalid(Kind::User, name.as_str(), e))?;
-                let mut user = user;
-                user.revision = index;
-                self.users.insert(name.clone(), user);
-                (name, true)
-            }
+            None => match self.user_by_email(&session.email).cloned() {
+                // An unverified address proves nothing, and a user already linked to an
+                // account belongs to that account: neither is taken over by e-mail.
+                Some(u) if !email_verified || self.has_identity(&u.name) => {
+                    return Err(RegistryError::EmailBelongsToAnotherUser { user: u.name })
+                }
+                Some(u) if u.disabled => return Err(RegistryError::UserDisabled { user: u.name }),
+                Some(u) => (u.name, false),
+                None => (
+                    self.provision_user(&session.email, display_name, index)?,
+                    true,
+                ),
+            },
         };
+        self.identities.insert(identity, user.clone());
         session.user = user.clone();
         self.session_expiry.insert((session.expires_at, session.id));
         self.sessions.insert(session.id, session);
         Ok(Outcome::SignedIn { user, created })
+    }
+
+    /// The user with this e-mail address (compared case-insensitively).
+    fn user_by_email(&self, email: &str) -> Option<&User> {
+        self.users.values().find(|u| {
+            u.email
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case(email))
+        })
+    }
+
+    /// Whether any provider account is linked to `user`.
+    fn has_identity(&self, user: &Name) -> bool {
+        self.identities.values().any(|u| u == user)
+    }
+
+    /// Creates a user for a first sign-in with `email`, named after the address.
+    fn provision_user(
+        &mut self,
+        email: &str,
+        display_name: Option<String>,
+        index: u64,
+    ) -> Result<Name, RegistryError> {
+        let base = user_name_from_email(email);
+        let name = (1..=1000)
+            .map(|i| {
+                if i == 1 {
+                    base.clone()
+                } else {
+                    format!("{base}-{i}")
+                }
+            })
+            .filter_map(|n| Name::new(n).ok())
+            .find(|n| !self.users.contains_key(n))
+            .ok_or_else(|| RegistryError::Conflict {
+                message: "no free user name for this e-mail address".into(),
+            })?;
+        let mut user = User {
+            name: name.clone(),
+            email: Some(email.to_owned()),
+            display_name: display_name
+                .filter(|d| warren_proto::registry::check_text(d, 256).is_ok()),
+            disabled: false,
+            revision: 0,
+        };
+        user.validate()
+            .map_err(|e| RegistryError::invalid(Kind::User, name.as_str(), e))?;
+        user.revision = index;
+        self.users.insert(name.clone(), user);
+        Ok(name)
     }
 
     fn insert_node(&mut self, node: Node) {
@@ -1583,7 +1854,10 @@ impl Registry {
             }
         }
         match kind {
-            Kind::User => drop(self.users.remove(name)),
+            Kind::User => {
+                self.users.remove(name);
+                self.forget_identities_of(name);
+            }
             Kind::Role => drop(self.roles.remove(name)),
             Kind::IdentityProvider => drop(self.identity_providers.remove(name)),
             Kind::Site => drop(self.sites.remove(name)),
@@ -1593,6 +1867,19 @@ impl Registry {
             Kind::ApiKey | Kind::Node | Kind::JoinToken => {}
         }
         Ok(cascaded)
+    }
+
+    /// Forgets the provider accounts linked to `user`.
+    fn forget_identities_of(&mut self, user: &Name) {
+        let linked: Vec<ProviderSubject> = self
+            .identities
+            .iter()
+            .filter(|(_, u)| *u == user)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in linked {
+            self.identities.remove(&k);
+        }
     }
 
     /// What applying `manifest` would change, without changing anything.
@@ -1941,7 +2228,50 @@ mod tests {
                 format!("{:?}", r.api_keys),
                 format!("{:?}", r.nodes),
                 format!("{:?}", r.join_tokens),
+                format!("{:?}", r.identities),
+                format!("{:?}", r.attempts),
             ]
+        }
+
+        /// A sign-in through provider `idp` as account `sub` with `email`.
+        fn sign_in(&mut self, idp: &str, sub: &str, email: &str, verified: bool) -> Reply {
+            let session = Session {
+                id: SessionId(u128::from(self.index) + 77),
+                user: name("pending"),
+                idp: name(idp),
+                email: email.into(),
+                groups: Vec::new(),
+                created_at: 1_700_000_000,
+                expires_at: 1_700_003_600,
+                refresh_token: None,
+                token_expires_at: None,
+                id_token: None,
+                via: Via::Sso,
+                resource: None,
+                claims: String::new(),
+            };
+            self.system(Command::SignIn {
+                session,
+                display_name: None,
+                subject: sub.into(),
+                email_verified: verified,
+            })
+        }
+
+        /// A try at `key` from `client` at time `at`, counting for 300 s, at most 3.
+        fn reserve(&mut self, client: &str, key: &str, id: u128, at: u64) -> Reply {
+            let req = Request {
+                id: RequestId(u128::from(self.index) + 2_000_000),
+                at,
+                actor: Actor::System,
+                command: Command::ReserveAttempt {
+                    attempt: attempt(client, key),
+                    id,
+                    limit: 3,
+                    window: 300,
+                },
+            };
+            self.submit(req)
         }
 
         /// The registry after a snapshot round trip, encoded again.
@@ -1954,6 +2284,20 @@ mod tests {
                 format!("{:?}", self.reg.keys_by_id)
             );
             (bytes, encode("snapshot", &back).unwrap())
+        }
+    }
+
+    fn attempt(client: &str, key: &str) -> AttemptKey {
+        AttemptKey {
+            client: client.parse().unwrap(),
+            key: key.into(),
+        }
+    }
+
+    fn signed_in(reply: Reply) -> (String, bool) {
+        match reply {
+            Ok(Outcome::SignedIn { user, created }) => (user.to_string(), created),
+            other => panic!("expected a sign-in, got {other:?}"),
         }
     }
 
@@ -2305,6 +2649,239 @@ mod tests {
     }
 
     #[test]
+    fn a_verified_email_links_a_provisioned_user_once() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", Some("alice@example.com"))))
+            .unwrap();
+        assert_eq!(
+            signed_in(h.sign_in("corp", "sub-a", "ALICE@example.com", true)),
+            ("alice".into(), false)
+        );
+        let link = ProviderSubject {
+            idp: name("corp"),
+            subject: "sub-a".into(),
+        };
+        assert_eq!(h.reg.identities().get(&link), Some(&name("alice")));
+        // The same account signs in again: the link decides, not a new lookup.
+        assert_eq!(
+            signed_in(h.sign_in("corp", "sub-a", "alice@example.com", true)),
+            ("alice".into(), false)
+        );
+        assert_eq!(h.reg.identities().len(), 1);
+    }
+
+    #[test]
+    fn an_unverified_email_never_takes_over_a_user() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", Some("alice@example.com"))))
+            .unwrap();
+        let before = h.tables();
+        let sessions = h.reg.sessions().len();
+        let err = h
+            .sign_in("corp", "mallory", "alice@example.com", false)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RegistryError::EmailBelongsToAnotherUser {
+                user: name("alice")
+            }
+        );
+        assert_eq!(h.tables(), before, "nothing linked, nothing created");
+        assert_eq!(h.reg.sessions().len(), sessions, "no session");
+        // An unverified address nobody has makes a new user, as before.
+        assert_eq!(
+            signed_in(h.sign_in("corp", "newbie", "new@example.com", false)),
+            ("new".into(), true)
+        );
+    }
+
+    #[test]
+    fn a_second_provider_with_the_same_verified_email_is_refused() {
+        let mut h = Harness::new();
+        // First sign-in creates the user and links it to the first provider.
+        assert_eq!(
+            signed_in(h.sign_in("corp", "sub-a", "alice@example.com", true)),
+            ("alice".into(), true)
+        );
+        let before = h.tables();
+        let err = h
+            .sign_in("social", "other", "alice@example.com", true)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RegistryError::EmailBelongsToAnotherUser {
+                user: name("alice")
+            }
+        );
+        assert_eq!(h.tables(), before);
+        // A second account at the same provider neither.
+        assert!(h
+            .sign_in("corp", "sub-b", "alice@example.com", true)
+            .is_err());
+    }
+
+    #[test]
+    fn a_known_subject_wins_even_when_its_email_changed() {
+        let mut h = Harness::new();
+        signed_in(h.sign_in("corp", "sub-a", "alice@example.com", true));
+        h.admin(Command::Create(user("bob", Some("bob@example.com"))))
+            .unwrap();
+        // The account now claims bob's address (verified or not): it is still alice.
+        for verified in [false, true] {
+            assert_eq!(
+                signed_in(h.sign_in("corp", "sub-a", "bob@example.com", verified)),
+                ("alice".into(), false)
+            );
+        }
+        assert_eq!(
+            h.reg.users()[&name("alice")].email.as_deref(),
+            Some("alice@example.com"),
+            "the stored address is the admin's, not the token's"
+        );
+        let Outcome::Entity(AnyEntity::User(mut alice)) = h
+            .admin(Command::Update(user("alice", Some("alice@example.com"))))
+            .unwrap()
+        else {
+            panic!("expected a user")
+        };
+        alice.disabled = true;
+        h.admin(Command::Update(AnyEntity::User(alice))).unwrap();
+        assert_eq!(
+            h.sign_in("corp", "sub-a", "alice@example.com", true),
+            Err(RegistryError::UserDisabled {
+                user: name("alice")
+            })
+        );
+    }
+
+    #[test]
+    fn deleting_a_user_forgets_its_links_and_a_manifest_keeps_them() {
+        let mut h = Harness::new();
+        signed_in(h.sign_in("corp", "sub-a", "alice@example.com", true));
+        let m = Manifest {
+            users: Some(vec![User {
+                name: name("alice"),
+                email: Some("alice@example.com".into()),
+                display_name: Some("Alice".into()),
+                disabled: false,
+                revision: 0,
+            }]),
+            ..Manifest::default()
+        };
+        h.admin(Command::Apply {
+            manifest: m,
+            prune: false,
+        })
+        .unwrap();
+        assert_eq!(h.reg.identities().len(), 1, "apply leaves links alone");
+        h.admin(Command::Delete {
+            kind: Kind::User,
+            name: name("alice"),
+            revision: 0,
+        })
+        .unwrap();
+        assert!(h.reg.identities().is_empty());
+        // A user created again with the address is linked afresh by a verified sign-in,
+        // from any provider: the old link is gone.
+        h.admin(Command::Create(user("alice", Some("alice@example.com"))))
+            .unwrap();
+        assert_eq!(
+            signed_in(h.sign_in("social", "x", "alice@example.com", true)),
+            ("alice".into(), false)
+        );
+        assert!(h
+            .sign_in("corp", "sub-a", "alice@example.com", true)
+            .is_err());
+    }
+
+    #[test]
+    fn attempts_are_limited_released_on_success_and_expire() {
+        let mut h = Harness::new();
+        let t = 1_700_000_000;
+        let ip = "192.0.2.1";
+        for id in 0..3 {
+            h.reserve(ip, "pin:r", id, t).unwrap();
+        }
+        let before = h.tables();
+        assert_eq!(
+            h.reserve(ip, "pin:r", 9, t + 10),
+            Err(RegistryError::TooManyAttempts { retry_after: 290 })
+        );
+        assert_eq!(h.tables(), before, "a refused try changes nothing");
+        // Others are not affected.
+        h.reserve(ip, "pin:other", 10, t).unwrap();
+        h.reserve("192.0.2.2", "pin:r", 11, t).unwrap();
+        // A released (successful) try stops counting.
+        h.system(Command::ReleaseAttempt {
+            attempt: attempt(ip, "pin:r"),
+            id: 1,
+        })
+        .unwrap();
+        h.reserve(ip, "pin:r", 12, t + 20).unwrap();
+        assert!(h.reserve(ip, "pin:r", 13, t + 20).is_err());
+        // Tries leave the window each at its own time: at t + 300 the two from t have
+        // left, the one from t + 20 still counts.
+        h.reserve(ip, "pin:r", 14, t + 300).unwrap();
+        h.reserve(ip, "pin:r", 15, t + 300).unwrap();
+        assert!(h.reserve(ip, "pin:r", 16, t + 300).is_err());
+        // Records whose tries all expired are forgotten by the next write.
+        h.reserve("192.0.2.3", "pin:r", 17, t + 1000).unwrap();
+        let keys: Vec<String> = h
+            .reg
+            .attempts()
+            .keys()
+            .map(|k| format!("{} {}", k.client, k.key))
+            .collect();
+        assert_eq!(keys, vec!["192.0.2.3 pin:r".to_owned()]);
+        assert_eq!(h.reg.attempt_expiry.len(), 1);
+        // Releasing what is not counted does nothing.
+        h.system(Command::ReleaseAttempt {
+            attempt: attempt(ip, "pin:r"),
+            id: 1,
+        })
+        .unwrap();
+        let (a, b) = h.snapshot_round_trip();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn attempt_records_are_bounded() {
+        let mut h = Harness::new();
+        let t = 1_700_000_000;
+        for i in 0..MAX_ATTEMPT_RECORDS as u32 + 5 {
+            let ip = std::net::Ipv6Addr::from(u128::from(i)).to_string();
+            h.reserve(&ip, "pin:r", u128::from(i), t + u64::from(i / 1000))
+                .unwrap();
+        }
+        assert_eq!(h.reg.attempts().len(), MAX_ATTEMPT_RECORDS);
+        assert_eq!(h.reg.attempt_expiry.len(), MAX_ATTEMPT_RECORDS);
+        // The oldest went first.
+        assert!(!h.reg.attempts().contains_key(&attempt("::", "pin:r")));
+        assert!(h.reg.attempts().contains_key(&attempt("::5", "pin:r")));
+    }
+
+    #[test]
+    fn only_the_cluster_counts_attempts_and_signs_in() {
+        let mut h = Harness::new();
+        let err = h
+            .admin(Command::ReserveAttempt {
+                attempt: attempt("192.0.2.1", "pin:r"),
+                id: 1,
+                limit: 3,
+                window: 300,
+            })
+            .unwrap_err();
+        assert_eq!(err, RegistryError::Forbidden);
+        let err = h
+            .admin(Command::ReleaseAttempt {
+                attempt: attempt("192.0.2.1", "pin:r"),
+                id: 1,
+            })
+            .unwrap_err();
+        assert_eq!(err, RegistryError::Forbidden);
+    }
+
+    #[test]
     fn a_snapshot_rebuilds_the_same_registry() {
         let mut h = Harness::new();
         h.admin(Command::Create(site("hq"))).unwrap();
@@ -2330,6 +2907,31 @@ mod tests {
             arb_name().prop_map(|n| Command::Create(site(&n))),
             (arb_name(), any::<bool>())
                 .prop_map(|(n, e)| Command::Create(user(&n, e.then_some("x@y.z")))),
+            (arb_name(), arb_name(), any::<bool>()).prop_map(|(idp, sub, verified)| {
+                let session = Session {
+                    id: SessionId(
+                        u128::from(sub.as_bytes()[0]) << 8 | u128::from(idp.as_bytes()[0]),
+                    ),
+                    user: name("pending"),
+                    idp: name(&idp),
+                    email: "x@y.z".into(),
+                    groups: Vec::new(),
+                    created_at: 0,
+                    expires_at: u64::MAX,
+                    refresh_token: None,
+                    token_expires_at: None,
+                    id_token: None,
+                    via: Via::Sso,
+                    resource: None,
+                    claims: String::new(),
+                };
+                Command::SignIn {
+                    session,
+                    display_name: None,
+                    subject: sub,
+                    email_verified: verified,
+                }
+            }),
             (arb_name(), prop::collection::vec(arb_name(), 0..3)).prop_map(|(n, m)| {
                 let m: Vec<&str> = m.iter().map(String::as_str).collect();
                 Command::Create(role(&n, &m))
@@ -2363,8 +2965,12 @@ mod tests {
             let mut twin = Harness::new();
             for cmd in cmds {
                 let before = h.tables();
-                let reply = h.admin(cmd.clone());
-                prop_assert_eq!(&reply, &twin.admin(cmd));
+                let (reply, twin_reply) = if matches!(cmd, Command::SignIn { .. }) {
+                    (h.system(cmd.clone()), twin.system(cmd))
+                } else {
+                    (h.admin(cmd.clone()), twin.admin(cmd))
+                };
+                prop_assert_eq!(&reply, &twin_reply);
                 if reply.is_err() {
                     prop_assert_eq!(h.tables(), before);
                 }
@@ -2377,6 +2983,9 @@ mod tests {
                     if let Some(s) = &res.site {
                         prop_assert!(h.reg.sites().contains_key(s));
                     }
+                }
+                for linked in h.reg.identities().values() {
+                    prop_assert!(h.reg.users().contains_key(linked));
                 }
             }
             let (before, after) = h.snapshot_round_trip();

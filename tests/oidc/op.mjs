@@ -13,7 +13,8 @@
 //   OP_ACCESS_TTL              lifetime of access and ID tokens in seconds (default 600)
 //
 // Users: alice/alice-pw (alice@example.test, groups admins+dev), bob/bob-pw (bob@example.test,
-// groups dev), carol/carol-pw (carol@corp.test, no groups).
+// groups dev), carol/carol-pw (carol@corp.test, no groups), mallory/mallory-pw (claims
+// dave@example.test with email_verified false, groups admins). Every other user's e-mail is verified.
 //
 // Behaviour worth knowing:
 //   - PKCE (S256) is required for every client; the `cli` client (public) also has the device flow
@@ -59,6 +60,8 @@ const USERS = {
   alice: { password: 'alice-pw', email: 'alice@example.test', name: 'Alice Test', groups: ['admins', 'dev'] },
   bob: { password: 'bob-pw', email: 'bob@example.test', name: 'Bob Test', groups: ['dev'] },
   carol: { password: 'carol-pw', email: 'carol@corp.test', name: 'Carol Test', groups: [] },
+  // An address the provider let her type in but never checked: it must not make her dave.
+  mallory: { password: 'mallory-pw', email: 'dave@example.test', emailVerified: false, name: 'Mallory Test', groups: ['admins'] },
 };
 const disabled = new Set();
 const activeUser = (id) => (Object.hasOwn(USERS, id) && !disabled.has(id) ? USERS[id] : undefined);
@@ -137,7 +140,7 @@ const provider = new Provider(ISSUER, {
   async findAccount(ctx, sub) {
     const u = activeUser(sub);
     if (!u) return undefined;
-    return { accountId: sub, async claims() { return { sub, email: u.email, email_verified: true, name: u.name, groups: u.groups }; } };
+    return { accountId: sub, async claims() { return { sub, email: u.email, email_verified: u.emailVerified ?? true, name: u.name, groups: u.groups }; } };
   },
   // No consent screen: first-party clients get everything they ask for.
   async loadExistingGrant(ctx) {

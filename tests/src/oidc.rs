@@ -12,6 +12,10 @@
 //! | `alice` | `alice-pw` | `alice@example.test` | `admins`, `dev` |
 //! | `bob` | `bob-pw` | `bob@example.test` | `dev` |
 //! | `carol` | `carol-pw` | `carol@corp.test` | none |
+//! | `mallory` | `mallory-pw` | `dave@example.test`, **not verified** | `admins` |
+//!
+//! Every ID token carries `sub` (the user name) and `email_verified` (true but for
+//! `mallory`).
 //!
 //! Its confidential client (default `warren` / `warren-secret`, `client_secret_basic`) must
 //! use PKCE (S256). A request whose scope has `offline_access` gets a refresh token. The

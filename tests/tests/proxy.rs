@@ -50,6 +50,12 @@ async fn session_for(
         .ok_or(resp.status()))
 }
 
+/// The hidden token of the sign-out form on `page`.
+fn form_token(page: &str) -> Option<String> {
+    let re = regex::Regex::new(r#"name="token" value="([^"]+)""#).ok()?;
+    Some(re.captures(page)?[1].to_owned())
+}
+
 /// An HTTPS client that sends every `*.localhost` name to loopback and trusts `cert`.
 fn web(cert_pem: &str) -> reqwest::Client {
     web_client(cert_pem, &HOSTS, Duration::from_secs(30))
@@ -428,6 +434,41 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     .await?;
     assert_eq!(b.status, Some(403), "source CIDR rule: {}", b.text);
 
+    phase!("an unverified e-mail address does not take over the provisioned user who has it");
+    api.post_ok(
+        "/v1/users",
+        &json!({"name": "dave", "email": "dave@example.test"}),
+    )
+    .await?;
+    let dave_before = api.get_ok("/v1/users/dave").await?;
+    let users_before = api.get_ok("/v1/users").await?;
+    // mallory's provider account claims dave's address, unverified (and the admins group).
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[2]))
+            .login("mallory", "mallory-pw"),
+    )
+    .await?;
+    assert_eq!(b.status, Some(403), "{}", b.text);
+    assert!(b.text.contains("belongs to another account"), "{}", b.text);
+    assert!(
+        !b.cookies
+            .iter()
+            .any(|c| c.name == "__Host-warren_session" && c.domain == "app.localhost"),
+        "no session for the app: {:?}",
+        b.cookies
+    );
+    assert_eq!(api.get_ok("/v1/users/dave").await?, dave_before);
+    assert_eq!(
+        api.get_ok("/v1/users").await?,
+        users_before,
+        "no user was created either"
+    );
+    let sessions = api.get_ok("/v1/sessions").await?;
+    assert!(
+        !sessions.to_string().contains("dave"),
+        "no session for dave: {sessions}"
+    );
+
     phase!("bad input: open redirect, forged state, forged and replayed codes, forged cookie");
     let (status, _, _) = echo(
         &web,
@@ -675,28 +716,96 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         "{text}"
     );
 
-    phase!("sign-out ends the session everywhere and goes to the provider's sign-out");
+    phase!("sign-out: a GET only asks, a POST without the page's token changes nothing");
+    let alice_state = dir.path().join("alice-again.json");
     let b = browser_async(
         BrowserArgs::new(format!("https://app.localhost:{}/echo", https[0]))
-            .login("alice", "alice-pw"),
+            .login("alice", "alice-pw")
+            .storage_out(&alice_state),
     )
     .await?;
     let alice = session_cookie(&b, "app.localhost")?;
-    let (status, _, location) = echo(
+    let sign_out = format!("https://app.localhost:{}/.warren/sign_out", https[1]);
+    let (status, page, _) = echo(&web, &sign_out, Some(&alice), &[]).await?;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let page = page.as_str().unwrap_or_default();
+    assert!(
+        page.contains("method=\"post\"") && page.contains("id=\"sign-out\""),
+        "{page}"
+    );
+    let token = form_token(page).context("no token in the sign-out form")?;
+    let still_in = || async {
+        let (status, _, _) = echo(
+            &web,
+            &format!("https://app.localhost:{}/echo", https[0]),
+            Some(&alice),
+            &[],
+        )
+        .await?;
+        Ok::<_, anyhow::Error>(status == StatusCode::OK)
+    };
+    assert!(still_in().await?, "a GET of the sign-out page signed out");
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let (_, whoami, _) = echo(
         &web,
-        &format!("https://app.localhost:{}/.warren/sign_out", https[1]),
+        &format!("https://app.localhost:{}/.warren/", https[2]),
         Some(&alice),
         &[],
     )
     .await?;
-    assert_eq!(status, StatusCode::FOUND);
+    let whoami = whoami.as_str().unwrap_or_default();
+    assert!(whoami.contains("id=\"sign-out\""), "{whoami}");
+    for (form, cookie, why) in [
+        (vec![], Some(alice.as_str()), "no token"),
+        (
+            vec![("token", forged.as_str())],
+            Some(&alice),
+            "a forged token",
+        ),
+        (vec![("token", token.as_str())], None, "no session cookie"),
+    ] {
+        let mut post = web.post(&sign_out).form(&form);
+        if let Some(c) = cookie {
+            post = post.header("cookie", c);
+        }
+        let resp = post.send().await?;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{why}");
+        assert!(
+            resp.headers().get("set-cookie").is_none(),
+            "{why}: no cookie is cleared"
+        );
+        assert!(still_in().await?, "{why} signed out");
+    }
+
+    phase!("sign-out with the page's button ends the session everywhere and goes to the provider's sign-out");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{}/.warren/", https[1]))
+            .storage_in(&alice_state)
+            .click("#sign-out"),
+    )
+    .await?;
     assert!(
-        location.starts_with(&idp.issuer),
-        "to the provider: {location}"
+        b.url.starts_with(&idp.issuer),
+        "to the provider: {} ({})",
+        b.url,
+        b.text
     );
+    assert!(
+        !b.cookies
+            .iter()
+            .any(|c| c.name == "__Host-warren_session" && c.domain == "app.localhost"),
+        "the session cookie is cleared: {:?}",
+        b.cookies
+    );
+    eventually("every node forgets the session", || async {
+        Ok(!still_in().await?)
+    })
+    .await?;
     let (status, _, _) = echo(
         &web,
-        &format!("https://app.localhost:{}/echo", https[0]),
+        &format!("https://app.localhost:{}/echo", https[2]),
         Some(&alice),
         &[],
     )

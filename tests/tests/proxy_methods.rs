@@ -1,5 +1,5 @@
 //! Ways into a web resource without an account: PIN, passcode, e-mailed one-time code,
-//! share links and bypass rules, against a real node and a local SMTP sink.
+//! share links and bypass rules, against a real three-node cluster and a local SMTP sink.
 
 use std::time::Duration;
 
@@ -18,6 +18,10 @@ const HOSTS: [&str; 6] = [
     "mixed.localhost",
     "auth.localhost",
 ];
+
+/// Wrong tries at a PIN, passcode or code a client gets within the window, cluster-wide
+/// (`warren_node::proxy::credential::MAX_FAILURES`).
+const MAX_FAILURES: usize = 10;
 
 fn web(cert_pem: &str) -> reqwest::Client {
     warren_tests::web_client(cert_pem, &HOSTS, Duration::from_secs(20))
@@ -84,13 +88,11 @@ async fn pin_passcode_email_code_share_link_and_bypass() -> anyhow::Result<()> {
         .ok();
     let app = Upstream::start("app").await?;
     let smtp = SmtpSink::start().await?;
-    let cluster = Cluster::start_with_env(1, &[("WARREN_SMTP_URL", &smtp.url())]).await?;
-    let port: u16 = cluster.nodes[0]
-        .https_addr
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .parse()?;
+    let cluster = Cluster::start_with_env(3, &[("WARREN_SMTP_URL", &smtp.url())]).await?;
+    let ports: Vec<u16> = (0..3)
+        .map(|i| warren_tests::port_of(&cluster.nodes[i].https_addr))
+        .collect();
+    let port = ports[0];
     let (cert, key) = certs::self_signed(&HOSTS);
     let web = web(&cert);
     let api = cluster.api(0);
@@ -126,6 +128,10 @@ async fn pin_passcode_email_code_share_link_and_bypass() -> anyhow::Result<()> {
     let site = |name: &str| Site {
         web: &web,
         base: format!("https://{name}.localhost:{port}"),
+    };
+    let site_on = |name: &str, node: usize| Site {
+        web: &web,
+        base: format!("https://{name}.localhost:{}", ports[node]),
     };
     // The proxy follows the registry asynchronously.
     let pin = site("pin");
@@ -202,27 +208,51 @@ async fn pin_passcode_email_code_share_link_and_bypass() -> anyhow::Result<()> {
         "a PIN session opens only its resource"
     );
 
-    phase!("PIN guessing is limited");
-    let mut limited = false;
-    for _ in 0..12 {
-        let (status, _, _) = site("mixed")
+    phase!("a right PIN does not count against the limit: its users are never locked out");
+    // One wrong PIN came from this address already; right ones, more than the limit,
+    // spread over the nodes.
+    for i in 0..MAX_FAILURES + 2 {
+        let (status, body, cookie) = site_on("pin", i % 3)
+            .post(&[("method", "pin"), ("pin", "123456"), ("rd", "/echo")])
+            .await?;
+        assert_eq!(
+            status,
+            StatusCode::FOUND,
+            "right PIN {i} on node {}: {body}",
+            i % 3 + 1
+        );
+        assert!(cookie.is_some());
+    }
+
+    phase!(
+        "PIN guessing is limited cluster-wide: wrong PINs spread over three nodes count together"
+    );
+    let mut wrong = 0;
+    for i in 0..3 * MAX_FAILURES {
+        let (status, body, _) = site_on("mixed", i % 3)
             .post(&[("method", "pin"), ("pin", "9999"), ("rd", "/")])
             .await?;
         if status == StatusCode::TOO_MANY_REQUESTS {
-            limited = true;
             break;
         }
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        wrong += 1;
     }
-    assert!(limited, "wrong PINs are not limited");
-    let (status, _, _) = site("mixed")
-        .post(&[("method", "pin"), ("pin", "4321"), ("rd", "/")])
-        .await?;
     assert_eq!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "even the right PIN waits after too many wrong ones"
+        wrong, MAX_FAILURES,
+        "wrong PINs allowed in total before the limit, over three nodes"
     );
+    for node in 0..3 {
+        let (status, _, cookie) = site_on("mixed", node)
+            .post(&[("method", "pin"), ("pin", "4321"), ("rd", "/")])
+            .await?;
+        assert_eq!(
+            (status, cookie),
+            (StatusCode::TOO_MANY_REQUESTS, None),
+            "even the right PIN waits after too many wrong ones, on node {}",
+            node + 1
+        );
+    }
 
     phase!("bypass: /health needs no sign-in, the rest does");
     let (status, _, body) = site("mixed").get("/health", None).await?;

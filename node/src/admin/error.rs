@@ -85,6 +85,10 @@ impl From<RegistryError> for ApiErr {
             RegistryError::Unauthorized => Self::new(ErrorCode::Unauthorized, message),
             RegistryError::Forbidden => Self::new(ErrorCode::Forbidden, message),
             RegistryError::Conflict { .. } => Self::new(ErrorCode::Conflict, message),
+            // Only the cluster itself sends the commands that return these.
+            RegistryError::EmailBelongsToAnotherUser { .. }
+            | RegistryError::UserDisabled { .. }
+            | RegistryError::TooManyAttempts { .. } => Self::new(ErrorCode::Conflict, message),
         }
     }
 }

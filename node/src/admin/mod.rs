@@ -9,19 +9,28 @@
 //! not know yet is checked again after a read barrier (it may have just been created
 //! elsewhere). Reads check the key on the fresh state they read; writes carry the key id
 //! into the log, and the state machine refuses the write if the key was revoked meanwhile.
+//!
+//! Connections are bounded before any key is seen ([`ConnLimits`]): at most 512 at once
+//! (more are closed at once, counted in `/metrics` and logged at most every 10 s), 10 s
+//! for the TLS handshake, 10 s for a request's header, 60 s for its body, and a connection
+//! with no request in flight for 30 s is closed (HTTP/1 keep-alive and HTTP/2 alike), so a
+//! client dripping bytes or holding idle connections cannot keep them for ever.
 
 mod error;
 mod routes;
 mod status;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::HeaderMap;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::service::Service as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 use warren_consensus::cluster::Cluster;
 use warren_consensus::pki::ClusterCa;
 use warren_consensus::quic::QuicTransport;
@@ -39,6 +48,70 @@ use crate::actors::Members;
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest body of `POST /v1/apply`, in bytes.
 pub const MAX_APPLY_BODY: usize = 16 << 20;
+/// Longest a request body may take to arrive once its handler reads it.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bounds on the admin API's connections, checked before any API key is seen.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Most connections open at once (from accept to close); more are closed at once.
+    pub max_connections: usize,
+    /// Longest a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Longest an HTTP/1 request header may take to arrive, from when the connection is
+    /// ready for the next request (so it also bounds idle keep-alive connections).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully (it
+    /// bounds idle HTTP/2 connections and connections that never send a request).
+    pub idle_timeout: Duration,
+    /// How long a connection being closed may finish its requests before it is dropped.
+    pub close_grace: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            close_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connection counters of the admin listener, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    open: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl ConnStats {
+    /// Connections open now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed at once because [`ConnLimits::max_connections`] were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The counters in the Prometheus text format.
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP warren_admin_connections Admin API connections open now.\n\
+             # TYPE warren_admin_connections gauge\n\
+             warren_admin_connections {}\n\
+             # HELP warren_admin_connections_refused_total Admin API connections closed at once because the connection limit was reached.\n\
+             # TYPE warren_admin_connections_refused_total counter\n\
+             warren_admin_connections_refused_total {}\n",
+            self.open(),
+            self.refused()
+        )
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -55,6 +128,8 @@ struct Inner {
     members: Members,
     /// The node's proxy (its port for share link URLs, its metrics).
     proxy: Arc<crate::proxy::Proxy>,
+    /// The admin listener's connection counters.
+    connections: Arc<ConnStats>,
 }
 
 impl AdminState {
@@ -77,6 +152,7 @@ impl AdminState {
                 node_name,
                 cluster_id,
                 members,
+                connections: Arc::default(),
             }),
         }
     }
@@ -92,8 +168,23 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     state: AdminState,
 ) -> String {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stats = state.inner.connections.clone();
     let app = routes::router(state);
+    serve_router(listener, tls, app, ConnLimits::default(), stats).await
+}
+
+/// Serves `app` over HTTPS on `listener` within `limits`, counting in `stats`.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    limits: ConnLimits,
+    stats: Arc<ConnStats>,
+) -> String {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let limits = Arc::new(limits);
+    let mut refusals = RefusalLog::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,
@@ -104,24 +195,165 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Closed at once: queueing would hold the socket for a client we cannot serve.
+            drop(tcp);
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            refusals.refused(limits.max_connections);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
+        let limits = limits.clone();
+        let stats = stats.clone();
+        stats.open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => Some(s),
                     Ok(Err(e)) => {
                         tracing::debug!(%remote, "admin TLS handshake failed: {e}");
-                        return;
+                        None
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        tracing::debug!(%remote, "admin TLS handshake timed out");
+                        None
+                    }
                 };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
-                tracing::debug!(%remote, "admin connection ended: {e}");
+            if let Some(tls) = tls {
+                serve_connection(tls, service, &limits, remote).await;
             }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
         });
+    }
+}
+
+/// Serves one connection until it ends, closing it when it has been idle too long.
+async fn serve_connection(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    service: TowerToHyperService<axum::Router>,
+    limits: &ConnLimits,
+    remote: std::net::SocketAddr,
+) {
+    let activity = Arc::new(Activity::new());
+    let tracked = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let busy = activity.begin();
+            let answer = service.call(req);
+            async move {
+                let resp = answer.await;
+                drop(busy);
+                resp
+            }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(tls), tracked);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%remote, "admin connection ended: {e}");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                if activity.idle_for() >= limits.idle_timeout {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!(%remote, "closing an idle admin connection");
+    conn.as_mut().graceful_shutdown();
+    if tokio::time::timeout(limits.close_grace, conn.as_mut())
+        .await
+        .is_err()
+    {
+        tracing::debug!(%remote, "dropping an admin connection that did not close in time");
+    }
+}
+
+/// When a connection last had a request in flight.
+struct Activity {
+    /// Requests in flight and when the last one ended (or the connection began).
+    state: Mutex<(usize, Instant)>,
+}
+
+/// Marks a request in flight until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.state.lock().expect("activity lock").0 += 1;
+        Busy(self.clone())
+    }
+
+    /// How long no request has been in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        let (busy, since) = *self.state.lock().expect("activity lock");
+        if busy > 0 {
+            Duration::ZERO
+        } else {
+            since.elapsed()
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().expect("activity lock");
+        s.0 -= 1;
+        s.1 = Instant::now();
+    }
+}
+
+/// Logs refused connections at most every 10 s, with how many since the last line.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, limit: usize) {
+        self.unlogged += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        tracing::warn!(
+            refused = self.unlogged,
+            "admin API: {limit} connections are open (the limit); closed {} new ones since the last report",
+            self.unlogged
+        );
+        self.last = Some(Instant::now());
+        self.unlogged = 0;
     }
 }
 
@@ -187,7 +419,17 @@ async fn auth_write(state: &AdminState, headers: &HeaderMap) -> Result<KeyId, Ap
 
 /// Reads and parses a JSON body of at most `limit` bytes.
 async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiErr> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+    let bytes = read.await.map_err(|_| {
+        ApiErr::new(
+            ErrorCode::InvalidJson,
+            format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )
+    })?;
+    let bytes = bytes.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
@@ -236,4 +478,216 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErr> {
 /// Parses a path segment as a name; a bad one cannot exist, so it is a 404.
 fn path_name(kind: warren_proto::registry::Kind, s: &str) -> Result<Name, ApiErr> {
     Name::new(s).map_err(|_| ApiErr::not_found(kind, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Empty};
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::client::TlsStream;
+    use tokio_rustls::TlsConnector;
+
+    use super::*;
+
+    /// A server configuration for `localhost` and a client that trusts it.
+    fn tls_pair() -> (Arc<rustls::ServerConfig>, TlsConnector) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), TlsConnector::from(Arc::new(client)))
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        stats: Arc<ConnStats>,
+        connector: TlsConnector,
+    }
+
+    impl Server {
+        async fn start(limits: ConnLimits) -> Self {
+            let (tls, connector) = tls_pair();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stats = Arc::new(ConnStats::default());
+            let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+            tokio::spawn(serve_router(listener, tls, app, limits, stats.clone()));
+            Self {
+                addr,
+                stats,
+                connector,
+            }
+        }
+
+        async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
+            let tcp = TcpStream::connect(self.addr).await?;
+            let name = ServerName::try_from("localhost").unwrap();
+            self.connector.connect(name, tcp).await
+        }
+
+        /// Polls (bounded) until `open` connections are counted.
+        async fn until_open(&self, open: u64) {
+            for _ in 0..500 {
+                if self.stats.open() == open {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{} connections open, expected {open}", self.stats.open());
+        }
+    }
+
+    async fn get(
+        sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    ) -> (u16, Bytes) {
+        let req = http::Request::get("/")
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn a_header_dripped_byte_by_byte_is_cut_off() {
+        let server = Server::start(ConnLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..ConnLimits::default()
+        })
+        .await;
+        let mut s = server.connect().await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nx-slow: ")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let mut closed = false;
+        // One byte every 50 ms would keep the header coming for 10 s.
+        for _ in 0..200 {
+            if s.write_all(b"a").await.is_err() || s.flush().await.is_err() {
+                closed = true;
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        assert!(closed, "the server waited for the whole dripped header");
+        server.until_open(0).await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_on_both_http_versions() {
+        let server = Server::start(ConnLimits {
+            idle_timeout: Duration::from_millis(300),
+            close_grace: Duration::from_millis(300),
+            ..ConnLimits::default()
+        })
+        .await;
+        let (mut h1, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(server.connect().await.unwrap()))
+                .await
+                .unwrap();
+        let h1_conn = tokio::spawn(conn);
+        assert_eq!(get(&mut h1).await, (200, Bytes::from_static(b"ok")));
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            TokioExecutor::new(),
+            TokioIo::new(server.connect().await.unwrap()),
+        )
+        .await
+        .unwrap();
+        let h2_conn = tokio::spawn(conn);
+        let req = http::Request::get("https://localhost/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        // Both stay open while nothing happens, then the server ends them.
+        tokio::time::timeout(Duration::from_secs(10), h1_conn)
+            .await
+            .expect("the idle HTTP/1.1 connection stayed open")
+            .unwrap()
+            .ok();
+        tokio::time::timeout(Duration::from_secs(10), h2_conn)
+            .await
+            .expect("the idle HTTP/2 connection stayed open")
+            .unwrap()
+            .ok();
+        server.until_open(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed() {
+        let server = Server::start(ConnLimits {
+            idle_timeout: Duration::from_millis(300),
+            close_grace: Duration::from_millis(300),
+            ..ConnLimits::default()
+        })
+        .await;
+        let mut s = server.connect().await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the silent connection stayed open"
+        );
+        server.until_open(0).await;
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once() {
+        let server = Server::start(ConnLimits {
+            max_connections: 2,
+            ..ConnLimits::default()
+        })
+        .await;
+        let first = server.connect().await.unwrap();
+        let second = server.connect().await.unwrap();
+        server.until_open(2).await;
+        let mut third = TcpStream::connect(server.addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the connection past the limit was not closed: {read:?}"
+        );
+        assert_eq!(server.stats.refused(), 1);
+        assert!(server
+            .stats
+            .render()
+            .contains("warren_admin_connections_refused_total 1"));
+        // One closes: a new connection is served again.
+        drop(first);
+        server.until_open(1).await;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(server.connect().await.unwrap()))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        assert_eq!(get(&mut sender).await.0, 200);
+        drop(second);
+    }
 }

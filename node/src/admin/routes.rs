@@ -449,7 +449,9 @@ async fn metrics(
         axum::http::header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
-    Ok((h, s.inner.proxy.metrics.render()))
+    let mut text = s.inner.proxy.metrics.render();
+    text.push_str(&s.inner.connections.render());
+    Ok((h, text))
 }
 
 async fn list_sessions(

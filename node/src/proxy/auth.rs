@@ -26,7 +26,7 @@ use warren_proto::session::{Session, SessionId};
 use warren_proto::{Name, Secret};
 
 use super::pages::{self, esc, page};
-use super::seal::Purpose;
+use super::seal::{Purpose, Sealer};
 use super::{
     authority_with_port, cookie, lookup_session, set_cookie, unix_now, AccessLog, Body, Proxy,
     ProxyState, SessionCookie, LOGIN_COOKIE, SESSION_COOKIE,
@@ -38,6 +38,8 @@ const LOGIN_TTL: u64 = 600;
 const HANDOFF_TTL: u64 = 60;
 /// Refresh provider tokens this long before they expire.
 const REFRESH_AHEAD: u64 = 30;
+/// How long a sign-out form stays good, in seconds.
+const SIGN_OUT_TTL: u64 = 600;
 
 /// Sign-in state, sealed in a cookie on the auth host while the user is at the provider.
 #[derive(Serialize, Deserialize)]
@@ -58,6 +60,37 @@ pub(crate) struct HandoffCode {
     rd: String,
     exp: u64,
     id: u128,
+}
+
+/// The token of a sign-out form, sealed: which session on which host it may end, until
+/// when. A page on another site cannot read it, so it cannot make the browser post one.
+#[derive(Serialize, Deserialize)]
+struct SignOutToken {
+    sid: u128,
+    host: String,
+    exp: u64,
+}
+
+impl SignOutToken {
+    /// Whether `token` (a form field) is a sign-out token sealed by `sealer` for session
+    /// `sid` on `host` that has not expired at `now`.
+    fn allows(sealer: &Sealer, token: Option<&str>, sid: SessionId, host: &str, now: u64) -> bool {
+        token
+            .and_then(|t| sealer.open::<SignOutToken>(Purpose::SignOut, t))
+            .is_some_and(|t| t.sid == sid.0 && t.host == host && t.exp >= now)
+    }
+}
+
+/// Who signed in, from a verified ID token.
+struct Account {
+    /// The session to open (its user is chosen by the registry).
+    session: Session,
+    /// The `name` claim.
+    display_name: Option<String>,
+    /// The `sub` claim.
+    subject: String,
+    /// The `email_verified` claim (absent counts as not verified).
+    email_verified: bool,
 }
 
 /// A discovered provider.
@@ -198,6 +231,18 @@ fn bad(title: &str, detail: &str) -> Response<Body> {
     page(StatusCode::BAD_REQUEST, title, detail)
 }
 
+/// A 200 HTML page of the proxy's own that must not be cached or framed (it carries a
+/// sign-out button: framing it would let another site trick a click).
+fn html_page(html: String) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .header("content-security-policy", "frame-ancestors 'none'")
+        .header("x-frame-options", "DENY")
+        .body(pages::full(html))
+        .expect("valid response")
+}
+
 impl Proxy {
     /// Requests to the auth host.
     pub(super) async fn auth_host(
@@ -209,7 +254,7 @@ impl Proxy {
         let resp = match path.as_str() {
             "/.warren/sign_in" => self.sign_in(&req, state).await,
             "/.warren/callback" => self.callback(&req, state).await,
-            "/.warren/sign_out" => self.sign_out(&req, state, &self.settings.auth_host).await,
+            "/.warren/sign_out" => self.sign_out(req, state, &self.settings.auth_host).await,
             "/.warren" | "/.warren/" | "/" => self.whoami(&req, state, &self.settings.auth_host),
             _ => page(
                 StatusCode::NOT_FOUND,
@@ -232,7 +277,7 @@ impl Proxy {
             "/.warren/auth" => self.methods(req, state, host, peer).await,
             "/.warren/share" => self.share(req, state, host, peer).await,
             "/.warren/handoff" => self.handoff(&req, state, host).await,
-            "/.warren/sign_out" => self.sign_out(&req, state, host).await,
+            "/.warren/sign_out" => self.sign_out(req, state, host).await,
             "/.warren" | "/.warren/" => self.whoami(&req, state, host),
             _ => page(StatusCode::NOT_FOUND, "Not found", "No such Warren page."),
         };
@@ -251,7 +296,17 @@ impl Proxy {
         if port != self.settings.public_https_port {
             return None;
         }
-        (host == self.settings.auth_host || state.config.routes_for(&host).is_some()).then_some(url)
+        if host == self.settings.auth_host {
+            return Some(url);
+        }
+        // A session goes only to a host and path whose resource asks for one: never to a
+        // public app, which could read the user's identity or sign them out.
+        let path = warren_proto::canonical::canonical_path(url.path()).ok()?;
+        state
+            .config
+            .route(&host, &path)
+            .is_some_and(|r| r.takes_sso())
+            .then_some(url)
     }
 
     fn session_from_cookie(
@@ -462,21 +517,45 @@ impl Proxy {
             );
         };
         let result = self.finish_sign_in(&idp, code, &login).await;
-        let (session, display_name) = match result {
-            Ok(s) => s,
+        let account = match result {
+            Ok(a) => a,
             Err(resp) => return with_cookies(resp, &[clear_login]),
         };
-        let sid = session.id;
+        let sid = account.session.id;
         let write = RaftRequest::new(
             Who::System,
             Command::SignIn {
-                session,
-                display_name,
+                session: account.session,
+                display_name: account.display_name,
+                subject: account.subject,
+                email_verified: account.email_verified,
             },
         );
         match self.cluster.write(write).await {
             Ok(Ok(Outcome::SignedIn { user, created })) => {
                 tracing::info!(user = %user, created, idp = %idp.name, "signed in");
+            }
+            Ok(Err(RegistryError::EmailBelongsToAnotherUser { user })) => {
+                tracing::info!(idp = %idp.name, "sign-in refused: its e-mail address belongs to another account");
+                tracing::debug!(idp = %idp.name, %user, "the address belongs to this user");
+                return with_cookies(
+                    page(
+                        StatusCode::FORBIDDEN,
+                        "Account not linked",
+                        "This e-mail address belongs to another account, so this sign-in cannot use it. Sign in the way you did before, or ask an administrator to link this account.",
+                    ),
+                    &[clear_login],
+                );
+            }
+            Ok(Err(RegistryError::UserDisabled { .. })) => {
+                return with_cookies(
+                    page(
+                        StatusCode::FORBIDDEN,
+                        "Access denied",
+                        "Your account is disabled.",
+                    ),
+                    &[clear_login],
+                );
             }
             Ok(Err(RegistryError::Conflict { message })) => {
                 return with_cookies(
@@ -536,7 +615,7 @@ impl Proxy {
         idp: &IdentityProvider,
         code: &str,
         login: &LoginState,
-    ) -> Result<(Session, Option<String>), Response<Body>> {
+    ) -> Result<Account, Response<Body>> {
         let fail = |log: String| {
             tracing::warn!(idp = %idp.name, "sign-in failed: {log}");
             page(
@@ -575,6 +654,8 @@ impl Proxy {
             .name()
             .and_then(|n| n.get(None))
             .map(|n| n.as_str().to_owned());
+        let subject = claims.subject().as_str().to_owned();
+        let email_verified = claims.email_verified() == Some(true);
         let jwt = id_token.to_string();
         let groups = groups_from(&jwt, idp.groups_claim.as_deref().unwrap_or("groups"));
         let now = unix_now();
@@ -601,7 +682,12 @@ impl Proxy {
             via: warren_proto::session::Via::Sso,
             resource: None,
         };
-        Ok((session, display_name))
+        Ok(Account {
+            session,
+            display_name,
+            subject,
+            email_verified,
+        })
     }
 
     fn redirect_handoff(
@@ -737,19 +823,51 @@ impl Proxy {
         with_cookies(pages::redirect(&rd), &[cookie])
     }
 
+    /// `/.warren/sign_out`: a GET shows a confirmation form (it never signs out, so a link
+    /// from another site cannot sign anyone out); a POST with that form's token ends the
+    /// session everywhere and, where the provider supports it, at the provider too.
     async fn sign_out(
         &self,
-        req: &Request<Incoming>,
+        req: Request<Incoming>,
         state: &ProxyState,
         host: &str,
     ) -> Response<Body> {
-        let clear = set_cookie(SESSION_COOKIE, "", "/", Some(0));
-        let Some(sid) = self.session_from_cookie(req, state, host) else {
-            return with_cookies(
-                page(StatusCode::OK, "Signed out", "You are signed out."),
-                &[clear],
-            );
+        let sid = self.session_from_cookie(&req, state, host);
+        match *req.method() {
+            http::Method::GET | http::Method::HEAD => {
+                return match sid {
+                    Some(sid) => self.sign_out_page(state, sid, host),
+                    None => page(StatusCode::OK, "Signed out", "You are not signed in here."),
+                };
+            }
+            http::Method::POST => {}
+            _ => {
+                return page(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "Not allowed",
+                    "Sign out with the button on the sign-out page.",
+                )
+            }
+        }
+        let refused = || {
+            page(
+                StatusCode::FORBIDDEN,
+                "Sign-out refused",
+                "This sign-out did not come from the sign-out page, or the page is too old. Open the sign-out page again.",
+            )
         };
+        let Some(sid) = sid else {
+            return refused();
+        };
+        let form = super::methods::read_form(req).await;
+        let token = form.as_ref().and_then(|f| f.get("token"));
+        let Some(sealer) = &state.sealer else {
+            return refused();
+        };
+        if !SignOutToken::allows(sealer, token.map(String::as_str), sid, host, unix_now()) {
+            return refused();
+        }
+        let clear = set_cookie(SESSION_COOKIE, "", "/", Some(0));
         let session = state.registry.sessions().get(&sid).cloned();
         let revoke = RaftRequest::new(Who::System, Command::RevokeSession { id: sid });
         if let Err(e) = self.cluster.write(revoke).await {
@@ -772,7 +890,10 @@ impl Proxy {
                             params.push(("id_token_hint", t.expose().to_owned()));
                         }
                         if let Ok(u) = url::Url::parse_with_params(end, &params) {
-                            return with_cookies(pages::redirect(u.as_str()), &[clear]);
+                            // 303: the browser follows a POST's redirect with a GET.
+                            let mut resp = pages::redirect(u.as_str());
+                            *resp.status_mut() = StatusCode::SEE_OTHER;
+                            return with_cookies(resp, &[clear]);
                         }
                     }
                 }
@@ -782,6 +903,39 @@ impl Proxy {
             page(StatusCode::OK, "Signed out", "You are signed out."),
             &[clear],
         )
+    }
+
+    /// The sign-out form of session `sid` on `host`, with its sealed token.
+    fn sign_out_form(&self, state: &ProxyState, sid: SessionId, host: &str) -> Option<String> {
+        let token = state.sealer.as_ref()?.seal(
+            Purpose::SignOut,
+            &SignOutToken {
+                sid: sid.0,
+                host: host.to_owned(),
+                exp: unix_now() + SIGN_OUT_TTL,
+            },
+        );
+        Some(format!(
+            "<form method=\"post\" action=\"/.warren/sign_out\"><input type=\"hidden\" name=\"token\" value=\"{}\"><button id=\"sign-out\" type=\"submit\">Sign out</button></form>",
+            esc(&token)
+        ))
+    }
+
+    fn sign_out_page(&self, state: &ProxyState, sid: SessionId, host: &str) -> Response<Body> {
+        let Some(form) = self.sign_out_form(state, sid, host) else {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "Try again in a moment.",
+            );
+        };
+        let html = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Warren: sign out</title></head>\
+             <body style=\"font-family:sans-serif;margin:3em\"><h1>Sign out?</h1>\
+             <p>This ends your session on {} and every other site you opened with it.</p>{form}</body></html>",
+            esc(host)
+        );
+        html_page(html)
     }
 
     fn whoami(&self, req: &Request<Incoming>, state: &ProxyState, host: &str) -> Response<Body> {
@@ -822,21 +976,19 @@ impl Proxy {
             .map(|g| esc(g))
             .collect::<Vec<_>>()
             .join(", ");
+        let form = self
+            .sign_out_form(state, p.session.id, host)
+            .unwrap_or_default();
         let html = format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>Warren: signed in</title></head>\
              <body style=\"font-family:sans-serif;margin:3em\"><h1>Signed in</h1>\
              <p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span></p>\
-             <p>Groups: <span id=\"groups\">{}</span></p>\
-             <p><a href=\"/.warren/sign_out\">Sign out</a></p></body></html>",
+             <p>Groups: <span id=\"groups\">{}</span></p>{form}</body></html>",
             esc(p.name()),
             esc(&p.session.email),
             groups
         );
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-            .header(header::CACHE_CONTROL, "no-store")
-            .body(pages::full(html))
-            .expect("valid response")
+        html_page(html)
     }
 }
 
@@ -939,5 +1091,64 @@ impl Proxy {
         {
             tracing::warn!("recording a refresh: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sign_out_token_is_good_for_its_session_host_and_time_only() {
+        let sealer = Sealer::from_b64(&Sealer::generate_key()).unwrap();
+        let sid = SessionId(7);
+        let token = |sid: u128, host: &str, exp: u64| {
+            sealer.seal(
+                Purpose::SignOut,
+                &SignOutToken {
+                    sid,
+                    host: host.into(),
+                    exp,
+                },
+            )
+        };
+        let good = token(7, "app.example", 1000);
+        let allows =
+            |t: Option<&str>, sid, host, now| SignOutToken::allows(&sealer, t, sid, host, now);
+        assert!(allows(Some(&good), sid, "app.example", 1000));
+        assert!(!allows(None, sid, "app.example", 1000), "no token");
+        assert!(
+            !allows(Some(&good), SessionId(8), "app.example", 1000),
+            "another session"
+        );
+        assert!(
+            !allows(Some(&good), sid, "other.example", 1000),
+            "another host"
+        );
+        assert!(!allows(Some(&good), sid, "app.example", 1001), "expired");
+        assert!(!allows(Some("garbage"), sid, "app.example", 1000));
+        // The same contents sealed for another purpose (a session cookie) do not count.
+        let cookie = sealer.seal(
+            Purpose::Session,
+            &SignOutToken {
+                sid: 7,
+                host: "app.example".into(),
+                exp: 1000,
+            },
+        );
+        assert!(!allows(Some(&cookie), sid, "app.example", 1000));
+        let other = Sealer::from_b64(&Sealer::generate_key()).unwrap();
+        let foreign = other.seal(
+            Purpose::SignOut,
+            &SignOutToken {
+                sid: 7,
+                host: "app.example".into(),
+                exp: 1000,
+            },
+        );
+        assert!(
+            !allows(Some(&foreign), sid, "app.example", 1000),
+            "another cluster's key"
+        );
     }
 }

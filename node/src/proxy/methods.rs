@@ -141,6 +141,32 @@ fn html_response(status: StatusCode, body: String) -> Response<Body> {
         .expect("valid response")
 }
 
+/// The form again with why a try at a secret was not made: too many tries (429) or the
+/// cluster could not count it (503).
+fn refused_try(
+    again: &dyn Fn(StatusCode, &str) -> Response<Body>,
+    route: &Route,
+    e: credential::ReserveError,
+    what: &str,
+) -> Response<Body> {
+    match e {
+        credential::ReserveError::TooMany { retry_after } => {
+            let minutes = retry_after.div_ceil(60);
+            again(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("Too many {what}; try again in {minutes} minute(s)."),
+            )
+        }
+        credential::ReserveError::Unavailable(why) => {
+            tracing::warn!(resource = %route.resource, "counting an attempt: {why}");
+            again(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server cannot check this right now; try again in a moment.",
+            )
+        }
+    }
+}
+
 /// Only local paths: anything else would be an open redirect.
 fn local_path(rd: &str) -> String {
     if rd.starts_with('/') && !rd.starts_with("//") && !rd.starts_with("/\\") {
@@ -150,7 +176,11 @@ fn local_path(rd: &str) -> String {
     }
 }
 
-async fn read_form(req: Request<Incoming>) -> Option<std::collections::HashMap<String, String>> {
+/// The request's `application/x-www-form-urlencoded` body as a map, if it has at most
+/// [`MAX_FORM`] bytes.
+pub(super) async fn read_form(
+    req: Request<Incoming>,
+) -> Option<std::collections::HashMap<String, String>> {
     let body: Bytes = Limited::new(req.into_body(), MAX_FORM)
         .collect()
         .await
@@ -247,24 +277,28 @@ impl Proxy {
                 let Some(stored) = stored.clone() else {
                     return again(StatusCode::BAD_REQUEST, "This resource has no such way in.");
                 };
-                if !self.attempts.allowed(ip, &key(m)) {
-                    return again(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "Too many wrong attempts; wait a few minutes.",
-                    );
-                }
+                let reservation = match credential::reserve(&self.cluster, ip, &key(m)).await {
+                    Ok(r) => r,
+                    Err(e) => return refused_try(&again, &route, e, "wrong attempts"),
+                };
                 let given = get(m).to_owned();
                 let ok = tokio::task::spawn_blocking(move || credential::verify(&given, &stored))
                     .await
                     .unwrap_or(false);
                 if !ok {
-                    self.attempts.failed(ip, &key(m));
+                    // The reservation stays counted: a wrong guess.
+                    drop(reservation);
                     tracing::info!(target: "warren::access", resource = %route.resource, client = %ip, method = m, decision = "deny", "wrong {m}");
                     return again(StatusCode::UNAUTHORIZED, &format!("Wrong {m}."));
                 }
                 let via = if m == "pin" { Via::Pin } else { Via::Passcode };
-                self.open_bound_session(state, &route, host, via, String::new(), None, &rd)
-                    .await
+                // Released before the answer: the user's next try (on any node) finds this
+                // one no longer counted.
+                let (resp, ()) = tokio::join!(
+                    self.open_bound_session(state, &route, host, via, String::new(), None, &rd),
+                    reservation.release(&self.cluster)
+                );
+                resp
             }
             "email" => {
                 let email = get("email").trim().to_owned();
@@ -347,18 +381,13 @@ impl Proxy {
                         "That code has expired; ask for a new one.",
                     );
                 }
-                let attempt_key = format!("code:{:x}", p.id);
-                if !self.attempts.allowed(ip, &attempt_key)
-                    || !self.attempts.allowed(ip, &key("code"))
-                {
-                    return again(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "Too many wrong codes; ask for a new one later.",
-                    );
-                }
+                // Counted per client and resource, across every code it was sent.
+                let reservation = match credential::reserve(&self.cluster, ip, &key("code")).await {
+                    Ok(r) => r,
+                    Err(e) => return refused_try(&again, &route, e, "wrong codes"),
+                };
                 if !bool::from(code_hash(get("code"), p.id).ct_eq(&p.code_sha256)) {
-                    self.attempts.failed(ip, &attempt_key);
-                    self.attempts.failed(ip, &key("code"));
+                    drop(reservation);
                     return again(StatusCode::UNAUTHORIZED, "Wrong code.");
                 }
                 let consume = RaftRequest::new(
@@ -368,7 +397,11 @@ impl Proxy {
                         expires_at: p.exp,
                     },
                 );
-                match self.cluster.write(consume).await {
+                let (consumed, ()) = tokio::join!(
+                    self.cluster.write(consume),
+                    reservation.release(&self.cluster)
+                );
+                match consumed {
                     Ok(Ok(_)) => {}
                     Ok(Err(RegistryError::Conflict { .. })) => {
                         return again(
@@ -392,6 +425,9 @@ impl Proxy {
     }
 
     /// `/.warren/share?t=<id>.<secret>`: a share link opens its resource.
+    ///
+    /// Invalid links are limited per node only: a share token's secret cannot be guessed,
+    /// so the limit only slows down scanning.
     pub(super) async fn share(
         self: &Arc<Self>,
         req: Request<Incoming>,

@@ -23,6 +23,9 @@ pub enum Purpose {
     Handoff,
     /// The pending e-mail code of a resource's sign-in form.
     EmailCode,
+    /// The token of a sign-out form: proof that a POST to `/.warren/sign_out` comes from
+    /// the page the proxy showed to this session, not from another site.
+    SignOut,
 }
 
 impl Purpose {
@@ -32,6 +35,7 @@ impl Purpose {
             Purpose::Login => b"warren/login/v1",
             Purpose::Handoff => b"warren/handoff/v1",
             Purpose::EmailCode => b"warren/email-code/v1",
+            Purpose::SignOut => b"warren/sign-out/v1",
         }
     }
 }
@@ -120,6 +124,7 @@ mod tests {
             Some(("alice".into(), 42))
         );
         assert_eq!(a.open::<(String, u64)>(Purpose::Handoff, &t), None);
+        assert_eq!(a.open::<(String, u64)>(Purpose::SignOut, &t), None);
         let other = Sealer::from_b64(&Sealer::generate_key()).unwrap();
         assert_eq!(other.open::<(String, u64)>(Purpose::Session, &t), None);
         // Any flipped character is refused.
