@@ -21,6 +21,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod conn;
 pub mod datadir;
 pub mod join;
 pub mod node;

@@ -74,6 +74,10 @@ pub struct Settings {
     /// smtp://host?tls=required.
     #[arg(long, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
     pub smtp_url: Option<warren_proto::Secret>,
+    /// Most HTTPS proxy connections open at once; more are closed at once (and counted in
+    /// `warren_proxy_connections_refused_total`).
+    #[arg(long, env = "WARREN_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub proxy_max_connections: usize,
     /// Networks of proxies in front of this node (load balancers), comma-separated CIDRs.
     /// From a peer in one of them the proxy believes `X-Forwarded-For`: the client is the
     /// last address in it that is not itself a trusted proxy. From anyone else the
@@ -113,6 +117,7 @@ impl Default for Settings {
             signing_key_rotation_hours: 24 * 30,
             smtp_from: "Warren <warren@localhost>".into(),
             trusted_proxies: Vec::new(),
+            proxy_max_connections: 10_000,
         }
     }
 }
@@ -178,6 +183,7 @@ impl Settings {
             ),
             smtp: self.smtp_url.clone().map(|u| (u, self.smtp_from.clone())),
             trusted_proxies: self.trusted_proxies.clone(),
+            max_connections: self.proxy_max_connections.max(1),
         })
     }
 

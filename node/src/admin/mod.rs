@@ -20,17 +20,13 @@ mod error;
 mod routes;
 mod status;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::HeaderMap;
-use hyper::service::Service as _;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
 use warren_consensus::cluster::Cluster;
 use warren_consensus::pki::ClusterCa;
 use warren_consensus::quic::QuicTransport;
@@ -51,67 +47,7 @@ pub const MAX_APPLY_BODY: usize = 16 << 20;
 /// Longest a request body may take to arrive once its handler reads it.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bounds on the admin API's connections, checked before any API key is seen.
-#[derive(Debug, Clone)]
-pub struct ConnLimits {
-    /// Most connections open at once (from accept to close); more are closed at once.
-    pub max_connections: usize,
-    /// Longest a TLS handshake may take.
-    pub handshake_timeout: Duration,
-    /// Longest an HTTP/1 request header may take to arrive, from when the connection is
-    /// ready for the next request (so it also bounds idle keep-alive connections).
-    pub header_read_timeout: Duration,
-    /// A connection with no request in flight for this long is closed gracefully (it
-    /// bounds idle HTTP/2 connections and connections that never send a request).
-    pub idle_timeout: Duration,
-    /// How long a connection being closed may finish its requests before it is dropped.
-    pub close_grace: Duration,
-}
-
-impl Default for ConnLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: 512,
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
-            close_grace: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Connection counters of the admin listener, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct ConnStats {
-    open: AtomicU64,
-    refused: AtomicU64,
-}
-
-impl ConnStats {
-    /// Connections open now.
-    pub fn open(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// Connections closed at once because [`ConnLimits::max_connections`] were open.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-
-    /// The counters in the Prometheus text format.
-    pub fn render(&self) -> String {
-        format!(
-            "# HELP warren_admin_connections Admin API connections open now.\n\
-             # TYPE warren_admin_connections gauge\n\
-             warren_admin_connections {}\n\
-             # HELP warren_admin_connections_refused_total Admin API connections closed at once because the connection limit was reached.\n\
-             # TYPE warren_admin_connections_refused_total counter\n\
-             warren_admin_connections_refused_total {}\n",
-            self.open(),
-            self.refused()
-        )
-    }
-}
+pub use crate::conn::{ConnLimits, ConnStats};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -181,180 +117,10 @@ pub async fn serve_router(
     limits: ConnLimits,
     stats: Arc<ConnStats>,
 ) -> String {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let limits = Arc::new(limits);
-    let mut refusals = RefusalLog::default();
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("admin API accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            // Closed at once: queueing would hold the socket for a client we cannot serve.
-            drop(tcp);
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            refusals.refused(limits.max_connections);
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        let limits = limits.clone();
-        let stats = stats.clone();
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => Some(s),
-                    Ok(Err(e)) => {
-                        tracing::debug!(%remote, "admin TLS handshake failed: {e}");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::debug!(%remote, "admin TLS handshake timed out");
-                        None
-                    }
-                };
-            if let Some(tls) = tls {
-                serve_connection(tls, service, &limits, remote).await;
-            }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
-    }
-}
-
-/// Serves one connection until it ends, closing it when it has been idle too long.
-async fn serve_connection(
-    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    service: TowerToHyperService<axum::Router>,
-    limits: &ConnLimits,
-    remote: std::net::SocketAddr,
-) {
-    let activity = Arc::new(Activity::new());
-    let tracked = {
-        let activity = activity.clone();
-        hyper::service::service_fn(move |req| {
-            let busy = activity.begin();
-            let answer = service.call(req);
-            async move {
-                let resp = answer.await;
-                drop(busy);
-                resp
-            }
-        })
-    };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let conn = builder.serve_connection(TokioIo::new(tls), tracked);
-    tokio::pin!(conn);
-    let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            ended = conn.as_mut() => {
-                if let Err(e) = ended {
-                    tracing::debug!(%remote, "admin connection ended: {e}");
-                }
-                return;
-            }
-            _ = tick.tick() => {
-                if activity.idle_for() >= limits.idle_timeout {
-                    break;
-                }
-            }
-        }
-    }
-    tracing::debug!(%remote, "closing an idle admin connection");
-    conn.as_mut().graceful_shutdown();
-    if tokio::time::timeout(limits.close_grace, conn.as_mut())
-        .await
-        .is_err()
-    {
-        tracing::debug!(%remote, "dropping an admin connection that did not close in time");
-    }
-}
-
-/// When a connection last had a request in flight.
-struct Activity {
-    /// Requests in flight and when the last one ended (or the connection began).
-    state: Mutex<(usize, Instant)>,
-}
-
-/// Marks a request in flight until dropped.
-struct Busy(Arc<Activity>);
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            state: Mutex::new((0, Instant::now())),
-        }
-    }
-
-    fn begin(self: &Arc<Self>) -> Busy {
-        self.state.lock().expect("activity lock").0 += 1;
-        Busy(self.clone())
-    }
-
-    /// How long no request has been in flight (zero while one is).
-    fn idle_for(&self) -> Duration {
-        let (busy, since) = *self.state.lock().expect("activity lock");
-        if busy > 0 {
-            Duration::ZERO
-        } else {
-            since.elapsed()
-        }
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let mut s = self.0.state.lock().expect("activity lock");
-        s.0 -= 1;
-        s.1 = Instant::now();
-    }
-}
-
-/// Logs refused connections at most every 10 s, with how many since the last line.
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    fn refused(&mut self, limit: usize) {
-        self.unlogged += 1;
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
-        {
-            return;
-        }
-        tracing::warn!(
-            refused = self.unlogged,
-            "admin API: {limit} connections are open (the limit); closed {} new ones since the last report",
-            self.unlogged
-        );
-        self.last = Some(Instant::now());
-        self.unlogged = 0;
-    }
+    crate::conn::serve(listener, tls, limits, stats, "admin API", move |_, _| {
+        TowerToHyperService::new(app.clone())
+    })
+    .await
 }
 
 /// The API key in the `Authorization` header.
@@ -486,6 +252,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use rustls::pki_types::{PrivateKeyDer, ServerName};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::{TcpListener, TcpStream};
@@ -677,7 +444,7 @@ mod tests {
         assert_eq!(server.stats.refused(), 1);
         assert!(server
             .stats
-            .render()
+            .render("admin", "Admin API")
             .contains("warren_admin_connections_refused_total 1"));
         // One closes: a new connection is served again.
         drop(first);

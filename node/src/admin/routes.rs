@@ -450,7 +450,8 @@ async fn metrics(
         axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     let mut text = s.inner.proxy.metrics.render();
-    text.push_str(&s.inner.connections.render());
+    text.push_str(&s.inner.connections.render("admin", "Admin API"));
+    text.push_str(&s.inner.proxy.connections.render("proxy", "HTTPS proxy"));
     Ok((h, text))
 }
 

@@ -74,6 +74,8 @@ pub struct ProxySettings {
     pub smtp: Option<(Secret, String)>,
     /// Proxies in front of the nodes whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Most HTTPS connections open at once.
+    pub max_connections: usize,
 }
 
 /// Who a request comes from, once its session checked out. Borrows from the registry
@@ -108,6 +110,8 @@ pub struct Proxy {
     attempts: credential::Attempts,
     /// Request counters for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Connection counters of the HTTPS listener, for `/metrics`.
+    pub connections: Arc<crate::conn::ConnStats>,
     mailer: Option<methods::Mailer>,
     sites: Arc<crate::sites::Sites>,
     /// `https://<auth host>[:port]`, the issuer of assertions.
@@ -166,6 +170,7 @@ impl Proxy {
             oidc: auth::Oidc::new(),
             attempts: credential::Attempts::default(),
             metrics: metrics::Metrics::default(),
+            connections: Arc::default(),
             mailer,
             sites,
             auth_origin,
@@ -573,53 +578,21 @@ impl Proxy {
         }
     }
 
-    /// Accepts HTTPS connections until the listener fails.
+    /// Accepts HTTPS connections until the listener fails, within the node's connection
+    /// bounds (`crate::conn`).
     pub async fn serve_https(self: Arc<Self>, listener: tokio::net::TcpListener) -> String {
         let tls = match self.tls_config() {
             Ok(t) => t,
             Err(e) => return format!("proxy TLS settings: {e}"),
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("proxy accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let proxy = self.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "proxy TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
-                let service = service_fn(move |req| proxy.clone().handle(req, peer, sni.clone()));
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .header_read_timeout(Duration::from_secs(30))
-                    .timer(hyper_util::rt::TokioTimer::new());
-                builder.http2().max_concurrent_streams(256);
-                if let Err(e) = builder
-                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                    .await
-                {
-                    tracing::debug!(%peer, "proxy connection ended: {e}");
-                }
-            });
-        }
+        let limits = crate::conn::ConnLimits::proxy(self.settings.max_connections);
+        let stats = self.connections.clone();
+        let proxy = self;
+        crate::conn::serve(listener, tls, limits, stats, "proxy", move |peer, sni| {
+            let proxy = proxy.clone();
+            service_fn(move |req| proxy.clone().handle(req, peer, sni.clone()))
+        })
+        .await
     }
 
     /// Accepts plain HTTP connections and redirects every request to HTTPS.
