@@ -281,6 +281,18 @@ impl Fields for RoleUpdate {
 /// Identity provider fields.
 #[derive(Debug, Args)]
 pub struct IdpFields {
+    #[command(flatten)]
+    common: IdpCommon,
+    /// Treat the provider's e-mail addresses as verified even without `email_verified`
+    /// (for providers such as Microsoft Entra ID that do not send the claim but only issue
+    /// addresses from their own directory).
+    #[arg(long)]
+    trust_email: bool,
+}
+
+/// Identity provider fields that creating and changing one share.
+#[derive(Debug, Args)]
+pub struct IdpCommon {
     /// Issuer URL (https://, or http:// on loopback).
     #[arg(long)]
     issuer: Option<String>,
@@ -318,6 +330,16 @@ fn secret(file: &Option<String>, env: &Option<String>) -> anyhow::Result<Option<
 
 impl Fields for IdpFields {
     fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
+        let mut m = self.common.to_json()?;
+        if self.trust_email {
+            m.insert("trust_email".into(), json!(true));
+        }
+        Ok(m)
+    }
+}
+
+impl Fields for IdpCommon {
+    fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
         let mut m = Map::new();
         put(&mut m, "issuer", &self.issuer);
         put(&mut m, "client_id", &self.client_id);
@@ -338,12 +360,18 @@ impl Fields for IdpFields {
 #[derive(Debug, Args)]
 pub struct IdpUpdate {
     #[command(flatten)]
-    fields: IdpFields,
+    fields: IdpCommon,
+    /// Treat the provider's e-mail addresses as verified without `email_verified` (`true`)
+    /// or not (`false`).
+    #[arg(long)]
+    trust_email: Option<bool>,
 }
 
 impl Fields for IdpUpdate {
     fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
-        self.fields.to_json()
+        let mut m = self.fields.to_json()?;
+        put(&mut m, "trust_email", &self.trust_email);
+        Ok(m)
     }
 }
 
@@ -586,6 +614,7 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
                     "client_secret_set",
                     "scopes",
                     "groups_claim",
+                    "trust_email",
                 ],
                 cmd,
             )
@@ -1132,4 +1161,48 @@ async fn apply(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: EntityCmd<IdpFields, IdpUpdate>,
+    }
+
+    fn fields(args: &[&str]) -> Map<String, Value> {
+        let cli = Cli::try_parse_from(std::iter::once("idp").chain(args.iter().copied())).unwrap();
+        match cli.cmd {
+            EntityCmd::Create { fields, .. } => fields.to_json(),
+            EntityCmd::Update { fields, .. } => fields.to_json(),
+            _ => panic!("not a create or an update"),
+        }
+        .unwrap()
+    }
+
+    #[test]
+    fn idp_trust_email_is_a_flag_to_create_and_a_value_to_update() {
+        let create = [
+            "create",
+            "x",
+            "--issuer",
+            "https://i.example",
+            "--client-id",
+            "c",
+        ];
+        assert!(!fields(&create).contains_key("trust_email"));
+        let m = fields(&[&create[..], &["--trust-email"]].concat());
+        assert_eq!(m["trust_email"], json!(true));
+        assert_eq!(m["issuer"], json!("https://i.example"));
+        let m = fields(&["update", "x", "--trust-email", "false"]);
+        assert_eq!(m, Map::from_iter([("trust_email".into(), json!(false))]));
+        assert!(fields(&["update", "x", "--scope", "groups"])
+            .get("trust_email")
+            .is_none());
+    }
 }

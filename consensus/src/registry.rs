@@ -281,8 +281,11 @@ pub enum Command {
     /// provider account (`session.idp`, `subject`) if there is one; else the user with the
     /// e-mail address, linked now, if the provider verified the address and that user has
     /// no linked account yet; else, if no user has the address, a new user named after it,
-    /// linked now. Refused for a disabled user, and when the address belongs to a user this
-    /// account may not take over ([`RegistryError::EmailBelongsToAnotherUser`]).
+    /// linked now, holding the address only if it is verified (an unverified one would
+    /// squat it: its real owner could then never sign in with it). Refused for a disabled
+    /// user, and when the address belongs to a user this account may not take over
+    /// ([`RegistryError::EmailBelongsToAnotherUser`]). The session records whether the
+    /// address is verified.
     SignIn {
         /// The new session (its `user` is set by the registry).
         session: Session,
@@ -290,7 +293,8 @@ pub enum Command {
         display_name: Option<String>,
         /// The ID token's `sub` claim.
         subject: String,
-        /// The ID token's `email_verified` claim (absent means false).
+        /// Whether the address is verified: the ID token's `email_verified` claim (absent
+        /// means false), or the provider's `trust_email`.
         email_verified: bool,
     },
     /// New tokens from the provider for a session.
@@ -1490,13 +1494,14 @@ impl Registry {
                 Some(u) if u.disabled => return Err(RegistryError::UserDisabled { user: u.name }),
                 Some(u) => (u.name, false),
                 None => (
-                    self.provision_user(&session.email, display_name, index)?,
+                    self.provision_user(&session.email, email_verified, display_name, index)?,
                     true,
                 ),
             },
         };
         self.identities.insert(identity, user.clone());
         session.user = user.clone();
+        session.email_verified = email_verified;
         self.session_expiry.insert((session.expires_at, session.id));
         self.sessions.insert(session.id, session);
         Ok(Outcome::SignedIn { user, created })
@@ -1516,14 +1521,23 @@ impl Registry {
         self.identities.values().any(|u| u == user)
     }
 
-    /// Creates a user for a first sign-in with `email`, named after the address.
+    /// Creates a user for a first sign-in with `email`, named after the address; the user
+    /// holds the address only if it is `verified`.
     fn provision_user(
         &mut self,
         email: &str,
+        verified: bool,
         display_name: Option<String>,
         index: u64,
     ) -> Result<Name, RegistryError> {
-        let base = user_name_from_email(email);
+        let mut base = user_name_from_email(email);
+        if !verified {
+            // Never the name the address's owner would get: a policy on `user: dave` must
+            // not let in whoever claimed dave's address unverified first.
+            const MARK: &str = "-unverified";
+            base.truncate(Name::MAX_LEN - 4 - MARK.len());
+            base.push_str(MARK);
+        }
         let name = (1..=1000)
             .map(|i| {
                 if i == 1 {
@@ -1539,7 +1553,7 @@ impl Registry {
             })?;
         let mut user = User {
             name: name.clone(),
-            email: Some(email.to_owned()),
+            email: verified.then(|| email.to_owned()),
             display_name: display_name
                 .filter(|d| warren_proto::registry::check_text(d, 256).is_ok()),
             disabled: false,
@@ -2240,6 +2254,7 @@ mod tests {
                 user: name("pending"),
                 idp: name(idp),
                 email: email.into(),
+                email_verified: false,
                 groups: Vec::new(),
                 created_at: 1_700_000_000,
                 expires_at: 1_700_003_600,
@@ -2688,10 +2703,66 @@ mod tests {
         );
         assert_eq!(h.tables(), before, "nothing linked, nothing created");
         assert_eq!(h.reg.sessions().len(), sessions, "no session");
-        // An unverified address nobody has makes a new user, as before.
+        // An unverified address nobody has makes a new user, named after it but without it.
         assert_eq!(
             signed_in(h.sign_in("corp", "newbie", "new@example.com", false)),
-            ("new".into(), true)
+            ("new-unverified".into(), true)
+        );
+        assert_eq!(h.reg.users()[&name("new-unverified")].email, None);
+    }
+
+    #[test]
+    fn an_unverified_first_sign_in_squats_no_address() {
+        let mut h = Harness::new();
+        // mallory's provider account claims dave's address, unverified: she gets a user of
+        // her own, without the address, and a session that says it is unverified.
+        assert_eq!(
+            signed_in(h.sign_in("corp", "mallory", "dave@example.com", false)),
+            ("dave-unverified".into(), true)
+        );
+        assert_eq!(h.reg.users()[&name("dave-unverified")].email, None);
+        assert!(!h.reg.users().contains_key(&name("dave")), "the owner's name stays free");
+        let session = |h: &Harness, user: &str| {
+            h.reg
+                .sessions()
+                .values()
+                .find(|s| s.user.as_str() == user)
+                .cloned()
+                .expect("a session")
+        };
+        let s = session(&h, "dave-unverified");
+        assert_eq!(
+            s.email, "dave@example.com",
+            "shown to her as the token said"
+        );
+        assert!(!s.email_verified);
+        assert_eq!(s.verified_email(), None);
+        // The real owner, verified, at the same or another provider: a user of their own,
+        // holding the address.
+        assert_eq!(
+            signed_in(h.sign_in("social", "dave", "dave@example.com", true)),
+            ("dave".into(), true)
+        );
+        assert_eq!(
+            h.reg.users()[&name("dave")].email.as_deref(),
+            Some("dave@example.com")
+        );
+        assert!(session(&h, "dave").email_verified);
+        // mallory signs in again: still her own user, still unverified.
+        assert_eq!(
+            signed_in(h.sign_in("corp", "mallory", "dave@example.com", false)),
+            ("dave-unverified".into(), false)
+        );
+
+        // Or an admin gives the address to a user after mallory signed in (her user does
+        // not hold it), and the owner's verified sign-in links that user.
+        let mut h = Harness::new();
+        signed_in(h.sign_in("corp", "mallory", "dave@example.com", false));
+        h.admin(Command::Create(user("d", Some("dave@example.com"))))
+            .unwrap();
+        assert_eq!(
+            signed_in(h.sign_in("social", "dave", "dave@example.com", true)),
+            ("d".into(), false)
         );
     }
 
@@ -2915,6 +2986,7 @@ mod tests {
                     user: name("pending"),
                     idp: name(&idp),
                     email: "x@y.z".into(),
+                    email_verified: false,
                     groups: Vec::new(),
                     created_at: 0,
                     expires_at: u64::MAX,
@@ -2987,6 +3059,16 @@ mod tests {
                 for linked in h.reg.identities().values() {
                     prop_assert!(h.reg.users().contains_key(linked));
                 }
+                let mut emails: Vec<String> = h
+                    .reg
+                    .users()
+                    .values()
+                    .filter_map(|u| u.email.as_deref().map(str::to_ascii_lowercase))
+                    .collect();
+                let all = emails.len();
+                emails.sort();
+                emails.dedup();
+                prop_assert_eq!(emails.len(), all, "an address belongs to one user");
             }
             let (before, after) = h.snapshot_round_trip();
             prop_assert_eq!(before, after);

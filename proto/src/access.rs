@@ -22,7 +22,9 @@ use crate::registry::{FieldError, Policy};
 pub struct Identity<'a> {
     /// The user's registry name.
     pub user: &'a str,
-    /// The user's e-mail address (compared without regard to ASCII case).
+    /// The user's verified e-mail address (compared without regard to ASCII case); empty
+    /// when the address is not verified, so that it matches no `email` or `email_domain`
+    /// criterion (see `Session::verified_email`).
     pub email: &'a str,
     /// Roles in the registry and groups from the identity provider.
     pub groups: &'a [String],
@@ -422,6 +424,23 @@ mod tests {
         )];
         assert!(decide(&p, &anon).allowed());
         assert!(!decide(&p, &f).allowed());
+    }
+
+    #[test]
+    fn no_verified_address_matches_no_address_criterion() {
+        // What the proxy passes for a session whose address the provider did not verify.
+        let mallory = Person::new("dave", "", &["admins"]);
+        let f = mallory.facts("10.0.0.1");
+        let yes = |e: Expr| decide(&[policy("p", Some(e), None)], &f).allowed();
+        assert!(!yes(Expr::EmailDomain("example.test".into())));
+        assert!(!yes(Expr::Email("dave@example.test".into())));
+        assert!(yes(Expr::Not(Box::new(Expr::EmailDomain(
+            "example.test".into()
+        )))));
+        assert!(
+            yes(Expr::Group("admins".into())),
+            "other criteria still apply"
+        );
     }
 
     #[test]

@@ -169,6 +169,8 @@ pub struct IdentityProviderView {
     pub scopes: Vec<String>,
     /// Claim that lists groups.
     pub groups_claim: Option<String>,
+    /// Whether the provider's e-mail addresses count as verified without `email_verified`.
+    pub trust_email: bool,
     /// Raft log index of the last change.
     pub revision: u64,
 }
@@ -182,6 +184,7 @@ impl From<&IdentityProvider> for IdentityProviderView {
             client_secret_set: !p.client_secret.is_empty(),
             scopes: p.scopes.clone(),
             groups_claim: p.groups_claim.clone(),
+            trust_email: p.trust_email,
             revision: p.revision,
         }
     }

@@ -289,6 +289,13 @@ pub struct IdentityProvider {
     /// The ID token claim that lists the user's groups, if the provider sends one.
     #[serde(default)]
     pub groups_claim: Option<String>,
+    /// Treat this provider's e-mail addresses as verified even without `email_verified` —
+    /// for providers such as Microsoft Entra ID that do not send the claim but only issue
+    /// addresses from their own directory. Default false: an address the provider did not
+    /// verify matches no `email`/`email_domain` policy, is not sent to apps and links or
+    /// claims no user.
+    #[serde(default)]
+    pub trust_email: bool,
     /// Raft log index of the last change; set by the cluster.
     #[serde(default)]
     pub revision: u64,

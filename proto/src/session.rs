@@ -49,8 +49,12 @@ pub struct Session {
     pub user: Name,
     /// Identity provider used.
     pub idp: Name,
-    /// E-mail address from the ID token.
+    /// E-mail address from the ID token (or the one an e-mail code was sent to).
     pub email: String,
+    /// Whether `email` is known to be the user's: the provider verified it
+    /// (`email_verified`, or the provider's `trust_email`), or an e-mail code proved it.
+    /// An unverified address is only shown to the user: policies and apps never see it.
+    pub email_verified: bool,
     /// Groups from the provider's groups claim.
     pub groups: Vec<String>,
     /// Start, seconds since the Unix epoch.
@@ -69,6 +73,14 @@ pub struct Session {
     pub resource: Option<Name>,
     /// The ID token's claims as JSON (for `claim` policy criteria); empty if none.
     pub claims: String,
+}
+
+impl Session {
+    /// The e-mail address if it is verified ([`Session::email_verified`]), else `None`:
+    /// the only address policies match and apps are told.
+    pub fn verified_email(&self) -> Option<&str> {
+        (self.email_verified && !self.email.is_empty()).then_some(self.email.as_str())
+    }
 }
 
 /// How a session was opened.
@@ -138,6 +150,8 @@ pub struct SessionView {
     pub idp: Name,
     /// E-mail address.
     pub email: String,
+    /// Whether the address is verified.
+    pub email_verified: bool,
     /// Groups from the provider.
     pub groups: Vec<String>,
     /// Start, seconds since the Unix epoch.
@@ -159,6 +173,7 @@ impl From<&Session> for SessionView {
             user: s.user.clone(),
             idp: s.idp.clone(),
             email: s.email.clone(),
+            email_verified: s.email_verified,
             groups: s.groups.clone(),
             created_at: s.created_at,
             expires_at: s.expires_at,
@@ -233,6 +248,31 @@ mod tests {
         }
         let long = format!("{}@x.y", "a".repeat(200));
         assert!(Name::new(format!("{}-99", user_name_from_email(&long))).is_ok());
+    }
+
+    #[test]
+    fn only_a_verified_address_is_given_out() {
+        let mut s = Session {
+            id: SessionId(1),
+            user: Name::new("dave").unwrap(),
+            idp: Name::new("test").unwrap(),
+            email: "dave@example.test".into(),
+            email_verified: false,
+            groups: Vec::new(),
+            created_at: 0,
+            expires_at: 1,
+            refresh_token: None,
+            token_expires_at: None,
+            id_token: None,
+            via: Via::Sso,
+            resource: None,
+            claims: String::new(),
+        };
+        assert_eq!(s.verified_email(), None);
+        s.email_verified = true;
+        assert_eq!(s.verified_email(), Some("dave@example.test"));
+        s.email.clear();
+        assert_eq!(s.verified_email(), None, "no address is not a verified one");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use warren_tests::oidc::{browser_async, BrowserArgs, BrowserOutcome, Idp};
 use warren_tests::upstream::Upstream;
 use warren_tests::{certs, phase, port_of, web_client, Cluster};
 
-const HOSTS: [&str; 7] = [
+const HOSTS: [&str; 8] = [
     "auth.localhost",
     "app.localhost",
     "corp.localhost",
@@ -20,6 +20,7 @@ const HOSTS: [&str; 7] = [
     "lan.localhost",
     "claims.localhost",
     "noclaim.localhost",
+    "staff.localhost",
 ];
 
 /// Opens a session on `host` with a session of the auth host, as the browser would:
@@ -187,6 +188,7 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     let policies = json!([
         {"name": "admins", "allow": {"group": "admins"}},
         {"name": "corp", "allow": {"email_domain": "corp.test"}},
+        {"name": "example-staff", "allow": {"email_domain": "example.test"}},
         {"name": "lan-only", "allow": {"and": [{"group": "admins"}, {"source_cidr": "10.0.0.0/8"}]}},
         {"name": "named-alice", "allow": {"claim": {"path": "name", "value": "Alice Test"}}},
         {"name": "named-nobody", "allow": {"claim": {"path": "name", "value": "Nobody"}}},
@@ -203,6 +205,7 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         ("corp", "corp.localhost", "corp"),
         ("lan", "lan.localhost", "lan-only"),
         ("claims", "claims.localhost", "named-alice"),
+        ("staff", "staff.localhost", "example-staff"),
         ("noclaim", "noclaim.localhost", "named-nobody"),
     ] {
         api.post_ok(
@@ -468,6 +471,97 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         !sessions.to_string().contains("dave"),
         "no session for dave: {sessions}"
     );
+
+    phase!("an unverified address matches no e-mail policy, reaches no app and squats nothing");
+    // Without dave's user nothing stops mallory's sign-in: she gets a user of her own.
+    let (status, body) = api
+        .raw(reqwest::Method::DELETE, "/v1/users/dave", None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://staff.localhost:{}/echo", https[0]))
+            .login("mallory", "mallory-pw"),
+    )
+    .await?;
+    assert_eq!(b.status, Some(403), "email_domain example.test: {}", b.text);
+    assert!(b.text.contains("Access denied"), "{}", b.text);
+    let mallory_auth = b
+        .cookies
+        .iter()
+        .find(|c| {
+            c.name == "__Host-warren_session"
+                && c.domain.trim_start_matches('.') == "auth.localhost"
+        })
+        .map(|c| format!("__Host-warren_session={}", c.value))
+        .with_context(|| format!("mallory is signed in: {:?}", b.cookies))?;
+    let me: Value = web
+        .get(format!("https://auth.localhost:{}/.warren/", https[1]))
+        .header("cookie", &mallory_auth)
+        .header("accept", "application/json")
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(me["email"], "dave@example.test", "{me}");
+    assert_eq!(me["email_verified"], false, "{me}");
+    let user = me["user"].as_str().context("user")?.to_owned();
+    let shown = api.get_ok(&format!("/v1/users/{user}")).await?;
+    assert!(
+        shown["email"].is_null(),
+        "the user holds no address: {shown}"
+    );
+    // mallory is in the admins group, so the app lets her in, but is not told the address.
+    let cookie = session_for(&web, &mallory_auth, "app.localhost", https[1])
+        .await?
+        .map_err(|s| anyhow::anyhow!("no session for app.localhost: {s}"))?;
+    let (status, body, _) = echo(
+        &web,
+        &format!("https://app.localhost:{}/echo", https[1]),
+        Some(&cookie),
+        &[("x-warren-email", "dave@example.test")],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["headers"]["x-warren-user"], json!([user]));
+    assert!(body["headers"].get("x-warren-email").is_none(), "{body}");
+    let claims = verify_jwt(
+        body["headers"]["x-warren-jwt-assertion"][0]
+            .as_str()
+            .context("no JWT")?,
+        &jwks,
+    )?;
+    assert!(claims.get("email").is_none(), "{claims}");
+    assert_eq!(claims["email_verified"], false, "{claims}");
+    // alice's address is verified: the same policy lets her in, and the app is told it.
+    let cookie = session_for(&web, &alice_auth, "staff.localhost", https[2])
+        .await?
+        .map_err(|s| anyhow::anyhow!("no session for staff.localhost: {s}"))?;
+    let (status, body, _) = echo(
+        &web,
+        &format!("https://staff.localhost:{}/echo", https[2]),
+        Some(&cookie),
+        &[],
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["headers"]["x-warren-email"],
+        json!(["alice@example.test"])
+    );
+    let claims = verify_jwt(
+        body["headers"]["x-warren-jwt-assertion"][0]
+            .as_str()
+            .context("no JWT")?,
+        &jwks,
+    )?;
+    assert_eq!(claims["email"], "alice@example.test");
+    assert_eq!(claims["email_verified"], true);
+    // The address is still free for its owner.
+    api.post_ok(
+        "/v1/users",
+        &json!({"name": "dave-owner", "email": "dave@example.test"}),
+    )
+    .await?;
 
     phase!("bad input: open redirect, forged state, forged and replayed codes, forged cookie");
     let (status, _, _) = echo(

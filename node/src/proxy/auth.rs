@@ -89,7 +89,8 @@ struct Account {
     display_name: Option<String>,
     /// The `sub` claim.
     subject: String,
-    /// The `email_verified` claim (absent counts as not verified).
+    /// Whether the address is verified: the `email_verified` claim (absent counts as not
+    /// verified), or the provider's `trust_email`.
     email_verified: bool,
 }
 
@@ -655,7 +656,9 @@ impl Proxy {
             .and_then(|n| n.get(None))
             .map(|n| n.as_str().to_owned());
         let subject = claims.subject().as_str().to_owned();
-        let email_verified = claims.email_verified() == Some(true);
+        // Some providers (Entra ID) send no `email_verified` but only hand out addresses
+        // of their own directory: the admin says so with `trust_email`.
+        let email_verified = claims.email_verified() == Some(true) || idp.trust_email;
         let jwt = id_token.to_string();
         let groups = groups_from(&jwt, idp.groups_claim.as_deref().unwrap_or("groups"));
         let now = unix_now();
@@ -664,6 +667,7 @@ impl Proxy {
             user: Name::new("pending").expect("valid name"),
             idp: idp.name.clone(),
             email,
+            email_verified,
             groups,
             created_at: now,
             expires_at: now + self.settings.session_ttl.as_secs(),
@@ -960,6 +964,7 @@ impl Proxy {
                 "user": p.name(),
                 "via": p.session.via,
                 "email": p.session.email,
+                "email_verified": p.session.email_verified,
                 "groups": p.groups,
                 "idp": p.session.idp,
                 "expires_at": p.session.expires_at,
@@ -982,10 +987,15 @@ impl Proxy {
         let html = format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>Warren: signed in</title></head>\
              <body style=\"font-family:sans-serif;margin:3em\"><h1>Signed in</h1>\
-             <p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span></p>\
+             <p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span>{}</p>\
              <p>Groups: <span id=\"groups\">{}</span></p>{form}</body></html>",
             esc(p.name()),
             esc(&p.session.email),
+            if p.session.email_verified || p.session.email.is_empty() {
+                ""
+            } else {
+                " (not verified by the identity provider: policies and apps do not see it)"
+            },
             groups
         );
         html_page(html)

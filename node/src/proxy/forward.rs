@@ -400,7 +400,7 @@ impl Proxy {
 
     /// Who is asking, for the app: user, e-mail and groups headers and a signed assertion.
     /// A PIN, passcode or share link has no account behind it (nothing is sent); an e-mail
-    /// code proves the address only.
+    /// code proves the address only. An address the provider did not verify is never sent.
     fn identity_headers(
         &self,
         headers: &mut http::HeaderMap,
@@ -409,20 +409,18 @@ impl Proxy {
         signer: Option<&Signer>,
     ) {
         let sso = p.session.via == warren_proto::session::Via::Sso;
-        if !sso && p.session.email.is_empty() {
-            return;
-        }
-        let sub = if sso {
-            p.name()
-        } else {
-            p.session.email.as_str()
+        let email = p.session.verified_email();
+        let sub = match (sso, email) {
+            (true, _) => p.name(),
+            (false, Some(email)) => email,
+            (false, None) => return,
         };
         if sso {
             if let Ok(v) = HeaderValue::from_str(sub) {
                 headers.insert(HeaderName::from_static("x-warren-user"), v);
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&p.session.email) {
+        if let Some(v) = email.and_then(|e| HeaderValue::from_str(e).ok()) {
             headers.insert(HeaderName::from_static("x-warren-email"), v);
         }
         let groups: Vec<&str> = p
@@ -437,14 +435,7 @@ impl Proxy {
             }
         }
         if let Some(signer) = signer {
-            let jwt = signer.assertion(
-                self.auth_origin(),
-                host,
-                sub,
-                &p.session.email,
-                &groups,
-                unix_now(),
-            );
+            let jwt = signer.assertion(self.auth_origin(), host, sub, email, &groups, unix_now());
             if let Ok(v) = HeaderValue::from_str(&jwt) {
                 headers.insert(HeaderName::from_static("x-warren-jwt-assertion"), v);
             }

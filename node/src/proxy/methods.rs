@@ -519,6 +519,9 @@ impl Proxy {
             id: SessionId::random(),
             user: Name::new(user).unwrap_or_else(|_| Name::new("anonymous").expect("valid")),
             idp: Name::new("none").expect("valid name"),
+            // The code reached the address: that proves it. A PIN, passcode or share link
+            // has no address.
+            email_verified: via == Via::EmailCode && !email.is_empty(),
             email,
             groups: Vec::new(),
             created_at: now,

@@ -44,7 +44,10 @@ struct Claims<'a> {
     iss: &'a str,
     aud: &'a str,
     sub: &'a str,
-    email: &'a str,
+    /// Only a verified address: an unverified one is the provider's user's say-so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    email_verified: bool,
     groups: &'a [&'a str],
     iat: u64,
     exp: u64,
@@ -107,12 +110,14 @@ impl Signer {
     }
 
     /// A signed assertion of who is asking, for the upstream of `aud` (the route's host).
+    /// `email` is the verified address, if there is one: the claim `email_verified` says
+    /// whether the assertion carries one.
     pub fn assertion(
         &self,
         iss: &str,
         aud: &str,
         sub: &str,
-        email: &str,
+        email: Option<&str>,
         groups: &[&str],
         now: u64,
     ) -> String {
@@ -124,6 +129,7 @@ impl Signer {
             aud,
             sub,
             email,
+            email_verified: email.is_some(),
             groups,
             iat: now,
             exp: now + ASSERTION_TTL,
@@ -152,7 +158,14 @@ mod tests {
         let old = Signer::generate(1);
         let new = Signer::generate(2);
         let s = Signer::from_keys(&[old.clone(), new.clone()]).unwrap();
-        let jwt = s.assertion("https://auth.x", "app.x", "alice", "a@x", &["dev"], 100);
+        let jwt = s.assertion(
+            "https://auth.x",
+            "app.x",
+            "alice",
+            Some("a@x"),
+            &["dev"],
+            100,
+        );
         let jwks: serde_json::Value = serde_json::from_slice(&s.jwks()).unwrap();
         let keys = jwks["keys"].as_array().unwrap();
         assert_eq!(keys.len(), 2);
@@ -173,10 +186,24 @@ mod tests {
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         assert_eq!(claims["aud"], "app.x");
         assert_eq!(claims["exp"], 100 + ASSERTION_TTL);
+        assert_eq!(claims["email"], "a@x");
+        assert_eq!(claims["email_verified"], true);
         // A changed payload does not verify.
         let forged = format!("{}.{}x", parts[0], parts[1]);
         assert!(UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
             .verify(forged.as_bytes(), &sig)
             .is_err());
+    }
+
+    #[test]
+    fn an_assertion_without_a_verified_address_has_no_email_claim() {
+        let s = Signer::from_keys(&[Signer::generate(1)]).unwrap();
+        let jwt = s.assertion("https://auth.x", "app.x", "dave", None, &[], 100);
+        let payload = jwt.split('.').nth(1).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert!(claims.get("email").is_none(), "{claims}");
+        assert_eq!(claims["email_verified"], false);
+        assert_eq!(claims["sub"], "dave");
     }
 }
