@@ -242,6 +242,7 @@ impl Proxy {
     ) -> Result<Response<Body>, Infallible> {
         let started = std::time::Instant::now();
         let client = request::Client::of(peer, req.headers(), &self.settings.trusted_proxies);
+        let is_head = req.method() == http::Method::HEAD;
         let view = match request::canonicalize(&mut req) {
             Ok(v) => v,
             Err(refusal) => {
@@ -257,7 +258,7 @@ impl Proxy {
                 );
                 self.metrics
                     .record(resp.status().as_u16(), "-", started.elapsed());
-                return Ok(resp);
+                return Ok(head_without_body(is_head, resp));
             }
         };
         let (resp, log) =
@@ -281,6 +282,7 @@ impl Proxy {
             };
         let status = resp.status().as_u16();
         self.metrics.record(status, log.decision, started.elapsed());
+        let resp = head_without_body(is_head, resp);
         let host = &view.host;
         tracing::info!(
             target: "warren::access",
@@ -664,6 +666,16 @@ impl Proxy {
     }
 }
 
+/// A HEAD answer has no body (RFC 9110 9.3.2); hyper's HTTP/2 server would send the
+/// body of the proxy's own pages as DATA frames.
+fn head_without_body(is_head: bool, resp: Response<Body>) -> Response<Body> {
+    if is_head {
+        resp.map(|_| pages::full(Bytes::new()))
+    } else {
+        resp
+    }
+}
+
 /// What a request asks for, as policies see it.
 struct Asked<'a> {
     source: std::net::IpAddr,
@@ -698,7 +710,8 @@ fn sso_decision(
     let facts = Facts {
         identity: Some(Identity {
             user: user.name.as_str(),
-            email: &principal.session.email,
+            // An unverified address matches no `email`/`email_domain` criterion.
+            email: principal.session.verified_email().unwrap_or_default(),
             groups: &principal.groups,
             claims: &claims,
         }),
