@@ -9,10 +9,13 @@
 //!
 //! Real peers for web access: [`oidc::Idp`] (an OpenID provider), [`oidc::browser`]
 //! (headless Chromium), [`upstream::Upstream`] (the application behind the proxy) and
-//! [`certs`] (throwaway TLS certificates).
+//! [`certs`] (throwaway TLS certificates). For hostile clients: [`hostile`] (nginx, a WSGI
+//! app and an upgrade-happy backend) and [`raw`] (exact HTTP/1.1 bytes and HTTP/2 frames).
 
 pub mod certs;
+pub mod hostile;
 pub mod oidc;
+pub mod raw;
 pub mod smtp;
 pub mod upstream;
 
