@@ -2721,7 +2721,10 @@ mod tests {
             ("dave-unverified".into(), true)
         );
         assert_eq!(h.reg.users()[&name("dave-unverified")].email, None);
-        assert!(!h.reg.users().contains_key(&name("dave")), "the owner's name stays free");
+        assert!(
+            !h.reg.users().contains_key(&name("dave")),
+            "the owner's name stays free"
+        );
         let session = |h: &Harness, user: &str| {
             h.reg
                 .sessions()
