@@ -48,7 +48,7 @@ use warren_tests::upstream::Upstream;
 use warren_tests::{certs, phase, port_of, web_client, Cluster};
 
 /// Names the main certificate covers.
-const HOSTS: [&str; 13] = [
+const HOSTS: [&str; 14] = [
     "auth.localhost",
     "norm.localhost",
     "wsgi.localhost",
@@ -62,6 +62,7 @@ const HOSTS: [&str; 13] = [
     "up.localhost",
     "up2.localhost",
     "ws.localhost",
+    "wspriv.localhost",
 ];
 /// Only the second certificate covers it.
 const OTHER_HOST: &str = "other.localhost";
@@ -486,6 +487,12 @@ async fn hostile_clients_get_nothing_past_the_proxy() -> anyhow::Result<()> {
         .await;
     report
         .run(
+            "6. upgrades: an open WebSocket is closed when its policy no longer allows it",
+            upgraded_recheck(&s),
+        )
+        .await;
+    report
+        .run(
             "7. forwarding headers say what the proxy saw",
             forwarding(&s),
         )
@@ -648,6 +655,7 @@ impl Suite {
             json!({"name": "admins-not-admin", "allow": {"group": "admins"},
                    "deny": {"path": {"prefix": "/admin"}}}),
             json!({"name": "nobody", "allow": {"group": "no-such-group"}}),
+            json!({"name": "ws-admins", "allow": {"group": "admins"}}),
         ] {
             api.post_ok("/v1/policies", &p).await?;
         }
@@ -694,6 +702,13 @@ impl Suite {
             resource("nocert", NO_CERT_HOST, &norm, &[], public()),
             resource("up", "up.localhost", &up, &[], public()),
             resource("ws", "ws.localhost", &ws.addr.to_string(), &[], public()),
+            resource(
+                "wspriv",
+                "wspriv.localhost",
+                &ws.addr.to_string(),
+                &["ws-admins"],
+                json!({}),
+            ),
         ] {
             api.post_ok("/v1/resources", &r).await?;
         }
@@ -1997,6 +2012,91 @@ async fn upgrades(s: &Suite) -> anyhow::Result<Tally> {
     }
     .await;
     t.check("a WebSocket echo through the proxy", result);
+    Ok(t)
+}
+
+/// alice's WebSocket on a private resource echoes; once an admin changes the resource's
+/// policy to let nobody in, the open connection is closed (not only new requests refused).
+async fn upgraded_recheck(s: &Suite) -> anyhow::Result<Tally> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut t = Tally::default();
+    let host = "wspriv.localhost";
+    let (cookie, _) = session_for(&s.web, s.port, &s.alice_auth, host).await?;
+    let tls = raw::connect(&s.https, host, &s.h1).await?;
+    let mut request = format!("wss://{}/ws", s.authority(host)).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("cookie", cookie.pair().parse()?);
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, tls),
+    )
+    .await
+    .context("WebSocket handshake timed out")??;
+    ws.send(Message::text("before")).await?;
+    let echo = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let echoed = matches!(&echo, Ok(Some(Ok(Message::Text(m)))) if m.as_str() == "before");
+    t.check(
+        "alice's WebSocket on a private resource echoes",
+        if echoed {
+            Ok(())
+        } else {
+            Err(format!("{echo:?}"))
+        },
+    );
+    let (status, body) = s
+        .cluster
+        .api(0)
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/policies/ws-admins",
+            &json!({"allow": {"group": "no-such-group"}}),
+        )
+        .await?;
+    anyhow::ensure!(status.is_success(), "policy change: {status} {body}");
+    let changed = Instant::now();
+    // The connection must end (close frame, reset or end of stream), within a bound.
+    let mut result = Err("still open 10 s after the policy changed".to_owned());
+    while changed.elapsed() < Duration::from_secs(10) {
+        let _ = ws.send(Message::text("after")).await;
+        match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(Message::Text(m)))) if m.as_str() == "after" => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                eprintln!(
+                    "WebSocket closed {:?} after the policy change",
+                    changed.elapsed()
+                );
+                result = Ok(());
+                break;
+            }
+            Ok(other) => {
+                result = Err(format!("unexpected {other:?}"));
+                break;
+            }
+        }
+    }
+    t.check(
+        "the open WebSocket is closed after the policy change",
+        result,
+    );
+    let denied = s
+        .web
+        .get(format!("https://{}/ws", s.authority(host)))
+        .header("cookie", cookie.pair())
+        .send()
+        .await?
+        .status();
+    t.check(
+        "a new request is denied",
+        if denied == StatusCode::FORBIDDEN {
+            Ok(())
+        } else {
+            Err(format!("got {denied}"))
+        },
+    );
     Ok(t)
 }
 
