@@ -1,6 +1,6 @@
-//! The admin API's connection bounds, black box: a client dripping its request header is
-//! cut off, and connections beyond the limit are closed at once (and counted) while the
-//! API keeps answering once they are gone.
+//! The connection bounds of the admin API and the HTTPS proxy, black box: a client
+//! dripping its request header is cut off, and connections beyond the limit are closed at
+//! once (and counted) while the listener keeps answering once they are gone.
 
 use std::time::Duration;
 
@@ -11,6 +11,8 @@ use warren_tests::{phase, raw, Cluster};
 
 /// Connections the admin API serves at once (`warren_node::admin::ConnLimits`).
 const MAX_CONNECTIONS: usize = 512;
+/// The proxy's limit in this test (`--proxy-max-connections`).
+const PROXY_MAX_CONNECTIONS: usize = 16;
 
 /// Whether the peer closed `s` within `within` (EOF or a reset), reading what it sends.
 async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
@@ -30,7 +32,8 @@ async fn slow_and_excess_admin_connections_are_closed() -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
-    let c = Cluster::start(1).await?;
+    let limit = PROXY_MAX_CONNECTIONS.to_string();
+    let c = Cluster::start_with_env(1, &[("WARREN_PROXY_MAX_CONNECTIONS", &limit)]).await?;
     let addr = c.nodes[0].admin_addr.clone();
     let ca = std::fs::read_to_string(c.ca())?;
     let tls = raw::tls_config(&[&ca], &[])?;
@@ -98,5 +101,44 @@ async fn slow_and_excess_admin_connections_are_closed() -> anyhow::Result<()> {
         .and_then(|v| v.trim().parse().ok())
         .with_context(|| format!("no refused-connection counter in {text}"))?;
     assert!(refused >= 1, "{text}");
+
+    phase!("the HTTPS proxy: connections beyond --proxy-max-connections are closed at once; silent ones end at the handshake bound");
+    let https = c.nodes[0].https_addr.clone();
+    let mut held = Vec::with_capacity(PROXY_MAX_CONNECTIONS);
+    for _ in 0..PROXY_MAX_CONNECTIONS {
+        held.push(TcpStream::connect(&https).await?);
+    }
+    let mut extra = TcpStream::connect(&https).await?;
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(5)).await,
+        "a proxy connection past the limit was kept open"
+    );
+    // The held connections never start TLS: the 10 s handshake bound closes them.
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(30)).await,
+            "silent proxy connection {i} was kept open"
+        );
+    }
+    let resp = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .build()?
+        .get(format!("https://{addr}/metrics"))
+        .bearer_auth(&c.admin_key)
+        .send()
+        .await?;
+    let text = resp.text().await?;
+    let refused: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_proxy_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no proxy refused-connection counter in {text}"))?;
+    assert!(refused >= 1, "{text}");
+    let open: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_proxy_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no proxy connection gauge in {text}"))?;
+    assert_eq!(open, 0, "{text}");
     Ok(())
 }
