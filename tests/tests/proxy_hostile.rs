@@ -557,10 +557,9 @@ impl Cookie {
     }
 }
 
-/// Whether a cookie name is the proxy's session cookie (also under the old name, so that
-/// the other phases run before the rename; phase 2 checks the name).
+/// Whether a cookie name is the proxy's session cookie.
 fn is_session_cookie(name: &str) -> bool {
-    name == SESSION_COOKIE || name == "_warren_session"
+    name == SESSION_COOKIE
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
