@@ -62,6 +62,41 @@ async fn bad_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()
         .raw(Method::POST, "/v1/users", Some("{\"name\": \"bob\""))
         .await?;
     assert_error(s, &v, 400, "invalid_json", None);
+    phase!("exactly one JSON object: no trailing data, no second document, no array");
+    for body in [
+        "{\"name\": \"x1\"} junk",
+        "{\"name\": \"x2\"}{\"name\": \"x3\"}",
+        "{\"name\": \"x4\"}\n{\"name\": \"x5\"}",
+        "[\"x6\"]",
+        "\"x7\"",
+        "null",
+    ] {
+        let (s, v) = api.raw(Method::POST, "/v1/sites", Some(body)).await?;
+        assert_error(s, &v, 400, "invalid_json", None);
+        let (s, v) = api.raw(Method::PATCH, "/v1/sites/hq", Some(body)).await?;
+        assert_error(s, &v, 400, "invalid_json", None);
+    }
+    phase!("a body not declared as JSON is refused");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(c.ca())?)?)
+        .build()?;
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = http
+            .post(format!("https://{}/v1/sites", c.nodes[1].admin_addr))
+            .bearer_auth(&c.admin_key)
+            .body("{\"name\": \"x8\"}");
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let resp = req.send().await?;
+        let s = resp.status();
+        let v: Value = resp.json().await?;
+        assert_error(s, &v, 400, "invalid_json", None);
+    }
     phase!("unknown field");
     let (s, v) = api
         .send(

@@ -211,11 +211,18 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, A
     parse_json(&bytes)
 }
 
-/// Parses JSON, naming the field at fault.
+/// Parses exactly one JSON object (nothing before or after it; not an array in its
+/// place, which serde would take for a struct), naming the field at fault.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErr> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let result: Result<T, _> = serde_path_to_error::deserialize(de);
-    result.map_err(|e| {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiErr::new(
+            ErrorCode::InvalidJson,
+            "the body must be one JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    let value = result.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let code = match inner.classify() {
@@ -238,7 +245,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErr> {
             Some(f) => err.field(f),
             None => err,
         }
-    })
+    })?;
+    de.end().map_err(|e| {
+        ApiErr::new(
+            ErrorCode::InvalidJson,
+            format!("invalid request body: {e} (send one JSON object and nothing after it)"),
+        )
+    })?;
+    Ok(value)
 }
 
 /// Parses a path segment as a name; a bad one cannot exist, so it is a 404.

@@ -94,7 +94,47 @@ pub fn router(state: AdminState) -> Router {
                 "this route does not take that method",
             )
         })
+        .layer(axum::middleware::from_fn(json_bodies_only))
         .with_state(state)
+}
+
+/// Refuses a request that carries a body not declared as JSON (`Content-Type:
+/// application/json` or `application/<x>+json`): what is not JSON is not guessed at.
+async fn json_bodies_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let headers = req.headers();
+    let has_body = headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+        || !axum::body::HttpBody::is_end_stream(req.body());
+    if has_body {
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .is_some_and(|m| {
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            });
+        if !json {
+            return ApiErr::new(
+                ErrorCode::InvalidJson,
+                "a request body must be JSON, sent with `Content-Type: application/json`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// How a declarative entity appears in the API.
