@@ -87,20 +87,8 @@ async fn slow_and_excess_admin_connections_are_closed() -> anyhow::Result<()> {
         answered,
         "the API did not answer after the extra connections closed"
     );
-    let resp = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
-        .build()?
-        .get(format!("https://{addr}/metrics"))
-        .bearer_auth(&c.admin_key)
-        .send()
-        .await?;
-    let text = resp.text().await?;
-    let refused: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("warren_admin_connections_refused_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no refused-connection counter in {text}"))?;
-    assert!(refused >= 1, "{text}");
+    let refused = metric(&c, &ca, "warren_admin_connections_refused_total").await?;
+    assert!(refused >= 1, "admin connections refused: {refused}");
 
     phase!("the HTTPS proxy: connections beyond --proxy-max-connections are closed at once; silent ones end at the handshake bound");
     let https = c.nodes[0].https_addr.clone();
@@ -120,25 +108,25 @@ async fn slow_and_excess_admin_connections_are_closed() -> anyhow::Result<()> {
             "silent proxy connection {i} was kept open"
         );
     }
-    let resp = reqwest::Client::builder()
+    let refused = metric(&c, &ca, "warren_proxy_connections_refused_total").await?;
+    assert!(refused >= 1, "proxy connections refused: {refused}");
+    assert_eq!(metric(&c, &ca, "warren_proxy_connections").await?, 0);
+    Ok(())
+}
+
+/// The value of the unlabelled metric `name` on node 0's `/metrics`.
+async fn metric(c: &Cluster, ca: &str, name: &str) -> anyhow::Result<u64> {
+    let text = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
         .build()?
-        .get(format!("https://{addr}/metrics"))
+        .get(format!("https://{}/metrics", c.nodes[0].admin_addr))
         .bearer_auth(&c.admin_key)
         .send()
+        .await?
+        .text()
         .await?;
-    let text = resp.text().await?;
-    let refused: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("warren_proxy_connections_refused_total "))
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no proxy refused-connection counter in {text}"))?;
-    assert!(refused >= 1, "{text}");
-    let open: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("warren_proxy_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no proxy connection gauge in {text}"))?;
-    assert_eq!(open, 0, "{text}");
-    Ok(())
+        .with_context(|| format!("no {name} in {text}"))
 }
