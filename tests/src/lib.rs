@@ -91,10 +91,23 @@ pub fn bins() -> &'static Bins {
 }
 
 /// A free TCP+UDP port on 127.0.0.1 (both bound once to check, then released).
+///
+/// Taken below the kernel's ephemeral range (32768-60999 by default): a port from that
+/// range can be taken by any outgoing connection between this check and the node binding
+/// it, or while a killed node is down before it restarts on the same ports.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-        let port = tcp.local_addr().expect("addr").port();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries of one run start at different places, so that a port a previous one
+    // still holds (a process winding down) is not the first tried.
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        let Ok(_tcp) = TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
