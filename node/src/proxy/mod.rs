@@ -261,25 +261,26 @@ impl Proxy {
                 return Ok(head_without_body(is_head, resp));
             }
         };
-        let (resp, log) =
-            if request::misdirected(&self.state.load().config, sni.as_deref(), &view.host) {
-                (
-                    request::misdirected_page(&view.host),
-                    AccessLog::internal("misdirected: not the connection's certificate"),
-                )
-            } else {
-                let method = req.method().clone();
-                let path = req.uri().path().to_owned();
-                let (resp, log) = self.route(req, &client, &view).await;
-                (
-                    resp,
-                    AccessLog {
-                        method: Some(method),
-                        path: Some(path),
-                        ..log
-                    },
-                )
-            };
+        // One state per request: the SNI check, routing and policy read the same snapshot.
+        let state = self.state();
+        let (resp, log) = if request::misdirected(&state.config, sni.as_deref(), &view.host) {
+            (
+                request::misdirected_page(&view.host),
+                AccessLog::internal("misdirected: not the connection's certificate"),
+            )
+        } else {
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            let (resp, log) = self.route(req, &client, &view, state).await;
+            (
+                resp,
+                AccessLog {
+                    method: Some(method),
+                    path: Some(path),
+                    ..log
+                },
+            )
+        };
         let status = resp.status().as_u16();
         self.metrics.record(status, log.decision, started.elapsed());
         let resp = head_without_body(is_head, resp);
@@ -306,10 +307,10 @@ impl Proxy {
         req: Request<Incoming>,
         client: &request::Client,
         view: &request::View,
+        state: Arc<ProxyState>,
     ) -> (Response<Body>, AccessLog) {
         let host = view.host.as_str();
         let peer = client.addr();
-        let state = self.state();
         let path = req.uri().path();
         if path == "/.well-known/warren/jwks.json" {
             return (self.jwks(&state), AccessLog::internal("jwks"));
