@@ -27,11 +27,12 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use warren_proto::registry::NodeId;
 
-use crate::log_store::{LogStore, StorageIo};
+use crate::log_store::{DamageProbe, LogOptions, LogStore, StorageIo};
 use crate::proposer::Proposer;
 use crate::quic::RpcHandler;
 use crate::registry::Registry;
 use crate::state_machine::StateMachine;
+use crate::storage::Store;
 use crate::transport::{
     BoxFuture, ForwardError, MembershipChange, Network, NodeStatus, Rpc, RpcReply, Transport,
     TransportError,
@@ -74,6 +75,9 @@ pub enum PlantedBug {
     StaleReads,
     /// A write is acknowledged as soon as it is handed to Raft, before it is committed.
     EarlyAck,
+    /// The log store reports entries durable before it syncs them (it syncs them with the
+    /// next batch), so a power cut can take back what a quorum acknowledged.
+    AckBeforeSync,
 }
 
 impl Default for ClusterConfig {
@@ -178,6 +182,10 @@ pub enum ClusterError {
     /// This node is shutting down.
     #[error("this node is shutting down")]
     ShuttingDown,
+    /// This node's Raft stopped (storage failed, or a bug); nothing was done. The node
+    /// restarts it.
+    #[error("this node cannot take part in the cluster: {0}")]
+    Stopped(String),
 }
 
 /// The handle to this node's Raft instance and replicated registry. Cheap to clone.
@@ -195,22 +203,42 @@ struct Inner {
     registry: watch::Receiver<Arc<Registry>>,
     config: ClusterConfig,
     last_leader_contact: Arc<Mutex<Option<Instant>>>,
+    /// Whether this node's log is behind what it had made durable.
+    probe: DamageProbe,
+    /// Why Raft stopped, when it stopped without being asked to.
+    failed: Arc<Mutex<Option<String>>>,
+    /// Set by [`Cluster::shutdown`], so that stopping is not mistaken for failing.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cluster {
-    /// Opens the log in `log_db` and the state machine in `state_db`, and starts Raft as
-    /// node `me`. Two sled databases, because a sled flush writes everything pending: a
+    /// Opens the log in `log_store` and the state machine in `state_store`, and starts Raft
+    /// as node `me`. Two sled databases, because a sled flush writes everything pending: a
     /// large snapshot in the log's database would stall every log flush behind it.
+    ///
+    /// Damaged storage is cut back to what is whole (see [`crate::log_store`]); if the
+    /// log is then behind what this node had made durable, the node still starts but
+    /// neither stands for election nor votes for a candidate behind that point, and
+    /// [`Cluster::serving`] says why, until it has caught up from a leader.
     pub async fn start(
         me: NodeId,
-        log_db: &sled::Db,
-        state_db: &sled::Db,
+        log_store: &Store,
+        state_store: &Store,
         transport: Arc<dyn Transport>,
         config: ClusterConfig,
     ) -> Result<Self, anyhow::Error> {
-        let mut log = LogStore::open(log_db, config.storage_io)?;
+        let options = LogOptions {
+            io: config.storage_io,
+            ack_before_sync: config.planted_bug == Some(PlantedBug::AckBeforeSync),
+        };
+        let mut log = LogStore::open(log_store, options)?;
+        let (sm, registry) = StateMachine::open(state_store, config.storage_io)?;
+        reconcile(&log, &sm)?;
+        let probe = log.probe();
+        if let Some(damage) = probe.damage() {
+            tracing::error!("{damage}");
+        }
         let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut log).await;
-        let (sm, registry) = StateMachine::open(state_db, config.storage_io)?;
         let raft = Raft::new(
             me,
             Arc::new(config.raft_config()?),
@@ -219,6 +247,25 @@ impl Cluster {
             sm,
         )
         .await?;
+        if let Some(damage) = probe.damage() {
+            // Asked of the core, which has loaded the membership by the time it answers.
+            let lone = raft
+                .with_raft_state(move |st| {
+                    st.membership_state
+                        .effective()
+                        .membership()
+                        .voter_ids()
+                        .eq([me])
+                })
+                .await
+                .unwrap_or(false);
+            if lone {
+                let _ = raft.shutdown().await;
+                anyhow::bail!(
+                    "{damage}. This node is the cluster's only voter, so no other node can give back what it lost: restore its data directory from a backup"
+                );
+            }
+        }
         tokio::spawn(snapshot_policy(
             raft.clone(),
             registry.clone(),
@@ -230,6 +277,15 @@ impl Cluster {
             me,
             last_leader_contact.clone(),
             config.election_timeout_min..config.election_timeout_max,
+            probe.clone(),
+        ));
+        let failed = Arc::new(Mutex::new(None));
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(watch_core(
+            raft.clone(),
+            probe.clone(),
+            failed.clone(),
+            stopping.clone(),
         ));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -241,8 +297,34 @@ impl Cluster {
                 registry,
                 config,
                 last_leader_contact,
+                probe,
+                failed,
+                stopping,
             }),
         })
+    }
+
+    /// Why this node's Raft stopped, if it stopped without being asked to (a storage
+    /// failure such as a full disk, or a bug). The node cannot recover in place: it
+    /// restarts.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failed.lock().expect("failed").clone()
+    }
+
+    /// Resolves when Raft stops without being asked to, with why.
+    pub async fn failed(&self) -> String {
+        loop {
+            if let Some(why) = self.failure() {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `Some` while this node's log is behind what it had made durable (storage damage it
+    /// is repairing by catching up from a leader).
+    pub fn damage(&self) -> Option<crate::log_store::Damage> {
+        self.inner.probe.damage()
     }
 
     /// Makes this node the single voter of a new cluster.
@@ -299,8 +381,11 @@ impl Cluster {
         self.inner.registry.clone()
     }
 
-    /// The leader this node knows of.
+    /// The leader this node knows of (none once its Raft has stopped).
     pub fn leader(&self) -> Option<NodeId> {
+        if self.failure().is_some() {
+            return None;
+        }
         self.inner.raft.metrics().borrow().current_leader
     }
 
@@ -336,6 +421,12 @@ impl Cluster {
     /// `Ok` if this node is in contact with a leader within the configured bound, else why
     /// not. Nodes that are not may not grant access.
     pub fn serving(&self) -> Result<(), String> {
+        if let Some(why) = self.failure() {
+            return Err(why);
+        }
+        if let Some(damage) = self.damage() {
+            return Err(damage.to_string());
+        }
         let bound = self.inner.config.leader_loss_bound;
         match self.leader_contact() {
             Some(d) if d <= bound => Ok(()),
@@ -397,6 +488,9 @@ impl Cluster {
     ) -> Result<T, ClusterError> {
         let deadline = Instant::now() + timeout;
         loop {
+            if let Some(why) = self.failure() {
+                return Err(ClusterError::Stopped(why));
+            }
             let leader = self.wait_for_leader(deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -619,6 +713,7 @@ impl Cluster {
             .learner_ids()
             .any(|l| l == m.id);
         let state = match m.state {
+            _ if self.failure().is_some() => "stopped",
             ServerState::Leader => "leader",
             ServerState::Candidate => "candidate",
             ServerState::Shutdown => "shutdown",
@@ -665,6 +760,9 @@ impl Cluster {
 
     /// Stops Raft.
     pub async fn shutdown(&self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
@@ -685,6 +783,7 @@ async fn election_timer(
     me: NodeId,
     last_leader_contact: Arc<Mutex<Option<Instant>>>,
     timeouts: std::ops::Range<Duration>,
+    probe: DamageProbe,
 ) {
     use rand::Rng;
     let draw = || rand::thread_rng().gen_range(timeouts.clone());
@@ -715,7 +814,8 @@ async fn election_timer(
                 let contact = *last_leader_contact.lock().expect("contact lock");
                 if let Some(at) = contact.filter(|at| *at > since) {
                     since = at;
-                } else if !leader && voter && raft.trigger().elect().await.is_err() {
+                } else if !leader && voter && probe.damage().is_none() && raft.trigger().elect().await.is_err() {
+                    // A damaged node does not stand: its log lacks entries it acknowledged.
                     return;
                 } else {
                     since = Instant::now();
@@ -733,6 +833,75 @@ async fn election_timer(
                     timeout = draw();
                 }
             }
+        }
+    }
+}
+
+/// Makes the log and the state machine agree after damage: a snapshot that is gone or
+/// damaged takes the log with it (entries after it may build on state this node no longer
+/// has), and a log that ends before the snapshot is re-based on it.
+fn reconcile(log: &LogStore, sm: &StateMachine) -> Result<(), anyhow::Error> {
+    if let Some(why) = sm.damaged_snapshot() {
+        return log.reset(why);
+    }
+    let state = log.state()?;
+    let applied = sm.last_applied();
+    if state.last_purged_log_id > applied {
+        let why = format!(
+            "the snapshot (at {}) is older than the log's start (after {}): the entries between are in neither",
+            applied.map_or(0, |l| l.index),
+            state.last_purged_log_id.map_or(0, |l| l.index)
+        );
+        tracing::error!("{why}; the log is dropped and this node catches up from a leader");
+        return log.reset(&why);
+    }
+    if let Some(applied) = applied.filter(|a| state.last_log_id < Some(*a)) {
+        log.rebase(applied)?;
+    }
+    Ok(())
+}
+
+/// Watches Raft: records why its core stopped if it stopped without being asked to
+/// (openraft quits its core on a storage error, and a panic inside it ends the task), and
+/// says once when damaged storage has been repaired by catching up. Ends when Raft stops.
+async fn watch_core(
+    raft: Raft,
+    probe: DamageProbe,
+    failed: Arc<Mutex<Option<String>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut metrics = raft.metrics();
+    let mut damaged = probe.damage().is_some();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let ended = tokio::select! {
+            changed = metrics.changed() => changed.is_err(),
+            _ = tick.tick() => false,
+        };
+        if damaged && probe.damage().is_none() {
+            damaged = false;
+            tracing::info!("storage repaired: the log has caught up from the leader past everything this node had acknowledged; it votes again");
+        }
+        let stopped = match &metrics.borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) => Some(None),
+            Err(fatal) => Some(Some(fatal.to_string())),
+            Ok(()) => None,
+        };
+        let why = match (stopped, ended) {
+            (Some(Some(fatal)), _) => Some(format!("Raft stopped: {fatal}")),
+            (Some(None), _) | (None, true)
+                if !stopping.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Some("Raft stopped unexpectedly (its core task ended; see the log above)".into())
+            }
+            (Some(None), _) | (None, true) => return,
+            (None, false) => None,
+        };
+        if let Some(why) = why {
+            tracing::error!("{why}");
+            *failed.lock().expect("failed") = Some(why);
+            return;
         }
     }
 }
@@ -786,7 +955,23 @@ impl RpcHandler for Cluster {
                     }
                     RpcReply::AppendEntries(res)
                 }
-                Rpc::Vote(req) => RpcReply::Vote(raft.vote(req).await),
+                Rpc::Vote(req) => {
+                    // A node whose log lost entries it had acknowledged judges a candidate
+                    // against what it had, not what is left: otherwise it could elect a
+                    // leader that lacks a committed entry.
+                    if let Some(damage) = self.damage() {
+                        if req.last_log_id < Some(damage.acknowledged) {
+                            let vote = raft.metrics().borrow().vote;
+                            tracing::info!(candidate = %req.vote, "vote refused: {damage}");
+                            return RpcReply::Vote(Ok(openraft::raft::VoteResponse::new(
+                                vote,
+                                Some(damage.acknowledged),
+                                false,
+                            )));
+                        }
+                    }
+                    RpcReply::Vote(raft.vote(req).await)
+                }
                 Rpc::Snapshot { vote, meta, data } => {
                     let snapshot = openraft::Snapshot {
                         meta,

@@ -29,5 +29,6 @@ pub mod proposer;
 pub mod quic;
 pub mod registry;
 pub mod state_machine;
+pub mod storage;
 pub mod transport;
 pub mod types;

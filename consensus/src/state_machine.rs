@@ -21,6 +21,7 @@ use warren_proto::registry::NodeId;
 
 use crate::log_store::StorageIo;
 use crate::registry::{decode, encode, CodecError, Registry};
+use crate::storage::Store;
 use crate::types::{
     ClusterNode, Entry, LogId, Replies, StorageError, StoredMembership, TypeConfig,
 };
@@ -32,53 +33,86 @@ type Meta = SnapshotMeta<NodeId, ClusterNode>;
 /// The state machine openraft drives.
 pub struct StateMachine {
     io: StorageIo,
-    db: sled::Db,
+    store: Store,
     snapshots: sled::Tree,
     registry: Registry,
     publish: watch::Sender<Arc<Registry>>,
+    damaged: Option<String>,
 }
 
 /// Builds a snapshot from a copy of the registry taken when openraft asked for the builder.
 pub struct SnapshotBuilder {
     io: StorageIo,
-    db: sled::Db,
+    store: Store,
     snapshots: sled::Tree,
     registry: Registry,
 }
 
 impl StateMachine {
-    /// Opens (or creates) the state machine in `db`, loading the latest snapshot. Returns it
-    /// with a receiver of the applied registry.
+    /// Opens (or creates) the state machine in `store`, loading the latest snapshot. Returns
+    /// it with a receiver of the applied registry.
+    ///
+    /// A damaged snapshot is reported (named) and deleted, and the state machine starts
+    /// empty: [`StateMachine::damaged_snapshot`] says so, and the caller must not replay a
+    /// log that was compacted into that snapshot.
     pub fn open(
-        db: &sled::Db,
+        store: &Store,
         io: StorageIo,
     ) -> Result<(Self, watch::Receiver<Arc<Registry>>), anyhow::Error> {
-        let snapshots = db.open_tree("snapshot")?;
-        let registry = match load_snapshot(&snapshots)? {
-            Some((meta, data)) => {
-                let mut registry = decode_registry(&data)?;
-                registry.rebuild_indexes();
-                anyhow::ensure!(
-                    registry.last_applied() == meta.last_log_id,
-                    "the stored snapshot is inconsistent (covers {:?}, holds state at {:?})",
-                    meta.last_log_id,
-                    registry.last_applied()
-                );
-                registry
+        let snapshots = store.db().open_tree("snapshot")?;
+        let mut damaged = None;
+        let registry = match load_snapshot(&snapshots).and_then(|loaded| {
+            let Some((meta, data)) = loaded else {
+                return Ok(Registry::default());
+            };
+            let mut registry = decode_registry(&data).map_err(|e| SnapshotDamaged {
+                id: meta.snapshot_id.clone(),
+                why: e.to_string(),
+            })?;
+            registry.rebuild_indexes();
+            if registry.last_applied() != meta.last_log_id {
+                return Err(SnapshotDamaged {
+                    id: meta.snapshot_id.clone(),
+                    why: format!(
+                        "it covers {:?} but holds the state at {:?}",
+                        meta.last_log_id,
+                        registry.last_applied()
+                    ),
+                });
             }
-            None => Registry::default(),
+            Ok(registry)
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}; it is deleted and this node catches up from a leader");
+                snapshots.clear()?;
+                store.sync()?;
+                damaged = Some(e.to_string());
+                Registry::default()
+            }
         };
         let (publish, rx) = watch::channel(Arc::new(registry.clone()));
         Ok((
             Self {
                 io,
-                db: db.clone(),
+                store: store.clone(),
                 snapshots,
                 registry,
                 publish,
+                damaged,
             },
             rx,
         ))
+    }
+
+    /// Why the stored snapshot was unusable, if it was (see [`StateMachine::open`]).
+    pub fn damaged_snapshot(&self) -> Option<&str> {
+        self.damaged.as_deref()
+    }
+
+    /// The last log id the loaded state covers.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.registry.last_applied()
     }
 
     /// A receiver of the applied registry.
@@ -152,6 +186,18 @@ struct Stored {
     meta: Meta,
     chunks: u32,
     len: u64,
+    /// CRC-32 of the whole data.
+    crc: u32,
+}
+
+/// The stored snapshot cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the stored Raft snapshot {id} is damaged: {why}")]
+pub struct SnapshotDamaged {
+    /// The snapshot's id (`-` if even its description is unreadable).
+    pub id: String,
+    /// What is wrong with it.
+    pub why: String,
 }
 
 fn chunk_key(id: &str, i: u32) -> Vec<u8> {
@@ -169,20 +215,21 @@ fn chunk_key(id: &str, i: u32) -> Vec<u8> {
 /// a crash at any point leaves the previous snapshot or the new one.
 async fn store_snapshot(
     io: StorageIo,
-    db: &sled::Db,
+    store: &Store,
     snapshots: &sled::Tree,
     meta: &Meta,
     data: Vec<u8>,
 ) -> Result<Vec<u8>, StorageError> {
     let sig = Some(meta.signature());
-    let (db, snapshots, meta) = (db.clone(), snapshots.clone(), meta.clone());
+    let (store, snapshots, meta) = (store.clone(), snapshots.clone(), meta.clone());
     offload(io, move || {
         let id = meta.snapshot_id.clone();
-        let old = load_stored(&snapshots)?;
+        // A damaged description of the old snapshot only means its chunks stay behind.
+        let old = load_stored(&snapshots).ok().flatten();
         let mut chunks = 0u32;
         for piece in data.chunks(CHUNK) {
             snapshots.insert(chunk_key(&id, chunks), piece)?;
-            db.flush()?;
+            store.sync()?;
             chunks += 1;
             if io == StorageIo::Background {
                 std::thread::sleep(std::time::Duration::from_millis(5));
@@ -192,48 +239,66 @@ async fn store_snapshot(
             meta,
             chunks,
             len: data.len() as u64,
+            crc: crc32fast::hash(&data),
         };
-        let bytes =
-            encode("snapshot", &stored).map_err(|e| sled::Error::Unsupported(e.to_string()))?;
+        let bytes = crate::storage::seal("snapshot", &stored).map_err(std::io::Error::other)?;
         snapshots.insert(CURRENT, bytes)?;
-        db.flush()?;
+        store.sync()?;
         if let Some(old) = old.filter(|o| o.meta.snapshot_id != stored.meta.snapshot_id) {
             for i in 0..old.chunks {
                 snapshots.remove(chunk_key(&old.meta.snapshot_id, i))?;
             }
         }
-        Ok::<_, sled::Error>(data)
+        Ok::<_, std::io::Error>(data)
     })
     .await
     .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?
     .map_err(|e| StorageIOError::write_snapshot(sig, &e).into())
 }
 
-fn load_stored(snapshots: &sled::Tree) -> Result<Option<Stored>, sled::Error> {
-    let Some(bytes) = snapshots.get(CURRENT)? else {
+fn load_stored(snapshots: &sled::Tree) -> Result<Option<Stored>, SnapshotDamaged> {
+    let bytes = snapshots.get(CURRENT).map_err(|e| SnapshotDamaged {
+        id: "-".into(),
+        why: format!("its description cannot be read: {e}"),
+    })?;
+    let Some(bytes) = bytes else {
         return Ok(None);
     };
-    decode("snapshot", &bytes)
+    crate::storage::unseal("snapshot", &bytes)
         .map(Some)
-        .map_err(|e| sled::Error::Unsupported(e.to_string()))
+        .map_err(|e| SnapshotDamaged {
+            id: "-".into(),
+            why: format!("its description is unreadable: {e}"),
+        })
 }
 
-/// The current snapshot: its metadata and data.
-fn load_snapshot(snapshots: &sled::Tree) -> Result<Option<(Meta, Vec<u8>)>, sled::Error> {
+/// The current snapshot: its metadata and data, checked against its checksum.
+fn load_snapshot(snapshots: &sled::Tree) -> Result<Option<(Meta, Vec<u8>)>, SnapshotDamaged> {
     let Some(stored) = load_stored(snapshots)? else {
         return Ok(None);
+    };
+    let id = stored.meta.snapshot_id.clone();
+    let damaged = |why: String| SnapshotDamaged {
+        id: id.clone(),
+        why,
     };
     let mut data = Vec::with_capacity(stored.len as usize);
     for i in 0..stored.chunks {
         let piece = snapshots
-            .get(chunk_key(&stored.meta.snapshot_id, i))?
-            .ok_or_else(|| sled::Error::Unsupported(format!("snapshot chunk {i} is missing")))?;
+            .get(chunk_key(&stored.meta.snapshot_id, i))
+            .map_err(|e| damaged(format!("chunk {i} cannot be read: {e}")))?
+            .ok_or_else(|| damaged(format!("chunk {i} is missing")))?;
         data.extend_from_slice(&piece);
     }
     if data.len() as u64 != stored.len {
-        return Err(sled::Error::Unsupported(
-            "the stored snapshot has the wrong length".into(),
-        ));
+        return Err(damaged(format!(
+            "{} bytes stored, {} expected",
+            data.len(),
+            stored.len
+        )));
+    }
+    if crc32fast::hash(&data) != stored.crc {
+        return Err(damaged("checksum mismatch".into()));
     }
     Ok(Some((stored.meta, data)))
 }
@@ -264,7 +329,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.registry.membership().clone(),
             snapshot_id: snapshot_id(self.registry.last_applied()),
         };
-        let data = store_snapshot(self.io, &self.db, &self.snapshots, &meta, data).await?;
+        let data = store_snapshot(self.io, &self.store, &self.snapshots, &meta, data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {
             meta,
@@ -299,7 +364,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             io: self.io,
-            db: self.db.clone(),
+            store: self.store.clone(),
             snapshots: self.snapshots.clone(),
             registry: self.registry.clone(),
         }
@@ -324,7 +389,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let mut registry = registry.map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         registry.rebuild_indexes();
-        store_snapshot(self.io, &self.db, &self.snapshots, meta, data).await?;
+        store_snapshot(self.io, &self.store, &self.snapshots, meta, data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         self.registry = registry;
         self.publish.send_replace(Arc::new(self.registry.clone()));

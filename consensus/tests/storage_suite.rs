@@ -2,8 +2,9 @@
 
 use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;
-use warren_consensus::log_store::{LogStore, StorageIo};
+use warren_consensus::log_store::{LogOptions, LogStore, StorageIo};
 use warren_consensus::state_machine::StateMachine;
+use warren_consensus::storage::Store;
 use warren_consensus::types::{StorageError, TypeConfig};
 
 struct SledBuilder(StorageIo);
@@ -11,9 +12,13 @@ struct SledBuilder(StorageIo);
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log_db = sled::open(dir.path().join("log")).expect("open sled");
-        let state_db = sled::open(dir.path().join("state")).expect("open sled");
-        let log = LogStore::open(&log_db, self.0).expect("open log");
+        let log_db = Store::open(&dir.path().join("log")).expect("open sled");
+        let state_db = Store::open(&dir.path().join("state")).expect("open sled");
+        let options = LogOptions {
+            io: self.0,
+            ..LogOptions::default()
+        };
+        let log = LogStore::open(&log_db, options).expect("open log");
         let (sm, _) = StateMachine::open(&state_db, self.0).expect("open state machine");
         Ok((dir, log, sm))
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use warren_node::datadir::{DataDir, State};
+use warren_node::node::RaftStopped;
 use warren_node::node::{InitOutput, NodeSpec};
 use warren_node::{RunningNode, Settings};
 use warren_proto::Name;
@@ -107,28 +108,94 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("warren-node: cannot start the async runtime: {e}");
+    let Cli {
+        command, settings, ..
+    } = cli;
+    let quickstart_mode = command.is_none();
+    let mut command = command;
+    let mut restarts = 0u32;
+    loop {
+        // A runtime per incarnation: dropping it ends every task of the stopped node, so
+        // nothing holds its storage when it starts again.
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("warren-node: cannot start the async runtime: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        let started = std::time::Instant::now();
+        let (outcome, data_dir) = runtime.block_on(run(command.take(), &settings));
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+        let e = match outcome {
+            Ok(()) => return std::process::ExitCode::SUCCESS,
+            Err(e) => e,
+        };
+        // Restart after Raft stopped on its own, and keep trying while a restart fails
+        // (a disk still full); anything else on the first start is the operator's to fix.
+        let restartable = e.is::<RaftStopped>() || restarts > 0;
+        let Some(dir) = data_dir.filter(|_| restartable) else {
+            eprintln!("warren-node: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        };
+        if started.elapsed() > std::time::Duration::from_secs(300) {
+            restarts = 0;
+        }
+        restarts += 1;
+        let delay = std::time::Duration::from_secs(1 << (restarts - 1).min(4));
+        eprintln!(
+            "warren-node: {e:#}; starting the node in {} again in {} s (restart {restarts})",
+            dir.display(),
+            delay.as_secs()
+        );
+        let interrupted = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| {
+                rt.block_on(async {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => false,
+                        () = shutdown_signal() => true,
+                    }
+                })
+            })
+            .unwrap_or(false);
+        if interrupted {
             return std::process::ExitCode::FAILURE;
         }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("warren-node: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        command = (!quickstart_mode).then_some(Cmd::Run { data_dir: dir });
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.settings;
-    let node = match cli.command {
+/// Starts the node as `command` says and serves until it stops. Also returns the data
+/// directory once known, for a restart.
+async fn run(command: Option<Cmd>, settings: &Settings) -> (anyhow::Result<()>, Option<PathBuf>) {
+    let data_dir = match &command {
+        Some(Cmd::Init { node } | Cmd::Join { node, .. }) => node.data_dir.clone(),
+        Some(Cmd::Run { data_dir }) => data_dir.clone(),
+        None => PathBuf::from(QUICKSTART_DIR),
+    };
+    let node = match start(command, settings).await {
+        Ok(n) => n,
+        // A node not yet created has nothing to start again.
+        Err(e) => {
+            let created = DataDir::new(&data_dir)
+                .state()
+                .is_ok_and(|s| matches!(s, State::Ready(_)));
+            return (Err(e), created.then_some(data_dir));
+        }
+    };
+    (node.serve_until(shutdown_signal()).await, Some(data_dir))
+}
+
+const QUICKSTART_DIR: &str = "warren-data";
+
+async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<RunningNode> {
+    let settings = settings;
+    let node = match command {
         Some(Cmd::Init { node }) => {
             let (dir, spec) = node.split()?;
-            let (node, out) = warren_node::init(dir, spec, &settings).await?;
+            let (node, out) = warren_node::init(dir, spec, settings).await?;
             print_init(&node, &out);
             node
         }
@@ -139,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             learner,
         }) => {
             let (dir, spec) = node.split()?;
-            let node = warren_node::join(dir, spec, &peer, &token, learner, &settings).await?;
+            let node = warren_node::join(dir, spec, &peer, &token, learner, settings).await?;
             println!(
                 "Joined cluster {} as node {:?} (id {}) as a {}.",
                 node.file.cluster_id,
@@ -151,18 +218,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node
         }
         Some(Cmd::Run { data_dir }) => {
-            let node = warren_node::run(DataDir::new(data_dir), &settings).await?;
+            let node = warren_node::run(DataDir::new(data_dir), settings).await?;
             print_serving(&node);
             node
         }
-        None => quickstart(&settings).await?,
+        None => quickstart(settings).await?,
     };
-    node.serve_until(shutdown_signal()).await
+    Ok(node)
 }
 
 /// `warren-node` with no command: ./warren-data on loopback ports.
 async fn quickstart(settings: &Settings) -> anyhow::Result<RunningNode> {
-    let dir = DataDir::new("warren-data");
+    let dir = DataDir::new(QUICKSTART_DIR);
     match dir.state()? {
         State::Ready(_) => {
             let node = warren_node::run(dir, settings).await?;

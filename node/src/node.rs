@@ -12,6 +12,7 @@ use warren_consensus::cluster::Cluster;
 use warren_consensus::pki::{self, ClusterCa};
 use warren_consensus::quic::QuicTransport;
 use warren_consensus::registry::{ApiKeyRecord, Command, JoinTokenRecord};
+use warren_consensus::storage::{OpenError, Store};
 use warren_consensus::types::{Actor as Who, ClusterNode, Request};
 use warren_proto::api::Scope;
 use warren_proto::registry::{Node, NodeId};
@@ -35,7 +36,7 @@ pub struct RunningNode {
     endpoint: quinn::Endpoint,
     supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
-    dbs: [sled::Db; 2],
+    dbs: [Store; 2],
     /// Where the HTTPS proxy listens.
     pub https_addr: SocketAddr,
     /// The proxy.
@@ -166,44 +167,79 @@ impl RunningNode {
         &self.supervisor
     }
 
-    /// Serves until `shutdown` resolves or the supervision tree gives up, then stops
-    /// cleanly: listeners first, then Raft, then storage is flushed.
+    /// Serves until `shutdown` resolves, the supervision tree gives up or Raft stops, then
+    /// stops cleanly: listeners first, then Raft, then storage is synced.
+    ///
+    /// When Raft stopped on its own (a storage failure such as a full disk, or a bug inside
+    /// it), the node keeps answering health (503, with why) for [`RAFT_STOPPED_GRACE`] and
+    /// then returns [`RaftStopped`]: `warren-node` starts it again from its data directory.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let mut done = self.supervisor_done;
-        let failed = tokio::select! {
-            () = shutdown => false,
-            _ = &mut done => true,
+        let mut shutdown = std::pin::pin!(shutdown);
+        let stop = tokio::select! {
+            () = &mut shutdown => Stop::Asked,
+            _ = &mut done => Stop::Tree,
+            why = self.cluster.failed() => Stop::Raft(why),
         };
-        if failed {
-            tracing::error!("the supervision tree stopped; shutting down");
-        } else {
-            tracing::info!("shutting down");
+        match &stop {
+            Stop::Asked => tracing::info!("shutting down"),
+            Stop::Tree => tracing::error!("the supervision tree stopped; shutting down"),
+            Stop::Raft(why) => {
+                tracing::error!(
+                    "{why}: this node cannot serve; it restarts in {} s",
+                    RAFT_STOPPED_GRACE.as_secs()
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(RAFT_STOPPED_GRACE) => {}
+                    () = &mut shutdown => {}
+                }
+            }
         }
         self.supervisor.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
         self.endpoint.close(0u32.into(), b"shutting down");
         self.cluster.shutdown().await;
         for db in &self.dbs {
-            db.flush_async().await.context("flushing storage")?;
+            let synced = db.sync();
+            if let (Err(e), Stop::Asked) = (synced, &stop) {
+                return Err(anyhow::anyhow!(e).context("syncing storage"));
+            }
         }
-        if failed {
-            bail!("the node stopped because a part of it failed repeatedly (see the log)");
+        match stop {
+            Stop::Asked => Ok(()),
+            Stop::Tree => {
+                bail!("the node stopped because a part of it failed repeatedly (see the log)")
+            }
+            Stop::Raft(why) => Err(RaftStopped(why).into()),
         }
-        Ok(())
     }
 }
 
-fn open_db(path: &std::path::Path) -> anyhow::Result<sled::Db> {
-    sled::Config::new().path(path).open().map_err(|e| match e {
-        sled::Error::Io(io)
-            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
-        {
+/// How long a node whose Raft stopped keeps answering health before it restarts.
+pub const RAFT_STOPPED_GRACE: Duration = Duration::from_secs(2);
+
+enum Stop {
+    Asked,
+    Tree,
+    Raft(String),
+}
+
+/// The node stopped because its Raft stopped on its own; starting it again from its data
+/// directory is the way to recover (a storage error leaves sled unusable in this process).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RaftStopped(pub String);
+
+fn open_db(path: &std::path::Path) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    Store::open(path).map_err(|e| match e {
+        OpenError::InUse(p, io) => {
             anyhow::anyhow!(
                 "{} is in use by another warren-node process: {io}",
-                path.display()
+                p.display()
             )
         }
-        other => anyhow::anyhow!("opening storage in {}: {other}", path.display()),
+        other => anyhow::anyhow!("{other}"),
     })
 }
 

@@ -3,23 +3,37 @@
 //! ```text
 //!  driver (this thread)                 turmoil hosts n1..nN (simulated network, clock)
 //!  ─────────────────────                ───────────────────────────────────────────────
-//!  fault schedule (seeded) ──crash/partition/loss/delay/membership──►  real Cluster:
-//!  invariants after every step ◄──metrics, registry digests, logs──   openraft + registry
-//!  linearizability check ◄──history── client workers on every node    + sled + QUIC
+//!  fault schedule (seeded) ──crash/power cut/partition/loss/──────►  real Cluster:
+//!                              delay/membership                     openraft + registry
+//!  invariants after every step ◄──metrics, registry digests, logs──   + sled + QUIC
+//!  linearizability check ◄──history── client workers on every node
+//!  power restored: the log loses ──lose_unsynced_tail──► data dir of a host that is down
+//!  its unsynced tail, then restart
 //! ```
+//!
+//! A crash stops a node's process: everything it wrote stays in the (real) files, as the
+//! operating system would keep it. A power loss also takes what the log had not synced:
+//! before the node restarts, `lose_unsynced_tail` cuts its log back to the last log id the
+//! log store recorded as durable and puts back the last vote it recorded. Correct storage
+//! acknowledges nothing it has not synced, so this loses nothing a peer or a client was
+//! told; storage that acknowledges early (`PlantedBug::AckBeforeSync`) loses acknowledged
+//! entries, and a power cut of a quorum right after a write was answered turns that into
+//! a lost write the checker sees.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use openraft::ServerState;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use warren_consensus::cluster::{Cluster, ClusterConfig, ClusterError, PlantedBug};
+use warren_consensus::storage::Store;
 use warren_consensus::log_store::StorageIo;
 use warren_consensus::pki::{self, ClusterCa, NodeIdentity};
 use warren_consensus::quic::{QuicTransport, RpcHandler};
@@ -63,6 +77,10 @@ pub struct SimConfig {
 pub struct Faults {
     /// Crash a node and restart it later from its data.
     pub crashes: bool,
+    /// Power losses: half the crashes are power losses (the node's log loses what it had
+    /// not synced), and power cuts take a quorum (the leader and followers holding its
+    /// last entry) or every node (the rack) down at once, right after a write was answered.
+    pub power_loss: bool,
     /// Partitions: majority/minority, isolated leader, one-way.
     pub partitions: bool,
     /// Message loss and delay.
@@ -75,6 +93,7 @@ impl Faults {
     /// Every kind.
     pub const ALL: Faults = Faults {
         crashes: true,
+        power_loss: true,
         partitions: true,
         lossy_links: true,
         membership: true,
@@ -125,6 +144,10 @@ pub struct Report {
     pub membership: Vec<String>,
     /// Nodes crashed right after installing a snapshot.
     pub snapshot_install_crashes: usize,
+    /// Nodes restarted after a power loss.
+    pub power_losses: usize,
+    /// Log entries those power losses took (entries the logs held but had not synced).
+    pub entries_lost_to_power_loss: u64,
     /// Unanswered writes whose fate the log settled (applied, when and with what result;
     /// or never applied), so the linearizability check need not consider both.
     pub unanswered_settled: usize,
@@ -231,7 +254,8 @@ async fn execute(cluster: &Cluster, op: &Op, id: RequestId) -> Out {
         Ok(reply) => out_of(&reply),
         // Whether a write that got no answer happened is unknown: it may commit later.
         Err(
-            ClusterError::NoLeader(_) | ClusterError::Timeout { .. } | ClusterError::ShuttingDown,
+            ClusterError::NoLeader(_) | ClusterError::Timeout { .. } | ClusterError::ShuttingDown
+            | ClusterError::Stopped(_),
         ) => Out::Unknown,
         Err(ClusterError::Membership(e)) => panic!("a write failed as a membership change: {e}"),
     }
@@ -347,11 +371,11 @@ impl RpcHandler for SnapshotTrap {
     }
 }
 
-fn open_db(path: PathBuf) -> Result<sled::Db, sled::Error> {
+fn open_db(path: PathBuf) -> Result<Store, warren_consensus::storage::OpenError> {
     // After a crash the previous incarnation's storage threads may hold the lock a moment.
     let mut last = None;
     for _ in 0..200 {
-        match sled::open(&path) {
+        match Store::open(&path) {
             Ok(db) => return Ok(db),
             Err(e) => last = Some(e),
         }
@@ -640,6 +664,28 @@ enum Fault {
     Loss(f64),
     Delay(u64),
     RemoveAndReadd(usize),
+    /// Cut the power of several nodes at once, the first moment (within 1.5 s) a write has
+    /// just been answered and the leader has appended nothing since: what they hold last is
+    /// acknowledged, and is what storage that acknowledges before it syncs would lose.
+    PowerCut(Outage),
+}
+
+/// Which nodes a power cut takes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    /// The leader and just enough of the voters holding its last entry for a quorum.
+    Quorum,
+    /// Every node (a rack).
+    Rack,
+}
+
+/// How a node went down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Its process died; the files keep everything it wrote.
+    Process,
+    /// Its machine lost power; the log loses what it had not synced.
+    Power,
 }
 
 /// Runs one simulation. Returns the report; `report.violations` is empty when it passed.
@@ -732,6 +778,9 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         if cfg.faults.membership {
             kinds.push(6);
         }
+        if cfg.faults.power_loss {
+            kinds.push(9);
+        }
         if kinds.is_empty() {
             break;
         }
@@ -751,7 +800,12 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             3 => Fault::LeaderDeaf,
             4 => Fault::Loss(rng.gen_range(0.02..0.2)),
             5 => Fault::Delay(rng.gen_range(20..150)),
-            _ => Fault::RemoveAndReadd(rng.gen_range(0..cfg.voters)),
+            6 => Fault::RemoveAndReadd(rng.gen_range(0..cfg.voters)),
+            _ => Fault::PowerCut(if rng.gen_bool(0.5) {
+                Outage::Quorum
+            } else {
+                Outage::Rack
+            }),
         };
         // A node that is to need a snapshot stays down until the log it needs is gone.
         let down = if matches!(fault, Fault::CrashInSnapshotInstall(_)) {
@@ -767,7 +821,16 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         t += rng.gen_range(1500..4000);
     }
 
-    let mut crashed: BTreeSet<usize> = BTreeSet::new();
+    // Nodes that are down, and how they went down.
+    let mut crashed: BTreeMap<usize, Stop> = BTreeMap::new();
+    let power_loss = cfg.faults.power_loss;
+    let stop_of = |rng: &mut StdRng| {
+        if power_loss && rng.gen_bool(0.5) {
+            Stop::Power
+        } else {
+            Stop::Process
+        }
+    };
     let mut links = Links {
         names: &names,
         cut: Vec::new(),
@@ -784,7 +847,9 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
     let mut healed_at: Option<u64> = None;
     let mut probe: Option<u64> = None;
     let mut stopped_at: Option<u64> = None;
-    let mut leader_crash_until: Option<u64> = None;
+    let mut leader_crash_until: Option<(u64, Stop)> = None;
+    let mut power_cut: Option<(u64, Outage)> = None;
+    let mut answered_writes = 0;
     let mut applied = Applied::default();
     loop {
         sim.step()
@@ -807,12 +872,13 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         let trapped: Vec<NodeId> = std::mem::take(&mut *shared.trapped.lock().expect("trapped"));
         for id in trapped {
             let i = (id.0 - 1) as usize;
-            if !crashed.contains(&i) {
-                crash(&mut sim, &shared, &names, &mut crashed, i);
+            if !crashed.contains_key(&i) {
+                let stop = stop_of(&mut rng);
+                crash(&mut sim, &shared, &names, &mut crashed, i, stop);
                 report.snapshot_install_crashes += 1;
                 report.faults.push(format!(
-                    "{step} ms: crash n{} right after it installed a snapshot, before its ack",
-                    id.0
+                    "{step} ms: {} right after it installed a snapshot, before its ack",
+                    stop.describe(i)
                 ));
                 heal_at
                     .entry(step + rng.gen_range(300..2000))
@@ -820,7 +886,46 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                     .push(Fault::Crash(i));
             }
         }
-        if let Some(until) = leader_crash_until {
+        let answered = shared.history.answered_writes();
+        let fresh = answered > answered_writes;
+        answered_writes = answered;
+        if let Some((until, outage)) = power_cut {
+            let late = step >= until;
+            let targets = outage_targets(&shared.live.lock().expect("live"), outage, fresh, late);
+            if let Some(mut nodes) = targets {
+                if outage == Outage::Rack {
+                    // Nodes starting up (not serving yet) lose power too.
+                    nodes = (0..total).filter(|i| !crashed.contains_key(i)).collect();
+                }
+                for &i in &nodes {
+                    crash(&mut sim, &shared, &names, &mut crashed, i, Stop::Power);
+                }
+                let back = step + rng.gen_range(500..5000);
+                for &i in &nodes {
+                    heal_at
+                        .entry(back + rng.gen_range(0..300))
+                        .or_default()
+                        .push(Fault::Crash(i));
+                }
+                report.faults.push(format!(
+                    "{step} ms: power cut ({}) of {:?}{}",
+                    match outage {
+                        Outage::Quorum => "the leader and a quorum",
+                        Outage::Rack => "the rack",
+                    },
+                    plus1(&nodes),
+                    if late {
+                        ""
+                    } else {
+                        ", right after a write was answered"
+                    }
+                ));
+                power_cut = None;
+            } else if late {
+                power_cut = None;
+            }
+        }
+        if let Some((until, stop)) = leader_crash_until {
             // The leader, caught with entries appended but not applied yet.
             let target = {
                 let live = shared.live.lock().expect("live");
@@ -834,10 +939,11 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                     .map(|(id, _)| (id.0 - 1) as usize)
             };
             if let Some(l) = target {
-                crash(&mut sim, &shared, &names, &mut crashed, l);
-                report
-                    .faults
-                    .push(format!("{step} ms: crash leader n{} mid-write", l + 1));
+                crash(&mut sim, &shared, &names, &mut crashed, l, stop);
+                report.faults.push(format!(
+                    "{step} ms: {} (the leader) mid-write",
+                    stop.describe(l)
+                ));
                 heal_at
                     .entry(step + rng.gen_range(500..5000))
                     .or_default()
@@ -850,22 +956,28 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         if let Some(faults) = schedule.remove(&step) {
             for f in faults {
                 let fired = match f {
-                    Fault::Crash(i) if !crashed.contains(&i) => {
-                        crash(&mut sim, &shared, &names, &mut crashed, i);
-                        format!("{step} ms: crash n{}", i + 1)
+                    Fault::Crash(i) if !crashed.contains_key(&i) => {
+                        let stop = stop_of(&mut rng);
+                        crash(&mut sim, &shared, &names, &mut crashed, i, stop);
+                        format!("{step} ms: {}", stop.describe(i))
                     }
                     Fault::CrashLeaderMidWrite => {
-                        leader_crash_until = Some(step + 1000);
+                        leader_crash_until = Some((step + 1000, stop_of(&mut rng)));
                         continue;
                     }
-                    Fault::CrashInSnapshotInstall(i) if !crashed.contains(&i) => {
-                        crash(&mut sim, &shared, &names, &mut crashed, i);
+                    Fault::PowerCut(outage) => {
+                        power_cut = Some((step + 1500, outage));
+                        continue;
+                    }
+                    Fault::CrashInSnapshotInstall(i) if !crashed.contains_key(&i) => {
+                        let stop = stop_of(&mut rng);
+                        crash(&mut sim, &shared, &names, &mut crashed, i, stop);
                         shared
                             .snapshot_trap
                             .lock()
                             .expect("trap")
                             .insert(NodeId(i as u64 + 1));
-                        format!("{step} ms: crash n{} until it needs a snapshot", i + 1)
+                        format!("{step} ms: {} until it needs a snapshot", stop.describe(i))
                     }
                     Fault::IsolateLeader | Fault::LeaderDeaf => {
                         let Some(l) = leader_index(&shared) else {
@@ -906,14 +1018,14 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             for f in faults {
                 match f {
                     Fault::Crash(i) | Fault::CrashInSnapshotInstall(i) => {
-                        if crashed.remove(&i) {
-                            sim.bounce(names[i].as_str());
-                            report.faults.push(format!("{step} ms: restart n{}", i + 1));
+                        if let Some(stop) = crashed.remove(&i) {
+                            restart(&mut sim, &shared, &names, i, stop, step, &mut report)?;
                         }
                     }
                     Fault::Loss(_) => links.set_loss(&mut sim, 0.0),
                     Fault::Delay(_) => sim.set_max_message_latency(Duration::from_millis(5)),
-                    Fault::CrashLeaderMidWrite => {}
+                    // Their nodes come back as `Crash` faults scheduled when they fired.
+                    Fault::CrashLeaderMidWrite | Fault::PowerCut(_) => {}
                     Fault::RemoveAndReadd(v) => {
                         let id = NodeId(v as u64 + 1);
                         shared.queue_change(MembershipChange::Promote(id));
@@ -932,12 +1044,13 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             links.repair_all(&mut sim);
             links.set_loss(&mut sim, 0.0);
             sim.set_max_message_latency(Duration::from_millis(5));
-            for i in std::mem::take(&mut crashed) {
-                sim.bounce(names[i].as_str());
+            for (i, stop) in std::mem::take(&mut crashed) {
+                restart(&mut sim, &shared, &names, i, stop, step, &mut report)?;
             }
             heal_at.clear();
             schedule.clear();
             leader_crash_until = None;
+            power_cut = None;
             shared.snapshot_trap.lock().expect("trap").clear();
             // Every voter back in the membership.
             for v in 0..cfg.voters {
@@ -1093,13 +1206,15 @@ impl Links<'_> {
     }
 }
 
-/// Crashes node `i`: its process state is gone, its data dir stays.
+/// Crashes node `i`: its process state is gone, its data dir stays (with what a power
+/// loss takes from it taken when it restarts: see [`restart`]).
 fn crash(
     sim: &mut turmoil::Sim<'_>,
     shared: &Shared,
     names: &[String],
-    crashed: &mut BTreeSet<usize>,
+    crashed: &mut BTreeMap<usize, Stop>,
     i: usize,
+    stop: Stop,
 ) {
     // Let go of the driver's handle first: the node's last references must drop inside
     // turmoil's world, or its UDP port stays bound.
@@ -1112,7 +1227,117 @@ fn crash(
         let (_, op) = holder.take().expect("checked");
         shared.admin.lock().expect("admin").push_front(op);
     }
-    crashed.insert(i);
+    crashed.insert(i, stop);
+}
+
+/// Restarts node `i`, which went down as `stop` says: after a power loss its log first
+/// loses what it had not synced (the host's tasks, and with them its stores, are gone).
+fn restart(
+    sim: &mut turmoil::Sim<'_>,
+    shared: &Shared,
+    names: &[String],
+    i: usize,
+    stop: Stop,
+    step: u64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let what = match stop {
+        Stop::Process => String::new(),
+        Stop::Power => {
+            let (lost, kept) = lose_unsynced_tail(&shared.dir.join(format!("n{}", i + 1)).join("log"))
+                .with_context(|| format!("power loss on n{}", i + 1))?;
+            report.power_losses += 1;
+            report.entries_lost_to_power_loss += lost;
+            let end = kept.map_or_else(|| "is empty".to_owned(), |k| format!("ends at {k}"));
+            format!(" after power loss: its log lost {lost} unsynced entries and {end}")
+        }
+    };
+    sim.bounce(names[i].as_str());
+    report
+        .faults
+        .push(format!("{step} ms: restart n{}{what}", i + 1));
+    Ok(())
+}
+
+/// What a power cut does to a stopped node's log in `dir`: the entries after the last one
+/// it synced (and recorded) are gone. Returns how many entries went and the last index
+/// left.
+fn lose_unsynced_tail(dir: &Path) -> anyhow::Result<(u64, Option<u64>)> {
+    let store = open_db(dir.to_owned())?;
+    // The log store's layout (see `warren_consensus::log_store`): tree `log`, big-endian
+    // index keys. Read only to report what was lost.
+    let log = store.db().open_tree("log")?;
+    let before = log.len();
+    warren_consensus::log_store::lose_unsynced_tail(&store)?;
+    let last = log
+        .last()?
+        .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+        .map(u64::from_be_bytes);
+    Ok(((before - log.len()) as u64, last))
+}
+
+/// The nodes (indexes) a power cut takes down now, or `None` to wait for a better moment:
+/// one where a write was answered in this step (`fresh`) and the leader has applied
+/// everything it appended, so that its last entry (and its followers') is acknowledged.
+/// When `late` the cut happens whatever the moment (with no leader, only a rack cut does).
+fn outage_targets(
+    live: &BTreeMap<NodeId, Cluster>,
+    outage: Outage,
+    fresh: bool,
+    late: bool,
+) -> Option<Vec<usize>> {
+    let index = |id: &NodeId| (id.0 - 1) as usize;
+    let leader = live.iter().find_map(|(id, c)| {
+        let m = c.raft().metrics().borrow().clone();
+        (m.state == ServerState::Leader).then_some((*id, m))
+    });
+    let Some((leader, m)) = leader else {
+        return (late && outage == Outage::Rack).then(|| live.keys().map(index).collect());
+    };
+    let settled =
+        m.last_log_index.is_some() && m.last_applied.map(|a| a.index) == m.last_log_index;
+    if !late && !(fresh && settled) {
+        return None;
+    }
+    match outage {
+        Outage::Rack => Some(live.keys().map(index).collect()),
+        Outage::Quorum => {
+            let membership = m.membership_config.membership();
+            let voters = membership.voter_ids().count();
+            let leader_votes = usize::from(membership.voter_ids().any(|v| v == leader));
+            let need = (voters / 2 + 1).saturating_sub(leader_votes);
+            // The most advanced followers first: those holding the leader's last entry.
+            let mut followers: Vec<(Option<u64>, NodeId)> = membership
+                .voter_ids()
+                .filter(|v| *v != leader)
+                .filter_map(|v| {
+                    live.get(&v)
+                        .map(|c| (c.raft().metrics().borrow().last_log_index, v))
+                })
+                .collect();
+            followers.sort_by(|a, b| b.cmp(a));
+            let holding = followers
+                .iter()
+                .filter(|(last, _)| *last >= m.last_log_index)
+                .count();
+            if !late && holding < need {
+                return None;
+            }
+            let mut nodes = vec![index(&leader)];
+            nodes.extend(followers.iter().take(need).map(|(_, v)| index(v)));
+            Some(nodes)
+        }
+    }
+}
+
+impl Stop {
+    /// How node `i` went down, for the fault list.
+    fn describe(self, i: usize) -> String {
+        match self {
+            Stop::Process => format!("crash n{}", i + 1),
+            Stop::Power => format!("power loss on n{}", i + 1),
+        }
+    }
 }
 
 fn plus1(v: &[usize]) -> Vec<usize> {

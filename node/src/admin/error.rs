@@ -101,7 +101,9 @@ impl From<ClusterError> for ApiErr {
                 Self::new(ErrorCode::NoQuorum, message)
             }
             ClusterError::Membership(_) => Self::new(ErrorCode::Conflict, message),
-            ClusterError::ShuttingDown => Self::new(ErrorCode::Unavailable, message),
+            ClusterError::ShuttingDown | ClusterError::Stopped(_) => {
+                Self::new(ErrorCode::Unavailable, message)
+            }
         }
     }
 }
