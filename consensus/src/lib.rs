@@ -11,6 +11,8 @@
 //!
 //! - [`registry`]: the replicated state and its pure, validating apply.
 //! - [`log_store`], [`state_machine`]: openraft's v2 storage traits on sled.
+//! - [`storage`]: sled with a real sync (`fdatasync`), checksummed values, and the record of
+//!   what the log had made durable, against which a damaged log is recognised.
 //! - [`transport`]: the RPC messages and the [`transport::Transport`] trait the Raft network
 //!   uses; [`quic`] implements it over QUIC with mutual TLS, and a simulation can replace it.
 //! - [`pki`]: the cluster CA and node certificates.

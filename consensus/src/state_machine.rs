@@ -2,9 +2,10 @@
 //!
 //! The registry lives in memory (persistent maps, cheap to clone) and is persisted in sled
 //! as Raft snapshots: tree `snapshot` holds the latest one, the bincode-encoded registry in
-//! 1 MiB chunks plus its metadata, flushed before openraft is told about it (so log
-//! compaction never outruns it). On start the state machine loads that snapshot; openraft then re-applies
-//! the committed log entries after it (the cluster's snapshot policy bounds how many: see
+//! 1 MiB chunks plus its metadata and a CRC-32 of the data, synced (see [`Store::sync`])
+//! before openraft is told about it (so log compaction never outruns it). On start the
+//! state machine loads that snapshot (a damaged one is named and dropped, see
+//! [`StateMachine::open`]); openraft then re-applies the committed log entries after it (the cluster's snapshot policy bounds how many: see
 //! `ClusterConfig::snapshot_writes`). Writing every applied entity to sled as well was
 //! measured to cost about 40% of write throughput (see BENCHMARKS.md) for no gain in
 //! durability: the log already holds every committed write.
