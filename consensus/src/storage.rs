@@ -61,6 +61,7 @@ impl Store {
     /// Opens (or creates) the sled database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
         let other = |e: &dyn std::fmt::Display| OpenError::Other(dir.to_owned(), e.to_string());
+        remove_unfinished_snapshots(dir).map_err(|e| other(&e))?;
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
             sled::Error::Io(io)
                 if io.kind() == io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
@@ -147,6 +148,27 @@ impl Store {
         *synced = present;
         Ok(())
     }
+}
+
+/// sled writes its page-table snapshot to `snap.<lsn>.generating` and renames it when
+/// done. One left behind by a failed write (a full disk) makes every later open fail with
+/// "Read corrupted data"; it was never complete, so removing it loses nothing.
+fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing an unfinished sled snapshot file");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn sled_io(e: sled::Error) -> io::Error {

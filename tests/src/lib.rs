@@ -54,9 +54,19 @@ pub struct Bins {
 }
 
 /// Builds the binaries once per test process and returns their paths.
+///
+/// `WARREN_TEST_BIN_DIR=<dir>` takes them from `dir` instead, unbuilt: to run the tests
+/// against binaries built elsewhere (an older version, to see a test fail without a fix).
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("WARREN_TEST_BIN_DIR").map(PathBuf::from) {
+            return Bins {
+                node: dir.join("warren-node"),
+                warren: dir.join("warren"),
+                agent: dir.join("warren-agent"),
+            };
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -279,6 +289,74 @@ impl TestNode {
         let dir = self.dir.display().to_string();
         let out = self.spawn(&["run", "--data-dir", &dir])?;
         self.wait_output(&out, "Serving node", Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    /// Starts `warren-node run` on the existing data directory expecting the process to
+    /// exit on its own (it refuses to start) within `timeout`; returns its exit status and
+    /// what it logged.
+    pub fn run_expecting_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, String)> {
+        let dir = self.dir.display().to_string();
+        self.spawn(&["run", "--data-dir", &dir])?;
+        let mut child = self.child.take().context("not started")?;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} was expected to exit but still ran after {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let err = self
+            .log_dir
+            .join(format!("{}.{}.err", self.name, self.starts));
+        Ok((status, std::fs::read_to_string(err).unwrap_or_default()))
+    }
+
+    /// Everything this node logged (stderr), every start in order.
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|i| {
+                std::fs::read_to_string(self.log_dir.join(format!("{}.{i}.err", self.name))).ok()
+            })
+            .collect()
+    }
+
+    /// What this node logged (stderr) since its latest start.
+    pub fn log_since_start(&self) -> String {
+        std::fs::read_to_string(
+            self.log_dir
+                .join(format!("{}.{}.err", self.name, self.starts)),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Moves the data directory of this stopped node into the directory `to` (which may be
+    /// a mount point); the node runs from there from now on.
+    pub fn move_data_dir(&mut self, to: &Path) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "{} is running", self.name);
+        std::fs::create_dir_all(to)?;
+        // `cp -a` keeps modes and works across file systems, which a rename does not.
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.join("."))
+            .arg(to)
+            .status()
+            .context("running cp")?;
+        anyhow::ensure!(status.success(), "copying {} failed", self.dir.display());
+        std::fs::remove_dir_all(&self.dir)?;
+        self.dir = to.to_owned();
         Ok(())
     }
 
