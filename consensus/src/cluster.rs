@@ -7,6 +7,10 @@
 //!   quorum and names a log index; this node waits until it has applied that index and
 //!   reads its own replica.
 //! - Membership changes are carried out by the leader and forwarded like writes.
+//! - Elections are started by this node's own timer, after a pre-vote: it stands only if
+//!   a quorum of the voters has not heard from a leader lately either and has no longer
+//!   log, so a node that merely missed heartbeats does not depose a healthy leader. The
+//!   same answers tell a node that the cluster removed it; it then serves nothing.
 //! - The handle also serves the RPCs other nodes send ([`RpcHandler`]).
 //!
 //! ```text
@@ -34,8 +38,8 @@ use crate::registry::Registry;
 use crate::state_machine::StateMachine;
 use crate::storage::Store;
 use crate::transport::{
-    BoxFuture, ForwardError, MembershipChange, Network, NodeStatus, Rpc, RpcReply, Transport,
-    TransportError,
+    AppliedMembership, BoxFuture, ForwardError, MembershipChange, Network, NodeStatus,
+    PreVoteReply, Rpc, RpcReply, Transport, TransportError,
 };
 use crate::types::{ClusterNode, Raft, Reply, Request};
 
@@ -209,6 +213,9 @@ struct Inner {
     failed: Arc<Mutex<Option<String>>>,
     /// Set by [`Cluster::shutdown`], so that stopping is not mistaken for failing.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// The index of a committed membership that leaves this node out, once another node
+    /// has shown it one (see [`Cluster::removed_at`]); written by the election timer.
+    removed_at: Arc<Mutex<Option<u64>>>,
 }
 
 impl Cluster {
@@ -272,12 +279,14 @@ impl Cluster {
             config.snapshot_writes,
         ));
         let last_leader_contact = Arc::new(Mutex::new(None));
+        let canvass = Canvass::new(me, transport.clone(), &config);
         tokio::spawn(election_timer(
             raft.clone(),
             me,
             last_leader_contact.clone(),
             config.election_timeout_min..config.election_timeout_max,
             probe.clone(),
+            canvass.clone(),
         ));
         let failed = Arc::new(Mutex::new(None));
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -300,6 +309,7 @@ impl Cluster {
                 probe,
                 failed,
                 stopping,
+                removed_at: canvass.removed_at,
             }),
         })
     }
@@ -405,17 +415,22 @@ impl Cluster {
     pub fn leader_contact(&self) -> Option<Duration> {
         let m = self.inner.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader {
-            let voters = m.membership_config.membership().voter_ids().count();
-            if voters == 1 {
-                return Some(Duration::ZERO);
-            }
-            return m.millis_since_quorum_ack.map(Duration::from_millis);
+            return refresh_leader_contact(&m, &self.inner.last_leader_contact);
         }
         self.inner
             .last_leader_contact
             .lock()
             .expect("contact lock")
             .map(|t| t.elapsed())
+    }
+
+    /// `Some(index)` once this node knows it was removed from the cluster: another node
+    /// has applied (so the cluster committed) a membership at log `index` that leaves it
+    /// out, and this node holds no later membership (being added again brings one, and
+    /// ends this). A removed node stands for no election and serves nothing.
+    pub fn removed_at(&self) -> Option<u64> {
+        let own = own_membership_index(&self.inner.raft.metrics().borrow());
+        still_removed(*self.inner.removed_at.lock().expect("removed lock"), own)
     }
 
     /// `Ok` if this node is in contact with a leader within the configured bound, else why
@@ -426,6 +441,9 @@ impl Cluster {
         }
         if let Some(damage) = self.damage() {
             return Err(damage.to_string());
+        }
+        if let Some(at) = self.removed_at() {
+            return Err(removed_reason(at));
         }
         let bound = self.inner.config.leader_loss_bound;
         match self.leader_contact() {
@@ -474,12 +492,24 @@ impl Cluster {
         }
     }
 
+    /// How long one forward of a write or read index may wait for the leader's answer
+    /// before it is sent again (to whoever leads by then): a few election timeouts, time
+    /// enough for a live leader to commit, short against the request timeout. A QUIC
+    /// connection to a killed peer fails only by its idle timeout, and this node may go on
+    /// believing in a dead leader until it hears of the next one.
+    fn forward_attempt(&self) -> Duration {
+        self.inner.config.election_timeout_max * 4
+    }
+
     /// Runs an operation on the leader: locally when this node leads, else as an RPC to
-    /// the leader, retried until `timeout` when the leader changes, is unreachable, or says
-    /// it no longer leads. `outcome` tells the caller what a timeout means.
+    /// the leader, retried until `timeout` when the leader changes, is unreachable, says
+    /// it no longer leads, or has not answered within `attempt` (the operation must be
+    /// safe to repeat then). `outcome` tells the caller what a timeout means.
+    #[allow(clippy::too_many_arguments)]
     async fn on_leader<'a, T>(
         &'a self,
         timeout: Duration,
+        attempt: Duration,
         outcome: &'static str,
         retry_failures: bool,
         local: impl Fn() -> BoxFuture<'a, Result<T, ForwardError>>,
@@ -487,16 +517,23 @@ impl Cluster {
         unpack: fn(RpcReply) -> Option<Result<T, ForwardError>>,
     ) -> Result<T, ClusterError> {
         let deadline = Instant::now() + timeout;
+        // Once the request went out, running out of time leaves its outcome unknown, even
+        // if no leader is known at the end.
+        let mut sent = false;
         loop {
             if let Some(why) = self.failure() {
                 return Err(ClusterError::Stopped(why));
             }
-            let leader = self.wait_for_leader(deadline).await?;
+            let leader = match self.wait_for_leader(deadline).await {
+                Err(ClusterError::NoLeader(_)) if sent => return Err(self.timeout_error(outcome)),
+                leader => leader?,
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(self.timeout_error(outcome));
             }
             let answer = if leader == self.inner.me {
+                sent = true;
                 match tokio::time::timeout(remaining, local()).await {
                     Ok(a) => a,
                     Err(_) => return Err(self.timeout_error(outcome)),
@@ -507,10 +544,11 @@ impl Cluster {
                         .await;
                     continue;
                 };
-                let call = self
-                    .inner
-                    .transport
-                    .call(leader, &node, remote(), remaining);
+                sent = true;
+                let call =
+                    self.inner
+                        .transport
+                        .call(leader, &node, remote(), remaining.min(attempt));
                 // A leader that dies mid-call never answers: go to the next one as soon as
                 // it is elected. (Writes carry a request id, so a repeat applies once.)
                 let result = tokio::select! {
@@ -520,7 +558,12 @@ impl Cluster {
                 match result {
                     Ok(reply) => unpack(reply)
                         .unwrap_or_else(|| Err(ForwardError::Failed("unexpected reply".into()))),
-                    Err(TransportError::Timeout(_)) => return Err(self.timeout_error(outcome)),
+                    // No answer within the attempt: ask again, whoever leads by then, until
+                    // the deadline (the top of the loop ends it).
+                    Err(e @ TransportError::Timeout(_)) => {
+                        tracing::debug!(%leader, "the leader did not answer: {e}");
+                        continue;
+                    }
                     Err(e) => {
                         tracing::debug!(%leader, "calling the leader failed: {e}");
                         self.leader_change(leader, remaining.min(Duration::from_millis(100)))
@@ -560,6 +603,7 @@ impl Cluster {
     async fn write_committed(&self, req: Request) -> Result<Reply, ClusterError> {
         self.on_leader(
             self.inner.config.request_timeout,
+            self.forward_attempt(),
             "the write may or may not have been applied",
             true,
             || Box::pin(self.inner.proposer.propose(req.clone())),
@@ -578,6 +622,7 @@ impl Cluster {
         let index = self
             .on_leader(
                 self.inner.config.request_timeout,
+                self.forward_attempt(),
                 "nothing was read",
                 true,
                 || Box::pin(self.read_index_on_leader()),
@@ -625,7 +670,10 @@ impl Cluster {
 
     /// Carries out a membership change on the leader (forwarding it there).
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
+        // One attempt for the whole timeout: adding a learner waits for it to catch up,
+        // and promoting twice is refused ("already a voter").
         self.on_leader(
+            self.inner.config.membership_timeout,
             self.inner.config.membership_timeout,
             "the membership change may or may not have happened",
             false,
@@ -714,6 +762,7 @@ impl Cluster {
             .any(|l| l == m.id);
         let state = match m.state {
             _ if self.failure().is_some() => "stopped",
+            _ if self.removed_at().is_some() => "removed",
             ServerState::Leader => "leader",
             ServerState::Candidate => "candidate",
             ServerState::Shutdown => "shutdown",
@@ -768,6 +817,20 @@ impl Cluster {
         }
     }
 
+    /// What this node answers a pre-vote with.
+    fn pre_vote_reply(&self) -> PreVoteReply {
+        let registry = self.registry();
+        let applied = registry.membership();
+        PreVoteReply {
+            leader_contact_ms: self.leader_contact().map(|d| d.as_millis() as u64),
+            last_log_id: self.inner.raft.data_metrics().borrow().last_log,
+            applied_membership: applied.log_id().map(|at| AppliedMembership {
+                index: at.index,
+                members: applied.membership().nodes().map(|(id, _)| *id).collect(),
+            }),
+        }
+    }
+
     fn saw_leader(&self) {
         *self.inner.last_leader_contact.lock().expect("contact lock") = Some(Instant::now());
     }
@@ -778,15 +841,25 @@ impl Cluster {
 /// (a timeout drawn once per process lets two nodes with lined-up timers split the vote in
 /// every term; the simulation found exactly that). A lone voter elects itself at once.
 /// Ends when Raft stops.
+///
+/// Before it stands, a voter asks the others (pre-vote, see [`Canvass`]) and stands only if
+/// a quorum has not heard from a leader for a leader lease either: openraft 0.9 has no
+/// pre-vote, and a candidate whose votes are all refused still raises its term, which
+/// deposes a healthy leader as soon as they next talk. On shared, busy CPUs a follower
+/// misses heartbeats that its peers got; without this each such stall was an election.
+/// The same answers tell a node (voter or learner) that it was removed from the cluster.
 async fn election_timer(
     raft: Raft,
     me: NodeId,
     last_leader_contact: Arc<Mutex<Option<Instant>>>,
     timeouts: std::ops::Range<Duration>,
     probe: DamageProbe,
+    canvass: Canvass,
 ) {
     use rand::Rng;
     let draw = || rand::thread_rng().gen_range(timeouts.clone());
+    let spread = timeouts.end - timeouts.start;
+    let heard = || *last_leader_contact.lock().expect("contact lock");
     // Server metrics change with the vote, state, leader and membership only, not with
     // every write applied.
     let mut metrics = raft.server_metrics();
@@ -809,18 +882,49 @@ async fn election_timer(
         } else {
             timeout
         };
+        let due = since + wait;
         tokio::select! {
-            () = tokio::time::sleep_until(since + wait) => {
-                let contact = *last_leader_contact.lock().expect("contact lock");
-                if let Some(at) = contact.filter(|at| *at > since) {
-                    since = at;
-                } else if !leader && voter && probe.damage().is_none() && raft.trigger().elect().await.is_err() {
-                    // A damaged node does not stand: its log lacks entries it acknowledged.
-                    return;
-                } else {
-                    since = Instant::now();
+            () = tokio::time::sleep_until(due) => {
+                if leader {
+                    refresh_leader_contact(&raft.metrics().borrow(), &last_leader_contact);
                 }
+                if Instant::now() > due + canvass.heartbeat {
+                    // Woken this late, the process was stalled (a busy CPU): heartbeats that
+                    // arrived meanwhile may still be queued behind this timer.
+                    tokio::time::sleep(canvass.heartbeat).await;
+                }
+                let started = Instant::now();
                 timeout = draw();
+                if let Some(at) = heard().filter(|at| *at > since) {
+                    since = at;
+                } else {
+                    let verdict = if lone_voter {
+                        Verdict::STAND
+                    } else if leader || canvass.removed_at(&raft).is_some() {
+                        Verdict::WAIT
+                    } else {
+                        canvass.round(&raft).await
+                    };
+                    // A leader heard from while the others were asked wins over their answers.
+                    let silent = heard().filter(|at| *at > since).is_none();
+                    tracing::trace!(%me, ?verdict, silent, "election timer");
+                    let stand = !leader && voter && verdict.stand && silent;
+                    if stand && probe.damage().is_none() && raft.trigger().elect().await.is_err() {
+                        // A damaged node does not stand: its log lacks entries it acknowledged.
+                        return;
+                    }
+                    // From when this round began: a round that waited for a dead peer's
+                    // answer does not delay the next one. Peers that refused only because
+                    // they heard from a leader lately will support once their lease runs
+                    // out: ask again then, and a random part of the spread of timeouts
+                    // after (so that two nodes that lost the same leader do not stand at
+                    // once, splitting the vote).
+                    since = heard().map_or(started, |at| at.max(started));
+                    if let Some(after) = verdict.retry_after.filter(|_| silent) {
+                        let jitter = rand::thread_rng().gen_range(Duration::ZERO..spread);
+                        timeout = after.max(started.elapsed()) + jitter;
+                    }
+                }
             }
             changed = metrics.changed() => {
                 if changed.is_err() {
@@ -837,6 +941,268 @@ async fn election_timer(
     }
 }
 
+/// What the election timer needs to ask the other members before it stands (pre-vote), and
+/// where it records what their answers say about this node's membership. Cheap to clone.
+#[derive(Clone)]
+struct Canvass {
+    me: NodeId,
+    transport: Arc<dyn Transport>,
+    /// Shared with [`Cluster::removed_at`].
+    removed_at: Arc<Mutex<Option<u64>>>,
+    /// openraft's leader lease: a node that heard from a leader more recently refuses
+    /// every vote, so the pre-vote asks for no less.
+    lease: Duration,
+    heartbeat: Duration,
+    /// How long a round waits for the answers, as long as openraft waits for a vote: a
+    /// peer that answers later counts as against.
+    ask_timeout: Duration,
+}
+
+impl Canvass {
+    fn new(me: NodeId, transport: Arc<dyn Transport>, config: &ClusterConfig) -> Self {
+        Self {
+            me,
+            transport,
+            removed_at: Arc::new(Mutex::new(None)),
+            // openraft's lease is `election_timeout_max` (`EngineConfig::new`).
+            lease: config.election_timeout_max,
+            heartbeat: config.heartbeat,
+            // openraft's vote RPC timeout (`RaftCore::send_vote`).
+            ask_timeout: config.election_timeout_min,
+        }
+    }
+
+    fn removed_at(&self, raft: &Raft) -> Option<u64> {
+        let own = own_membership_index(&raft.metrics().borrow());
+        still_removed(*self.removed_at.lock().expect("removed lock"), own)
+    }
+
+    /// Asks every other member of this node's membership for a pre-vote: whether a quorum
+    /// of the voters (this node included) supports an election. Learns from the answers
+    /// whether this node was removed (then it does not stand). Returns as soon as the
+    /// answers decide, or once asking again later is the better bet: when the answers so
+    /// far only lack voters whose lease runs out before the others have answered (a killed
+    /// peer never answers; the next round, when the lease is over, needs it no more).
+    async fn round(&self, raft: &Raft) -> Verdict {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let (membership, own) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (
+                m.membership_config.membership().clone(),
+                own_membership_index(&m),
+            )
+        };
+        let mine = raft.data_metrics().borrow().last_log;
+        let mut tally = Tally::new(membership.get_joint_config().clone(), self.me);
+        let mut evidence = Evidence::default();
+        // When the voters that refused because of a recent leader will support.
+        let mut lease_left = None;
+        let mut asks: FuturesUnordered<_> = membership
+            .nodes()
+            .filter(|(id, _)| **id != self.me)
+            .map(|(id, node)| async move {
+                let answer = self
+                    .transport
+                    .call(*id, node, Rpc::PreVote, self.ask_timeout)
+                    .await;
+                (*id, answer)
+            })
+            .collect();
+        let started = Instant::now();
+        let mut cutoff = started + self.ask_timeout;
+        while let Ok(Some((id, answer))) = tokio::time::timeout_at(cutoff, asks.next()).await {
+            let supports = match answer {
+                Ok(RpcReply::PreVote(reply)) => {
+                    if let Some(applied) = &reply.applied_membership {
+                        evidence.add(self.me, own, applied);
+                    }
+                    // A voter whose log is further than this node's refuses its vote
+                    // whatever the term (openraft does not even take up the higher term
+                    // then): standing would only raise terms, and the node that can win
+                    // would have to outbid them.
+                    let log_ok = mine >= reply.last_log_id;
+                    let ago = reply.leader_contact_ms.map(Duration::from_millis);
+                    let lease_over = ago.is_none_or(|ago| ago > self.lease);
+                    if let Some(ago) = ago.filter(|_| log_ok && !lease_over && tally.is_voter(id)) {
+                        let left = self.lease.saturating_sub(ago) + self.heartbeat;
+                        lease_left = lease_left.max(Some(left));
+                    }
+                    log_ok && lease_over
+                }
+                // A node without pre-vote refuses the request as malformed: the vote itself
+                // decides, as it did before pre-vote.
+                Err(TransportError::Protocol(_)) => true,
+                Ok(_) | Err(_) => false,
+            };
+            tracing::trace!(peer = %id, supports, "pre-vote");
+            tally.record(id, supports);
+            if tally.outcome().is_some() {
+                break;
+            }
+            if let Some(left) = lease_left {
+                cutoff = cutoff.min(started + left);
+            }
+        }
+        if let Some(at) = evidence.removed_at() {
+            let mut removed = self.removed_at.lock().expect("removed lock");
+            if *removed < Some(at) {
+                tracing::warn!("{}", removed_reason(at));
+                *removed = Some(at);
+            }
+            return Verdict::WAIT;
+        }
+        Verdict {
+            stand: tally.outcome() == Some(true),
+            retry_after: lease_left,
+        }
+    }
+}
+
+/// What a pre-vote round decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verdict {
+    /// A quorum supports an election.
+    stand: bool,
+    /// When voters that refused because they heard from a leader lately will support (the
+    /// latest of them), if any did.
+    retry_after: Option<Duration>,
+}
+
+impl Verdict {
+    const STAND: Self = Self {
+        stand: true,
+        retry_after: None,
+    };
+    const WAIT: Self = Self {
+        stand: false,
+        retry_after: None,
+    };
+}
+
+/// The answers to one pre-vote round, and what they decide.
+#[derive(Debug)]
+struct Tally {
+    /// The voter sets (two during a joint membership change), each needing a majority.
+    configs: Vec<BTreeSet<NodeId>>,
+    support: BTreeSet<NodeId>,
+    against: BTreeSet<NodeId>,
+}
+
+impl Tally {
+    /// A round asked by `me`, which supports itself.
+    fn new(configs: Vec<BTreeSet<NodeId>>, me: NodeId) -> Self {
+        Self {
+            configs,
+            support: BTreeSet::from([me]),
+            against: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `id` votes in any of the voter sets.
+    fn is_voter(&self, id: NodeId) -> bool {
+        self.configs.iter().any(|c| c.contains(&id))
+    }
+
+    /// `from` answered (no answer counts as against).
+    fn record(&mut self, from: NodeId, supports: bool) {
+        if supports {
+            self.support.insert(from);
+        } else {
+            self.against.insert(from);
+        }
+    }
+
+    /// `Some(true)` once the supporters are a majority of every voter set, `Some(false)`
+    /// once that cannot happen whatever the others answer, `None` while it depends on them.
+    fn outcome(&self) -> Option<bool> {
+        if self.configs.is_empty() {
+            return Some(false);
+        }
+        let majority = |config: &BTreeSet<NodeId>, count: usize| count * 2 > config.len();
+        if self
+            .configs
+            .iter()
+            .all(|c| majority(c, c.intersection(&self.support).count()))
+        {
+            return Some(true);
+        }
+        let open = |c: &BTreeSet<NodeId>| c.difference(&self.against).count();
+        if self.configs.iter().any(|c| !majority(c, open(c))) {
+            return Some(false);
+        }
+        None
+    }
+}
+
+/// What the memberships other nodes have applied say about this node's.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Evidence {
+    /// The latest applied membership that leaves this node out and is no older than its
+    /// own.
+    without: Option<u64>,
+    /// The latest applied membership that has this node.
+    with: Option<u64>,
+}
+
+impl Evidence {
+    /// Adds one node's applied membership, as seen by `me` whose own is at index `own`.
+    fn add(&mut self, me: NodeId, own: Option<u64>, applied: &AppliedMembership) {
+        if applied.members.contains(&me) {
+            self.with = self.with.max(Some(applied.index));
+        } else if Some(applied.index) >= own {
+            self.without = self.without.max(Some(applied.index));
+        }
+    }
+
+    /// The index of the membership that removed this node, if the answers show one: a
+    /// node that lags and has not yet applied this node's admission is outweighed by one
+    /// that has.
+    fn removed_at(&self) -> Option<u64> {
+        self.without.filter(|w| Some(*w) > self.with)
+    }
+}
+
+/// Whether a removal learned at `learned` still holds for a node whose own membership is at
+/// index `own`: a later membership of its own means it was added again.
+fn still_removed(learned: Option<u64>, own: Option<u64>) -> Option<u64> {
+    learned.filter(|at| own <= Some(*at))
+}
+
+fn own_membership_index(m: &openraft::RaftMetrics<NodeId, ClusterNode>) -> Option<u64> {
+    m.membership_config.log_id().map(|l| l.index)
+}
+
+fn removed_reason(at: u64) -> String {
+    format!(
+        "this node was removed from the cluster (membership at log index {at}); \
+         it serves nothing: delete its data directory to join again"
+    )
+}
+
+/// On a leader: how long since a quorum last acknowledged it (a lone voter is its own
+/// quorum), recorded as its leader contact, so that a leader that steps down counts as in
+/// contact until then, not since before it led (which would fail it closed until the next
+/// leader's first heartbeat).
+fn refresh_leader_contact(
+    m: &openraft::RaftMetrics<NodeId, ClusterNode>,
+    contact: &Mutex<Option<Instant>>,
+) -> Option<Duration> {
+    let voters = m.membership_config.membership().voter_ids().count();
+    let ago = if voters == 1 {
+        Some(Duration::ZERO)
+    } else {
+        m.millis_since_quorum_ack.map(Duration::from_millis)
+    }?;
+    if let Some(at) = Instant::now().checked_sub(ago) {
+        let mut contact = contact.lock().expect("contact lock");
+        if *contact < Some(at) {
+            *contact = Some(at);
+        }
+    }
+    Some(ago)
+}
+
 /// Makes the log and the state machine agree after damage: a snapshot that is gone or
 /// damaged takes the log with it (entries after it may build on state this node no longer
 /// has), and a log that ends before the snapshot is re-based on it.
@@ -848,9 +1214,9 @@ fn reconcile(log: &LogStore, sm: &StateMachine) -> Result<(), anyhow::Error> {
     let applied = sm.last_applied();
     if state.last_purged_log_id > applied {
         let why = format!(
-            "the snapshot (at {}) is older than the log's start (after {}): the entries between are in neither",
-            applied.map_or(0, |l| l.index),
-            state.last_purged_log_id.map_or(0, |l| l.index)
+            "the stored Raft snapshot is damaged or lost: the log was compacted up to index {} after a snapshot covering it was stored, but the snapshot found covers only up to {} (sled drops damaged blobs when it opens; see its warnings above)",
+            state.last_purged_log_id.map_or(0, |l| l.index),
+            applied.map_or(0, |l| l.index)
         );
         tracing::error!("{why}; the log is dropped and this node catches up from a leader");
         return log.reset(&why);
@@ -989,7 +1355,103 @@ impl RpcHandler for Cluster {
                 Rpc::Membership(change) => {
                     RpcReply::Membership(self.membership_on_leader(change).await)
                 }
+                Rpc::PreVote => RpcReply::PreVote(self.pre_vote_reply()),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[u64]) -> BTreeSet<NodeId> {
+        v.iter().map(|i| NodeId(*i)).collect()
+    }
+
+    #[test]
+    fn a_pre_vote_needs_a_majority_of_every_voter_set() {
+        // Three voters, the leader (1) killed: one survivor's support makes two of three.
+        let mut t = Tally::new(vec![ids(&[1, 2, 3])], NodeId(2));
+        assert_eq!(t.outcome(), None);
+        t.record(NodeId(3), true);
+        assert_eq!(t.outcome(), Some(true));
+
+        // A peer that still hears the leader refuses; with the leader unanswered it is open
+        // until the leader answers too.
+        let mut t = Tally::new(vec![ids(&[1, 2, 3])], NodeId(2));
+        t.record(NodeId(3), false);
+        assert_eq!(t.outcome(), None);
+        t.record(NodeId(1), false);
+        assert_eq!(t.outcome(), Some(false));
+
+        // Joint: both sets need a majority.
+        let mut t = Tally::new(vec![ids(&[1, 2, 3]), ids(&[1, 3])], NodeId(2));
+        t.record(NodeId(3), true);
+        assert_eq!(t.outcome(), None, "{t:?}");
+        t.record(NodeId(1), true);
+        assert_eq!(t.outcome(), Some(true));
+        let mut t = Tally::new(vec![ids(&[1, 2, 3]), ids(&[1, 3])], NodeId(2));
+        t.record(NodeId(1), false);
+        assert_eq!(t.outcome(), Some(false), "{t:?}");
+
+        // No membership: nothing to stand for.
+        assert_eq!(Tally::new(vec![], NodeId(1)).outcome(), Some(false));
+    }
+
+    #[test]
+    fn a_committed_membership_without_this_node_and_not_older_than_its_own_removes_it() {
+        let applied = |index, members: &[u64]| AppliedMembership {
+            index,
+            members: ids(members),
+        };
+        // Node 2 holds the joint membership at 10; the cluster applied 11 without it.
+        let mut e = Evidence::default();
+        e.add(NodeId(2), Some(10), &applied(11, &[1, 3]));
+        assert_eq!(e.removed_at(), Some(11));
+        // A peer that lags (still at the joint membership) does not outweigh that.
+        e.add(NodeId(2), Some(10), &applied(10, &[1, 2, 3]));
+        assert_eq!(e.removed_at(), Some(11));
+        // One that applied its re-admission does.
+        e.add(NodeId(2), Some(10), &applied(15, &[1, 2, 3]));
+        assert_eq!(e.removed_at(), None);
+
+        // A membership older than this node's own says nothing (it joined since).
+        let mut e = Evidence::default();
+        e.add(NodeId(4), Some(20), &applied(12, &[1, 2, 3]));
+        assert_eq!(e.removed_at(), None);
+
+        // Learned removals hold until this node has a later membership of its own.
+        assert_eq!(still_removed(Some(11), Some(10)), Some(11));
+        assert_eq!(still_removed(Some(11), Some(11)), Some(11));
+        assert_eq!(still_removed(Some(11), Some(12)), None);
+        assert_eq!(still_removed(None, Some(10)), None);
+    }
+
+    #[test]
+    fn a_leader_counts_its_quorum_acknowledgement_as_its_leader_contact() {
+        let mut m = openraft::RaftMetrics::<NodeId, ClusterNode>::new_initial(NodeId(1));
+        m.state = ServerState::Leader;
+        m.membership_config = Arc::new(crate::types::StoredMembership::new(
+            None,
+            openraft::Membership::new(vec![ids(&[1, 2, 3])], None),
+        ));
+        m.millis_since_quorum_ack = Some(40);
+        // It last heard from a leader long before it led.
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(60));
+        let contact = Mutex::new(long_ago);
+        assert_eq!(
+            refresh_leader_contact(&m, &contact),
+            Some(Duration::from_millis(40))
+        );
+        let at = contact.lock().unwrap().expect("recorded");
+        // Stepping down now, it counts as in contact 40 ms ago, not a minute ago.
+        assert!(at.elapsed() < Duration::from_secs(1), "{:?}", at.elapsed());
+
+        // Without an acknowledgement yet it records nothing.
+        m.millis_since_quorum_ack = None;
+        let contact = Mutex::new(long_ago);
+        assert_eq!(refresh_leader_contact(&m, &contact), None);
+        assert_eq!(*contact.lock().unwrap(), long_ago);
     }
 }

@@ -416,7 +416,14 @@ impl Shared {
             }
         };
         if let Some(r) = recorded {
-            if stored.is_none_or(|s| !(s >= r)) {
+            // Keep sled's only if it is at least the record's (incomparable counts as older).
+            let keep = stored.is_some_and(|s| {
+                matches!(
+                    s.partial_cmp(&r),
+                    Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+                )
+            });
+            if !keep {
                 if stored.is_some() {
                     tracing::warn!(recorded = %r, "the stored vote is older than the durable record's; restoring it");
                 }

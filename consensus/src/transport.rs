@@ -22,7 +22,7 @@ use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 use warren_proto::registry::NodeId;
 
-use crate::types::{ClusterNode, Reply, Request, TypeConfig};
+use crate::types::{ClusterNode, LogId, Reply, Request, TypeConfig};
 
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -52,6 +52,11 @@ pub enum Rpc {
     Status,
     /// A membership change forwarded to the leader.
     Membership(MembershipChange),
+    /// Pre-vote: asked by a node that has not heard from a leader before it stands for
+    /// election (and by a learner in the same position), to learn whether the receiver has
+    /// heard from one lately and what membership it has applied. Last in the enum, so the
+    /// other variants keep their encoding.
+    PreVote,
 }
 
 impl Rpc {
@@ -65,6 +70,7 @@ impl Rpc {
             Rpc::ReadIndex => "read-index",
             Rpc::Status => "status",
             Rpc::Membership(_) => "membership",
+            Rpc::PreVote => "pre-vote",
         }
     }
 }
@@ -99,6 +105,31 @@ pub enum RpcReply {
     Membership(Result<(), ForwardError>),
     /// The request was refused before it was looked at (wrong cluster, malformed).
     Refused(String),
+    /// To [`Rpc::PreVote`]. Last in the enum, so the other variants keep their encoding.
+    PreVote(PreVoteReply),
+}
+
+/// What a node answers a pre-vote with: facts, not a decision; the asker decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVoteReply {
+    /// Milliseconds since the receiver last heard from a leader (on a leader: since a quorum
+    /// last acknowledged it); `None` if never. A node that heard from a leader within the
+    /// leader lease refuses to vote, so an election now would only disturb that leader.
+    pub leader_contact_ms: Option<u64>,
+    /// The receiver's last log entry: it votes only for a candidate whose log is at least
+    /// as far, so a node behind it cannot win its vote and should not stand.
+    pub last_log_id: Option<LogId>,
+    /// The membership the receiver has applied (so it is committed), if any.
+    pub applied_membership: Option<AppliedMembership>,
+}
+
+/// A committed membership as one node applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedMembership {
+    /// Log index of the membership entry.
+    pub index: u64,
+    /// Every member, voters and learners.
+    pub members: std::collections::BTreeSet<NodeId>,
 }
 
 /// Why the leader did not carry out a forwarded request.
@@ -120,7 +151,8 @@ pub enum ForwardError {
 pub struct NodeStatus {
     /// Its id.
     pub id: NodeId,
-    /// `leader`, `follower`, `learner`, `candidate` or `shutdown`.
+    /// `leader`, `follower`, `learner`, `candidate`, `shutdown`, `stopped` (Raft failed) or
+    /// `removed` (no longer a member).
     pub state: String,
     /// Current term.
     pub term: u64,

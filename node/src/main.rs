@@ -191,7 +191,6 @@ async fn run(command: Option<Cmd>, settings: &Settings) -> (anyhow::Result<()>, 
 const QUICKSTART_DIR: &str = "warren-data";
 
 async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<RunningNode> {
-    let settings = settings;
     let node = match command {
         Some(Cmd::Init { node }) => {
             let (dir, spec) = node.split()?;

@@ -307,7 +307,8 @@ pub struct MemberStatus {
     pub error: Option<String>,
     /// Round trip from the answering node, in microseconds.
     pub rtt_us: Option<u64>,
-    /// `leader`, `follower`, `learner` or `candidate`, as the node says.
+    /// `leader`, `follower`, `learner`, `candidate`, `stopped` (its Raft failed) or `removed`
+    /// (it learned that the cluster removed it), as the node says.
     pub state: Option<String>,
     /// The node's current term.
     pub term: Option<u64>,
