@@ -4,21 +4,25 @@
 //!  driver (this thread)                 turmoil hosts n1..nN (simulated network, clock)
 //!  ─────────────────────                ───────────────────────────────────────────────
 //!  fault schedule (seeded) ──crash/power cut/partition/loss/──────►  real Cluster:
-//!                              delay/membership                     openraft + registry
+//!                             delay/membership                       openraft + registry
 //!  invariants after every step ◄──metrics, registry digests, logs──   + sled + QUIC
 //!  linearizability check ◄──history── client workers on every node
-//!  power restored: the log loses ──lose_unsynced_tail──► data dir of a host that is down
-//!  its unsynced tail, then restart
+//!  power back: lose_unsynced_tail ──────────────────────────────►  data dir of a host
+//!  on the log, then restart                                          that is down
 //! ```
 //!
-//! A crash stops a node's process: everything it wrote stays in the (real) files, as the
-//! operating system would keep it. A power loss also takes what the log had not synced:
-//! before the node restarts, `lose_unsynced_tail` cuts its log back to the last log id the
-//! log store recorded as durable and puts back the last vote it recorded. Correct storage
-//! acknowledges nothing it has not synced, so this loses nothing a peer or a client was
-//! told; storage that acknowledges early (`PlantedBug::AckBeforeSync`) loses acknowledged
-//! entries, and a power cut of a quorum right after a write was answered turns that into
-//! a lost write the checker sees.
+//! A crash stops a node's process: what it wrote stays in its files, as the operating
+//! system would keep it. A power loss takes what the disk had not been asked to keep too:
+//! before the node restarts, its log is cut back to the last log id the log store recorded
+//! as synced, and its vote to the last vote it recorded
+//! (`warren_consensus::log_store::lose_unsynced_tail`). Half of all crashes are power
+//! losses, and power cuts take several nodes down at once (the leader and a quorum, or the
+//! whole rack) right after a write was answered; the old leader comes back last, so that
+//! the others can elect a leader from what they kept. Storage that reports entries durable
+//! only once they are synced loses nothing this way that a peer or a client was told;
+//! storage that acknowledges first (`PlantedBug::AckBeforeSync`) loses committed entries,
+//! which the checks see as lost acknowledged writes, a history that is not linearizable,
+//! or state machines that applied different entries at the same index.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,11 +37,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use warren_consensus::cluster::{Cluster, ClusterConfig, ClusterError, PlantedBug};
-use warren_consensus::storage::Store;
 use warren_consensus::log_store::StorageIo;
 use warren_consensus::pki::{self, ClusterCa, NodeIdentity};
 use warren_consensus::quic::{QuicTransport, RpcHandler};
 use warren_consensus::registry::{encode, AnyEntity, Command, Outcome, RegistryError};
+use warren_consensus::storage::Store;
 use warren_consensus::transport::{BoxFuture, MembershipChange, Rpc, RpcReply};
 use warren_consensus::types::{Actor, ClusterNode, Proposal, Request, RequestId};
 use warren_proto::registry::{Kind, NodeId, Site};
@@ -254,7 +258,9 @@ async fn execute(cluster: &Cluster, op: &Op, id: RequestId) -> Out {
         Ok(reply) => out_of(&reply),
         // Whether a write that got no answer happened is unknown: it may commit later.
         Err(
-            ClusterError::NoLeader(_) | ClusterError::Timeout { .. } | ClusterError::ShuttingDown
+            ClusterError::NoLeader(_)
+            | ClusterError::Timeout { .. }
+            | ClusterError::ShuttingDown
             | ClusterError::Stopped(_),
         ) => Out::Unknown,
         Err(ClusterError::Membership(e)) => panic!("a write failed as a membership change: {e}"),
@@ -444,6 +450,8 @@ struct Invariants {
     /// that, so every leader of a later term must hold it (Raft's leader completeness).
     committed: BTreeMap<u64, (u64, u64, NodeId, u64)>,
     violations: Vec<String>,
+    /// Violations already reported: a broken invariant stays broken for many steps.
+    reported: BTreeSet<String>,
 }
 
 fn payload_hash(e: &warren_consensus::types::Entry) -> u64 {
@@ -455,6 +463,12 @@ fn payload_hash(e: &warren_consensus::types::Entry) -> u64 {
 }
 
 impl Invariants {
+    fn flag(&mut self, violation: String) {
+        if self.reported.insert(violation.clone()) {
+            self.violations.push(violation);
+        }
+    }
+
     /// Cheap checks, after every step: one leader per term; replicas at the same applied
     /// index applied the same sequence.
     fn step(&mut self, live: &BTreeMap<NodeId, Cluster>) {
@@ -467,7 +481,7 @@ impl Invariants {
             if state == ServerState::Leader {
                 let prev = *self.leader_of_term.entry(term).or_insert(*id);
                 if prev != *id {
-                    self.violations.push(format!(
+                    self.flag(format!(
                         "two leaders in term {term}: n{} and n{}",
                         prev.0, id.0
                     ));
@@ -480,7 +494,7 @@ impl Invariants {
                     .entry(applied.index)
                     .or_insert((reg.digest(), *id));
                 if digest != reg.digest() {
-                    self.violations.push(format!(
+                    self.flag(format!(
                         "state machines diverged: at index {} n{} and n{} applied different sequences",
                         applied.index, first.0, id.0
                     ));
@@ -517,13 +531,14 @@ impl Invariants {
                         .entry(*index)
                         .or_insert((*term, *hash, *id, highest_term));
                 if (t, h) != (*term, *hash) {
-                    self.violations.push(format!(
+                    self.flag(format!(
                         "committed entry {index} differs: n{} has term {t}, n{} has term {term} (or other contents)",
                         first.0, id.0
                     ));
                 }
             }
             if m.state == ServerState::Leader {
+                let mut lacking = Vec::new();
                 for (index, (t, h, first, seen_in)) in self.committed.range(from..) {
                     if m.current_term <= *seen_in {
                         // Perhaps a deposed leader that has not noticed yet.
@@ -531,11 +546,14 @@ impl Invariants {
                     }
                     match log.get(index) {
                         Some((term, hash)) if (term, hash) == (t, h) => {}
-                        _ => self.violations.push(format!(
+                        _ => lacking.push(format!(
                             "leader n{} of term {} lacks committed entry {index} (seen on n{} by term {seen_in})",
                             id.0, m.current_term, first.0
                         )),
                     }
+                }
+                for v in lacking {
+                    self.flag(v);
                 }
             }
             logs.insert(*id, log);
@@ -546,7 +564,7 @@ impl Invariants {
                 for (index, (term, hash)) in &logs[a] {
                     if let Some((t2, h2)) = logs[b].get(index) {
                         if term == t2 && hash != h2 {
-                            self.violations.push(format!(
+                            self.flag(format!(
                                 "log matching broken: n{} and n{} hold different entries {index} of term {term}",
                                 a.0, b.0
                             ));
@@ -664,16 +682,15 @@ enum Fault {
     Loss(f64),
     Delay(u64),
     RemoveAndReadd(usize),
-    /// Cut the power of several nodes at once, the first moment (within 1.5 s) a write has
-    /// just been answered and the leader has appended nothing since: what they hold last is
-    /// acknowledged, and is what storage that acknowledges before it syncs would lose.
+    /// Cut the power of several nodes at once, the first moment (within 3 s) a write has
+    /// just been answered (see `outage_targets`).
     PowerCut(Outage),
 }
 
 /// Which nodes a power cut takes down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outage {
-    /// The leader and just enough of the voters holding its last entry for a quorum.
+    /// The leader and just enough of the voters holding what it applied for a quorum.
     Quorum,
     /// Every node (a rack).
     Rack,
@@ -779,7 +796,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             kinds.push(6);
         }
         if cfg.faults.power_loss {
-            kinds.push(9);
+            kinds.extend([9, 10]);
         }
         if kinds.is_empty() {
             break;
@@ -801,11 +818,8 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
             4 => Fault::Loss(rng.gen_range(0.02..0.2)),
             5 => Fault::Delay(rng.gen_range(20..150)),
             6 => Fault::RemoveAndReadd(rng.gen_range(0..cfg.voters)),
-            _ => Fault::PowerCut(if rng.gen_bool(0.5) {
-                Outage::Quorum
-            } else {
-                Outage::Rack
-            }),
+            9 => Fault::PowerCut(Outage::Quorum),
+            _ => Fault::PowerCut(Outage::Rack),
         };
         // A node that is to need a snapshot stays down until the log it needs is gone.
         let down = if matches!(fault, Fault::CrashInSnapshotInstall(_)) {
@@ -892,7 +906,7 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
         if let Some((until, outage)) = power_cut {
             let late = step >= until;
             let targets = outage_targets(&shared.live.lock().expect("live"), outage, fresh, late);
-            if let Some(mut nodes) = targets {
+            if let Some((leader, mut nodes)) = targets {
                 if outage == Outage::Rack {
                     // Nodes starting up (not serving yet) lose power too.
                     nodes = (0..total).filter(|i| !crashed.contains_key(i)).collect();
@@ -900,15 +914,20 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                 for &i in &nodes {
                     crash(&mut sim, &shared, &names, &mut crashed, i, Stop::Power);
                 }
-                let back = step + rng.gen_range(500..5000);
+                // The others come back first and have time to elect a leader among
+                // themselves: whatever they acknowledged must be in what they kept, even
+                // if the old leader's log holds more.
+                let back = (step + rng.gen_range(500..5000)).min(fault_end.saturating_sub(2600));
                 for &i in &nodes {
-                    heal_at
-                        .entry(back + rng.gen_range(0..300))
-                        .or_default()
-                        .push(Fault::Crash(i));
+                    let at = if Some(i) == leader {
+                        back + rng.gen_range(1500..2500)
+                    } else {
+                        back + rng.gen_range(0..300)
+                    };
+                    heal_at.entry(at).or_default().push(Fault::Crash(i));
                 }
                 report.faults.push(format!(
-                    "{step} ms: power cut ({}) of {:?}{}",
+                    "{step} ms: power cut ({}) of {:?}{}{}",
                     match outage {
                         Outage::Quorum => "the leader and a quorum",
                         Outage::Rack => "the rack",
@@ -918,7 +937,8 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                         ""
                     } else {
                         ", right after a write was answered"
-                    }
+                    },
+                    leader.map_or_else(String::new, |l| format!("; leader n{} back last", l + 1))
                 ));
                 power_cut = None;
             } else if late {
@@ -966,7 +986,12 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
                         continue;
                     }
                     Fault::PowerCut(outage) => {
-                        power_cut = Some((step + 1500, outage));
+                        // Its nodes come back, the old leader last, before everything
+                        // heals (and restarts at once).
+                        let until = (step + 3000).min(fault_end.saturating_sub(3100));
+                        if until > step {
+                            power_cut = Some((until, outage));
+                        }
                         continue;
                     }
                     Fault::CrashInSnapshotInstall(i) if !crashed.contains_key(&i) => {
@@ -1244,8 +1269,9 @@ fn restart(
     let what = match stop {
         Stop::Process => String::new(),
         Stop::Power => {
-            let (lost, kept) = lose_unsynced_tail(&shared.dir.join(format!("n{}", i + 1)).join("log"))
-                .with_context(|| format!("power loss on n{}", i + 1))?;
+            let (lost, kept) =
+                lose_unsynced_tail(&shared.dir.join(format!("n{}", i + 1)).join("log"))
+                    .with_context(|| format!("power loss on n{}", i + 1))?;
             report.power_losses += 1;
             report.entries_lost_to_power_loss += lost;
             let end = kept.map_or_else(|| "is empty".to_owned(), |k| format!("ends at {k}"));
@@ -1277,57 +1303,55 @@ fn lose_unsynced_tail(dir: &Path) -> anyhow::Result<(u64, Option<u64>)> {
 }
 
 /// The nodes (indexes) a power cut takes down now, or `None` to wait for a better moment:
-/// one where a write was answered in this step (`fresh`) and the leader has applied
-/// everything it appended, so that its last entry (and its followers') is acknowledged.
-/// When `late` the cut happens whatever the moment (with no leader, only a rack cut does).
+/// a write was answered in this step (`fresh`), and a quorum of the voters holds the entry
+/// the leader applied last as its own last entry, none having received anything since.
+/// That entry is then acknowledged, and it is what storage that reports entries durable
+/// before it syncs them would lose. When `late` the cut happens whatever the moment (with
+/// no leader, only a rack cut does). Returns the leader too, if there is one.
 fn outage_targets(
     live: &BTreeMap<NodeId, Cluster>,
     outage: Outage,
     fresh: bool,
     late: bool,
-) -> Option<Vec<usize>> {
+) -> Option<(Option<usize>, Vec<usize>)> {
     let index = |id: &NodeId| (id.0 - 1) as usize;
     let leader = live.iter().find_map(|(id, c)| {
         let m = c.raft().metrics().borrow().clone();
         (m.state == ServerState::Leader).then_some((*id, m))
     });
     let Some((leader, m)) = leader else {
-        return (late && outage == Outage::Rack).then(|| live.keys().map(index).collect());
+        return (late && outage == Outage::Rack).then(|| (None, live.keys().map(index).collect()));
     };
-    let settled =
-        m.last_log_index.is_some() && m.last_applied.map(|a| a.index) == m.last_log_index;
-    if !late && !(fresh && settled) {
+    if !late && !fresh {
         return None;
     }
-    match outage {
-        Outage::Rack => Some(live.keys().map(index).collect()),
-        Outage::Quorum => {
-            let membership = m.membership_config.membership();
-            let voters = membership.voter_ids().count();
-            let leader_votes = usize::from(membership.voter_ids().any(|v| v == leader));
-            let need = (voters / 2 + 1).saturating_sub(leader_votes);
-            // The most advanced followers first: those holding the leader's last entry.
-            let mut followers: Vec<(Option<u64>, NodeId)> = membership
-                .voter_ids()
-                .filter(|v| *v != leader)
-                .filter_map(|v| {
-                    live.get(&v)
-                        .map(|c| (c.raft().metrics().borrow().last_log_index, v))
-                })
-                .collect();
-            followers.sort_by(|a, b| b.cmp(a));
-            let holding = followers
-                .iter()
-                .filter(|(last, _)| *last >= m.last_log_index)
-                .count();
-            if !late && holding < need {
-                return None;
-            }
-            let mut nodes = vec![index(&leader)];
-            nodes.extend(followers.iter().take(need).map(|(_, v)| index(v)));
-            Some(nodes)
-        }
+    let applied = m.last_applied.map(|a| a.index);
+    let membership = m.membership_config.membership();
+    let voters = membership.voter_ids().count();
+    let leader_votes = usize::from(membership.voter_ids().any(|v| v == leader));
+    let need = (voters / 2 + 1).saturating_sub(leader_votes);
+    // Followers whose last entry is the applied one first, then the most advanced.
+    let mut followers: Vec<(bool, Option<u64>, NodeId)> = membership
+        .voter_ids()
+        .filter(|v| *v != leader)
+        .filter_map(|v| {
+            let last = live.get(&v)?.raft().metrics().borrow().last_log_index;
+            Some((last == applied, last, v))
+        })
+        .collect();
+    followers.sort_by(|a, b| b.cmp(a));
+    let exposed = followers.iter().filter(|f| f.0).count();
+    let ahead = followers.iter().any(|f| f.1 > applied);
+    if !late && (ahead || exposed < need) {
+        return None;
     }
+    let nodes = match outage {
+        Outage::Rack => live.keys().map(index).collect(),
+        Outage::Quorum => std::iter::once(index(&leader))
+            .chain(followers.iter().take(need).map(|f| index(&f.2)))
+            .collect(),
+    };
+    Some((Some(index(&leader)), nodes))
 }
 
 impl Stop {

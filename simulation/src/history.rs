@@ -95,6 +95,8 @@ pub struct History {
     records: Mutex<Vec<Record>>,
     /// Invocation time of the latest-invoked write that got a definite answer.
     last_answered_write: AtomicU64,
+    /// Writes that got a definite answer.
+    answered_writes: AtomicU64,
 }
 
 impl History {
@@ -127,6 +129,7 @@ impl History {
         if !r[id].op.is_read() && matches!(out, Out::Ok | Out::Exists | Out::NotFound) {
             self.last_answered_write
                 .fetch_max(r[id].invoked, Ordering::SeqCst);
+            self.answered_writes.fetch_add(1, Ordering::SeqCst);
         }
         r[id].completed = Some((t, out));
     }
@@ -139,6 +142,11 @@ impl History {
     /// Whether a write invoked after `t` got a definite answer.
     pub fn answered_write_since(&self, t: u64) -> bool {
         self.last_answered_write.load(Ordering::SeqCst) > t
+    }
+
+    /// How many writes have got a definite answer so far.
+    pub fn answered_writes(&self) -> u64 {
+        self.answered_writes.load(Ordering::SeqCst)
     }
 
     /// Every record so far.

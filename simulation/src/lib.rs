@@ -6,11 +6,13 @@
 //!
 //! A run ([`cluster::run`]) starts a cluster (3 or 5 voters plus learners), lets client
 //! workers on every node create, update, delete and read registry entries while a seeded
-//! schedule crashes and restarts nodes, partitions the network (majority/minority, isolated
-//! leader, one-way), drops and delays messages and changes the membership; then it heals
-//! everything and requires the cluster to make progress and converge. Throughout, it
-//! checks Raft's safety properties after every step, and at the end the linearizability of
-//! every client operation ([`checker`]).
+//! schedule crashes and restarts nodes, cuts their power (one node, a quorum or all at
+//! once; the log loses what it had not synced), partitions the network (majority/minority,
+//! isolated leader, one-way), drops and delays messages and changes the membership; then
+//! it heals everything and requires the cluster to make progress and converge.
+//! Throughout, it checks Raft's safety properties after every step, and at the end that
+//! no answered write was lost and the linearizability of every client operation
+//! ([`checker`]).
 //!
 //! Every random choice of the simulation comes from the seed, and storage I/O runs inline
 //! on the simulated hosts (no background threads). Cryptographic randomness, the order in

@@ -28,6 +28,8 @@ enum Bug {
     StaleReads,
     /// Writes are acknowledged before they commit.
     EarlyAck,
+    /// The log reports entries durable before it syncs them (a power cut takes them back).
+    AckBeforeSync,
 }
 
 #[derive(Subcommand)]
@@ -73,6 +75,7 @@ fn config(shape: Shape, seed: u64, seconds: u64, bug: Option<Bug>) -> SimConfig 
     c.planted_bug = bug.map(|b| match b {
         Bug::StaleReads => PlantedBug::StaleReads,
         Bug::EarlyAck => PlantedBug::EarlyAck,
+        Bug::AckBeforeSync => PlantedBug::AckBeforeSync,
     });
     c
 }
@@ -135,13 +138,15 @@ fn main() -> ExitCode {
                     print_events(&r);
                 }
                 println!(
-                "ok    {} seed {seed}: {} ops ({} answered, {} more settled from the log), {} faults ({} crashes after a snapshot install), {} terms with a leader, {} simulated s, {:.1} s",
+                "ok    {} seed {seed}: {} ops ({} answered, {} more settled from the log), {} faults ({} crashes after a snapshot install, {} power losses taking {} log entries), {} terms with a leader, {} simulated s, {:.1} s",
                 shape_name(shape),
                 r.ops,
                 r.completed,
                 r.unanswered_settled,
                 r.faults.len(),
                 r.snapshot_install_crashes,
+                r.power_losses,
+                r.entries_lost_to_power_loss,
                 r.terms_with_leader,
                 r.steps / 1000,
                 started.elapsed().as_secs_f64()
@@ -154,8 +159,12 @@ fn main() -> ExitCode {
                 for v in &r.violations {
                     println!("  violation: {v}");
                 }
+                let bug = bug
+                    .and_then(|b| b.to_possible_value())
+                    .map(|b| format!(" --bug {}", b.get_name()))
+                    .unwrap_or_default();
                 println!(
-                    "  replay: cargo run -p warren-simulation --release --bin warren-sim -- run --shape {} --seed {seed} --seconds {seconds}",
+                    "  replay: cargo run -p warren-simulation --release --bin warren-sim -- run --shape {} --seed {seed} --seconds {seconds}{bug}",
                     shape_name(shape)
                 );
             }
