@@ -209,9 +209,8 @@ impl LogStore {
         if let Ok(Some(purged)) = store.shared.read_meta::<LogId>(PURGED) {
             store.compact_upto(purged.index);
         }
-        if let Some(damage) = store.damage() {
-            tracing::error!("{damage}");
-        }
+        // The damage, if any, is reported by the caller once the log agrees with the
+        // state machine (`cluster::reconcile` can change what is left).
         Ok(store)
     }
 
