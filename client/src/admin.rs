@@ -578,7 +578,13 @@ pub enum JoinTokenCmd {
     /// List tokens (never their secrets).
     List,
     /// Create a token; it is shown once.
-    Create,
+    Create {
+        /// What a node joining with it may be: `voter` (votes, holds the cluster CA key,
+        /// admits nodes and sites) or `learner` (a full replica that never votes and never
+        /// gets the CA key, for a node you trust less, such as one far away).
+        #[arg(long, default_value = "voter", value_parser = ["voter", "learner"])]
+        role: String,
+    },
     /// Revoke a token.
     Revoke {
         /// Its id.
@@ -901,7 +907,15 @@ async fn role(
 }
 
 async fn node(client: &Client, json: bool, cmd: NodeCmd) -> anyhow::Result<()> {
-    let columns = ["id", "name", "role", "cluster_addr", "admin_addr", "region"];
+    let columns = [
+        "id",
+        "name",
+        "role",
+        "grade",
+        "cluster_addr",
+        "admin_addr",
+        "region",
+    ];
     match cmd {
         NodeCmd::List => output::print(
             &client.call::<()>(Method::GET, "/v1/nodes", None).await?,
@@ -1083,18 +1097,23 @@ async fn join_token(client: &Client, json: bool, cmd: JoinTokenCmd) -> anyhow::R
             &client
                 .call::<()>(Method::GET, "/v1/join-tokens", None)
                 .await?,
-            &["id", "created_at", "revision"],
+            &["id", "role", "created_at", "revision"],
             json,
         ),
-        JoinTokenCmd::Create => {
+        JoinTokenCmd::Create { role } => {
             let v = client
-                .call::<()>(Method::POST, "/v1/join-tokens", None)
+                .call(
+                    Method::POST,
+                    "/v1/join-tokens",
+                    Some(&serde_json::json!({ "role": role })),
+                )
                 .await?;
             if json {
                 output::print(&v, &[], true);
             } else {
                 println!(
-                    "created join token {}; it is shown only now:",
+                    "created {} join token {}; it is shown only now:",
+                    output::cell(v.pointer("/join_token/role")),
                     output::cell(v.pointer("/join_token/id"))
                 );
                 println!("{}", output::cell(v.get("token")));

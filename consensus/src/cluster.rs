@@ -29,12 +29,13 @@ use tokio::time::Instant;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
-use warren_proto::registry::NodeId;
+use warren_proto::registry::{NodeId, NodeRole};
 
 use crate::log_store::{DamageProbe, LogOptions, LogStore, StorageIo};
+use crate::pki::NodeCert;
 use crate::proposer::Proposer;
 use crate::quic::RpcHandler;
-use crate::registry::Registry;
+use crate::registry::{Command, Registry};
 use crate::state_machine::StateMachine;
 use crate::storage::Store;
 use crate::transport::{
@@ -216,6 +217,8 @@ struct Inner {
     /// The index of a committed membership that leaves this node out, once another node
     /// has shown it one (see [`Cluster::removed_at`]); written by the election timer.
     removed_at: Arc<Mutex<Option<u64>>>,
+    /// Read-index requests this node answered as leader (its own and forwarded ones).
+    read_index_served: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -310,6 +313,7 @@ impl Cluster {
                 failed,
                 stopping,
                 removed_at: canvass.removed_at,
+                read_index_served: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -384,6 +388,15 @@ impl Cluster {
     /// The registry as this node last applied it (not linearizable: see [`Cluster::read`]).
     pub fn registry(&self) -> Arc<Registry> {
         self.inner.registry.borrow().clone()
+    }
+
+    /// How many read-index requests this node has answered as leader since it started
+    /// (its own linearizable reads and those forwarded by other nodes): each cost the
+    /// leader a heartbeat round to a quorum.
+    pub fn read_index_served(&self) -> u64 {
+        self.inner
+            .read_index_served
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A receiver of every newly applied registry.
@@ -658,7 +671,12 @@ impl Cluster {
 
     async fn read_index_on_leader(&self) -> Result<u64, ForwardError> {
         match self.inner.raft.get_read_log_id().await {
-            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Ok((read, _)) => {
+                self.inner
+                    .read_index_served
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(read.map_or(0, |l| l.index))
+            }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(ForwardError::NotLeader {
                     leader: f.leader_id,
@@ -707,6 +725,14 @@ impl Cluster {
                 raft.add_learner(id, node, true).await.map(drop)
             }
             MembershipChange::Promote(id) => {
+                if let Some(node) = self.registry().node_by_id(id) {
+                    if node.role != NodeRole::Voter {
+                        return Err(ForwardError::Failed(format!(
+                            "node {} joined with a {} token and can never vote; join it again with a voter token (`warren admin join-token create --role voter`)",
+                            node.name, node.role
+                        )));
+                    }
+                }
                 if is_voter(id) {
                     return Err(ForwardError::Failed(format!(
                         "node {id} is already a voter"
@@ -1303,10 +1329,57 @@ async fn snapshot_policy(raft: Raft, registry: watch::Receiver<Arc<Registry>>, m
     }
 }
 
+/// Whether a node with certificate `from` may send `rpc`, judged by its certificate's role
+/// (and, for requests only a leader serves, by the registry `registry` knowing it as that):
+/// only voter-grade nodes stand, lead, change the membership or admit nodes and sites;
+/// learner-grade nodes replicate, read and forward ordinary writes; relay-only nodes take
+/// no part (they are refused at the connection already).
+pub fn permitted(from: &NodeCert, rpc: &Rpc, registry: &Registry) -> Result<(), String> {
+    let voter_only = match rpc {
+        Rpc::AppendEntries(_) | Rpc::Vote(_) | Rpc::Snapshot { .. } | Rpc::Membership(_) => true,
+        Rpc::Write(req) => admits(&req.command),
+        Rpc::ReadIndex | Rpc::Status | Rpc::PreVote => false,
+    };
+    if from.role == NodeRole::Relay || (voter_only && from.role != NodeRole::Voter) {
+        return Err(format!(
+            "{from} may not send {} (only voter-grade nodes may)",
+            rpc.name()
+        ));
+    }
+    if matches!(rpc, Rpc::Write(_) | Rpc::Membership(_)) {
+        // The leader has applied every registration: a node it does not know (forgotten) or
+        // knows with another role (registered again since) does not speak for the cluster.
+        if let Some(node) = registry.node_by_id(from.id) {
+            if node.role != from.role {
+                return Err(format!(
+                    "{from}: the registry knows node {} as {}",
+                    from.id, node.role
+                ));
+            }
+        } else if registry.cluster_id() != 0 {
+            return Err(format!("{from} is not registered in this cluster"));
+        }
+    }
+    Ok(())
+}
+
+/// Commands that let someone new in: only voter-grade nodes (which hold the CA key and sign
+/// the certificates these go with) submit them.
+fn admits(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Bootstrap { .. } | Command::RegisterNode { .. } | Command::ConsumeSiteToken { .. }
+    )
+}
+
 impl RpcHandler for Cluster {
-    fn handle(&self, from: NodeId, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
+    fn handle(&self, from: NodeCert, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
         Box::pin(async move {
             tracing::trace!(%from, rpc = rpc.name(), "rpc");
+            if let Err(why) = permitted(&from, &rpc, &self.registry()) {
+                tracing::warn!("refused an RPC: {why}");
+                return RpcReply::Refused(why);
+            }
             let raft = &self.inner.raft;
             match rpc {
                 Rpc::AppendEntries(req) => {
@@ -1367,6 +1440,118 @@ mod tests {
 
     fn ids(v: &[u64]) -> BTreeSet<NodeId> {
         v.iter().map(|i| NodeId(*i)).collect()
+    }
+
+    fn cert(id: u64, role: NodeRole) -> NodeCert {
+        NodeCert {
+            cluster_id: 9,
+            id: NodeId(id),
+            role,
+        }
+    }
+
+    fn write(command: Command) -> Rpc {
+        Rpc::Write(Request::new(crate::types::Actor::System, command))
+    }
+
+    /// A registry of cluster 9 with node 1 (voter-grade) and node 2 (learner-grade).
+    fn registry() -> Registry {
+        use warren_proto::registry::Node;
+        let mut r = Registry::default();
+        let node = |id: u64, role| Node {
+            id: NodeId(id),
+            name: warren_proto::Name::new(&format!("n{id}")).unwrap(),
+            cluster_addr: format!("127.0.0.1:{}", 7400 + id),
+            admin_addr: format!("127.0.0.1:{}", 7500 + id),
+            region: String::new(),
+            revision: 0,
+            role,
+        };
+        let bootstrap = Command::Bootstrap {
+            cluster_id: 9,
+            node: node(1, NodeRole::Voter),
+            api_key: crate::registry::ApiKeyRecord {
+                name: warren_proto::Name::new("bootstrap").unwrap(),
+                id: warren_proto::token::KeyId(1),
+                hash: warren_proto::token::SecretHash([1; 32]),
+                scope: warren_proto::api::Scope::Admin,
+                created_at: 0,
+                revision: 0,
+            },
+            join_token: crate::registry::JoinTokenRecord {
+                id: 1,
+                hash: warren_proto::token::SecretHash([2; 32]),
+                created_at: 0,
+                revision: 0,
+                role: NodeRole::Voter,
+            },
+        };
+        let apply = |r: &mut Registry, i: u64, c: Command| {
+            let reply = r.apply_request(i, &Request::new(crate::types::Actor::System, c));
+            assert!(reply.is_ok(), "{reply:?}");
+        };
+        apply(&mut r, 1, bootstrap);
+        apply(
+            &mut r,
+            2,
+            Command::RegisterNode {
+                name: warren_proto::Name::new("n2").unwrap(),
+                cluster_addr: "127.0.0.1:7402".into(),
+                admin_addr: "127.0.0.1:7502".into(),
+                region: String::new(),
+                role: NodeRole::Learner,
+            },
+        );
+        r
+    }
+
+    #[test]
+    fn only_voter_grade_nodes_lead_change_membership_or_admit() {
+        let reg = registry();
+        let voter = cert(1, NodeRole::Voter);
+        let learner = cert(2, NodeRole::Learner);
+        let relay = cert(3, NodeRole::Relay);
+        let register = || {
+            write(Command::RegisterNode {
+                name: warren_proto::Name::new("n9").unwrap(),
+                cluster_addr: "127.0.0.1:7409".into(),
+                admin_addr: "127.0.0.1:7509".into(),
+                region: String::new(),
+                role: NodeRole::Voter,
+            })
+        };
+        let ordinary = || write(Command::RevokeJoinToken { id: 5 });
+        let membership = || Rpc::Membership(MembershipChange::Remove(NodeId(1)));
+        let vote = || {
+            Rpc::Vote(openraft::raft::VoteRequest::new(
+                openraft::Vote::new(3, NodeId(2)),
+                None,
+            ))
+        };
+
+        for rpc in [register(), ordinary(), membership(), vote(), Rpc::ReadIndex] {
+            assert_eq!(permitted(&voter, &rpc, &reg), Ok(()), "{}", rpc.name());
+        }
+        for rpc in [ordinary(), Rpc::ReadIndex, Rpc::Status, Rpc::PreVote] {
+            assert_eq!(permitted(&learner, &rpc, &reg), Ok(()), "{}", rpc.name());
+        }
+        for rpc in [register(), membership(), vote()] {
+            let e = permitted(&learner, &rpc, &reg).unwrap_err();
+            assert!(e.contains("only voter-grade"), "{}: {e}", rpc.name());
+        }
+        for rpc in [ordinary(), Rpc::Status, Rpc::PreVote] {
+            assert!(permitted(&relay, &rpc, &reg).is_err(), "{}", rpc.name());
+        }
+        // A certificate whose role the registry does not confirm (node 2 with a voter
+        // certificate: issued before it registered again) does not write.
+        let e = permitted(&cert(2, NodeRole::Voter), &register(), &reg).unwrap_err();
+        assert!(e.contains("knows node 2 as learner"), "{e}");
+        // Nor does a node the registry does not know (forgotten).
+        let e = permitted(&cert(7, NodeRole::Voter), &ordinary(), &reg).unwrap_err();
+        assert!(e.contains("not registered"), "{e}");
+        // Raft itself does not depend on the registry (a lagging replica must still hear
+        // a leader that joined after its registry was written).
+        assert_eq!(permitted(&cert(7, NodeRole::Voter), &vote(), &reg), Ok(()));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use warren_proto::registry::{NodeId, NodeRole};
 use warren_proto::token::fingerprint;
 
 /// The TLS server name every node certificate carries for node-to-node traffic.
@@ -29,7 +30,8 @@ pub const CLUSTER_SERVER_NAME: &str = "cluster.warren.internal";
 /// ALPN of node-to-node RPC (mutual TLS).
 pub const ALPN_CLUSTER: &[u8] = b"warren-cluster/1";
 /// ALPN of the join handshake (server-authenticated only; the token authenticates the client).
-pub const ALPN_JOIN: &[u8] = b"warren-join/1";
+/// Version 2: the join token, not the joining node, decides the node's role.
+pub const ALPN_JOIN: &[u8] = b"warren-join/2";
 
 /// Why a certificate or TLS configuration could not be made; bad input or a bug.
 #[derive(Debug, thiserror::Error)]
@@ -124,11 +126,13 @@ impl ClusterCa {
     }
 
     /// Signs a node's CSR. The certificate's names are chosen here, not taken from the CSR:
-    /// the cluster server name, `localhost`, and the hosts the node is reached at.
+    /// the node's identity ([`NodeCert`], as a URI name), the cluster server name,
+    /// `localhost`, and the hosts the node is reached at.
     /// Returns `None` if this node does not hold the CA key.
     pub fn sign_node(
         &self,
         csr_pem: &str,
+        node: NodeCert,
         node_name: &str,
         hosts: &[String],
     ) -> Result<Option<String>, PkiError> {
@@ -141,9 +145,14 @@ impl ClusterCa {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Warren");
-        dn.push(DnType::CommonName, format!("warren node {node_name}"));
+        dn.push(
+            DnType::CommonName,
+            format!("warren node {node_name} ({} {})", node.role, node.id),
+        );
         params.distinguished_name = dn;
-        params.subject_alt_names = node_sans(hosts)?;
+        let mut sans = vec![SanType::URI(node.uri().try_into()?)];
+        sans.extend(node_sans(hosts)?);
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -154,6 +163,65 @@ impl ClusterCa {
         params.not_after = now + Duration::from_secs(10 * 365 * 86400);
         csr.params = params;
         Ok(Some(csr.signed_by(&issuer)?.pem()))
+    }
+}
+
+/// Who a node certificate says its holder is: written by the node that signed it (from the
+/// registry and the join token), never by the holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeCert {
+    /// The cluster.
+    pub cluster_id: u128,
+    /// The node's id in the registry.
+    pub id: NodeId,
+    /// What it may do.
+    pub role: NodeRole,
+}
+
+/// The URI scheme of node identities in certificates.
+const NODE_URI_PREFIX: &str = "warren://";
+
+impl NodeCert {
+    /// The certificate's URI name: `warren://<cluster id, 32 hex>/node/<id>/<role>`.
+    pub fn uri(&self) -> String {
+        format!(
+            "{NODE_URI_PREFIX}{:032x}/node/{}/{}",
+            self.cluster_id, self.id.0, self.role
+        )
+    }
+
+    /// Parses [`NodeCert::uri`] strictly: anything else is `None`.
+    pub fn parse_uri(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix(NODE_URI_PREFIX)?;
+        let mut parts = rest.split('/');
+        let cluster = parts.next()?;
+        if parts.next()? != "node" {
+            return None;
+        }
+        let id = parts.next()?;
+        let role = NodeRole::parse(parts.next()?)?;
+        if parts.next().is_some()
+            || cluster.len() != 32
+            || !cluster
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            || id.is_empty()
+            || !id.bytes().all(|b| b.is_ascii_digit())
+            || (id.len() > 1 && id.starts_with('0'))
+        {
+            return None;
+        }
+        Some(Self {
+            cluster_id: u128::from_str_radix(cluster, 16).ok()?,
+            id: NodeId(id.parse().ok()?),
+            role,
+        })
+    }
+}
+
+impl std::fmt::Display for NodeCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {} ({})", self.id, self.role)
     }
 }
 
@@ -189,19 +257,24 @@ impl ClusterCa {
     }
 }
 
-/// What the verified client certificate of a connection says it is.
+/// What the verified certificate of a connection's peer says it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
-    /// A node of this cluster.
-    Node,
+    /// A node of this cluster, as its certificate names it.
+    Node(NodeCert),
     /// The agent of a site.
     Site(warren_proto::Name),
+    /// A certificate with the cluster server name but no (or a malformed) node identity:
+    /// issued by a version before identities were written into certificates.
+    NodeWithoutIdentity,
     /// No certificate, or one that is neither.
     Unknown,
 }
 
-/// Classifies the (CA-verified) client certificate of `conn` by its names: node
-/// certificates carry the cluster server name, site certificates only their site name.
+/// Classifies the (CA-verified) peer certificate of `conn` (the client's on an accepted
+/// connection, the server's on a dialed one) by its names: node certificates carry exactly
+/// one node identity URI and the cluster server name, site certificates only their site
+/// name.
 pub fn peer_kind(conn: &quinn::Connection) -> Peer {
     let Some(certs) = conn
         .peer_identity()
@@ -209,33 +282,52 @@ pub fn peer_kind(conn: &quinn::Connection) -> Peer {
     else {
         return Peer::Unknown;
     };
-    let Some(leaf) = certs.first() else {
-        return Peer::Unknown;
-    };
+    match certs.first() {
+        Some(leaf) => classify(leaf),
+        None => Peer::Unknown,
+    }
+}
+
+/// [`peer_kind`] of one DER certificate (which the caller has verified against the CA).
+pub fn classify(leaf: &CertificateDer<'_>) -> Peer {
+    use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
         return Peer::Unknown;
     };
-    let names: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if names.iter().any(|n| n == CLUSTER_SERVER_NAME) {
-        return Peer::Node;
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Peer::Unknown;
+    };
+    let mut dns = Vec::new();
+    let mut uris = Vec::new();
+    for n in &san.value.general_names {
+        match n {
+            GeneralName::DNSName(d) => dns.push(*d),
+            GeneralName::URI(u) => uris.push(*u),
+            _ => {}
+        }
     }
-    match names.as_slice() {
-        [one] => warren_proto::tunnel::site_of_cert_name(one).map_or(Peer::Unknown, Peer::Site),
+    if dns.contains(&CLUSTER_SERVER_NAME) {
+        return match uris.as_slice() {
+            [one] => NodeCert::parse_uri(one).map_or(Peer::NodeWithoutIdentity, Peer::Node),
+            _ => Peer::NodeWithoutIdentity,
+        };
+    }
+    match (dns.as_slice(), uris.is_empty()) {
+        ([one], true) => {
+            warren_proto::tunnel::site_of_cert_name(one).map_or(Peer::Unknown, Peer::Site)
+        }
         _ => Peer::Unknown,
+    }
+}
+
+/// The node identity of a connection's peer, or why there is none (for a log line or a
+/// close reason).
+pub fn peer_node(conn: &quinn::Connection) -> Result<NodeCert, &'static str> {
+    match peer_kind(conn) {
+        Peer::Node(n) => Ok(n),
+        Peer::NodeWithoutIdentity => Err("the node certificate carries no node identity (issued by an older version: join this node again)"),
+        Peer::Site(_) => Err("a site certificate is not a node certificate"),
+        Peer::Unknown => Err("a node certificate is required"),
     }
 }
 
@@ -296,6 +388,11 @@ impl NodeIdentity {
             chain: vec![cert, ca.cert_der().clone()],
             key_der: key.secret_der().to_vec(),
         })
+    }
+
+    /// What this node's own certificate says it is.
+    pub fn peer(&self) -> Peer {
+        classify(&self.chain[0])
     }
 
     fn key(&self) -> PrivateKeyDer<'static> {
@@ -492,11 +589,22 @@ mod tests {
     fn a_signed_node_certificate_loads_with_its_chain() {
         let ca = ClusterCa::generate(42).unwrap();
         let (key, csr) = node_key_and_csr("n1").unwrap();
+        let who = NodeCert {
+            cluster_id: 42,
+            id: NodeId(3),
+            role: NodeRole::Learner,
+        };
         let cert = ca
-            .sign_node(&csr, "n1", &["10.1.2.3".into(), "node1.example".into()])
+            .sign_node(
+                &csr,
+                who,
+                "n1",
+                &["10.1.2.3".into(), "node1.example".into()],
+            )
             .unwrap()
             .unwrap();
         let id = NodeIdentity::from_pem(&cert, &key, &ca).unwrap();
+        assert_eq!(classify(&id.chain[0]), Peer::Node(who));
         assert_eq!(id.chain.len(), 2);
         assert!(quic_server_config(&ca, &id).is_ok());
         assert!(quic_client_config(&ca, &id).is_ok());
@@ -509,7 +617,78 @@ mod tests {
         let public = ClusterCa::from_pem(ca.cert_pem(), None).unwrap();
         assert_eq!(public.fingerprint(), ca.fingerprint());
         let (_, csr) = node_key_and_csr("n2").unwrap();
-        assert!(public.sign_node(&csr, "n2", &[]).unwrap().is_none());
+        let who = NodeCert {
+            cluster_id: 1,
+            id: NodeId(2),
+            role: NodeRole::Voter,
+        };
+        assert!(public.sign_node(&csr, who, "n2", &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn node_identities_parse_strictly() {
+        let who = NodeCert {
+            cluster_id: 0xabc,
+            id: NodeId(17),
+            role: NodeRole::Relay,
+        };
+        assert_eq!(
+            who.uri(),
+            "warren://00000000000000000000000000000abc/node/17/relay"
+        );
+        assert_eq!(NodeCert::parse_uri(&who.uri()), Some(who));
+        for bad in [
+            "warren://00000000000000000000000000000abc/node/17/admin",
+            "warren://00000000000000000000000000000abc/node/17/voter/x",
+            "warren://00000000000000000000000000000ABC/node/17/voter",
+            "warren://abc/node/17/voter",
+            "warren://00000000000000000000000000000abc/node/017/voter",
+            "warren://00000000000000000000000000000abc/node//voter",
+            "warren://00000000000000000000000000000abc/node/+17/voter",
+            "warren://00000000000000000000000000000abc/site/17/voter",
+            "https://00000000000000000000000000000abc/node/17/voter",
+            "warren://00000000000000000000000000000abc/node/99999999999999999999999/voter",
+        ] {
+            assert_eq!(NodeCert::parse_uri(bad), None, "{bad}");
+        }
+    }
+
+    /// A certificate with the cluster server name but no identity (as issued before
+    /// identities existed) is not taken for a node; a site certificate stays a site's.
+    #[test]
+    fn certificates_without_an_identity_are_not_nodes() {
+        let key = KeyPair::generate().unwrap();
+        let old = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string(), "localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(classify(old.der()), Peer::NodeWithoutIdentity);
+        let two = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()]).unwrap();
+        let mut two = two;
+        for id in [1, 2] {
+            two.subject_alt_names.push(SanType::URI(
+                NodeCert {
+                    cluster_id: 1,
+                    id: NodeId(id),
+                    role: NodeRole::Voter,
+                }
+                .uri()
+                .try_into()
+                .unwrap(),
+            ));
+        }
+        let two = two.self_signed(&key).unwrap();
+        assert_eq!(
+            classify(two.der()),
+            Peer::NodeWithoutIdentity,
+            "two identities"
+        );
+        let site = warren_proto::Name::new("hq").unwrap();
+        let site_cert = CertificateParams::new(vec![warren_proto::tunnel::site_cert_name(&site)])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(classify(site_cert.der()), Peer::Site(site));
     }
 
     #[test]

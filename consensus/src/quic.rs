@@ -5,8 +5,11 @@
 //! one bincode [`Envelope`] and, back, one bincode [`RpcReply`]; the end of the stream
 //! delimits the message. Both sides cap what they read.
 //!
-//! Peers prove membership with certificates from the cluster CA (see [`crate::pki`]); the
-//! envelope's cluster id is checked on top, so a misdirected node gets a clear refusal.
+//! Peers prove membership with certificates from the cluster CA (see [`crate::pki`]), and
+//! who they are with the node identity the certificate carries: a request is handled as
+//! coming from the node its certificate names, never from a name inside the message, and a
+//! dialed peer must present the certificate of the node it was dialed as. The envelope's
+//! cluster id is checked on top, so a misdirected node gets a clear refusal.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,30 +22,35 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warren_proto::registry::NodeId;
 
-use crate::pki::CLUSTER_SERVER_NAME;
+use crate::pki::{peer_node, NodeCert, CLUSTER_SERVER_NAME};
 use crate::registry::{decode, encode};
 use crate::transport::{BoxFuture, Rpc, RpcReply, Transport, TransportError};
 use crate::types::ClusterNode;
+use warren_proto::registry::NodeRole;
 
 /// Largest message read from an authenticated peer (snapshots included), in bytes.
 pub const MAX_CLUSTER_MESSAGE: usize = 256 << 20;
 
-/// What travels on a cluster stream: the RPC and who sends it for which cluster.
+/// What travels on a cluster stream: the RPC and the cluster it is meant for. Who sends it
+/// is not in it: that comes from the connection's certificate.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope {
     /// The sender's cluster.
     pub cluster_id: u128,
-    /// The sender.
-    pub from: NodeId,
     /// The request.
     pub rpc: Rpc,
 }
 
 /// Serves RPCs arriving on cluster connections.
 pub trait RpcHandler: Send + Sync + 'static {
-    /// Handles one RPC from node `from`.
-    fn handle(&self, from: NodeId, rpc: Rpc) -> BoxFuture<'_, RpcReply>;
+    /// Handles one RPC from `from`, the node the connection's verified certificate names.
+    fn handle(&self, from: NodeCert, rpc: Rpc) -> BoxFuture<'_, RpcReply>;
 }
+
+/// How many QUIC handshakes may be under way at once on a node's endpoint; more are
+/// refused (the peer retries) and logged, so a flood of unauthenticated handshakes cannot
+/// take the node's memory and CPU.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// How the last contact with a peer went, as seen from this node.
 #[derive(Debug, Clone, Default)]
@@ -65,7 +73,6 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     cluster_id: u128,
-    me: NodeId,
     peers: Mutex<HashMap<NodeId, Peer>>,
     health: Mutex<HashMap<NodeId, PeerHealth>>,
 }
@@ -77,13 +84,11 @@ impl QuicTransport {
         endpoint: quinn::Endpoint,
         client_config: quinn::ClientConfig,
         cluster_id: u128,
-        me: NodeId,
     ) -> Self {
         Self {
             endpoint,
             client_config,
             cluster_id,
-            me,
             peers: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
         }
@@ -128,6 +133,10 @@ impl QuicTransport {
         let conn = connecting
             .await
             .map_err(|e| TransportError::Unreachable(explain_connection_error(addr, &e)))?;
+        if let Err(why) = check_dialed_node(&conn, self.cluster_id, target) {
+            conn.close(1u32.into(), b"not the node dialed");
+            return Err(TransportError::Unreachable(format!("{addr}: {why}")));
+        }
         self.peers.lock().expect("peers lock").insert(
             target,
             Peer {
@@ -151,7 +160,6 @@ impl QuicTransport {
         let conn = self.connection(target, &node.addr).await?;
         let envelope = Envelope {
             cluster_id: self.cluster_id,
-            from: self.me,
             rpc,
         };
         let reply = request::<_, RpcReply>(&conn, &envelope, MAX_CLUSTER_MESSAGE).await;
@@ -193,6 +201,29 @@ impl Transport for QuicTransport {
             }
         })
     }
+}
+
+/// Checks that a dialed connection's server is node `target` of cluster `cluster_id` by its
+/// certificate (an address that now belongs to another node, or a node that answers for
+/// another, is not talked to).
+pub fn check_dialed_node(
+    conn: &quinn::Connection,
+    cluster_id: u128,
+    target: NodeId,
+) -> Result<NodeCert, String> {
+    let node = peer_node(conn).map_err(str::to_owned)?;
+    if node.cluster_id != cluster_id {
+        return Err(format!(
+            "the peer belongs to cluster {:032x}, not {cluster_id:032x}",
+            node.cluster_id
+        ));
+    }
+    if node.id != target {
+        return Err(format!(
+            "the peer's certificate says it is {node}, it was dialed as node {target}"
+        ));
+    }
+    Ok(node)
 }
 
 /// Resolves `host:port` to a socket address.
@@ -278,12 +309,29 @@ pub async fn accept_loop(
     handler: Arc<dyn RpcHandler>,
     others: Vec<Arc<dyn OtherAlpn>>,
 ) {
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut last_refusal_log: Option<Instant> = None;
     while let Some(incoming) = endpoint.accept().await {
+        if pending.load(std::sync::atomic::Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES {
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                last_refusal_log = Some(Instant::now());
+                tracing::warn!(
+                    remote = %incoming.remote_address(),
+                    "{MAX_PENDING_HANDSHAKES} QUIC handshakes are already under way; refusing new ones until they finish (logged at most every 10 s)"
+                );
+            }
+            incoming.refuse();
+            continue;
+        }
+        pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let handler = handler.clone();
         let others = others.clone();
+        let pending = pending.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
+            let handshake = incoming.await;
+            pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let conn = match handshake {
                 Ok(c) => c,
                 Err(e) => {
                     // A node of another cluster, a scanner, or a peer that went away.
@@ -296,15 +344,13 @@ pub async fn accept_loop(
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.protocol);
             match alpn.as_deref() {
-                Some(crate::pki::ALPN_CLUSTER)
-                    if crate::pki::peer_kind(&conn) == crate::pki::Peer::Node =>
-                {
-                    serve_cluster_connection(conn, cluster_id, handler).await;
-                }
-                Some(crate::pki::ALPN_CLUSTER) => {
-                    tracing::debug!(%remote, "cluster connection without a node certificate");
-                    conn.close(1u32.into(), b"a node certificate is required");
-                }
+                Some(crate::pki::ALPN_CLUSTER) => match cluster_caller(&conn, cluster_id) {
+                    Ok(caller) => serve_cluster_connection(conn, caller, cluster_id, handler).await,
+                    Err(why) => {
+                        tracing::warn!(%remote, "refused a cluster connection: {why}");
+                        conn.close(1u32.into(), why.as_bytes());
+                    }
+                },
                 Some(a) => match others.iter().find(|o| o.alpn() == a) {
                     Some(other) => other.clone().serve(conn).await,
                     None => conn.close(1u32.into(), b"unknown protocol"),
@@ -315,9 +361,26 @@ pub async fn accept_loop(
     }
 }
 
+/// Who may speak Raft and cluster RPC on a connection: a voter or learner of this cluster,
+/// by its certificate. Relay-only nodes take no part.
+fn cluster_caller(conn: &quinn::Connection, cluster_id: u128) -> Result<NodeCert, String> {
+    let node = peer_node(conn).map_err(str::to_owned)?;
+    if node.cluster_id != cluster_id {
+        return Err(format!(
+            "the certificate is for cluster {:032x}, this is {cluster_id:032x}",
+            node.cluster_id
+        ));
+    }
+    if node.role == NodeRole::Relay {
+        return Err(format!("{node} is relay-only and takes no part in Raft"));
+    }
+    Ok(node)
+}
+
 /// Serves one authenticated cluster connection until it closes: a task per stream.
 pub async fn serve_cluster_connection(
     conn: quinn::Connection,
+    caller: NodeCert,
     cluster_id: u128,
     handler: Arc<dyn RpcHandler>,
 ) {
@@ -336,7 +399,7 @@ pub async fn serve_cluster_connection(
                     "this node belongs to cluster {cluster_id:032x}, the request to cluster {:032x}",
                     env.cluster_id
                 )),
-                Ok(env) => handler.handle(env.from, env.rpc).await,
+                Ok(env) => handler.handle(caller, env.rpc).await,
                 Err(e) => {
                     tracing::warn!("dropping a malformed cluster request: {e}");
                     RpcReply::Refused(format!("malformed request: {e}"))

@@ -81,11 +81,19 @@ impl Transport for Link {
         Box::pin(async move {
             let to = self.mesh.nodes.lock().unwrap().get(&target).cloned();
             match to {
-                Some(to) if !self.mesh.lost(self.from, target, &rpc) => {
-                    tokio::time::timeout(timeout, to.handle(self.from, rpc))
-                        .await
-                        .map_err(|_| TransportError::Timeout(timeout))
-                }
+                Some(to) if !self.mesh.lost(self.from, target, &rpc) => tokio::time::timeout(
+                    timeout,
+                    to.handle(
+                        warren_consensus::pki::NodeCert {
+                            cluster_id: 1,
+                            id: self.from,
+                            role: warren_proto::registry::NodeRole::Voter,
+                        },
+                        rpc,
+                    ),
+                )
+                .await
+                .map_err(|_| TransportError::Timeout(timeout)),
                 _ => {
                     tokio::time::sleep(timeout).await;
                     Err(TransportError::Timeout(timeout))

@@ -6,12 +6,20 @@
 //!
 //! ```text
 //! joiner                                     any voter
-//!   │ Register{token, name, addrs, CSR} ───►  token valid? sign CSR; RegisterNode (Raft)
-//!   │ ◄─── Registered{id, cert, CA, CA key}   (the CA key only to a joining voter)
+//!   │ Register{token, name, addrs, CSR} ───►  token valid? RegisterNode (Raft) with the
+//!   │                                         token's role; sign the CSR with the node's
+//!   │                                         id and role in the certificate
+//!   │ ◄─── Registered{id, role, cert, CA, CA key}   (the CA key only to a voter)
 //!   │ writes its data dir, starts serving Raft
-//!   │ Admit{token, id} ───────────────────►   add learner (waits for catch-up),
-//!   │ ◄─── Admitted                           promote to voter unless --learner
+//!   │ Admit{token, id, start_as_voter} ───►   add learner (waits for catch-up), promote
+//!   │ ◄─── Admitted                           to voter if its role allows and it asked
 //! ```
+//!
+//! The role comes from the join token the admin created (`voter` or `learner`), never from
+//! the joining node: a node admitted with a learner token gets no CA key and a certificate
+//! that says `learner`, so it can never vote, admit nodes or enroll sites. `--learner` with
+//! a voter token only makes a voter-grade node start as a non-voting member (promotable
+//! later).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +32,7 @@ use warren_consensus::quic::{read_message, request, resolve, write_message};
 use warren_consensus::registry::{Command, Outcome};
 use warren_consensus::types::{Actor as Who, ClusterNode, Request};
 use warren_proto::api::MemberRole;
-use warren_proto::registry::NodeId;
+use warren_proto::registry::{NodeId, NodeRole};
 use warren_proto::token::JoinToken;
 use warren_proto::Name;
 
@@ -35,6 +43,10 @@ use crate::settings::Settings;
 
 /// Largest join message accepted, in bytes (the peer is not authenticated yet).
 const MAX_JOIN_MESSAGE: usize = 64 << 10;
+
+/// Why a node without the CA key (learner-grade) admits nobody.
+const LEARNER_ADMITS_NOBODY: &str =
+    "this node is learner-grade: it holds no cluster CA key and admits no nodes; join through a voter";
 
 /// A joining node's request. `Debug` leaves out the token.
 #[derive(Serialize, Deserialize)]
@@ -53,8 +65,6 @@ pub enum JoinRequest {
         region: String,
         /// CSR for the node key (PEM).
         csr_pem: String,
-        /// Whether it will be a voter (and so needs the CA key).
-        voter: bool,
     },
     /// Ask to be added to the membership.
     Admit {
@@ -62,8 +72,9 @@ pub enum JoinRequest {
         token: String,
         /// The id given at registration.
         node_id: u64,
-        /// Voter or learner.
-        voter: bool,
+        /// Become a voter once caught up (only if its role allows; otherwise it stays a
+        /// learner and is told so).
+        start_as_voter: bool,
     },
 }
 
@@ -74,6 +85,8 @@ pub enum JoinReply {
     Registered {
         /// The new node's id.
         node_id: u64,
+        /// What it may be (the join token's role, also in its certificate).
+        role: NodeRole,
         /// The cluster id.
         cluster_id: u128,
         /// The node certificate (PEM).
@@ -84,7 +97,10 @@ pub enum JoinReply {
         ca_key_pem: Option<String>,
     },
     /// The node is a member now.
-    Admitted,
+    Admitted {
+        /// Whether it is a voter now (else a learner).
+        voter: bool,
+    },
     /// Refused, and why.
     Refused(String),
 }
@@ -92,12 +108,12 @@ pub enum JoinReply {
 impl std::fmt::Debug for JoinRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            JoinRequest::Register { name, voter, .. } => {
-                write!(f, "Register({name}, voter: {voter})")
-            }
-            JoinRequest::Admit { node_id, voter, .. } => {
-                write!(f, "Admit({node_id}, voter: {voter})")
-            }
+            JoinRequest::Register { name, .. } => write!(f, "Register({name})"),
+            JoinRequest::Admit {
+                node_id,
+                start_as_voter,
+                ..
+            } => write!(f, "Admit({node_id}, start as voter: {start_as_voter})"),
         }
     }
 }
@@ -105,14 +121,17 @@ impl std::fmt::Debug for JoinRequest {
 impl std::fmt::Debug for JoinReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            JoinReply::Registered { node_id, .. } => write!(f, "Registered({node_id})"),
-            JoinReply::Admitted => f.write_str("Admitted"),
+            JoinReply::Registered { node_id, role, .. } => {
+                write!(f, "Registered({node_id}, {role})")
+            }
+            JoinReply::Admitted { voter } => write!(f, "Admitted(voter: {voter})"),
             JoinReply::Refused(why) => write!(f, "Refused({why:?})"),
         }
     }
 }
 
 /// The joining side: registers, writes the data directory, starts the node, gets admitted.
+/// Returns the node and whether it is a voter now.
 pub async fn join(
     dir: DataDir,
     spec: NodeSpec,
@@ -120,7 +139,7 @@ pub async fn join(
     token: &JoinToken,
     learner: bool,
     settings: &Settings,
-) -> anyhow::Result<RunningNode> {
+) -> anyhow::Result<(RunningNode, bool)> {
     let peer_addr = resolve(peer)
         .await
         .map_err(|e| anyhow::anyhow!("--peer: {e}"))?;
@@ -161,22 +180,26 @@ pub async fn join(
         admin_addr: spec.admin_addr.clone(),
         region: spec.region.clone(),
         csr_pem,
-        voter: !learner,
     };
     let reply: JoinReply = request(&conn, &register, MAX_JOIN_MESSAGE)
         .await
         .map_err(|e| anyhow::anyhow!("registering with {peer}: {e}"))?;
-    let (node_id, cluster_id, cert_pem, ca_pem, ca_key_pem) = match reply {
+    let (node_id, role, cluster_id, cert_pem, ca_pem, ca_key_pem) = match reply {
         JoinReply::Registered {
             node_id,
+            role,
             cluster_id,
             cert_pem,
             ca_pem,
             ca_key_pem,
-        } => (node_id, cluster_id, cert_pem, ca_pem, ca_key_pem),
+        } => (node_id, role, cluster_id, cert_pem, ca_pem, ca_key_pem),
         JoinReply::Refused(why) => bail!("{peer} refused the join: {why}"),
-        JoinReply::Admitted => bail!("{peer} answered out of turn"),
+        JoinReply::Admitted { .. } => bail!("{peer} answered out of turn"),
     };
+    if role != NodeRole::Voter && ca_key_pem.is_some() {
+        bail!("{peer} sent the CA key to a {role}: refusing to store it");
+    }
+    tracing::info!(node_id, %role, "registered; the join token makes this node a {role}");
     if cluster_id != token.cluster_id {
         bail!(
             "{peer} answered for cluster {cluster_id:032x}, the token is for {:032x}",
@@ -200,19 +223,19 @@ pub async fn join(
     let admit = JoinRequest::Admit {
         token: token.reveal(),
         node_id,
-        voter: !learner,
+        start_as_voter: !learner,
     };
     let reply: Result<JoinReply, _> = request(&conn, &admit, MAX_JOIN_MESSAGE).await;
     conn.close(0u32.into(), b"joined");
     endpoint.wait_idle().await;
-    match reply {
-        Ok(JoinReply::Admitted) => {}
+    let voter = match reply {
+        Ok(JoinReply::Admitted { voter }) => voter,
         Ok(JoinReply::Refused(why)) => bail!("{peer} refused to admit this node: {why}"),
         Ok(other) => bail!("{peer} answered out of turn: {other:?}"),
         Err(e) => bail!("asking {peer} to admit this node: {e}"),
-    }
+    };
     dir.finish_create()?;
-    Ok(node)
+    Ok((node, voter))
 }
 
 /// What the admitting side needs.
@@ -263,25 +286,24 @@ impl JoinService {
         }
     }
 
-    async fn check_token(&self, token: &str) -> Result<JoinToken, String> {
+    /// Checks a join token; returns the role it admits.
+    async fn check_token(&self, token: &str) -> Result<NodeRole, String> {
         let token = JoinToken::parse(token).map_err(|e| format!("join token: {e}"))?;
         if token.cluster_id != self.cluster_id {
             return Err("the join token belongs to another cluster".into());
         }
-        if self
-            .cluster
-            .registry()
-            .join_token_valid(token.token_id, token.secret())
-        {
-            return Ok(token);
+        let role_in = |r: &warren_consensus::registry::Registry| {
+            r.join_token(token.token_id, token.secret()).map(|t| t.role)
+        };
+        if let Some(role) = role_in(&self.cluster.registry()) {
+            return Ok(role);
         }
         // Perhaps the token was created a moment ago and has not reached this replica yet.
-        let registry = self.cluster.read().await.map_err(|e| e.to_string())?;
-        if registry.join_token_valid(token.token_id, token.secret()) {
-            Ok(token)
-        } else {
-            Err("the join token is unknown or revoked".into())
-        }
+        let registry =
+            crate::miss::recheck(&self.cluster, crate::miss::Kind::JoinToken, token.token_id)
+                .await
+                .map_err(|e| e.to_string())?;
+        role_in(&registry).ok_or_else(|| "the join token is unknown or revoked".into())
     }
 
     async fn handle(&self, req: JoinRequest) -> JoinReply {
@@ -300,12 +322,11 @@ impl JoinService {
                 admin_addr,
                 region,
                 csr_pem,
-                voter,
             } => {
-                self.check_token(&token).await?;
                 if self.ca.key_pem().is_none() {
-                    return Err("this node does not hold the cluster CA key (it is a learner); join through a voter".into());
+                    return Err(LEARNER_ADMITS_NOBODY.into());
                 }
+                let role = self.check_token(&token).await?;
                 let reply = self
                     .cluster
                     .write(Request::new(
@@ -315,6 +336,7 @@ impl JoinService {
                             cluster_addr: cluster_addr.clone(),
                             admin_addr: admin_addr.clone(),
                             region,
+                            role,
                         },
                     ))
                     .await
@@ -324,18 +346,24 @@ impl JoinService {
                     return Err(format!("unexpected registry reply {reply:?}"));
                 };
                 let hosts = vec![host_of(&cluster_addr), host_of(&admin_addr)];
+                let who = pki::NodeCert {
+                    cluster_id: self.cluster_id,
+                    id: node.id,
+                    role,
+                };
                 let cert_pem = self
                     .ca
-                    .sign_node(&csr_pem, name.as_str(), &hosts)
+                    .sign_node(&csr_pem, who, name.as_str(), &hosts)
                     .map_err(|e| format!("cannot sign the certificate request: {e}"))?
                     .ok_or("this node does not hold the cluster CA key")?;
-                tracing::info!(node = %name, id = node.id.0, "registered a joining node");
+                tracing::info!(node = %name, id = node.id.0, %role, "registered a joining node");
                 Ok(JoinReply::Registered {
                     node_id: node.id.0,
+                    role,
                     cluster_id: self.cluster_id,
                     cert_pem,
                     ca_pem: self.ca.cert_pem().to_owned(),
-                    ca_key_pem: if voter {
+                    ca_key_pem: if role == NodeRole::Voter {
                         self.ca.key_pem().map(str::to_owned)
                     } else {
                         None
@@ -345,13 +373,23 @@ impl JoinService {
             JoinRequest::Admit {
                 token,
                 node_id,
-                voter,
+                start_as_voter,
             } => {
-                self.check_token(&token).await?;
+                if self.ca.key_pem().is_none() {
+                    return Err(LEARNER_ADMITS_NOBODY.into());
+                }
+                let token_role = self.check_token(&token).await?;
                 let registry = self.cluster.read().await.map_err(|e| e.to_string())?;
                 let node = registry
                     .node_by_id(NodeId(node_id))
                     .ok_or_else(|| format!("node {node_id} is not registered"))?;
+                if node.role != token_role {
+                    return Err(format!(
+                        "node {node_id} registered as a {}, this token admits a {token_role}",
+                        node.role
+                    ));
+                }
+                let voter = start_as_voter && node.role == NodeRole::Voter;
                 let op = MemberOp::Add {
                     id: node.id,
                     node: ClusterNode {
@@ -366,7 +404,7 @@ impl JoinService {
                 };
                 self.members.change(op).await.map_err(|e| e.to_string())?;
                 tracing::info!(node = %node.name, id = node_id, voter, "admitted a node");
-                Ok(JoinReply::Admitted)
+                Ok(JoinReply::Admitted { voter })
             }
         }
     }

@@ -46,7 +46,9 @@ enum Cmd {
         /// Join token (`wjt1_…`) from `warren-node init` or `warren admin join-token create`.
         #[arg(long, env = "WARREN_JOIN_TOKEN", hide_env_values = true)]
         token: String,
-        /// Join as a learner: replicates everything, never votes.
+        /// Start as a learner (replicates everything, does not vote) even with a voter
+        /// token; promote it later with `warren cluster promote`. What a node may ever be
+        /// is the join token's role (`warren admin join-token create --role learner`).
         #[arg(long, env = "WARREN_LEARNER")]
         learner: bool,
     },
@@ -205,13 +207,14 @@ async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<Runn
             learner,
         }) => {
             let (dir, spec) = node.split()?;
-            let node = warren_node::join(dir, spec, &peer, &token, learner, settings).await?;
+            let (node, voter) =
+                warren_node::join(dir, spec, &peer, &token, learner, settings).await?;
             println!(
                 "Joined cluster {} as node {:?} (id {}) as a {}.",
                 node.file.cluster_id,
                 node.file.name.as_str(),
                 node.file.node_id,
-                if learner { "learner" } else { "voter" }
+                if voter { "voter" } else { "learner" }
             );
             print_serving(&node);
             node

@@ -15,7 +15,7 @@ use warren_consensus::registry::{ApiKeyRecord, Command, JoinTokenRecord};
 use warren_consensus::storage::{OpenError, Store};
 use warren_consensus::types::{Actor as Who, ClusterNode, Request};
 use warren_proto::api::Scope;
-use warren_proto::registry::{Node, NodeId};
+use warren_proto::registry::{Node, NodeId, NodeRole};
 use warren_proto::token::{ApiKey, JoinToken};
 use warren_proto::Name;
 
@@ -62,6 +62,21 @@ impl RunningNode {
         let cluster_id = file.cluster_id()?;
         let ca = dir.ca()?;
         let identity = dir.identity(&ca)?;
+        match identity.peer() {
+            pki::Peer::Node(me) if me.cluster_id == cluster_id && me.id == file.node_id() => {
+                tracing::debug!("this node's certificate names it {me}");
+            }
+            pki::Peer::Node(me) => anyhow::bail!(
+                "{}: the certificate names {me} of cluster {:032x}, but this data directory is node {} of cluster {cluster_id:032x}",
+                dir.path("node.pem").display(),
+                me.cluster_id,
+                file.node_id()
+            ),
+            _ => anyhow::bail!(
+                "{}: the certificate carries no node identity (it was issued by a version before identities were written into certificates); peers refuse it. Join this node again (`warren-node join`) with a new data directory",
+                dir.path("node.pem").display()
+            ),
+        }
         let cluster_addr = resolve_listen(&file.cluster_addr, "--cluster-addr")?;
         let admin_addr = resolve_listen(&file.admin_addr, "--admin-addr")?;
 
@@ -85,7 +100,6 @@ impl RunningNode {
             endpoint.clone(),
             pki::quic_client_config(&ca, &identity)?,
             cluster_id,
-            file.node_id(),
         ));
 
         let log_db = open_db(&dir.raft_log())?;
@@ -99,6 +113,7 @@ impl RunningNode {
         )
         .await
         .context("starting Raft")?;
+        crate::miss::LeaderChecks::configure(&cluster, settings.leader_checks()?);
         let registry_cluster = cluster.registry().cluster_id();
         if registry_cluster != 0 && registry_cluster != cluster_id {
             bail!(
@@ -115,7 +130,11 @@ impl RunningNode {
             pki::quic_client_config_for(&ca, &identity, warren_proto::tunnel::ALPN_RELAY)?,
         );
         let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings, sites.clone())?;
-        let l4 = crate::l4::L4::start(proxy.clone(), settings.l4_addr()?);
+        let l4 = crate::l4::L4::start(
+            proxy.clone(),
+            settings.l4_addr()?,
+            settings.l4_max_connections()?,
+        );
         let acme = settings
             .acme()?
             .map(|a| Arc::new(AbortOnDrop(crate::acme::start(cluster.clone(), a))));
@@ -310,6 +329,7 @@ impl NodeSpec {
             admin_addr: self.admin_addr.clone(),
             region: self.region.clone(),
             revision: 0,
+            role: NodeRole::Voter,
         };
         probe.validate().map_err(|e| {
             let flag = match e.field.as_str() {
@@ -350,8 +370,13 @@ pub async fn init(
     let ca = ClusterCa::generate(cluster_id)?;
     let (key_pem, csr) = pki::node_key_and_csr(spec.name.as_str())?;
     let hosts = vec![host_of(&spec.cluster_addr), host_of(&spec.admin_addr)];
+    let me = pki::NodeCert {
+        cluster_id,
+        id: NodeId(1),
+        role: NodeRole::Voter,
+    };
     let cert = ca
-        .sign_node(&csr, spec.name.as_str(), &hosts)?
+        .sign_node(&csr, me, spec.name.as_str(), &hosts)?
         .context("a freshly generated CA has its key")?;
     dir.write("ca.pem", ca.cert_pem().as_bytes(), false)?;
     dir.write("ca.key", ca.key_pem().unwrap_or_default().as_bytes(), true)?;
@@ -381,6 +406,7 @@ pub async fn init(
             admin_addr: spec.admin_addr.clone(),
             region: spec.region.clone(),
             revision: 0,
+            role: NodeRole::Voter,
         },
         api_key: ApiKeyRecord {
             name: Name::new("bootstrap").expect("valid name"),
@@ -395,6 +421,7 @@ pub async fn init(
             hash: join_token.hash(),
             created_at: 0,
             revision: 0,
+            role: NodeRole::Voter,
         },
     };
     node.cluster
@@ -421,7 +448,9 @@ pub async fn run(dir: DataDir, settings: &Settings) -> anyhow::Result<RunningNod
     RunningNode::start(dir, file, settings).await
 }
 
-/// Joins the cluster that `token` belongs to through `peer`, as a voter unless `learner`.
+/// Joins the cluster that `token` belongs to through `peer`. The token decides what the
+/// node may be; with `learner` a voter-grade node starts as a non-voting member. Returns
+/// the node and whether it is a voter now.
 pub async fn join(
     dir: DataDir,
     spec: NodeSpec,
@@ -429,7 +458,7 @@ pub async fn join(
     token: &str,
     learner: bool,
     settings: &Settings,
-) -> anyhow::Result<RunningNode> {
+) -> anyhow::Result<(RunningNode, bool)> {
     spec.validate()?;
     settings.cluster()?;
     let token = JoinToken::parse(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;

@@ -245,6 +245,9 @@ pub struct NodeView {
     pub region: String,
     /// Voter, learner or none, from the Raft membership.
     pub role: MemberRole,
+    /// The most it may be (from its join token, written into its certificate): a
+    /// `learner` grade node never votes or holds the CA key.
+    pub grade: crate::registry::NodeRole,
     /// Raft log index of the last change.
     pub revision: u64,
 }
@@ -424,11 +427,24 @@ pub enum ChangeAction {
     Delete,
 }
 
+/// Body of `POST /v1/join-tokens` (optional: without one the token admits a voter).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinToken {
+    /// What a node admitted with it may be: `voter` (the default: votes, holds the CA
+    /// key, admits others) or `learner` (a replica that never votes and never holds the
+    /// CA key, for a node you trust less).
+    #[serde(default)]
+    pub role: Option<crate::registry::NodeRole>,
+}
+
 /// A join token as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenView {
     /// Token id (hex), as inside the token.
     pub id: String,
+    /// What a node admitted with it may be.
+    pub role: crate::registry::NodeRole,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: u64,
     /// Raft log index of the last change.

@@ -978,6 +978,52 @@ pub struct Node {
     /// Raft log index of the last change; set by the cluster.
     #[serde(default)]
     pub revision: u64,
+    /// What the node may be, as the join token that admitted it said (and its certificate
+    /// says): the most it can ever do in this cluster.
+    #[serde(default)]
+    pub role: NodeRole,
+}
+
+/// The trust a node is given, chosen by the admin through the join token that admits it
+/// and written into its certificate. It is a ceiling: a voter-grade node may serve as a
+/// non-voting member for a while; a learner-grade node can never vote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    /// May vote and lead, holds the cluster CA key, admits nodes and enrolls sites.
+    #[default]
+    Voter,
+    /// A full replica that never votes, never holds the CA key, never admits anyone.
+    Learner,
+    /// Not a Raft member: relays ciphertext only, holds no registry data or secrets.
+    Relay,
+}
+
+impl NodeRole {
+    /// The lowercase name (`voter`, `learner`, `relay`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Voter => "voter",
+            NodeRole::Learner => "learner",
+            NodeRole::Relay => "relay",
+        }
+    }
+
+    /// Parses [`NodeRole::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "voter" => Some(NodeRole::Voter),
+            "learner" => Some(NodeRole::Learner),
+            "relay" => Some(NodeRole::Relay),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Node {

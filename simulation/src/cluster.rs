@@ -356,7 +356,7 @@ struct SnapshotTrap {
 }
 
 impl RpcHandler for SnapshotTrap {
-    fn handle(&self, from: NodeId, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
+    fn handle(&self, from: pki::NodeCert, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
         Box::pin(async move {
             let snapshot = matches!(rpc, Rpc::Snapshot { .. });
             let reply = self.cluster.handle(from, rpc).await;
@@ -407,7 +407,6 @@ async fn node_main(shared: Arc<Shared>, index: usize) -> turmoil::Result {
         endpoint.clone(),
         pki::quic_client_config(&shared.ca, identity)?,
         shared.cluster_id,
-        id,
     ));
     let cluster = Cluster::start(id, &log_db, &state_db, transport, shared.config.clone()).await?;
     if index == 0 && !cluster.raft().is_initialized().await? {
@@ -714,8 +713,14 @@ pub fn run(cfg: &SimConfig) -> anyhow::Result<Report> {
     let mut identities = Vec::new();
     for i in 1..=total {
         let (key, csr) = pki::node_key_and_csr(&format!("n{i}"))?;
+        // Every node is voter-grade: the simulation promotes its learners.
+        let who = pki::NodeCert {
+            cluster_id,
+            id: NodeId(i as u64),
+            role: warren_proto::registry::NodeRole::Voter,
+        };
         let cert = ca
-            .sign_node(&csr, &format!("n{i}"), &[])?
+            .sign_node(&csr, who, &format!("n{i}"), &[])?
             .expect("fresh CA has its key");
         identities.push(NodeIdentity::from_pem(&cert, &key, &ca)?);
     }

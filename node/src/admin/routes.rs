@@ -16,20 +16,21 @@ use warren_consensus::registry::{
 use warren_consensus::types::{Actor, ClusterNode, Request, RequestId};
 use warren_proto::api::CertificateView;
 use warren_proto::api::{
-    AddMember, ApiKeyView, ApplyRequest, CreateApiKey, CreatedApiKey, CreatedJoinToken, ErrorCode,
-    Health, IdentityProviderView, JoinTokenView, List, MemberRole, NodeView, UpdateNode,
+    AddMember, ApiKeyView, ApplyRequest, CreateApiKey, CreateJoinToken, CreatedApiKey,
+    CreatedJoinToken, ErrorCode, Health, IdentityProviderView, JoinTokenView, List, MemberRole,
+    NodeView, UpdateNode,
 };
 use warren_proto::certificate::Certificate;
 use warren_proto::registry::{
-    AccessMethods, IdentityProvider, Kind, Node, Policy, Resource, Role, Site, User,
+    AccessMethods, IdentityProvider, Kind, Node, NodeRole, Policy, Resource, Role, Site, User,
 };
 use warren_proto::session::{SessionId, SessionView, ShareLink, ShareLinkView};
 use warren_proto::token::{ApiKey, JoinToken, KeyId};
 use warren_proto::Name;
 
 use super::{
-    auth_local, auth_read, auth_write, path_name, read_json, AdminState, ApiErr, MAX_APPLY_BODY,
-    MAX_BODY,
+    auth_local, auth_read, auth_write, path_name, read_json, read_optional_json, AdminState,
+    ApiErr, MAX_APPLY_BODY, MAX_BODY,
 };
 use crate::actors::MemberOp;
 
@@ -483,7 +484,8 @@ async fn metrics(
     State(s): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<(HeaderMap, String), ApiErr> {
-    auth_read(&s, &headers).await?;
+    // This node's own counters: no read barrier, so a scrape costs the leader nothing.
+    auth_local(&s, &headers)?;
     let mut h = HeaderMap::new();
     h.insert(
         axum::http::header::CONTENT_TYPE,
@@ -492,6 +494,7 @@ async fn metrics(
     let mut text = s.inner.proxy.metrics.render();
     text.push_str(&s.inner.connections.render("admin", "Admin API"));
     text.push_str(&s.inner.proxy.connections.render("proxy", "HTTPS proxy"));
+    text.push_str(&crate::miss::render(s.cluster()));
     Ok((h, text))
 }
 
@@ -784,6 +787,7 @@ fn node_view(reg: &Registry, n: &Node) -> NodeView {
         admin_addr: n.admin_addr.clone(),
         region: n.region.clone(),
         role: reg.member_role(n.id),
+        grade: n.role,
         revision: n.revision,
     }
 }
@@ -958,6 +962,7 @@ async fn revoke_api_key(
 fn join_token_view(t: &JoinTokenRecord) -> JoinTokenView {
     JoinTokenView {
         id: format!("{:016x}", t.id),
+        role: t.role,
         created_at: t.created_at,
         revision: t.revision,
     }
@@ -976,8 +981,20 @@ async fn list_join_tokens(
 async fn create_join_token(
     State(s): State<AdminState>,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
+    let req: CreateJoinToken = read_optional_json(body, MAX_BODY).await?;
+    let role = match req.role.unwrap_or(NodeRole::Voter) {
+        NodeRole::Relay => {
+            return Err(ApiErr::new(
+                ErrorCode::InvalidField,
+                "relay-only nodes do not join with a join token; use `voter` or `learner`",
+            )
+            .field("role"))
+        }
+        r => r,
+    };
     let token = JoinToken::generate(
         s.inner.cluster_id,
         s.inner.ca.fingerprint(),
@@ -988,6 +1005,7 @@ async fn create_join_token(
         hash: token.hash(),
         created_at: 0,
         revision: 0,
+        role,
     };
     match submit(&s, key, &headers, Command::CreateJoinToken(record)).await? {
         Outcome::JoinToken(stored) => Ok((

@@ -5,8 +5,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use warren_consensus::pki::{peer_kind, Peer};
+use warren_consensus::pki::{peer_node, NodeCert};
 use warren_consensus::quic::OtherAlpn;
+use warren_proto::registry::NodeRole;
 use warren_proto::tunnel::io::{read_frame, write_frame};
 use warren_proto::tunnel::{Held, Open, Opened, ALPN_RELAY, MAX_CONTROL, MAX_HEADER};
 
@@ -25,10 +26,17 @@ impl OtherAlpn for RelayService {
 
     fn serve(self: Arc<Self>, conn: quinn::Connection) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if peer_kind(&conn) != Peer::Node {
-                conn.close(1u32.into(), b"a node certificate is required");
-                return;
-            }
+            // Who is speaking comes from the certificate: a peer can only ever say what it
+            // holds itself. Relay-only nodes hold no agent tunnels, so their word is not
+            // taken either.
+            let peer = match relay_peer(&conn, self.sites.cluster_id) {
+                Ok(p) => p,
+                Err(why) => {
+                    tracing::warn!(remote = %conn.remote_address(), "refused a relay connection: {why}");
+                    conn.close(1u32.into(), why.as_bytes());
+                    return;
+                }
+            };
             loop {
                 tokio::select! {
                     bi = conn.accept_bi() => {
@@ -40,7 +48,9 @@ impl OtherAlpn for RelayService {
                         let sites = self.sites.clone();
                         tokio::spawn(async move {
                             if let Ok(Some(held)) = read_frame::<_, Held>(&mut recv, MAX_CONTROL).await {
-                                sites.set_held_by(held.node, held.sites);
+                                if peer.role != NodeRole::Relay {
+                                    sites.set_held_by(peer.id.0, held.sites);
+                                }
                             }
                         });
                     }
@@ -48,6 +58,19 @@ impl OtherAlpn for RelayService {
             }
         })
     }
+}
+
+/// The node on the far end of a relay connection, by its certificate: a node of this
+/// cluster.
+fn relay_peer(conn: &quinn::Connection, cluster_id: u128) -> Result<NodeCert, String> {
+    let node = peer_node(conn).map_err(str::to_owned)?;
+    if node.cluster_id != cluster_id {
+        return Err(format!(
+            "the certificate is for cluster {:032x}, not this one",
+            node.cluster_id
+        ));
+    }
+    Ok(node)
 }
 
 /// Passes a peer's data stream on to a tunnel this node holds (never a second hop).
@@ -96,10 +119,7 @@ pub async fn announce(sites: Weak<Sites>) {
         tick.tick().await;
         let Some(s) = sites.upgrade() else { return };
         let me = s.cluster.id().0;
-        let held = Held {
-            node: me,
-            sites: s.held(),
-        };
+        let held = Held { sites: s.held() };
         let peers: Vec<u64> = s
             .cluster
             .registry()
