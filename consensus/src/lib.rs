@@ -15,6 +15,7 @@
 //!   what the log had made durable, against which a damaged log is recognised.
 //! - [`transport`]: the RPC messages and the [`transport::Transport`] trait the Raft network
 //!   uses; [`quic`] implements it over QUIC with mutual TLS, and a simulation can replace it.
+//! - [`format`]: the versions of stored values and node-to-node messages.
 //! - [`pki`]: the cluster CA and node certificates.
 //! - [`cluster`]: the handle the rest of a node uses: writes forwarded to the leader,
 //!   linearizable reads, membership changes, status, and the snapshot policy.
@@ -25,6 +26,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cluster;
+pub mod format;
 pub mod log_store;
 pub mod pki;
 pub mod proposer;

@@ -1,7 +1,8 @@
 //! The Raft log on sled, implementing openraft's v2 [`RaftLogStorage`].
 //!
-//! Layout: tree `log` maps a big-endian index to a sealed (checksummed, see
-//! [`crate::storage::seal`]) bincode entry; tree `raft_meta` holds the sealed vote, committed
+//! Layout: tree `log` maps a big-endian index to a sealed (checksummed and versioned, see
+//! [`crate::storage::seal_as`]) bincode entry, in the oldest [`crate::format::Format`] that
+//! carries its commands; tree `raft_meta` holds the sealed vote, committed
 //! log id and last purged log id. Next to sled's files, [`RECORD_FILE`](crate::storage::RECORD_FILE)
 //! holds the [`DurableRecord`]: the last log id made durable and the last vote saved.
 //!
@@ -26,7 +27,8 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use warren_proto::registry::NodeId;
 
-use crate::storage::{seal, unseal, DurableRecord, RecordFile, Store};
+use crate::format::{self, ReadError};
+use crate::storage::{open_sealed, seal, seal_as, unseal, DurableRecord, RecordFile, Store};
 use crate::types::{Entry, LogId, StorageError, TypeConfig};
 
 const VOTE: &[u8] = b"vote";
@@ -315,8 +317,8 @@ impl Shared {
     fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.read_meta(PURGED)?;
         let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, v)) => Some(
-                unseal::<Entry>("log entry", &v)
+            Some((k, v)) => Some(
+                unseal_entry(key_index(&k), &v)
                     .map_err(|e| StorageIOError::read_logs(&e))?
                     .log_id,
             ),
@@ -376,8 +378,11 @@ impl Shared {
                 }
                 _ => {}
             }
-            match unseal::<Entry>("log entry", &v) {
+            match unseal_entry(index, &v) {
                 Ok(entry) if entry.log_id.index == index => expected = Some(index + 1),
+                // Whole, but written by a newer build: cutting it would drop entries this
+                // node acknowledged, and a newer leader would only send it again.
+                Err(e) if e.is_version() => anyhow::bail!("{e}"),
                 Ok(_) => {
                     cut = Some((
                         index,
@@ -534,11 +539,7 @@ impl Shared {
                 let before = match since.index.checked_sub(1) {
                     None => None,
                     Some(i) => match self.log.get(index_key(i)).map_err(sled_err)? {
-                        Some(v) => Some(
-                            unseal::<Entry>("log entry", &v)
-                                .map_err(io::Error::other)?
-                                .log_id,
-                        ),
+                        Some(v) => Some(unseal_entry(i, &v).map_err(io::Error::other)?.log_id),
                         None => self
                             .read_meta::<LogId>(PURGED)
                             .map_err(|e| io::Error::other(e.to_string()))?,
@@ -616,6 +617,17 @@ fn index_key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
 }
 
+fn key_index(k: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(k).map_or(0, u64::from_be_bytes)
+}
+
+/// Reads a stored log entry, sealed in the format it needed (see [`crate::format`]).
+pub fn unseal_entry(index: u64, v: &[u8]) -> Result<Entry, ReadError> {
+    let about = |e: ReadError| e.about(format!("log entry {index}"));
+    let (format, body) = open_sealed("log entry", v).map_err(about)?;
+    format::decode_entry(format, body).map_err(about)
+}
+
 fn read_range(log: &sled::Tree, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StorageError> {
     let start = match range.start_bound() {
         Bound::Included(i) => Bound::Included(index_key(*i)),
@@ -630,12 +642,14 @@ fn read_range(log: &sled::Tree, range: impl RangeBounds<u64>) -> Result<Vec<Entr
     log.range::<[u8; 8], _>((start, end))
         .map(|kv| {
             let (k, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
-            unseal::<Entry>("log entry", &v).map_err(|e| {
-                let index = <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes);
-                StorageIOError::read_logs(&io::Error::other(format!(
-                    "log entry {index} is damaged: {e}"
-                )))
-                .into()
+            let index = key_index(&k);
+            unseal_entry(index, &v).map_err(|e| {
+                let e = if e.is_version() {
+                    io::Error::other(e.to_string())
+                } else {
+                    io::Error::other(format!("log entry {index} is damaged: {e}"))
+                };
+                StorageIOError::read_logs(&e).into()
             })
         })
         .collect()
@@ -716,7 +730,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = sled::Batch::default();
         let mut last = None;
         for entry in entries {
-            let bytes = seal("log entry", &entry)
+            let bytes = seal_as("log entry", format::entry_format(&entry), &entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
             batch.insert(&index_key(entry.log_id.index), bytes);
             last = Some(entry.log_id);

@@ -387,6 +387,17 @@ pub enum Command {
         /// The id given to [`Command::ReserveAttempt`].
         id: u128,
     },
+    // Keep `Annotate` LAST: it exists only in `format-next` builds, so a variant after it
+    // would have another index (another encoding) in those builds than in normal ones. New
+    // commands go above this comment (and into `format::command_format`).
+    /// Test only (`format-next` builds): a harmless command of a format no release has,
+    /// accepted and otherwise ignored, to test that a cluster refuses it until every member
+    /// reads it.
+    #[cfg(feature = "format-next")]
+    Annotate {
+        /// Free text.
+        note: String,
+    },
 }
 
 /// A successful command's result.
@@ -1365,6 +1376,8 @@ impl Registry {
                 self.release_attempt(attempt, *id);
                 Ok(Outcome::Done)
             }
+            #[cfg(feature = "format-next")]
+            Command::Annotate { .. } => Ok(Outcome::Done),
         }
     }
 

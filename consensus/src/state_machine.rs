@@ -20,6 +20,7 @@ use openraft::{OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError};
 use tokio::sync::watch;
 use warren_proto::registry::NodeId;
 
+use crate::format::{self, Format, ReadError};
 use crate::log_store::StorageIo;
 use crate::registry::{decode, encode, CodecError, Registry};
 use crate::storage::Store;
@@ -66,9 +67,18 @@ impl StateMachine {
             let Some((meta, data)) = loaded else {
                 return Ok(Registry::default());
             };
-            let mut registry = decode_registry(&data).map_err(|e| SnapshotDamaged {
-                id: meta.snapshot_id.clone(),
-                why: e.to_string(),
+            let mut registry = decode_registry(&data).map_err(|e| {
+                if e.is_version() {
+                    SnapshotUnreadable::Version(
+                        e.about(format!("the stored Raft snapshot {}", meta.snapshot_id)),
+                    )
+                } else {
+                    SnapshotDamaged {
+                        id: meta.snapshot_id.clone(),
+                        why: e.to_string(),
+                    }
+                    .into()
+                }
             })?;
             registry.rebuild_indexes();
             if registry.last_applied() != meta.last_log_id {
@@ -79,12 +89,15 @@ impl StateMachine {
                         meta.last_log_id,
                         registry.last_applied()
                     ),
-                });
+                }
+                .into());
             }
             Ok(registry)
         }) {
             Ok(r) => r,
-            Err(e) => {
+            // Whole, but written by a newer build: keep it, and do not start without it.
+            Err(SnapshotUnreadable::Version(e)) => anyhow::bail!("{e}"),
+            Err(SnapshotUnreadable::Damaged(e)) => {
                 tracing::error!("{e}; it is deleted and this node catches up from a leader");
                 snapshots.clear()?;
                 store.sync()?;
@@ -157,25 +170,69 @@ fn snapshot_id(last: Option<LogId>) -> String {
 /// Largest registry a snapshot may decode to, in bytes.
 const MAX_REGISTRY_BYTES: usize = 4 << 30;
 
-/// The snapshot form of the registry: bincode, then LZ4 (size-prefixed). Registries are
-/// text-heavy and compress several-fold; less to write and to send to a lagging follower.
+/// What snapshot data begins with: four zero bytes (an unversioned snapshot began with its
+/// uncompressed size, never 0) and a mark, then the format (u16 LE).
+const SNAPSHOT_MAGIC: [u8; 6] = [0, 0, 0, 0, b'W', b'S'];
+
+/// The format the registry is written in. Its layout has not changed since format 1 (a
+/// command of a newer format may exist and leave the registry's layout as it was).
+pub const REGISTRY_FORMAT: Format = Format::V1;
+
+/// The snapshot form of the registry: a format header (see [`crate::format`]), then
+/// bincode compressed with LZ4 (size-prepended). Registries are text-heavy and compress
+/// several-fold; less to write and to send to a lagging follower.
 pub fn encode_registry(registry: &Registry) -> Result<Vec<u8>, CodecError> {
     let raw = encode("snapshot", registry)?;
-    Ok(lz4_flex::compress_prepend_size(&raw))
+    let mut out = Vec::with_capacity(raw.len() / 2 + 16);
+    out.extend_from_slice(&SNAPSHOT_MAGIC);
+    out.extend_from_slice(&REGISTRY_FORMAT.0.to_le_bytes());
+    out.extend_from_slice(&lz4_flex::compress_prepend_size(&raw));
+    Ok(out)
 }
 
-/// Reads what [`encode_registry`] wrote.
-pub fn decode_registry(data: &[u8]) -> Result<Registry, CodecError> {
-    let size = data
+/// The format of snapshot data, checked to be one this build reads.
+pub fn snapshot_format(data: &[u8]) -> Result<Format, ReadError> {
+    let what = "the snapshot";
+    let Some(rest) = data.strip_prefix(&SNAPSHOT_MAGIC) else {
+        // Unversioned data began with its uncompressed size (never 0).
+        return match data.get(..4) {
+            Some(size) if size != [0; 4] => Err(ReadError::Unversioned { what: what.into() }),
+            _ => Err(CodecError::Corrupt("snapshot without its header").into()),
+        };
+    };
+    let format = rest
+        .get(..2)
+        .map(|b| Format(u16::from_le_bytes([b[0], b[1]])))
+        .ok_or(CodecError::Corrupt("snapshot shorter than its header"))?;
+    format::check(what, format)?;
+    Ok(format)
+}
+
+/// Reads what [`encode_registry`] wrote, in any format this build reads.
+pub fn decode_registry(data: &[u8]) -> Result<Registry, ReadError> {
+    let format = snapshot_format(data)?;
+    let body = &data[SNAPSHOT_MAGIC.len() + 2..];
+    let size = body
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or(CodecError::Corrupt("snapshot shorter than its header"))?;
     if size > MAX_REGISTRY_BYTES {
-        return Err(CodecError::Corrupt("snapshot larger than the limit"));
+        return Err(CodecError::Corrupt("snapshot larger than the limit").into());
     }
-    let raw = lz4_flex::decompress_size_prepended(data)
+    let raw = lz4_flex::decompress_size_prepended(body)
         .map_err(|_| CodecError::Corrupt("snapshot does not decompress"))?;
-    decode("snapshot", &raw)
+    // One decoder per format this build reads (the registry's layout is format 1's in
+    // every format so far).
+    match format {
+        Format::V1 => Ok(decode("snapshot", &raw)?),
+        #[cfg(feature = "format-next")]
+        Format::NEXT => Ok(decode("snapshot", &raw)?),
+        other => Err(ReadError::TooNew {
+            what: "the snapshot".into(),
+            found: other,
+            known: Format::CURRENT,
+        }),
+    }
 }
 
 /// Bytes per stored snapshot chunk.
@@ -189,6 +246,18 @@ struct Stored {
     len: u64,
     /// CRC-32 of the whole data.
     crc: u32,
+}
+
+/// Why the stored snapshot cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotUnreadable {
+    /// It is damaged: it is dropped and the node catches up from a leader.
+    #[error(transparent)]
+    Damaged(#[from] SnapshotDamaged),
+    /// It is whole but of a format this build does not read: this node's binary is too old
+    /// for its own data.
+    #[error(transparent)]
+    Version(ReadError),
 }
 
 /// The stored snapshot cannot be used.
@@ -257,7 +326,7 @@ async fn store_snapshot(
     .map_err(|e| StorageIOError::write_snapshot(sig, &e).into())
 }
 
-fn load_stored(snapshots: &sled::Tree) -> Result<Option<Stored>, SnapshotDamaged> {
+fn load_stored(snapshots: &sled::Tree) -> Result<Option<Stored>, SnapshotUnreadable> {
     let bytes = snapshots.get(CURRENT).map_err(|e| SnapshotDamaged {
         id: "-".into(),
         why: format!("its description cannot be read: {e}"),
@@ -267,14 +336,23 @@ fn load_stored(snapshots: &sled::Tree) -> Result<Option<Stored>, SnapshotDamaged
     };
     crate::storage::unseal("snapshot", &bytes)
         .map(Some)
-        .map_err(|e| SnapshotDamaged {
-            id: "-".into(),
-            why: format!("its description is unreadable: {e}"),
+        .map_err(|e| {
+            if e.is_version() {
+                SnapshotUnreadable::Version(
+                    e.about("the stored Raft snapshot's description".into()),
+                )
+            } else {
+                SnapshotDamaged {
+                    id: "-".into(),
+                    why: format!("its description is unreadable: {e}"),
+                }
+                .into()
+            }
         })
 }
 
 /// The current snapshot: its metadata and data, checked against its checksum.
-fn load_snapshot(snapshots: &sled::Tree) -> Result<Option<(Meta, Vec<u8>)>, SnapshotDamaged> {
+fn load_snapshot(snapshots: &sled::Tree) -> Result<Option<(Meta, Vec<u8>)>, SnapshotUnreadable> {
     let Some(stored) = load_stored(snapshots)? else {
         return Ok(None);
     };
@@ -296,10 +374,11 @@ fn load_snapshot(snapshots: &sled::Tree) -> Result<Option<(Meta, Vec<u8>)>, Snap
             "{} bytes stored, {} expected",
             data.len(),
             stored.len
-        )));
+        ))
+        .into());
     }
     if crc32fast::hash(&data) != stored.crc {
-        return Err(damaged("checksum mismatch".into()));
+        return Err(damaged("checksum mismatch".into()).into());
     }
     Ok(Some((stored.meta, data)))
 }

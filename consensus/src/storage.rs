@@ -26,6 +26,7 @@ use openraft::Vote;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use warren_proto::registry::NodeId;
 
+use crate::format::{self, Format, ReadError};
 use crate::registry::{decode, encode, CodecError};
 use crate::types::LogId;
 
@@ -183,24 +184,62 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Encodes `v` with a CRC-32 of the encoding in front, so that damage is found on read.
+/// Marks a versioned sealed value: no value sealed before formats were versioned began
+/// with it (its first byte was a bincode varint, which is never `0xFF`, or an `Option` tag).
+const VERSIONED: u8 = 0xFF;
+
+/// Encodes `v` in format 1 (see [`seal_as`]): Raft metadata and other values whose layout
+/// has not changed since.
 pub fn seal<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, CodecError> {
+    seal_as(what, Format::V1, v)
+}
+
+/// Encodes `v`, tagged as `format`, with a CRC-32 of the rest in front, so that damage is
+/// found on read: `[crc32 LE][0xFF][format u16 LE][bincode]` (see [`crate::format`]).
+pub fn seal_as<T: Serialize>(
+    what: &'static str,
+    format: Format,
+    v: &T,
+) -> Result<Vec<u8>, CodecError> {
     let body = encode(what, v)?;
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    let mut out = Vec::with_capacity(body.len() + 7);
+    out.extend_from_slice(&[0; 4]);
+    out.push(VERSIONED);
+    out.extend_from_slice(&format.0.to_le_bytes());
     out.extend_from_slice(&body);
+    let crc = crc32fast::hash(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
 }
 
-/// Reads what [`seal`] wrote; a checksum mismatch is [`CodecError::Corrupt`].
-pub fn unseal<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, CodecError> {
-    let (crc, body) = b
+/// Checks what [`seal_as`] wrote and gives back its format and encoding: a checksum
+/// mismatch is [`CodecError::Corrupt`], a format this build does not read is a
+/// [`ReadError`] naming it.
+pub fn open_sealed<'a>(what: &str, b: &'a [u8]) -> Result<(Format, &'a [u8]), ReadError> {
+    let (crc, rest) = b
         .split_first_chunk::<4>()
         .ok_or(CodecError::Corrupt("shorter than its checksum"))?;
-    if u32::from_le_bytes(*crc) != crc32fast::hash(body) {
-        return Err(CodecError::Corrupt("checksum mismatch"));
+    if u32::from_le_bytes(*crc) != crc32fast::hash(rest) {
+        return Err(CodecError::Corrupt("checksum mismatch").into());
     }
-    decode(what, body)
+    let Some((&VERSIONED, rest)) = rest.split_first() else {
+        return Err(ReadError::Unversioned {
+            what: what.to_owned(),
+        });
+    };
+    let (format, body) = rest
+        .split_first_chunk::<2>()
+        .ok_or(CodecError::Corrupt("shorter than its format"))?;
+    let format = Format(u16::from_le_bytes(*format));
+    format::check(what, format)?;
+    Ok((format, body))
+}
+
+/// Reads what [`seal`] or [`seal_as`] wrote, for values that have one layout in every
+/// format this build reads.
+pub fn unseal<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, ReadError> {
+    let (_, body) = open_sealed(what, b)?;
+    Ok(decode(what, body)?)
 }
 
 /// What the log store has made durable: written after every sync of the log, synced
@@ -338,6 +377,30 @@ mod tests {
             );
         }
         assert!(unseal::<(String, u64)>("test", &sealed[..sealed.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_value_of_a_newer_format_or_from_before_formats_is_refused_by_name() {
+        let newer = Format(Format::CURRENT.0 + 1);
+        let sealed = seal_as("test", newer, &42u64).expect("seal");
+        let e = unseal::<u64>("log entry 812", &sealed).expect_err("newer");
+        assert!(e.is_version(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "log entry 812 is format {newer}, this build reads up to {}: upgrade this node",
+                Format::CURRENT
+            )
+        );
+        // As sealed before formats: a CRC-32 of the bincode in front, nothing else.
+        let body = encode("test", &42u64).expect("encode");
+        let mut legacy = crc32fast::hash(&body).to_le_bytes().to_vec();
+        legacy.extend_from_slice(&body);
+        let e = unseal::<u64>("test", &legacy).expect_err("unversioned");
+        assert!(matches!(e, ReadError::Unversioned { .. }), "{e}");
+        let e = unseal::<u64>("test", &seal_as("test", Format(0), &42u64).expect("seal"))
+            .expect_err("older");
+        assert!(matches!(e, ReadError::TooOld { .. }), "{e}");
     }
 
     #[test]
