@@ -7,8 +7,13 @@
 //! - Then it keeps tunnels (QUIC, ALPN `warren-agent/1`, mutual TLS) to the two nodes with
 //!   the shortest handshake time, learning the cluster's nodes from the first it reaches;
 //!   lost tunnels are re-dialled with jittered backoff, forever, without spinning.
+//! - Each tunnel's control stream opens with a `Hello` each way (protocol version and
+//!   features, `warren_proto::tunnel`); the agent sends the node only messages it
+//!   understands and skips, counts and logs (once) messages it does not know itself. A node
+//!   from before negotiation refuses the `Hello`; the agent then greets it the old way.
 //! - The node pushes the site's targets; the agent checks them and reports their health;
-//!   for every stream a node opens it dials the target (only a configured one) and splices.
+//!   for every stream a node opens it dials the target (only a configured one) and splices
+//!   (TCP bytes, or UDP datagrams framed on the stream and read cancel-safely).
 
 mod enroll;
 mod tls;

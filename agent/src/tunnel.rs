@@ -2,16 +2,20 @@
 //! targets and reports their health.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch};
 use warren_proto::registry::Target;
-use warren_proto::tunnel::io::{read_frame, write_frame};
+use warren_proto::tunnel::io::{
+    read_frame, read_message, write_datagram, write_frame, write_message, DatagramReader,
+};
 use warren_proto::tunnel::{
-    FromAgent, Hello, Open, Opened, Protocol, SiteConfig, ToAgent, MAX_CONTROL, MAX_HEADER,
+    FromAgent, Hello, LegacyHello, Open, Opened, PeerProtocol, Protocol, SiteConfig, ToAgent,
+    Unknowns, CLOSE_BAD_HELLO, MAX_CONTROL, MAX_DATAGRAM, MAX_HEADER,
 };
 use warren_proto::Name;
 
@@ -31,6 +35,9 @@ struct Candidate {
     failures: u32,
     retry_at: Instant,
     connected: bool,
+    /// The node refused this build's Hello (it predates negotiation): greet it with a
+    /// [`LegacyHello`] on the next dial.
+    legacy_hello: bool,
 }
 
 struct Shared {
@@ -69,6 +76,7 @@ pub async fn run(id: Identity, seeds: Vec<String>) -> anyhow::Result<()> {
                     failures: 0,
                     retry_at: now,
                     connected: false,
+                    legacy_hello: false,
                 })
                 .collect(),
         ),
@@ -114,11 +122,18 @@ fn backoff(failures: u32) -> Duration {
 
 async fn tunnel(shared: Arc<Shared>, addr: String) {
     let started = Instant::now();
-    let result = serve_tunnel(&shared, &addr).await;
+    let legacy_hello = {
+        let c = shared.candidates.lock().expect("candidates lock");
+        c.iter().any(|c| c.addr == addr && c.legacy_hello)
+    };
+    let result = serve_tunnel(&shared, &addr, legacy_hello).await;
     let lived = started.elapsed();
     let mut c = shared.candidates.lock().expect("candidates lock");
     if let Some(cand) = c.iter_mut().find(|c| c.addr == addr) {
         cand.connected = false;
+        // Only right after a refusal: once a tunnel with an old node ends, this build's
+        // Hello is tried again (the node may have been upgraded meanwhile).
+        cand.legacy_hello = result.as_ref().is_err_and(|e| e.is::<HelloRefused>());
         if lived > Duration::from_secs(10) {
             cand.failures = 0;
         }
@@ -134,7 +149,71 @@ async fn tunnel(shared: Arc<Shared>, addr: String) {
     }
 }
 
-async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
+/// The node closed the connection over this build's Hello: it predates negotiation.
+#[derive(Debug)]
+struct HelloRefused;
+
+impl std::fmt::Display for HelloRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the node refused this agent's hello (it predates protocol negotiation)")
+    }
+}
+
+impl std::error::Error for HelloRefused {}
+
+/// Whether a connection closed this way is a node refusing the first control message.
+fn is_hello_refusal(closed: &quinn::ConnectionError) -> bool {
+    matches!(
+        closed,
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_BAD_HELLO.into()
+    )
+}
+
+/// The agent's side of the control stream, without I/O: the tunnel task reads each
+/// message from the node, hands it to [`Control::handle`] and does what it returns; it
+/// asks [`Control::node`] before sending anything.
+#[derive(Debug)]
+struct Control {
+    /// What the node speaks: protocol 0 (only the oldest messages) until its Hello.
+    node: PeerProtocol,
+    unknowns: Unknowns,
+}
+
+/// What a message from the node asks of the tunnel task.
+#[derive(Debug, PartialEq)]
+enum ControlEvent {
+    /// Use this configuration.
+    Config(SiteConfig),
+    /// The node said what it speaks (now in [`Control::node`]).
+    NodeHello,
+    /// A message this build does not know, skipped; `first`: the first on this stream.
+    Skipped { tag: u32, first: bool },
+}
+
+impl Control {
+    fn new() -> Self {
+        Self {
+            node: PeerProtocol::legacy(String::new()),
+            unknowns: Unknowns::default(),
+        }
+    }
+
+    fn handle(&mut self, msg: ToAgent) -> ControlEvent {
+        match msg {
+            ToAgent::Config(config) => ControlEvent::Config(config),
+            ToAgent::Hello(hello) => {
+                self.node = PeerProtocol::from_hello(hello);
+                ControlEvent::NodeHello
+            }
+            ToAgent::Unknown { tag } => ControlEvent::Skipped {
+                tag,
+                first: self.unknowns.note(),
+            },
+        }
+    }
+}
+
+async fn serve_tunnel(shared: &Arc<Shared>, addr: &str, legacy_hello: bool) -> anyhow::Result<()> {
     let sock = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot resolve {addr}: {e}"))?
@@ -147,13 +226,14 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
     let rtt = t0.elapsed();
     let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(
-        &mut send,
-        &Hello {
+    if legacy_hello {
+        let hello = LegacyHello {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-        },
-    )
-    .await?;
+        };
+        write_frame(&mut send, &hello).await?;
+    } else {
+        write_message(&mut send, &FromAgent::Hello(Hello::ours())).await?;
+    }
     {
         let mut c = shared.candidates.lock().expect("candidates lock");
         if let Some(cand) = c.iter_mut().find(|c| c.addr == addr) {
@@ -166,18 +246,41 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
         .lock()
         .expect("live lock")
         .insert(addr.to_owned(), conn.clone());
+    let (node_tx, node_rx) = watch::channel(PeerProtocol::legacy(String::new()));
+    let heard = AtomicBool::new(false);
     let reader = {
         let shared = shared.clone();
+        let heard = &heard;
         async move {
+            let mut control = Control::new();
             loop {
-                match read_frame::<_, ToAgent>(&mut recv, MAX_CONTROL).await {
-                    Ok(Some(ToAgent::Config(config))) => {
+                let msg = match read_message::<_, ToAgent>(&mut recv, MAX_CONTROL).await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => return anyhow::Ok(()),
+                    Err(e) => anyhow::bail!("control stream: {e}"),
+                };
+                heard.store(true, Ordering::Relaxed);
+                match control.handle(msg) {
+                    ControlEvent::Config(config) => {
                         learn_nodes(&shared, &config.nodes);
                         tracing::info!(targets = config.targets.len(), "configuration received");
                         shared.config.send_replace(Some(config));
                     }
-                    Ok(None) => return anyhow::Ok(()),
-                    Err(e) => anyhow::bail!("control stream: {e}"),
+                    ControlEvent::NodeHello => {
+                        let node = &control.node;
+                        tracing::info!(protocol = node.version, version = %node.software, features = ?node.features, "node hello");
+                        node_tx.send_replace(node.clone());
+                    }
+                    ControlEvent::Skipped { tag, first: true } => {
+                        tracing::info!(tag, "skipping a message this agent does not know (a newer node); later ones are logged at debug");
+                    }
+                    ControlEvent::Skipped { tag, first: false } => {
+                        tracing::debug!(
+                            tag,
+                            skipped = control.unknowns.count(),
+                            "skipping an unknown message"
+                        );
+                    }
                 }
             }
         }
@@ -187,7 +290,12 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
         async move {
             loop {
                 match rx.recv().await {
-                    Ok(report) => write_frame(&mut send, &FromAgent::Health(report)).await?,
+                    Ok(report) => {
+                        let msg = FromAgent::Health(report);
+                        if node_rx.borrow().accepts(&msg) {
+                            write_message(&mut send, &msg).await?;
+                        }
+                    }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return anyhow::Ok(()),
                 }
@@ -212,7 +320,13 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str) -> anyhow::Result<()> {
         r = acceptor => r,
     };
     shared.live.lock().expect("live lock").remove(addr);
+    let refused = !legacy_hello
+        && !heard.load(Ordering::Relaxed)
+        && conn.close_reason().is_some_and(|r| is_hello_refusal(&r));
     conn.close(0u32.into(), b"agent closing");
+    if refused {
+        return Err(HelloRefused.into());
+    }
     why
 }
 
@@ -286,6 +400,7 @@ fn learn_nodes(shared: &Shared, nodes: &[String]) {
                 failures: 0,
                 retry_at: Instant::now(),
                 connected: false,
+                legacy_hello: false,
             });
         }
     }
@@ -432,8 +547,7 @@ async fn check_target(t: &Target, path: Option<&str>) -> bool {
 }
 
 /// A UDP flow: datagrams framed on the stream, a connected socket to the target.
-async fn serve_udp(target: Target, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    use warren_proto::tunnel::io::{read_datagram, write_datagram};
+async fn serve_udp(target: Target, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let socket = async {
         let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
             .await
@@ -462,16 +576,40 @@ async fn serve_udp(target: Target, mut send: quinn::SendStream, mut recv: quinn:
     if write_frame(&mut send, &Opened::Ok).await.is_err() {
         return;
     }
-    let mut from_node = vec![0u8; 65_535];
-    let mut from_target = vec![0u8; 65_535];
-    let idle_for = Duration::from_secs(60);
+    splice_udp(&socket, recv, send, UDP_IDLE).await;
+}
+
+/// A UDP flow ends after this long without a datagram either way.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// Moves datagrams between a data stream and a connected socket until either goes or
+/// `idle_for` passes without traffic. Both `select!` branches are cancel safe: a datagram
+/// half read from the stream when the socket wins stays in the reader.
+async fn splice_udp<R, W>(
+    socket: &tokio::net::UdpSocket,
+    mut recv: R,
+    mut send: W,
+    idle_for: Duration,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut from_node = DatagramReader::new();
+    let mut from_target = vec![0u8; MAX_DATAGRAM];
     let idle = tokio::time::sleep(idle_for);
     tokio::pin!(idle);
     loop {
         tokio::select! {
-            n = read_datagram(&mut recv, &mut from_node) => {
-                let Ok(Some(n)) = n else { return };
-                let _ = socket.send(&from_node[..n]).await;
+            d = from_node.read_next(&mut recv) => {
+                let d = match d {
+                    Ok(Some(d)) => d,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!("UDP flow: the stream failed: {e}");
+                        return;
+                    }
+                };
+                let _ = socket.send(d).await;
                 idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
             }
             n = socket.recv(&mut from_target) => {
@@ -481,7 +619,161 @@ async fn serve_udp(target: Target, mut send: quinn::SendStream, mut recv: quinn:
                 }
                 idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
             }
-            _ = &mut idle => return,
+            () = &mut idle => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::UdpSocket;
+    use warren_proto::tunnel::{TargetSpec, PROTOCOL_VERSION};
+
+    use super::*;
+
+    fn config() -> SiteConfig {
+        SiteConfig {
+            site: Name::new("hq").unwrap(),
+            targets: vec![TargetSpec {
+                target: "127.0.0.1:5432".parse().unwrap(),
+                check: None,
+            }],
+            nodes: vec!["127.0.0.1:7000".into()],
+        }
+    }
+
+    #[test]
+    fn the_node_counts_as_protocol_0_until_its_hello() {
+        let mut control = Control::new();
+        assert_eq!(control.node.version, 0);
+        assert!(!control.node.accepts(&FromAgent::Hello(Hello::ours())));
+        assert!(control.node.accepts(&FromAgent::Health(Vec::new())));
+        assert_eq!(
+            control.handle(ToAgent::Hello(Hello::ours())),
+            ControlEvent::NodeHello
+        );
+        assert_eq!(control.node.version, PROTOCOL_VERSION);
+        assert_eq!(
+            control.handle(ToAgent::Config(config())),
+            ControlEvent::Config(config())
+        );
+    }
+
+    #[test]
+    fn unknown_messages_are_skipped_and_only_the_first_is_flagged() {
+        let mut control = Control::new();
+        assert_eq!(
+            control.handle(ToAgent::Unknown { tag: 40 }),
+            ControlEvent::Skipped {
+                tag: 40,
+                first: true
+            }
+        );
+        assert_eq!(
+            control.handle(ToAgent::Unknown { tag: 41 }),
+            ControlEvent::Skipped {
+                tag: 41,
+                first: false
+            }
+        );
+        assert_eq!(control.unknowns.count(), 2);
+        // The stream goes on.
+        assert_eq!(
+            control.handle(ToAgent::Config(config())),
+            ControlEvent::Config(config())
+        );
+    }
+
+    #[test]
+    fn only_a_close_with_the_hello_code_is_a_refused_hello() {
+        let closed = |code: u32| {
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: code.into(),
+                reason: b"expected a hello"[..].into(),
+            })
+        };
+        assert!(is_hello_refusal(&closed(CLOSE_BAD_HELLO)));
+        assert!(!is_hello_refusal(&closed(2)));
+        assert!(!is_hello_refusal(&quinn::ConnectionError::TimedOut));
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for failures in 0..20 {
+            let base = (Duration::from_millis(500) * 2u32.pow(failures.min(6))).min(MAX_BACKOFF);
+            let b = backoff(failures);
+            assert!(b >= base / 2 && b <= base, "{failures}: {b:?}");
+        }
+    }
+
+    fn datagram(i: u32) -> Vec<u8> {
+        let mut d = i.to_be_bytes().to_vec();
+        d.extend((0..(i * 7919) % 1400).map(|b| b as u8));
+        d
+    }
+
+    fn echo(d: &[u8]) -> Vec<u8> {
+        let mut e = b"echo:".to_vec();
+        e.extend_from_slice(d);
+        e
+    }
+
+    /// Datagrams both ways through a small pipe (so they arrive in pieces, and the
+    /// socket's branch often wins while one is half read): every echo arrives whole and in
+    /// order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_udp_flow_keeps_every_datagram_both_ways() {
+        const N: u32 = 5_000;
+        const WINDOW: usize = 32;
+        let target = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let agent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        agent.connect(target.local_addr().unwrap()).await.unwrap();
+        target.connect(agent.local_addr().unwrap()).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok(n) = target.recv(&mut buf).await {
+                let _ = target.send(&echo(&buf[..n])).await;
+            }
+        });
+        let (agent_end, node_end) = tokio::io::duplex(300);
+        let (recv, send) = tokio::io::split(agent_end);
+        let flow = tokio::spawn(async move {
+            splice_udp(&agent, recv, send, Duration::from_secs(60)).await;
+        });
+
+        let (mut node_recv, mut node_send) = tokio::io::split(node_end);
+        // At most WINDOW datagrams in flight, so no socket buffer overflows on loopback.
+        let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+        let writer = {
+            let window = window.clone();
+            tokio::spawn(async move {
+                for i in 0..N {
+                    window.acquire().await.unwrap().forget();
+                    write_datagram(&mut node_send, &datagram(i)).await.unwrap();
+                }
+                node_send.flush().await.unwrap();
+                node_send
+            })
+        };
+        let mut reader = DatagramReader::new();
+        for i in 0..N {
+            let d = tokio::time::timeout(Duration::from_secs(10), reader.read_next(&mut node_recv))
+                .await
+                .expect("the flow stalled")
+                .unwrap()
+                .expect("the flow ended early");
+            assert!(d == echo(&datagram(i)), "echo {i} was changed");
+            window.add_permits(1);
+        }
+        // The node closing its end ends the flow.
+        drop(writer.await.unwrap());
+        drop(node_recv);
+        tokio::time::timeout(Duration::from_secs(5), flow)
+            .await
+            .expect("the flow did not end")
+            .unwrap();
     }
 }

@@ -9,12 +9,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use warren_consensus::registry::Registry;
 use warren_proto::access::{decide, CompiledPolicy, Decision, Facts};
 use warren_proto::registry::{Resource, Route};
-use warren_proto::tunnel::Protocol;
+use warren_proto::tunnel::io::{write_datagram, DatagramReader};
+use warren_proto::tunnel::{Protocol, MAX_DATAGRAM};
 use warren_proto::Name;
 
 use crate::proxy::{unix_now, Proxy};
@@ -284,13 +286,52 @@ async fn udp_serve(sock: tokio::net::UdpSocket, name: Name, proxy: Arc<Proxy>) {
     }
 }
 
-/// Where a UDP flow's datagrams go.
-enum UdpUpstream {
-    Tunnel(crate::sites::SiteStream),
-    Socket(tokio::net::UdpSocket),
+/// Where a UDP flow's datagrams go: a data stream through the site's tunnel (its two
+/// halves, datagrams framed on it) or a connected socket to the target.
+enum UdpUpstream<R, W> {
+    Tunnel {
+        recv: R,
+        send: W,
+        reader: DatagramReader,
+    },
+    Socket {
+        socket: tokio::net::UdpSocket,
+        buf: Vec<u8>,
+    },
 }
 
-async fn udp_upstream(proxy: &Proxy, res: &Resource) -> Option<UdpUpstream> {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> UdpUpstream<R, W> {
+    /// The next datagram from the target; `None` once the upstream is gone. Cancel safe (a
+    /// `select!` branch that loses drops no datagram and no part of one).
+    async fn recv(&mut self) -> Option<&[u8]> {
+        match self {
+            Self::Tunnel { recv, reader, .. } => match reader.read_next(recv).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!("UDP flow: the tunnel stream failed: {e}");
+                    None
+                }
+            },
+            Self::Socket { socket, buf } => {
+                let n = socket.recv(buf).await.ok()?;
+                Some(&buf[..n])
+            }
+        }
+    }
+
+    /// Sends a client's datagram towards the target; false once the upstream is gone.
+    async fn send(&mut self, d: &[u8]) -> bool {
+        match self {
+            Self::Tunnel { send, .. } => write_datagram(send, d).await.is_ok(),
+            Self::Socket { socket, .. } => socket.send(d).await.is_ok(),
+        }
+    }
+}
+
+/// The upstream of a UDP flow through a site: a [`crate::sites::SiteStream`]'s halves.
+type SiteUpstream = UdpUpstream<quinn::RecvStream, quinn::SendStream>;
+
+async fn udp_upstream(proxy: &Proxy, res: &Resource) -> Option<SiteUpstream> {
     let start: usize = rand::random();
     let n = res.targets.len();
     for i in 0..n {
@@ -298,7 +339,12 @@ async fn udp_upstream(proxy: &Proxy, res: &Resource) -> Option<UdpUpstream> {
         match &res.site {
             Some(site) => {
                 if let Ok(s) = proxy.sites().open(site, t, Protocol::Udp).await {
-                    return Some(UdpUpstream::Tunnel(s));
+                    let (recv, send) = s.into_inner();
+                    return Some(UdpUpstream::Tunnel {
+                        recv,
+                        send,
+                        reader: DatagramReader::new(),
+                    });
                 }
             }
             None => {
@@ -317,8 +363,11 @@ async fn udp_upstream(proxy: &Proxy, res: &Resource) -> Option<UdpUpstream> {
                     Some(s)
                 }
                 .await;
-                if let Some(s) = socket {
-                    return Some(UdpUpstream::Socket(s));
+                if let Some(socket) = socket {
+                    return Some(UdpUpstream::Socket {
+                        socket,
+                        buf: vec![0; MAX_DATAGRAM],
+                    });
                 }
             }
         }
@@ -329,12 +378,11 @@ async fn udp_upstream(proxy: &Proxy, res: &Resource) -> Option<UdpUpstream> {
 async fn udp_flow(
     sock: Arc<tokio::net::UdpSocket>,
     peer: SocketAddr,
-    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
     name: Name,
     proxy: Arc<Proxy>,
     done: tokio::sync::mpsc::UnboundedSender<SocketAddr>,
 ) {
-    use warren_proto::tunnel::io::{read_datagram, write_datagram};
     let res = proxy.cluster().registry().resources().get(&name).cloned();
     let upstream = match &res {
         Some(res) => udp_upstream(&proxy, res).await,
@@ -345,49 +393,265 @@ async fn udp_flow(
         let _ = done.send(peer);
         return;
     };
-    let mut changes = proxy.cluster().subscribe();
-    let mut recheck = tokio::time::interval(Duration::from_secs(1));
-    let mut buf = vec![0u8; 65_535];
+    let end = udp_loop(
+        upstream,
+        rx,
+        ClientAddr { sock, peer },
+        proxy.cluster().subscribe(),
+        UDP_RECHECK,
+        || allowed(&proxy, &proxy.cluster().registry(), &name, peer.ip()).0,
+    )
+    .await;
+    if end == FlowEnd::Denied {
+        tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = "deny", "UDP flow cut: no longer allowed");
+    } else {
+        tracing::debug!(resource = %name, client = %peer, "UDP flow ended: {end:?}");
+    }
+    let _ = done.send(peer);
+}
+
+/// Where a UDP flow's replies go.
+trait ToClient {
+    /// Sends one datagram to the client (a lost one is lost, as on any network).
+    fn deliver(&mut self, d: &[u8]) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// A client's address on the resource's port.
+struct ClientAddr {
+    sock: Arc<tokio::net::UdpSocket>,
+    peer: SocketAddr,
+}
+
+impl ToClient for ClientAddr {
+    async fn deliver(&mut self, d: &[u8]) {
+        let _ = self.sock.send_to(d, self.peer).await;
+    }
+}
+
+/// How often an open UDP flow's client is checked against the policies again (besides on
+/// every registry change).
+const UDP_RECHECK: Duration = Duration::from_secs(1);
+
+/// Why a UDP flow's loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlowEnd {
+    /// The client's queue closed (the port's listener went away).
+    ClientGone,
+    /// The tunnel stream or the target socket failed or ended.
+    UpstreamGone,
+    /// [`UDP_IDLE`] passed without a datagram either way.
+    Idle,
+    /// The client is no longer allowed.
+    Denied,
+}
+
+/// Moves a UDP flow's datagrams both ways until one side goes, it idles, or
+/// `still_allowed` (asked on every change seen on `changes` and every `recheck`) says no.
+/// Every branch of its `select!` is cancel safe, so none of them losing a race to another
+/// (the recheck tick included) loses or splits a datagram.
+async fn udp_loop<R, W, T>(
+    mut upstream: UdpUpstream<R, W>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut to_client: impl ToClient,
+    mut changes: tokio::sync::watch::Receiver<T>,
+    recheck: Duration,
+    still_allowed: impl Fn() -> bool,
+) -> FlowEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut recheck = tokio::time::interval(recheck);
     let idle = tokio::time::sleep(UDP_IDLE);
     tokio::pin!(idle);
-    let (mut tunnel, socket) = match upstream {
-        UdpUpstream::Tunnel(s) => (Some(tokio::io::split(s)), None),
-        UdpUpstream::Socket(s) => (None, Some(s)),
-    };
     loop {
-        let from_upstream = async {
-            match (&mut tunnel, &socket) {
-                (Some((r, _)), _) => read_datagram(r, &mut buf).await.ok().flatten(),
-                (None, Some(s)) => s.recv(&mut buf).await.ok(),
-                (None, None) => None,
-            }
-        };
         tokio::select! {
             d = rx.recv() => {
-                let Some(d) = d else { break };
-                let sent = match (&mut tunnel, &socket) {
-                    (Some((_, w)), _) => write_datagram(w, &d).await.is_ok(),
-                    (None, Some(s)) => s.send(&d).await.is_ok(),
-                    (None, None) => false,
-                };
-                if !sent {
-                    break;
+                let Some(d) = d else { return FlowEnd::ClientGone };
+                if !upstream.send(&d).await {
+                    return FlowEnd::UpstreamGone;
                 }
                 idle.as_mut().reset(tokio::time::Instant::now() + UDP_IDLE);
             }
-            n = from_upstream => {
-                let Some(n) = n else { break };
-                let _ = sock.send_to(&buf[..n], peer).await;
+            d = upstream.recv() => {
+                let Some(d) = d else { return FlowEnd::UpstreamGone };
+                to_client.deliver(d).await;
                 idle.as_mut().reset(tokio::time::Instant::now() + UDP_IDLE);
             }
-            _ = &mut idle => break,
-            _ = changes.changed() => {
-                if !allowed(&proxy, &proxy.cluster().registry(), &name, peer.ip()).0 { break; }
+            () = &mut idle => return FlowEnd::Idle,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return FlowEnd::ClientGone;
+                }
+                if !still_allowed() {
+                    return FlowEnd::Denied;
+                }
             }
             _ = recheck.tick() => {
-                if !allowed(&proxy, &proxy.cluster().registry(), &name, peer.ip()).0 { break; }
+                if !still_allowed() {
+                    return FlowEnd::Denied;
+                }
             }
         }
     }
-    let _ = done.send(peer);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tokio::io::{AsyncWriteExt as _, DuplexStream, ReadHalf, WriteHalf};
+    use warren_proto::tunnel::io::{write_datagram, DatagramReader};
+
+    use super::*;
+
+    /// Datagram `i` of a direction: its number, then a length that varies.
+    fn datagram(dir: u8, i: u32) -> Vec<u8> {
+        let mut d = vec![dir];
+        d.extend_from_slice(&i.to_be_bytes());
+        d.extend((0..(i * 7919) % 1400).map(|b| (b as u8) ^ dir));
+        d
+    }
+
+    type Upstream = UdpUpstream<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>;
+
+    impl ToClient for tokio::sync::mpsc::UnboundedSender<Vec<u8>> {
+        async fn deliver(&mut self, d: &[u8]) {
+            let _ = self.send(d.to_vec());
+        }
+    }
+
+    /// A client that is never answered.
+    struct Nobody;
+
+    impl ToClient for Nobody {
+        async fn deliver(&mut self, _: &[u8]) {}
+    }
+
+    /// Heavy traffic both ways through a tunnel stream (a small pipe, so datagrams arrive
+    /// in pieces) while the policy recheck ticks every millisecond: every datagram arrives
+    /// whole and in order, each way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_udp_flow_keeps_every_datagram_while_the_recheck_ticks() {
+        const N: u32 = 20_000;
+        let (node_end, agent_end) = tokio::io::duplex(300);
+        let (recv, send) = tokio::io::split(node_end);
+        let upstream: Upstream = UdpUpstream::Tunnel {
+            recv,
+            send,
+            reader: DatagramReader::new(),
+        };
+        let (client_tx, client_rx) = tokio::sync::mpsc::channel(256);
+        let (_registry, changes) = tokio::sync::watch::channel(());
+        let (to_client_tx, mut to_client_rx) = tokio::sync::mpsc::unbounded_channel();
+        let checks = Arc::new(AtomicU32::new(0));
+        let flow = {
+            let checks = checks.clone();
+            tokio::spawn(udp_loop(
+                upstream,
+                client_rx,
+                to_client_tx,
+                changes,
+                Duration::from_millis(1),
+                move || {
+                    checks.fetch_add(1, Ordering::Relaxed);
+                    true
+                },
+            ))
+        };
+
+        // The agent's end: reads what the client sent, and sends the target's datagrams.
+        let (mut agent_recv, mut agent_send) = tokio::io::split(agent_end);
+        let agent_reads = tokio::spawn(async move {
+            let mut reader = DatagramReader::new();
+            for i in 0..N {
+                let d = reader.read_next(&mut agent_recv).await.unwrap();
+                assert_eq!(d, Some(&datagram(1, i)[..]), "client datagram {i}");
+            }
+        });
+        let agent_writes = tokio::spawn(async move {
+            for i in 0..N {
+                write_datagram(&mut agent_send, &datagram(2, i))
+                    .await
+                    .unwrap();
+                if i % 1000 == 0 {
+                    agent_send.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            agent_send
+        });
+        let client = tokio::spawn(async move {
+            for i in 0..N {
+                client_tx.send(datagram(1, i)).await.unwrap();
+                if i % 1000 == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            client_tx
+        });
+        for i in 0..N {
+            let d = tokio::time::timeout(Duration::from_secs(30), to_client_rx.recv())
+                .await
+                .expect("the flow stalled")
+                .expect("the flow ended early");
+            assert!(d == datagram(2, i), "target datagram {i} was changed");
+        }
+        agent_reads.await.unwrap();
+        let _agent_send = agent_writes.await.unwrap();
+        let checks_seen = checks.load(Ordering::Relaxed);
+        assert!(checks_seen > 1, "the recheck ticked {checks_seen} times");
+
+        // The client's queue closing ends the flow.
+        drop(client.await.unwrap());
+        assert_eq!(flow.await.unwrap(), FlowEnd::ClientGone);
+    }
+
+    #[tokio::test]
+    async fn a_udp_flow_is_cut_when_the_recheck_says_no() {
+        let (node_end, _agent_end) = tokio::io::duplex(300);
+        let (recv, send) = tokio::io::split(node_end);
+        let upstream: Upstream = UdpUpstream::Tunnel {
+            recv,
+            send,
+            reader: DatagramReader::new(),
+        };
+        let (_client_tx, client_rx) = tokio::sync::mpsc::channel(1);
+        let (_registry, changes) = tokio::sync::watch::channel(());
+        let allowed = AtomicU32::new(3);
+        let end = udp_loop(
+            upstream,
+            client_rx,
+            Nobody,
+            changes,
+            Duration::from_millis(1),
+            || allowed.fetch_sub(1, Ordering::Relaxed) > 1,
+        )
+        .await;
+        assert_eq!(end, FlowEnd::Denied);
+    }
+
+    #[tokio::test]
+    async fn a_udp_flow_ends_when_its_tunnel_stream_ends() {
+        let (node_end, agent_end) = tokio::io::duplex(300);
+        let (recv, send) = tokio::io::split(node_end);
+        let upstream: Upstream = UdpUpstream::Tunnel {
+            recv,
+            send,
+            reader: DatagramReader::new(),
+        };
+        drop(agent_end);
+        let (_client_tx, client_rx) = tokio::sync::mpsc::channel(1);
+        let (_registry, changes) = tokio::sync::watch::channel(());
+        let end = udp_loop(
+            upstream,
+            client_rx,
+            Nobody,
+            changes,
+            Duration::from_secs(1),
+            || true,
+        )
+        .await;
+        assert_eq!(end, FlowEnd::UpstreamGone);
+    }
 }

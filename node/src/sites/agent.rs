@@ -9,9 +9,10 @@ use warren_consensus::pki::{peer_kind, Peer};
 use warren_consensus::quic::OtherAlpn;
 use warren_consensus::registry::Registry;
 use warren_proto::registry::{Route, Site};
-use warren_proto::tunnel::io::{read_frame, write_frame};
+use warren_proto::tunnel::io::{read_frame_body, read_message, write_message};
 use warren_proto::tunnel::{
-    FromAgent, Hello, SiteConfig, TargetSpec, ToAgent, ALPN_AGENT, MAX_CONTROL,
+    FrameError, FromAgent, Hello, PeerProtocol, SiteConfig, TargetSpec, ToAgent, Unknowns,
+    ALPN_AGENT, CLOSE_BAD_HELLO, MAX_CONTROL,
 };
 use warren_proto::Name;
 
@@ -83,15 +84,34 @@ impl OtherAlpn for AgentService {
             else {
                 return;
             };
-            match read_frame::<_, Hello>(&mut recv, MAX_CONTROL).await {
-                Ok(Some(hello)) => {
-                    tracing::info!(%site, %remote, version = %hello.version, "agent connected")
-                }
-                _ => {
-                    conn.close(3u32.into(), b"expected a hello");
+            let agent = match tokio::time::timeout(
+                Duration::from_secs(10),
+                read_frame_body(&mut recv, MAX_CONTROL),
+            )
+            .await
+            {
+                Ok(Ok(Some(body))) => PeerProtocol::from_agent_hello(&body),
+                Ok(Ok(None)) => Err(FrameError::Truncated),
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    tracing::debug!(%site, %remote, "no hello within 10 s");
+                    // Not CLOSE_BAD_HELLO: that one tells an agent to greet the old way.
+                    conn.close(4u32.into(), b"no hello in time");
                     return;
                 }
-            }
+            };
+            let agent = match agent {
+                Ok(agent) => agent,
+                Err(e) => {
+                    tracing::warn!(%site, %remote, "agent connection without a hello: {e}");
+                    conn.close(CLOSE_BAD_HELLO.into(), b"expected a hello");
+                    return;
+                }
+            };
+            tracing::info!(
+                %site, %remote, protocol = agent.version, version = %agent.software,
+                features = ?agent.features, "agent connected"
+            );
             let id = rand::random();
             self.sites.add_tunnel(
                 &site,
@@ -104,7 +124,12 @@ impl OtherAlpn for AgentService {
                 let sites = self.sites.clone();
                 let site = site.clone();
                 let conn = conn.clone();
+                let agent = agent.clone();
                 async move {
+                    let hello = ToAgent::Hello(Hello::ours());
+                    if agent.accepts(&hello) && write_message(&mut send, &hello).await.is_err() {
+                        return;
+                    }
                     let mut rx = sites.cluster.subscribe();
                     let mut last = None;
                     loop {
@@ -114,9 +139,8 @@ impl OtherAlpn for AgentService {
                             return;
                         };
                         if last.as_ref() != Some(&config) {
-                            if write_frame(&mut send, &ToAgent::Config(config.clone()))
-                                .await
-                                .is_err()
+                            let msg = ToAgent::Config(config.clone());
+                            if agent.accepts(&msg) && write_message(&mut send, &msg).await.is_err()
                             {
                                 return;
                             }
@@ -132,11 +156,25 @@ impl OtherAlpn for AgentService {
                 let sites = self.sites.clone();
                 let site = site.clone();
                 async move {
-                    while let Ok(Some(msg)) =
-                        read_frame::<_, FromAgent>(&mut recv, MAX_CONTROL).await
-                    {
-                        match msg {
-                            FromAgent::Health(report) => sites.set_health(&site, report),
+                    let mut unknowns = Unknowns::default();
+                    loop {
+                        match read_message::<_, FromAgent>(&mut recv, MAX_CONTROL).await {
+                            Ok(Some(FromAgent::Health(report))) => sites.set_health(&site, report),
+                            Ok(Some(FromAgent::Hello(_))) => {
+                                tracing::debug!(%site, "ignoring a second hello from an agent");
+                            }
+                            Ok(Some(FromAgent::Unknown { tag })) => {
+                                if unknowns.note() {
+                                    tracing::info!(%site, tag, "skipping a message this node does not know (a newer agent); later ones are logged at debug");
+                                } else {
+                                    tracing::debug!(%site, tag, skipped = unknowns.count(), "skipping an unknown message");
+                                }
+                            }
+                            Ok(None) => return,
+                            Err(e) => {
+                                tracing::warn!(%site, "agent control stream: {e}");
+                                return;
+                            }
                         }
                     }
                 }

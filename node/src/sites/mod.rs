@@ -293,6 +293,16 @@ impl Sites {
             .await
             .map_err(|_| format!("node {id}: no answer"))?
             .map_err(|e| e.to_string())?;
+        // The address may belong to another node by now (or answer for one): data for
+        // node `id` goes only to the holder of node `id`'s certificate.
+        if let Err(why) = warren_consensus::quic::check_dialed_node(
+            &conn,
+            self.cluster_id,
+            warren_proto::registry::NodeId(id),
+        ) {
+            conn.close(1u32.into(), b"not the node dialed");
+            return Err(format!("node {id} at {}: {why}", node.cluster_addr));
+        }
         self.peers
             .lock()
             .expect("peers lock")
@@ -318,7 +328,7 @@ async fn open_on(conn: &quinn::Connection, header: &Open) -> Result<SiteStream, 
             Ok(None) => Err(OpenError::Failed(
                 "the stream closed before an answer".into(),
             )),
-            Err(e) => Err(OpenError::Failed(e)),
+            Err(e) => Err(OpenError::Failed(format!("reading the answer: {e}"))),
         }
     };
     tokio::time::timeout(OPEN_TIMEOUT, attempt)
@@ -329,29 +339,32 @@ async fn open_on(conn: &quinn::Connection, header: &Open) -> Result<SiteStream, 
 #[cfg(test)]
 mod tests {
     use warren_proto::tunnel::io::read_frame;
-    use warren_proto::tunnel::{encode_frame, Open, MAX_HEADER};
+    use warren_proto::tunnel::{encode_frame, FrameError, Open, MAX_HEADER};
 
     #[tokio::test]
     async fn oversized_truncated_and_malformed_headers_are_refused() {
         // A length over the limit is refused before anything is read or allocated.
         let mut oversized: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
-        let e = read_frame::<_, Open>(&mut oversized, MAX_HEADER)
-            .await
-            .unwrap_err();
-        assert!(e.contains("over the"), "{e}");
+        assert!(matches!(
+            read_frame::<_, Open>(&mut oversized, MAX_HEADER).await,
+            Err(FrameError::TooLarge {
+                max: MAX_HEADER,
+                ..
+            })
+        ));
         // Shorter than it says.
         let mut truncated: &[u8] = &[0, 0, 0, 50, 1, 2, 3];
-        assert!(read_frame::<_, Open>(&mut truncated, MAX_HEADER)
-            .await
-            .unwrap_err()
-            .contains("truncated"));
+        assert!(matches!(
+            read_frame::<_, Open>(&mut truncated, MAX_HEADER).await,
+            Err(FrameError::Truncated)
+        ));
         // Well framed, but not an Open (a target that does not parse).
         let garbage = encode_frame(&("hq", "not a target", 7u8));
         let mut garbage: &[u8] = &garbage;
-        assert!(read_frame::<_, Open>(&mut garbage, MAX_HEADER)
-            .await
-            .unwrap_err()
-            .contains("malformed"));
+        assert!(matches!(
+            read_frame::<_, Open>(&mut garbage, MAX_HEADER).await,
+            Err(FrameError::Malformed(_))
+        ));
         // A clean end of stream is not an error.
         let mut empty: &[u8] = &[];
         assert!(read_frame::<_, Open>(&mut empty, MAX_HEADER)
