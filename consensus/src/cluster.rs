@@ -31,6 +31,7 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use warren_proto::registry::{NodeId, NodeRole};
 
+use crate::format::{self, Format};
 use crate::log_store::{DamageProbe, LogOptions, LogStore, StorageIo};
 use crate::pki::NodeCert;
 use crate::proposer::Proposer;
@@ -39,7 +40,7 @@ use crate::registry::{Command, Registry};
 use crate::state_machine::StateMachine;
 use crate::storage::Store;
 use crate::transport::{
-    AppliedMembership, BoxFuture, ForwardError, MembershipChange, Network, NodeStatus,
+    AppliedMembership, BoxFuture, FormatLag, ForwardError, MembershipChange, Network, NodeStatus,
     PreVoteReply, Rpc, RpcReply, Transport, TransportError,
 };
 use crate::types::{ClusterNode, Raft, Reply, Request};
@@ -191,6 +192,10 @@ pub enum ClusterError {
     /// restarts it.
     #[error("this node cannot take part in the cluster: {0}")]
     Stopped(String),
+    /// The write needs a format that a member (or the leader) does not read yet; nothing
+    /// was done. The operator upgrades that node first.
+    #[error("refused: {0}")]
+    Unsupported(FormatLag),
 }
 
 /// The handle to this node's Raft instance and replicated registry. Cheap to clone.
@@ -571,6 +576,10 @@ impl Cluster {
                 match result {
                     Ok(reply) => unpack(reply)
                         .unwrap_or_else(|| Err(ForwardError::Failed("unexpected reply".into()))),
+                    // The leader is an older build: asking again would not change that.
+                    Err(TransportError::Unsupported(lag)) => {
+                        return Err(ClusterError::Unsupported(lag))
+                    }
                     // No answer within the attempt: ask again, whoever leads by then, until
                     // the deadline (the top of the loop ends it).
                     Err(e @ TransportError::Timeout(_)) => {
@@ -587,6 +596,7 @@ impl Cluster {
             };
             match answer {
                 Ok(v) => return Ok(v),
+                Err(ForwardError::Unsupported(lag)) => return Err(ClusterError::Unsupported(lag)),
                 Err(ForwardError::NotLeader { .. }) => {
                     self.leader_change(leader, remaining.min(Duration::from_millis(200)))
                         .await;
@@ -619,7 +629,7 @@ impl Cluster {
             self.forward_attempt(),
             "the write may or may not have been applied",
             true,
-            || Box::pin(self.inner.proposer.propose(req.clone())),
+            || Box::pin(self.propose_on_leader(req.clone())),
             || Rpc::Write(req.clone()),
             |reply| match reply {
                 RpcReply::Write(r) => Some(r),
@@ -627,6 +637,53 @@ impl Cluster {
             },
         )
         .await
+    }
+
+    /// Proposes a write on this node, the leader, once the format gate lets it through.
+    async fn propose_on_leader(&self, req: Request) -> Result<Reply, ForwardError> {
+        self.format_gate(format::request_format(&req))
+            .map_err(ForwardError::Unsupported)?;
+        self.inner.proposer.propose(req).await
+    }
+
+    /// The leader's format gate: a request that needs a format newer than format 1 goes
+    /// into the log only once this node and every member (voters and learners, of every
+    /// configuration in force) has said, in its latest reply on the current connection,
+    /// that it reads that format. Otherwise a member could not decode the entry: it would
+    /// stop following the cluster. The first member that lags is named.
+    pub fn format_gate(&self, needs: Format) -> Result<(), FormatLag> {
+        if needs <= Format::V1 {
+            return Ok(());
+        }
+        let me = self.inner.me;
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let name = |id: NodeId| membership.get_node(&id).map(|n| n.name.clone());
+        if Format::CURRENT < needs {
+            return Err(FormatLag {
+                node: me,
+                name: name(me).unwrap_or_default(),
+                reads: Some(Format::CURRENT),
+                needs,
+            });
+        }
+        // A member known to read only older formats is named before one that has not
+        // answered yet (which may well read it).
+        let lagging = membership
+            .nodes()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, node)| (self.inner.transport.peer_format(*id), *id, node))
+            .filter(|(reads, _, _)| reads.is_none_or(|r| r < needs))
+            .max_by_key(|(reads, _, _)| reads.is_some());
+        match lagging {
+            Some((reads, node, n)) => Err(FormatLag {
+                node,
+                name: n.name.clone(),
+                reads,
+                needs,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Waits until this node's replica reflects every write committed before the call.
@@ -1422,7 +1479,7 @@ impl RpcHandler for Cluster {
                     }
                     RpcReply::Snapshot(res)
                 }
-                Rpc::Write(req) => RpcReply::Write(self.inner.proposer.propose(req).await),
+                Rpc::Write(req) => RpcReply::Write(self.propose_on_leader(req).await),
                 Rpc::ReadIndex => RpcReply::ReadIndex(self.read_index_on_leader().await),
                 Rpc::Status => RpcReply::Status(self.local_status()),
                 Rpc::Membership(change) => {

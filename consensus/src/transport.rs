@@ -22,6 +22,7 @@ use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 use warren_proto::registry::NodeId;
 
+use crate::format::{self, Format};
 use crate::types::{ClusterNode, LogId, Reply, Request, TypeConfig};
 
 /// A boxed, sendable future.
@@ -73,6 +74,21 @@ impl Rpc {
             Rpc::PreVote => "pre-vote",
         }
     }
+
+    /// The format a receiver must read to decode this request (see [`crate::format`]).
+    pub fn format(&self) -> Format {
+        match self {
+            Rpc::AppendEntries(req) => format::entries_format(&req.entries),
+            Rpc::Write(req) => format::request_format(req),
+            // Snapshot data carries its own format.
+            Rpc::Snapshot { data, .. } => {
+                crate::state_machine::snapshot_format(data).unwrap_or(Format::CURRENT)
+            }
+            Rpc::Vote(_) | Rpc::ReadIndex | Rpc::Status | Rpc::Membership(_) | Rpc::PreVote => {
+                Format::V1
+            }
+        }
+    }
 }
 
 /// A membership change, carried out by the leader.
@@ -107,6 +123,68 @@ pub enum RpcReply {
     Refused(String),
     /// To [`Rpc::PreVote`]. Last in the enum, so the other variants keep their encoding.
     PreVote(PreVoteReply),
+    /// The request needs a format newer than the receiver reads; it was not decoded. Last
+    /// in the enum, so the other variants keep their encoding.
+    TooNew {
+        /// The format the request needed.
+        needs: Format,
+        /// The newest the receiver reads.
+        reads: Format,
+    },
+}
+
+impl RpcReply {
+    /// The format a receiver must read to decode this reply.
+    pub fn format(&self) -> Format {
+        match self {
+            RpcReply::AppendEntries(_)
+            | RpcReply::Vote(_)
+            | RpcReply::Snapshot(_)
+            | RpcReply::Write(_)
+            | RpcReply::ReadIndex(_)
+            | RpcReply::Status(_)
+            | RpcReply::Membership(_)
+            | RpcReply::Refused(_)
+            | RpcReply::PreVote(_)
+            | RpcReply::TooNew { .. } => Format::V1,
+        }
+    }
+}
+
+/// A member that does not read a format a request needs: the leader refuses a write of a
+/// newer format until every member (voters and learners) has said it reads it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{}", self.describe())]
+pub struct FormatLag {
+    /// The member that lags.
+    pub node: NodeId,
+    /// Its name, as the membership knows it (empty if unknown).
+    pub name: String,
+    /// The newest format it said it reads; `None` if it has not said (it has not answered
+    /// since this node started, or since it reconnected).
+    pub reads: Option<Format>,
+    /// The format the request needs.
+    pub needs: Format,
+}
+
+impl FormatLag {
+    fn describe(&self) -> String {
+        let who = if self.name.is_empty() {
+            format!("node {}", self.node)
+        } else {
+            format!("node {} ({})", self.node, self.name)
+        };
+        match self.reads {
+            Some(reads) => format!(
+                "{who} reads formats up to {reads} and this request needs format {}: upgrade {who} first",
+                self.needs
+            ),
+            None => format!(
+                "{who} has not yet said which formats it reads (is it up?) and this request needs format {}: try again once it answers",
+                self.needs
+            ),
+        }
+    }
 }
 
 /// What a node answers a pre-vote with: facts, not a decision; the asker decides.
@@ -144,6 +222,10 @@ pub enum ForwardError {
     /// The leader could not do it (lost quorum, shutting down, refused change).
     #[error("{0}")]
     Failed(String),
+    /// A member does not read the format the request needs; nothing was done. Last in the
+    /// enum, so the other variants keep their encoding.
+    #[error("{0}")]
+    Unsupported(FormatLag),
 }
 
 /// A node's own view of its Raft state, for cluster status.
@@ -184,6 +266,10 @@ pub enum TransportError {
     /// The peer answered with something that is not a reply, or refused the request.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer does not read the format the request needs (an older build); nothing was
+    /// done.
+    #[error("{0}")]
+    Unsupported(FormatLag),
 }
 
 /// Carries RPCs between nodes.
@@ -197,6 +283,14 @@ pub trait Transport: Send + Sync + 'static {
         rpc: Rpc,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<RpcReply, TransportError>>;
+
+    /// The newest format `peer` last said it reads (see [`crate::format`]), `None` if it has
+    /// not said since the current connection to it was made. A transport that carries no
+    /// versions links nodes of one build, so the default is this build's.
+    fn peer_format(&self, peer: NodeId) -> Option<Format> {
+        let _ = peer;
+        Some(Format::CURRENT)
+    }
 }
 
 /// openraft's network factory over a [`Transport`].

@@ -264,6 +264,8 @@ async fn execute(cluster: &Cluster, op: &Op, id: RequestId) -> Out {
             | ClusterError::Stopped(_),
         ) => Out::Unknown,
         Err(ClusterError::Membership(e)) => panic!("a write failed as a membership change: {e}"),
+        // Every simulated node is one build, and its writes are all of format 1.
+        Err(ClusterError::Unsupported(lag)) => panic!("a format-1 write was refused: {lag}"),
     }
 }
 

@@ -100,6 +100,23 @@ pub fn bins() -> &'static Bins {
     })
 }
 
+/// `warren-node-next`: `warren-node` built with `--features format-next` (the next stored
+/// and wire format, for rolling-upgrade tests), next to the binaries under test. Not built
+/// here (a second feature set would relink every binary); `scripts/test` builds it.
+pub fn next_node_binary() -> anyhow::Result<PathBuf> {
+    let path = bins()
+        .node
+        .parent()
+        .context("the binaries' directory")?
+        .join("warren-node-next");
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p warren-node --features format-next --locked && cp target/debug/warren-node target/debug/warren-node-next` (scripts/test does), then run the test again",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// A free TCP+UDP port on 127.0.0.1 (both bound once to check, then released).
 ///
 /// Taken below the kernel's ephemeral range (32768-60999 by default): a port from that
@@ -143,6 +160,9 @@ pub struct TestNode {
     pub l4_ip: String,
     /// Extra environment for every start.
     pub env: Vec<(String, String)>,
+    /// The `warren-node` binary it runs from its next start on: `None` is the one under
+    /// test ([`bins`]); see [`TestNode::with_binary`].
+    pub binary: Option<PathBuf>,
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
@@ -174,6 +194,7 @@ impl TestNode {
                 format!("127.0.{}.{}", 10 + (n / 250) % 200, 1 + n % 250)
             },
             env: env.to_vec(),
+            binary: None,
             child: None,
             log_dir: base.join("logs"),
             starts: 0,
@@ -196,6 +217,13 @@ impl TestNode {
         self
     }
 
+    /// The same node running another `warren-node` binary (another build, for upgrade
+    /// tests) from its next start on.
+    pub fn with_binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_owned());
+        self
+    }
+
     fn spawn(&mut self, args: &[&str]) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(&self.log_dir)?;
         self.starts += 1;
@@ -205,7 +233,7 @@ impl TestNode {
         let err = self
             .log_dir
             .join(format!("{}.{}.err", self.name, self.starts));
-        let mut cmd = Command::new(&bins().node);
+        let mut cmd = Command::new(self.binary.as_deref().unwrap_or(&bins().node));
         cmd.args(args)
             .env("WARREN_LOG", "info,openraft=warn")
             .env("WARREN_HTTPS_ADDR", &self.https_addr)

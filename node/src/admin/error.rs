@@ -101,6 +101,8 @@ impl From<ClusterError> for ApiErr {
                 Self::new(ErrorCode::NoQuorum, message)
             }
             ClusterError::Membership(_) => Self::new(ErrorCode::Conflict, message),
+            // A member's build is too old for the write: the operator upgrades it first.
+            ClusterError::Unsupported(_) => Self::new(ErrorCode::Conflict, message),
             ClusterError::ShuttingDown | ClusterError::Stopped(_) => {
                 Self::new(ErrorCode::Unavailable, message)
             }

@@ -83,6 +83,7 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::delete(remove_member),
         )
         .route("/v1/apply", post(apply))
+        .merge(format_next_routes())
         .fallback(|| async {
             ApiErr::new(
                 ErrorCode::NotFound,
@@ -478,6 +479,35 @@ async fn rotate_signing_key(
     let kid = new.kid.clone();
     submit(&s, key, &headers, Command::RotateSigningKey(new)).await?;
     Ok(Json(json!({ "rotated": { "kid": kid } })))
+}
+
+/// Routes that exist only in `format-next` builds (rolling-upgrade tests): `POST
+/// /v1/test/annotate` with `{"note": "..."}` writes [`Command::Annotate`], which the leader
+/// refuses (409, naming the node that lags) until every member reads its format.
+#[cfg(feature = "format-next")]
+fn format_next_routes() -> Router<AdminState> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Annotate {
+        note: String,
+    }
+    async fn annotate(
+        State(s): State<AdminState>,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Json<Value>, ApiErr> {
+        let key = auth_write(&s, &headers).await?;
+        let Annotate { note } = read_json(body, MAX_BODY).await?;
+        submit(&s, key, &headers, Command::Annotate { note }).await?;
+        Ok(Json(json!({ "annotated": true })))
+    }
+    Router::new().route("/v1/test/annotate", post(annotate))
+}
+
+/// No extra routes in a normal build.
+#[cfg(not(feature = "format-next"))]
+fn format_next_routes() -> Router<AdminState> {
+    Router::new()
 }
 
 async fn metrics(

@@ -1,0 +1,162 @@
+//! A rolling upgrade of a three-node cluster between two builds, one node at a time on its
+//! own data directory: build A is `warren-node` as it is, build B is `warren-node-next`
+//! (`--features format-next`: one more stored/wire format, with a test command,
+//! `POST /v1/test/annotate`). Needs `warren-node-next` next to the other binaries
+//! (`scripts/test` builds it; the test says how if it is missing).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use warren_tests::{next_node_binary, phase, Api, Cluster};
+
+/// Writes users through `api` until `stop`; returns each failure.
+fn writer(api: Api, prefix: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut failures = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let name = format!("{prefix}-{i}");
+            match api
+                .send(Method::POST, "/v1/users", &json!({ "name": name }))
+                .await
+            {
+                Ok((StatusCode::CREATED, _)) => {}
+                other => failures.push(format!("{name}: {other:?}")),
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failures
+    })
+}
+
+/// Every node's users, read linearizably through that node, must be the same list.
+async fn reads_agree(c: &Cluster) -> anyhow::Result<usize> {
+    let first = c.api(0).names("/v1/users").await?;
+    for i in 1..c.nodes.len() {
+        let other = c.api(i).names("/v1/users").await?;
+        anyhow::ensure!(
+            other == first,
+            "{} and {} list different users",
+            c.nodes[0].name,
+            c.nodes[i].name
+        );
+    }
+    Ok(first.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_command_only_when_all_read_it(
+) -> anyhow::Result<()> {
+    let next = next_node_binary()?;
+    phase!("start three nodes on build A");
+    let mut c = Cluster::start(3).await?;
+    c.api(0)
+        .post_ok("/v1/users", &json!({"name": "before"}))
+        .await?;
+    reads_agree(&c).await?;
+
+    // Followers first, the leader last: the last step also moves the leadership.
+    let leader = c.leader(0).await?;
+    let mut order: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    order.push(leader);
+    let mut on_a: Vec<usize> = (0..3).collect();
+    for (step, &i) in order.iter().enumerate() {
+        let name = c.nodes[i].name.clone();
+        let through = (0..3).find(|j| *j != i).expect("another node");
+        phase!(
+            "step {}: {name} to build B, writes through {} meanwhile",
+            step + 1,
+            c.nodes[through].name
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = writer(c.api(through), format!("step{}", step + 1), stop.clone());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.nodes[i].terminate()?;
+        c.nodes[i].binary = Some(next.clone());
+        c.nodes[i].run()?;
+        c.api(i).wait_healthy(Duration::from_secs(30)).await?;
+        on_a.retain(|j| *j != i);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::SeqCst);
+        let failures = writes.await?;
+        assert!(
+            failures.is_empty(),
+            "writes failed while {name} was replaced: {failures:#?}"
+        );
+        let users = reads_agree(&c).await?;
+        phase!("step {}: every node lists the same {users} users", step + 1);
+
+        if on_a.is_empty() {
+            break;
+        }
+        phase!(
+            "step {}: the new command is refused while a node is on build A",
+            step + 1
+        );
+        let lagging: Vec<&str> = on_a.iter().map(|j| c.nodes[*j].name.as_str()).collect();
+        let (status, body) = c
+            .api(i)
+            .send(
+                Method::POST,
+                "/v1/test/annotate",
+                &json!({"note": "too early"}),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("reads formats up to 1")
+                && message.contains("needs format 2")
+                && lagging.iter().any(|n| message.contains(&format!("({n})"))),
+            "the refusal should name a node on build A ({lagging:?}): {body}"
+        );
+    }
+
+    phase!("all on build B: the new command is taken and replicates");
+    // The leader may not have heard from a restarted node on its new connection yet.
+    let api = c.api(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api
+            .send(
+                Method::POST,
+                "/v1/test/annotate",
+                &json!({"note": "all upgraded"}),
+            )
+            .await?;
+        if status.is_success() {
+            break;
+        }
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("has not yet said"), "{body}");
+        assert!(Instant::now() < deadline, "still refused: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.api(1)
+        .post_ok("/v1/users", &json!({"name": "after"}))
+        .await?;
+    reads_agree(&c).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.api(0).get_ok("/v1/cluster").await?;
+        let members = status["members"].as_array().cloned().unwrap_or_default();
+        let applied: Vec<_> = members
+            .iter()
+            .map(|m| (m["last_applied"].clone(), m["applied_digest"].clone()))
+            .collect();
+        if applied.len() == 3 && applied.iter().all(|a| *a == applied[0] && !a.0.is_null()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the members did not apply the same log: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
