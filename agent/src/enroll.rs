@@ -96,7 +96,7 @@ impl Identity {
         let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())?;
         let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes())?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?;
-        tls::tunnel_config(ca.clone(), vec![cert, ca], key)
+        tls::tunnel_config(ca.clone(), self.cluster_id, vec![cert, ca], key)
     }
 }
 
@@ -106,7 +106,7 @@ pub async fn enroll(token: &str, nodes: &[String], dir: &Path) -> anyhow::Result
     let key = rcgen::KeyPair::generate()?;
     let params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     let csr_pem = params.serialize_request(&key)?.pem()?;
-    let config = tls::enroll_config(parsed.ca_fingerprint)?;
+    let config = tls::enroll_config(parsed.ca_fingerprint, parsed.cluster_id)?;
     let mut endpoint = quinn::Endpoint::client("[::]:0".parse()?)
         .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address")))?;
     endpoint.set_default_client_config(config);

@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// The server name node certificates carry for cluster traffic.
-pub const SERVER_NAME: &str = "cluster.warren.internal";
+pub const SERVER_NAME: &str = warren_proto::identity::CLUSTER_SERVER_NAME;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -36,42 +36,85 @@ fn quic(mut tls: rustls::ClientConfig, alpn: &[u8]) -> anyhow::Result<quinn::Cli
     Ok(c)
 }
 
-/// For enrollment: trusts a node whose chain ends in the CA the token pins, presents
-/// nothing.
-pub fn enroll_config(ca_fingerprint: [u8; 32]) -> anyhow::Result<quinn::ClientConfig> {
+/// For enrollment: trusts a voter or learner of cluster `cluster_id` whose chain holds the
+/// CA the token pins, presents nothing.
+pub fn enroll_config(
+    ca_fingerprint: [u8; 32],
+    cluster_id: u128,
+) -> anyhow::Result<quinn::ClientConfig> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            fingerprint: ca_fingerprint,
+        .with_custom_certificate_verifier(Arc::new(NodeVerifier {
+            ca: Trust::Pinned(ca_fingerprint),
+            cluster_id,
         }))
         .with_no_client_auth();
     quic(tls, warren_proto::tunnel::ALPN_ENROLL)
 }
 
-/// For tunnels: trusts the cluster CA, presents the site certificate.
+/// For tunnels: trusts a voter or learner of cluster `cluster_id` certified by the cluster
+/// CA `ca`, presents the site certificate.
 pub fn tunnel_config(
     ca: CertificateDer<'static>,
+    cluster_id: u128,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<quinn::ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodeVerifier {
+            ca: Trust::Ca(ca),
+            cluster_id,
+        }))
         .with_client_auth_cert(chain, key)?;
     quic(tls, warren_proto::tunnel::ALPN_AGENT)
 }
 
-/// Accepts a server chain whose last certificate is the pinned CA and whose leaf that CA
-/// signed for the cluster server name.
+/// Which CA a node's certificate must chain to.
 #[derive(Debug)]
-struct PinnedCa {
-    fingerprint: [u8; 32],
+enum Trust {
+    /// The CA certificate itself (from enrollment).
+    Ca(CertificateDer<'static>),
+    /// A CA in the server's chain with this SHA-256 fingerprint (the site token's pin).
+    Pinned([u8; 32]),
 }
 
-impl ServerCertVerifier for PinnedCa {
+/// Accepts a server certificate that the trusted CA signed for the cluster server name and
+/// that names a voter or learner of the agent's cluster: the agent's traffic is plaintext
+/// at the node, so a relay-only node (which may be another operator's) is never a tunnel
+/// end, nor is a certificate without a node identity.
+#[derive(Debug)]
+struct NodeVerifier {
+    ca: Trust,
+    cluster_id: u128,
+}
+
+impl NodeVerifier {
+    /// Whether the leaf's identity may carry this agent's tunnels.
+    fn check_identity(&self, end_entity: &[u8]) -> Result<(), rustls::Error> {
+        use warren_proto::identity::{classify, Peer};
+        use warren_proto::registry::NodeRole;
+        match classify(end_entity) {
+            Peer::Node(n) if n.cluster_id != self.cluster_id => {
+                Err(rustls::Error::General(format!(
+                    "the node belongs to cluster {:032x}, this site to {:032x}",
+                    n.cluster_id, self.cluster_id
+                )))
+            }
+            Peer::Node(n) if n.role == NodeRole::Relay => Err(rustls::Error::General(format!(
+                "{n} is relay-only: site tunnels end only at voters and learners"
+            ))),
+            Peer::Node(_) => Ok(()),
+            _ => Err(rustls::Error::General(
+                "the server's certificate names no node of the cluster".into(),
+            )),
+        }
+    }
+}
+
+impl ServerCertVerifier for NodeVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -80,17 +123,23 @@ impl ServerCertVerifier for PinnedCa {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| warren_proto::token::fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the node's CA is not the one the site token names (another cluster?)".into(),
-                )
-            })?;
+        let ca = match &self.ca {
+            Trust::Ca(ca) => ca.clone(),
+            Trust::Pinned(fingerprint) => intermediates
+                .iter()
+                .find(|c| warren_proto::token::fingerprint(c) == *fingerprint)
+                .ok_or_else(|| {
+                    rustls::Error::General(
+                        "the node's CA is not the one the site token names (another cluster?)"
+                            .into(),
+                    )
+                })?
+                .clone()
+                .into_owned(),
+        };
         let mut roots = RootCertStore::empty();
         roots
-            .add(ca.clone().into_owned())
+            .add(ca)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
@@ -98,7 +147,9 @@ impl ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+        let verified = inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)?;
+        self.check_identity(end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -133,5 +184,50 @@ impl ServerCertVerifier for PinnedCa {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_proto::identity::NodeCert;
+    use warren_proto::registry::{NodeId, NodeRole};
+
+    fn cert(uri: Option<String>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).unwrap();
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn node(cluster_id: u128, role: NodeRole) -> Vec<u8> {
+        cert(Some(
+            NodeCert {
+                cluster_id,
+                id: NodeId(2),
+                role,
+            }
+            .uri(),
+        ))
+    }
+
+    /// Tunnels and enrollment end only at voters and learners of the site's own cluster.
+    #[test]
+    fn only_members_of_the_cluster_carry_tunnels() {
+        let v = NodeVerifier {
+            ca: Trust::Pinned([0; 32]),
+            cluster_id: 7,
+        };
+        assert!(v.check_identity(&node(7, NodeRole::Voter)).is_ok());
+        assert!(v.check_identity(&node(7, NodeRole::Learner)).is_ok());
+        let relay = v.check_identity(&node(7, NodeRole::Relay)).unwrap_err();
+        assert!(relay.to_string().contains("relay-only"), "{relay}");
+        let other = v.check_identity(&node(8, NodeRole::Voter)).unwrap_err();
+        assert!(other.to_string().contains("cluster"), "{other}");
+        assert!(v.check_identity(&cert(None)).is_err(), "no identity");
     }
 }

@@ -1387,11 +1387,17 @@ async fn snapshot_policy(raft: Raft, registry: watch::Receiver<Arc<Registry>>, m
 }
 
 /// Whether a node with certificate `from` may send `rpc`, judged by its certificate's role
-/// (and, for requests only a leader serves, by the registry `registry` knowing it as that):
+/// (and, for requests only a leader serves, by being a `member` of the Raft membership and
+/// by the registry `registry` knowing it with that role):
 /// only voter-grade nodes stand, lead, change the membership or admit nodes and sites;
 /// learner-grade nodes replicate, read and forward ordinary writes; relay-only nodes take
 /// no part (they are refused at the connection already).
-pub fn permitted(from: &NodeCert, rpc: &Rpc, registry: &Registry) -> Result<(), String> {
+pub fn permitted(
+    from: &NodeCert,
+    rpc: &Rpc,
+    registry: &Registry,
+    member: bool,
+) -> Result<(), String> {
     let voter_only = match rpc {
         Rpc::AppendEntries(_) | Rpc::Vote(_) | Rpc::Snapshot { .. } | Rpc::Membership(_) => true,
         Rpc::Write(req) => admits(&req.command),
@@ -1400,6 +1406,13 @@ pub fn permitted(from: &NodeCert, rpc: &Rpc, registry: &Registry) -> Result<(), 
     if from.role == NodeRole::Relay || (voter_only && from.role != NodeRole::Voter) {
         return Err(format!(
             "{from} may not send {} (only voter-grade nodes may)",
+            rpc.name()
+        ));
+    }
+    if matches!(rpc, Rpc::Write(_) | Rpc::Membership(_) | Rpc::ReadIndex) && !member {
+        // A removed node keeps its certificate; it no longer speaks for the cluster.
+        return Err(format!(
+            "{from} is not a member of the cluster (removed?) and may not send {}",
             rpc.name()
         ));
     }
@@ -1433,7 +1446,16 @@ impl RpcHandler for Cluster {
     fn handle(&self, from: NodeCert, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
         Box::pin(async move {
             tracing::trace!(%from, rpc = rpc.name(), "rpc");
-            if let Err(why) = permitted(&from, &rpc, &self.registry()) {
+            let member = self
+                .inner
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == from.id);
+            if let Err(why) = permitted(&from, &rpc, &self.registry(), member) {
                 tracing::warn!("refused an RPC: {why}");
                 return RpcReply::Refused(why);
             }
@@ -1587,28 +1609,50 @@ mod tests {
         };
 
         for rpc in [register(), ordinary(), membership(), vote(), Rpc::ReadIndex] {
-            assert_eq!(permitted(&voter, &rpc, &reg), Ok(()), "{}", rpc.name());
+            assert_eq!(
+                permitted(&voter, &rpc, &reg, true),
+                Ok(()),
+                "{}",
+                rpc.name()
+            );
         }
         for rpc in [ordinary(), Rpc::ReadIndex, Rpc::Status, Rpc::PreVote] {
-            assert_eq!(permitted(&learner, &rpc, &reg), Ok(()), "{}", rpc.name());
+            assert_eq!(
+                permitted(&learner, &rpc, &reg, true),
+                Ok(()),
+                "{}",
+                rpc.name()
+            );
         }
         for rpc in [register(), membership(), vote()] {
-            let e = permitted(&learner, &rpc, &reg).unwrap_err();
+            let e = permitted(&learner, &rpc, &reg, true).unwrap_err();
             assert!(e.contains("only voter-grade"), "{}: {e}", rpc.name());
         }
         for rpc in [ordinary(), Rpc::Status, Rpc::PreVote] {
-            assert!(permitted(&relay, &rpc, &reg).is_err(), "{}", rpc.name());
+            assert!(
+                permitted(&relay, &rpc, &reg, true).is_err(),
+                "{}",
+                rpc.name()
+            );
         }
         // A certificate whose role the registry does not confirm (node 2 with a voter
         // certificate: issued before it registered again) does not write.
-        let e = permitted(&cert(2, NodeRole::Voter), &register(), &reg).unwrap_err();
+        let e = permitted(&cert(2, NodeRole::Voter), &register(), &reg, true).unwrap_err();
         assert!(e.contains("knows node 2 as learner"), "{e}");
         // Nor does a node the registry does not know (forgotten).
-        let e = permitted(&cert(7, NodeRole::Voter), &ordinary(), &reg).unwrap_err();
+        let e = permitted(&cert(7, NodeRole::Voter), &ordinary(), &reg, true).unwrap_err();
         assert!(e.contains("not registered"), "{e}");
+        // Nor does a node removed from the membership (it keeps its certificate).
+        for rpc in [ordinary(), membership(), Rpc::ReadIndex] {
+            let e = permitted(&voter, &rpc, &reg, false).unwrap_err();
+            assert!(e.contains("not a member"), "{}: {e}", rpc.name());
+        }
         // Raft itself does not depend on the registry (a lagging replica must still hear
         // a leader that joined after its registry was written).
-        assert_eq!(permitted(&cert(7, NodeRole::Voter), &vote(), &reg), Ok(()));
+        assert_eq!(
+            permitted(&cert(7, NodeRole::Voter), &vote(), &reg, false),
+            Ok(())
+        );
     }
 
     #[test]

@@ -22,11 +22,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use warren_proto::registry::{NodeId, NodeRole};
 use warren_proto::token::fingerprint;
 
-/// The TLS server name every node certificate carries for node-to-node traffic.
-pub const CLUSTER_SERVER_NAME: &str = "cluster.warren.internal";
+pub use warren_proto::identity::{classify, NodeCert, Peer, CLUSTER_SERVER_NAME};
 /// ALPN of node-to-node RPC (mutual TLS).
 pub const ALPN_CLUSTER: &[u8] = b"warren-cluster/1";
 /// ALPN of the join handshake (server-authenticated only; the token authenticates the client).
@@ -166,65 +164,6 @@ impl ClusterCa {
     }
 }
 
-/// Who a node certificate says its holder is: written by the node that signed it (from the
-/// registry and the join token), never by the holder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct NodeCert {
-    /// The cluster.
-    pub cluster_id: u128,
-    /// The node's id in the registry.
-    pub id: NodeId,
-    /// What it may do.
-    pub role: NodeRole,
-}
-
-/// The URI scheme of node identities in certificates.
-const NODE_URI_PREFIX: &str = "warren://";
-
-impl NodeCert {
-    /// The certificate's URI name: `warren://<cluster id, 32 hex>/node/<id>/<role>`.
-    pub fn uri(&self) -> String {
-        format!(
-            "{NODE_URI_PREFIX}{:032x}/node/{}/{}",
-            self.cluster_id, self.id.0, self.role
-        )
-    }
-
-    /// Parses [`NodeCert::uri`] strictly: anything else is `None`.
-    pub fn parse_uri(uri: &str) -> Option<Self> {
-        let rest = uri.strip_prefix(NODE_URI_PREFIX)?;
-        let mut parts = rest.split('/');
-        let cluster = parts.next()?;
-        if parts.next()? != "node" {
-            return None;
-        }
-        let id = parts.next()?;
-        let role = NodeRole::parse(parts.next()?)?;
-        if parts.next().is_some()
-            || cluster.len() != 32
-            || !cluster
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            || id.is_empty()
-            || !id.bytes().all(|b| b.is_ascii_digit())
-            || (id.len() > 1 && id.starts_with('0'))
-        {
-            return None;
-        }
-        Some(Self {
-            cluster_id: u128::from_str_radix(cluster, 16).ok()?,
-            id: NodeId(id.parse().ok()?),
-            role,
-        })
-    }
-}
-
-impl std::fmt::Display for NodeCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "node {} ({})", self.id, self.role)
-    }
-}
-
 impl ClusterCa {
     /// Signs a site agent's CSR: client authentication only, one name,
     /// `<site>.site.warren.invalid`, valid one year. `None` if this node lacks the CA key.
@@ -257,20 +196,6 @@ impl ClusterCa {
     }
 }
 
-/// What the verified certificate of a connection's peer says it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
-    /// A node of this cluster, as its certificate names it.
-    Node(NodeCert),
-    /// The agent of a site.
-    Site(warren_proto::Name),
-    /// A certificate with the cluster server name but no (or a malformed) node identity:
-    /// issued by a version before identities were written into certificates.
-    NodeWithoutIdentity,
-    /// No certificate, or one that is neither.
-    Unknown,
-}
-
 /// Classifies the (CA-verified) peer certificate of `conn` (the client's on an accepted
 /// connection, the server's on a dialed one) by its names: node certificates carry exactly
 /// one node identity URI and the cluster server name, site certificates only their site
@@ -285,38 +210,6 @@ pub fn peer_kind(conn: &quinn::Connection) -> Peer {
     match certs.first() {
         Some(leaf) => classify(leaf),
         None => Peer::Unknown,
-    }
-}
-
-/// [`peer_kind`] of one DER certificate (which the caller has verified against the CA).
-pub fn classify(leaf: &CertificateDer<'_>) -> Peer {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
-        return Peer::Unknown;
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Peer::Unknown;
-    };
-    let mut dns = Vec::new();
-    let mut uris = Vec::new();
-    for n in &san.value.general_names {
-        match n {
-            GeneralName::DNSName(d) => dns.push(*d),
-            GeneralName::URI(u) => uris.push(*u),
-            _ => {}
-        }
-    }
-    if dns.contains(&CLUSTER_SERVER_NAME) {
-        return match uris.as_slice() {
-            [one] => NodeCert::parse_uri(one).map_or(Peer::NodeWithoutIdentity, Peer::Node),
-            _ => Peer::NodeWithoutIdentity,
-        };
-    }
-    match (dns.as_slice(), uris.is_empty()) {
-        ([one], true) => {
-            warren_proto::tunnel::site_of_cert_name(one).map_or(Peer::Unknown, Peer::Site)
-        }
-        _ => Peer::Unknown,
     }
 }
 
@@ -584,6 +477,7 @@ impl ServerCertVerifier for PinnedCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warren_proto::registry::{NodeId, NodeRole};
 
     #[test]
     fn a_signed_node_certificate_loads_with_its_chain() {

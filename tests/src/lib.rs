@@ -558,20 +558,31 @@ impl Cluster {
 
     /// Joins one more node (through `n1`, or the first running node).
     pub async fn add_node(&mut self, learner: bool) -> anyhow::Result<usize> {
+        let token = self.join_token.clone();
+        self.add_node_with(&token, learner).await
+    }
+
+    /// Joins one more node with join token `token` (through `n1`, or the first running
+    /// node); `learner` passes `--learner`.
+    pub async fn add_node_with(&mut self, token: &str, learner: bool) -> anyhow::Result<usize> {
         let name = format!("n{}", self.nodes.len() + 1);
         let peer = self
             .nodes
             .iter_mut()
             .find_map(|n| n.is_running().then(|| n.cluster_addr.clone()))
             .context("no running node to join through")?;
-        let mut node =
-            TestNode::new(self.tmp.path(), &name, &self.env).with_cluster_ip(&self.cluster_ip);
+        let mut node = self.new_node(&name);
         phase!("join {name}{}", if learner { " as a learner" } else { "" });
-        node.join(&peer, &self.join_token, learner)?;
+        node.join(&peer, token, learner)?;
         self.nodes.push(node);
         let i = self.nodes.len() - 1;
         self.api(i).wait_healthy(Duration::from_secs(30)).await?;
         Ok(i)
+    }
+
+    /// A node that is not started yet, named `name`, with the cluster's environment.
+    pub fn new_node(&self, name: &str) -> TestNode {
+        TestNode::new(self.tmp.path(), name, &self.env).with_cluster_ip(&self.cluster_ip)
     }
 
     /// The CA file.

@@ -27,8 +27,7 @@ impl OtherAlpn for RelayService {
     fn serve(self: Arc<Self>, conn: quinn::Connection) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             // Who is speaking comes from the certificate: a peer can only ever say what it
-            // holds itself. Relay-only nodes hold no agent tunnels, so their word is not
-            // taken either.
+            // holds itself.
             let peer = match relay_peer(&conn, self.sites.cluster_id) {
                 Ok(p) => p,
                 Err(why) => {
@@ -48,9 +47,7 @@ impl OtherAlpn for RelayService {
                         let sites = self.sites.clone();
                         tokio::spawn(async move {
                             if let Ok(Some(held)) = read_frame::<_, Held>(&mut recv, MAX_CONTROL).await {
-                                if peer.role != NodeRole::Relay {
-                                    sites.set_held_by(peer.id.0, held.sites);
-                                }
+                                sites.set_held_by(peer.id.0, held.sites);
                             }
                         });
                     }
@@ -60,8 +57,9 @@ impl OtherAlpn for RelayService {
     }
 }
 
-/// The node on the far end of a relay connection, by its certificate: a node of this
-/// cluster.
+/// The node on the far end of a relay connection, by its certificate: a voter or learner
+/// of this cluster. Relay-only nodes carry ciphertext only: they neither reach site targets
+/// (plaintext) through this node nor hold agent tunnels.
 fn relay_peer(conn: &quinn::Connection, cluster_id: u128) -> Result<NodeCert, String> {
     let node = peer_node(conn).map_err(str::to_owned)?;
     if node.cluster_id != cluster_id {
@@ -69,6 +67,9 @@ fn relay_peer(conn: &quinn::Connection, cluster_id: u128) -> Result<NodeCert, St
             "the certificate is for cluster {:032x}, not this one",
             node.cluster_id
         ));
+    }
+    if node.role == NodeRole::Relay {
+        return Err(format!("{node} is relay-only and reaches no site targets"));
     }
     Ok(node)
 }

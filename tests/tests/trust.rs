@@ -1,0 +1,145 @@
+//! Trust between nodes, on real binaries: the join token (chosen by the admin) decides what a
+//! node may be, a learner-grade node never gets the CA key, never votes and admits nobody,
+//! and a node holding a learner certificate cannot make the cluster do what only voters may,
+//! even talking Raft RPC to the leader directly with its own (real) certificate.
+
+use std::time::Duration;
+
+use serde_json::json;
+use warren_consensus::pki::{self, ClusterCa, NodeIdentity};
+use warren_consensus::quic::QuicTransport;
+use warren_consensus::registry::Command;
+use warren_consensus::transport::{MembershipChange, Rpc, RpcReply, Transport};
+use warren_consensus::types::{Actor, ClusterNode, Request};
+use warren_proto::registry::{NodeId, NodeRole};
+use warren_proto::Name;
+use warren_tests::{phase, Cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_join_token_decides_what_a_node_may_be() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1).await?;
+
+    phase!("an admin creates a learner token");
+    let (ok, out, err) = c.warren(0, &["join-token", "create", "--role", "learner"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("created learner join token"), "{out}");
+    let learner_token = regex::Regex::new(r"wjt1_[A-Za-z0-9_-]+")?
+        .find(&out)
+        .expect("a token in the output")
+        .as_str()
+        .to_owned();
+    let tokens = c.api(0).get_ok("/v1/join-tokens").await?;
+    let roles: Vec<&str> = tokens["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "learner").count(),
+        1,
+        "{tokens}"
+    );
+    let (s, body) = c
+        .api(0)
+        .send(
+            reqwest::Method::POST,
+            "/v1/join-tokens",
+            &json!({"role": "relay"}),
+        )
+        .await?;
+    assert_eq!(s, 400, "a relay join token: {body}");
+    assert_eq!(body["error"]["field"], "role", "{body}");
+
+    phase!("n2 joins with it without asking to be a learner: it is one");
+    let l = c.add_node_with(&learner_token, false).await?;
+    assert!(
+        !c.nodes[l].dir.join("ca.key").exists(),
+        "a learner-grade node was given the CA key"
+    );
+    let n2 = c.api(0).get_ok("/v1/nodes/n2").await?;
+    assert_eq!(n2["grade"], "learner", "{n2}");
+    assert_eq!(n2["role"], "learner", "{n2}");
+
+    phase!("it replicates and forwards ordinary writes");
+    c.api(l)
+        .post_ok("/v1/sites", &json!({"name": "via-learner"}))
+        .await?;
+    assert!(c
+        .api(0)
+        .names("/v1/sites")
+        .await?
+        .contains(&"via-learner".to_owned()));
+
+    phase!("it can never be promoted");
+    let (ok, out, err) = c.warren(0, &["cluster", "promote", "n2"]);
+    assert!(!ok, "a learner-grade node was promoted: {out}");
+    assert!(err.contains("can never vote"), "{err}");
+    assert_eq!(c.api(0).get_ok("/v1/nodes/n2").await?["role"], "learner");
+
+    phase!("nobody joins through it, even with a voter token");
+    let mut n3 = c.new_node("n3");
+    let e = n3.join_expect_failure(&c.nodes[l].cluster_addr, &c.join_token)?;
+    assert!(e.contains("learner-grade"), "{e}");
+
+    phase!("its own certificate cannot make the leader admit or change membership");
+    let ca_pem = std::fs::read_to_string(c.ca())?;
+    let ca = ClusterCa::from_pem(&ca_pem, None)?;
+    let me = NodeIdentity::from_pem(
+        &std::fs::read_to_string(c.nodes[l].dir.join("node.pem"))?,
+        &std::fs::read_to_string(c.nodes[l].dir.join("node.key"))?,
+        &ca,
+    )?;
+    let cluster_id = u128::from_str_radix(&c.cluster_id_hex()?, 16)?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let t = QuicTransport::new(
+        endpoint.clone(),
+        pki::quic_client_config(&ca, &me)?,
+        cluster_id,
+    );
+    let leader = ClusterNode {
+        name: "n1".into(),
+        addr: c.nodes[0].cluster_addr.clone(),
+    };
+    let register = Rpc::Write(Request::new(
+        Actor::System,
+        Command::RegisterNode {
+            name: Name::new("intruder")?,
+            cluster_addr: "127.0.0.1:9".into(),
+            admin_addr: "127.0.0.1:10".into(),
+            region: String::new(),
+            role: NodeRole::Voter,
+        },
+    ));
+    let add = Rpc::Membership(MembershipChange::AddLearner(
+        NodeId(99),
+        ClusterNode {
+            name: "intruder".into(),
+            addr: "127.0.0.1:9".into(),
+        },
+    ));
+    for rpc in [register, add] {
+        let what = rpc.name();
+        let r = t
+            .call(NodeId(1), &leader, rpc, Duration::from_secs(5))
+            .await;
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("only voter-grade"), "{what}: {e}");
+    }
+    let nodes = c.api(0).names("/v1/nodes").await?;
+    assert!(!nodes.contains(&"intruder".to_owned()), "{nodes:?}");
+    // An ordinary read-index from it is served: it is a member.
+    let r = t
+        .call(NodeId(1), &leader, Rpc::ReadIndex, Duration::from_secs(5))
+        .await?;
+    assert!(matches!(r, RpcReply::ReadIndex(Ok(_))), "{r:?}");
+    endpoint.close(0u32.into(), b"done");
+
+    phase!("the refusals are in the leader's log");
+    assert!(
+        c.nodes[0].log().contains("may not send write"),
+        "{}",
+        c.nodes[0].log_tail()
+    );
+    Ok(())
+}
