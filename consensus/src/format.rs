@@ -189,7 +189,8 @@ pub fn command_format(command: &Command) -> Format {
         | Command::RevokeShareLink { .. }
         | Command::RotateSigningKey(_)
         | Command::ReserveAttempt { .. }
-        | Command::ReleaseAttempt { .. } => Format::V1,
+        | Command::ReleaseAttempt { .. }
+        | Command::ConsumeEmailCode { .. } => Format::V1,
         #[cfg(feature = "format-next")]
         Command::Annotate { .. } => Format::NEXT,
     }

@@ -392,9 +392,10 @@ impl Proxy {
                 }
                 let consume = RaftRequest::new(
                     Who::System,
-                    Command::ConsumeHandoff {
+                    Command::ConsumeEmailCode {
                         id: p.id,
                         expires_at: p.exp,
+                        resource: route.resource.clone(),
                     },
                 );
                 let (consumed, ()) = tokio::join!(
@@ -403,10 +404,18 @@ impl Proxy {
                 );
                 match consumed {
                     Ok(Ok(_)) => {}
+                    // Expired only if it did so since the check above.
                     Ok(Err(RegistryError::Conflict { .. })) => {
                         return again(
                             StatusCode::BAD_REQUEST,
-                            "That code was already used; ask for a new one.",
+                            "That code was already used or has expired; ask for a new one.",
+                        )
+                    }
+                    Ok(Err(RegistryError::NotFound { .. })) => {
+                        return page(
+                            StatusCode::NOT_FOUND,
+                            "Not found",
+                            "This resource no longer exists.",
                         )
                     }
                     _ => {
