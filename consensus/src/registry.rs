@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use warren_proto::api::{ApplyReport, Change, ChangeAction, Manifest, MemberRole, Scope};
 use warren_proto::certificate::Certificate;
 use warren_proto::registry::{
-    Entity, FieldError, IdentityProvider, Kind, Node, NodeId, Policy, Resource, Role, Route, Site,
-    User,
+    Entity, FieldError, IdentityProvider, Kind, Node, NodeId, NodeRole, Policy, Resource, Role,
+    Route, Site, User,
 };
 use warren_proto::session::{user_name_from_email, ProxyKeys, Session, SessionId, ShareLink, Via};
 use warren_proto::token::{ApiKey, KeyId, SecretHash};
@@ -139,6 +139,9 @@ pub struct JoinTokenRecord {
     pub created_at: u64,
     /// Raft log index of the last change.
     pub revision: u64,
+    /// What a node admitted with it may be (never `Relay`: relay-only nodes enroll
+    /// differently).
+    pub role: NodeRole,
 }
 
 /// A stored one-time site enrollment token: the hash of its secret.
@@ -274,6 +277,8 @@ pub enum Command {
         admin_addr: String,
         /// Region label.
         region: String,
+        /// What it may be: the role of the join token it presented.
+        role: NodeRole,
     },
     /// Change a node's region.
     UpdateNode {
@@ -915,9 +920,12 @@ impl Registry {
 
     /// Whether a join token with this id and secret is valid.
     pub fn join_token_valid(&self, id: u64, secret: &[u8; 32]) -> bool {
-        self.join_tokens
-            .get(&id)
-            .is_some_and(|t| t.hash.matches(secret))
+        self.join_token(id, secret).is_some()
+    }
+
+    /// The stored join token with this id, if `secret` is its secret.
+    pub fn join_token(&self, id: u64, secret: &[u8; 32]) -> Option<&JoinTokenRecord> {
+        self.join_tokens.get(&id).filter(|t| t.hash.matches(secret))
     }
 
     /// An entity by kind and name, as [`AnyEntity`] (declarative kinds only).
@@ -1122,8 +1130,9 @@ impl Registry {
                 cluster_addr,
                 admin_addr,
                 region,
+                role,
             } => self
-                .register_node(name, cluster_addr, admin_addr, region, index)
+                .register_node(name, cluster_addr, admin_addr, region, *role, index)
                 .map(Outcome::Node),
             Command::UpdateNode {
                 name,
@@ -1725,6 +1734,7 @@ impl Registry {
         cluster_addr: &str,
         admin_addr: &str,
         region: &str,
+        role: NodeRole,
         index: u64,
     ) -> Result<Node, RegistryError> {
         let node = Node {
@@ -1734,6 +1744,7 @@ impl Registry {
             admin_addr: admin_addr.to_owned(),
             region: region.to_owned(),
             revision: index,
+            role,
         };
         node.validate()
             .map_err(|e| RegistryError::invalid(Kind::Node, name.as_str(), e))?;
@@ -2262,6 +2273,7 @@ mod tests {
                 admin_addr: "127.0.0.1:7443".into(),
                 region: String::new(),
                 revision: 0,
+                role: NodeRole::Voter,
             };
             let api_key = ApiKeyRecord {
                 name: name("bootstrap"),
@@ -2276,6 +2288,7 @@ mod tests {
                 hash: SecretHash([2; 32]),
                 created_at: 0,
                 revision: 0,
+                role: NodeRole::Voter,
             };
             h.system(Command::Bootstrap {
                 cluster_id: 99,
@@ -2740,6 +2753,7 @@ mod tests {
                 cluster_addr: "127.0.0.1:7401".into(),
                 admin_addr: "127.0.0.1:7444".into(),
                 region: "eu".into(),
+                role: NodeRole::Voter,
             })
             .unwrap()
         else {
@@ -2757,6 +2771,7 @@ mod tests {
                 cluster_addr: "127.0.0.1:7402".into(),
                 admin_addr: "127.0.0.1:7445".into(),
                 region: String::new(),
+                role: NodeRole::Voter,
             })
             .unwrap_err();
         assert_eq!(
