@@ -108,6 +108,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
             .await?;
         assert_eq!(status, StatusCode::CONFLICT, "{body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();
+        phase!("step {}: {message}", step + 1);
         assert!(
             message.contains("reads formats up to 1")
                 && message.contains("needs format 2")
