@@ -1002,24 +1002,7 @@ impl Registry {
         match req.actor {
             Actor::System => Ok(()),
             Actor::ApiKey(id) => {
-                if matches!(
-                    req.command,
-                    Command::Bootstrap { .. }
-                        | Command::RegisterNode { .. }
-                        | Command::SignIn { .. }
-                        | Command::RefreshSession { .. }
-                        | Command::ConsumeHandoff { .. }
-                        | Command::EnsureProxyKeys(_)
-                        | Command::CreateSession(_)
-                        | Command::ConsumeSiteToken { .. }
-                        | Command::AcmeLease { .. }
-                        | Command::AcmeAccount(_)
-                        | Command::AcmeChallenge { .. }
-                        | Command::AcmeChallengeDone { .. }
-                        | Command::ReserveAttempt { .. }
-                        | Command::ReleaseAttempt { .. }
-                        | Command::ConsumeEmailCode { .. }
-                ) {
+                if cluster_only(&req.command) {
                     return Err(RegistryError::Forbidden);
                 }
                 let record = self
@@ -2236,6 +2219,45 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     bincode::serde::decode_from_slice(b, bincode_config())
         .map(|(v, _)| v)
         .map_err(|source| CodecError::Decode { what, source })
+}
+
+/// Whether only the cluster itself (its nodes, as `Actor::System`) may send `command`, never
+/// an API key. An exhaustive match: a new command must be placed on one side or the other.
+fn cluster_only(command: &Command) -> bool {
+    match command {
+        Command::Bootstrap { .. }
+        | Command::RegisterNode { .. }
+        | Command::SignIn { .. }
+        | Command::RefreshSession { .. }
+        | Command::ConsumeHandoff { .. }
+        | Command::EnsureProxyKeys(_)
+        | Command::CreateSession(_)
+        | Command::ConsumeSiteToken { .. }
+        | Command::AcmeLease { .. }
+        | Command::AcmeAccount(_)
+        | Command::AcmeChallenge { .. }
+        | Command::AcmeChallengeDone { .. }
+        | Command::ReserveAttempt { .. }
+        | Command::ReleaseAttempt { .. }
+        | Command::ConsumeEmailCode { .. } => true,
+        Command::Create(_)
+        | Command::Update(_)
+        | Command::Delete { .. }
+        | Command::Apply { .. }
+        | Command::CreateApiKey(_)
+        | Command::RevokeApiKey { .. }
+        | Command::CreateJoinToken(_)
+        | Command::RevokeJoinToken { .. }
+        | Command::UpdateNode { .. }
+        | Command::DeleteNode { .. }
+        | Command::RevokeSession { .. }
+        | Command::CreateSiteToken(_)
+        | Command::CreateShareLink(_)
+        | Command::RevokeShareLink { .. }
+        | Command::RotateSigningKey(_) => false,
+        #[cfg(feature = "format-next")]
+        Command::Annotate { .. } => false,
+    }
 }
 
 #[cfg(test)]
