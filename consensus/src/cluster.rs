@@ -1434,12 +1434,43 @@ pub fn permitted(
 }
 
 /// Commands that let someone new in: only voter-grade nodes (which hold the CA key and sign
-/// the certificates these go with) submit them.
+/// the certificates these go with) submit them. An exhaustive match: a new command must be
+/// placed on one side or the other.
 fn admits(command: &Command) -> bool {
-    matches!(
-        command,
-        Command::Bootstrap { .. } | Command::RegisterNode { .. } | Command::ConsumeSiteToken { .. }
-    )
+    match command {
+        Command::Bootstrap { .. }
+        | Command::RegisterNode { .. }
+        | Command::ConsumeSiteToken { .. } => true,
+        Command::Create(_)
+        | Command::Update(_)
+        | Command::Delete { .. }
+        | Command::Apply { .. }
+        | Command::CreateApiKey(_)
+        | Command::RevokeApiKey { .. }
+        | Command::CreateJoinToken(_)
+        | Command::RevokeJoinToken { .. }
+        | Command::UpdateNode { .. }
+        | Command::DeleteNode { .. }
+        | Command::SignIn { .. }
+        | Command::RefreshSession { .. }
+        | Command::RevokeSession { .. }
+        | Command::ConsumeHandoff { .. }
+        | Command::EnsureProxyKeys(_)
+        | Command::CreateSiteToken(_)
+        | Command::AcmeLease { .. }
+        | Command::AcmeAccount(_)
+        | Command::AcmeChallenge { .. }
+        | Command::AcmeChallengeDone { .. }
+        | Command::CreateSession(_)
+        | Command::CreateShareLink(_)
+        | Command::RevokeShareLink { .. }
+        | Command::RotateSigningKey(_)
+        | Command::ReserveAttempt { .. }
+        | Command::ReleaseAttempt { .. }
+        | Command::ConsumeEmailCode { .. } => false,
+        #[cfg(feature = "format-next")]
+        Command::Annotate { .. } => false,
+    }
 }
 
 impl RpcHandler for Cluster {
