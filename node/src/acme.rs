@@ -247,12 +247,51 @@ async fn order(cluster: &Cluster, account: &Account, domain: &str) -> anyhow::Re
     result
 }
 
-/// The answer to an HTTP-01 challenge for `token`, from the registry (checking the leader
-/// once when this node has not seen the token yet).
+/// The answer to an HTTP-01 challenge for `token`, from the registry. A token this node
+/// has not seen yet may have been stored a moment ago through the ordering node: it is
+/// looked up again on the leader, within the limits of [`crate::miss`] (anyone can ask
+/// for made-up tokens on the HTTP port).
 pub async fn challenge_answer(cluster: &Cluster, token: &str) -> Option<String> {
     let lookup = |reg: Arc<Registry>| reg.acme().challenges.get(token).map(|(k, _)| k.clone());
     if let Some(k) = lookup(cluster.registry()) {
         return Some(k);
     }
-    cluster.read().await.ok().and_then(lookup)
+    if !plausible_token(token) {
+        return None;
+    }
+    let registry = crate::miss::recheck(cluster, crate::miss::Kind::AcmeChallenge, token)
+        .await
+        .ok()?;
+    lookup(registry)
+}
+
+/// Whether `token` could be an HTTP-01 challenge token: base64url without padding (RFC
+/// 8555, section 8.3), of a sane length. Anything else is not worth a leader read.
+fn plausible_token(token: &str) -> bool {
+    (16..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plausible_challenge_tokens_are_worth_a_leader_read() {
+        assert!(plausible_token(
+            "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+        ));
+        for bad in [
+            "",
+            "short",
+            "has/a/slash/in/it/xxxxxxxx",
+            "padded=padded=padded=padded",
+            "spaces are not base64url at all",
+            &"a".repeat(257),
+        ] {
+            assert!(!plausible_token(bad), "{bad:?}");
+        }
+    }
 }

@@ -15,6 +15,8 @@
 //!
 //! An upgraded connection (WebSocket) leaves the HTTP connection and with it these
 //! bounds; the proxy re-checks it on its own (`proxy::forward`).
+//!
+//! The count itself is a [`ConnGate`], which the TCP resource ports (`l4`) use as well.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,6 +53,9 @@ pub struct ConnLimits {
     pub close_grace: Duration,
     /// Most concurrent HTTP/2 streams per connection.
     pub max_streams: u32,
+    /// The setting that raises `max_connections`, named in the log line when it is
+    /// reached (empty: none).
+    pub setting: &'static str,
 }
 
 impl Default for ConnLimits {
@@ -63,6 +68,7 @@ impl Default for ConnLimits {
             idle_timeout: Duration::from_secs(30),
             close_grace: Duration::from_secs(10),
             max_streams: 64,
+            setting: "",
         }
     }
 }
@@ -77,6 +83,7 @@ impl ConnLimits {
             idle_timeout: Duration::from_secs(75),
             close_grace: Duration::from_secs(10),
             max_streams: 256,
+            setting: "--proxy-max-connections",
         }
     }
 }
@@ -115,6 +122,59 @@ impl ConnStats {
     }
 }
 
+/// A bound on how many connections are open at once, shared by the accept loops it covers,
+/// with their counters.
+#[derive(Clone)]
+pub struct ConnGate {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    stats: Arc<ConnStats>,
+}
+
+impl ConnGate {
+    /// At most `limit` connections (at least one) at once, counted in `stats`.
+    pub fn new(limit: usize, stats: Arc<ConnStats>) -> Self {
+        let limit = limit.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            stats,
+        }
+    }
+
+    /// How many connections may be open at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes one more connection, open until the [`Admitted`] is dropped; `None` (counted
+    /// as refused) when `limit` are open. Never waits: the caller closes the connection
+    /// at once rather than hold a socket for a client it cannot serve.
+    pub fn admit(&self) -> Option<Admitted> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        Some(Admitted {
+            _permit: permit,
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+/// One open connection of a [`ConnGate`]; dropping it frees its place.
+pub struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<ConnStats>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves HTTPS on `listener` within `limits`, counting in `stats`, until accepting fails
 /// for good; `service` makes the service of one connection from the peer and the TLS
 /// server name it asked for. `what` names the listener in logs.
@@ -136,7 +196,7 @@ where
     B::Error: Into<BoxError>,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let gate = ConnGate::new(limits.max_connections, stats);
     let limits = Arc::new(limits);
     let service = Arc::new(service);
     let mut refusals = RefusalLog::default();
@@ -150,19 +210,16 @@ where
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(admitted) = gate.admit() else {
+            refusals.refused(what, gate.limit(), limits.setting);
             // Closed at once: queueing would hold the socket for a client we cannot serve.
             drop(tcp);
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            refusals.refused(what, limits.max_connections);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let limits = limits.clone();
-        let stats = stats.clone();
         let service = service.clone();
-        stats.open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
@@ -173,8 +230,7 @@ where
                 Ok(Err(e)) => tracing::debug!(%remote, "{what}: TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!(%remote, "{what}: TLS handshake timed out"),
             }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop(admitted);
         });
     }
 }
@@ -374,15 +430,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 }
 
-/// Logs refused connections at most every 10 s, with how many since the last line.
+/// Logs refused connections at most every 10 s, with how many since the last line. One per
+/// accept loop, owned by it.
 #[derive(Default)]
-struct RefusalLog {
+pub struct RefusalLog {
     last: Option<Instant>,
     unlogged: u64,
 }
 
 impl RefusalLog {
-    fn refused(&mut self, what: &str, limit: usize) {
+    /// Counts one connection `what` refused at `limit`, and logs if it is time to;
+    /// `setting` names the flag that raises the limit (empty: none).
+    pub fn refused(&mut self, what: &str, limit: usize, setting: &str) {
         self.unlogged += 1;
         if self
             .last
@@ -390,9 +449,14 @@ impl RefusalLog {
         {
             return;
         }
+        let raise = if setting.is_empty() {
+            String::new()
+        } else {
+            format!(", {setting}")
+        };
         tracing::warn!(
             refused = self.unlogged,
-            "{what}: {limit} connections are open (the limit); closed {} new ones since the last report",
+            "{what}: connection limit reached ({limit} open{raise}); refused {} new connections since the last report",
             self.unlogged
         );
         self.last = Some(Instant::now());

@@ -3,12 +3,17 @@
 //! policies (source address; deny by default), and forwards it to a target, directly or
 //! through the site's tunnel. Open flows are checked again whenever the registry changes,
 //! and cut when no longer allowed. A UDP flow ends after [`UDP_IDLE`] without traffic.
+//!
+//! TCP connections and UDP flows of all ports together are bounded (`--l4-max-connections`):
+//! past the limit a new TCP connection is closed at once and a new UDP client's datagrams
+//! are dropped, counted and logged at most every 10 s per port, until flows end.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -19,6 +24,7 @@ use warren_proto::tunnel::io::{write_datagram, DatagramReader};
 use warren_proto::tunnel::{Protocol, MAX_DATAGRAM};
 use warren_proto::Name;
 
+use crate::conn::{ConnGate, ConnStats, RefusalLog};
 use crate::proxy::{unix_now, Proxy};
 
 /// A UDP flow ends after this long without a datagram either way.
@@ -37,6 +43,9 @@ type Listening = (Name, JoinHandle<()>);
 pub struct L4 {
     listeners: Mutex<HashMap<(Proto, u16), Listening>>,
     follower: Mutex<Option<JoinHandle<()>>>,
+    /// TCP connections and UDP flows open at once, over every port.
+    gate: ConnGate,
+    connections: Arc<ConnStats>,
 }
 
 impl Drop for L4 {
@@ -51,17 +60,29 @@ impl Drop for L4 {
 }
 
 impl L4 {
-    /// Starts following the registry: a listener on `ip` for every TCP resource.
-    pub fn start(proxy: Arc<Proxy>, ip: IpAddr) -> Arc<Self> {
+    /// Starts following the registry: a listener on `ip` for every TCP and UDP resource,
+    /// with at most `max_connections` TCP connections and UDP flows open at once.
+    pub fn start(proxy: Arc<Proxy>, ip: IpAddr, max_connections: usize) -> Arc<Self> {
+        let connections = Arc::new(ConnStats::default());
         let l4 = Arc::new(Self {
             listeners: Mutex::new(HashMap::new()),
             follower: Mutex::new(None),
+            gate: ConnGate::new(max_connections, connections.clone()),
+            connections,
         });
         let task = tokio::spawn(follow(Arc::downgrade(&l4), proxy, ip));
         *l4.follower.lock().expect("l4 lock") = Some(task);
         l4
     }
+
+    /// Counters of the TCP connections and UDP flows open and refused.
+    pub fn connections(&self) -> &ConnStats {
+        &self.connections
+    }
 }
+
+/// Names the limit in the log line when it is reached.
+const L4_LIMIT_SETTING: &str = "--l4-max-connections";
 
 async fn follow(l4: Weak<L4>, proxy: Arc<Proxy>, ip: IpAddr) {
     let mut rx = proxy.cluster().subscribe();
@@ -98,13 +119,17 @@ async fn follow(l4: Weak<L4>, proxy: Arc<Proxy>, ip: IpAddr) {
                             l.set_nonblocking(true)?;
                             TcpListener::from_std(l)
                         })
-                        .map(|l| tokio::spawn(accept(l, name.clone(), proxy.clone()))),
+                        .map(|l| {
+                            tokio::spawn(accept(l, name.clone(), proxy.clone(), me.gate.clone()))
+                        }),
                     Proto::Udp => std::net::UdpSocket::bind(addr)
                         .and_then(|s| {
                             s.set_nonblocking(true)?;
                             tokio::net::UdpSocket::from_std(s)
                         })
-                        .map(|s| tokio::spawn(udp_serve(s, name.clone(), proxy.clone()))),
+                        .map(|s| {
+                            tokio::spawn(udp_serve(s, name.clone(), proxy.clone(), me.gate.clone()))
+                        }),
                 };
                 match task {
                     Ok(task) => {
@@ -123,17 +148,30 @@ async fn follow(l4: Weak<L4>, proxy: Arc<Proxy>, ip: IpAddr) {
     }
 }
 
-async fn accept(listener: TcpListener, name: Name, proxy: Arc<Proxy>) {
+async fn accept(listener: TcpListener, name: Name, proxy: Arc<Proxy>, gate: ConnGate) {
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let span = tracing::info_span!("l4", port, resource = %name);
+    let mut refusals = RefusalLog::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("TCP resource accept failed: {e}");
+                // Out of file descriptors and the like: back off instead of spinning.
+                span.in_scope(|| tracing::warn!("TCP resource accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        tokio::spawn(flow(stream, peer, name.clone(), proxy.clone()));
+        let Some(admitted) = gate.admit() else {
+            span.in_scope(|| refusals.refused("TCP resource", gate.limit(), L4_LIMIT_SETTING));
+            // Closed at once, as the HTTPS listeners do: a queued client would hold its
+            // socket and learn nothing. (After the log line, so that whoever sees the close
+            // finds the reason logged.)
+            drop(stream);
+            continue;
+        };
+        // The connection keeps its place until it ends.
+        tokio::spawn(flow(stream, peer, name.clone(), proxy.clone()).map(move |()| drop(admitted)));
     }
 }
 
@@ -251,8 +289,11 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
 
 /// Serves a UDP resource's port: one flow per client address, each with its own path to a
 /// target (a tunnel stream or a connected socket).
-async fn udp_serve(sock: tokio::net::UdpSocket, name: Name, proxy: Arc<Proxy>) {
+async fn udp_serve(sock: tokio::net::UdpSocket, name: Name, proxy: Arc<Proxy>, gate: ConnGate) {
     use tokio::sync::mpsc;
+    let port = sock.local_addr().map_or(0, |a| a.port());
+    let span = tracing::info_span!("l4", port, resource = %name);
+    let mut refusals = RefusalLog::default();
     let sock = Arc::new(sock);
     let mut flows: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<SocketAddr>();
@@ -274,10 +315,16 @@ async fn udp_serve(sock: tokio::net::UdpSocket, name: Name, proxy: Arc<Proxy>) {
                 if !ok || flows.len() >= 10_000 {
                     continue;
                 }
+                let Some(admitted) = gate.admit() else {
+                    span.in_scope(|| refusals.refused("UDP resource", gate.limit(), L4_LIMIT_SETTING));
+                    continue;
+                };
                 let (tx, rx) = mpsc::channel(256);
                 let _ = tx.try_send(buf[..n].to_vec());
                 flows.insert(peer, tx);
-                tokio::spawn(udp_flow(sock.clone(), peer, rx, name.clone(), proxy.clone(), done_tx.clone()));
+                let flow = udp_flow(sock.clone(), peer, rx, name.clone(), proxy.clone(), done_tx.clone());
+                // The flow keeps its place until it ends.
+                tokio::spawn(flow.map(move |()| drop(admitted)));
             }
             Some(peer) = done_rx.recv() => {
                 flows.remove(&peer);

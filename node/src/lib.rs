@@ -31,5 +31,6 @@ pub use node::{init, join, run, RunningNode};
 pub use settings::Settings;
 pub mod acme;
 pub mod l4;
+pub mod miss;
 pub mod proxy;
 pub mod sites;

@@ -78,6 +78,21 @@ pub struct Settings {
     /// `warren_proxy_connections_refused_total`).
     #[arg(long, env = "WARREN_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub proxy_max_connections: usize,
+    /// Most TCP connections and UDP flows open at once over all TCP and UDP resource
+    /// ports of this node; past it a new connection is closed at once (a new UDP client's
+    /// datagrams are dropped), logged at most every 10 s per port.
+    #[arg(long, env = "WARREN_L4_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub l4_max_connections: usize,
+    /// Leader reads per second (for each of: API keys, join tokens, ACME challenge tokens)
+    /// to look up an id this node does not know yet, in case it was created a moment ago
+    /// through another node. Anyone can send made-up ids: past this rate they are answered
+    /// as unknown without asking the leader.
+    #[arg(
+        long,
+        env = "WARREN_UNKNOWN_ID_LEADER_READS_PER_S",
+        default_value_t = 20
+    )]
+    pub unknown_id_leader_reads_per_s: u32,
     /// Networks of proxies in front of this node (load balancers), comma-separated CIDRs.
     /// From a peer in one of them the proxy believes `X-Forwarded-For`: the client is the
     /// last address in it that is not itself a trusted proxy. From anyone else the
@@ -118,6 +133,8 @@ impl Default for Settings {
             smtp_from: "Warren <warren@localhost>".into(),
             trusted_proxies: Vec::new(),
             proxy_max_connections: 10_000,
+            l4_max_connections: 4096,
+            unknown_id_leader_reads_per_s: 20,
         }
     }
 }
@@ -161,6 +178,30 @@ impl Settings {
                 "invalid setting --l4-addr {:?}: expected an IP address",
                 self.l4_addr
             )
+        })
+    }
+
+    /// Most TCP connections and UDP flows of TCP and UDP resources open at once.
+    pub fn l4_max_connections(&self) -> anyhow::Result<usize> {
+        if self.l4_max_connections == 0 {
+            anyhow::bail!("invalid setting --l4-max-connections: expected at least 1");
+        }
+        Ok(self.l4_max_connections)
+    }
+
+    /// The limits on leader reads for ids this node does not know, checked.
+    pub fn leader_checks(&self) -> anyhow::Result<crate::miss::CheckLimits> {
+        crate::miss::CheckLimits {
+            reads_per_second: self.unknown_id_leader_reads_per_s,
+            ..crate::miss::CheckLimits::default()
+        }
+        .validate()
+        .map_err(|e| {
+            let flag = match e.field {
+                "reads_per_second" => "--unknown-id-leader-reads-per-s",
+                other => other,
+            };
+            anyhow::anyhow!("invalid setting {flag}: {}", e.reason)
         })
     }
 

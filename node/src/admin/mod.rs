@@ -5,9 +5,12 @@
 //! are answered after they are committed and applied. Both go straight from the request
 //! task to the [`Cluster`] handle: no actor mailbox on the way.
 //!
-//! Authentication: the key is checked against this node's replica; a key this replica does
-//! not know yet is checked again after a read barrier (it may have just been created
-//! elsewhere). Reads check the key on the fresh state they read; writes carry the key id
+//! Authentication: the key is checked against this node's replica first, so a request with
+//! a key nobody has does no work on the leader. A key this replica does not know yet is
+//! checked again after a read barrier (it may have just been created elsewhere), within
+//! the limits of [`crate::miss`]: one leader read per unknown key id at a time, a miss
+//! remembered for a moment, a bounded rate per second; beyond them it is answered 401.
+//! Reads then check the key again on the fresh state they read; writes carry the key id
 //! into the log, and the state machine refuses the write if the key was revoked meanwhile.
 //!
 //! Connections are bounded before any key is seen ([`ConnLimits`]): at most 512 at once
@@ -39,6 +42,7 @@ pub use error::ApiErr;
 pub use status::cluster_status;
 
 use crate::actors::Members;
+use crate::miss::Kind;
 
 /// Largest body of a normal request, in bytes.
 pub const MAX_BODY: usize = 1 << 20;
@@ -143,10 +147,24 @@ fn unknown_key() -> ApiErr {
     ApiErr::unauthorized("unknown or revoked API key")
 }
 
+/// The scope of `key`: from this node's replica, or, for a key id it does not know, from
+/// the leader within the limits of [`crate::miss`].
+async fn authenticate(state: &AdminState, key: &ApiKey) -> Result<Scope, ApiErr> {
+    if let Some(record) = state.cluster().registry().authenticate(key) {
+        return Ok(record.scope);
+    }
+    let registry = crate::miss::recheck(state.cluster(), Kind::ApiKey, key.id.0).await?;
+    let record = registry.authenticate(key).ok_or_else(unknown_key)?;
+    Ok(record.scope)
+}
+
 /// Authenticates a read and returns a linearizable registry to answer it from.
 async fn auth_read(state: &AdminState, headers: &HeaderMap) -> Result<Arc<Registry>, ApiErr> {
     let key = bearer(headers)?;
+    // The key first: only an authenticated read costs the leader a round trip.
+    authenticate(state, &key).await?;
     let registry = state.cluster().read().await?;
+    // Revoked since this replica (or the leader, a moment ago) knew it.
     registry.authenticate(&key).ok_or_else(unknown_key)?;
     Ok(registry)
 }
@@ -166,14 +184,7 @@ fn auth_local(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiErr> {
 /// Authenticates a write; returns the key id to put in the request.
 async fn auth_write(state: &AdminState, headers: &HeaderMap) -> Result<KeyId, ApiErr> {
     let key = bearer(headers)?;
-    let local = state.cluster().registry();
-    let scope = match local.authenticate(&key) {
-        Some(record) => record.scope,
-        None => {
-            let fresh = state.cluster().read().await?;
-            fresh.authenticate(&key).ok_or_else(unknown_key)?.scope
-        }
-    };
+    let scope = authenticate(state, &key).await?;
     if scope == Scope::ReadOnly {
         return Err(ApiErr::new(
             ErrorCode::Forbidden,
