@@ -55,11 +55,14 @@
 //! A data stream's header ([`Open`], answered by [`Opened`]) stays a plain bincode struct:
 //! node-to-node relay streams (`warren-relay/1`) carry it too and have no Hello, so its bytes
 //! must stay readable by every node of a cluster in a rolling upgrade. It evolves by
-//! appending fields (ignored by readers that do not know them); an [`Opened`] variant an
-//! old node would not know is sent only to a node whose Hello lists the feature it needs.
+//! appending fields, which readers of protocol 1 and later ignore when they do not know
+//! them (builds from before refuse trailing bytes: send an appended field to an agent only
+//! once its Hello says protocol 1 or later, and to a peer node only once the cluster no
+//! longer runs such builds); an [`Opened`] variant an old node would not know is sent only
+//! to a node whose Hello lists the feature it needs.
 //! After `Opened::Ok` a TCP stream carries raw bytes; a UDP stream carries datagrams, each a
 //! 2-byte big-endian length and the bytes, read with the cancel-safe
-//! [`io::DatagramReader`].
+//! `io::DatagramReader` (feature `io`).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
