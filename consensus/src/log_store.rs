@@ -16,7 +16,9 @@
 //! comes back damaged is cut at the first bad entry; one that is then behind the record has
 //! lost entries this node may have acknowledged, and [`LogStore::damage`] says so until the
 //! node has caught up from a leader past that point (see `cluster`: a damaged node neither
-//! stands for election nor votes for a candidate whose log is behind what it had).
+//! stands for election nor votes for a candidate whose log is behind what it had). An entry
+//! that is whole but of a format newer than this build is not damage: the open fails,
+//! naming both versions, and the entry stays (see [`crate::format`]).
 
 use std::fmt::{self, Debug};
 use std::io;

@@ -1,10 +1,11 @@
 //! The registry state machine, implementing openraft's v2 [`RaftStateMachine`].
 //!
 //! The registry lives in memory (persistent maps, cheap to clone) and is persisted in sled
-//! as Raft snapshots: tree `snapshot` holds the latest one, the bincode-encoded registry in
-//! 1 MiB chunks plus its metadata and a CRC-32 of the data, synced (see [`Store::sync`])
-//! before openraft is told about it (so log compaction never outruns it). On start the
-//! state machine loads that snapshot (a damaged one is named and dropped, see
+//! as Raft snapshots: tree `snapshot` holds the latest one, the registry (a format header,
+//! then bincode compressed with LZ4: [`encode_registry`]) in 1 MiB chunks plus its metadata
+//! and a CRC-32 of the data, synced (see [`Store::sync`]) before openraft is told about it
+//! (so log compaction never outruns it). On start the state machine loads that snapshot (a
+//! damaged one is named and dropped; one of a newer format stops the start, see
 //! [`StateMachine::open`]); openraft then re-applies the committed log entries after it (the cluster's snapshot policy bounds how many: see
 //! `ClusterConfig::snapshot_writes`). Writing every applied entity to sled as well was
 //! measured to cost about 40% of write throughput (see BENCHMARKS.md) for no gain in
@@ -56,7 +57,8 @@ impl StateMachine {
     ///
     /// A damaged snapshot is reported (named) and deleted, and the state machine starts
     /// empty: [`StateMachine::damaged_snapshot`] says so, and the caller must not replay a
-    /// log that was compacted into that snapshot.
+    /// log that was compacted into that snapshot. A whole snapshot of a format newer than
+    /// this build is kept and the open fails, naming both versions.
     pub fn open(
         store: &Store,
         io: StorageIo,

@@ -376,7 +376,7 @@ fn request(i: u64, command: Command) -> Request {
     Request {
         id: RequestId(1000 + u128::from(i)),
         at: T,
-        actor: if i % 2 == 0 {
+        actor: if i.is_multiple_of(2) {
             Actor::System
         } else {
             Actor::ApiKey(KeyId(7))
