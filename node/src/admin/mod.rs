@@ -196,6 +196,23 @@ async fn auth_write(state: &AdminState, headers: &HeaderMap) -> Result<KeyId, Ap
 
 /// Reads and parses a JSON body of at most `limit` bytes.
 async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiErr> {
+    parse_json(&read_body(body, limit).await?)
+}
+
+/// Like [`read_json`], where no body (or only white space) means `T::default()`.
+async fn read_optional_json<T: DeserializeOwned + Default>(
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiErr> {
+    let bytes = read_body(body, limit).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse_json(&bytes)
+}
+
+/// Reads a body of at most `limit` bytes, within [`BODY_READ_TIMEOUT`].
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr> {
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
     let bytes = read.await.map_err(|_| {
         ApiErr::new(
@@ -219,7 +236,7 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, A
             ApiErr::new(ErrorCode::InvalidJson, format!("reading the body: {e}"))
         }
     })?;
-    parse_json(&bytes)
+    Ok(bytes)
 }
 
 /// Parses exactly one JSON object (nothing before or after it; not an array in its
