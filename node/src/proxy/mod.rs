@@ -598,8 +598,15 @@ impl Proxy {
         .await
     }
 
-    /// Accepts plain HTTP connections and redirects every request to HTTPS.
+    /// Accepts plain HTTP connections (ACME challenges) and redirects every other request
+    /// to HTTPS; at most `--proxy-max-connections` at once, like the HTTPS listener (a
+    /// separate allowance), more are closed at once and logged at most every 10 s.
     pub async fn serve_http(self: Arc<Self>, listener: tokio::net::TcpListener) -> String {
+        let gate = crate::conn::ConnGate::new(
+            self.settings.max_connections,
+            Arc::new(crate::conn::ConnStats::default()),
+        );
+        let mut refusals = crate::conn::RefusalLog::default();
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -609,9 +616,19 @@ impl Proxy {
                     continue;
                 }
             };
+            let Some(admitted) = gate.admit() else {
+                refusals.refused(
+                    "plain HTTP (port 80)",
+                    gate.limit(),
+                    "--proxy-max-connections",
+                );
+                drop(tcp);
+                continue;
+            };
             let port = self.settings.public_https_port;
             let proxy = self.clone();
             tokio::spawn(async move {
+                let _admitted = admitted;
                 let service = service_fn(move |req: Request<Incoming>| {
                     let proxy = proxy.clone();
                     async move {
