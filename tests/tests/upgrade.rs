@@ -72,6 +72,44 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
             step + 1,
             c.nodes[through].name
         );
+        if on_a == [i] && c.leader(through).await? == i {
+            phase!(
+                "step {}: {name}, the last on build A, restarts on A: a node on B leads",
+                step + 1
+            );
+            c.nodes[i].terminate()?;
+            let new = c
+                .wait_leader(through, Some(i), Duration::from_secs(20))
+                .await?;
+            c.nodes[i].run()?;
+            c.api(i).wait_healthy(Duration::from_secs(30)).await?;
+            phase!(
+                "step {}: the leader {} (build B) refuses the new command while {name} is on A",
+                step + 1,
+                c.nodes[new].name
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, body) = c
+                    .api(new)
+                    .send(
+                        Method::POST,
+                        "/v1/test/annotate",
+                        &json!({"note": "too early"}),
+                    )
+                    .await?;
+                assert_eq!(status, StatusCode::CONFLICT, "{body}");
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                if message.contains(&format!("({name}) reads formats up to 1")) {
+                    phase!("step {}: {message}", step + 1);
+                    break;
+                }
+                // Until the leader has heard from the restarted node on its new connection.
+                assert!(message.contains("has not yet said"), "{body}");
+                assert!(Instant::now() < deadline, "{body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let writes = writer(c.api(through), format!("step{}", step + 1), stop.clone());
         tokio::time::sleep(Duration::from_millis(200)).await;
