@@ -115,7 +115,8 @@ async fn twenty_thousand_datagrams_each_way_through_a_site_arrive_whole_and_in_o
     loop {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the UDP resource never answered; agent log:\n{}",
+            "the UDP resource never answered; agent log:\n{}{}",
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default(),
             std::fs::read_to_string(dir.path().join("agent.err")).unwrap_or_default()
         );
         client.send(b"hello").await?;
