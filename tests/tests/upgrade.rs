@@ -197,5 +197,22 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    let back = 2;
+    let name = c.nodes[back].name.clone();
+    phase!("{name} back on build A: its log holds the new entry, so it refuses to start");
+    c.nodes[back].terminate()?;
+    c.nodes[back].binary = None;
+    let (status, log) = c.nodes[back].run_expecting_exit(Duration::from_secs(30))?;
+    assert!(!status.success(), "{log}");
+    let refusal = regex::Regex::new(
+        r"log entry \d+ is format 2, this build reads up to 1: upgrade this node",
+    )?;
+    assert!(refusal.is_match(&log), "{log}");
+    phase!("{name} on build B again catches up");
+    c.nodes[back].binary = Some(next.clone());
+    c.nodes[back].run()?;
+    c.api(back).wait_healthy(Duration::from_secs(30)).await?;
+    reads_agree(&c).await?;
     Ok(())
 }
