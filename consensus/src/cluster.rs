@@ -864,6 +864,7 @@ impl Cluster {
             purged_index: m.purged.map(|l| l.index),
             leader_contact_ms: self.leader_contact().map(|d| d.as_millis() as u64),
             applied_digest: self.registry().digest(),
+            format: Format::CURRENT,
         }
     }
 

@@ -229,7 +229,7 @@ pub enum ForwardError {
 }
 
 /// A node's own view of its Raft state, for cluster status.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// Its id.
     pub id: NodeId,
@@ -252,6 +252,8 @@ pub struct NodeStatus {
     pub leader_contact_ms: Option<u64>,
     /// Digest of everything it applied (see `Registry::digest`).
     pub applied_digest: u64,
+    /// The newest stored/wire format it reads (see [`crate::format`]).
+    pub format: Format,
 }
 
 /// Why an RPC did not get a reply.

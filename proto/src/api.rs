@@ -328,6 +328,10 @@ pub struct MemberStatus {
     /// Digest of every entry it applied (hex); members at the same `last_applied` must
     /// agree on it, or their registries diverged.
     pub applied_digest: Option<String>,
+    /// The newest stored and node-to-node format it reads: during a rolling upgrade, a
+    /// command of a newer format is refused until every member reads it.
+    #[serde(default)]
+    pub format: Option<u16>,
 }
 
 /// A declarative description of registry entities, as `warren admin apply -f` reads it.

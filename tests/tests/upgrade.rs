@@ -48,6 +48,23 @@ async fn reads_agree(c: &Cluster) -> anyhow::Result<usize> {
     Ok(first.len())
 }
 
+/// The newest format each member says it reads, as node `asked`'s cluster status shows it.
+async fn formats(c: &Cluster, asked: usize) -> anyhow::Result<Vec<(String, u64)>> {
+    let status = c.api(asked).get_ok("/v1/cluster").await?;
+    Ok(status["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or_default().to_owned(),
+                m["format"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_command_only_when_all_read_it(
 ) -> anyhow::Result<()> {
@@ -58,6 +75,12 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         .post_ok("/v1/users", &json!({"name": "before"}))
         .await?;
     reads_agree(&c).await?;
+    let all = |f: u64| -> Vec<(String, u64)> { (1..=3).map(|i| (format!("n{i}"), f)).collect() };
+    assert_eq!(
+        formats(&c, 0).await?,
+        all(1),
+        "cluster status shows each member's format"
+    );
 
     // Followers first, the leader last: the last step also moves the leadership.
     let leader = c.leader(0).await?;
@@ -176,6 +199,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         assert!(Instant::now() < deadline, "still refused: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(formats(&c, 1).await?, all(2));
     c.api(1)
         .post_ok("/v1/users", &json!({"name": "after"}))
         .await?;

@@ -84,6 +84,7 @@ pub async fn cluster_status(
                 purged_index: None,
                 leader_contact_ms: None,
                 applied_digest: None,
+                format: None,
             };
             match answer {
                 Some(Ok(s)) => {
@@ -96,6 +97,7 @@ pub async fn cluster_status(
                     m.purged_index = s.purged_index;
                     m.leader_contact_ms = s.leader_contact_ms;
                     m.applied_digest = Some(format!("{:016x}", s.applied_digest));
+                    m.format = Some(s.format.0);
                 }
                 Some(Err(e)) => m.error = Some(e.to_string()),
                 None => m.error = Some("not a member".into()),
