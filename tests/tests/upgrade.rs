@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
-use warren_tests::{next_node_binary, phase, Api, Cluster};
+use warren_tests::upstream::Upstream;
+use warren_tests::{next_node_binary, phase, port_of, web_client, Api, Cluster};
 
 /// Writes users through `api` until `stop`; returns each failure.
 fn writer(api: Api, prefix: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
@@ -48,6 +49,33 @@ async fn reads_agree(c: &Cluster) -> anyhow::Result<usize> {
     Ok(first.len())
 }
 
+/// Every node's HTTPS proxy serves the public web resource `app.localhost` from the
+/// upstream.
+async fn web_served(c: &Cluster, web: &reqwest::Client) -> anyhow::Result<()> {
+    for n in &c.nodes {
+        let url = format!("https://app.localhost:{}/upgrade", port_of(&n.https_addr));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let last = match web.get(&url).send().await {
+                Ok(r) if r.status() == StatusCode::OK => {
+                    let echo: serde_json::Value = r.json().await?;
+                    anyhow::ensure!(echo["upstream"] == "app", "{}: {echo}", n.name);
+                    break;
+                }
+                Ok(r) => r.status().to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not serve {url}: {last}",
+                n.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
 /// The newest format each member says it reads, as node `asked`'s cluster status shows it.
 async fn formats(c: &Cluster, asked: usize) -> anyhow::Result<Vec<(String, u64)>> {
     let status = c.api(asked).get_ok("/v1/cluster").await?;
@@ -75,6 +103,23 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         .post_ok("/v1/users", &json!({"name": "before"}))
         .await?;
     reads_agree(&c).await?;
+    let up = Upstream::start("app").await?;
+    let (cert, key) = warren_tests::certs::self_signed(&["app.localhost"]);
+    c.api(0)
+        .post_ok(
+            "/v1/certificates",
+            &json!({"name": "app", "cert_pem": cert, "key_pem": key}),
+        )
+        .await?;
+    c.api(0)
+        .post_ok(
+            "/v1/resources",
+            &json!({"name": "app", "route": {"http": {"domain": "app.localhost"}},
+                    "targets": [up.addr.to_string()], "http": {"public": true}}),
+        )
+        .await?;
+    let web = web_client(&cert, &["app.localhost"], Duration::from_secs(5)).build()?;
+    web_served(&c, &web).await?;
     let all = |f: u64| -> Vec<(String, u64)> { (1..=3).map(|i| (format!("n{i}"), f)).collect() };
     assert_eq!(
         formats(&c, 0).await?,
@@ -149,7 +194,11 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
             "writes failed while {name} was replaced: {failures:#?}"
         );
         let users = reads_agree(&c).await?;
-        phase!("step {}: every node lists the same {users} users", step + 1);
+        web_served(&c, &web).await?;
+        phase!(
+            "step {}: every node lists the same {users} users and serves the web resource",
+            step + 1
+        );
 
         if on_a.is_empty() {
             break;
@@ -238,5 +287,6 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
     c.nodes[back].run()?;
     c.api(back).wait_healthy(Duration::from_secs(30)).await?;
     reads_agree(&c).await?;
+    web_served(&c, &web).await?;
     Ok(())
 }
