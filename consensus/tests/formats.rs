@@ -21,7 +21,9 @@
 //! ```
 //!
 //! Only rewrite a format's fixtures while no release has written it; once one has, a layout
-//! change is a new format (see `warren_consensus::format`) and these files stay.
+//! change is a new format (see `warren_consensus::format`) and these files stay. `format-2/`
+//! is the test-only format of `format-next` builds (`Command::Annotate`, always the last
+//! variant): rewrite it with the second command whenever a command is added.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
