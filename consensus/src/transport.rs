@@ -431,3 +431,44 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Command;
+    use crate::types::Actor;
+
+    #[test]
+    fn a_lagging_member_is_named_with_what_it_reads_and_what_is_needed() {
+        let lag = FormatLag {
+            node: NodeId(3),
+            name: "n3".into(),
+            reads: Some(Format::V1),
+            needs: Format(2),
+        };
+        assert_eq!(
+            lag.to_string(),
+            "node 3 (n3) reads formats up to 1 and this request needs format 2: upgrade node 3 (n3) first"
+        );
+        let silent = FormatLag { reads: None, ..lag };
+        assert!(
+            silent
+                .to_string()
+                .starts_with("node 3 (n3) has not yet said"),
+            "{silent}"
+        );
+    }
+
+    #[test]
+    fn a_request_needs_the_format_of_its_command() {
+        let write = |command| Rpc::Write(Request::new(Actor::System, command));
+        let revoke = write(Command::RevokeShareLink { id: 1 });
+        assert_eq!(revoke.format(), Format::V1);
+        assert_eq!(Rpc::Status.format(), Format::V1);
+        #[cfg(feature = "format-next")]
+        assert_eq!(
+            write(Command::Annotate { note: "n".into() }).format(),
+            Format::NEXT
+        );
+    }
+}
