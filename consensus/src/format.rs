@@ -64,6 +64,13 @@ impl Format {
     }
 }
 
+impl Default for Format {
+    /// Format 1, the first: what a value that does not say is taken to be.
+    fn default() -> Self {
+        Format::V1
+    }
+}
+
 impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

@@ -229,7 +229,7 @@ pub enum ForwardError {
 }
 
 /// A node's own view of its Raft state, for cluster status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// Its id.
     pub id: NodeId,
