@@ -1571,7 +1571,7 @@ mod tests {
         let mut r = Registry::default();
         let node = |id: u64, role| Node {
             id: NodeId(id),
-            name: warren_proto::Name::new(&format!("n{id}")).unwrap(),
+            name: warren_proto::Name::new(format!("n{id}")).unwrap(),
             cluster_addr: format!("127.0.0.1:{}", 7400 + id),
             admin_addr: format!("127.0.0.1:{}", 7500 + id),
             region: String::new(),
