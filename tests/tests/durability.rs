@@ -304,6 +304,13 @@ async fn damaged_follower_refuses_to_elect_a_node_that_lacks_its_writes(
     phase!("{round}: start {an}: a leader is elected and {bn} repairs its log from it");
     c.nodes[a].run()?;
     wait_all_healthy(c, Duration::from_secs(30)).await?;
+    // Health and the log line come from different tasks: give the line a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !c.nodes[b].log_since_start().contains("storage repaired")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let log = c.nodes[b].log_since_start();
     assert!(
         log.contains("storage repaired"),
