@@ -2221,6 +2221,48 @@ pub fn decode<T: serde::de::DeserializeOwned>(
         .map_err(|source| CodecError::Decode { what, source })
 }
 
+impl Command {
+    /// The name of the command's variant, as serde spells it (for logs and tests). No `_`
+    /// arm: a new variant does not compile until it is named here, and the registry's
+    /// property test and the format fixtures fail until they cover it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Bootstrap { .. } => "Bootstrap",
+            Command::Create(_) => "Create",
+            Command::Update(_) => "Update",
+            Command::Delete { .. } => "Delete",
+            Command::Apply { .. } => "Apply",
+            Command::CreateApiKey(_) => "CreateApiKey",
+            Command::RevokeApiKey { .. } => "RevokeApiKey",
+            Command::CreateJoinToken(_) => "CreateJoinToken",
+            Command::RevokeJoinToken { .. } => "RevokeJoinToken",
+            Command::RegisterNode { .. } => "RegisterNode",
+            Command::UpdateNode { .. } => "UpdateNode",
+            Command::DeleteNode { .. } => "DeleteNode",
+            Command::SignIn { .. } => "SignIn",
+            Command::RefreshSession { .. } => "RefreshSession",
+            Command::RevokeSession { .. } => "RevokeSession",
+            Command::ConsumeHandoff { .. } => "ConsumeHandoff",
+            Command::EnsureProxyKeys(_) => "EnsureProxyKeys",
+            Command::CreateSiteToken(_) => "CreateSiteToken",
+            Command::ConsumeSiteToken { .. } => "ConsumeSiteToken",
+            Command::AcmeLease { .. } => "AcmeLease",
+            Command::AcmeAccount(_) => "AcmeAccount",
+            Command::AcmeChallenge { .. } => "AcmeChallenge",
+            Command::AcmeChallengeDone { .. } => "AcmeChallengeDone",
+            Command::CreateSession(_) => "CreateSession",
+            Command::CreateShareLink(_) => "CreateShareLink",
+            Command::RevokeShareLink { .. } => "RevokeShareLink",
+            Command::RotateSigningKey(_) => "RotateSigningKey",
+            Command::ReserveAttempt { .. } => "ReserveAttempt",
+            Command::ReleaseAttempt { .. } => "ReleaseAttempt",
+            Command::ConsumeEmailCode { .. } => "ConsumeEmailCode",
+            #[cfg(feature = "format-next")]
+            Command::Annotate { .. } => "Annotate",
+        }
+    }
+}
+
 /// Whether only the cluster itself (its nodes, as `Actor::System`) may send `command`, never
 /// an API key. An exhaustive match: a new command must be placed on one side or the other.
 fn cluster_only(command: &Command) -> bool {
@@ -3263,7 +3305,7 @@ mod tests {
             },
         ];
         for command in refused {
-            let what = variant_name(&command);
+            let what = command.name();
             assert!(h.system_at(later, command).is_err(), "{what}");
             assert_eq!(kept(&h), (1, 1), "a refused {what} forgot what expired");
         }
@@ -3352,46 +3394,6 @@ mod tests {
     }
 
     // Every command, refused or not: the contract of `apply_request`.
-
-    /// The name of a command's variant, as serde spells it. No `_` arm: a new variant does
-    /// not compile until it is named here, and `a_refused_command_changes_nothing` fails
-    /// until [`Fuzz::command`] makes it, accepted and refused.
-    fn variant_name(c: &Command) -> &'static str {
-        match c {
-            Command::Bootstrap { .. } => "Bootstrap",
-            Command::Create(_) => "Create",
-            Command::Update(_) => "Update",
-            Command::Delete { .. } => "Delete",
-            Command::Apply { .. } => "Apply",
-            Command::CreateApiKey(_) => "CreateApiKey",
-            Command::RevokeApiKey { .. } => "RevokeApiKey",
-            Command::CreateJoinToken(_) => "CreateJoinToken",
-            Command::RevokeJoinToken { .. } => "RevokeJoinToken",
-            Command::RegisterNode { .. } => "RegisterNode",
-            Command::UpdateNode { .. } => "UpdateNode",
-            Command::DeleteNode { .. } => "DeleteNode",
-            Command::SignIn { .. } => "SignIn",
-            Command::RefreshSession { .. } => "RefreshSession",
-            Command::RevokeSession { .. } => "RevokeSession",
-            Command::ConsumeHandoff { .. } => "ConsumeHandoff",
-            Command::EnsureProxyKeys(_) => "EnsureProxyKeys",
-            Command::CreateSiteToken(_) => "CreateSiteToken",
-            Command::ConsumeSiteToken { .. } => "ConsumeSiteToken",
-            Command::AcmeLease { .. } => "AcmeLease",
-            Command::AcmeAccount(_) => "AcmeAccount",
-            Command::AcmeChallenge { .. } => "AcmeChallenge",
-            Command::AcmeChallengeDone { .. } => "AcmeChallengeDone",
-            Command::CreateSession(_) => "CreateSession",
-            Command::CreateShareLink(_) => "CreateShareLink",
-            Command::RevokeShareLink { .. } => "RevokeShareLink",
-            Command::RotateSigningKey(_) => "RotateSigningKey",
-            Command::ReserveAttempt { .. } => "ReserveAttempt",
-            Command::ReleaseAttempt { .. } => "ReleaseAttempt",
-            Command::ConsumeEmailCode { .. } => "ConsumeEmailCode",
-            #[cfg(feature = "format-next")]
-            Command::Annotate { .. } => "Annotate",
-        }
-    }
 
     /// The variant names serde's derive gives `T` (its `VARIANTS`, in declaration order):
     /// the list of every command, read from the type itself rather than kept by hand.
@@ -3577,7 +3579,7 @@ mod tests {
         fn request(&mut self, reg: &Registry, variant: &str) -> Request {
             let command = self.command(reg, variant);
             assert_eq!(
-                variant_name(&command),
+                command.name(),
                 variant,
                 "the generator made another variant"
             );
@@ -4034,7 +4036,7 @@ mod tests {
                     let variant = fuzz.rng.pick(variants);
                     fuzz.request(&h.reg, variant)
                 };
-                let variant = variant_name(&req.command);
+                let variant = req.command.name();
                 let before = h.reg.clone();
                 let reply = h.submit(req.clone());
                 let ctx = || format!("seed {seed}, step {step}: {req:?} -> {reply:?}");

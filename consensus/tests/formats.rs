@@ -44,43 +44,10 @@ use warren_proto::session::{ProxyKeys, Session, SessionId, ShareLink, SigningKey
 use warren_proto::token::{KeyId, SecretHash};
 use warren_proto::{Name, Secret};
 
-/// The serde name of `command`'s variant. Exhaustive on purpose: a new command does not
-/// compile here until it has a fixture below.
+/// The serde name of `command`'s variant ([`Command::name`], exhaustive: a new command
+/// fails the fixture test until it has a fixture below).
 fn variant(command: &Command) -> &'static str {
-    match command {
-        Command::Bootstrap { .. } => "Bootstrap",
-        Command::Create(_) => "Create",
-        Command::Update(_) => "Update",
-        Command::Delete { .. } => "Delete",
-        Command::Apply { .. } => "Apply",
-        Command::CreateApiKey(_) => "CreateApiKey",
-        Command::RevokeApiKey { .. } => "RevokeApiKey",
-        Command::CreateJoinToken(_) => "CreateJoinToken",
-        Command::RevokeJoinToken { .. } => "RevokeJoinToken",
-        Command::RegisterNode { .. } => "RegisterNode",
-        Command::UpdateNode { .. } => "UpdateNode",
-        Command::DeleteNode { .. } => "DeleteNode",
-        Command::SignIn { .. } => "SignIn",
-        Command::RefreshSession { .. } => "RefreshSession",
-        Command::RevokeSession { .. } => "RevokeSession",
-        Command::ConsumeHandoff { .. } => "ConsumeHandoff",
-        Command::EnsureProxyKeys(_) => "EnsureProxyKeys",
-        Command::CreateSiteToken(_) => "CreateSiteToken",
-        Command::ConsumeSiteToken { .. } => "ConsumeSiteToken",
-        Command::AcmeLease { .. } => "AcmeLease",
-        Command::AcmeAccount(_) => "AcmeAccount",
-        Command::AcmeChallenge { .. } => "AcmeChallenge",
-        Command::AcmeChallengeDone { .. } => "AcmeChallengeDone",
-        Command::CreateSession(_) => "CreateSession",
-        Command::CreateShareLink(_) => "CreateShareLink",
-        Command::RevokeShareLink { .. } => "RevokeShareLink",
-        Command::RotateSigningKey(_) => "RotateSigningKey",
-        Command::ReserveAttempt { .. } => "ReserveAttempt",
-        Command::ReleaseAttempt { .. } => "ReleaseAttempt",
-        Command::ConsumeEmailCode { .. } => "ConsumeEmailCode",
-        #[cfg(feature = "format-next")]
-        Command::Annotate { .. } => "Annotate",
-    }
+    command.name()
 }
 
 fn name(s: &str) -> Name {
