@@ -1478,15 +1478,18 @@ impl RpcHandler for Cluster {
     fn handle(&self, from: NodeCert, rpc: Rpc) -> BoxFuture<'_, RpcReply> {
         Box::pin(async move {
             tracing::trace!(%from, rpc = rpc.name(), "rpc");
-            let member = self
-                .inner
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .nodes()
-                .any(|(id, _)| *id == from.id);
+            // Only requests a leader serves look at the membership (not the hot
+            // AppendEntries path).
+            let member = !matches!(rpc, Rpc::Write(_) | Rpc::Membership(_) | Rpc::ReadIndex)
+                || self
+                    .inner
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .any(|(id, _)| *id == from.id);
             if let Err(why) = permitted(&from, &rpc, &self.registry(), member) {
                 tracing::warn!("refused an RPC: {why}");
                 return RpcReply::Refused(why);
