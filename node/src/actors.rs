@@ -1,36 +1,43 @@
 //! The supervision tree.
 //!
-//! [`Supervisor`] starts three children and restarts any that fails, logging why; more than
-//! [`MAX_RESTARTS`] restarts within [`RESTART_WINDOW`] stop the node (something is wrong
-//! that a restart does not fix).
+//! [`Supervisor`] starts its children from a list of [`ChildSpec`]s (the node composes it,
+//! `crate::node`) and restarts any that fails, logging why and counting it
+//! (`warren_actor_restarts_total` in `/metrics`). While a child is down the node's health
+//! says so ([`TreeHealth`], `GET /v1/health` answers 503). More than [`MAX_RESTARTS`]
+//! restarts within [`RESTART_WINDOW`] stop the node: something is wrong that a restart
+//! does not fix, and `warren-node` exits loudly rather than limp.
 //!
-//! - [`ClusterActor`] serializes membership changes made through this node and watches
-//!   whether the node is in contact with a leader, logging each change.
-//! - [`Listener`] runs an accept loop (the QUIC endpoint or the admin API) as a task and
-//!   fails when the loop ends unexpectedly, so the supervisor starts a new one.
+//! - [`ClusterActor`] serializes membership changes made through this node and computes
+//!   whether the node is serving ([`Serving`]), logging each change.
+//! - [`Listener`] runs an accept loop (the QUIC endpoint, the proxy or the admin API) as a
+//!   task and fails when the loop ends unexpectedly, so the supervisor starts a new one.
+//! - The other children (proxy configuration, L4 ports, sessions, certificates, tunnels,
+//!   gossip) live in their own modules and are started through their `ChildSpec`.
 //!
-//! Sockets, Raft and storage are created before the tree and outlive restarts.
+//! Sockets, Raft, storage and every [`Published`](crate::publish::Published) snapshot are
+//! created before the tree and outlive restarts.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use ractor::{
-    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
+    SupervisionEvent,
 };
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use warren_consensus::cluster::{Cluster, ClusterError};
-use warren_consensus::pki::{ClusterCa, NodeIdentity};
-use warren_consensus::quic::QuicTransport;
 use warren_consensus::transport::MembershipChange;
 use warren_consensus::types::ClusterNode;
 use warren_proto::api::MemberRole;
 use warren_proto::registry::NodeId;
-use warren_proto::Name;
 
 use crate::admin::AdminState;
 use crate::join::JoinService;
+use crate::publish::Published;
+use crate::serving::{Serving, SERVING_TICK};
 
 /// Restarts allowed within [`RESTART_WINDOW`].
 pub const MAX_RESTARTS: usize = 5;
@@ -89,6 +96,15 @@ impl Members {
         }
     }
 
+    /// A handle that follows whichever actor `current` names (the tree sets it on every
+    /// start of the [`ClusterActor`]).
+    pub fn following(current: &watch::Sender<Option<ActorRef<ClusterMsg>>>) -> Self {
+        Self {
+            rx: current.subscribe(),
+            _own: None,
+        }
+    }
+
     /// A handle to one given actor (tests, tools).
     pub fn from_actor(actor: ActorRef<ClusterMsg>) -> Self {
         let (tx, rx) = watch::channel(Some(actor));
@@ -104,32 +120,57 @@ impl Members {
     }
 }
 
-/// Owns membership changes and the leader-contact watch.
+/// Owns membership changes and the node's serving state.
+#[derive(Clone)]
 pub struct ClusterActor;
+
+impl ClusterActor {
+    /// The tree's child `cluster`: on every start it becomes the actor `current` names.
+    pub fn child(
+        cluster: Cluster,
+        serving: Serving,
+        current: Arc<watch::Sender<Option<ActorRef<ClusterMsg>>>>,
+    ) -> ChildSpec {
+        ChildSpec::new("cluster", move |sup| {
+            let args = (cluster.clone(), serving.clone());
+            let current = current.clone();
+            async move {
+                current.send_replace(None);
+                let (actor, _) = Actor::spawn_linked(None, ClusterActor, args, sup).await?;
+                current.send_replace(Some(actor.clone()));
+                Ok(actor.get_cell())
+            }
+        })
+    }
+}
 
 /// State of the [`ClusterActor`].
 pub struct ClusterState {
     cluster: Cluster,
     busy: Arc<Semaphore>,
-    serving: Option<bool>,
+    serving: Serving,
+    was_serving: Option<bool>,
     ticker: JoinHandle<()>,
 }
 
 impl Actor for ClusterActor {
     type Msg = ClusterMsg;
     type State = ClusterState;
-    type Arguments = Cluster;
+    type Arguments = (Cluster, Serving);
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        cluster: Cluster,
+        (cluster, serving): (Cluster, Serving),
     ) -> Result<Self::State, ActorProcessingErr> {
-        let ticker = myself.send_interval(Duration::from_secs(1), || ClusterMsg::Tick);
+        // The first answer at once: the proxy and health read it from the start.
+        serving.set(cluster.serving(), Instant::now());
+        let ticker = myself.send_interval(SERVING_TICK, || ClusterMsg::Tick);
         Ok(ClusterState {
             cluster,
             busy: Arc::new(Semaphore::new(1)),
-            serving: None,
+            serving,
+            was_serving: None,
             ticker,
         })
     }
@@ -168,8 +209,8 @@ impl Actor for ClusterActor {
             ClusterMsg::Tick => {
                 let now = state.cluster.serving();
                 let ok = now.is_ok();
-                if state.serving != Some(ok) {
-                    match (&now, state.serving) {
+                if state.was_serving != Some(ok) {
+                    match (&now, state.was_serving) {
                         (Ok(()), _) => {
                             tracing::info!("in contact with the cluster leader; serving")
                         }
@@ -178,8 +219,9 @@ impl Actor for ClusterActor {
                         ),
                         (Err(why), _) => tracing::info!("not serving yet: {why}"),
                     }
-                    state.serving = Some(ok);
+                    state.was_serving = Some(ok);
                 }
+                state.serving.set(now, Instant::now());
             }
             ClusterMsg::Crash => return Err("crash requested".into()),
         }
@@ -214,6 +256,7 @@ async fn apply_member_op(cluster: &Cluster, op: MemberOp) -> Result<(), ClusterE
 }
 
 /// Runs one accept loop as a task; fails when the loop ends so the supervisor restarts it.
+#[derive(Clone)]
 pub struct Listener;
 
 /// What a [`Listener`] runs.
@@ -337,139 +380,162 @@ impl Actor for Listener {
     }
 }
 
-/// Everything the tree needs, created before it.
+/// How to start one child of the tree, and again after it failed.
 #[derive(Clone)]
+pub struct ChildSpec {
+    /// The child's name in logs, health and metrics (`proxy_config`, `tunnels`, …).
+    pub name: &'static str,
+    start: Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> + Send + Sync>,
+}
+
+impl ChildSpec {
+    /// A child started by `start`, which is given the supervisor to link to.
+    pub fn new<F, Fut>(name: &'static str, start: F) -> Self
+    where
+        F: Fn(ActorCell) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<ActorCell, SpawnErr>> + Send + 'static,
+    {
+        Self {
+            name,
+            start: Arc::new(move |sup| Box::pin(start(sup))),
+        }
+    }
+
+    /// A child that is actor `actor`, started (again) with `args()`.
+    pub fn actor<A, F>(name: &'static str, actor: A, args: F) -> Self
+    where
+        A: Actor + Clone,
+        F: Fn() -> A::Arguments + Send + Sync + 'static,
+    {
+        Self::new(name, move |sup| {
+            let actor = actor.clone();
+            let args = args();
+            async move {
+                let (r, _) = Actor::spawn_linked(None, actor, args, sup).await?;
+                Ok(r.get_cell())
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ChildSpec").field(&self.name).finish()
+    }
+}
+
+/// What the tree reports about itself: children that are down, restarts so far.
+#[derive(Debug, Clone, Default)]
+pub struct TreeHealth {
+    /// Children that failed and are not running again yet, with why they failed.
+    pub down: Vec<(&'static str, String)>,
+    /// Restarts per child since the node started (every child listed, zero included).
+    pub restarts: Vec<(&'static str, u64)>,
+}
+
+impl TreeHealth {
+    /// `Ok` if every child runs, else which one does not and why.
+    pub fn check(&self) -> Result<(), String> {
+        match self.down.first() {
+            None => Ok(()),
+            Some((name, why)) => Err(format!("{name} is down ({why}); restarting it")),
+        }
+    }
+
+    /// The tree's counters in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP warren_actor_restarts_total Restarts of each actor of the node's supervision tree after a failure.\n# TYPE warren_actor_restarts_total counter\n",
+        );
+        for (name, n) in &self.restarts {
+            out.push_str(&format!(
+                "warren_actor_restarts_total{{actor=\"{name}\"}} {n}\n"
+            ));
+        }
+        out.push_str("# HELP warren_actor_up Whether each actor of the supervision tree runs (1) or is down (0).\n# TYPE warren_actor_up gauge\n");
+        for (name, _) in &self.restarts {
+            let up = !self.down.iter().any(|(d, _)| d == name);
+            out.push_str(&format!(
+                "warren_actor_up{{actor=\"{name}\"}} {}\n",
+                u8::from(up)
+            ));
+        }
+        out
+    }
+}
+
+/// Everything the tree needs, created before it.
 pub struct SupervisorArgs {
-    /// The cluster handle.
-    pub cluster: Cluster,
-    /// The QUIC transport (for peer health in status).
-    pub transport: Arc<QuicTransport>,
-    /// The QUIC endpoint.
-    pub endpoint: quinn::Endpoint,
-    /// The cluster CA.
-    pub ca: ClusterCa,
-    /// This node's certificate and key.
-    pub identity: NodeIdentity,
-    /// The bound admin listener.
-    pub admin_listener: Arc<std::net::TcpListener>,
-    /// This node's name.
-    pub node_name: Name,
-    /// This cluster's id.
-    pub cluster_id: u128,
-    /// The proxy.
-    pub proxy: Arc<crate::proxy::Proxy>,
-    /// The site services.
-    pub sites: Arc<crate::sites::Sites>,
-    /// The bound HTTPS listener of the proxy.
-    pub https_listener: Arc<std::net::TcpListener>,
-    /// The bound HTTP listener of the proxy.
-    pub http_listener: Arc<std::net::TcpListener>,
+    /// The children, in start order.
+    pub children: Vec<ChildSpec>,
+    /// Where the tree reports on itself.
+    pub health: Arc<Published<TreeHealth>>,
 }
 
 /// The root of the tree.
 pub struct Supervisor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Child {
-    Cluster,
-    Rpc,
-    Admin,
-    Proxy,
-}
-
 /// State of the [`Supervisor`].
 pub struct SupervisorState {
-    args: SupervisorArgs,
-    children: HashMap<ActorId, (Child, ActorCell)>,
-    restarts: VecDeque<Instant>,
-    cluster_actor: watch::Sender<Option<ActorRef<ClusterMsg>>>,
-    tls: Arc<rustls::ServerConfig>,
-}
-
-impl SupervisorState {
-    /// A handle that follows whichever cluster actor is alive.
-    fn members(&self) -> Members {
-        Members {
-            rx: self.cluster_actor.subscribe(),
-            _own: None,
-        }
-    }
+    specs: Vec<ChildSpec>,
+    running: HashMap<ActorId, (usize, ActorCell)>,
+    down: HashMap<usize, String>,
+    restarts: Vec<u64>,
+    recent: VecDeque<Instant>,
+    health: Arc<Published<TreeHealth>>,
 }
 
 /// Messages of the [`Supervisor`].
 pub enum SupervisorMsg {
     /// How many times children were restarted so far.
     Restarts(RpcReplyPort<usize>),
-    /// The live cluster actor.
-    ClusterActor(RpcReplyPort<Option<ActorRef<ClusterMsg>>>),
+    /// The live child called this, if it runs (tests send it messages, such as a crash).
+    Child(&'static str, RpcReplyPort<Option<ActorCell>>),
+    /// Try again to start a child whose start failed.
+    Retry(usize),
 }
 
-impl Supervisor {
-    async fn start_child(
-        &self,
-        myself: &ActorRef<SupervisorMsg>,
-        state: &mut SupervisorState,
-        child: Child,
-    ) -> Result<(), ActorProcessingErr> {
-        let a = &state.args;
-        let cell = match child {
-            Child::Cluster => {
-                let (actor, _) =
-                    Actor::spawn_linked(None, ClusterActor, a.cluster.clone(), myself.get_cell())
-                        .await?;
-                state.cluster_actor.send_replace(Some(actor.clone()));
-                actor.get_cell()
+/// Waits between failed attempts to start a child again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+impl SupervisorState {
+    fn publish(&self) {
+        let mut down: Vec<(&'static str, String)> = self
+            .down
+            .iter()
+            .map(|(i, why)| (self.specs[*i].name, why.clone()))
+            .collect();
+        down.sort();
+        self.health.publish(Arc::new(TreeHealth {
+            down,
+            restarts: self
+                .specs
+                .iter()
+                .zip(&self.restarts)
+                .map(|(s, n)| (s.name, *n))
+                .collect(),
+        }));
+    }
+
+    /// Starts child `i`; on failure it stays down and is tried again shortly.
+    async fn start(&mut self, myself: &ActorRef<SupervisorMsg>, i: usize) {
+        let spec = &self.specs[i];
+        match (spec.start)(myself.get_cell()).await {
+            Ok(cell) => {
+                self.running.insert(cell.get_id(), (i, cell));
+                self.down.remove(&i);
             }
-            Child::Rpc => {
-                let join = Arc::new(JoinService {
-                    cluster: a.cluster.clone(),
-                    ca: a.ca.clone(),
-                    cluster_id: a.cluster_id,
-                    members: state.members(),
-                });
-                let kind = ListenerKind::Rpc {
-                    endpoint: a.endpoint.clone(),
-                    cluster: a.cluster.clone(),
-                    cluster_id: a.cluster_id,
-                    join,
-                    sites: a.sites.clone(),
-                };
-                let (actor, _) =
-                    Actor::spawn_linked(None, Listener, kind, myself.get_cell()).await?;
-                actor.get_cell()
-            }
-            Child::Proxy => {
-                let kind = ListenerKind::Proxy {
-                    proxy: a.proxy.clone(),
-                    https: a.https_listener.clone(),
-                    http: a.http_listener.clone(),
-                };
-                let (actor, _) =
-                    Actor::spawn_linked(None, Listener, kind, myself.get_cell()).await?;
-                actor.get_cell()
-            }
-            Child::Admin => {
-                let admin = AdminState::new(
-                    a.cluster.clone(),
-                    a.transport.clone(),
-                    a.ca.clone(),
-                    a.node_name.clone(),
-                    a.cluster_id,
-                    state.members(),
-                    a.proxy.clone(),
+            Err(e) => {
+                tracing::error!(
+                    child = spec.name,
+                    "{} could not start: {e}; trying again in {RETRY_AFTER:?}",
+                    spec.name
                 );
-                let kind = ListenerKind::Admin {
-                    listener: a.admin_listener.clone(),
-                    tls: state.tls.clone(),
-                    state: admin,
-                };
-                let (actor, _) =
-                    Actor::spawn_linked(None, Listener, kind, myself.get_cell()).await?;
-                actor.get_cell()
+                self.down.insert(i, format!("could not start: {e}"));
+                myself.send_after(RETRY_AFTER, move || SupervisorMsg::Retry(i));
             }
-        };
-        state.children.insert(cell.get_id(), (child, cell));
-        Ok(())
+        }
+        self.publish();
     }
 }
 
@@ -483,18 +549,25 @@ impl Actor for Supervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let tls = Arc::new(warren_consensus::pki::https_server_config(&args.identity)?);
-        let (cluster_actor, _) = watch::channel(None);
+        let n = args.children.len();
         let mut state = SupervisorState {
-            args,
-            children: HashMap::new(),
-            restarts: VecDeque::new(),
-            cluster_actor,
-            tls,
+            specs: args.children,
+            running: HashMap::new(),
+            down: HashMap::new(),
+            restarts: vec![0; n],
+            recent: VecDeque::new(),
+            health: args.health,
         };
-        for child in [Child::Cluster, Child::Rpc, Child::Admin, Child::Proxy] {
-            self.start_child(&myself, &mut state, child).await?;
+        // At start a child that cannot start stops the node: it is a bad configuration or
+        // environment, not a transient failure.
+        for i in 0..n {
+            let spec = state.specs[i].clone();
+            let cell = (spec.start)(myself.get_cell())
+                .await
+                .map_err(|e| format!("starting {}: {e}", spec.name))?;
+            state.running.insert(cell.get_id(), (i, cell));
         }
+        state.publish();
         Ok(state)
     }
 
@@ -503,8 +576,10 @@ impl Actor for Supervisor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.cluster_actor.send_replace(None);
-        for (_, (_, cell)) in state.children.drain() {
+        // Last started first: listeners go before what they read from.
+        let mut cells: Vec<(usize, ActorCell)> = state.running.drain().map(|(_, c)| c).collect();
+        cells.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (_, cell) in cells {
             cell.stop(Some("node shutting down".into()));
         }
         Ok(())
@@ -512,16 +587,26 @@ impl Actor for Supervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Restarts(reply) => {
-                let _ = reply.send(state.restarts.len());
+                let _ = reply.send(state.restarts.iter().sum::<u64>() as usize);
             }
-            SupervisorMsg::ClusterActor(reply) => {
-                let _ = reply.send(state.cluster_actor.borrow().clone());
+            SupervisorMsg::Child(name, reply) => {
+                let cell = state
+                    .running
+                    .values()
+                    .find(|(i, _)| state.specs[*i].name == name)
+                    .map(|(_, c)| c.clone());
+                let _ = reply.send(cell);
+            }
+            SupervisorMsg::Retry(i) => {
+                if state.down.contains_key(&i) && !state.running.values().any(|(j, _)| *j == i) {
+                    state.start(&myself, i).await;
+                }
             }
         }
         Ok(())
@@ -540,27 +625,29 @@ impl Actor for Supervisor {
             }
             _ => return Ok(()),
         };
-        let Some((child, _)) = state.children.remove(&cell.get_id()) else {
+        let Some((i, _)) = state.running.remove(&cell.get_id()) else {
             return Ok(());
         };
+        let name = state.specs[i].name;
         let now = Instant::now();
         while state
-            .restarts
+            .recent
             .front()
             .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
         {
-            state.restarts.pop_front();
+            state.recent.pop_front();
         }
-        if state.restarts.len() >= MAX_RESTARTS {
-            tracing::error!(?child, "{child:?} failed again ({why}) after {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}; stopping the node");
-            myself.stop(Some(format!("{child:?} keeps failing: {why}")));
+        state.down.insert(i, why.clone());
+        state.publish();
+        if state.recent.len() >= MAX_RESTARTS {
+            tracing::error!(child = name, "{name} failed again ({why}) after {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}; stopping the node");
+            myself.stop(Some(format!("{name} keeps failing: {why}")));
             return Ok(());
         }
-        state.restarts.push_back(now);
-        tracing::error!(?child, "{child:?} failed: {why}; restarting it");
-        if child == Child::Cluster {
-            state.cluster_actor.send_replace(None);
-        }
-        self.start_child(&myself, state, child).await
+        state.recent.push_back(now);
+        state.restarts[i] += 1;
+        tracing::error!(child = name, "{name} failed: {why}; restarting it");
+        state.start(&myself, i).await;
+        Ok(())
     }
 }

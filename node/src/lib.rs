@@ -33,4 +33,6 @@ pub mod acme;
 pub mod l4;
 pub mod miss;
 pub mod proxy;
+pub mod publish;
+pub mod serving;
 pub mod sites;

@@ -19,7 +19,9 @@ use warren_proto::registry::{Node, NodeId, NodeRole};
 use warren_proto::token::{ApiKey, JoinToken};
 use warren_proto::Name;
 
-use crate::actors::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::actors::{
+    ChildSpec, ClusterActor, Listener, ListenerKind, Supervisor, SupervisorArgs, SupervisorMsg,
+};
 use crate::datadir::{DataDir, NodeFile};
 use crate::settings::Settings;
 
@@ -129,7 +131,13 @@ impl RunningNode {
             endpoint.clone(),
             pki::quic_client_config_for(&ca, &identity, warren_proto::tunnel::ALPN_RELAY)?,
         );
-        let proxy = crate::proxy::Proxy::start(cluster.clone(), proxy_settings, sites.clone())?;
+        let serving = crate::serving::Serving::new();
+        let proxy = crate::proxy::Proxy::start(
+            cluster.clone(),
+            proxy_settings,
+            sites.clone(),
+            serving.clone(),
+        )?;
         let l4 = crate::l4::L4::start(
             proxy.clone(),
             settings.l4_addr()?,
@@ -138,19 +146,66 @@ impl RunningNode {
         let acme = settings
             .acme()?
             .map(|a| Arc::new(AbortOnDrop(crate::acme::start(cluster.clone(), a))));
-        let args = SupervisorArgs {
-            sites: sites.clone(),
-            proxy: proxy.clone(),
-            https_listener: Arc::new(https_listener),
-            http_listener: Arc::new(http_listener),
-            cluster: cluster.clone(),
-            transport,
-            endpoint: endpoint.clone(),
-            ca: ca.clone(),
-            identity,
-            admin_listener: Arc::new(admin_listener),
-            node_name: file.name.clone(),
+        let tree = crate::publish::Published::new(crate::actors::TreeHealth::default());
+        let cluster_actor = Arc::new(tokio::sync::watch::Sender::new(None));
+        let members = crate::actors::Members::following(&cluster_actor);
+        let https_listener = Arc::new(https_listener);
+        let http_listener = Arc::new(http_listener);
+        let admin_listener = Arc::new(admin_listener);
+        let admin_tls = Arc::new(pki::https_server_config(&identity)?);
+        let admin = crate::admin::AdminState::new(
+            cluster.clone(),
+            transport.clone(),
+            ca.clone(),
+            file.name.clone(),
             cluster_id,
+            members.clone(),
+            proxy.clone(),
+            serving.clone(),
+            tree.clone(),
+        );
+        let join = Arc::new(crate::join::JoinService {
+            cluster: cluster.clone(),
+            ca: ca.clone(),
+            cluster_id,
+            members,
+        });
+        let mut children = vec![ClusterActor::child(
+            cluster.clone(),
+            serving.clone(),
+            cluster_actor,
+        )];
+        // The actors that own the node's soft state go before the listeners that read what
+        // they publish.
+        children.push(proxy.config_child());
+        children.extend([
+            ChildSpec::actor("rpc", Listener, {
+                let (endpoint, cluster, sites) = (endpoint.clone(), cluster.clone(), sites.clone());
+                move || ListenerKind::Rpc {
+                    endpoint: endpoint.clone(),
+                    cluster: cluster.clone(),
+                    cluster_id,
+                    join: join.clone(),
+                    sites: sites.clone(),
+                }
+            }),
+            ChildSpec::actor("admin", Listener, move || ListenerKind::Admin {
+                listener: admin_listener.clone(),
+                tls: admin_tls.clone(),
+                state: admin.clone(),
+            }),
+            ChildSpec::actor("proxy", Listener, {
+                let proxy = proxy.clone();
+                move || ListenerKind::Proxy {
+                    proxy: proxy.clone(),
+                    https: https_listener.clone(),
+                    http: http_listener.clone(),
+                }
+            }),
+        ]);
+        let args = SupervisorArgs {
+            children,
+            health: tree,
         };
         let (supervisor, supervisor_done) =
             Actor::spawn(Some(format!("node-{}", file.name)), Supervisor, args)

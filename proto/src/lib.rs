@@ -27,8 +27,10 @@ pub mod policy;
 pub mod registry;
 pub mod secret;
 pub mod session;
+pub mod sites;
 pub mod token;
 pub mod tunnel;
+pub mod tunnels;
 
 pub use name::Name;
 pub use secret::Secret;

@@ -70,10 +70,15 @@ struct Inner {
     proxy: Arc<crate::proxy::Proxy>,
     /// The admin listener's connection counters.
     connections: Arc<ConnStats>,
+    /// Whether this node may grant access (fail closed otherwise).
+    serving: crate::serving::Serving,
+    /// The supervision tree's report on itself.
+    tree: Arc<crate::publish::Published<crate::actors::TreeHealth>>,
 }
 
 impl AdminState {
     /// The handlers' state.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cluster: Cluster,
         transport: Arc<QuicTransport>,
@@ -82,9 +87,13 @@ impl AdminState {
         cluster_id: u128,
         members: Members,
         proxy: Arc<crate::proxy::Proxy>,
+        serving: crate::serving::Serving,
+        tree: Arc<crate::publish::Published<crate::actors::TreeHealth>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                serving,
+                tree,
                 proxy,
                 cluster,
                 transport,

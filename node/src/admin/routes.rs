@@ -525,6 +525,7 @@ async fn metrics(
     text.push_str(&s.inner.connections.render("admin", "Admin API"));
     text.push_str(&s.inner.proxy.connections.render("proxy", "HTTPS proxy"));
     text.push_str(&crate::miss::render(s.cluster()));
+    text.push_str(&s.inner.tree.load().render());
     Ok((h, text))
 }
 
@@ -609,7 +610,14 @@ async fn health(State(s): State<AdminState>) -> (StatusCode, Json<Health>) {
         .and_then(|id| reg.node_by_id(id))
         .map(|n| n.name.clone());
     let contact = c.leader_contact().map(|d| d.as_millis() as u64);
-    let serving = c.serving();
+    // The node's one serving state (what the proxy grants by), then the tree: a part that
+    // is down (its actor failed and is restarting) makes the node unhealthy too.
+    let serving = s
+        .inner
+        .serving
+        .check()
+        .map_err(|why| why.to_string())
+        .and_then(|()| s.inner.tree.load().check());
     let status = if serving.is_ok() {
         StatusCode::OK
     } else {

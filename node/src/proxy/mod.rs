@@ -6,6 +6,7 @@
 //! the identity headers added. See `docs` in the README for the sign-in flow.
 
 mod auth;
+pub mod config;
 pub mod credential;
 mod forward;
 pub mod methods;
@@ -21,7 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -32,19 +32,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::task::JoinSet;
 use warren_consensus::cluster::Cluster;
-use warren_consensus::registry::{Command, Registry};
-use warren_consensus::types::{Actor as Who, Request as RaftRequest};
+use warren_consensus::registry::Registry;
 use warren_proto::access::{decide, Decision, Facts, Identity};
 use warren_proto::registry::User;
-use warren_proto::session::{ProxyKeys, Session, SessionId, Via};
+use warren_proto::session::{Session, SessionId, Via};
 use warren_proto::Secret;
 
 use self::pages::page;
-use self::seal::{Purpose, Sealer};
-use self::sign::Signer;
-use self::state::{build_config, config_changed, Config, Pool, ProxyState, Route};
+use self::seal::Purpose;
+use self::state::{Config, ProxyState, Route};
+use crate::publish::Published;
+use crate::serving::Serving;
 
 /// Error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -100,12 +99,13 @@ impl Principal<'_> {
 
 /// The proxy of one node.
 pub struct Proxy {
-    state: ArcSwap<ProxyState>,
+    /// What request tasks read; published by the `proxy_config` actor.
+    state: Arc<Published<ProxyState>>,
     cluster: Cluster,
     settings: ProxySettings,
     client: Client<HttpConnector, Body>,
-    /// Why this node may not grant access right now (cut off from the leader too long).
-    fail_closed: ArcSwapOption<String>,
+    /// Whether this node may grant access now (fail closed otherwise).
+    serving: Serving,
     oidc: auth::Oidc,
     attempts: credential::Attempts,
     /// Request counters for `/metrics`.
@@ -116,9 +116,6 @@ pub struct Proxy {
     sites: Arc<crate::sites::Sites>,
     /// `https://<auth host>[:port]`, the issuer of assertions.
     auth_origin: String,
-    tasks: std::sync::Mutex<JoinSet<()>>,
-    /// Told after every new state or fail-closed change (upgraded connections re-check).
-    state_changed: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -138,12 +135,13 @@ pub fn unix_now() -> u64 {
 }
 
 impl Proxy {
-    /// Creates the proxy and starts its background work: following the registry, health
-    /// checks, the fail-closed watch, cluster keys and session refresh.
+    /// Creates the proxy. It serves from what the `proxy_config` actor publishes
+    /// ([`Proxy::config_child`]) and grants access only while `serving` says so.
     pub fn start(
         cluster: Cluster,
         settings: ProxySettings,
         sites: Arc<crate::sites::Sites>,
+        serving: Serving,
     ) -> anyhow::Result<Arc<Self>> {
         let auth_origin = format!(
             "https://{}",
@@ -162,11 +160,11 @@ impl Proxy {
             .pool_max_idle_per_host(1024)
             .build(connector);
         let proxy = Arc::new(Self {
-            state: ArcSwap::from_pointee(ProxyState::empty()),
+            state: Published::new(ProxyState::empty()),
             cluster,
             settings,
             client,
-            fail_closed: ArcSwapOption::empty(),
+            serving,
             oidc: auth::Oidc::new(),
             attempts: credential::Attempts::default(),
             metrics: metrics::Metrics::default(),
@@ -174,16 +172,17 @@ impl Proxy {
             mailer,
             sites,
             auth_origin,
-            tasks: std::sync::Mutex::new(JoinSet::new()),
-            state_changed: tokio::sync::watch::Sender::new(()),
         });
-        let weak = Arc::downgrade(&proxy);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(follow_registry(weak.clone()));
-        tasks.spawn(watch_serving(weak.clone()));
-        tasks.spawn(auth::refresh_sessions(weak));
-        *proxy.tasks.lock().expect("tasks lock") = tasks;
         Ok(proxy)
+    }
+
+    /// The tree's child that keeps this proxy's state current.
+    pub fn config_child(&self) -> crate::actors::ChildSpec {
+        config::ProxyConfigActor::child(config::ProxyConfigArgs {
+            cluster: self.cluster.clone(),
+            state: self.state.clone(),
+            client: self.client.clone(),
+        })
     }
 
     /// The cluster handle.
@@ -197,8 +196,13 @@ impl Proxy {
     }
 
     /// Why this node may not grant access now, if it may not.
-    pub fn fail_closed(&self) -> Option<Arc<String>> {
-        self.fail_closed.load_full()
+    pub fn fail_closed(&self) -> Option<Arc<str>> {
+        self.serving.check().err()
+    }
+
+    /// The node's serving state.
+    pub fn serving(&self) -> &Serving {
+        &self.serving
     }
 
     /// The HTTPS port users reach the proxy on.
@@ -221,16 +225,6 @@ impl Proxy {
         .with_cert_resolver(Arc::new(SniResolver(Arc::downgrade(self))));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(tls))
-    }
-
-    fn spawn_health_check(&self, pool: &Arc<Pool>) {
-        if pool.check.is_some() {
-            let weak = Arc::downgrade(pool);
-            self.tasks
-                .lock()
-                .expect("tasks lock")
-                .spawn(forward::health_loop(weak, self.client.clone()));
-        }
     }
 
     /// Handles one request from a client at `peer`, on a TLS connection made for `sni`.
@@ -369,7 +363,7 @@ impl Proxy {
                 log,
             );
         }
-        if let Some(why) = self.fail_closed.load_full() {
+        if let Some(why) = self.fail_closed() {
             log.decision = "deny";
             log.reason = format!("fail closed: {why}");
             return (
@@ -473,7 +467,7 @@ impl Proxy {
             GrantKind::Session(sid) => sid,
             _ => return Err("the resource needs a sign-in now".into()),
         };
-        if let Some(why) = self.fail_closed.load_full() {
+        if let Some(why) = self.fail_closed() {
             return Err(format!("fail closed: {why}"));
         }
         let p = lookup_session(&state.registry, &state.config, sid)?;
@@ -496,9 +490,12 @@ impl Proxy {
         Err("session not good for this resource".into())
     }
 
-    /// A receiver that sees every change of the state (registry or fail-closed).
-    pub(crate) fn watch_state(&self) -> tokio::sync::watch::Receiver<()> {
-        self.state_changed.subscribe()
+    /// Wakes on every change of the state or of whether the node is serving.
+    pub(crate) fn watch_state(&self) -> StateChanges {
+        StateChanges {
+            state: self.state.subscribe(),
+            serving: self.serving.subscribe(),
+        }
     }
 
     /// The session behind the request's cookie, if it is valid for `host`.
@@ -873,110 +870,19 @@ pub fn set_cookie(name: &str, value: &str, path: &str, max_age: Option<u64>) -> 
     format!("{name}={value}; Path={path}; HttpOnly; Secure; SameSite=Lax{age}")
 }
 
-/// Follows the registry: rebuilds the state on every change, proposes proxy keys when the
-/// cluster has none.
-async fn follow_registry(proxy: std::sync::Weak<Proxy>) {
-    let Some(p) = proxy.upgrade() else { return };
-    let mut rx = p.cluster.subscribe();
-    drop(p);
-    let mut pools = std::collections::HashMap::new();
-    let mut last_keys: Option<ProxyKeys> = None;
-    let mut asked_keys_at: Option<std::time::Instant> = None;
-    loop {
-        let reg = rx.borrow_and_update().clone();
-        let Some(p) = proxy.upgrade() else { return };
-        let old = p.state.load_full();
-        let config = if config_changed(&old.registry, &reg) || old.registry.last_applied().is_none()
-        {
-            let before: std::collections::HashSet<_> =
-                pools.values().map(|p: &Arc<Pool>| Arc::as_ptr(p)).collect();
-            let config = build_config(&reg, &mut pools);
-            for problem in &config.problems {
-                tracing::warn!("proxy configuration: {problem}");
-            }
-            for pool in pools.values() {
-                if !before.contains(&Arc::as_ptr(pool)) {
-                    p.spawn_health_check(pool);
-                }
-            }
-            Arc::new(config)
-        } else {
-            old.config.clone()
-        };
-        let keys = reg.proxy_keys().cloned();
-        let (sealer, signer) = if keys == last_keys {
-            (old.sealer.clone(), old.signer.clone())
-        } else {
-            last_keys = keys.clone();
-            match &keys {
-                Some(k) => (
-                    Sealer::from_b64(k.cookie_key.expose()).map(Arc::new),
-                    Signer::from_keys(&k.signing_keys).map(Arc::new),
-                ),
-                None => (None, None),
-            }
-        };
-        if keys.is_none()
-            && reg.cluster_id() != 0
-            && asked_keys_at.is_none_or(|t| t.elapsed() > Duration::from_secs(2))
-        {
-            asked_keys_at = Some(std::time::Instant::now());
-            let cluster = p.cluster.clone();
-            tokio::spawn(async move {
-                let keys = ProxyKeys {
-                    cookie_key: Secret::new(Sealer::generate_key()),
-                    signing_keys: vec![Signer::generate(unix_now())],
-                };
-                let req = RaftRequest::new(Who::System, Command::EnsureProxyKeys(keys));
-                if let Err(e) = cluster.write(req).await {
-                    tracing::debug!("proposing proxy keys: {e}");
-                }
-            });
-        }
-        p.state.store(Arc::new(ProxyState {
-            registry: reg,
-            config,
-            sealer,
-            signer,
-        }));
-        p.state_changed.send_replace(());
-        drop(p);
-        let wait = if keys.is_none() {
-            // Ask again if the proposal got lost (no leader yet).
-            tokio::time::timeout(Duration::from_secs(2), rx.changed()).await
-        } else {
-            Ok(rx.changed().await)
-        };
-        if let Ok(Err(_)) = wait {
-            return;
-        }
-    }
+/// Changes an open connection re-checks on: a new state, or the node starting or stopping
+/// to serve.
+pub(crate) struct StateChanges {
+    state: tokio::sync::watch::Receiver<u64>,
+    serving: tokio::sync::watch::Receiver<u64>,
 }
 
-/// Keeps `fail_closed` current.
-async fn watch_serving(proxy: std::sync::Weak<Proxy>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tick.tick().await;
-        let Some(p) = proxy.upgrade() else { return };
-        match p.cluster.serving() {
-            Ok(()) => {
-                if p.fail_closed.load().is_some() {
-                    tracing::info!("in contact with the cluster again; granting access");
-                    p.fail_closed.store(None);
-                    p.state_changed.send_replace(());
-                }
-            }
-            Err(why) => {
-                let first = p.fail_closed.load().is_none();
-                if first {
-                    tracing::warn!("failing closed: {why}");
-                }
-                p.fail_closed.store(Some(Arc::new(why)));
-                if first {
-                    p.state_changed.send_replace(());
-                }
-            }
+impl StateChanges {
+    /// Waits for the next change; `Err` once the proxy is gone.
+    pub(crate) async fn changed(&mut self) -> Result<(), tokio::sync::watch::error::RecvError> {
+        tokio::select! {
+            r = self.state.changed() => r,
+            r = self.serving.changed() => r,
         }
     }
 }

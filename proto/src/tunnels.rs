@@ -1,0 +1,1 @@
+//! Which nodes an agent keeps tunnels to: a sans-IO state machine (filled in by issue 13).
