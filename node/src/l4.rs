@@ -8,15 +8,16 @@
 //! past the limit a new TCP connection is closed at once and a new UDP client's datagrams
 //! are dropped, counted and logged at most every 10 s per port, until flows end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use warren_consensus::registry::Registry;
 use warren_proto::access::{decide, CompiledPolicy, Decision, Facts};
 use warren_proto::registry::{Resource, Route};
@@ -24,72 +25,64 @@ use warren_proto::tunnel::io::{write_datagram, DatagramReader};
 use warren_proto::tunnel::{Protocol, MAX_DATAGRAM};
 use warren_proto::Name;
 
+use crate::actors::ChildSpec;
 use crate::conn::{ConnGate, ConnStats, RefusalLog};
 use crate::proxy::{unix_now, Proxy};
 
 /// A UDP flow ends after this long without a datagram either way.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Proto {
+/// The transport of a resource port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
 }
 
-/// A resource's port: whose it is and the task serving it.
-type Listening = (Name, JoinHandle<()>);
+/// A resource port: transport and number.
+pub type PortKey = (Proto, u16);
 
-/// The listeners of TCP and UDP resources.
-pub struct L4 {
-    listeners: Mutex<HashMap<(Proto, u16), Listening>>,
-    follower: Mutex<Option<JoinHandle<()>>>,
-    /// TCP connections and UDP flows open at once, over every port.
-    gate: ConnGate,
-    connections: Arc<ConnStats>,
+/// How long after a failed bind the port is tried again.
+pub const REBIND_AFTER: Duration = Duration::from_secs(5);
+
+/// What the [`L4Core`] asks its shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L4Action {
+    /// Bind the port and serve it for the resource; report with
+    /// [`L4Core::handle_bound`].
+    Listen(PortKey, Name),
+    /// Stop serving the port (the resource is gone, or the port now belongs to another).
+    Close(PortKey, Name),
 }
 
-impl Drop for L4 {
-    fn drop(&mut self) {
-        if let Some(f) = self.follower.lock().expect("l4 lock").take() {
-            f.abort();
-        }
-        for (_, (_, task)) in self.listeners.lock().expect("l4 lock").drain() {
-            task.abort();
-        }
-    }
+/// Which resource ports this node listens on, as a state machine without I/O.
+///
+/// Calling order: [`handle_registry`](Self::handle_registry) for each registry applied,
+/// [`handle_bound`](Self::handle_bound) with the result of every `Listen`,
+/// [`handle_ended`](Self::handle_ended) when a port's task ends on its own,
+/// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
+/// passes; after each call drain [`poll_action`](Self::poll_action).
+#[derive(Debug, Default)]
+pub struct L4Core {
+    wanted: HashMap<PortKey, Name>,
+    /// Ports being bound or served, and for whom.
+    open: HashMap<PortKey, Name>,
+    /// Ports whose bind failed, and when to try again.
+    failed: HashMap<PortKey, Instant>,
+    actions: VecDeque<L4Action>,
 }
 
-impl L4 {
-    /// Starts following the registry: a listener on `ip` for every TCP and UDP resource,
-    /// with at most `max_connections` TCP connections and UDP flows open at once.
-    pub fn start(proxy: Arc<Proxy>, ip: IpAddr, max_connections: usize) -> Arc<Self> {
-        let connections = Arc::new(ConnStats::default());
-        let l4 = Arc::new(Self {
-            listeners: Mutex::new(HashMap::new()),
-            follower: Mutex::new(None),
-            gate: ConnGate::new(max_connections, connections.clone()),
-            connections,
-        });
-        let task = tokio::spawn(follow(Arc::downgrade(&l4), proxy, ip));
-        *l4.follower.lock().expect("l4 lock") = Some(task);
-        l4
+impl L4Core {
+    /// A core that listens on nothing.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Counters of the TCP connections and UDP flows open and refused.
-    pub fn connections(&self) -> &ConnStats {
-        &self.connections
-    }
-}
-
-/// Names the limit in the log line when it is reached.
-const L4_LIMIT_SETTING: &str = "--l4-max-connections";
-
-async fn follow(l4: Weak<L4>, proxy: Arc<Proxy>, ip: IpAddr) {
-    let mut rx = proxy.cluster().subscribe();
-    loop {
-        let reg = rx.borrow_and_update().clone();
-        let Some(me) = l4.upgrade() else { return };
-        let wanted: HashMap<(Proto, u16), Name> = reg
+    /// The registry changed: listen on exactly the ports of its TCP and UDP resources.
+    pub fn handle_registry(&mut self, reg: &Registry, now: Instant) {
+        self.wanted = reg
             .resources()
             .values()
             .filter_map(|r| match r.route {
@@ -98,55 +91,287 @@ async fn follow(l4: Weak<L4>, proxy: Arc<Proxy>, ip: IpAddr) {
                 Route::Http { .. } => None,
             })
             .collect();
-        {
-            let mut listeners = me.listeners.lock().expect("l4 lock");
-            listeners.retain(|key, (name, task)| {
-                let keep = wanted.get(key) == Some(name) && !task.is_finished();
-                if !keep {
-                    task.abort();
-                    tracing::info!(port = key.1, proto = ?key.0, resource = %name, "resource port closed");
+        self.failed.retain(|key, _| self.wanted.contains_key(key));
+        self.reconcile(now);
+    }
+
+    /// The outcome of a `Listen`.
+    pub fn handle_bound(&mut self, key: PortKey, ok: bool, now: Instant) {
+        if !ok {
+            self.open.remove(&key);
+            self.failed.insert(key, now + REBIND_AFTER);
+        }
+    }
+
+    /// A port's task ended by itself (it should not): serve it again at once.
+    pub fn handle_ended(&mut self, key: PortKey, now: Instant) {
+        self.open.remove(&key);
+        self.reconcile(now);
+    }
+
+    /// Time passed: retry failed binds that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.reconcile(now);
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<L4Action> {
+        self.actions.pop_front()
+    }
+
+    /// When a failed bind is to be tried again.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.failed.values().min().copied()
+    }
+
+    fn reconcile(&mut self, now: Instant) {
+        let mut stale: Vec<(PortKey, Name)> = self
+            .open
+            .iter()
+            .filter(|(key, name)| self.wanted.get(key) != Some(name))
+            .map(|(k, n)| (*k, n.clone()))
+            .collect();
+        stale.sort();
+        for (key, name) in stale {
+            self.open.remove(&key);
+            self.actions.push_back(L4Action::Close(key, name));
+        }
+        let mut new: Vec<(PortKey, Name)> = self
+            .wanted
+            .iter()
+            .filter(|(key, _)| !self.open.contains_key(key))
+            .filter(|(key, _)| self.failed.get(key).is_none_or(|at| *at <= now))
+            .map(|(k, n)| (*k, n.clone()))
+            .collect();
+        new.sort();
+        for (key, name) in new {
+            self.failed.remove(&key);
+            self.open.insert(key, name.clone());
+            self.actions.push_back(L4Action::Listen(key, name));
+        }
+    }
+}
+
+/// The connection bound of the TCP and UDP resource ports, shared by every flow; created
+/// before the supervision tree so that flows keep their places across restarts.
+pub struct L4 {
+    /// TCP connections and UDP flows open at once, over every port.
+    gate: ConnGate,
+    connections: Arc<ConnStats>,
+    ip: IpAddr,
+}
+
+impl L4 {
+    /// Ports on `ip`, with at most `max_connections` TCP connections and UDP flows open
+    /// at once.
+    pub fn new(ip: IpAddr, max_connections: usize) -> Arc<Self> {
+        let connections = Arc::new(ConnStats::default());
+        Arc::new(Self {
+            gate: ConnGate::new(max_connections, connections.clone()),
+            connections,
+            ip,
+        })
+    }
+
+    /// Counters of the TCP connections and UDP flows open and refused.
+    pub fn connections(&self) -> &ConnStats {
+        &self.connections
+    }
+
+    /// The tree's child `l4` that listens on the resource ports.
+    pub fn child(self: &Arc<Self>, proxy: Arc<Proxy>) -> ChildSpec {
+        let l4 = self.clone();
+        ChildSpec::actor("l4", L4Actor, move || (l4.clone(), proxy.clone()))
+    }
+}
+
+/// Messages of the [`L4Actor`].
+pub enum L4Msg {
+    /// The cluster applied a new registry.
+    Changed,
+    /// The core's timer passed.
+    Timeout,
+    /// Look for port tasks that ended (a panic fails the actor).
+    Reap,
+    /// Panic on purpose (supervision tests).
+    Crash,
+}
+
+/// Owns the resource ports: an [`L4Core`] and the task serving each port. Flows (one task
+/// per TCP connection or UDP client) are not its children: a restart of the actor rebinds
+/// the ports and leaves open flows alone.
+#[derive(Clone)]
+pub struct L4Actor;
+
+/// A pending `send_after`.
+type Timer = JoinHandle<Result<(), ractor::MessagingErr<L4Msg>>>;
+
+/// State of the [`L4Actor`].
+pub struct L4State {
+    l4: Arc<L4>,
+    proxy: Arc<Proxy>,
+    core: L4Core,
+    tasks: JoinSet<PortKey>,
+    ports: HashMap<PortKey, AbortHandle>,
+    follower: JoinHandle<()>,
+    reaper: JoinHandle<()>,
+    timer: Option<(Instant, Timer)>,
+}
+
+impl Actor for L4Actor {
+    type Msg = L4Msg;
+    type State = L4State;
+    type Arguments = (Arc<L4>, Arc<Proxy>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (l4, proxy): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut rx = proxy.cluster().subscribe();
+        let me = myself.clone();
+        let follower = tokio::spawn(async move {
+            rx.borrow_and_update();
+            if me.cast(L4Msg::Changed).is_err() {
+                return;
+            }
+            while rx.changed().await.is_ok() {
+                if me.cast(L4Msg::Changed).is_err() {
+                    return;
                 }
-                keep
-            });
-            for (key, name) in &wanted {
-                if listeners.contains_key(key) {
-                    continue;
-                }
-                let addr = SocketAddr::new(ip, key.1);
-                let task = match key.0 {
-                    Proto::Tcp => std::net::TcpListener::bind(addr)
-                        .and_then(|l| {
-                            l.set_nonblocking(true)?;
-                            TcpListener::from_std(l)
-                        })
-                        .map(|l| {
-                            tokio::spawn(accept(l, name.clone(), proxy.clone(), me.gate.clone()))
-                        }),
-                    Proto::Udp => std::net::UdpSocket::bind(addr)
-                        .and_then(|s| {
-                            s.set_nonblocking(true)?;
-                            tokio::net::UdpSocket::from_std(s)
-                        })
-                        .map(|s| {
-                            tokio::spawn(udp_serve(s, name.clone(), proxy.clone(), me.gate.clone()))
-                        }),
-                };
-                match task {
-                    Ok(task) => {
-                        tracing::info!(%addr, proto = ?key.0, resource = %name, "resource listening");
-                        listeners.insert(*key, (name.clone(), task));
-                    }
-                    Err(e) => {
-                        tracing::warn!(%addr, proto = ?key.0, resource = %name, "cannot listen for a resource: {e}")
+            }
+        });
+        let reaper = myself.send_interval(Duration::from_secs(1), || L4Msg::Reap);
+        Ok(L4State {
+            l4,
+            proxy,
+            core: L4Core::new(),
+            tasks: JoinSet::new(),
+            ports: HashMap::new(),
+            follower,
+            reaper,
+            timer: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.follower.abort();
+        state.reaper.abort();
+        if let Some((_, t)) = state.timer.take() {
+            t.abort();
+        }
+        state.tasks.abort_all();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match msg {
+            L4Msg::Changed => {
+                let reg = state.proxy.cluster().registry();
+                state.core.handle_registry(&reg, now);
+            }
+            L4Msg::Timeout => {
+                state.timer = None;
+                state.core.handle_timeout(now);
+            }
+            L4Msg::Reap => {
+                while let Some(ended) = state.tasks.try_join_next() {
+                    match ended {
+                        Ok(key) => {
+                            tracing::warn!(port = key.1, proto = ?key.0, "a resource port stopped serving; listening again");
+                            state.ports.remove(&key);
+                            state.core.handle_ended(key, now);
+                        }
+                        Err(e) if e.is_panic() => {
+                            return Err(format!("a resource port's task panicked: {e}").into())
+                        }
+                        Err(_) => {}
                     }
                 }
             }
+            L4Msg::Crash => panic!("crash requested"),
         }
-        drop(me);
-        // Also retry failed binds now and then.
-        let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+        while let Some(action) = state.core.poll_action() {
+            perform(state, action, now);
+        }
+        let wanted = state.core.poll_timeout();
+        if state.timer.as_ref().map(|(at, _)| *at) != wanted {
+            if let Some((_, t)) = state.timer.take() {
+                t.abort();
+            }
+            if let Some(at) = wanted {
+                let t = myself.send_after(at.saturating_duration_since(now), || L4Msg::Timeout);
+                state.timer = Some((at, t));
+            }
+        }
+        Ok(())
     }
 }
+
+fn perform(state: &mut L4State, action: L4Action, now: Instant) {
+    match action {
+        L4Action::Close(key, name) => {
+            if let Some(h) = state.ports.remove(&key) {
+                h.abort();
+            }
+            tracing::info!(port = key.1, proto = ?key.0, resource = %name, "resource port closed");
+        }
+        L4Action::Listen(key, name) => {
+            let addr = SocketAddr::new(state.l4.ip, key.1);
+            let (proxy, gate) = (state.proxy.clone(), state.l4.gate.clone());
+            let served = match key.0 {
+                Proto::Tcp => std::net::TcpListener::bind(addr)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        TcpListener::from_std(l)
+                    })
+                    .map(|l| {
+                        let name = name.clone();
+                        state.tasks.spawn(async move {
+                            accept(l, name, proxy, gate).await;
+                            key
+                        })
+                    }),
+                Proto::Udp => std::net::UdpSocket::bind(addr)
+                    .and_then(|s| {
+                        s.set_nonblocking(true)?;
+                        tokio::net::UdpSocket::from_std(s)
+                    })
+                    .map(|s| {
+                        let name = name.clone();
+                        state.tasks.spawn(async move {
+                            udp_serve(s, name, proxy, gate).await;
+                            key
+                        })
+                    }),
+            };
+            match served {
+                Ok(handle) => {
+                    tracing::info!(%addr, proto = ?key.0, resource = %name, "resource listening");
+                    state.ports.insert(key, handle);
+                    state.core.handle_bound(key, true, now);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, proto = ?key.0, resource = %name, "cannot listen for a resource (trying again in {} s): {e}", REBIND_AFTER.as_secs());
+                    state.core.handle_bound(key, false, now);
+                }
+            }
+        }
+    }
+}
+
+/// Names the limit in the log line when it is reached.
+const L4_LIMIT_SETTING: &str = "--l4-max-connections";
 
 async fn accept(listener: TcpListener, name: Name, proxy: Arc<Proxy>, gate: ConnGate) {
     let port = listener.local_addr().map_or(0, |a| a.port());
@@ -700,5 +925,98 @@ mod tests {
         )
         .await;
         assert_eq!(end, FlowEnd::UpstreamGone);
+    }
+}
+
+#[cfg(test)]
+mod core_tests {
+    use super::*;
+    use crate::testing::{name, resource, with_resources};
+
+    fn registry(resources: &[(&str, Route)]) -> Registry {
+        with_resources(resources.iter().map(|(n, r)| resource(n, r.clone())))
+    }
+
+    fn drain(core: &mut L4Core) -> Vec<L4Action> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    #[test]
+    fn ports_follow_the_resources() {
+        let mut core = L4Core::new();
+        let t0 = Instant::now();
+        let tcp = (Proto::Tcp, 5000);
+        let udp = (Proto::Udp, 5001);
+        core.handle_registry(
+            &registry(&[
+                ("db", Route::Tcp { port: 5000 }),
+                ("dns", Route::Udp { port: 5001 }),
+            ]),
+            t0,
+        );
+        assert_eq!(
+            drain(&mut core),
+            [
+                L4Action::Listen(tcp, name("db")),
+                L4Action::Listen(udp, name("dns"))
+            ]
+        );
+        core.handle_bound(tcp, true, t0);
+        core.handle_bound(udp, true, t0);
+        // The same registry again: nothing to do.
+        core.handle_registry(
+            &registry(&[
+                ("db", Route::Tcp { port: 5000 }),
+                ("dns", Route::Udp { port: 5001 }),
+            ]),
+            t0,
+        );
+        assert_eq!(drain(&mut core), []);
+        // A port that passes to another resource is closed, then served for the new one.
+        core.handle_registry(
+            &registry(&[
+                ("db2", Route::Tcp { port: 5000 }),
+                ("dns", Route::Udp { port: 5001 }),
+            ]),
+            t0,
+        );
+        assert_eq!(
+            drain(&mut core),
+            [
+                L4Action::Close(tcp, name("db")),
+                L4Action::Listen(tcp, name("db2"))
+            ]
+        );
+        // A deleted resource's port closes.
+        core.handle_registry(&registry(&[("db2", Route::Tcp { port: 5000 })]), t0);
+        assert_eq!(drain(&mut core), [L4Action::Close(udp, name("dns"))]);
+        assert_eq!(core.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_failed_bind_is_retried_later_and_an_ended_port_at_once() {
+        let mut core = L4Core::new();
+        let t0 = Instant::now();
+        let key = (Proto::Tcp, 6000);
+        let reg = registry(&[("db", Route::Tcp { port: 6000 })]);
+        core.handle_registry(&reg, t0);
+        assert_eq!(drain(&mut core), [L4Action::Listen(key, name("db"))]);
+        core.handle_bound(key, false, t0);
+        assert_eq!(core.poll_timeout(), Some(t0 + REBIND_AFTER));
+        // A registry change before the retry time does not retry early.
+        core.handle_registry(&reg, t0 + Duration::from_secs(1));
+        assert_eq!(drain(&mut core), []);
+        core.handle_timeout(t0 + REBIND_AFTER);
+        assert_eq!(drain(&mut core), [L4Action::Listen(key, name("db"))]);
+        core.handle_bound(key, true, t0 + REBIND_AFTER);
+        assert_eq!(core.poll_timeout(), None);
+        // The port's task ended by itself: served again at once.
+        core.handle_ended(key, t0 + REBIND_AFTER);
+        assert_eq!(drain(&mut core), [L4Action::Listen(key, name("db"))]);
+        // A resource deleted while its bind was failing is not retried.
+        core.handle_bound(key, false, t0 + REBIND_AFTER);
+        core.handle_registry(&registry(&[]), t0 + REBIND_AFTER);
+        assert_eq!(drain(&mut core), []);
+        assert_eq!(core.poll_timeout(), None);
     }
 }

@@ -36,3 +36,5 @@ pub mod proxy;
 pub mod publish;
 pub mod serving;
 pub mod sites;
+#[cfg(test)]
+mod testing;

@@ -138,11 +138,7 @@ impl RunningNode {
             sites.clone(),
             serving.clone(),
         )?;
-        let l4 = crate::l4::L4::start(
-            proxy.clone(),
-            settings.l4_addr()?,
-            settings.l4_max_connections()?,
-        );
+        let l4 = crate::l4::L4::new(settings.l4_addr()?, settings.l4_max_connections()?);
         let acme = settings
             .acme()?
             .map(|a| Arc::new(AbortOnDrop(crate::acme::start(cluster.clone(), a))));
@@ -178,6 +174,7 @@ impl RunningNode {
         // The actors that own the node's soft state go before the listeners that read what
         // they publish.
         children.push(proxy.config_child());
+        children.push(l4.child(proxy.clone()));
         children.extend([
             ChildSpec::actor("rpc", Listener, {
                 let (endpoint, cluster, sites) = (endpoint.clone(), cluster.clone(), sites.clone());

@@ -383,17 +383,141 @@ fn checked_names(core: &ProxyConfigCore) -> std::collections::HashSet<String> {
 
 #[cfg(test)]
 mod tests {
+    use warren_proto::registry::{HealthCheck, Route};
+
     use super::*;
+    use crate::testing::{apply, bootstrap, resource, with_resources};
+
+    fn drain(core: &mut ProxyConfigCore) -> Vec<ConfigAction> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    fn web(n: &str, domain: &str, checked: bool) -> warren_proto::registry::Resource {
+        let mut r = resource(
+            n,
+            Route::Http {
+                domain: domain.into(),
+                path_prefix: None,
+            },
+        );
+        r.http.public = true;
+        if checked {
+            r.http.health_check = Some(HealthCheck {
+                path: Some("/health".into()),
+                interval_s: 5,
+                failures: 3,
+            });
+        }
+        r
+    }
 
     #[test]
-    fn a_new_registry_publishes_and_asks_for_keys_until_it_has_them() {
+    fn an_uninitialised_registry_is_published_and_asks_for_nothing() {
+        let mut core = ProxyConfigCore::new();
+        core.handle_registry(Arc::new(Registry::default()), Instant::now());
+        let actions = drain(&mut core);
+        assert!(
+            matches!(actions[..], [ConfigAction::Publish(_)]),
+            "{actions:?}"
+        );
+        assert_eq!(core.poll_timeout(), None);
+    }
+
+    #[test]
+    fn keys_are_asked_for_until_the_cluster_has_them_no_more_than_every_two_seconds() {
         let mut core = ProxyConfigCore::new();
         let t0 = Instant::now();
-        // An uninitialised registry (cluster id 0): published, no keys asked.
-        core.handle_registry(Arc::new(Registry::default()), t0);
-        assert!(matches!(core.poll_action(), Some(ConfigAction::Publish(_))));
-        assert!(core.poll_action().is_none());
+        let mut reg = Registry::default();
+        apply(&mut reg, [bootstrap()]);
+        core.handle_registry(Arc::new(reg.clone()), t0);
+        let actions = drain(&mut core);
+        assert!(
+            matches!(
+                actions[..],
+                [ConfigAction::Publish(_), ConfigAction::ProposeKeys]
+            ),
+            "{actions:?}"
+        );
+        assert_eq!(core.poll_timeout(), Some(t0 + ASK_KEYS_AGAIN));
+        // Other changes meanwhile publish but do not ask again early.
+        core.handle_registry(Arc::new(reg.clone()), t0 + Duration::from_secs(1));
+        assert!(matches!(drain(&mut core)[..], [ConfigAction::Publish(_)]));
+        core.handle_timeout(t0 + ASK_KEYS_AGAIN);
+        assert!(matches!(drain(&mut core)[..], [ConfigAction::ProposeKeys]));
+        // Keys arrive: a sealer and signer are published, and nothing is asked any more.
+        apply(
+            &mut reg,
+            [Command::EnsureProxyKeys(ProxyKeys {
+                cookie_key: Secret::new(Sealer::generate_key()),
+                signing_keys: vec![Signer::generate(1_700_000_000)],
+            })],
+        );
+        core.handle_registry(Arc::new(reg), t0 + Duration::from_secs(3));
+        match &drain(&mut core)[..] {
+            [ConfigAction::Publish(s)] => {
+                assert!(s.sealer.is_some() && s.signer.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(core.poll_timeout(), None);
+    }
+
+    #[test]
+    fn health_checks_run_for_exactly_the_pools_that_have_one() {
+        let mut core = ProxyConfigCore::new();
+        let t0 = Instant::now();
+        core.handle_registry(
+            Arc::new(with_resources([
+                web("a", "a.example", true),
+                web("b", "b.example", false),
+            ])),
+            t0,
+        );
+        let started: Vec<PoolKey> = drain(&mut core)
+            .into_iter()
+            .filter_map(|a| match a {
+                ConfigAction::StartCheck(k, _) => Some(k),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started.len(), 1);
+        assert_eq!(checked_names(&core), ["a".to_owned()].into());
+        // The same resources again: the checks keep running (health survives).
+        core.handle_registry(
+            Arc::new(with_resources([
+                web("a", "a.example", true),
+                web("b", "b.example", false),
+            ])),
+            t0,
+        );
+        assert!(!drain(&mut core)
+            .iter()
+            .any(|a| matches!(a, ConfigAction::StartCheck(..) | ConfigAction::StopCheck(_))));
+        // `a` loses its check and `b` gains one: a's stops, b's starts.
+        core.handle_registry(
+            Arc::new(with_resources([
+                web("a", "a.example", false),
+                web("b", "b.example", true),
+            ])),
+            t0,
+        );
+        let actions = drain(&mut core);
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, ConfigAction::StopCheck(k) if *k == started[0])));
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, ConfigAction::StartCheck(..)))
+                .count(),
+            1
+        );
+        assert_eq!(checked_names(&core), ["b".to_owned()].into());
+        // Everything deleted: no check left.
+        core.handle_registry(Arc::new(with_resources([])), t0);
+        assert!(drain(&mut core)
+            .iter()
+            .any(|a| matches!(a, ConfigAction::StopCheck(_))));
         assert!(checked_names(&core).is_empty());
     }
 }
