@@ -399,14 +399,23 @@ impl Grant {
 
     /// Whether the connection may stay open, given the [`decide`] verdict for
     /// [`Grant::asked`] now: while the same request would still be forwarded to the same
-    /// resource. The error says why not, for the log.
+    /// resource, on a session if it was opened on one. The error says why not, for the log.
     pub fn holds(&self, now: &Verdict<'_>) -> Result<(), String> {
         let same = now
             .route()
             .is_some_and(|route| route.resource == self.resource);
         match now {
             _ if !same => Err("the resource changed".into()),
-            Verdict::Forward(_) => Ok(()),
+            Verdict::Forward(pass) => match (self.how, pass.grant_kind()) {
+                (GrantKind::Session(_), GrantKind::Session(_))
+                | (GrantKind::Public | GrantKind::Bypass, GrantKind::Public | GrantKind::Bypass) => {
+                    Ok(())
+                }
+                // The app was told who is on this connection; a resource that turned
+                // public no longer checks that session, so the connection would outlive
+                // its revocation.
+                _ => Err("the resource takes no session now".into()),
+            },
             Verdict::NoRoute | Verdict::Misconfigured { .. } => Err("the resource changed".into()),
             Verdict::SignIn { why, .. } => match self.how {
                 GrantKind::Session(_) => Err(why.to_string()),
@@ -1301,21 +1310,27 @@ mod tests {
     }
 
     #[test]
-    fn a_recheck_keeps_a_connection_the_same_request_would_still_be_let_through() {
+    fn a_recheck_keeps_an_anonymous_connection_the_same_request_would_still_be_let_through() {
         let w = World::new();
         let state = w.state();
         let alice = w.cookie(ALICE, "docs.test");
         let by_alice = grant_of(&state, "docs.test", "/private", OFFICE, Some(&alice));
         let by_path = grant_of(&state, "docs.test", "/health", OFFICE, None);
-        // `docs` turns public: nobody needs a session for it any more, not even while this
-        // node fails closed. A public or bypass grant never gains an identity.
+        let by_lan = grant_of(&state, "docs.test", "/private", LAN, None);
+        // `docs` turns public: nobody needs a sign-in for it any more, not even while this
+        // node fails closed, so the bypass grants hold (and never gain an identity).
         let mut opened = World::new();
         opened.update(resource("docs", "docs.test", json!({"public": true}), &[]));
         let state = opened.state();
-        for g in [&by_alice, &by_path] {
+        for g in [&by_path, &by_lan] {
             assert_eq!(recheck(g, &state, Ok(()), NOW), Ok(()));
             assert_eq!(recheck(g, &state, Err("no leader"), NOW), Ok(()));
         }
+        // Alice's connection carries her identity, which nothing checks any more.
+        assert_eq!(
+            recheck(&by_alice, &state, Ok(()), NOW),
+            Err("the resource takes no session now".into())
+        );
         assert_eq!(by_path.asked().credential, None);
         assert_eq!(
             by_alice.asked().credential,
