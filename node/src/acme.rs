@@ -1,14 +1,16 @@
-//! Automatic TLS: ACME (HTTP-01) certificates for the domains of web resources.
+//! Automatic TLS: the ACME (HTTP-01) protocol work for the domains of web resources.
 //!
-//! Every node looks every few seconds for resource domains without a certificate valid for
-//! more than [`AcmeSettings::renew_before`]. One node orders at a time, under a lease held in
-//! Raft; the HTTP-01 answers go through Raft too, so whichever node the CA reaches can
-//! answer (`/.well-known/acme-challenge/` on the HTTP port); the issued chain and key are
-//! stored as a certificate entity, so every node serves them.
+//! The `certs` actor ([`crate::certs`]) decides when to order, for which domains, and holds
+//! the lease in Raft so one node orders at a time; this module does the I/O it asks for:
+//! the account ([`account`]: created once, stored in Raft, shared by every node), one
+//! order per domain ([`order`]), and the HTTP-01 answers, which go through Raft so whichever
+//! node the CA reaches can answer (`/.well-known/acme-challenge/` on the HTTP port,
+//! [`challenge_answer`]). The issued chain and key are stored as a certificate entity, so
+//! every node serves them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use instant_acme::{
@@ -35,14 +37,6 @@ pub struct AcmeSettings {
     pub email: Option<String>,
     /// Renew this long before a certificate expires.
     pub renew_before: Duration,
-}
-
-/// How long a node may order before another may take over.
-const LEASE: u64 = 300;
-
-/// Starts the ACME loop of this node.
-pub fn start(cluster: Cluster, settings: AcmeSettings) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(cluster, settings))
 }
 
 /// The certificate entity name for an ACME certificate of `domain`.
@@ -83,7 +77,8 @@ pub fn domains_needing_certs(reg: &Registry, now: u64, renew_before: Duration) -
     out
 }
 
-async fn write(cluster: &Cluster, command: Command) -> anyhow::Result<()> {
+/// Commits `command` as the system; a refusal by the registry is an error too.
+pub(crate) async fn write(cluster: &Cluster, command: Command) -> anyhow::Result<()> {
     cluster
         .write(Request::new(Who::System, command))
         .await
@@ -92,72 +87,9 @@ async fn write(cluster: &Cluster, command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cluster: Cluster, settings: AcmeSettings) {
-    let me = cluster.id().0;
-    let mut failed: HashMap<String, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(3));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let reg = cluster.registry();
-        if reg.cluster_id() == 0 {
-            continue;
-        }
-        let now = unix_now();
-        let needed: Vec<String> = domains_needing_certs(&reg, now, settings.renew_before)
-            .into_iter()
-            .filter(|d| {
-                failed
-                    .get(d)
-                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
-            })
-            .collect();
-        if needed.is_empty() {
-            continue;
-        }
-        if let Some((holder, until)) = reg.acme().lease {
-            if holder != me && until > now {
-                continue;
-            }
-        }
-        if write(
-            &cluster,
-            Command::AcmeLease {
-                node: me,
-                until: now + LEASE,
-            },
-        )
-        .await
-        .is_err()
-        {
-            continue;
-        }
-        tracing::info!(domains = ?needed, "holding the ACME lease; ordering certificates");
-        let account = match account(&cluster, &settings).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("ACME account: {e:#}");
-                let _ = write(&cluster, Command::AcmeLease { node: me, until: 0 }).await;
-                continue;
-            }
-        };
-        for domain in needed {
-            match order(&cluster, &account, &domain).await {
-                Ok(()) => {
-                    failed.remove(&domain);
-                    tracing::info!(%domain, "certificate issued and stored");
-                }
-                Err(e) => {
-                    failed.insert(domain.clone(), Instant::now());
-                    tracing::warn!(%domain, "ACME order failed (retry in a minute): {e:#}");
-                }
-            }
-        }
-        let _ = write(&cluster, Command::AcmeLease { node: me, until: 0 }).await;
-    }
-}
-
-async fn account(cluster: &Cluster, settings: &AcmeSettings) -> anyhow::Result<Account> {
+/// The cluster's ACME account: the one stored in Raft, else a new one at the CA, stored
+/// (the first stored wins if two nodes race).
+pub async fn account(cluster: &Cluster, settings: &AcmeSettings) -> anyhow::Result<Account> {
     let builder = || -> anyhow::Result<_> {
         Ok(match &settings.root_ca {
             Some(path) => Account::builder_with_root(path)
@@ -189,7 +121,9 @@ async fn account(cluster: &Cluster, settings: &AcmeSettings) -> anyhow::Result<A
     Ok(account)
 }
 
-async fn order(cluster: &Cluster, account: &Account, domain: &str) -> anyhow::Result<()> {
+/// Orders a certificate for `domain`, answers its HTTP-01 challenges through Raft and
+/// stores the issued certificate.
+pub async fn order(cluster: &Cluster, account: &Account, domain: &str) -> anyhow::Result<()> {
     let ids = [Identifier::Dns(domain.to_owned())];
     let mut order = account.new_order(&NewOrder::new(&ids)).await?;
     let mut tokens = Vec::new();

@@ -283,6 +283,8 @@ pub enum ListenerKind {
         https: Arc<std::net::TcpListener>,
         /// The bound HTTP listener.
         http: Arc<std::net::TcpListener>,
+        /// Stops accepting and drains connections at shutdown.
+        drain: crate::conn::Drain,
     },
     /// The admin API.
     Admin {
@@ -292,6 +294,8 @@ pub enum ListenerKind {
         tls: Arc<rustls::ServerConfig>,
         /// Handler state.
         state: AdminState,
+        /// Stops accepting and drains connections at shutdown.
+        drain: crate::conn::Drain,
     },
 }
 
@@ -334,13 +338,18 @@ impl Actor for Listener {
                 warren_consensus::quic::accept_loop(endpoint, cluster_id, handler, others).await;
                 let _ = myself.cast(ListenerMsg::Ended("the QUIC endpoint closed".into()));
             }),
-            ListenerKind::Proxy { proxy, https, http } => {
+            ListenerKind::Proxy {
+                proxy,
+                https,
+                http,
+                drain,
+            } => {
                 let https = tokio::net::TcpListener::from_std(https.try_clone()?)?;
                 let http = tokio::net::TcpListener::from_std(http.try_clone()?)?;
                 tokio::spawn(async move {
                     let why = tokio::select! {
-                        why = proxy.clone().serve_https(https) => why,
-                        why = proxy.serve_http(http) => why,
+                        why = proxy.clone().serve_https(https, drain.clone()) => why,
+                        why = proxy.serve_http(http, drain) => why,
                     };
                     let _ = myself.cast(ListenerMsg::Ended(why));
                 })
@@ -349,10 +358,11 @@ impl Actor for Listener {
                 listener,
                 tls,
                 state,
+                drain,
             } => {
                 let listener = tokio::net::TcpListener::from_std(listener.try_clone()?)?;
                 tokio::spawn(async move {
-                    let why = crate::admin::serve(listener, tls, state).await;
+                    let why = crate::admin::serve(listener, tls, state, drain).await;
                     let _ = myself.cast(ListenerMsg::Ended(why));
                 })
             }
@@ -649,5 +659,150 @@ impl Actor for Supervisor {
         tracing::error!(child = name, "{name} failed: {why}; restarting it");
         state.start(&myself, i).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use ractor::rpc::CallResult;
+
+    use super::*;
+
+    /// A child that fails to start while `refusals` is above zero, and fails on `Crash`.
+    #[derive(Clone)]
+    struct Flaky {
+        refusals: Arc<AtomicUsize>,
+    }
+
+    enum FlakyMsg {
+        Crash,
+    }
+
+    impl Actor for Flaky {
+        type Msg = FlakyMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<Self::Msg>,
+            (): (),
+        ) -> Result<(), ActorProcessingErr> {
+            let left = self.refusals.load(Ordering::SeqCst);
+            if left > 0 {
+                self.refusals.store(left - 1, Ordering::SeqCst);
+                return Err("not yet".into());
+            }
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<Self::Msg>,
+            msg: FlakyMsg,
+            _state: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            match msg {
+                FlakyMsg::Crash => panic!("crash requested"),
+            }
+        }
+    }
+
+    async fn child(sup: &ActorRef<SupervisorMsg>, name: &'static str) -> Option<ActorCell> {
+        match sup.call(|r| SupervisorMsg::Child(name, r), None).await {
+            Ok(CallResult::Success(c)) => c,
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_child_is_restarted_counted_and_shown_down_until_it_runs_again() {
+        let refusals = Arc::new(AtomicUsize::new(0));
+        let flaky = Flaky {
+            refusals: refusals.clone(),
+        };
+        let steady = Flaky {
+            refusals: Arc::new(AtomicUsize::new(0)),
+        };
+        let health = Published::new(TreeHealth::default());
+        let args = SupervisorArgs {
+            children: vec![
+                ChildSpec::actor("flaky", flaky, || ()),
+                ChildSpec::actor("steady", steady, || ()),
+            ],
+            health: health.clone(),
+        };
+        let (sup, done) = Actor::spawn(None, Supervisor, args).await.unwrap();
+        assert!(health.load().check().is_ok());
+        let first = child(&sup, "flaky").await.expect("flaky runs");
+
+        // It panics, and its next two starts fail: it is down (and says why) until the
+        // supervisor's retries get it running again.
+        refusals.store(2, Ordering::SeqCst);
+        let mut changes = health.subscribe();
+        first.send_message(FlakyMsg::Crash).unwrap();
+        let down = loop {
+            changes.changed().await.unwrap();
+            let h = health.load_full();
+            if !h.down.is_empty() {
+                break h;
+            }
+        };
+        let why = down.check().unwrap_err();
+        assert!(why.starts_with("flaky is down"), "{why}");
+        assert!(down.render().contains("warren_actor_up{actor=\"flaky\"} 0"));
+        assert!(down
+            .render()
+            .contains("warren_actor_up{actor=\"steady\"} 1"));
+
+        let mut back = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(c) = child(&sup, "flaky").await {
+                back = Some(c);
+                break;
+            }
+        }
+        let back = back.expect("flaky was not started again");
+        assert_ne!(back.get_id(), first.get_id());
+        let h = health.load_full();
+        assert!(h.check().is_ok(), "{:?}", h.down);
+        assert_eq!(
+            h.restarts,
+            [("flaky", 1), ("steady", 0)],
+            "one restart counted, however many start attempts it took"
+        );
+        assert!(h
+            .render()
+            .contains("warren_actor_restarts_total{actor=\"flaky\"} 1"));
+        // The other child was never touched.
+        assert!(child(&sup, "steady").await.is_some());
+        sup.stop(None);
+        done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_child_that_keeps_failing_stops_the_tree() {
+        let flaky = Flaky {
+            refusals: Arc::new(AtomicUsize::new(0)),
+        };
+        let args = SupervisorArgs {
+            children: vec![ChildSpec::actor("flaky", flaky, || ())],
+            health: Published::new(TreeHealth::default()),
+        };
+        let (sup, done) = Actor::spawn(None, Supervisor, args).await.unwrap();
+        for _ in 0..=MAX_RESTARTS {
+            let Some(c) = child(&sup, "flaky").await else {
+                break;
+            };
+            c.send_message(FlakyMsg::Crash).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("the tree gave up")
+            .unwrap();
     }
 }

@@ -17,6 +17,10 @@
 //! bounds; the proxy re-checks it on its own (`proxy::forward`).
 //!
 //! The count itself is a [`ConnGate`], which the TCP resource ports (`l4`) use as well.
+//!
+//! Shutdown drains ([`Drain`]): the listener stops accepting, every open connection is
+//! asked to finish (HTTP/1 after the request in flight, HTTP/2 with GOAWAY) and the node
+//! waits for them, up to a grace period, before it stops.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +35,47 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
+
+/// Stops listeners and drains their connections at shutdown.
+#[derive(Clone, Debug, Default)]
+pub struct Drain {
+    token: tokio_util::sync::CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Drain {
+    /// Nothing draining yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs one connection, counted until it ends.
+    pub fn spawn<F>(&self, connection: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(connection);
+    }
+
+    /// Resolves once draining began.
+    pub async fn started(&self) {
+        self.token.cancelled().await
+    }
+
+    /// Whether draining began.
+    pub fn is_draining(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Stops accepting everywhere, asks every connection to finish and waits for them for
+    /// at most `grace`; returns how many were still open then.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.token.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(grace, self.tracker.wait()).await;
+        self.tracker.len()
+    }
+}
 
 /// Error type services and bodies may return.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -184,6 +229,7 @@ pub async fn serve<F, S, B>(
     limits: ConnLimits,
     stats: Arc<ConnStats>,
     what: &'static str,
+    drain: Drain,
     service: F,
 ) -> String
 where
@@ -201,7 +247,17 @@ where
     let service = Arc::new(service);
     let mut refusals = RefusalLog::default();
     loop {
-        let (tcp, remote) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = drain.started() => {
+                tracing::debug!("{what}: no longer accepting (shutting down)");
+                drop(listener);
+                // Draining is not a failure of the listener: it stays quiet until stopped.
+                std::future::pending::<()>().await;
+                unreachable!("pending never resolves");
+            }
+        };
+        let (tcp, remote) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -220,12 +276,13 @@ where
         let acceptor = acceptor.clone();
         let limits = limits.clone();
         let service = service.clone();
-        tokio::spawn(async move {
+        let draining = drain.clone();
+        drain.spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
                     let svc = service(remote, sni);
-                    serve_connection(tls, svc, &limits, remote, what).await;
+                    serve_connection(tls, svc, &limits, remote, what, &draining).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%remote, "{what}: TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!(%remote, "{what}: TLS handshake timed out"),
@@ -242,6 +299,7 @@ async fn serve_connection<S, B>(
     limits: &ConnLimits,
     remote: SocketAddr,
     what: &'static str,
+    drain: &Drain,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -285,12 +343,16 @@ async fn serve_connection<S, B>(
             }
             _ = tick.tick() => {
                 if activity.idle_for() >= limits.idle_timeout {
+                    tracing::debug!(%remote, "{what}: closing an idle connection");
                     break;
                 }
             }
+            () = drain.started() => {
+                tracing::debug!(%remote, "{what}: finishing a connection (shutting down)");
+                break;
+            }
         }
     }
-    tracing::debug!(%remote, "{what}: closing an idle connection");
     conn.as_mut().graceful_shutdown();
     if tokio::time::timeout(limits.close_grace, conn.as_mut())
         .await

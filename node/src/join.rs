@@ -139,6 +139,7 @@ pub async fn join(
     token: &JoinToken,
     learner: bool,
     settings: &Settings,
+    listeners: crate::node::Listeners,
 ) -> anyhow::Result<(RunningNode, bool)> {
     let peer_addr = resolve(peer)
         .await
@@ -219,7 +220,7 @@ pub async fn join(
     let file = spec.node_file(cluster_id, node_id);
     dir.write_node_file(&file)?;
 
-    let node = RunningNode::start(dir.clone(), file, settings).await?;
+    let node = RunningNode::start(dir.clone(), file, settings, listeners).await?;
     let admit = JoinRequest::Admit {
         token: token.reveal(),
         node_id,

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use warren_node::datadir::{DataDir, State};
 use warren_node::node::RaftStopped;
 use warren_node::node::{InitOutput, NodeSpec};
-use warren_node::{RunningNode, Settings};
+use warren_node::{Listeners, RunningNode, Settings};
 use warren_proto::Name;
 
 /// Warren server: identity-aware access, replicated by Raft. With no command, runs a single
@@ -196,7 +196,8 @@ async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<Runn
     let node = match command {
         Some(Cmd::Init { node }) => {
             let (dir, spec) = node.split()?;
-            let (node, out) = warren_node::init(dir, spec, settings).await?;
+            let listeners = Listeners::for_spec(&spec, settings)?;
+            let (node, out) = warren_node::init(dir, spec, settings, listeners).await?;
             print_init(&node, &out);
             node
         }
@@ -207,8 +208,9 @@ async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<Runn
             learner,
         }) => {
             let (dir, spec) = node.split()?;
+            let listeners = Listeners::for_spec(&spec, settings)?;
             let (node, voter) =
-                warren_node::join(dir, spec, &peer, &token, learner, settings).await?;
+                warren_node::join(dir, spec, &peer, &token, learner, settings, listeners).await?;
             println!(
                 "Joined cluster {} as node {:?} (id {}) as a {}.",
                 node.file.cluster_id,
@@ -220,7 +222,9 @@ async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<Runn
             node
         }
         Some(Cmd::Run { data_dir }) => {
-            let node = warren_node::run(DataDir::new(data_dir), settings).await?;
+            let dir = DataDir::new(data_dir);
+            let listeners = Listeners::for_dir(&dir, settings)?;
+            let node = warren_node::run(dir, settings, listeners).await?;
             print_serving(&node);
             node
         }
@@ -234,7 +238,8 @@ async fn quickstart(settings: &Settings) -> anyhow::Result<RunningNode> {
     let dir = DataDir::new(QUICKSTART_DIR);
     match dir.state()? {
         State::Ready(_) => {
-            let node = warren_node::run(dir, settings).await?;
+            let listeners = Listeners::for_dir(&dir, settings)?;
+            let node = warren_node::run(dir, settings, listeners).await?;
             print_serving(&node);
             println!(
                 "The admin API key was printed when this node was created; it is also in {}.",
@@ -250,7 +255,8 @@ async fn quickstart(settings: &Settings) -> anyhow::Result<RunningNode> {
                 admin_addr: "127.0.0.1:7443".into(),
                 region: String::new(),
             };
-            let (node, out) = warren_node::init(dir, spec, settings)
+            let listeners = Listeners::for_spec(&spec, settings)?;
+            let (node, out) = warren_node::init(dir, spec, settings, listeners)
                 .await
                 .context("creating ./warren-data")?;
             print_init(&node, &out);

@@ -38,28 +38,85 @@ pub struct RunningNode {
     endpoint: quinn::Endpoint,
     supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
+    drain: crate::conn::Drain,
     dbs: [Store; 2],
     /// Where the HTTPS proxy listens.
     pub https_addr: SocketAddr,
     /// The proxy.
     pub proxy: Arc<crate::proxy::Proxy>,
     _l4: Arc<crate::l4::L4>,
-    _acme: Option<Arc<AbortOnDrop>>,
 }
 
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The sockets a node serves on, bound by the caller and handed in (the binary binds its
+/// flags' addresses, a test binds `127.0.0.1:0`): nothing races for a port between choosing
+/// it and listening on it.
+pub struct Listeners {
+    /// Cluster QUIC (UDP): Raft, joins, agent tunnels, relays.
+    pub cluster: std::net::UdpSocket,
+    /// The admin API (TCP).
+    pub admin: TcpListener,
+    /// The HTTPS proxy (TCP).
+    pub https: TcpListener,
+    /// Plain HTTP: ACME challenges and redirects (TCP).
+    pub http: TcpListener,
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Listeners {
+    /// Binds the cluster and admin addresses and the proxy's addresses from `settings`.
+    pub fn bind(cluster_addr: &str, admin_addr: &str, settings: &Settings) -> anyhow::Result<Self> {
+        let cluster = resolve_listen(cluster_addr, "--cluster-addr")?;
+        let admin = resolve_listen(admin_addr, "--admin-addr")?;
+        let cluster = std::net::UdpSocket::bind(cluster)
+            .with_context(|| format!("--cluster-addr: cannot listen on {cluster} (UDP)"))?;
+        let admin = crate::proxy::bind(admin, "admin")?;
+        let https = crate::proxy::bind(
+            resolve_listen(&settings.https_addr, "--https-addr")?,
+            "HTTPS proxy",
+        )?;
+        let http = crate::proxy::bind(
+            resolve_listen(&settings.http_addr, "--http-addr")?,
+            "HTTP redirect",
+        )?;
+        Ok(Self {
+            cluster,
+            admin,
+            https,
+            http,
+        })
+    }
+
+    /// The addresses of node `dir` (its `node.json`).
+    pub fn for_dir(dir: &DataDir, settings: &Settings) -> anyhow::Result<Self> {
+        let file = dir.require_ready()?;
+        Self::bind(&file.cluster_addr, &file.admin_addr, settings)
+    }
+
+    /// The addresses of a node about to be created.
+    pub fn for_spec(spec: &NodeSpec, settings: &Settings) -> anyhow::Result<Self> {
+        Self::bind(&spec.cluster_addr, &spec.admin_addr, settings)
+    }
+
+    /// Everything on `127.0.0.1`, on ports the system picks (tests).
+    pub fn loopback() -> anyhow::Result<Self> {
+        let any = |what| crate::proxy::bind(SocketAddr::from(([127, 0, 0, 1], 0)), what);
+        Ok(Self {
+            cluster: std::net::UdpSocket::bind("127.0.0.1:0")?,
+            admin: any("admin")?,
+            https: any("HTTPS proxy")?,
+            http: any("HTTP redirect")?,
+        })
     }
 }
 
 impl RunningNode {
-    /// Loads the identity, binds both listeners, opens storage, starts Raft and the
+    /// Loads the identity, takes the listeners, opens storage, starts Raft and the
     /// supervision tree.
-    pub async fn start(dir: DataDir, file: NodeFile, settings: &Settings) -> anyhow::Result<Self> {
+    pub async fn start(
+        dir: DataDir,
+        file: NodeFile,
+        settings: &Settings,
+        listeners: Listeners,
+    ) -> anyhow::Result<Self> {
         let config = settings.cluster()?;
         let cluster_id = file.cluster_id()?;
         let ca = dir.ca()?;
@@ -79,25 +136,24 @@ impl RunningNode {
                 dir.path("node.pem").display()
             ),
         }
-        let cluster_addr = resolve_listen(&file.cluster_addr, "--cluster-addr")?;
-        let admin_addr = resolve_listen(&file.admin_addr, "--admin-addr")?;
-
-        let admin_listener = TcpListener::bind(admin_addr)
-            .with_context(|| format!("cannot listen on admin address {admin_addr} (TCP)"))?;
-        admin_listener.set_nonblocking(true)?;
-        let https_listener = crate::proxy::bind(
-            resolve_listen(&settings.https_addr, "--https-addr")?,
-            "HTTPS proxy",
-        )?;
-        let http_listener = crate::proxy::bind(
-            resolve_listen(&settings.http_addr, "--http-addr")?,
-            "HTTP redirect",
-        )?;
+        let Listeners {
+            cluster: cluster_socket,
+            admin: admin_listener,
+            https: https_listener,
+            http: http_listener,
+        } = listeners;
+        let cluster_addr = cluster_socket.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
         let https_addr = https_listener.local_addr()?;
         let proxy_settings = settings.proxy(https_addr.port())?;
         let server_config = pki::quic_server_config(&ca, &identity)?;
-        let endpoint = quinn::Endpoint::server(server_config, cluster_addr)
-            .with_context(|| format!("cannot listen on cluster address {cluster_addr} (UDP)"))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            cluster_socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("cannot serve QUIC on {cluster_addr} (UDP)"))?;
         let transport = Arc::new(QuicTransport::new(
             endpoint.clone(),
             pki::quic_client_config(&ca, &identity)?,
@@ -139,9 +195,7 @@ impl RunningNode {
             serving.clone(),
         )?;
         let l4 = crate::l4::L4::new(settings.l4_addr()?, settings.l4_max_connections()?);
-        let acme = settings
-            .acme()?
-            .map(|a| Arc::new(AbortOnDrop(crate::acme::start(cluster.clone(), a))));
+        let acme = settings.acme()?;
         let tree = crate::publish::Published::new(crate::actors::TreeHealth::default());
         let cluster_actor = Arc::new(tokio::sync::watch::Sender::new(None));
         let members = crate::actors::Members::following(&cluster_actor);
@@ -149,6 +203,7 @@ impl RunningNode {
         let http_listener = Arc::new(http_listener);
         let admin_listener = Arc::new(admin_listener);
         let admin_tls = Arc::new(pki::https_server_config(&identity)?);
+        let drain = crate::conn::Drain::new();
         let admin = crate::admin::AdminState::new(
             cluster.clone(),
             transport.clone(),
@@ -174,6 +229,14 @@ impl RunningNode {
         // The actors that own the node's soft state go before the listeners that read what
         // they publish.
         children.push(proxy.config_child());
+        children.push(crate::sessions::SessionsActor::child(proxy.clone()));
+        if let Some(settings) = acme {
+            children.push(crate::certs::CertsActor::child(crate::certs::CertsArgs {
+                cluster: cluster.clone(),
+                settings,
+            }));
+        }
+        children.extend(sites.children());
         children.push(l4.child(proxy.clone()));
         children.extend([
             ChildSpec::actor("rpc", Listener, {
@@ -186,17 +249,22 @@ impl RunningNode {
                     sites: sites.clone(),
                 }
             }),
-            ChildSpec::actor("admin", Listener, move || ListenerKind::Admin {
-                listener: admin_listener.clone(),
-                tls: admin_tls.clone(),
-                state: admin.clone(),
+            ChildSpec::actor("admin", Listener, {
+                let drain = drain.clone();
+                move || ListenerKind::Admin {
+                    listener: admin_listener.clone(),
+                    tls: admin_tls.clone(),
+                    state: admin.clone(),
+                    drain: drain.clone(),
+                }
             }),
             ChildSpec::actor("proxy", Listener, {
-                let proxy = proxy.clone();
+                let (proxy, drain) = (proxy.clone(), drain.clone());
                 move || ListenerKind::Proxy {
                     proxy: proxy.clone(),
                     https: https_listener.clone(),
                     http: http_listener.clone(),
+                    drain: drain.clone(),
                 }
             }),
         ]);
@@ -205,7 +273,8 @@ impl RunningNode {
             health: tree,
         };
         let (supervisor, supervisor_done) =
-            Actor::spawn(Some(format!("node-{}", file.name)), Supervisor, args)
+            // Unnamed: ractor names are process-global, and a process may run several nodes (tests).
+            Actor::spawn(None, Supervisor, args)
                 .await
                 .context("starting the supervision tree")?;
         tracing::info!(
@@ -225,11 +294,11 @@ impl RunningNode {
             endpoint,
             supervisor,
             supervisor_done,
+            drain,
             dbs: [log_db, state_db],
             https_addr,
             proxy,
             _l4: l4,
-            _acme: acme,
         })
     }
 
@@ -266,6 +335,12 @@ impl RunningNode {
                 }
             }
         }
+        // Listeners stop accepting; open proxy and admin connections finish what they are
+        // doing (up to the grace period) while Raft and the actors still serve them.
+        let left = self.drain.drain(SHUTDOWN_GRACE).await;
+        if left > 0 {
+            tracing::info!("{left} connections still open after {SHUTDOWN_GRACE:?}; closing them");
+        }
         self.supervisor.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
         self.endpoint.close(0u32.into(), b"shutting down");
@@ -285,6 +360,9 @@ impl RunningNode {
         }
     }
 }
+
+/// How long open proxy and admin connections get to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a node whose Raft stopped keeps answering health before it restarts.
 pub const RAFT_STOPPED_GRACE: Duration = Duration::from_secs(2);
@@ -347,17 +425,20 @@ pub struct NodeSpec {
 }
 
 impl NodeSpec {
-    /// Checks the fields, and that both addresses can be listened on right now (so a
-    /// join does not register a node that then cannot start).
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// The spec as served by `listeners` (bound already, so a join does not register a
+    /// node that then cannot listen): an address given with port 0 is recorded with the
+    /// port the system picked. Checks the fields.
+    pub fn bound_to(mut self, listeners: &Listeners) -> anyhow::Result<Self> {
+        fn with_port(addr: &str, bound: SocketAddr) -> String {
+            match addr.rsplit_once(':') {
+                Some((host, "0")) => format!("{host}:{}", bound.port()),
+                _ => addr.to_owned(),
+            }
+        }
+        self.cluster_addr = with_port(&self.cluster_addr, listeners.cluster.local_addr()?);
+        self.admin_addr = with_port(&self.admin_addr, listeners.admin.local_addr()?);
         self.validate_fields()?;
-        let admin = resolve_listen(&self.admin_addr, "--admin-addr")?;
-        TcpListener::bind(admin)
-            .with_context(|| format!("--admin-addr: cannot listen on {admin} (TCP)"))?;
-        let cluster = resolve_listen(&self.cluster_addr, "--cluster-addr")?;
-        std::net::UdpSocket::bind(cluster)
-            .with_context(|| format!("--cluster-addr: cannot listen on {cluster} (UDP)"))?;
-        Ok(())
+        Ok(self)
     }
 
     /// The `node.json` of this node as node `node_id` of cluster `cluster_id`.
@@ -409,8 +490,9 @@ pub async fn init(
     dir: DataDir,
     spec: NodeSpec,
     settings: &Settings,
+    listeners: Listeners,
 ) -> anyhow::Result<(RunningNode, InitOutput)> {
-    spec.validate()?;
+    let spec = spec.bound_to(&listeners)?;
     settings.cluster()?;
     dir.begin_create()?;
     let cluster_id = loop {
@@ -437,7 +519,7 @@ pub async fn init(
     let file = spec.node_file(cluster_id, 1);
     dir.write_node_file(&file)?;
 
-    let node = RunningNode::start(dir.clone(), file, settings).await?;
+    let node = RunningNode::start(dir.clone(), file, settings, listeners).await?;
     node.cluster
         .initialize(ClusterNode {
             name: spec.name.to_string(),
@@ -494,10 +576,28 @@ pub async fn init(
     Ok((node, out))
 }
 
-/// Starts the node in `dir`.
-pub async fn run(dir: DataDir, settings: &Settings) -> anyhow::Result<RunningNode> {
+/// Starts the node in `dir` on `listeners` ([`Listeners::for_dir`] binds its addresses).
+pub async fn run(
+    dir: DataDir,
+    settings: &Settings,
+    listeners: Listeners,
+) -> anyhow::Result<RunningNode> {
     let file = dir.require_ready()?;
-    RunningNode::start(dir, file, settings).await
+    RunningNode::start(dir, file, settings, listeners).await
+}
+
+/// Runs the node in `dir` on `listeners` until `shutdown` resolves, then drains and stops
+/// (the whole life of a node, for embedding and tests).
+pub async fn serve(
+    dir: DataDir,
+    listeners: Listeners,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run(dir, settings, listeners)
+        .await?
+        .serve_until(shutdown)
+        .await
 }
 
 /// Joins the cluster that `token` belongs to through `peer`. The token decides what the
@@ -510,9 +610,10 @@ pub async fn join(
     token: &str,
     learner: bool,
     settings: &Settings,
+    listeners: Listeners,
 ) -> anyhow::Result<(RunningNode, bool)> {
-    spec.validate()?;
+    let spec = spec.bound_to(&listeners)?;
     settings.cluster()?;
     let token = JoinToken::parse(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
-    crate::join::join(dir, spec, peer, &token, learner, settings).await
+    crate::join::join(dir, spec, peer, &token, learner, settings, listeners).await
 }

@@ -1111,3 +1111,44 @@ async fn a_leader_cut_off_from_its_cluster_pauses_access_but_serves_public_resou
 ) -> anyhow::Result<()> {
     cut_off_node_fails_closed(true).await
 }
+
+/// Shutdown drains: a request in flight when the node is told to stop (SIGTERM) gets its
+/// whole answer, and the node then exits cleanly. (Before, stopping aborted it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_in_flight_when_the_node_stops_gets_its_answer() -> anyhow::Result<()> {
+    let up = Upstream::start("slow").await?;
+    let mut t = Setup::start(1, &[]).await?;
+    t.api()
+        .post_ok(
+            "/v1/resources",
+            &public(
+                "slow",
+                "slow.localhost",
+                None,
+                &[up.addr.to_string()],
+                json!({}),
+            ),
+        )
+        .await?;
+    routed(&t.web, &t.url("slow.localhost", "/slow?ms=1")).await?;
+
+    phase!("a request that takes 2 s is in flight when the node gets SIGTERM");
+    let web = t.web.clone();
+    let url = t.url("slow.localhost", "/slow?ms=2000");
+    let inflight = tokio::spawn(async move {
+        let r = web.get(&url).send().await?;
+        let status = r.status();
+        let body = r.text().await?;
+        anyhow::Ok((status, body))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let exit = tokio::task::block_in_place(|| t.cluster.nodes[0].terminate())?;
+    phase!("the node exited {exit} after {:?}", started.elapsed());
+    let (status, body) = inflight
+        .await?
+        .context("the request in flight was cut off by the shutdown")?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(exit.success(), "the node did not exit cleanly: {exit}");
+    Ok(())
+}

@@ -116,10 +116,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: AdminState,
+    drain: crate::conn::Drain,
 ) -> String {
     let stats = state.inner.connections.clone();
     let app = routes::router(state);
-    serve_router(listener, tls, app, ConnLimits::default(), stats).await
+    serve_router(listener, tls, app, ConnLimits::default(), stats, drain).await
 }
 
 /// Serves `app` over HTTPS on `listener` within `limits`, counting in `stats`.
@@ -129,10 +130,17 @@ pub async fn serve_router(
     app: axum::Router,
     limits: ConnLimits,
     stats: Arc<ConnStats>,
+    drain: crate::conn::Drain,
 ) -> String {
-    crate::conn::serve(listener, tls, limits, stats, "admin API", move |_, _| {
-        TowerToHyperService::new(app.clone())
-    })
+    crate::conn::serve(
+        listener,
+        tls,
+        limits,
+        stats,
+        "admin API",
+        drain,
+        move |_, _| TowerToHyperService::new(app.clone()),
+    )
     .await
 }
 
@@ -347,7 +355,14 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let stats = Arc::new(ConnStats::default());
             let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-            tokio::spawn(serve_router(listener, tls, app, limits, stats.clone()));
+            tokio::spawn(serve_router(
+                listener,
+                tls,
+                app,
+                limits,
+                stats.clone(),
+                crate::conn::Drain::new(),
+            ));
             Self {
                 addr,
                 stats,

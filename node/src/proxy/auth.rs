@@ -1,10 +1,10 @@
 //! Sign-in: OpenID Connect authorization code flow with PKCE, state and nonce on the
 //! cluster's auth host, then a one-time code hands the session to the resource's own
 //! domain (cookies are per domain). Sessions are registry entries, so every node accepts
-//! them; the leader refreshes provider tokens before they expire.
+//! them; the leader refreshes provider tokens before they expire (`crate::sessions`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,19 +25,19 @@ use warren_proto::registry::IdentityProvider;
 use warren_proto::session::{Session, SessionId};
 use warren_proto::{Name, Secret};
 
+use super::decide::lookup_session;
 use super::pages::{self, esc, page};
 use super::seal::{Purpose, Sealer};
 use super::{
-    authority_with_port, cookie, lookup_session, set_cookie, unix_now, AccessLog, Body, Proxy,
-    ProxyState, SessionCookie, LOGIN_COOKIE, SESSION_COOKIE,
+    authority_with_port, cookie, set_cookie, unix_now, AccessLog, Body, Proxy, ProxyState,
+    SessionCookie, LOGIN_COOKIE, SESSION_COOKIE,
 };
+use crate::sessions::{RefreshOutcome, Tokens};
 
 /// How long a sign-in may take at the provider.
 const LOGIN_TTL: u64 = 600;
 /// How long a handoff code is valid.
 const HANDOFF_TTL: u64 = 60;
-/// Refresh provider tokens this long before they expire.
-const REFRESH_AHEAD: u64 = 30;
 /// How long a sign-out form stays good, in seconds.
 const SIGN_OUT_TTL: u64 = 600;
 
@@ -345,7 +345,7 @@ impl Proxy {
         };
         // Already signed in on the auth host: hand the session over without the provider.
         if let Some(sid) = self.session_from_cookie(req, state, &self.settings.auth_host) {
-            if lookup_session(&state.registry, &state.config, sid).is_ok() {
+            if lookup_session(&state.registry, &state.config, sid, unix_now()).is_ok() {
                 return self.redirect_handoff(state, sid, &rd_url, Vec::new());
             }
         }
@@ -798,7 +798,7 @@ impl Proxy {
                 );
             }
         };
-        if lookup_session(&reg, &state.config, SessionId(code.sid)).is_err() {
+        if lookup_session(&reg, &state.config, SessionId(code.sid), unix_now()).is_err() {
             return bad(
                 "Session ended",
                 "The session this link was for has ended. Open the app again.",
@@ -945,9 +945,8 @@ impl Proxy {
     fn whoami(&self, req: &Request<Incoming>, state: &ProxyState, host: &str) -> Response<Body> {
         let principal = self
             .session_from_cookie(req, state, host)
-            .ok_or("no session")
-            .and_then(|sid| lookup_session(&state.registry, &state.config, sid));
-        let Ok(p) = principal else {
+            .and_then(|sid| lookup_session(&state.registry, &state.config, sid, unix_now()).ok());
+        let Some(p) = principal else {
             return page(
                 StatusCode::UNAUTHORIZED,
                 "Not signed in",
@@ -1002,68 +1001,40 @@ impl Proxy {
     }
 }
 
-/// On the leader: refreshes provider tokens shortly before they expire; a refresh the
-/// provider refuses ends the session.
-pub(super) async fn refresh_sessions(proxy: Weak<Proxy>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(p) = proxy.upgrade() else { return };
-        if p.cluster.leader() != Some(p.cluster.id()) {
-            continue;
-        }
-        let reg = p.cluster.registry();
-        let now = unix_now();
-        let newest = reg
-            .proxy_keys()
-            .and_then(|k| k.signing_keys.last())
-            .map(|k| k.created_at);
-        if newest.is_some_and(|t| t + p.settings.signing_key_rotation.as_secs() <= now) {
-            tracing::info!("rotating the assertion signing key");
-            let key = super::sign::Signer::generate(now);
-            let cmd = Command::RotateSigningKey(key);
-            if let Err(e) = p.cluster.write(RaftRequest::new(Who::System, cmd)).await {
-                tracing::warn!("rotating the signing key: {e}");
-            }
-        }
-        let due: Vec<Session> = reg
-            .sessions()
-            .values()
-            .filter(|s| {
-                s.refresh_token.is_some()
-                    && s.expires_at > now
-                    && s.token_expires_at.is_some_and(|t| t <= now + REFRESH_AHEAD)
-            })
-            .take(64)
-            .cloned()
-            .collect();
-        for s in due {
-            let Some(idp) = reg.identity_providers().get(&s.idp).cloned() else {
-                continue;
-            };
-            p.refresh_one(&idp, &s).await;
-        }
-    }
-}
-
 impl Proxy {
-    async fn refresh_one(&self, idp: &IdentityProvider, s: &Session) {
+    /// Age at which the leader replaces the assertion signing key.
+    pub(crate) fn signing_key_rotation(&self) -> Duration {
+        self.settings.signing_key_rotation
+    }
+
+    /// Asks `idp` for new tokens with session `s`'s refresh token (discovery, then the
+    /// token exchange). The `sessions` actor runs it as a task and decides what to do with
+    /// the answer (`crate::sessions`).
+    pub(crate) async fn refresh_session(
+        &self,
+        idp: &IdentityProvider,
+        s: &Session,
+    ) -> RefreshOutcome {
         let Some(refresh) = &s.refresh_token else {
-            return;
+            return RefreshOutcome::Failed("the session has no refresh token".into());
         };
-        let Ok(d) = self.oidc.discover(idp).await else {
-            return;
+        let d = match self.oidc.discover(idp).await {
+            Ok(d) => d,
+            Err(e) => return RefreshOutcome::Failed(e),
         };
         let callback = format!("{}/.warren/callback", self.auth_origin());
-        let Ok(client) = client_for(idp, &d, &callback) else {
-            return;
+        let client = match client_for(idp, &d, &callback) {
+            Ok(c) => c,
+            Err(e) => return RefreshOutcome::Failed(e),
         };
         let refresh = RefreshToken::new(refresh.expose().to_owned());
-        let Ok(request) = client.exchange_refresh_token(&refresh) else {
-            return;
+        let request = match client.exchange_refresh_token(&refresh) {
+            Ok(r) => r,
+            Err(e) => {
+                return RefreshOutcome::Failed(format!("the provider has no token endpoint: {e}"))
+            }
         };
-        let command = match request.request_async(&self.oidc.http).await {
+        match request.request_async(&self.oidc.http).await {
             Ok(token) => {
                 let now = unix_now();
                 let groups = token
@@ -1075,31 +1046,18 @@ impl Proxy {
                         )
                     })
                     .unwrap_or_else(|| s.groups.clone());
-                tracing::info!(user = %s.user, session = ?s.id, "refreshed provider tokens");
-                Command::RefreshSession {
-                    id: s.id,
+                RefreshOutcome::Refreshed(Tokens {
                     refresh_token: token
                         .refresh_token()
                         .map(|t| Secret::new(t.secret().clone())),
                     token_expires_at: token.expires_in().map(|d| now + d.as_secs()),
                     groups,
-                }
+                })
             }
             Err(RequestTokenError::ServerResponse(e)) => {
-                tracing::warn!(user = %s.user, session = ?s.id, "the identity provider refused to refresh ({}); ending the session", e.error());
-                Command::RevokeSession { id: s.id }
+                RefreshOutcome::Refused(e.error().to_string())
             }
-            Err(e) => {
-                tracing::warn!(user = %s.user, "refreshing provider tokens failed, will retry: {e}");
-                return;
-            }
-        };
-        if let Err(e) = self
-            .cluster
-            .write(RaftRequest::new(Who::System, command))
-            .await
-        {
-            tracing::warn!("recording a refresh: {e}");
+            Err(e) => RefreshOutcome::Failed(e.to_string()),
         }
     }
 }

@@ -14,11 +14,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
+use super::decide::{Grant, Pass, Principal};
 use super::pages::page;
 use super::request::{self, View};
 use super::sign::Signer;
 use super::state::{Pool, Route};
-use super::{unix_now, Body, Grant, GrantKind, Principal, Proxy};
+use super::{unix_now, Body, Proxy};
 
 /// How often an upgraded connection is checked again when nothing changed.
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
@@ -59,16 +60,18 @@ fn has_body(req: &Request<Incoming>) -> bool {
 }
 
 impl Proxy {
-    /// Sends the request to a usable target of `route` and streams the answer back.
+    /// Sends the request `pass` lets through to a usable target of its route and streams
+    /// the answer back.
     pub(super) async fn forward(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
-        route: &Route,
-        who: Option<&Principal<'_>>,
+        pass: &Pass<'_>,
         signer: Option<&Signer>,
         client: &request::Client,
         view: &View,
     ) -> Response<Body> {
+        let route: &Route = &pass.route;
+        let who = pass.principal();
         let host = view.host.as_str();
         if route.max_body > 0 {
             let declared = req
@@ -111,18 +114,9 @@ impl Proxy {
         let bodyless = !has_body(&req);
         let (mut parts, body) = req.into_parts();
         // An upgraded connection outlives this check: it keeps what let it through.
-        let grant = client_upgrade.as_ref().map(|_| Grant {
-            resource: route.resource.clone(),
-            host: view.host.clone(),
-            path: parts.uri.path().to_owned(),
-            method: parts.method.clone(),
-            source: client.ip,
-            how: match who {
-                Some(p) => GrantKind::Session(p.session.id),
-                None if route.options.public => GrantKind::Public,
-                None => GrantKind::Bypass,
-            },
-        });
+        let grant = client_upgrade
+            .as_ref()
+            .map(|_| Grant::new(pass, &view.host, parts.uri.path(), &parts.method, client.ip));
 
         // Headers for upstream: no hop-by-hop, nothing only the proxy may say, ours added.
         let headers = &mut parts.headers;

@@ -8,6 +8,7 @@
 mod auth;
 pub mod config;
 pub mod credential;
+mod decide;
 mod forward;
 pub mod methods;
 pub mod metrics;
@@ -33,15 +34,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use warren_consensus::cluster::Cluster;
-use warren_consensus::registry::Registry;
-use warren_proto::access::{decide, Decision, Facts, Identity};
-use warren_proto::registry::User;
-use warren_proto::session::{Session, SessionId, Via};
 use warren_proto::Secret;
 
+pub use self::decide::Principal;
+use self::decide::{decide, Asked, Credential, Grant, SignIn, Verdict};
 use self::pages::page;
-use self::seal::Purpose;
-use self::state::{Config, ProxyState, Route};
+use self::state::ProxyState;
 use crate::publish::Published;
 use crate::serving::Serving;
 
@@ -75,26 +73,6 @@ pub struct ProxySettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Most HTTPS connections open at once.
     pub max_connections: usize,
-}
-
-/// Who a request comes from, once its session checked out. Borrows from the registry
-/// snapshot the request holds: nothing is copied per request unless the user is in roles.
-pub struct Principal<'r> {
-    /// The session.
-    pub session: &'r Session,
-    /// The user (single sign-on sessions only).
-    pub user: Option<&'r User>,
-    /// Provider groups plus the roles the user is in.
-    pub groups: std::borrow::Cow<'r, [String]>,
-}
-
-impl Principal<'_> {
-    /// The name to show and send upstream.
-    pub fn name(&self) -> &str {
-        self.user
-            .as_ref()
-            .map_or(self.session.user.as_str(), |u| u.name.as_str())
-    }
 }
 
 /// The proxy of one node.
@@ -315,179 +293,48 @@ impl Proxy {
         if path.starts_with("/.warren/") || path == "/.warren" {
             return self.resource_host_pages(req, &state, host, peer).await;
         }
-        let Some(route) = state.config.route(host, path).cloned() else {
-            return (
-                page(
-                    StatusCode::NOT_FOUND,
-                    "Not found",
-                    &format!("No resource is configured for {host}{path}."),
-                ),
-                AccessLog::internal("no route"),
-            );
+        let paused = self.fail_closed();
+        let serving = paused.as_deref().map_or(Ok(()), Err);
+        let asked = Asked {
+            host,
+            path,
+            method: req.method(),
+            source: client.ip,
+            credential: cookie(req.headers(), SESSION_COOKIE).map(Credential::Cookie),
         };
-        let mut log = AccessLog {
-            resource: Some(route.resource.to_string()),
-            ..AccessLog::default()
-        };
-        if let Some(why) = &route.broken {
-            tracing::warn!(resource = %route.resource, "refusing requests: {why}");
-            log.reason = "resource misconfigured".into();
-            return (
+        let verdict = decide(&state, serving, &asked, unix_now());
+        let log = AccessLog::of(&verdict);
+        let resp = match verdict {
+            Verdict::NoRoute => page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                &format!("No resource is configured for {host}{path}."),
+            ),
+            Verdict::Misconfigured { route, why } => {
+                tracing::warn!(resource = %route.resource, "refusing requests: {why}");
                 page(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Resource unavailable",
                     "This resource is misconfigured; an administrator has to fix it.",
-                ),
-                log,
-            );
-        }
-        if route.options.public {
-            log.decision = "allow";
-            log.reason = "public resource".into();
-            return (
-                self.forward(req, &route, None, None, client, view).await,
-                log,
-            );
-        }
-        if route
-            .options
-            .access
-            .bypass
-            .iter()
-            .any(|b| b.matches(req.uri().path(), client.ip))
-        {
-            log.decision = "allow";
-            log.reason = "bypass rule".into();
-            return (
-                self.forward(req, &route, None, None, client, view).await,
-                log,
-            );
-        }
-        if let Some(why) = self.fail_closed() {
-            log.decision = "deny";
-            log.reason = format!("fail closed: {why}");
-            return (
-                page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Access paused",
-                    "This node has lost contact with the rest of the cluster, so it cannot be sure your access is still valid. Try again in a moment.",
-                ),
-                log,
-            );
-        }
-        let principal = match self.principal(&req, &state, host) {
-            Ok(p) if p.session.via == Via::Sso && route.options.access.sso => p,
-            Ok(p) if p.session.resource.as_ref() == Some(&route.resource) => {
-                log.user = Some(p.name().to_owned());
-                log.decision = "allow";
-                log.reason = format!("{:?} session for this resource", p.session.via);
-                return (
-                    self.forward(req, &route, Some(&p), state.signer.as_deref(), client, view)
-                        .await,
-                    log,
-                );
+                )
             }
-            Ok(_) => {
-                log.decision = "deny";
-                log.reason = "session not good for this resource".into();
-                return (self.need_sign_in(&req, host, &route), log);
+            Verdict::Forward(pass) => {
+                self.forward(req, &pass, state.signer.as_deref(), client, view)
+                    .await
             }
-            Err(why) => {
-                log.decision = "deny";
-                log.reason = why.to_owned();
-                return (self.need_sign_in(&req, host, &route), log);
-            }
+            Verdict::SignIn { how, .. } => self.need_sign_in(&req, host, how),
+            Verdict::Deny { why, .. } => page(why.status(), why.title(), &why.detail()),
         };
-        let Some(user) = principal.user else {
-            return (self.need_sign_in(&req, host, &route), log);
-        };
-        log.user = Some(user.name.to_string());
-        let asked = Asked {
-            source: client.ip,
-            method: req.method().as_str(),
-            path: req.uri().path(),
-        };
-        match sso_decision(&route, &principal, user, &asked) {
-            Ok(reason) => log.reason = reason,
-            Err(SsoDenied::Disabled) => {
-                log.decision = "deny";
-                log.reason = "user disabled".into();
-                return (
-                    page(
-                        StatusCode::FORBIDDEN,
-                        "Access denied",
-                        "Your account is disabled.",
-                    ),
-                    log,
-                );
-            }
-            Err(SsoDenied::Policy(reason)) => {
-                log.decision = "deny";
-                let detail = format!("{} may not use this resource ({reason}).", user.name);
-                log.reason = reason;
-                return (page(StatusCode::FORBIDDEN, "Access denied", &detail), log);
-            }
-        }
-        log.decision = "allow";
-        (
-            self.forward(
-                req,
-                &route,
-                Some(&principal),
-                state.signer.as_deref(),
-                client,
-                view,
-            )
-            .await,
-            log,
-        )
+        (resp, log)
     }
 
     /// Whether what let an upgraded connection through still holds, on this node's current
-    /// state: the route, its public flag or bypass rule, or the session, user and policies.
+    /// state: the decision for the request that opened it ([`decide`]), asked again.
     pub(crate) fn recheck(&self, grant: &Grant) -> Result<(), String> {
         let state = self.state.load();
-        let route = state
-            .config
-            .route(&grant.host, &grant.path)
-            .filter(|r| r.resource == grant.resource && r.broken.is_none())
-            .ok_or("the resource changed")?;
-        let sid = match grant.how {
-            GrantKind::Public if route.options.public => return Ok(()),
-            GrantKind::Bypass
-                if route
-                    .options
-                    .access
-                    .bypass
-                    .iter()
-                    .any(|b| b.matches(&grant.path, grant.source)) =>
-            {
-                return Ok(())
-            }
-            GrantKind::Session(sid) => sid,
-            _ => return Err("the resource needs a sign-in now".into()),
-        };
-        if let Some(why) = self.fail_closed() {
-            return Err(format!("fail closed: {why}"));
-        }
-        let p = lookup_session(&state.registry, &state.config, sid)?;
-        if p.session.via == Via::Sso && route.options.access.sso {
-            let user = p.user.ok_or("user deleted")?;
-            let asked = Asked {
-                source: grant.source,
-                method: grant.method.as_str(),
-                path: &grant.path,
-            };
-            return match sso_decision(route, &p, user, &asked) {
-                Ok(_) => Ok(()),
-                Err(SsoDenied::Disabled) => Err("user disabled".into()),
-                Err(SsoDenied::Policy(reason)) => Err(reason),
-            };
-        }
-        if p.session.resource.as_ref() == Some(&route.resource) {
-            return Ok(());
-        }
-        Err("session not good for this resource".into())
+        let paused = self.fail_closed();
+        let serving = paused.as_deref().map_or(Ok(()), Err);
+        grant.holds(&decide(&state, serving, &grant.asked(), unix_now()))
     }
 
     /// Wakes on every change of the state or of whether the node is serving.
@@ -498,43 +345,28 @@ impl Proxy {
         }
     }
 
-    /// The session behind the request's cookie, if it is valid for `host`.
-    fn principal<'r>(
-        &self,
-        req: &Request<Incoming>,
-        state: &'r ProxyState,
-        host: &str,
-    ) -> Result<Principal<'r>, &'static str> {
-        let sealer = state.sealer.as_ref().ok_or("cluster keys not ready")?;
-        let token = cookie(req.headers(), SESSION_COOKIE).ok_or("no session")?;
-        let c: SessionCookie = sealer
-            .open(Purpose::Session, token)
-            .ok_or("invalid session cookie")?;
-        if c.host != host {
-            return Err("session cookie for another host");
-        }
-        lookup_session(&state.registry, &state.config, SessionId(c.sid))
-    }
-
-    fn need_sign_in(&self, req: &Request<Incoming>, host: &str, route: &Route) -> Response<Body> {
-        let navigational = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
-        if !navigational {
-            return page(
-                StatusCode::UNAUTHORIZED,
-                "Sign-in required",
-                "Sign in through your browser first, then try again.",
-            );
-        }
-        if route.options.access.has_other_methods() {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            let to = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("rd", pq)
-                .finish();
-            return pages::redirect(&format!("/.warren/auth?{to}"));
+    /// The answer that sends the client to sign in `how`, then back to this request.
+    fn need_sign_in(&self, req: &Request<Incoming>, host: &str, how: SignIn) -> Response<Body> {
+        match how {
+            SignIn::Unauthorized => {
+                return page(
+                    StatusCode::UNAUTHORIZED,
+                    "Sign-in required",
+                    "Sign in through your browser first, then try again.",
+                );
+            }
+            SignIn::ResourcePage => {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                let to = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("rd", pq)
+                    .finish();
+                return pages::redirect(&format!("/.warren/auth?{to}"));
+            }
+            SignIn::Sso => {}
         }
         let original = format!(
             "https://{}{}",
@@ -580,7 +412,11 @@ impl Proxy {
 
     /// Accepts HTTPS connections until the listener fails, within the node's connection
     /// bounds (`crate::conn`).
-    pub async fn serve_https(self: Arc<Self>, listener: tokio::net::TcpListener) -> String {
+    pub async fn serve_https(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        drain: crate::conn::Drain,
+    ) -> String {
         let tls = match self.tls_config() {
             Ok(t) => t,
             Err(e) => return format!("proxy TLS settings: {e}"),
@@ -588,24 +424,44 @@ impl Proxy {
         let limits = crate::conn::ConnLimits::proxy(self.settings.max_connections);
         let stats = self.connections.clone();
         let proxy = self;
-        crate::conn::serve(listener, tls, limits, stats, "proxy", move |peer, sni| {
-            let proxy = proxy.clone();
-            service_fn(move |req| proxy.clone().handle(req, peer, sni.clone()))
-        })
+        crate::conn::serve(
+            listener,
+            tls,
+            limits,
+            stats,
+            "proxy",
+            drain,
+            move |peer, sni| {
+                let proxy = proxy.clone();
+                service_fn(move |req| proxy.clone().handle(req, peer, sni.clone()))
+            },
+        )
         .await
     }
 
     /// Accepts plain HTTP connections (ACME challenges) and redirects every other request
     /// to HTTPS; at most `--proxy-max-connections` at once, like the HTTPS listener (a
     /// separate allowance), more are closed at once and logged at most every 10 s.
-    pub async fn serve_http(self: Arc<Self>, listener: tokio::net::TcpListener) -> String {
+    pub async fn serve_http(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        drain: crate::conn::Drain,
+    ) -> String {
         let gate = crate::conn::ConnGate::new(
             self.settings.max_connections,
             Arc::new(crate::conn::ConnStats::default()),
         );
         let mut refusals = crate::conn::RefusalLog::default();
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = drain.started() => {
+                    drop(listener);
+                    std::future::pending::<()>().await;
+                    unreachable!("pending never resolves");
+                }
+            };
+            let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("proxy HTTP accept failed: {e}");
@@ -624,7 +480,7 @@ impl Proxy {
             };
             let port = self.settings.public_https_port;
             let proxy = self.clone();
-            tokio::spawn(async move {
+            drain.spawn(async move {
                 let _admitted = admitted;
                 let service = service_fn(move |req: Request<Incoming>| {
                     let proxy = proxy.clone();
@@ -691,85 +547,6 @@ fn head_without_body(is_head: bool, resp: Response<Body>) -> Response<Body> {
     }
 }
 
-/// What a request asks for, as policies see it.
-struct Asked<'a> {
-    source: std::net::IpAddr,
-    method: &'a str,
-    path: &'a str,
-}
-
-/// Why a signed-in user is refused.
-enum SsoDenied {
-    /// The user is disabled.
-    Disabled,
-    /// The resource's policies say no (the reason).
-    Policy(String),
-}
-
-/// The decision for a signed-in user on `route`: the allowing policy's reason, or why not.
-fn sso_decision(
-    route: &Route,
-    principal: &Principal<'_>,
-    user: &User,
-    asked: &Asked<'_>,
-) -> Result<String, SsoDenied> {
-    if user.disabled {
-        return Err(SsoDenied::Disabled);
-    }
-    // Claims are parsed only for routes whose policies look at them.
-    let claims = if route.needs_claims {
-        serde_json::from_str(&principal.session.claims).unwrap_or(serde_json::Value::Null)
-    } else {
-        serde_json::Value::Null
-    };
-    let facts = Facts {
-        identity: Some(Identity {
-            user: user.name.as_str(),
-            // An unverified address matches no `email`/`email_domain` criterion.
-            email: principal.session.verified_email().unwrap_or_default(),
-            groups: &principal.groups,
-            claims: &claims,
-        }),
-        source: asked.source,
-        method: Some(asked.method),
-        path: Some(asked.path),
-        now: unix_now() as i64,
-    };
-    let decision = decide(&route.policies, &facts);
-    match decision {
-        Decision::Allow { .. } => Ok(decision.reason()),
-        _ => Err(SsoDenied::Policy(decision.reason())),
-    }
-}
-
-/// What let a request through, kept by a connection that outlives the request (an
-/// upgrade) so that it can be checked again whenever the state changes.
-pub(crate) struct Grant {
-    /// The resource it was for.
-    pub resource: warren_proto::Name,
-    /// The routed host.
-    pub host: String,
-    /// The canonical path.
-    pub path: String,
-    /// The method.
-    pub method: http::Method,
-    /// The client's address.
-    pub source: std::net::IpAddr,
-    /// On what grounds.
-    pub how: GrantKind,
-}
-
-/// The grounds of a [`Grant`].
-#[derive(Clone, Copy)]
-pub(crate) enum GrantKind {
-    /// The resource is public.
-    Public,
-    /// A bypass rule matched.
-    Bypass,
-    /// A session (single sign-on, or one for this resource only).
-    Session(SessionId),
-}
-
 /// What the access log records beside the request line.
 #[derive(Default)]
 struct AccessLog {
@@ -789,6 +566,34 @@ impl AccessLog {
             ..Self::default()
         }
     }
+
+    /// What the log says of a request to a resource host, from its verdict.
+    fn of(verdict: &Verdict<'_>) -> Self {
+        let (route, user, decision, reason) = match verdict {
+            Verdict::NoRoute => return Self::internal("no route"),
+            // Neither allowed nor denied: nobody's access was looked at.
+            Verdict::Misconfigured { route, .. } => {
+                (route, None, "", "resource misconfigured".into())
+            }
+            Verdict::Forward(pass) => (
+                &pass.route,
+                pass.principal().map(|p| p.name().to_owned()),
+                "allow",
+                pass.grounds.to_string(),
+            ),
+            Verdict::SignIn { route, why, .. } => (route, None, "deny", why.to_string()),
+            Verdict::Deny { route, why } => {
+                (route, why.user().map(str::to_owned), "deny", why.reason())
+            }
+        };
+        Self {
+            resource: Some(route.resource.to_string()),
+            user,
+            decision,
+            reason,
+            ..Self::default()
+        }
+    }
 }
 
 /// What a session cookie holds, sealed.
@@ -796,39 +601,6 @@ impl AccessLog {
 struct SessionCookie {
     sid: u128,
     host: String,
-}
-
-/// The valid session `id`, with its user and groups.
-fn lookup_session<'r>(
-    reg: &'r Registry,
-    config: &Config,
-    id: SessionId,
-) -> Result<Principal<'r>, &'static str> {
-    let session = reg.sessions().get(&id).ok_or("session ended")?;
-    if session.expires_at <= unix_now() {
-        return Err("session expired");
-    }
-    if session.via != Via::Sso {
-        return Ok(Principal {
-            session,
-            user: None,
-            groups: std::borrow::Cow::Borrowed(&[]),
-        });
-    }
-    let user = reg.users().get(&session.user).ok_or("user deleted")?;
-    let groups = match config.roles_of.get(&user.name) {
-        Some(roles) => {
-            let mut g = session.groups.clone();
-            g.extend(roles.iter().cloned());
-            std::borrow::Cow::Owned(g)
-        }
-        None => std::borrow::Cow::Borrowed(session.groups.as_slice()),
-    };
-    Ok(Principal {
-        session,
-        user: Some(user),
-        groups,
-    })
 }
 
 /// The host the request is for, lowercase without port; `None` if missing or malformed.
