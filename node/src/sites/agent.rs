@@ -1,5 +1,7 @@
-//! The node's end of an agent tunnel: a control stream (configuration out, health in)
-//! and the connection itself, on which the node opens a stream per proxied connection.
+//! The node's end of an agent tunnel, up to the hand-over: checks the agent's certificate
+//! and hello, then gives the connection and its control stream to the `tunnels` actor
+//! (`super::tunnels`), whose child for the tunnel pushes the configuration and reads
+//! health. The node opens a stream per proxied connection on the connection itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,14 +11,13 @@ use warren_consensus::pki::{peer_kind, Peer};
 use warren_consensus::quic::OtherAlpn;
 use warren_consensus::registry::Registry;
 use warren_proto::registry::{Route, Site};
-use warren_proto::tunnel::io::{read_frame_body, read_message, write_message};
+use warren_proto::tunnel::io::read_frame_body;
 use warren_proto::tunnel::{
-    FrameError, FromAgent, Hello, PeerProtocol, SiteConfig, TargetSpec, ToAgent, Unknowns,
-    ALPN_AGENT, CLOSE_BAD_HELLO, MAX_CONTROL,
+    FrameError, PeerProtocol, SiteConfig, TargetSpec, ALPN_AGENT, CLOSE_BAD_HELLO, MAX_CONTROL,
 };
 use warren_proto::Name;
 
-use super::{Sites, Tunnel};
+use super::{Handover, Sites, TunnelsMsg, CLOSE_TUNNEL_LOST};
 
 /// Serves `warren-agent/1`.
 pub struct AgentService {
@@ -79,7 +80,7 @@ impl OtherAlpn for AgentService {
                 conn.close(2u32.into(), b"the site does not exist");
                 return;
             }
-            let Ok(Ok((mut send, mut recv))) =
+            let Ok(Ok((send, mut recv))) =
                 tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
             else {
                 return;
@@ -108,88 +109,34 @@ impl OtherAlpn for AgentService {
                     return;
                 }
             };
-            tracing::info!(
-                %site, %remote, protocol = agent.version, version = %agent.software,
-                features = ?agent.features, "agent connected"
-            );
-            let id = rand::random();
-            self.sites.add_tunnel(
-                &site,
-                Tunnel {
-                    id,
-                    conn: conn.clone(),
-                },
-            );
-            let pusher = {
-                let sites = self.sites.clone();
-                let site = site.clone();
-                let conn = conn.clone();
-                let agent = agent.clone();
-                async move {
-                    let hello = ToAgent::Hello(Hello::ours());
-                    if agent.accepts(&hello) && write_message(&mut send, &hello).await.is_err() {
-                        return;
-                    }
-                    let mut rx = sites.cluster.subscribe();
-                    let mut last = None;
-                    loop {
-                        let reg = rx.borrow_and_update().clone();
-                        let Some(config) = site_config(&reg, &site) else {
-                            conn.close(2u32.into(), b"the site was deleted");
-                            return;
-                        };
-                        if last.as_ref() != Some(&config) {
-                            let msg = ToAgent::Config(config.clone());
-                            if agent.accepts(&msg) && write_message(&mut send, &msg).await.is_err()
-                            {
-                                return;
-                            }
-                            last = Some(config);
-                        }
-                        if rx.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                }
+            let Some(tunnels) = self.sites.tunnels.actor() else {
+                tracing::warn!(%site, %remote, "refused an agent: the node's tunnel table is restarting");
+                conn.close(
+                    CLOSE_TUNNEL_LOST.into(),
+                    b"the node's tunnel table is restarting; dial again",
+                );
+                return;
             };
-            let reader = {
-                let sites = self.sites.clone();
-                let site = site.clone();
-                async move {
-                    let mut unknowns = Unknowns::default();
-                    loop {
-                        match read_message::<_, FromAgent>(&mut recv, MAX_CONTROL).await {
-                            Ok(Some(FromAgent::Health(report))) => sites.set_health(&site, report),
-                            Ok(Some(FromAgent::Hello(_))) => {
-                                tracing::debug!(%site, "ignoring a second hello from an agent");
-                            }
-                            Ok(Some(FromAgent::Unknown { tag })) => {
-                                if unknowns.note() {
-                                    tracing::info!(%site, tag, "skipping a message this node does not know (a newer agent); later ones are logged at debug");
-                                } else {
-                                    tracing::debug!(%site, tag, skipped = unknowns.count(), "skipping an unknown message");
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(e) => {
-                                tracing::warn!(%site, "agent control stream: {e}");
-                                return;
-                            }
-                        }
-                    }
-                }
+            let handover = Handover {
+                site: site.clone(),
+                conn: conn.clone(),
+                send,
+                recv,
+                agent,
             };
-            tokio::select! {
-                () = pusher => {}
-                () = reader => {}
-                _ = conn.closed() => {}
+            // From here the tunnel is the `tunnels` actor's (which logs it as connected):
+            // its child pushes the configuration, reads health and closes the connection
+            // when it ends.
+            if tunnels
+                .cast(TunnelsMsg::Connected(Box::new(handover)))
+                .is_err()
+            {
+                conn.close(
+                    CLOSE_TUNNEL_LOST.into(),
+                    b"the node's tunnel table is restarting; dial again",
+                );
+                tracing::warn!(%site, %remote, "refused an agent: the node's tunnel table is restarting");
             }
-            self.sites.remove_tunnel(&site, id);
-            let why = conn
-                .close_reason()
-                .map_or_else(|| "control stream ended".to_owned(), |r| r.to_string());
-            tracing::info!(%site, %remote, "agent disconnected: {why}");
-            conn.close(0u32.into(), b"bye");
         })
     }
 }

@@ -2,37 +2,79 @@
 //! target from any node (a QUIC stream to the agent, here or one hop away on the node that
 //! holds a tunnel).
 //!
-//! Which node holds which site is soft state, not Raft: every node tells its peers the sites
-//! it holds every second over `warren-relay/1`, and forgets what it was told after
-//! [`HELD_TTL`]. Data streams never pass through an actor: the tunnel table is an `ArcSwap`.
+//! Two actors of the node's supervision tree own the site table
+//! ([`warren_proto::sites`]), each one half, and publish it; everything else reads:
+//!
+//! ```text
+//!  accept loop ─ warren-agent/1 ─► AgentService::serve: site certificate, hello
+//!                                    │ Connected(connection, control stream)
+//!                                    ▼
+//!  Supervisor ─► Tunnels ── spawn_linked ──► AgentTunnel, one per agent: config out on
+//!                 │ owns LocalTunnels          │ every registry change, health in (tasks it
+//!                 │ ◄── Health(id, report) ────┘ owns); its end is a supervision event
+//!                 └─ publish ─► Published<LocalTunnels<Connection>> ◄──┐
+//!                                        ▲ held()                      │ load()
+//!  Supervisor ─► Gossip ─────────────────┘                             ├─ Sites::open,
+//!                 │ owns Holdings (TTLs) and the peer connections      │  relay_stream,
+//!                 │ ◄── Held(peer, by its certificate) ── RelayService │  connected,
+//!                 │ every second: tell every peer what this node holds │  target_ok, held
+//!                 └─ publish ─► Published<Peers> ◄─────────────────────┘
+//! ```
+//!
+//! Which node holds which site is soft state, not Raft: every node tells its peers the
+//! sites it holds every second over `warren-relay/1` and forgets what it was told after
+//! [`HELD_TTL`]. Data streams never pass through an actor: `open` and `relay_stream` read
+//! the two snapshots (one atomic load each) and nothing else.
+//!
+//! Peer connections (to relay streams and to announce) are cached in the `Gossip`
+//! snapshot, so a stream through a peer takes no lock either. `Gossip` is their only
+//! writer: it dials peers to announce, and a request that finds no live connection dials
+//! one itself and hands it to `Gossip` to keep. Two requests that miss at once may both
+//! dial; `Gossip` keeps the first live connection and the other serves its request only.
+//!
+//! When `Tunnels` restarts its children go with it: every agent connection it held is
+//! closed (the agents redial at once) and it starts from an empty table. When `Gossip`
+//! restarts it forgets what peers said; they say it again within a second.
 
 mod agent;
 mod enroll;
+mod gossip;
 mod relay;
+mod tunnels;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
+use ractor::ActorRef;
+use tokio::sync::watch;
 use warren_consensus::cluster::Cluster;
 use warren_consensus::pki::{ClusterCa, CLUSTER_SERVER_NAME};
-use warren_proto::registry::Target;
+use warren_consensus::registry::Registry;
+use warren_proto::registry::{NodeId, Target};
+use warren_proto::sites::{LocalTunnels, Route, SiteView};
 use warren_proto::tunnel::io::{read_frame, write_frame};
 use warren_proto::tunnel::{Open, Opened, Protocol, MAX_HEADER};
 use warren_proto::Name;
 
-pub use self::agent::AgentService;
-pub use self::enroll::EnrollService;
-pub use self::relay::RelayService;
+use crate::actors::ChildSpec;
+use crate::publish::Published;
 
-/// How long a peer's word that it holds a site counts.
-pub const HELD_TTL: Duration = Duration::from_millis(3500);
+pub use self::agent::{site_config, AgentService};
+pub use self::enroll::EnrollService;
+pub use self::gossip::{GossipActor, GossipArgs, GossipMsg, Peers};
+pub use self::relay::RelayService;
+pub use self::tunnels::{Handover, TunnelsActor, TunnelsArgs, TunnelsMsg};
+pub use warren_proto::sites::HELD_TTL;
+
 /// How long opening a stream to a target may take (agent dial included).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A data stream to a target: bytes both ways.
 pub type SiteStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+
+/// The tunnels this node holds, as the `Tunnels` actor publishes them.
+pub type Tunnels = LocalTunnels<quinn::Connection>;
 
 /// Why a stream to a site's target could not be opened.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -55,35 +97,40 @@ pub const COPY_BUF: usize = 64 * 1024;
 /// How long a route to a site gets before the next one is tried alongside.
 const HEAD_START: Duration = Duration::from_millis(300);
 
-/// A way to a site's agent.
-enum Route {
-    /// A tunnel this node holds.
-    Tunnel(quinn::Connection),
-    /// A peer node that holds one.
-    Peer(u64),
+/// Close code of an agent connection whose tunnel the node could not keep (its actor
+/// failed, or the tunnel table restarted): the agent dials again.
+const CLOSE_TUNNEL_LOST: u32 = 5;
+
+/// The live incarnation of an actor of the tree, for the services that message it
+/// (one atomic load; empty while it restarts).
+pub struct Current<M>(ArcSwapOption<ActorRef<M>>);
+
+impl<M> Current<M> {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(ArcSwapOption::empty()))
+    }
+
+    /// The live actor, if one runs.
+    pub fn actor(&self) -> Option<ActorRef<M>> {
+        self.0.load_full().map(|a| (*a).clone())
+    }
+
+    fn set(&self, actor: Option<ActorRef<M>>) {
+        self.0.store(actor.map(Arc::new));
+    }
 }
 
-/// One agent connection.
-#[derive(Clone)]
-struct Tunnel {
-    id: u64,
-    conn: quinn::Connection,
-}
-
-/// Tunnels, peers' holdings and target health.
+/// The site service of a node: what the data path reads, and the handles of the two actors
+/// that write it.
 pub struct Sites {
     cluster: Cluster,
     ca: ClusterCa,
     cluster_id: u128,
-    endpoint: quinn::Endpoint,
-    relay_client: quinn::ClientConfig,
-    local: ArcSwap<HashMap<Name, Vec<Tunnel>>>,
-    local_update: Mutex<()>,
-    remote: ArcSwap<HashMap<Name, Vec<(u64, Instant)>>>,
-    remote_update: Mutex<()>,
-    health: ArcSwap<HashMap<(Name, Target), bool>>,
-    health_update: Mutex<()>,
-    peers: Mutex<HashMap<u64, quinn::Connection>>,
+    dialer: Arc<Dialer>,
+    local: Arc<Published<Tunnels>>,
+    peers: Arc<Published<Peers>>,
+    tunnels: Arc<Current<TunnelsMsg>>,
+    gossip: Arc<Current<GossipMsg>>,
 }
 
 impl std::fmt::Debug for Sites {
@@ -95,7 +142,8 @@ impl std::fmt::Debug for Sites {
 }
 
 impl Sites {
-    /// The site service of a node; starts telling peers what it holds.
+    /// The site service of a node. Its snapshots exist from now on (empty); the actors that
+    /// fill them are started by the tree, from [`Sites::children`].
     pub fn start(
         cluster: Cluster,
         ca: ClusterCa,
@@ -103,105 +151,62 @@ impl Sites {
         endpoint: quinn::Endpoint,
         relay_client: quinn::ClientConfig,
     ) -> Arc<Self> {
-        let sites = Arc::new(Self {
+        let me = cluster.id();
+        Arc::new(Self {
+            dialer: Arc::new(Dialer::new(
+                cluster.subscribe(),
+                cluster_id,
+                endpoint,
+                relay_client,
+            )),
             cluster,
             ca,
             cluster_id,
-            endpoint,
-            relay_client,
-            local: ArcSwap::from_pointee(HashMap::new()),
-            local_update: Mutex::new(()),
-            remote: ArcSwap::from_pointee(HashMap::new()),
-            remote_update: Mutex::new(()),
-            health: ArcSwap::from_pointee(HashMap::new()),
-            health_update: Mutex::new(()),
-            peers: Mutex::new(HashMap::new()),
-        });
-        tokio::spawn(relay::announce(Arc::downgrade(&sites)));
-        sites
+            local: Published::new(Tunnels::new()),
+            peers: Published::new(Peers::new(me)),
+            tunnels: Current::new(),
+            gossip: Current::new(),
+        })
+    }
+
+    /// The tree's children `tunnels` and `gossip`, to start before the listeners.
+    pub fn children(&self) -> [ChildSpec; 2] {
+        [
+            TunnelsActor::child(
+                TunnelsArgs {
+                    registry: self.cluster.subscribe(),
+                    local: self.local.clone(),
+                },
+                self.tunnels.clone(),
+            ),
+            GossipActor::child(
+                GossipArgs {
+                    me: self.cluster.id(),
+                    registry: self.cluster.subscribe(),
+                    local: self.local.clone(),
+                    peers: self.peers.clone(),
+                    dialer: self.dialer.clone(),
+                },
+                self.gossip.clone(),
+            ),
+        ]
     }
 
     /// Sites this node holds a tunnel to.
     pub fn held(&self) -> Vec<Name> {
-        let mut v: Vec<Name> = self.local.load().keys().cloned().collect();
-        v.sort();
-        v
+        self.local.load().held()
     }
 
     /// Whether any node (this one or a peer, as last told) holds a tunnel to `site`.
     pub fn connected(&self, site: &Name) -> bool {
-        self.local.load().contains_key(site) || !self.holders(site).is_empty()
+        let (local, peers) = (self.local.load(), self.peers.load());
+        SiteView::new(&local, &peers.holdings).connected(site, Instant::now())
     }
 
-    /// Whether the agent last reported `target` as passing its check (unknown: yes).
+    /// Whether this node's agents say `target` passes its check (unknown: yes); see
+    /// [`warren_proto::sites`] for how the reports of several agents of a site combine.
     pub fn target_ok(&self, site: &Name, target: &Target) -> bool {
-        self.health
-            .load()
-            .get(&(site.clone(), target.clone()))
-            .copied()
-            .unwrap_or(true)
-    }
-
-    fn add_tunnel(&self, site: &Name, t: Tunnel) {
-        let _g = self.local_update.lock().expect("sites lock");
-        let mut map = (**self.local.load()).clone();
-        map.entry(site.clone()).or_default().insert(0, t);
-        self.local.store(Arc::new(map));
-    }
-
-    fn remove_tunnel(&self, site: &Name, id: u64) {
-        let _g = self.local_update.lock().expect("sites lock");
-        let mut map = (**self.local.load()).clone();
-        if let Some(v) = map.get_mut(site) {
-            v.retain(|t| t.id != id);
-            if v.is_empty() {
-                map.remove(site);
-            }
-        }
-        self.local.store(Arc::new(map));
-    }
-
-    fn set_health(&self, site: &Name, report: Vec<(Target, bool)>) {
-        let _g = self.health_update.lock().expect("sites lock");
-        let mut map = (**self.health.load()).clone();
-        for (t, ok) in report {
-            map.insert((site.clone(), t), ok);
-        }
-        self.health.store(Arc::new(map));
-    }
-
-    fn set_held_by(&self, node: u64, sites: Vec<Name>) {
-        let _g = self.remote_update.lock().expect("sites lock");
-        let now = Instant::now();
-        let mut map: HashMap<Name, Vec<(u64, Instant)>> = (**self.remote.load()).clone();
-        for v in map.values_mut() {
-            v.retain(|(n, until)| *n != node && *until > now);
-        }
-        for s in sites {
-            map.entry(s).or_default().push((node, now + HELD_TTL));
-        }
-        map.retain(|_, v| !v.is_empty());
-        self.remote.store(Arc::new(map));
-    }
-
-    /// Peers that said they hold `site`, the most recently heard from first (a node that
-    /// died stops refreshing its word, so it sorts last within a second).
-    fn holders(&self, site: &Name) -> Vec<u64> {
-        let now = Instant::now();
-        let me = self.cluster.id().0;
-        let mut v: Vec<(u64, Instant)> = self
-            .remote
-            .load()
-            .get(site)
-            .map(|v| {
-                v.iter()
-                    .filter(|(n, until)| *until > now && *n != me)
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort_by_key(|(_, until)| std::cmp::Reverse(*until));
-        v.into_iter().map(|(n, _)| n).collect()
+        self.local.load().target_ok(site, target)
     }
 
     /// Opens a stream to `target` behind `site`: through a tunnel this node holds, else
@@ -220,13 +225,10 @@ impl Sites {
             target: target.clone(),
             protocol,
         };
-        let mut routes: Vec<Route> = self
-            .local
-            .load()
-            .get(site)
-            .map(|v| v.iter().map(|t| Route::Tunnel(t.conn.clone())).collect())
-            .unwrap_or_default();
-        routes.extend(self.holders(site).into_iter().map(Route::Peer));
+        let routes = {
+            let (local, peers) = (self.local.load(), self.peers.load());
+            SiteView::new(&local, &peers.holdings).routes(site, Instant::now())
+        };
         if routes.is_empty() {
             return Err(OpenError::NotConnected(site.clone()));
         }
@@ -263,31 +265,72 @@ impl Sites {
         Err(OpenError::NotConnected(site.clone()))
     }
 
-    async fn try_route(&self, route: Route, header: &Open) -> Result<SiteStream, OpenError> {
+    async fn try_route(
+        &self,
+        route: Route<quinn::Connection>,
+        header: &Open,
+    ) -> Result<SiteStream, OpenError> {
         let conn = match route {
-            Route::Tunnel(c) => c,
+            Route::Tunnel(_, c) => c,
             Route::Peer(id) => self.peer(id).await.map_err(OpenError::Failed)?,
         };
         open_on(&conn, header).await
     }
 
-    /// A connection to peer node `id` (cached while it lives).
-    async fn peer(&self, id: u64) -> Result<quinn::Connection, String> {
-        if let Some(c) = self.peers.lock().expect("peers lock").get(&id) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+    /// A connection to peer node `id`: the one `Gossip` keeps, else a new one, handed to
+    /// `Gossip` to keep.
+    async fn peer(&self, id: NodeId) -> Result<quinn::Connection, String> {
+        if let Some(c) = self.peers.load().conn(id) {
+            return Ok(c.clone());
         }
-        let reg = self.cluster.registry();
-        let node = reg
-            .node_by_id(warren_proto::registry::NodeId(id))
-            .ok_or_else(|| format!("node {id} is not in the registry"))?;
-        let addr = warren_consensus::quic::resolve(&node.cluster_addr)
+        let conn = self.dialer.dial(id).await?;
+        if let Some(gossip) = self.gossip.actor() {
+            let _ = gossip.cast(GossipMsg::Dialed(id, conn.clone()));
+        }
+        Ok(conn)
+    }
+}
+
+/// Dials peer nodes on `warren-relay/1` and checks that the right node answered.
+pub struct Dialer {
+    registry: watch::Receiver<Arc<Registry>>,
+    cluster_id: u128,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+}
+
+impl Dialer {
+    /// A dialer from `endpoint` with `client` (the relay ALPN and this node's identity),
+    /// finding nodes in `registry`.
+    pub fn new(
+        registry: watch::Receiver<Arc<Registry>>,
+        cluster_id: u128,
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+    ) -> Self {
+        Self {
+            registry,
+            cluster_id,
+            endpoint,
+            client,
+        }
+    }
+
+    /// A new connection to node `id`, at the address the registry has for it.
+    pub async fn dial(&self, id: NodeId) -> Result<quinn::Connection, String> {
+        let addr = {
+            let reg = self.registry.borrow();
+            let node = reg
+                .node_by_id(id)
+                .ok_or_else(|| format!("node {id} is not in the registry"))?;
+            node.cluster_addr.clone()
+        };
+        let sock = warren_consensus::quic::resolve(&addr)
             .await
             .map_err(|e| e.to_string())?;
         let conn = self
             .endpoint
-            .connect_with(self.relay_client.clone(), addr, CLUSTER_SERVER_NAME)
+            .connect_with(self.client.clone(), sock, CLUSTER_SERVER_NAME)
             .map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(Duration::from_secs(3), conn)
             .await
@@ -295,18 +338,10 @@ impl Sites {
             .map_err(|e| e.to_string())?;
         // The address may belong to another node by now (or answer for one): data for
         // node `id` goes only to the holder of node `id`'s certificate.
-        if let Err(why) = warren_consensus::quic::check_dialed_node(
-            &conn,
-            self.cluster_id,
-            warren_proto::registry::NodeId(id),
-        ) {
+        if let Err(why) = warren_consensus::quic::check_dialed_node(&conn, self.cluster_id, id) {
             conn.close(1u32.into(), b"not the node dialed");
-            return Err(format!("node {id} at {}: {why}", node.cluster_addr));
+            return Err(format!("node {id} at {addr}: {why}"));
         }
-        self.peers
-            .lock()
-            .expect("peers lock")
-            .insert(id, conn.clone());
         Ok(conn)
     }
 }

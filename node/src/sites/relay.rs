@@ -1,8 +1,8 @@
 //! Node to node: data streams relayed to the node holding a site's tunnel, and the
-//! announcements of which sites each node holds.
+//! announcements of which sites each node holds (passed to the `gossip` actor, which
+//! also sends this node's).
 
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use warren_consensus::pki::{peer_node, NodeCert};
@@ -11,7 +11,7 @@ use warren_proto::registry::NodeRole;
 use warren_proto::tunnel::io::{read_frame, write_frame};
 use warren_proto::tunnel::{Held, Open, Opened, ALPN_RELAY, MAX_CONTROL, MAX_HEADER};
 
-use super::{open_on, OpenError, Sites};
+use super::{open_on, GossipMsg, OpenError, Sites};
 
 /// Serves `warren-relay/1`.
 pub struct RelayService {
@@ -46,8 +46,13 @@ impl OtherAlpn for RelayService {
                         let Ok(mut recv) = uni else { return };
                         let sites = self.sites.clone();
                         tokio::spawn(async move {
-                            if let Ok(Some(held)) = read_frame::<_, Held>(&mut recv, MAX_CONTROL).await {
-                                sites.set_held_by(peer.id.0, held.sites);
+                            let Ok(Some(held)) = read_frame::<_, Held>(&mut recv, MAX_CONTROL).await else {
+                                return;
+                            };
+                            // While `gossip` restarts the word is dropped; the peer says
+                            // it again within a second.
+                            if let Some(gossip) = sites.gossip.actor() {
+                                let _ = gossip.cast(GossipMsg::Held(peer.id, held.sites));
                             }
                         });
                     }
@@ -79,14 +84,15 @@ async fn relay_stream(sites: Arc<Sites>, mut send: quinn::SendStream, mut recv: 
     let Ok(Some(header)) = read_frame::<_, Open>(&mut recv, MAX_HEADER).await else {
         return;
     };
-    let tunnels = sites
+    let tunnels: Vec<quinn::Connection> = sites
         .local
         .load()
-        .get(&header.site)
-        .cloned()
-        .unwrap_or_default();
-    for t in tunnels {
-        match open_on(&t.conn, &header).await {
+        .tunnels(&header.site)
+        .iter()
+        .map(|t| t.handle().clone())
+        .collect();
+    for conn in tunnels {
+        match open_on(&conn, &header).await {
             Ok(mut upstream) => {
                 if write_frame(&mut send, &Opened::Ok).await.is_err() {
                     return;
@@ -110,43 +116,4 @@ async fn relay_stream(sites: Arc<Sites>, mut send: quinn::SendStream, mut recv: 
     }
     // No tunnel here (any more): reset, so the asking node tries another holder.
     let _ = send.reset(1u32.into());
-}
-
-/// Every second, tells every peer which sites this node holds.
-pub async fn announce(sites: Weak<Sites>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(s) = sites.upgrade() else { return };
-        let me = s.cluster.id().0;
-        let held = Held { sites: s.held() };
-        let peers: Vec<u64> = s
-            .cluster
-            .registry()
-            .nodes()
-            .values()
-            .map(|n| n.id.0)
-            .filter(|id| *id != me)
-            .collect();
-        for peer in peers {
-            let s = s.clone();
-            let held = held.clone();
-            tokio::spawn(async move {
-                let conn = match s.peer(peer).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(peer, "cannot tell a peer what this node holds: {e}");
-                        return;
-                    }
-                };
-                let Ok(mut send) = conn.open_uni().await else {
-                    return;
-                };
-                if write_frame(&mut send, &held).await.is_ok() {
-                    let _ = send.finish();
-                }
-            });
-        }
-    }
 }
