@@ -91,6 +91,24 @@ impl Identity {
         write("site.json", &serde_json::to_string_pretty(&f)?, 0o644)
     }
 
+    /// An identity from its parts (tests build one without enrolling).
+    #[cfg(test)]
+    pub(crate) fn from_parts(
+        site: Name,
+        cluster_id: u128,
+        cert_pem: String,
+        key_pem: String,
+        ca_pem: String,
+    ) -> Self {
+        Self {
+            site,
+            cluster_id,
+            cert_pem,
+            key_pem,
+            ca_pem,
+        }
+    }
+
     /// The QUIC client settings of a tunnel.
     pub fn tunnel_config(&self) -> anyhow::Result<quinn::ClientConfig> {
         let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())?;

@@ -1,12 +1,16 @@
 //! `warren-agent`: the connector that runs inside a private network (a "site") and dials out
 //! to the cluster, so the site's targets become reachable without opening a port.
 //!
-//! - First start: `--token` (from `warren admin site-token <site>`) is traded for a site
-//!   certificate over QUIC (ALPN `warren-enroll/1`), trusting only the cluster CA the token
-//!   pins. The certificate, key and CA are kept in `--state-dir`; later starts reuse them.
-//! - Then it keeps tunnels (QUIC, ALPN `warren-agent/1`, mutual TLS) to the two nodes with
-//!   the shortest handshake time, learning the cluster's nodes from the first it reaches;
-//!   lost tunnels are re-dialled with jittered backoff, forever, without spinning.
+//! - First start: the binary trades `--token` (from `warren admin site-token <site>`) for a
+//!   site certificate over QUIC (ALPN `warren-enroll/1`, [`enroll()`]), trusting only the
+//!   cluster CA the token pins. The certificate, key and CA are kept in `--state-dir`;
+//!   later starts reuse them ([`Identity::load`]).
+//! - Then [`run`] keeps tunnels (QUIC, ALPN `warren-agent/1`, mutual TLS) to the two nodes
+//!   with the shortest handshake time, learning the cluster's nodes from the ones it
+//!   reaches; lost tunnels are re-dialled with jittered backoff, forever, without spinning,
+//!   and a tunnel moves when another node is clearly closer. Which node, when and which
+//!   tunnel to move is decided by the sans-IO [`warren_proto::tunnels::TunnelSet`]; one
+//!   driver task owns it and does the I/O (see `tunnel.rs`).
 //! - Each tunnel's control stream opens with a `Hello` each way (protocol version and
 //!   features, `warren_proto::tunnel`); the agent sends the node only messages it
 //!   understands and skips, counts and logs (once) messages it does not know itself. A node
@@ -14,59 +18,127 @@
 //! - The node pushes the site's targets; the agent checks them and reports their health;
 //!   for every stream a node opens it dials the target (only a configured one) and splices
 //!   (TCP bytes, or UDP datagrams framed on the stream and read cancel-safely).
+//! - When the shutdown future [`run`] was given completes, every tunnel is closed with a
+//!   reason the node sees (`agent shutting down`) and `run` returns.
+//!
+//! ```text
+//!   main.rs: flags ─► AgentConfig::validate ─► Identity::load, or enroll ─► run(identity,
+//!                                                                          config, ctrl-c/SIGTERM)
+//! ```
 
 mod enroll;
 mod tls;
 mod tunnel;
 
-use std::path::PathBuf;
+use std::future::Future;
 
-pub use enroll::Identity;
+use warren_proto::tunnels::is_node_address;
 
-/// Command-line flags (each with an environment variable).
-#[derive(Debug, clap::Parser)]
-#[command(name = "warren-agent", version, about = "The Warren site connector")]
-pub struct Args {
-    /// One-time site token (`wst1_…`), needed on the first start only.
-    #[arg(long, env = "WARREN_AGENT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// A node to reach (`host:port` of its cluster address); repeat for more.
-    #[arg(
-        long = "node",
-        env = "WARREN_AGENT_NODES",
-        value_delimiter = ',',
-        required = true
-    )]
+pub use enroll::{enroll, Identity};
+
+/// What the agent needs besides its identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The nodes to dial first: `host:port` of their cluster (QUIC) address. The rest of
+    /// the cluster is learned from them; these are never forgotten.
     pub nodes: Vec<String>,
-    /// Where the agent keeps its certificate and key.
-    #[arg(long, env = "WARREN_AGENT_STATE_DIR", default_value = "./warren-agent")]
-    pub state_dir: PathBuf,
-    /// Log filter (tracing `EnvFilter` syntax).
-    #[arg(long, env = "WARREN_LOG", default_value = "info")]
-    pub log: String,
 }
 
-/// Enrolls if needed, then keeps tunnels until killed.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// A configuration [`AgentConfig::validate`] refuses; each names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `nodes` is empty: the agent would know no node to dial.
+    NoNodes,
+    /// `nodes[index]` is not `host:port` (with a port from 1 to 65535).
+    BadNode {
+        /// Its position in `nodes`.
+        index: usize,
+        /// What was given.
+        value: String,
+    },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoNodes => f.write_str("nodes: at least one node (host:port) is needed"),
+            Self::BadNode { index, value } => {
+                write!(
+                    f,
+                    "nodes[{index}]: {value:?} is not a node address (host:port)"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl AgentConfig {
+    /// The configuration if every field is usable, else the first field that is not.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.nodes.is_empty() {
+            return Err(ConfigError::NoNodes);
+        }
+        if let Some((index, value)) = self
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !is_node_address(n))
+        {
+            return Err(ConfigError::BadNode {
+                index,
+                value: value.clone(),
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// Keeps tunnels to the cluster as `identity`, starting from `config`'s nodes, until
+/// `shutdown` completes; then closes every tunnel (a QUIC close with a reason) and returns
+/// `Ok`. Errors only if it cannot start (a bad configuration, an unusable certificate, no
+/// UDP socket).
+pub async fn run(
+    identity: Identity,
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let config = config.validate()?;
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
-    let identity = match Identity::load(&args.state_dir)? {
-        Some(id) => {
-            tracing::info!(site = %id.site, dir = %args.state_dir.display(), "using the stored site certificate");
-            id
+    tunnel::run(&identity, config.nodes, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(nodes: &[&str]) -> AgentConfig {
+        AgentConfig {
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
         }
-        None => {
-            let token = args.token.as_deref().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{} holds no site certificate: give --token (from `warren admin site-token <site>`)",
-                    args.state_dir.display()
-                )
-            })?;
-            let id = enroll::enroll(token, &args.nodes, &args.state_dir).await?;
-            println!("Enrolled as the agent of site {:?}.", id.site.as_str());
-            id
-        }
-    };
-    tunnel::run(identity, args.nodes).await
+    }
+
+    #[test]
+    fn a_config_needs_nodes_that_are_host_and_port() {
+        assert_eq!(AgentConfig::default().validate(), Err(ConfigError::NoNodes));
+        let good = config(&["127.0.0.1:7000", "node-2.example.com:7000", "[::1]:7000"]);
+        assert_eq!(good.clone().validate(), Ok(good));
+        let err = config(&["127.0.0.1:7000", "node-2"])
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::BadNode {
+                index: 1,
+                value: "node-2".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "nodes[1]: \"node-2\" is not a node address (host:port)"
+        );
+    }
 }

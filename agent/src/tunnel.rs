@@ -1,150 +1,394 @@
-//! Tunnels to the cluster: keeps two, serves the streams nodes open on them, checks the
-//! targets and reports their health.
+//! Tunnels to the cluster. One driver task ([`run`]) owns the [`TunnelSet`], which decides
+//! which nodes to dial, when, and which tunnel to move; the driver feeds it what the other
+//! tasks report and does what it asks. Tunnel tasks serve the streams nodes open; the
+//! health loop checks the targets and every tunnel reports the results. No lock guards the
+//! tunnel choice: only the driver touches it.
+//!
+//! Shutdown: the endpoint closes every connection (tunnels, dials and probes under way)
+//! with [`SHUTDOWN_REASON`], waits a bounded time for the nodes to see it, and aborts the
+//! tasks.
+//!
+//! ```text
+//!        shutdown ─────────┐
+//!   ┌─ driver (run) ───────▼───────────────────────────┐
+//!   │  TunnelSet ◄── handle_* ◄── Report (mpsc) ◄──────┼─── tunnel tasks: dial, Hello,
+//!   │     │                                            │      control stream, health
+//!   │     │ poll_action: Dial ──► spawn a tunnel task ─┼─►    reporter, stream acceptor
+//!   │     │              Probe ─► spawn a probe task ──┼─►  probe tasks: timed handshake
+//!   │     │              Close ─► conn.close(reason)   │
+//!   │     │ poll_timeout ──► sleep until               │
+//!   │     ◄── handle_learned ◄── config (watch) ◄──────┼─── control streams: SiteConfig
+//!   └──────────────────────────────────────────────────┘
+//!   config (watch, latest SiteConfig) ──► serve_stream (which targets), health loop
+//!   health loop ──► health (broadcast) ──► every tunnel's reporter
+//! ```
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinSet;
 use warren_proto::registry::Target;
 use warren_proto::tunnel::io::{
     read_frame, read_message, write_datagram, write_frame, write_message, DatagramReader,
 };
 use warren_proto::tunnel::{
     FromAgent, Hello, LegacyHello, Open, Opened, PeerProtocol, Protocol, SiteConfig, ToAgent,
-    Unknowns, CLOSE_BAD_HELLO, MAX_CONTROL, MAX_DATAGRAM, MAX_HEADER,
+    CLOSE_BAD_HELLO, MAX_CONTROL, MAX_DATAGRAM, MAX_HEADER,
+};
+use warren_proto::tunnels::{
+    Action, CloseReason, Closed, Control, ControlEvent, Event, TunnelSet, TunnelState,
 };
 use warren_proto::Name;
 
 use crate::enroll::Identity;
 use crate::tls;
 
-/// How many tunnels the agent keeps.
-const TUNNELS: usize = 2;
-/// Buffer size of each direction when splicing a stream to a target.
-const COPY_BUF: usize = 64 * 1024;
-/// Longest wait before dialling a node again.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-struct Candidate {
-    addr: String,
-    rtt: Option<Duration>,
-    failures: u32,
-    retry_at: Instant,
-    connected: bool,
-    /// The node refused this build's Hello (it predates negotiation): greet it with a
-    /// [`LegacyHello`] on the next dial.
-    legacy_hello: bool,
-}
-
-struct Shared {
-    site: Name,
-    endpoint: quinn::Endpoint,
-    config: watch::Sender<Option<SiteConfig>>,
-    health: broadcast::Sender<Vec<(Target, bool)>>,
-    candidates: Mutex<Vec<Candidate>>,
-    /// Live tunnels by node address.
-    live: Mutex<HashMap<String, quinn::Connection>>,
-}
-
-/// How often the agent measures the nodes it has no tunnel to.
-const REBALANCE_EVERY: Duration = Duration::from_secs(15);
-/// A node replaces the slowest tunnel when its handshake takes less than this share of it.
-const CLOSER: f64 = 0.7;
-
-/// Keeps tunnels until the process is killed.
-pub async fn run(id: Identity, seeds: Vec<String>) -> anyhow::Result<()> {
+/// Keeps tunnels as `id`, starting from `seeds`, until `shutdown` completes; then closes
+/// every connection with [`SHUTDOWN_REASON`] and waits (bounded) for the closes to go out.
+pub(crate) async fn run(
+    id: &Identity,
+    seeds: Vec<String>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let client = id.tunnel_config()?;
     let mut endpoint = quinn::Endpoint::client("[::]:0".parse()?)
-        .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address")))?;
+        .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address")))
+        .context("opening a UDP socket for the tunnels")?;
     endpoint.set_default_client_config(client);
-    let now = Instant::now();
     let shared = Arc::new(Shared {
         site: id.site.clone(),
         endpoint,
         config: watch::channel(None).0,
         health: broadcast::channel(16).0,
-        candidates: Mutex::new(
-            seeds
-                .into_iter()
-                .map(|addr| Candidate {
-                    addr,
-                    rtt: None,
-                    failures: 0,
-                    retry_at: now,
-                    connected: false,
-                    legacy_hello: false,
-                })
-                .collect(),
-        ),
-        live: Mutex::new(HashMap::new()),
     });
-    tokio::spawn(health_loop(shared.clone()));
-    tokio::spawn(rebalance(shared.clone()));
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (reports, mut rx) = mpsc::unbounded_channel();
+    let mut driver = Driver {
+        set: TunnelSet::new(seeds, rand::random(), Instant::now()),
+        conns: HashMap::new(),
+        tasks: JoinSet::new(),
+        reports,
+        shared: shared.clone(),
+    };
+    driver.tasks.spawn(health_loop(shared.clone()));
+    let mut config = shared.config.subscribe();
+    tokio::pin!(shutdown);
     loop {
-        tick.tick().await;
-        let dial: Vec<String> = {
-            let mut c = shared.candidates.lock().expect("candidates lock");
-            let live = c.iter().filter(|c| c.connected).count();
-            let now = Instant::now();
-            let mut ready: Vec<&mut Candidate> = c
-                .iter_mut()
-                .filter(|c| !c.connected && c.retry_at <= now)
-                .collect();
-            // Closest first (measured handshake time); never-tried ones before failed ones.
-            ready.sort_by_key(|c| (c.failures, c.rtt.unwrap_or(Duration::ZERO)));
-            ready
-                .into_iter()
-                .take(TUNNELS.saturating_sub(live))
-                .map(|c| {
-                    c.connected = true;
-                    c.addr.clone()
-                })
-                .collect()
+        driver.perform();
+        let wake = driver.set.poll_timeout();
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
         };
-        for addr in dial {
-            tokio::spawn(tunnel(shared.clone(), addr));
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(report) = rx.recv() => driver.on_report(report),
+            Ok(()) = config.changed() => {
+                let nodes = config
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|c| c.nodes.clone())
+                    .unwrap_or_default();
+                driver.set.handle_learned(&nodes, Instant::now());
+            }
+            () = sleep => driver.set.handle_timeout(Instant::now()),
+            Some(joined) = driver.tasks.join_next() => {
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        tracing::error!("an agent task panicked: {e}");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!(
+        tunnels = driver.conns.len(),
+        "closing the tunnels: the agent is shutting down"
+    );
+    // Closes the tunnels, and the dials and probes under way, each with the reason.
+    shared
+        .endpoint
+        .close(0u32.into(), SHUTDOWN_REASON.as_bytes());
+    if tokio::time::timeout(CLOSE_TIMEOUT, shared.endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::debug!("some nodes did not acknowledge the close within {CLOSE_TIMEOUT:?}");
+    }
+    driver.tasks.shutdown().await;
+    Ok(())
+}
+
+/// The reason every connection is closed with when the agent shuts down.
+pub(crate) const SHUTDOWN_REASON: &str = "agent shutting down";
+/// Buffer size of each direction when splicing a stream to a target.
+const COPY_BUF: usize = 64 * 1024;
+/// The longest a dial may take: resolving the name, then the QUIC handshake.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest shutdown waits for the nodes to acknowledge the closes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the tasks share. Written only by the tasks that own each channel's sending side
+/// (the control streams, the health loop); the tunnel choice is not in here.
+struct Shared {
+    site: Name,
+    endpoint: quinn::Endpoint,
+    /// The latest configuration a node pushed.
+    config: watch::Sender<Option<SiteConfig>>,
+    /// Every round's health results, for every tunnel's reporter.
+    health: broadcast::Sender<Vec<(Target, bool)>>,
+}
+
+/// The task that owns the [`TunnelSet`], and what it needs to perform its actions.
+struct Driver {
+    set: TunnelSet,
+    /// The tunnels up, to close on [`Action::Close`].
+    conns: HashMap<String, quinn::Connection>,
+    /// Tunnel and probe tasks and the health loop, aborted when the driver returns.
+    tasks: JoinSet<()>,
+    reports: mpsc::UnboundedSender<Report>,
+    shared: Arc<Shared>,
+}
+
+/// What a tunnel or probe task tells the driver. Every dial ends in exactly one
+/// `DialFailed` or `Closed` (after its `Dialed`), every probe in one `Probed`, even if the
+/// task panics ([`ReportOnDrop`]).
+#[derive(Debug)]
+enum Report {
+    /// The handshake is done and the first control message sent.
+    Dialed {
+        addr: String,
+        handshake: Duration,
+        conn: quinn::Connection,
+    },
+    /// No tunnel.
+    DialFailed { addr: String, error: anyhow::Error },
+    /// The tunnel ended; `error`: why, when it was not the node closing the control
+    /// stream.
+    Closed {
+        addr: String,
+        how: Closed,
+        error: Option<anyhow::Error>,
+    },
+    /// A probe's handshake time, or none.
+    Probed {
+        addr: String,
+        handshake: Option<Duration>,
+    },
+}
+
+impl Driver {
+    /// Performs every action the set asks for, and logs its events.
+    fn perform(&mut self) {
+        while let Some(action) = self.set.poll_action() {
+            match action {
+                Action::Dial { addr, legacy_hello } => {
+                    tracing::debug!(node = %addr, legacy_hello, "dialling");
+                    let task = tunnel(
+                        self.shared.clone(),
+                        addr,
+                        legacy_hello,
+                        self.reports.clone(),
+                    );
+                    self.tasks.spawn(task);
+                }
+                Action::Probe { addr } => {
+                    let task = probe(self.shared.clone(), addr, self.reports.clone());
+                    self.tasks.spawn(task);
+                }
+                Action::Close { addr, reason } => {
+                    let CloseReason::Closer { to } = &reason;
+                    tracing::info!(from = %addr, to = %to, "moving a tunnel to a closer node");
+                    if let Some(conn) = self.conns.get(&addr) {
+                        conn.close(0u32.into(), reason.message().as_bytes());
+                    }
+                }
+            }
+        }
+        while let Some(event) = self.set.poll_event() {
+            match event {
+                Event::Learned { addr } => tracing::info!(node = %addr, "learned a node"),
+                Event::Forgot { addr } => {
+                    tracing::info!(node = %addr, "forgot a node the cluster no longer lists")
+                }
+            }
+        }
+    }
+
+    fn on_report(&mut self, report: Report) {
+        let now = Instant::now();
+        match report {
+            Report::Dialed {
+                addr,
+                handshake,
+                conn,
+            } => {
+                if self.set.node(&addr).map(|n| n.state) != Some(TunnelState::Dialing) {
+                    // Cannot happen with one report per dial; never keep a tunnel the set
+                    // does not count.
+                    conn.close(0u32.into(), b"not wanted");
+                    return;
+                }
+                tracing::info!(
+                    node = %addr, site = %self.shared.site,
+                    handshake_ms = handshake.as_millis() as u64, "tunnel up"
+                );
+                self.conns.insert(addr.clone(), conn);
+                self.set.handle_dialed(&addr, handshake, now);
+            }
+            Report::DialFailed { addr, error } => {
+                self.set.handle_dial_failed(&addr, now);
+                tracing::warn!(node = %addr, "tunnel failed: {error:#}; {}", self.next_dial(&addr, now));
+            }
+            Report::Closed { addr, how, error } => {
+                self.conns.remove(&addr);
+                let moved = self.set.node(&addr).map(|n| n.state) == Some(TunnelState::Closing);
+                self.set.handle_closed(&addr, how, now);
+                let next = self.next_dial(&addr, now);
+                match error {
+                    _ if moved => {
+                        tracing::info!(node = %addr, "tunnel closed: moved to a closer node")
+                    }
+                    None => tracing::warn!(node = %addr, "tunnel closed; {next}"),
+                    Some(e) => tracing::warn!(node = %addr, "tunnel failed: {e:#}; {next}"),
+                }
+            }
+            Report::Probed { addr, handshake } => {
+                tracing::debug!(node = %addr, ?handshake, "probed");
+                self.set.handle_probe(&addr, handshake, now);
+            }
+        }
+    }
+
+    /// When `addr` is dialled next, for the log.
+    fn next_dial(&self, addr: &str, now: Instant) -> String {
+        match self.set.node(addr) {
+            None => "not dialling it again: the cluster no longer lists it".to_owned(),
+            Some(n) if n.state == TunnelState::Dialing => "dialling again now".to_owned(),
+            Some(n) => format!(
+                "dialling again in {:?}",
+                n.retry_at.saturating_duration_since(now)
+            ),
         }
     }
 }
 
-fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(500) * 2u32.saturating_pow(failures.min(6));
-    let base = base.min(MAX_BACKOFF);
-    // Jitter: 50% to 100% of the base, so agents do not dial in lockstep.
-    base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+/// Sends a task's last report when it is dropped: when the task ends, and also if it
+/// panics or is aborted, so the driver never waits for a report that will not come.
+struct ReportOnDrop {
+    reports: mpsc::UnboundedSender<Report>,
+    last: Option<Report>,
 }
 
-async fn tunnel(shared: Arc<Shared>, addr: String) {
-    let started = Instant::now();
-    let legacy_hello = {
-        let c = shared.candidates.lock().expect("candidates lock");
-        c.iter().any(|c| c.addr == addr && c.legacy_hello)
-    };
-    let result = serve_tunnel(&shared, &addr, legacy_hello).await;
-    let lived = started.elapsed();
-    let mut c = shared.candidates.lock().expect("candidates lock");
-    if let Some(cand) = c.iter_mut().find(|c| c.addr == addr) {
-        cand.connected = false;
-        // Only right after a refusal: once a tunnel with an old node ends, this build's
-        // Hello is tried again (the node may have been upgraded meanwhile).
-        cand.legacy_hello = result.as_ref().is_err_and(|e| e.is::<HelloRefused>());
-        if lived > Duration::from_secs(10) {
-            cand.failures = 0;
+impl ReportOnDrop {
+    fn new(reports: mpsc::UnboundedSender<Report>, last: Report) -> Self {
+        Self {
+            reports,
+            last: Some(last),
         }
-        cand.failures += 1;
-        let wait = backoff(cand.failures);
-        cand.retry_at = Instant::now() + wait;
-        match &result {
-            Ok(()) => tracing::warn!(node = %addr, "tunnel closed; dialling again in {wait:?}"),
-            Err(e) => {
-                tracing::warn!(node = %addr, "tunnel failed: {e:#}; dialling again in {wait:?}")
-            }
+    }
+
+    /// The report to send from now on.
+    fn set(&mut self, last: Report) {
+        self.last = Some(last);
+    }
+}
+
+impl Drop for ReportOnDrop {
+    fn drop(&mut self) {
+        if let Some(last) = self.last.take() {
+            // The driver is gone only at shutdown, when nobody waits for this.
+            let _ = self.reports.send(last);
+        }
+    }
+}
+
+/// One tunnel: dial, serve until it ends, report each step.
+async fn tunnel(
+    shared: Arc<Shared>,
+    addr: String,
+    legacy_hello: bool,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    let ended_early = || anyhow::anyhow!("the tunnel task ended early");
+    let mut last = ReportOnDrop::new(
+        reports.clone(),
+        Report::DialFailed {
+            addr: addr.clone(),
+            error: ended_early(),
+        },
+    );
+    let (conn, handshake, send, recv) = match dial(&shared, &addr, legacy_hello).await {
+        Ok(dialed) => dialed,
+        Err(error) => {
+            last.set(Report::DialFailed { addr, error });
+            return;
+        }
+    };
+    last.set(Report::Closed {
+        addr: addr.clone(),
+        how: Closed::Lost,
+        error: Some(ended_early()),
+    });
+    let _ = reports.send(Report::Dialed {
+        addr: addr.clone(),
+        handshake,
+        conn: conn.clone(),
+    });
+    let (how, error) = serve_tunnel(&shared, &conn, send, recv, legacy_hello).await;
+    last.set(Report::Closed { addr, how, error });
+}
+
+/// Resolves `addr`, completes the handshake and sends the first control message.
+async fn dial(
+    shared: &Shared,
+    addr: &str,
+    legacy_hello: bool,
+) -> anyhow::Result<(
+    quinn::Connection,
+    Duration,
+    quinn::SendStream,
+    quinn::RecvStream,
+)> {
+    let sock = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot resolve {addr} within {DIAL_TIMEOUT:?}"))?
+        .map_err(|e| anyhow::anyhow!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr} has no address"))?;
+    let t0 = Instant::now();
+    let connecting = shared.endpoint.connect(sock, tls::SERVER_NAME)?;
+    let conn = tokio::time::timeout(DIAL_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {DIAL_TIMEOUT:?}"))??;
+    let handshake = t0.elapsed();
+    let greet = async {
+        let (mut send, recv) = conn.open_bi().await?;
+        if legacy_hello {
+            let hello = LegacyHello {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            };
+            write_frame(&mut send, &hello).await?;
+        } else {
+            write_message(&mut send, &FromAgent::Hello(Hello::ours())).await?;
+        }
+        anyhow::Ok((send, recv))
+    };
+    match greet.await {
+        Ok((send, recv)) => Ok((conn, handshake, send, recv)),
+        Err(e) => {
+            conn.close(0u32.into(), b"agent closing");
+            Err(e)
         }
     }
 }
@@ -169,83 +413,15 @@ fn is_hello_refusal(closed: &quinn::ConnectionError) -> bool {
     )
 }
 
-/// The agent's side of the control stream, without I/O: the tunnel task reads each
-/// message from the node, hands it to [`Control::handle`] and does what it returns; it
-/// asks [`Control::node`] before sending anything.
-#[derive(Debug)]
-struct Control {
-    /// What the node speaks: protocol 0 (only the oldest messages) until its Hello.
-    node: PeerProtocol,
-    unknowns: Unknowns,
-}
-
-/// What a message from the node asks of the tunnel task.
-#[derive(Debug, PartialEq)]
-enum ControlEvent {
-    /// Use this configuration.
-    Config(SiteConfig),
-    /// The node said what it speaks (now in [`Control::node`]).
-    NodeHello,
-    /// A message this build does not know, skipped; `first`: the first on this stream.
-    Skipped { tag: u32, first: bool },
-}
-
-impl Control {
-    fn new() -> Self {
-        Self {
-            node: PeerProtocol::legacy(String::new()),
-            unknowns: Unknowns::default(),
-        }
-    }
-
-    fn handle(&mut self, msg: ToAgent) -> ControlEvent {
-        match msg {
-            ToAgent::Config(config) => ControlEvent::Config(config),
-            ToAgent::Hello(hello) => {
-                self.node = PeerProtocol::from_hello(hello);
-                ControlEvent::NodeHello
-            }
-            ToAgent::Unknown { tag } => ControlEvent::Skipped {
-                tag,
-                first: self.unknowns.note(),
-            },
-        }
-    }
-}
-
-async fn serve_tunnel(shared: &Arc<Shared>, addr: &str, legacy_hello: bool) -> anyhow::Result<()> {
-    let sock = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot resolve {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{addr} has no address"))?;
-    let t0 = Instant::now();
-    let connecting = shared.endpoint.connect(sock, tls::SERVER_NAME)?;
-    let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
-    let rtt = t0.elapsed();
-    let (mut send, mut recv) = conn.open_bi().await?;
-    if legacy_hello {
-        let hello = LegacyHello {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-        };
-        write_frame(&mut send, &hello).await?;
-    } else {
-        write_message(&mut send, &FromAgent::Hello(Hello::ours())).await?;
-    }
-    {
-        let mut c = shared.candidates.lock().expect("candidates lock");
-        if let Some(cand) = c.iter_mut().find(|c| c.addr == addr) {
-            cand.rtt = Some(rtt);
-        }
-    }
-    tracing::info!(node = %addr, site = %shared.site, handshake_ms = rtt.as_millis() as u64, "tunnel up");
-    shared
-        .live
-        .lock()
-        .expect("live lock")
-        .insert(addr.to_owned(), conn.clone());
+/// Serves a tunnel that is up until it ends: reads the control stream, reports health,
+/// accepts the streams the node opens. Returns how it ended, and why if not cleanly.
+async fn serve_tunnel(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    legacy_hello: bool,
+) -> (Closed, Option<anyhow::Error>) {
     let (node_tx, node_rx) = watch::channel(PeerProtocol::legacy(String::new()));
     let heard = AtomicBool::new(false);
     let reader = {
@@ -260,14 +436,15 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str, legacy_hello: bool) -> a
                     Err(e) => anyhow::bail!("control stream: {e}"),
                 };
                 heard.store(true, Ordering::Relaxed);
-                match control.handle(msg) {
+                match control.handle_message(msg) {
                     ControlEvent::Config(config) => {
-                        learn_nodes(&shared, &config.nodes);
                         tracing::info!(targets = config.targets.len(), "configuration received");
+                        // The driver watches this too: the config's node list feeds the
+                        // tunnel set.
                         shared.config.send_replace(Some(config));
                     }
                     ControlEvent::NodeHello => {
-                        let node = &control.node;
+                        let node = control.node();
                         tracing::info!(protocol = node.version, version = %node.software, features = ?node.features, "node hello");
                         node_tx.send_replace(node.clone());
                     }
@@ -277,7 +454,7 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str, legacy_hello: bool) -> a
                     ControlEvent::Skipped { tag, first: false } => {
                         tracing::debug!(
                             tag,
-                            skipped = control.unknowns.count(),
+                            skipped = control.skipped(),
                             "skipping an unknown message"
                         );
                     }
@@ -319,91 +496,48 @@ async fn serve_tunnel(shared: &Arc<Shared>, addr: &str, legacy_hello: bool) -> a
         r = reporter => r,
         r = acceptor => r,
     };
-    shared.live.lock().expect("live lock").remove(addr);
     let refused = !legacy_hello
         && !heard.load(Ordering::Relaxed)
         && conn.close_reason().is_some_and(|r| is_hello_refusal(&r));
     conn.close(0u32.into(), b"agent closing");
     if refused {
-        return Err(HelloRefused.into());
+        return (Closed::HelloRefused, Some(HelloRefused.into()));
     }
-    why
+    (Closed::Lost, why.err())
 }
 
-/// Keeps the tunnels on the closest nodes: measures the handshake time to nodes without a
-/// tunnel now and then, and when one is clearly closer than the slowest tunnel, closes that
-/// tunnel (the dialler then picks the closer node). A node that comes back after a restart
-/// gets its tunnel back this way when it is the closer one.
-async fn rebalance(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(REBALANCE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let idle: Vec<String> = {
-            let c = shared.candidates.lock().expect("candidates lock");
-            c.iter()
-                .filter(|c| !c.connected && c.retry_at <= Instant::now())
-                .map(|c| c.addr.clone())
-                .collect()
-        };
-        for addr in idle {
-            let Some(rtt) = probe(&shared, &addr).await else {
-                continue;
-            };
-            let slowest = {
-                let mut c = shared.candidates.lock().expect("candidates lock");
-                if let Some(cand) = c.iter_mut().find(|c| c.addr == addr) {
-                    cand.rtt = Some(rtt);
-                }
-                c.iter()
-                    .filter(|c| c.connected)
-                    .filter_map(|c| c.rtt.map(|r| (c.addr.clone(), r)))
-                    .max_by_key(|(_, r)| *r)
-            };
-            let live = shared.live.lock().expect("live lock").len();
-            if let Some((worst, worst_rtt)) = slowest {
-                if live >= TUNNELS && rtt.as_secs_f64() < worst_rtt.as_secs_f64() * CLOSER {
-                    tracing::info!(from = %worst, to = %addr, "moving a tunnel to a closer node");
-                    if let Some(conn) = shared.live.lock().expect("live lock").get(&worst) {
-                        conn.close(0u32.into(), b"moving to a closer node");
-                    }
-                    break;
-                }
-            }
-        }
-    }
+/// One probe: the handshake time to `addr`, or none if it does not answer.
+async fn probe(shared: Arc<Shared>, addr: String, reports: mpsc::UnboundedSender<Report>) {
+    let mut last = ReportOnDrop::new(
+        reports,
+        Report::Probed {
+            addr: addr.clone(),
+            handshake: None,
+        },
+    );
+    let handshake = measure(&shared, &addr).await;
+    last.set(Report::Probed { addr, handshake });
 }
 
 /// The handshake time to `addr`, or `None` if it does not answer.
-async fn probe(shared: &Shared, addr: &str) -> Option<Duration> {
-    let sock = tokio::net::lookup_host(addr).await.ok()?.next()?;
-    let t0 = Instant::now();
-    let connecting = shared.endpoint.connect(sock, tls::SERVER_NAME).ok()?;
-    let conn = tokio::time::timeout(Duration::from_secs(3), connecting)
+async fn measure(shared: &Shared, addr: &str) -> Option<Duration> {
+    let attempt = async {
+        let sock = tokio::net::lookup_host(addr).await.ok()?.next()?;
+        let t0 = Instant::now();
+        let conn = shared
+            .endpoint
+            .connect(sock, tls::SERVER_NAME)
+            .ok()?
+            .await
+            .ok()?;
+        let rtt = t0.elapsed();
+        conn.close(0u32.into(), b"probe");
+        Some(rtt)
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, attempt)
         .await
-        .ok()?
-        .ok()?;
-    let rtt = t0.elapsed();
-    conn.close(0u32.into(), b"probe");
-    Some(rtt)
-}
-
-fn learn_nodes(shared: &Shared, nodes: &[String]) {
-    let mut c = shared.candidates.lock().expect("candidates lock");
-    for n in nodes {
-        if !c.iter().any(|x| &x.addr == n) {
-            tracing::info!(node = %n, "learned a node");
-            c.push(Candidate {
-                addr: n.clone(),
-                rtt: None,
-                failures: 0,
-                retry_at: Instant::now(),
-                connected: false,
-                legacy_hello: false,
-            });
-        }
-    }
+        .ok()
+        .flatten()
 }
 
 /// One stream a node opened: dial the target it names (only one of this site's), splice.
@@ -628,64 +762,16 @@ async fn splice_udp<R, W>(
 mod tests {
     use std::sync::Arc;
 
+    use rustls::pki_types::pem::PemObject as _;
     use tokio::io::AsyncWriteExt as _;
     use tokio::net::UdpSocket;
-    use warren_proto::tunnel::{TargetSpec, PROTOCOL_VERSION};
+    use tokio::sync::oneshot;
+    use warren_proto::identity::NodeCert;
+    use warren_proto::registry::{NodeId, NodeRole};
+    use warren_proto::tunnel::io::read_frame_body;
+    use warren_proto::tunnel::{TargetSpec, ALPN_AGENT};
 
     use super::*;
-
-    fn config() -> SiteConfig {
-        SiteConfig {
-            site: Name::new("hq").unwrap(),
-            targets: vec![TargetSpec {
-                target: "127.0.0.1:5432".parse().unwrap(),
-                check: None,
-            }],
-            nodes: vec!["127.0.0.1:7000".into()],
-        }
-    }
-
-    #[test]
-    fn the_node_counts_as_protocol_0_until_its_hello() {
-        let mut control = Control::new();
-        assert_eq!(control.node.version, 0);
-        assert!(!control.node.accepts(&FromAgent::Hello(Hello::ours())));
-        assert!(control.node.accepts(&FromAgent::Health(Vec::new())));
-        assert_eq!(
-            control.handle(ToAgent::Hello(Hello::ours())),
-            ControlEvent::NodeHello
-        );
-        assert_eq!(control.node.version, PROTOCOL_VERSION);
-        assert_eq!(
-            control.handle(ToAgent::Config(config())),
-            ControlEvent::Config(config())
-        );
-    }
-
-    #[test]
-    fn unknown_messages_are_skipped_and_only_the_first_is_flagged() {
-        let mut control = Control::new();
-        assert_eq!(
-            control.handle(ToAgent::Unknown { tag: 40 }),
-            ControlEvent::Skipped {
-                tag: 40,
-                first: true
-            }
-        );
-        assert_eq!(
-            control.handle(ToAgent::Unknown { tag: 41 }),
-            ControlEvent::Skipped {
-                tag: 41,
-                first: false
-            }
-        );
-        assert_eq!(control.unknowns.count(), 2);
-        // The stream goes on.
-        assert_eq!(
-            control.handle(ToAgent::Config(config())),
-            ControlEvent::Config(config())
-        );
-    }
 
     #[test]
     fn only_a_close_with_the_hello_code_is_a_refused_hello() {
@@ -700,13 +786,214 @@ mod tests {
         assert!(!is_hello_refusal(&quinn::ConnectionError::TimedOut));
     }
 
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        for failures in 0..20 {
-            let base = (Duration::from_millis(500) * 2u32.pow(failures.min(6))).min(MAX_BACKOFF);
-            let b = backoff(failures);
-            assert!(b >= base / 2 && b <= base, "{failures}: {b:?}");
+    /// A cluster CA that certifies in-memory nodes and the agent's site.
+    struct Ca {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+        cluster_id: u128,
+    }
+
+    impl Ca {
+        fn new() -> Self {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let key = rcgen::KeyPair::generate().unwrap();
+            Self {
+                issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+                cluster_id: 0x5eed,
+            }
         }
+
+        fn leaf(&self, params: rcgen::CertificateParams) -> (String, rcgen::KeyPair) {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (cert.pem(), key)
+        }
+
+        fn identity(&self) -> Identity {
+            let params = rcgen::CertificateParams::new(vec!["site-hq".to_owned()]).unwrap();
+            let (cert_pem, key) = self.leaf(params);
+            Identity::from_parts(
+                Name::new("hq").unwrap(),
+                self.cluster_id,
+                cert_pem,
+                key.serialize_pem(),
+                self.issuer.pem(),
+            )
+        }
+
+        /// A QUIC server that the agent takes for voter `id` of the cluster.
+        fn node_endpoint(&self, id: u64) -> quinn::Endpoint {
+            let mut params =
+                rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_owned()]).unwrap();
+            let uri = NodeCert {
+                cluster_id: self.cluster_id,
+                id: NodeId(id),
+                role: NodeRole::Voter,
+            }
+            .uri();
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            let (cert_pem, key) = self.leaf(params);
+            let cert =
+                rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                    .unwrap();
+            let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert, self.issuer.der().clone()], key)
+            .unwrap();
+            tls.alpn_protocols = vec![ALPN_AGENT.to_vec()];
+            let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+            let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+            quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap()
+        }
+    }
+
+    /// What an in-memory node saw of one agent connection.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// The agent's first control message: a Hello (protocol 1 or later) or a legacy one.
+        Hello { legacy: bool },
+        /// The agent closed the connection with this reason.
+        ClosedByAgent(String),
+    }
+
+    /// An in-memory node at `addr`: answers the agent's Hello (or, `old`, refuses it as a
+    /// node from before negotiation does), pushes a config listing `nodes`, and reports
+    /// what it sees.
+    struct FakeNode {
+        addr: String,
+        seen: mpsc::UnboundedReceiver<Seen>,
+    }
+
+    impl FakeNode {
+        fn start(ca: &Ca, id: u64, old: bool, nodes: Arc<std::sync::Mutex<Vec<String>>>) -> Self {
+            let endpoint = ca.node_endpoint(id);
+            let addr = endpoint.local_addr().unwrap().to_string();
+            let (tx, seen) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    let tx = tx.clone();
+                    let nodes = nodes.clone();
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                            return;
+                        };
+                        let Ok(Some(body)) = read_frame_body(&mut recv, MAX_CONTROL).await else {
+                            return;
+                        };
+                        let agent = PeerProtocol::from_agent_hello(&body).unwrap();
+                        let legacy = agent.version == 0;
+                        let _ = tx.send(Seen::Hello { legacy });
+                        if old && !legacy {
+                            conn.close(CLOSE_BAD_HELLO.into(), b"expected a hello");
+                            return;
+                        }
+                        let hello = ToAgent::Hello(Hello::ours());
+                        if agent.accepts(&hello) {
+                            write_message(&mut send, &hello).await.unwrap();
+                        }
+                        let config = SiteConfig {
+                            site: Name::new("hq").unwrap(),
+                            targets: vec![TargetSpec {
+                                target: "127.0.0.1:9".parse().unwrap(),
+                                check: None,
+                            }],
+                            nodes: nodes.lock().unwrap().clone(),
+                        };
+                        write_message(&mut send, &ToAgent::Config(config))
+                            .await
+                            .unwrap();
+                        if let quinn::ConnectionError::ApplicationClosed(c) = conn.closed().await {
+                            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+                            let _ = tx.send(Seen::ClosedByAgent(reason));
+                        }
+                    });
+                }
+            });
+            Self { addr, seen }
+        }
+
+        async fn next(&mut self) -> Seen {
+            tokio::time::timeout(Duration::from_secs(10), self.seen.recv())
+                .await
+                .expect("the node saw nothing within 10 s")
+                .expect("the node stopped")
+        }
+    }
+
+    /// The agent dials its seed, learns the second node from the seed's config and dials
+    /// it too; on shutdown it closes both tunnels with its reason and returns `Ok`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn learns_a_node_then_closes_every_tunnel_on_shutdown() {
+        let ca = Ca::new();
+        let nodes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut a = FakeNode::start(&ca, 1, false, nodes.clone());
+        let mut b = FakeNode::start(&ca, 2, false, nodes.clone());
+        *nodes.lock().unwrap() = vec![a.addr.clone(), b.addr.clone()];
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = crate::AgentConfig {
+            nodes: vec![a.addr.clone()],
+        };
+        let agent = tokio::spawn(crate::run(ca.identity(), config, async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(a.next().await, Seen::Hello { legacy: false });
+        assert_eq!(
+            b.next().await,
+            Seen::Hello { legacy: false },
+            "b was learned"
+        );
+
+        stop.send(()).unwrap();
+        let ran = tokio::time::timeout(Duration::from_secs(10), agent)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap();
+        assert!(ran.is_ok(), "{ran:?}");
+        for node in [&mut a, &mut b] {
+            assert_eq!(
+                node.next().await,
+                Seen::ClosedByAgent(SHUTDOWN_REASON.into())
+            );
+        }
+    }
+
+    /// A node from before negotiation closes the connection over the Hello; the agent's
+    /// next dial greets it with a legacy hello, and that tunnel stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_old_node_is_greeted_the_old_way_after_it_refuses_the_hello() {
+        let ca = Ca::new();
+        let nodes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut old = FakeNode::start(&ca, 1, true, nodes.clone());
+        nodes.lock().unwrap().push(old.addr.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = crate::AgentConfig {
+            nodes: vec![old.addr.clone()],
+        };
+        let agent = tokio::spawn(crate::run(ca.identity(), config, async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(old.next().await, Seen::Hello { legacy: false });
+        assert_eq!(old.next().await, Seen::Hello { legacy: true });
+        stop.send(()).unwrap();
+        assert_eq!(
+            old.next().await,
+            Seen::ClosedByAgent(SHUTDOWN_REASON.into())
+        );
+        agent.await.unwrap().unwrap();
     }
 
     fn datagram(i: u32) -> Vec<u8> {
