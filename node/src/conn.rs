@@ -62,6 +62,13 @@ impl Drain {
         self.token.cancelled().await
     }
 
+    /// A signal for one connection. Each connection waits on its own (a child token): a
+    /// waiting future is polled on every wake-up of its task, and polling one shared by
+    /// every connection would take one lock shared by all of them on every request.
+    fn for_connection(&self) -> tokio_util::sync::CancellationToken {
+        self.token.child_token()
+    }
+
     /// Whether draining began.
     pub fn is_draining(&self) -> bool {
         self.token.is_cancelled()
@@ -276,7 +283,7 @@ where
         let acceptor = acceptor.clone();
         let limits = limits.clone();
         let service = service.clone();
-        let draining = drain.clone();
+        let draining = drain.for_connection();
         drain.spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
@@ -299,7 +306,7 @@ async fn serve_connection<S, B>(
     limits: &ConnLimits,
     remote: SocketAddr,
     what: &'static str,
-    drain: &Drain,
+    drain: &tokio_util::sync::CancellationToken,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -332,6 +339,8 @@ async fn serve_connection<S, B>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), tracked);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(10)));
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -347,7 +356,7 @@ async fn serve_connection<S, B>(
                     break;
                 }
             }
-            () = drain.started() => {
+            () = &mut drained => {
                 tracing::debug!(%remote, "{what}: finishing a connection (shutting down)");
                 break;
             }

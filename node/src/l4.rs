@@ -486,7 +486,6 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
         }
     };
     let mut recheck = tokio::time::interval(Duration::from_secs(1));
-    let mut serving = proxy.serving().subscribe();
     let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
@@ -502,8 +501,6 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
                     return;
                 }
             }
-            // Fail-closed cuts open flows at once, not at the next tick.
-            _ = serving.changed() => {}
             _ = recheck.tick() => {}
         }
         let reg = rx.borrow_and_update().clone();

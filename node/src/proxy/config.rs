@@ -213,6 +213,9 @@ pub struct ProxyConfigArgs {
     pub state: Arc<Published<ProxyState>>,
     /// The HTTP client of health checks.
     pub client: Client<HttpConnector, Body>,
+    /// The node's serving state: when it changes the state is published again, so that
+    /// open connections re-check at once.
+    pub serving: crate::serving::Serving,
 }
 
 impl ProxyConfigActor {
@@ -249,14 +252,19 @@ impl Actor for ProxyConfigActor {
         // Registry changes arrive as messages; several in a row coalesce into one rebuild
         // from the latest (the handler reads the current registry, not the one that woke it).
         let mut rx = args.cluster.subscribe();
+        let mut serving = args.serving.subscribe();
         let me = myself.clone();
         let follower = tokio::spawn(async move {
             rx.borrow_and_update();
             if me.cast(ProxyConfigMsg::Changed).is_err() {
                 return;
             }
-            while rx.changed().await.is_ok() {
-                if me.cast(ProxyConfigMsg::Changed).is_err() {
+            loop {
+                let changed = tokio::select! {
+                    r = rx.changed() => r,
+                    r = serving.changed() => r,
+                };
+                if changed.is_err() || me.cast(ProxyConfigMsg::Changed).is_err() {
                     return;
                 }
             }

@@ -159,7 +159,8 @@ impl std::fmt::Display for Grounds<'_> {
             Grounds::ResourceSession(p) => {
                 write!(f, "{:?} session for this resource", p.session.via)
             }
-            Grounds::Policy { policy, .. } => f.write_str(&Decision::Allow { policy }.reason()),
+            // The words of `Decision::reason`, without a string in between.
+            Grounds::Policy { policy, .. } => write!(f, "allowed by policy {policy}"),
         }
     }
 }

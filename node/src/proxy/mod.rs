@@ -160,6 +160,7 @@ impl Proxy {
             cluster: self.cluster.clone(),
             state: self.state.clone(),
             client: self.client.clone(),
+            serving: self.serving.clone(),
         })
     }
 
@@ -337,12 +338,11 @@ impl Proxy {
         grant.holds(&decide(&state, serving, &grant.asked(), unix_now()))
     }
 
-    /// Wakes on every change of the state or of whether the node is serving.
-    pub(crate) fn watch_state(&self) -> StateChanges {
-        StateChanges {
-            state: self.state.subscribe(),
-            serving: self.serving.subscribe(),
-        }
+    /// Wakes on every change of the state, or of whether the node is serving (the
+    /// `proxy_config` actor publishes the state again then): one watch, so a connection
+    /// that waits on it polls one shared lock per wake-up, not two.
+    pub(crate) fn watch_state(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.state.subscribe()
     }
 
     /// The answer that sends the client to sign in `how`, then back to this request.
@@ -640,23 +640,6 @@ pub fn set_cookie(name: &str, value: &str, path: &str, max_age: Option<u64>) -> 
         None => String::new(),
     };
     format!("{name}={value}; Path={path}; HttpOnly; Secure; SameSite=Lax{age}")
-}
-
-/// Changes an open connection re-checks on: a new state, or the node starting or stopping
-/// to serve.
-pub(crate) struct StateChanges {
-    state: tokio::sync::watch::Receiver<u64>,
-    serving: tokio::sync::watch::Receiver<u64>,
-}
-
-impl StateChanges {
-    /// Waits for the next change; `Err` once the proxy is gone.
-    pub(crate) async fn changed(&mut self) -> Result<(), tokio::sync::watch::error::RecvError> {
-        tokio::select! {
-            r = self.state.changed() => r,
-            r = self.serving.changed() => r,
-        }
-    }
 }
 
 /// Picks the certificate for the TLS server name from the current state.
