@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinSet};
 use warren_consensus::cluster::Cluster;
 use warren_consensus::registry::{Command, Registry};
 use warren_proto::registry::NodeId;
@@ -34,6 +34,7 @@ use crate::acme::{self, domains_needing_certs, AcmeSettings};
 use crate::actors::ChildSpec;
 use crate::proxy::unix_now;
 use crate::sessions::panic_text;
+use crate::shell::Timer;
 
 /// How often every node looks for domains that need a certificate, in seconds.
 pub const CHECK_EVERY: u64 = 3;
@@ -295,16 +296,13 @@ impl CertsActor {
     }
 }
 
-/// A pending `send_after`.
-type Timer = JoinHandle<Result<(), ractor::MessagingErr<CertsMsg>>>;
-
 /// State of the [`CertsActor`].
 pub struct CertsState {
     args: CertsArgs,
     core: CertsCore,
     tasks: JoinSet<()>,
     ordering: Option<(Round, AbortHandle)>,
-    timer: Option<(u64, Timer)>,
+    timer: Timer<CertsMsg, u64>,
 }
 
 impl CertsState {
@@ -343,7 +341,7 @@ impl Actor for CertsActor {
             args,
             tasks: JoinSet::new(),
             ordering: None,
-            timer: None,
+            timer: Timer::new(),
         })
     }
 
@@ -352,9 +350,7 @@ impl Actor for CertsActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some((_, t)) = state.timer.take() {
-            t.abort();
-        }
+        state.timer.cancel();
         state.tasks.abort_all();
         Ok(())
     }
@@ -375,7 +371,7 @@ impl Actor for CertsActor {
         }
         match msg {
             CertsMsg::Timeout => {
-                state.timer = None;
+                state.timer.fired();
                 let reg = state.args.cluster.registry();
                 state.core.handle_timeout(&reg, now);
             }
@@ -471,17 +467,11 @@ fn perform(myself: &ActorRef<CertsMsg>, state: &mut CertsState, action: CertsAct
 /// One timer, for the core's next deadline.
 fn rearm(myself: &ActorRef<CertsMsg>, state: &mut CertsState, now: u64) {
     let wanted = state.core.poll_timeout();
-    if state.timer.as_ref().map(|(at, _)| *at) == wanted {
-        return;
-    }
-    if let Some((_, t)) = state.timer.take() {
-        t.abort();
-    }
-    if let Some(at) = wanted {
-        let delay = Duration::from_secs(at.saturating_sub(now));
-        let t = myself.send_after(delay, || CertsMsg::Timeout);
-        state.timer = Some((at, t));
-    }
+    state.timer.set(
+        myself,
+        wanted.map(|at| (at, Duration::from_secs(at.saturating_sub(now)))),
+        || CertsMsg::Timeout,
+    );
 }
 
 #[cfg(test)]

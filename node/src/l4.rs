@@ -28,6 +28,7 @@ use warren_proto::Name;
 use crate::actors::ChildSpec;
 use crate::conn::{ConnGate, ConnStats, RefusalLog};
 use crate::proxy::{unix_now, Proxy};
+use crate::shell::Timer;
 
 /// A UDP flow ends after this long without a datagram either way.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -203,9 +204,6 @@ pub enum L4Msg {
 #[derive(Clone)]
 pub struct L4Actor;
 
-/// A pending `send_after`.
-type Timer = JoinHandle<Result<(), ractor::MessagingErr<L4Msg>>>;
-
 /// State of the [`L4Actor`].
 pub struct L4State {
     l4: Arc<L4>,
@@ -215,7 +213,7 @@ pub struct L4State {
     ports: HashMap<PortKey, AbortHandle>,
     follower: JoinHandle<()>,
     reaper: JoinHandle<()>,
-    timer: Option<(Instant, Timer)>,
+    timer: Timer<L4Msg, Instant>,
 }
 
 impl Actor for L4Actor {
@@ -228,19 +226,11 @@ impl Actor for L4Actor {
         myself: ActorRef<Self::Msg>,
         (l4, proxy): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut rx = proxy.cluster().subscribe();
-        let me = myself.clone();
-        let follower = tokio::spawn(async move {
-            rx.borrow_and_update();
-            if me.cast(L4Msg::Changed).is_err() {
-                return;
-            }
-            while rx.changed().await.is_ok() {
-                if me.cast(L4Msg::Changed).is_err() {
-                    return;
-                }
-            }
-        });
+        let follower = crate::shell::follow(
+            vec![Box::new(proxy.cluster().subscribe())],
+            myself.clone(),
+            || L4Msg::Changed,
+        );
         let reaper = myself.send_interval(Duration::from_secs(1), || L4Msg::Reap);
         Ok(L4State {
             l4,
@@ -250,7 +240,7 @@ impl Actor for L4Actor {
             ports: HashMap::new(),
             follower,
             reaper,
-            timer: None,
+            timer: Timer::new(),
         })
     }
 
@@ -261,9 +251,7 @@ impl Actor for L4Actor {
     ) -> Result<(), ActorProcessingErr> {
         state.follower.abort();
         state.reaper.abort();
-        if let Some((_, t)) = state.timer.take() {
-            t.abort();
-        }
+        state.timer.cancel();
         state.tasks.abort_all();
         Ok(())
     }
@@ -281,7 +269,7 @@ impl Actor for L4Actor {
                 state.core.handle_registry(&reg, now);
             }
             L4Msg::Timeout => {
-                state.timer = None;
+                state.timer.fired();
                 state.core.handle_timeout(now);
             }
             L4Msg::Reap => {
@@ -305,15 +293,11 @@ impl Actor for L4Actor {
             perform(state, action, now);
         }
         let wanted = state.core.poll_timeout();
-        if state.timer.as_ref().map(|(at, _)| *at) != wanted {
-            if let Some((_, t)) = state.timer.take() {
-                t.abort();
-            }
-            if let Some(at) = wanted {
-                let t = myself.send_after(at.saturating_duration_since(now), || L4Msg::Timeout);
-                state.timer = Some((at, t));
-            }
-        }
+        state.timer.set(
+            &myself,
+            wanted.map(|at| (at, at.saturating_duration_since(now))),
+            || L4Msg::Timeout,
+        );
         Ok(())
     }
 }

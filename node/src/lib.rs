@@ -52,6 +52,7 @@ pub mod proxy;
 pub mod publish;
 pub mod serving;
 pub mod sessions;
+pub mod shell;
 pub mod sites;
 #[cfg(test)]
 mod testing;

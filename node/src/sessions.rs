@@ -38,6 +38,7 @@ use warren_proto::Secret;
 use crate::actors::ChildSpec;
 use crate::proxy::sign::Signer;
 use crate::proxy::{unix_now, Proxy};
+use crate::shell::Timer;
 
 /// Refresh provider tokens this long before they expire, in seconds (half their lifetime
 /// for tokens that live less than twice this).
@@ -581,9 +582,6 @@ impl SessionsActor {
     }
 }
 
-/// A pending `send_after`.
-type Timer = JoinHandle<Result<(), ractor::MessagingErr<SessionsMsg>>>;
-
 /// State of the [`SessionsActor`].
 pub struct SessionsState {
     proxy: Arc<Proxy>,
@@ -593,7 +591,7 @@ pub struct SessionsState {
     tasks: JoinSet<()>,
     refreshing: HashMap<SessionId, (Attempt, AbortHandle)>,
     followers: [JoinHandle<()>; 2],
-    timer: Option<(u64, Timer)>,
+    timer: Timer<SessionsMsg, u64>,
 }
 
 impl SessionsState {
@@ -662,7 +660,7 @@ impl Actor for SessionsActor {
             tasks: JoinSet::new(),
             refreshing: HashMap::new(),
             followers: [registry, leadership],
-            timer: None,
+            timer: Timer::new(),
         })
     }
 
@@ -674,9 +672,7 @@ impl Actor for SessionsActor {
         for f in &state.followers {
             f.abort();
         }
-        if let Some((_, t)) = state.timer.take() {
-            t.abort();
-        }
+        state.timer.cancel();
         state.tasks.abort_all();
         Ok(())
     }
@@ -712,7 +708,7 @@ impl Actor for SessionsActor {
             }
             SessionsMsg::Leadership => {}
             SessionsMsg::Timeout => {
-                state.timer = None;
+                state.timer.fired();
                 state.core.handle_timeout(now);
             }
             SessionsMsg::Refreshed {
@@ -849,17 +845,11 @@ fn perform(
 /// One timer, for the core's next deadline.
 fn rearm(myself: &ActorRef<SessionsMsg>, state: &mut SessionsState, now: u64) {
     let wanted = state.core.poll_timeout();
-    if state.timer.as_ref().map(|(at, _)| *at) == wanted {
-        return;
-    }
-    if let Some((_, t)) = state.timer.take() {
-        t.abort();
-    }
-    if let Some(at) = wanted {
-        let delay = Duration::from_secs(at.saturating_sub(now));
-        let t = myself.send_after(delay, || SessionsMsg::Timeout);
-        state.timer = Some((at, t));
-    }
+    state.timer.set(
+        myself,
+        wanted.map(|at| (at, Duration::from_secs(at.saturating_sub(now)))),
+        || SessionsMsg::Timeout,
+    );
 }
 
 /// Commits `command` as the system.

@@ -36,6 +36,7 @@ use super::state::{build_config, config_changed, Pool, ProxyState};
 use super::Body;
 use crate::actors::ChildSpec;
 use crate::publish::Published;
+use crate::shell::Timer;
 
 /// How long after asking for proxy keys the core asks again (the proposal may have been
 /// lost while there was no leader).
@@ -225,9 +226,6 @@ impl ProxyConfigActor {
     }
 }
 
-/// A pending `send_after`.
-type Timer = JoinHandle<Result<(), ractor::MessagingErr<ProxyConfigMsg>>>;
-
 /// State of the [`ProxyConfigActor`].
 pub struct ProxyConfigState {
     args: ProxyConfigArgs,
@@ -236,7 +234,7 @@ pub struct ProxyConfigState {
     check_handles: HashMap<PoolKey, AbortHandle>,
     follower: JoinHandle<()>,
     reaper: JoinHandle<()>,
-    timer: Option<(Instant, Timer)>,
+    timer: Timer<ProxyConfigMsg, Instant>,
 }
 
 impl Actor for ProxyConfigActor {
@@ -251,24 +249,14 @@ impl Actor for ProxyConfigActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         // Registry changes arrive as messages; several in a row coalesce into one rebuild
         // from the latest (the handler reads the current registry, not the one that woke it).
-        let mut rx = args.cluster.subscribe();
-        let mut serving = args.serving.subscribe();
-        let me = myself.clone();
-        let follower = tokio::spawn(async move {
-            rx.borrow_and_update();
-            if me.cast(ProxyConfigMsg::Changed).is_err() {
-                return;
-            }
-            loop {
-                let changed = tokio::select! {
-                    r = rx.changed() => r,
-                    r = serving.changed() => r,
-                };
-                if changed.is_err() || me.cast(ProxyConfigMsg::Changed).is_err() {
-                    return;
-                }
-            }
-        });
+        let follower = crate::shell::follow(
+            vec![
+                Box::new(args.cluster.subscribe()),
+                Box::new(args.serving.subscribe()),
+            ],
+            myself.clone(),
+            || ProxyConfigMsg::Changed,
+        );
         let reaper = myself.send_interval(Duration::from_secs(1), || ProxyConfigMsg::Reap);
         Ok(ProxyConfigState {
             args,
@@ -277,7 +265,7 @@ impl Actor for ProxyConfigActor {
             check_handles: HashMap::new(),
             follower,
             reaper,
-            timer: None,
+            timer: Timer::new(),
         })
     }
 
@@ -288,9 +276,7 @@ impl Actor for ProxyConfigActor {
     ) -> Result<(), ActorProcessingErr> {
         state.follower.abort();
         state.reaper.abort();
-        if let Some((_, t)) = state.timer.take() {
-            t.abort();
-        }
+        state.timer.cancel();
         state.checks.abort_all();
         Ok(())
     }
@@ -308,7 +294,7 @@ impl Actor for ProxyConfigActor {
                 state.core.handle_registry(reg, now);
             }
             ProxyConfigMsg::Timeout => {
-                state.timer = None;
+                state.timer.fired();
                 state.core.handle_timeout(now);
             }
             ProxyConfigMsg::Reap => {
@@ -366,17 +352,11 @@ fn perform(state: &mut ProxyConfigState, action: ConfigAction) {
 /// One timer, for the core's next deadline.
 fn rearm(myself: &ActorRef<ProxyConfigMsg>, state: &mut ProxyConfigState) {
     let wanted = state.core.poll_timeout();
-    if state.timer.as_ref().map(|(at, _)| *at) == wanted {
-        return;
-    }
-    if let Some((_, t)) = state.timer.take() {
-        t.abort();
-    }
-    if let Some(at) = wanted {
-        let delay = at.saturating_duration_since(Instant::now());
-        let t = myself.send_after(delay, || ProxyConfigMsg::Timeout);
-        state.timer = Some((at, t));
-    }
+    state.timer.set(
+        myself,
+        wanted.map(|at| (at, at.saturating_duration_since(Instant::now()))),
+        || ProxyConfigMsg::Timeout,
+    );
 }
 
 /// Pools by name, for tests.

@@ -26,6 +26,7 @@ use warren_proto::Name;
 use super::{Current, Dialer, Tunnels};
 use crate::actors::ChildSpec;
 use crate::publish::Published;
+use crate::shell::Timer;
 
 /// How often this node tells every peer what it holds.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
@@ -106,9 +107,6 @@ impl GossipActor {
     }
 }
 
-/// A pending `send_after`.
-type Timer = JoinHandle<Result<(), ractor::MessagingErr<GossipMsg>>>;
-
 /// State of the [`GossipActor`].
 pub struct GossipState {
     args: GossipArgs,
@@ -118,16 +116,14 @@ pub struct GossipState {
     sends: JoinSet<()>,
     sending: HashMap<NodeId, AbortHandle>,
     ticker: JoinHandle<()>,
-    timer: Option<(Instant, Timer)>,
+    timer: Timer<GossipMsg, Instant>,
 }
 
 impl Drop for GossipState {
     // Also on a panic, where `post_stop` does not run.
     fn drop(&mut self) {
         self.ticker.abort();
-        if let Some((_, t)) = self.timer.take() {
-            t.abort();
-        }
+        self.timer.cancel();
     }
 }
 
@@ -151,7 +147,7 @@ impl Actor for GossipActor {
             sends: JoinSet::new(),
             sending: HashMap::new(),
             ticker,
-            timer: None,
+            timer: Timer::new(),
         })
     }
 
@@ -194,7 +190,7 @@ impl Actor for GossipActor {
             }
             GossipMsg::Announce => announce(&myself, state)?,
             GossipMsg::Timeout => {
-                state.timer = None;
+                state.timer.fired();
                 if state.holdings.handle_timeout(now) {
                     publish(state, true);
                 }
@@ -306,17 +302,11 @@ fn announce(
 /// One timer, for the holdings' next expiry.
 fn rearm(myself: &ActorRef<GossipMsg>, state: &mut GossipState) {
     let wanted = state.holdings.poll_timeout();
-    if state.timer.as_ref().map(|(at, _)| *at) == wanted {
-        return;
-    }
-    if let Some((_, t)) = state.timer.take() {
-        t.abort();
-    }
-    if let Some(at) = wanted {
-        let delay = at.saturating_duration_since(Instant::now());
-        let t = myself.send_after(delay, || GossipMsg::Timeout);
-        state.timer = Some((at, t));
-    }
+    state.timer.set(
+        myself,
+        wanted.map(|at| (at, at.saturating_duration_since(Instant::now()))),
+        || GossipMsg::Timeout,
+    );
 }
 
 #[cfg(test)]
