@@ -1,0 +1,1 @@
+//! The userspace TCP/IP stack, filled in by the stack work.

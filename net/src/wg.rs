@@ -1,0 +1,1 @@
+//! WireGuard peers (sans-IO), filled in by the wg work.
