@@ -25,6 +25,7 @@ pub mod identity;
 pub mod name;
 pub mod policy;
 pub mod registry;
+pub mod relay;
 pub mod secret;
 pub mod session;
 pub mod sites;

@@ -82,7 +82,11 @@ pub const ALPN_RELAY: &[u8] = b"warren-relay/1";
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The optional features this build understands, announced in its [`Hello`]. Every message
 /// of protocol 1 is understood by every protocol-1 peer, so none yet.
-pub const FEATURES: &[&str] = &[];
+pub const FEATURES: &[&str] = &[FEATURE_ACCESS];
+
+/// The feature of client access: [`ToAgent::Access`], [`ToAgent::Heartbeat`] and
+/// [`FromAgent::WireGuard`].
+pub const FEATURE_ACCESS: &str = "access";
 
 /// The QUIC application close code of a node that could not read an agent's first
 /// message (nodes from before negotiation use it for a tagged [`Hello`]).
@@ -285,6 +289,123 @@ pub struct TargetSpec {
     pub check: Option<HealthCheck>,
 }
 
+/// The agent's WireGuard endpoint, announced to the node on its control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentWireGuard {
+    /// Its static X25519 public key (kept in the agent's state directory across restarts).
+    pub public_key: [u8; 32],
+}
+
+/// Who may reach what behind the site: pushed by every node that holds a tunnel of the
+/// site. The agent admits a new flow only if a grant of the flow's device allows it, and
+/// cuts an open flow as soon as a new `AccessConfig` no longer allows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessConfig {
+    /// Grows with every change the node sends (a restarted node starts again from 1).
+    pub generation: u64,
+    /// How long the agent may admit flows on this without hearing from a node again
+    /// (the cluster's leader-loss bound), in milliseconds.
+    pub valid_for_ms: u64,
+    /// The signed relay ticket the agent binds to this node's relay with.
+    pub relay_ticket: Vec<u8>,
+    /// This node's relay address (`ip:port`, UDP).
+    pub relay: String,
+    /// Every device with at least one grant on this site.
+    pub devices: Vec<DeviceAccess>,
+}
+
+/// A client device and what it may reach behind the site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAccess {
+    /// The device.
+    pub device: Name,
+    /// Its owner.
+    pub user: Name,
+    /// Its WireGuard public key: the handshake proves it.
+    pub key: [u8; 32],
+    /// Its tunnel address: the only source address its packets may carry.
+    pub address: std::net::Ipv4Addr,
+    /// What it may reach.
+    pub grants: Vec<FlowGrant>,
+}
+
+/// One resource a device may reach: destination, ports and protocols.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowGrant {
+    /// The resource.
+    pub resource: Name,
+    /// Where flows to it go.
+    pub dst: FlowDst,
+    /// Allowed destination port ranges (inclusive); empty: none.
+    pub ports: Vec<(u16, u16)>,
+    /// TCP allowed.
+    pub tcp: bool,
+    /// UDP allowed.
+    pub udp: bool,
+    /// ICMP echo allowed.
+    pub icmp: bool,
+}
+
+/// Where a granted flow goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlowDst {
+    /// An address or a network: the flow's destination must be inside it, and the agent
+    /// dials that same destination.
+    Net(ipnet::IpNet),
+    /// A DNS name: clients send to `virtual_address`; the agent resolves `name` and dials
+    /// what it resolves to.
+    Dns {
+        /// The name the agent resolves.
+        name: String,
+        /// The address clients use for it.
+        virtual_address: std::net::Ipv4Addr,
+    },
+}
+
+impl FlowGrant {
+    /// Whether a flow of `proto` to `dst:port` is allowed by this grant; what to dial if so.
+    pub fn allows(&self, proto: FlowProto, dst: std::net::IpAddr, port: u16) -> Option<Dial<'_>> {
+        let proto_ok = match proto {
+            FlowProto::Tcp => self.tcp,
+            FlowProto::Udp => self.udp,
+            FlowProto::Icmp => self.icmp,
+        };
+        if !proto_ok {
+            return None;
+        }
+        if proto != FlowProto::Icmp && !self.ports.iter().any(|&(a, b)| a <= port && port <= b) {
+            return None;
+        }
+        match &self.dst {
+            FlowDst::Net(net) => net.contains(&dst).then_some(Dial::Address(dst)),
+            FlowDst::Dns {
+                name,
+                virtual_address,
+            } => (dst == std::net::IpAddr::V4(*virtual_address)).then_some(Dial::Name(name)),
+        }
+    }
+}
+
+/// What a flow's transport is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FlowProto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP echo.
+    Icmp,
+}
+
+/// Where the agent dials an allowed flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dial<'a> {
+    /// This address (the flow's own destination).
+    Address(std::net::IpAddr),
+    /// What this name resolves to.
+    Name(&'a str),
+}
+
 /// A control-stream message: a tag and a payload (see the module documentation).
 pub trait Message: Sized {
     /// The message's tag.
@@ -310,6 +431,15 @@ pub enum ToAgent {
     Config(SiteConfig),
     /// Tag 1: the node's answer to the agent's [`Hello`], before the first `Config`.
     Hello(Hello),
+    /// Tag 2: the client devices that may reach the site and what each may reach, with the
+    /// agent's relay binding on this node. Sent on connect and whenever it changes.
+    Access(AccessConfig),
+    /// Tag 3: the node is still serving and what it sent last still holds, for
+    /// `valid_for_ms` more milliseconds. Sent every second.
+    Heartbeat {
+        /// How long the agent may go on admitting flows without hearing from a node.
+        valid_for_ms: u64,
+    },
     /// A tag this build does not know (from a newer node): skipped. Never sent.
     Unknown {
         /// The tag.
@@ -322,6 +452,8 @@ impl Message for ToAgent {
         match self {
             Self::Config(_) => 0,
             Self::Hello(_) => 1,
+            Self::Access(_) => 2,
+            Self::Heartbeat { .. } => 3,
             Self::Unknown { tag } => *tag,
         }
     }
@@ -330,6 +462,8 @@ impl Message for ToAgent {
         match self {
             Self::Config(c) => encode_into(c, out),
             Self::Hello(h) => encode_into(h, out),
+            Self::Access(a) => encode_into(a, out),
+            Self::Heartbeat { valid_for_ms } => encode_into(valid_for_ms, out),
             Self::Unknown { .. } => {}
         }
     }
@@ -338,8 +472,16 @@ impl Message for ToAgent {
         Ok(match tag {
             0 => Self::Config(decode_body(payload)?),
             1 => Self::Hello(decode_body(payload)?),
+            2 => Self::Access(decode_body(payload)?),
+            3 => Self::Heartbeat {
+                valid_for_ms: decode_body(payload)?,
+            },
             tag => Self::Unknown { tag },
         })
+    }
+
+    fn feature(&self) -> Option<&'static str> {
+        matches!(self, Self::Access(_) | Self::Heartbeat { .. }).then_some(FEATURE_ACCESS)
     }
 
     fn in_protocol_0(&self) -> bool {
@@ -354,6 +496,9 @@ pub enum FromAgent {
     Health(Vec<(Target, bool)>),
     /// Tag 1: the agent's first message.
     Hello(Hello),
+    /// Tag 2: the agent's WireGuard endpoint for client devices (after its Hello, to a node
+    /// that listed [`FEATURE_ACCESS`]).
+    WireGuard(AgentWireGuard),
     /// A tag this build does not know (from a newer agent): skipped. Never sent.
     Unknown {
         /// The tag.
@@ -366,6 +511,7 @@ impl Message for FromAgent {
         match self {
             Self::Health(_) => 0,
             Self::Hello(_) => 1,
+            Self::WireGuard(_) => 2,
             Self::Unknown { tag } => *tag,
         }
     }
@@ -374,6 +520,7 @@ impl Message for FromAgent {
         match self {
             Self::Health(h) => encode_into(h, out),
             Self::Hello(h) => encode_into(h, out),
+            Self::WireGuard(w) => encode_into(w, out),
             Self::Unknown { .. } => {}
         }
     }
@@ -382,8 +529,13 @@ impl Message for FromAgent {
         Ok(match tag {
             0 => Self::Health(decode_body(payload)?),
             1 => Self::Hello(decode_body(payload)?),
+            2 => Self::WireGuard(decode_body(payload)?),
             tag => Self::Unknown { tag },
         })
+    }
+
+    fn feature(&self) -> Option<&'static str> {
+        matches!(self, Self::WireGuard(_)).then_some(FEATURE_ACCESS)
     }
 
     fn in_protocol_0(&self) -> bool {

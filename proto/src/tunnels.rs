@@ -588,6 +588,13 @@ pub enum ControlEvent {
     Config(SiteConfig),
     /// The node said what it speaks (now in [`Control::node`]).
     NodeHello,
+    /// Who may reach what behind the site, from this node.
+    Access(crate::tunnel::AccessConfig),
+    /// The node is still serving: its access configuration holds for this long.
+    Heartbeat {
+        /// Milliseconds.
+        valid_for_ms: u64,
+    },
     /// A message this build does not know (from a newer node), skipped.
     Skipped {
         /// Its tag.
@@ -620,6 +627,8 @@ impl Control {
                 self.node = PeerProtocol::from_hello(hello);
                 ControlEvent::NodeHello
             }
+            ToAgent::Access(access) => ControlEvent::Access(access),
+            ToAgent::Heartbeat { valid_for_ms } => ControlEvent::Heartbeat { valid_for_ms },
             ToAgent::Unknown { tag } => ControlEvent::Skipped {
                 tag,
                 first: self.unknowns.note(),
