@@ -8,8 +8,10 @@
 //! ```
 //!
 //! - [`wg`]: a sans-IO set of WireGuard peers over `boringtun::noise::Tunn`.
+//! - [`relays`]: the relay client, sans-IO (bindings, pings, the choice of relay per site).
 //! - [`stack`]: a userspace TCP/IP stack over smoltcp (outbound flows for the client,
 //!   accepted flows with an admission check for the agent).
 
+pub mod relays;
 pub mod stack;
 pub mod wg;
