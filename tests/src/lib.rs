@@ -14,6 +14,7 @@
 
 pub mod certs;
 pub mod hostile;
+pub mod netlab;
 pub mod oidc;
 pub mod raw;
 pub mod smtp;
