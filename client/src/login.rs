@@ -26,6 +26,7 @@ use openidconnect::{
 use serde::{Deserialize, Serialize};
 
 use crate::api::error_chain;
+use crate::enroll;
 use crate::token::{self, Secret, StoredToken};
 
 /// `warren login [status]`.
@@ -52,6 +53,22 @@ pub struct LoginArgs {
     /// A scope to request besides openid, email, profile and offline_access (repeat for more).
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
+    /// The Warren node to sign in to (`https://host:port`, its client API): it names the
+    /// identity provider and client id, so --issuer and --client-id are then overrides.
+    /// Without it, the node of the last login.
+    #[arg(long, env = "WARREN_NODE")]
+    pub node: Option<String>,
+    /// The CA certificate (PEM) the node's certificate is checked against; default: the
+    /// public web roots, or the CA of the last login to the same node.
+    #[arg(long, env = "WARREN_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Which of the cluster's identity providers to sign in with (default: its first).
+    #[arg(long, env = "WARREN_PROVIDER")]
+    pub provider: Option<String>,
+    /// The name to register this machine under (default: `<user>-<hostname>`, or the name
+    /// of the last login).
+    #[arg(long, env = "WARREN_DEVICE_NAME")]
+    pub device_name: Option<String>,
 }
 
 /// `warren login` subcommands.
@@ -180,16 +197,32 @@ fn transport_error(e: &dyn std::error::Error) -> String {
 }
 
 async fn sign_in(args: &LoginArgs) -> anyhow::Result<()> {
+    if let Some(node) = enroll::node_for_login(args)? {
+        return enroll::sign_in(args, node).await;
+    }
     let issuer = args
         .issuer
         .as_deref()
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
-            anyhow!("no identity provider: give --issuer URL (or set WARREN_OIDC_ISSUER)")
+            anyhow!(
+                "no identity provider: give --node URL (or set WARREN_NODE) to sign in to a \
+                 Warren cluster, or --issuer URL (or set WARREN_OIDC_ISSUER)"
+            )
         })?;
     let client_id = args.client_id.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
         anyhow!("no client id: give --client-id ID (or set WARREN_OIDC_CLIENT_ID), the CLI's client at {issuer}")
     })?;
+    device_flow(issuer, client_id, &args.scopes).await.map(drop)
+}
+
+/// Runs the device flow at `issuer` as `client_id`, verifies the ID token, stores the
+/// tokens in `token.json` and says who signed in; returns what it stored.
+pub(crate) async fn device_flow(
+    issuer: &str,
+    client_id: &str,
+    extra_scopes: &[String],
+) -> anyhow::Result<StoredToken> {
     let path = token::token_path()?;
     let http = http_client()?;
     let metadata = discover(issuer, &http).await?;
@@ -221,7 +254,7 @@ async fn sign_in(args: &LoginArgs) -> anyhow::Result<()> {
             .set_device_authorization_url(device_url);
 
     let mut scopes: Vec<String> = DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect();
-    for s in args.scopes.iter().flat_map(|s| s.split_whitespace()) {
+    for s in extra_scopes.iter().flat_map(|s| s.split_whitespace()) {
         if s != "openid" && !scopes.iter().any(|x| x == s) {
             scopes.push(s.to_owned());
         }
@@ -360,17 +393,17 @@ async fn sign_in(args: &LoginArgs) -> anyhow::Result<()> {
              at {expires_at}"
         );
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// `s` with control characters replaced, so a provider cannot drive the terminal.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
 }
 
-fn who(t: &StoredToken) -> String {
+pub(crate) fn who(t: &StoredToken) -> String {
     t.email.as_deref().map_or_else(
         || "an account without an e-mail address".to_owned(),
         printable,
@@ -408,6 +441,18 @@ fn status() -> anyhow::Result<()> {
         );
     }
     println!("Stored in {}", path.display());
+    if let Ok(Some(n)) = crate::session::load(&crate::session::session_path()?) {
+        if let (Some(user), Some(_)) = (&n.user, &n.token) {
+            println!("Signed in to {} as {}", n.node, printable(user));
+        }
+        if let Some(d) = &n.device {
+            println!(
+                "This machine is device {} with tunnel address {}",
+                printable(&d.name),
+                d.address
+            );
+        }
+    }
     Ok(())
 }
 
@@ -415,6 +460,18 @@ fn status() -> anyhow::Result<()> {
 /// provider if it advertises a revocation endpoint, then deletes the stored sign-in. A failed
 /// revocation is a warning: the local sign-in is deleted regardless.
 pub async fn logout() -> anyhow::Result<()> {
+    // The node session goes first: it is only a file here, and it must not outlive the
+    // provider's tokens.
+    let node_path = crate::session::session_path()?;
+    let node = crate::session::load(&node_path).ok().flatten();
+    match crate::session::forget(&node_path) {
+        Ok(true) => eprintln!(
+            "Forgot the session with {}",
+            node.map(|n| n.node).unwrap_or_default()
+        ),
+        Ok(false) => {}
+        Err(e) => eprintln!("warren: warning: {e:#}"),
+    }
     let path = token::token_path()?;
     let t = match token::load(&path) {
         Ok(Some(t)) => t,

@@ -1,10 +1,14 @@
 //! `warren`: parse the command line, then hand over to the library.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use warren_client::admin::{self, AdminCmd, Connection};
+use warren_client::connect::{self, ConnectArgs, NcArgs, SshArgs};
+use warren_client::device::{self, DeviceCmd};
 use warren_client::login::{self, Login};
+use warren_client::{resources, status};
 
 /// Warren client.
 #[derive(Parser)]
@@ -25,18 +29,52 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
-    /// Sign in with your identity provider (`warren login status`: who is signed in).
+    /// Sign in (with --node: to a Warren cluster, registering this machine as a device;
+    /// `warren login status`: who is signed in).
     Login(Login),
-    /// Sign out: revoke the stored tokens at the provider and delete them.
+    /// Sign out: forget the node session, revoke the stored tokens at the provider and
+    /// delete them (this machine's device key is kept).
     Logout,
+    /// List the private resources you may reach now.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward a local port to a private resource until stopped (ctrl-c).
+    Connect(ConnectArgs),
+    /// Connect stdin and stdout to HOST:PORT inside a site (for ssh's ProxyCommand, scp,
+    /// rsync, git).
+    Nc(NcArgs),
+    /// Run the system ssh to a private host, through `warren nc`.
+    Ssh(SshArgs),
+    /// Show who is signed in, this device, the node and its RTT, and running connections.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or delete your devices.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    if let Cmd::Ssh(args) = cli.command {
+        // Only returns if ssh could not be started.
+        return report(connect::ssh(args));
+    }
+    // Flows are the only busy work: give them both cores; everything else is one request.
+    let busy = matches!(cli.command, Cmd::Connect(_) | Cmd::Nc(_));
+    let mut builder = if busy {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("warren: cannot start: {e}");
@@ -48,13 +86,41 @@ fn main() -> ExitCode {
             Cmd::Admin { conn, cmd } => admin::run(&conn, cmd).await,
             Cmd::Login(l) => login::run(l).await,
             Cmd::Logout => login::logout().await,
+            Cmd::Ls { json } => resources::list(json).await,
+            Cmd::Connect(args) => connect::connect(args, stop_signal()).await,
+            Cmd::Nc(args) => connect::nc(args, stop_signal()).await,
+            Cmd::Ssh(_) => unreachable!("handled above"),
+            Cmd::Status { json } => status::run(json).await,
+            Cmd::Device { cmd } => device::run(cmd).await,
         }
     });
+    // A read of stdin (`nc`) may still be blocked in a thread: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    report(result)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warren: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Completes on ctrl-c or SIGTERM.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }

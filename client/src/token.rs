@@ -107,12 +107,19 @@ pub fn token_path() -> anyhow::Result<PathBuf> {
 /// Writes `token` to `path` (mode 0600, atomically), making its directory (mode 0700) if
 /// needed.
 pub fn save(path: &Path, token: &StoredToken) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(token).context("encoding the sign-in")?;
+    write_private(path, &json)
+}
+
+/// Writes `bytes` and a newline to `path` as a fresh mode-0600 file renamed over the old one,
+/// making its directory (mode 0700) if needed: no other user can read it at any moment, and
+/// a crash leaves the old file or the new one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     private_dir(dir)?;
-    let json = serde_json::to_vec_pretty(token).context("encoding the sign-in")?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -127,7 +134,7 @@ pub fn save(path: &Path, token: &StoredToken) -> anyhow::Result<()> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&json)?;
+        f.write_all(bytes)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -142,7 +149,7 @@ pub fn save(path: &Path, token: &StoredToken) -> anyhow::Result<()> {
 }
 
 /// Makes `dir` (and missing parents) with mode 0700, or tightens an existing `dir` to 0700.
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -1,0 +1,518 @@
+//! `warren connect`, `warren nc` and `warren ssh`: flows to private resources.
+//!
+//! ```text
+//! app ─TCP─► 127.0.0.1:PORT ─┐                         ┌─ POST /v1/client/connect (site)
+//!                            ├─► DataPath (WireGuard) ─┤   every ticket lifetime: again
+//! stdin/stdout (nc) ─────────┘     relay ─► agent      └─ run/<pid>.json every second
+//! ```
+//!
+//! Each command asks the node which resources the user may reach, picks the one named,
+//! asks for the site's agent key, relays and a relay ticket (a 403 here means the user may
+//! reach nothing there: the message says "not allowed"), starts the data path, and then runs
+//! until its work is done or it is told to stop. The ticket is renewed before it expires.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use clap::Args;
+use tokio::io::{AsyncWriteExt as _, BufWriter};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+
+use crate::datapath::{decode_ticket, DataPath, SitePeer, UdpFlow};
+use crate::device;
+use crate::node::{Connect, NodeError};
+use crate::resources::{self, Proto, Target};
+use crate::session::{self, Active};
+use crate::status::{self, Reporter};
+
+/// How long a new TCP flow may take to be established through the tunnel.
+const FLOW_TIMEOUT: Duration = Duration::from_secs(15);
+/// A UDP flow with no datagram either way for this long is closed.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Datagrams queued per UDP client before more are dropped.
+const UDP_QUEUE: usize = 256;
+
+/// `warren connect NAME`.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The resource's name or alias (see `warren ls`).
+    pub name: String,
+    /// The local address to listen on (default: 127.0.0.1 and the resource's port if it is
+    /// free, else a free port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub local: Option<SocketAddr>,
+    /// The resource's port to reach (default: its first).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Forward UDP instead of TCP: each local client address is one UDP flow, closed after
+    /// 60 s without traffic.
+    #[arg(long)]
+    pub udp: bool,
+}
+
+/// `warren nc HOST PORT`.
+#[derive(Debug, Args)]
+pub struct NcArgs {
+    /// A resource's name or alias, its DNS name, or an address inside a private resource.
+    pub host: String,
+    /// The port to reach.
+    pub port: u16,
+}
+
+/// `warren ssh HOST [ARGS]...`.
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The ssh destination: `[user@]HOST`, HOST as `warren nc` takes it.
+    pub destination: String,
+    /// Passed to ssh after the destination: options, then the remote command.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// Runs `warren connect` until `shutdown` completes, the user's access ends, or the
+/// listener fails.
+pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let active = session::active()?;
+    let proto = if args.udp { Proto::Udp } else { Proto::Tcp };
+    let list = reachable(&active).await?;
+    let target = resources::by_name(&list, &args.name, args.port, proto)?;
+    let site = target.resource.site.clone();
+    let (data, grant) = open_site(&active, &site).await?;
+
+    let local = match args.local {
+        Some(a) => {
+            if !a.ip().is_loopback() {
+                eprintln!(
+                    "warren: warning: {a} is not a loopback address: anyone who can reach it \
+                     reaches {} as you",
+                    target.resource.name
+                );
+            }
+            a
+        }
+        None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.dst.port()),
+    };
+    let explicit = args.local.is_some();
+    let ticket_data = data.clone();
+    let reporter_dir = status::run_dir()?;
+    let serve = if args.udp {
+        let sock = bind_udp(local, explicit).await?;
+        let addr = sock.local_addr()?;
+        announce(addr, &target, &site);
+        let reporter = Reporter::start(
+            reporter_dir,
+            "connect",
+            &target.resource.name,
+            target.dst,
+            Some(addr),
+            data.clone(),
+        );
+        Box::pin(async move {
+            let _reporter = reporter;
+            serve_udp(sock, data.clone(), site.clone(), target.dst).await
+        }) as std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>
+    } else {
+        let listener = bind_tcp(local, explicit).await?;
+        let addr = listener.local_addr()?;
+        announce(addr, &target, &site);
+        let reporter = Reporter::start(
+            reporter_dir,
+            "connect",
+            &target.resource.name,
+            target.dst,
+            Some(addr),
+            data.clone(),
+        );
+        let (data, site, dst) = (data.clone(), site.clone(), target.dst);
+        Box::pin(async move {
+            let _reporter = reporter;
+            serve_tcp(listener, data, site, dst).await
+        })
+    };
+    tokio::select! {
+        r = serve => r,
+        e = keep_ticket(&active, &ticket_data, &grant) => Err(e),
+        () = shutdown => Ok(()),
+    }
+}
+
+/// Runs `warren nc`: stdin and stdout are one TCP flow. Only the payload goes to stdout.
+pub async fn nc(args: NcArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let active = session::active()?;
+    let list = reachable(&active).await?;
+    let target = resources::by_host(&list, &args.host, args.port, Proto::Tcp)?;
+    let site = target.resource.site.clone();
+    let (data, grant) = open_site(&active, &site).await?;
+    let _reporter = Reporter::start(
+        status::run_dir()?,
+        "nc",
+        &target.resource.name,
+        target.dst,
+        None,
+        data.clone(),
+    );
+    let flow = data
+        .connect_tcp(&site, target.dst, FLOW_TIMEOUT)
+        .await
+        .map_err(|e| flow_error(&target, &site, &e))?;
+    let (mut from_flow, mut to_flow) = tokio::io::split(flow);
+    let up = async {
+        let mut stdin = tokio::io::stdin();
+        // A read error on stdin ends our side like EOF does.
+        let _ = tokio::io::copy(&mut stdin, &mut to_flow).await;
+        let _ = to_flow.shutdown().await;
+        // Half-closed: keep reading until the other side closes.
+        std::future::pending::<()>().await
+    };
+    let down = async {
+        let mut stdout = BufWriter::new(tokio::io::stdout());
+        let copied = tokio::io::copy(&mut from_flow, &mut stdout).await;
+        stdout.flush().await?;
+        copied.map(drop)
+    };
+    tokio::select! {
+        r = down => r.with_context(|| format!("the flow to {} ended", target.dst)),
+        () = up => Ok(()),
+        e = keep_ticket(&active, &data, &grant) => Err(e),
+        () = shutdown => Ok(()),
+    }
+}
+
+/// Runs `warren ssh`: replaces this process with the system `ssh`, its ProxyCommand
+/// `warren nc %h %p` (the environment, `WARREN_CONFIG_DIR` included, passes through).
+pub fn ssh(args: SshArgs) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+
+    let exe = std::env::current_exe().context("cannot tell where this warren is")?;
+    let cmd = ssh_command(&exe, &args);
+    let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    Err(anyhow!(
+        "cannot run {}: {err}; is OpenSSH's client installed?",
+        cmd[0]
+    ))
+}
+
+/// The ssh command line `warren ssh` runs.
+fn ssh_command(exe: &Path, args: &SshArgs) -> Vec<String> {
+    let mut cmd = vec![
+        "ssh".to_owned(),
+        "-o".to_owned(),
+        format!(
+            "ProxyCommand={} nc %h %p",
+            shell_quote(&exe.to_string_lossy())
+        ),
+        args.destination.clone(),
+    ];
+    cmd.extend(args.args.iter().cloned());
+    cmd
+}
+
+/// `s` as one word for `sh -c` (ssh runs ProxyCommand through the shell).
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b))
+    {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The resources the user may reach now.
+async fn reachable(active: &Active) -> anyhow::Result<Vec<crate::node::Resource>> {
+    active
+        .client
+        .resources(&active.device.name)
+        .await
+        .map_err(|e| anyhow!("asking {} what you may reach: {e}", active.session.node))
+}
+
+/// Asks for a path to `site` and starts the data path with it.
+async fn open_site(active: &Active, site: &str) -> anyhow::Result<(DataPath, Connect)> {
+    let grant = active
+        .client
+        .connect(&active.device.name, site)
+        .await
+        .map_err(|e| connect_error(site, e))?;
+    let key = device::load_key(&device::key_path()?)?
+        .context("this machine's device key (wg.key) is missing: run `warren login`")?;
+    let peer = SitePeer::from_connect(&grant)?;
+    let data = DataPath::start(key, grant.device_address, grant.mtu).await?;
+    data.add_site(peer)?;
+    Ok((data, grant))
+}
+
+/// What a refused connect means to the person.
+fn connect_error(site: &str, e: NodeError) -> anyhow::Error {
+    match e {
+        NodeError::Forbidden(m) => anyhow!("you are not allowed to reach {site}: {m}"),
+        NodeError::Api {
+            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            message,
+            ..
+        } => anyhow!("{site} cannot be reached now: {message}; try again shortly"),
+        other => anyhow!("asking the node for a path to {site}: {other}"),
+    }
+}
+
+fn flow_error(target: &Target, site: &str, e: &std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "{} ({}) refused the connection, or the agent of {site} did not allow it",
+            target.resource.name,
+            target.dst
+        ),
+        std::io::ErrorKind::TimedOut => anyhow!(
+            "no answer from {} ({}) through {site} within {} s",
+            target.resource.name,
+            target.dst,
+            FLOW_TIMEOUT.as_secs()
+        ),
+        _ => anyhow!(
+            "cannot open a flow to {} ({}) through {site}: {e}",
+            target.resource.name,
+            target.dst
+        ),
+    }
+}
+
+/// Renews the site's relay ticket before it expires; returns only when the user's access
+/// has ended (the node refuses).
+async fn keep_ticket(active: &Active, data: &DataPath, grant: &Connect) -> anyhow::Error {
+    let site = grant.site.as_str();
+    let mut expires_at = grant.ticket_expires_at;
+    let mut retry = false;
+    loop {
+        let wait = if retry {
+            Duration::from_secs(5)
+        } else {
+            renew_after(expires_at, session::now_unix())
+        };
+        tokio::time::sleep(wait).await;
+        match active.client.connect(&active.device.name, site).await {
+            Ok(g) => match decode_ticket(&g).and_then(|t| data.update_ticket(site, t)) {
+                Ok(()) => {
+                    expires_at = g.ticket_expires_at;
+                    retry = false;
+                }
+                Err(e) => {
+                    eprintln!("warren: warning: renewing the relay ticket for {site}: {e:#}");
+                    retry = true;
+                }
+            },
+            Err(NodeError::Forbidden(m)) => {
+                return anyhow!("you are no longer allowed to reach {site}: {m}")
+            }
+            Err(e @ NodeError::Unauthorized(_)) => return e.into(),
+            Err(e) => {
+                eprintln!(
+                    "warren: warning: renewing the relay ticket for {site}: {e}; retrying in 5 s"
+                );
+                retry = true;
+            }
+        }
+    }
+}
+
+/// How long to wait before renewing a ticket that expires at `expires_at` (Unix s): until a
+/// third of its remaining life is left, and at least 10 s (a skewed clock must not make us
+/// hammer the node).
+fn renew_after(expires_at: u64, now: u64) -> Duration {
+    let left = expires_at.saturating_sub(now);
+    Duration::from_secs((left - left / 3).max(10))
+}
+
+fn announce(addr: SocketAddr, target: &Target, site: &str) {
+    println!(
+        "listening on {addr} → {} ({}) via {site}",
+        target.resource.name, target.dst
+    );
+}
+
+async fn bind_tcp(local: SocketAddr, explicit: bool) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(local).await {
+        Ok(l) => Ok(l),
+        Err(e) if explicit => Err(e).with_context(|| format!("--local {local}: cannot listen")),
+        Err(_) => TcpListener::bind(SocketAddr::new(local.ip(), 0))
+            .await
+            .with_context(|| format!("cannot listen on {}", local.ip())),
+    }
+}
+
+async fn bind_udp(local: SocketAddr, explicit: bool) -> anyhow::Result<UdpSocket> {
+    match UdpSocket::bind(local).await {
+        Ok(s) => Ok(s),
+        Err(e) if explicit => Err(e).with_context(|| format!("--local {local}: cannot listen")),
+        Err(_) => UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .await
+            .with_context(|| format!("cannot listen on {}", local.ip())),
+    }
+}
+
+/// Every accepted connection becomes a flow to `dst`.
+async fn serve_tcp(
+    listener: TcpListener,
+    data: DataPath,
+    site: String,
+    dst: SocketAddr,
+) -> anyhow::Result<()> {
+    loop {
+        let (mut sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: they pass; keep the listener.
+                eprintln!("warren: warning: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (data, site) = (data.clone(), site.clone());
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            match data.connect_tcp(&site, dst, FLOW_TIMEOUT).await {
+                Ok(mut flow) => {
+                    // Either side closing or resetting ends the pair; nothing to report.
+                    let _ = tokio::io::copy_bidirectional(&mut sock, &mut flow).await;
+                }
+                Err(e) => eprintln!("warren: {peer}: cannot open a flow to {dst}: {e}"),
+            }
+        });
+    }
+}
+
+/// Every local client address becomes a UDP flow to `dst`, closed after [`UDP_IDLE`].
+async fn serve_udp(
+    sock: UdpSocket,
+    data: DataPath,
+    site: String,
+    dst: SocketAddr,
+) -> anyhow::Result<()> {
+    let sock = Arc::new(sock);
+    let mut clients: std::collections::HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> =
+        std::collections::HashMap::new();
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            // ICMP errors from earlier sends surface here on Linux (a client that went
+            // away): they end no flow but that client's, which its idle timer ends.
+            Err(_) => continue,
+        };
+        let datagram = buf[..n].to_vec();
+        if let Some(tx) = clients.get(&src) {
+            match tx.try_send(datagram) {
+                Ok(()) => continue,
+                // A full queue drops, as a full network would.
+                Err(mpsc::error::TrySendError::Full(_)) => continue,
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    clients.remove(&src);
+                    start_udp_client(&mut clients, &sock, &data, &site, dst, src, d).await;
+                }
+            }
+        } else {
+            clients.retain(|_, tx| !tx.is_closed());
+            start_udp_client(&mut clients, &sock, &data, &site, dst, src, datagram).await;
+        }
+    }
+}
+
+async fn start_udp_client(
+    clients: &mut std::collections::HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    sock: &Arc<UdpSocket>,
+    data: &DataPath,
+    site: &str,
+    dst: SocketAddr,
+    src: SocketAddr,
+    first: Vec<u8>,
+) {
+    let flow = match data.open_udp(site, dst).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("warren: {src}: cannot open a UDP flow to {dst}: {e}");
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel(UDP_QUEUE);
+    let _ = tx.try_send(first);
+    clients.insert(src, tx);
+    tokio::spawn(udp_client(flow, sock.clone(), src, rx));
+}
+
+async fn udp_client(
+    flow: UdpFlow,
+    sock: Arc<UdpSocket>,
+    src: SocketAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { break };
+                if let Err(e) = flow.send(&d).await {
+                    if e.kind() == std::io::ErrorKind::InvalidInput {
+                        // Larger than the tunnel carries: dropped, like an oversized packet.
+                        continue;
+                    }
+                    break;
+                }
+            }
+            n = flow.recv(&mut buf) => {
+                let Ok(n) = n else { break };
+                let _ = sock.send_to(&buf[..n], src).await;
+            }
+            () = tokio::time::sleep(UDP_IDLE) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_gets_a_proxy_command_and_the_rest() {
+        let args = SshArgs {
+            destination: "alice@jump".into(),
+            args: vec!["-p".into(), "2222".into(), "uname".into(), "-a".into()],
+        };
+        assert_eq!(
+            ssh_command(Path::new("/usr/bin/warren"), &args),
+            [
+                "ssh",
+                "-o",
+                "ProxyCommand=/usr/bin/warren nc %h %p",
+                "alice@jump",
+                "-p",
+                "2222",
+                "uname",
+                "-a"
+            ]
+        );
+        assert_eq!(
+            shell_quote("/opt/my tools/warren"),
+            "'/opt/my tools/warren'"
+        );
+        assert_eq!(shell_quote("/tmp/it's"), r"'/tmp/it'\''s'");
+    }
+
+    #[test]
+    fn tickets_renew_with_a_third_left() {
+        assert_eq!(renew_after(1300, 1000), Duration::from_secs(200));
+        assert_eq!(renew_after(1000, 1000), Duration::from_secs(10));
+        assert_eq!(renew_after(900, 1000), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_refused_connect_says_not_allowed() {
+        let e = connect_error(
+            "site-a",
+            NodeError::Forbidden("alice may reach nothing".into()),
+        );
+        assert!(e.to_string().contains("not allowed"), "{e}");
+    }
+}
