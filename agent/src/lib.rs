@@ -18,6 +18,13 @@
 //! - The node pushes the site's targets; the agent checks them and reports their health;
 //!   for every stream a node opens it dials the target (only a configured one) and splices
 //!   (TCP bytes, or UDP datagrams framed on the stream and read cancel-safely).
+//! - Client access (`warren connect`, `warren ssh`): with [`AgentConfig::wireguard`] set,
+//!   the agent runs a WireGuard endpoint (`warren_net::endpoint`) on its own UDP socket,
+//!   with a key kept in the state directory ([`access::KEY_FILE`]). After a node's Hello
+//!   lists the `access` feature, the agent announces its public key to it; what the nodes
+//!   then send (devices and grants, their relays, heartbeats) is folded into one access
+//!   for the endpoint ([`access`]), which admits each new flow against it and cuts the
+//!   flows it no longer allows. Nodes that send none leave the agent as it was.
 //! - When the shutdown future [`run`] was given completes, every tunnel is closed with a
 //!   reason the node sees (`agent shutting down`) and `run` returns.
 //!
@@ -26,11 +33,16 @@
 //!                                                                          config, ctrl-c/SIGTERM)
 //! ```
 
+pub mod access;
 mod enroll;
 mod tls;
 mod tunnel;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
 
 use warren_proto::tunnels::is_node_address;
 
@@ -42,6 +54,19 @@ pub struct AgentConfig {
     /// The nodes to dial first: `host:port` of their cluster (QUIC) address. The rest of
     /// the cluster is learned from them; these are never forgotten.
     pub nodes: Vec<String>,
+    /// Client access over WireGuard; `None`: off (the agent serves web and L4 resources
+    /// through its tunnels only).
+    pub wireguard: Option<WireGuardConfig>,
+}
+
+/// Where the agent's WireGuard endpoint listens and keeps its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireGuardConfig {
+    /// The UDP address to listen on (`0.0.0.0:0` by default: any port; the agent binds to
+    /// the relays from it, so no inbound port needs opening).
+    pub listen: SocketAddr,
+    /// The state directory: the key is kept in [`access::KEY_FILE`] there (0600).
+    pub state_dir: PathBuf,
 }
 
 /// A configuration [`AgentConfig::validate`] refuses; each names the field.
@@ -108,7 +133,27 @@ pub async fn run(
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
-    tunnel::run(&identity, config.nodes, shutdown).await
+    let access = match &config.wireguard {
+        None => None,
+        Some(wg) => Some(start_access(wg).await?),
+    };
+    tunnel::run(&identity, config.nodes, access, shutdown).await
+}
+
+/// Binds the WireGuard socket, loads (or makes) the key, starts the endpoint.
+async fn start_access(wg: &WireGuardConfig) -> anyhow::Result<tunnel::AccessHook> {
+    let key = access::load_or_create_key(&wg.state_dir)?;
+    let socket = tokio::net::UdpSocket::bind(wg.listen)
+        .await
+        .with_context(|| format!("--wireguard-listen {}: cannot bind", wg.listen))?;
+    let public_key = key.public_key();
+    let endpoint = warren_net::endpoint::Endpoint::agent(
+        socket,
+        key,
+        warren_net::endpoint::EndpointConfig::default(),
+    )?;
+    tracing::info!(listen = %endpoint.local_addr(), "WireGuard endpoint for client access");
+    Ok(tunnel::AccessHook::new(endpoint, public_key.0))
 }
 
 #[cfg(test)]
@@ -118,6 +163,7 @@ mod tests {
     fn config(nodes: &[&str]) -> AgentConfig {
         AgentConfig {
             nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            wireguard: None,
         }
     }
 

@@ -1,11 +1,12 @@
 //! `warren-agent`: parses the flags, enrolls on the first start, then runs the agent (see
 //! the library docs) until ctrl-c or SIGTERM.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use warren_agent::{AgentConfig, Identity};
+use warren_agent::{AgentConfig, Identity, WireGuardConfig};
 
 /// Command-line flags (each with an environment variable).
 #[derive(Debug, clap::Parser)]
@@ -25,6 +26,14 @@ struct Args {
     /// Where the agent keeps its certificate and key.
     #[arg(long, env = "WARREN_AGENT_STATE_DIR", default_value = "./warren-agent")]
     state_dir: PathBuf,
+    /// The UDP address of the WireGuard endpoint for client devices (any port by default:
+    /// the agent reaches the nodes' relays from it, no inbound port is needed).
+    #[arg(
+        long,
+        env = "WARREN_AGENT_WIREGUARD_LISTEN",
+        default_value = "0.0.0.0:0"
+    )]
+    wireguard_listen: SocketAddr,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
@@ -56,9 +65,15 @@ async fn start(args: Args) -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
-    let config = AgentConfig { nodes: args.nodes }
-        .validate()
-        .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
+    let config = AgentConfig {
+        nodes: args.nodes,
+        wireguard: Some(WireGuardConfig {
+            listen: args.wireguard_listen,
+            state_dir: args.state_dir.clone(),
+        }),
+    }
+    .validate()
+    .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
     let identity = match Identity::load(&args.state_dir)? {
         Some(id) => {
             tracing::info!(site = %id.site, dir = %args.state_dir.display(), "using the stored site certificate");

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,22 +39,40 @@ use warren_proto::tunnel::io::{
     read_frame, read_message, write_datagram, write_frame, write_message, DatagramReader,
 };
 use warren_proto::tunnel::{
-    FromAgent, Hello, LegacyHello, Open, Opened, PeerProtocol, Protocol, SiteConfig, ToAgent,
-    CLOSE_BAD_HELLO, MAX_CONTROL, MAX_DATAGRAM, MAX_HEADER,
+    AgentWireGuard, FromAgent, Hello, LegacyHello, Open, Opened, PeerProtocol, Protocol,
+    SiteConfig, ToAgent, CLOSE_BAD_HELLO, MAX_CONTROL, MAX_DATAGRAM, MAX_HEADER,
 };
 use warren_proto::tunnels::{
     Action, CloseReason, Closed, Control, ControlEvent, Event, TunnelSet, TunnelState,
 };
 use warren_proto::Name;
 
+use crate::access::{AccessMsg, ClosedOnDrop};
 use crate::enroll::Identity;
 use crate::tls;
+
+/// Client access, when on: the endpoint (handed to the access task), the channel the
+/// tunnels report what their nodes say on, and the key to announce.
+pub(crate) struct AccessHook {
+    endpoint: warren_net::endpoint::AgentEndpoint,
+    public_key: [u8; 32],
+}
+
+impl AccessHook {
+    pub(crate) fn new(endpoint: warren_net::endpoint::AgentEndpoint, public_key: [u8; 32]) -> Self {
+        Self {
+            endpoint,
+            public_key,
+        }
+    }
+}
 
 /// Keeps tunnels as `id`, starting from `seeds`, until `shutdown` completes; then closes
 /// every connection with [`SHUTDOWN_REASON`] and waits (bounded) for the closes to go out.
 pub(crate) async fn run(
     id: &Identity,
     seeds: Vec<String>,
+    access: Option<AccessHook>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let client = id.tunnel_config()?;
@@ -62,11 +80,17 @@ pub(crate) async fn run(
         .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address")))
         .context("opening a UDP socket for the tunnels")?;
     endpoint.set_default_client_config(client);
+    let (access_tx, access_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         site: id.site.clone(),
         endpoint,
         config: watch::channel(None).0,
         health: broadcast::channel(16).0,
+        access: access.as_ref().map(|a| Access {
+            tx: access_tx,
+            public_key: a.public_key,
+        }),
+        next_tunnel: AtomicU64::new(1),
     });
     let (reports, mut rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
@@ -77,6 +101,11 @@ pub(crate) async fn run(
         shared: shared.clone(),
     };
     driver.tasks.spawn(health_loop(shared.clone()));
+    if let Some(a) = access {
+        driver
+            .tasks
+            .spawn(crate::access::run(a.endpoint, access_rx));
+    }
     let mut config = shared.config.subscribe();
     tokio::pin!(shutdown);
     loop {
@@ -147,6 +176,16 @@ struct Shared {
     config: watch::Sender<Option<SiteConfig>>,
     /// Every round's health results, for every tunnel's reporter.
     health: broadcast::Sender<Vec<(Target, bool)>>,
+    /// Client access, when on.
+    access: Option<Access>,
+    /// The next tunnel's id (for the access task: each tunnel's access is its own).
+    next_tunnel: AtomicU64,
+}
+
+/// What a tunnel needs of client access.
+struct Access {
+    tx: mpsc::UnboundedSender<AccessMsg>,
+    public_key: [u8; 32],
 }
 
 /// The task that owns the [`TunnelSet`], and what it needs to perform its actions.
@@ -422,8 +461,14 @@ async fn serve_tunnel(
     mut recv: quinn::RecvStream,
     legacy_hello: bool,
 ) -> (Closed, Option<anyhow::Error>) {
-    let (node_tx, node_rx) = watch::channel(PeerProtocol::legacy(String::new()));
+    let (node_tx, mut node_rx) = watch::channel(PeerProtocol::legacy(String::new()));
     let heard = AtomicBool::new(false);
+    let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
+    // This tunnel's access goes away with it, however it ends.
+    let _access_closed = shared
+        .access
+        .as_ref()
+        .map(|a| ClosedOnDrop::new(a.tx.clone(), tunnel_id));
     let reader = {
         let shared = shared.clone();
         let heard = &heard;
@@ -448,6 +493,27 @@ async fn serve_tunnel(
                         tracing::info!(protocol = node.version, version = %node.software, features = ?node.features, "node hello");
                         node_tx.send_replace(node.clone());
                     }
+                    ControlEvent::Access(access) => match &shared.access {
+                        Some(a) => {
+                            tracing::debug!(
+                                generation = access.generation,
+                                devices = access.devices.len(),
+                                "client access received"
+                            );
+                            let _ =
+                                a.tx.send(AccessMsg::Access(tunnel_id, access, Instant::now()));
+                        }
+                        None => tracing::debug!("client access received, but it is off here"),
+                    },
+                    ControlEvent::Heartbeat { valid_for_ms } => {
+                        if let Some(a) = &shared.access {
+                            let _ = a.tx.send(AccessMsg::Heartbeat(
+                                tunnel_id,
+                                valid_for_ms,
+                                Instant::now(),
+                            ));
+                        }
+                    }
                     ControlEvent::Skipped { tag, first: true } => {
                         tracing::info!(tag, "skipping a message this agent does not know (a newer node); later ones are logged at debug");
                     }
@@ -464,17 +530,34 @@ async fn serve_tunnel(
     };
     let reporter = {
         let mut rx = shared.health.subscribe();
+        // Announced once the node's Hello says it knows client access.
+        let mut announce = shared.access.as_ref().map(|a| {
+            FromAgent::WireGuard(AgentWireGuard {
+                public_key: a.public_key,
+            })
+        });
         async move {
             loop {
-                match rx.recv().await {
-                    Ok(report) => {
-                        let msg = FromAgent::Health(report);
-                        if node_rx.borrow().accepts(&msg) {
-                            write_message(&mut send, &msg).await?;
+                if announce
+                    .as_ref()
+                    .is_some_and(|m| node_rx.borrow().accepts(m))
+                {
+                    let msg = announce.take().expect("checked above");
+                    write_message(&mut send, &msg).await?;
+                    tracing::debug!("announced the WireGuard key");
+                }
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(report) => {
+                            let msg = FromAgent::Health(report);
+                            if node_rx.borrow().accepts(&msg) {
+                                write_message(&mut send, &msg).await?;
+                            }
                         }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return anyhow::Ok(()),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return anyhow::Ok(()),
+                    },
+                    Ok(()) = node_rx.changed() => {}
                 }
             }
         }
@@ -867,6 +950,8 @@ mod tests {
         Hello { legacy: bool },
         /// The agent closed the connection with this reason.
         ClosedByAgent(String),
+        /// The agent announced its WireGuard key.
+        WireGuard([u8; 32]),
     }
 
     /// An in-memory node at `addr`: answers the agent's Hello (or, `old`, refuses it as a
@@ -879,6 +964,18 @@ mod tests {
 
     impl FakeNode {
         fn start(ca: &Ca, id: u64, old: bool, nodes: Arc<std::sync::Mutex<Vec<String>>>) -> Self {
+            Self::start_with_access(ca, id, old, nodes, None)
+        }
+
+        /// As `start`, and after the config sends `access` (if any) and reports the
+        /// agent's WireGuard announcement.
+        fn start_with_access(
+            ca: &Ca,
+            id: u64,
+            old: bool,
+            nodes: Arc<std::sync::Mutex<Vec<String>>>,
+            access: Option<warren_proto::tunnel::AccessConfig>,
+        ) -> Self {
             let endpoint = ca.node_endpoint(id);
             let addr = endpoint.local_addr().unwrap().to_string();
             let (tx, seen) = mpsc::unbounded_channel();
@@ -886,6 +983,7 @@ mod tests {
                 while let Some(incoming) = endpoint.accept().await {
                     let tx = tx.clone();
                     let nodes = nodes.clone();
+                    let access = access.clone();
                     tokio::spawn(async move {
                         let Ok(conn) = incoming.await else { return };
                         let Ok((mut send, mut recv)) = conn.accept_bi().await else {
@@ -916,6 +1014,29 @@ mod tests {
                         write_message(&mut send, &ToAgent::Config(config))
                             .await
                             .unwrap();
+                        if let Some(access) = access {
+                            write_message(&mut send, &ToAgent::Access(access))
+                                .await
+                                .unwrap();
+                            write_message(
+                                &mut send,
+                                &ToAgent::Heartbeat {
+                                    valid_for_ms: 30_000,
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        }
+                        let announcements = tx.clone();
+                        tokio::spawn(async move {
+                            while let Ok(Some(msg)) =
+                                read_message::<_, FromAgent>(&mut recv, MAX_CONTROL).await
+                            {
+                                if let FromAgent::WireGuard(w) = msg {
+                                    let _ = announcements.send(Seen::WireGuard(w.public_key));
+                                }
+                            }
+                        });
                         if let quinn::ConnectionError::ApplicationClosed(c) = conn.closed().await {
                             let reason = String::from_utf8_lossy(&c.reason).into_owned();
                             let _ = tx.send(Seen::ClosedByAgent(reason));
@@ -946,6 +1067,7 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let config = crate::AgentConfig {
             nodes: vec![a.addr.clone()],
+            ..Default::default()
         };
         let agent = tokio::spawn(crate::run(ca.identity(), config, async {
             let _ = stopped.await;
@@ -982,6 +1104,7 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let config = crate::AgentConfig {
             nodes: vec![old.addr.clone()],
+            ..Default::default()
         };
         let agent = tokio::spawn(crate::run(ca.identity(), config, async {
             let _ = stopped.await;
@@ -991,6 +1114,60 @@ mod tests {
         stop.send(()).unwrap();
         assert_eq!(
             old.next().await,
+            Seen::ClosedByAgent(SHUTDOWN_REASON.into())
+        );
+        agent.await.unwrap().unwrap();
+    }
+
+    /// A node that knows client access is told the agent's WireGuard key; the relay it
+    /// names in its access configuration is bound to with its ticket, from the agent's
+    /// WireGuard socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_with_access_gets_the_key_and_its_relay_a_binding() {
+        let ca = Ca::new();
+        let state = tempfile::tempdir().unwrap();
+        let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let access = warren_proto::tunnel::AccessConfig {
+            generation: 1,
+            valid_for_ms: 30_000,
+            relay_ticket: b"agent-ticket".to_vec(),
+            relay: relay.local_addr().unwrap().to_string(),
+            devices: vec![],
+        };
+        let nodes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut node = FakeNode::start_with_access(&ca, 1, false, nodes.clone(), Some(access));
+        nodes.lock().unwrap().push(node.addr.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = crate::AgentConfig {
+            nodes: vec![node.addr.clone()],
+            wireguard: Some(crate::WireGuardConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                state_dir: state.path().to_owned(),
+            }),
+        };
+        let agent = tokio::spawn(crate::run(ca.identity(), config, async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(node.next().await, Seen::Hello { legacy: false });
+        let key = crate::access::load_or_create_key(state.path()).unwrap();
+        assert_eq!(node.next().await, Seen::WireGuard(key.public_key().0));
+
+        let mut buf = [0u8; 2048];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(10), relay.recv_from(&mut buf))
+            .await
+            .expect("no bind at the relay")
+            .unwrap();
+        match warren_proto::relay::Frame::decode(&buf[..n]).unwrap() {
+            warren_proto::relay::Frame::Bind { ticket, site, .. } => {
+                assert_eq!(ticket, b"agent-ticket");
+                assert_eq!(site, "");
+            }
+            f => panic!("expected a bind, got {f:?}"),
+        }
+
+        stop.send(()).unwrap();
+        assert_eq!(
+            node.next().await,
             Seen::ClosedByAgent(SHUTDOWN_REASON.into())
         );
         agent.await.unwrap().unwrap();
