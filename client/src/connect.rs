@@ -110,6 +110,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
             &target.resource.name,
             target.dst,
             Some(addr),
+            grant.relays.clone(),
             data.clone(),
         );
         Box::pin(async move {
@@ -126,6 +127,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
             &target.resource.name,
             target.dst,
             Some(addr),
+            grant.relays.clone(),
             data.clone(),
         );
         let (data, site, dst) = (data.clone(), site.clone(), target.dst);
@@ -154,6 +156,7 @@ pub async fn nc(args: NcArgs, shutdown: impl Future<Output = ()>) -> anyhow::Res
         &target.resource.name,
         target.dst,
         None,
+        grant.relays.clone(),
         data.clone(),
     );
     let flow = data
@@ -241,8 +244,7 @@ async fn open_site(active: &Active, site: &str) -> anyhow::Result<(DataPath, Con
     let key = device::load_key(&device::key_path()?)?
         .context("this machine's device key (wg.key) is missing: run `warren login`")?;
     let peer = SitePeer::from_connect(&grant)?;
-    let data = DataPath::start(key, grant.device_address, grant.mtu).await?;
-    data.add_site(peer)?;
+    let data = DataPath::start(&key, grant.device_address, grant.mtu, peer).await?;
     Ok((data, grant))
 }
 
@@ -294,7 +296,7 @@ async fn keep_ticket(active: &Active, data: &DataPath, grant: &Connect) -> anyho
         };
         tokio::time::sleep(wait).await;
         match active.client.connect(&active.device.name, site).await {
-            Ok(g) => match decode_ticket(&g).and_then(|t| data.update_ticket(site, t)) {
+            Ok(g) => match update(data, site, &g).await {
                 Ok(()) => {
                     expires_at = g.ticket_expires_at;
                     retry = false;
@@ -316,6 +318,10 @@ async fn keep_ticket(active: &Active, data: &DataPath, grant: &Connect) -> anyho
             }
         }
     }
+}
+
+async fn update(data: &DataPath, site: &str, g: &Connect) -> anyhow::Result<()> {
+    data.update_ticket(site, decode_ticket(g)?).await
 }
 
 /// How long to wait before renewing a ticket that expires at `expires_at` (Unix s): until a

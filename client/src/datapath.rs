@@ -8,16 +8,19 @@
 //! ```
 //!
 //! Everything here is a thin translation, so the commands do not change when the endpoint's
-//! shape does.
+//! shape does. The device key stays a `boringtun` secret in the client and is handed to the
+//! endpoint as bytes.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
 use boringtun::x25519::StaticSecret;
 use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use warren_net::endpoint::{self, ClientEndpoint, Endpoint, EndpointConfig};
+use warren_net::wg::{PeerKey, SecretKey};
 
 use crate::node::Connect;
 
@@ -87,71 +90,129 @@ pub fn decode_ticket(c: &Connect) -> anyhow::Result<Vec<u8>> {
 pub struct SiteStatus {
     /// The site.
     pub site: String,
-    /// The relay in use, if one answered.
+    /// The relay in use, if one is bound.
     pub relay: Option<SocketAddr>,
+    /// The relay's round-trip time, microseconds, once a ping was answered.
+    #[serde(default)]
+    pub relay_rtt_us: Option<u64>,
     /// Seconds since the last WireGuard handshake with the agent, if there was one.
     pub handshake_age_s: Option<u64>,
-    /// Payload bytes sent to the site.
+    /// IP bytes sent to the site's agent.
     pub bytes_sent: u64,
-    /// Payload bytes received from the site.
+    /// IP bytes received from it.
     pub bytes_received: u64,
     /// Flows open now.
     pub flows: usize,
 }
 
-/// The client's data path: one endpoint shared by every flow of this process.
-#[derive(Clone)]
-pub struct DataPath {
-    inner: Arc<Inner>,
+impl From<&endpoint::SiteStatus> for SiteStatus {
+    fn from(s: &endpoint::SiteStatus) -> Self {
+        Self {
+            site: s.site.clone(),
+            relay: s.relay,
+            relay_rtt_us: s
+                .rtt
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            handshake_age_s: s.handshake_age.map(|d| d.as_secs()),
+            bytes_sent: s.tx_bytes,
+            bytes_received: s.rx_bytes,
+            flows: s.open_flows,
+        }
+    }
 }
 
-struct Inner {
-    _device: Ipv4Addr,
+/// The client's data path: one endpoint shared by every flow of this process; cheap to
+/// clone, stopped when the last clone is dropped.
+#[derive(Clone)]
+pub struct DataPath {
+    endpoint: ClientEndpoint,
 }
 
 impl DataPath {
-    /// Binds a UDP socket and starts the endpoint with this device's key and address.
+    /// Binds a UDP socket (IPv6 if a relay of `peer` needs it) and starts the endpoint on the
+    /// current runtime with this device's key and address, then adds `peer`.
     pub async fn start(
-        _secret: StaticSecret,
+        secret: &StaticSecret,
         device: Ipv4Addr,
-        _mtu: Option<u16>,
+        mtu: Option<u16>,
+        peer: SitePeer,
     ) -> anyhow::Result<Self> {
-        let _ = Inner { _device: device };
-        anyhow::bail!(
-            "this build of warren has no data path yet (warren_net::endpoint is not wired in)"
+        let any: SocketAddr = if peer.relays.iter().all(SocketAddr::is_ipv4) {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(any)
+            .await
+            .with_context(|| format!("cannot open a UDP socket on {any}"))?;
+        let mut config = EndpointConfig::default();
+        // The node says what fits the path; never more than the endpoint can carry.
+        if let Some(m) = mtu {
+            config.mtu = usize::from(m).min(config.mtu);
+        }
+        let endpoint = Endpoint::client(
+            socket,
+            SecretKey::from_bytes(secret.to_bytes()),
+            device,
+            config,
         )
-    }
-
-    /// Adds a site's agent as a peer.
-    pub fn add_site(&self, _peer: SitePeer) -> anyhow::Result<()> {
-        let _ = &self.inner;
-        Ok(())
+        .context("cannot start the data path")?;
+        let site = peer.site.clone();
+        endpoint
+            .add_site(endpoint::SitePeer {
+                site: peer.site,
+                agent_key: PeerKey(peer.agent_key),
+                relays: peer.relays,
+                ticket: peer.ticket,
+            })
+            .await
+            .with_context(|| format!("cannot add the site {site} to the data path"))?;
+        Ok(Self { endpoint })
     }
 
     /// Replaces a site's relay ticket (before the old one expires).
-    pub fn update_ticket(&self, _site: &str, _ticket: Vec<u8>) -> anyhow::Result<()> {
-        Ok(())
+    pub async fn update_ticket(&self, site: &str, ticket: Vec<u8>) -> anyhow::Result<()> {
+        self.endpoint
+            .update_ticket(site, ticket)
+            .await
+            .with_context(|| format!("renewing the relay ticket of {site}"))
     }
 
-    /// Opens a TCP flow to `dst` inside `site`, waiting until it is established (or
-    /// `timeout` passes).
+    /// Opens a TCP flow to `dst` inside `site` and waits until the agent has admitted it
+    /// and the target answered (`ConnectionRefused` if not), or `timeout` passes
+    /// (`TimedOut`).
     pub async fn connect_tcp(
         &self,
-        _site: &str,
-        _dst: SocketAddr,
-        _timeout: Duration,
+        site: &str,
+        dst: SocketAddr,
+        timeout: Duration,
     ) -> std::io::Result<TcpFlow> {
-        Err(std::io::Error::other("no data path"))
+        let flow = self
+            .endpoint
+            .connect_tcp(site, dst)
+            .await
+            .map_err(std::io::Error::other)?;
+        match tokio::time::timeout(timeout, flow.established()).await {
+            Ok(Ok(())) => Ok(flow),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// Opens a UDP flow to `dst` inside `site`.
-    pub async fn open_udp(&self, _site: &str, _dst: SocketAddr) -> std::io::Result<UdpFlow> {
-        Err(std::io::Error::other("no data path"))
+    pub async fn open_udp(&self, site: &str, dst: SocketAddr) -> std::io::Result<UdpFlow> {
+        self.endpoint
+            .open_udp(site, dst)
+            .await
+            .map_err(std::io::Error::other)
     }
 
-    /// Every site's path now.
-    pub fn status(&self) -> Vec<SiteStatus> {
-        Vec::new()
+    /// Every site's path now (empty if the endpoint has stopped).
+    pub async fn status(&self) -> Vec<SiteStatus> {
+        match self.endpoint.status().await {
+            Ok(s) => s.sites.iter().map(SiteStatus::from).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 

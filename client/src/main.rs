@@ -63,6 +63,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_log();
     if let Cmd::Ssh(args) = cli.command {
         // Only returns if ssh could not be started.
         return report(connect::ssh(args));
@@ -107,6 +108,22 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr (never stdout: `warren nc` owns it) when `WARREN_LOG` names a filter
+/// (tracing `EnvFilter` syntax, e.g. `info,warren_net=debug`); silent otherwise.
+fn init_log() {
+    let Some(spec) = std::env::var("WARREN_LOG").ok().filter(|s| !s.is_empty()) else {
+        return;
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("warren: WARREN_LOG={spec:?} is not a log filter ({e}); using warn");
+        tracing_subscriber::EnvFilter::new("warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Completes on ctrl-c or SIGTERM.

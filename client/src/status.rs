@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::datapath::{DataPath, SiteStatus};
-use crate::node::NodeClient;
+use crate::node::{NodeClient, Relay};
 use crate::session;
 use crate::token;
 
@@ -45,8 +45,21 @@ pub struct RunFile {
     pub local: Option<String>,
     /// When it last wrote this file, seconds since the Unix epoch.
     pub updated_at: u64,
+    /// The relays the node offered (their node names, for people).
+    #[serde(default)]
+    pub relays: Vec<Relay>,
     /// Per site: the path and its counters.
     pub sites: Vec<SiteStatus>,
+}
+
+impl RunFile {
+    /// The name of the node whose relay listens on `addr`, if the node said.
+    pub fn relay_node(&self, addr: std::net::SocketAddr) -> Option<&str> {
+        self.relays
+            .iter()
+            .find(|r| r.addr == addr)
+            .map(|r| r.node.as_str())
+    }
 }
 
 /// The run directory: `<config>/run`.
@@ -68,6 +81,7 @@ impl Reporter {
         resource: &str,
         dst: std::net::SocketAddr,
         local: Option<std::net::SocketAddr>,
+        relays: Vec<Relay>,
         data: DataPath,
     ) -> Self {
         let pid = std::process::id();
@@ -80,6 +94,7 @@ impl Reporter {
             dst: dst.to_string(),
             local: local.map(|l| l.to_string()),
             updated_at: 0,
+            relays,
             sites: Vec::new(),
         };
         let target = path.clone();
@@ -89,7 +104,7 @@ impl Reporter {
             loop {
                 tick.tick().await;
                 file.updated_at = session::now_unix();
-                file.sites = data.status();
+                file.sites = data.status().await;
                 if let Err(e) = write(&target, &file) {
                     // Status is a convenience: the flows go on without it.
                     if !warned {
@@ -191,9 +206,11 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         let v = json!({
             "user": if signed_in { s.user.clone() } else { None },
             "signed_in": signed_in,
-            "node": s.node,
-            "rtt_ms": rtt.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
-            "node_error": rtt.as_ref().err(),
+            "signed_in_to": {
+                "url": s.node,
+                "rtt_ms": rtt.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
+                "error": rtt.as_ref().err(),
+            },
             "device": s.device.as_ref().map(|d| json!({"name": d.name, "address": d.address})),
             "sessions": runs.iter().map(|r| json!({
                 "pid": r.pid,
@@ -205,6 +222,8 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
                     "site": st.site,
                     "path": if st.relay.is_some() { "relayed" } else { "none" },
                     "relay": st.relay,
+                    "relay_node": st.relay.and_then(|a| r.relay_node(a)),
+                    "relay_rtt_ms": st.relay_rtt_us.map(|u| u as f64 / 1000.0),
                     "handshake_age_s": st.handshake_age_s,
                     "bytes_sent": st.bytes_sent,
                     "bytes_received": st.bytes_received,
@@ -247,16 +266,25 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
             println!("  no site path yet");
         }
         for st in &r.sites {
-            println!("  {}", site_line(st));
+            println!("  {}", site_line(st, r));
         }
     }
     Ok(())
 }
 
 /// One site's path, for people.
-pub fn site_line(st: &SiteStatus) -> String {
+pub fn site_line(st: &SiteStatus, run: &RunFile) -> String {
     let path = match st.relay {
-        Some(r) => format!("relayed via {r}"),
+        Some(r) => {
+            let node = run
+                .relay_node(r)
+                .map(|n| format!(" ({})", crate::login::printable(n)))
+                .unwrap_or_default();
+            match st.relay_rtt_us {
+                Some(us) => format!("relayed via {r}{node}, RTT {:.1} ms", us as f64 / 1000.0),
+                None => format!("relayed via {r}{node}"),
+            }
+        }
         None => "no relay answering".to_owned(),
     };
     let handshake = match st.handshake_age_s {
@@ -308,9 +336,14 @@ mod tests {
             dst: "100.100.0.3:5432".into(),
             local: Some("127.0.0.1:5432".into()),
             updated_at: 1,
+            relays: vec![Relay {
+                node: "n1".into(),
+                addr: "10.97.1.1:7401".parse().unwrap(),
+            }],
             sites: vec![SiteStatus {
                 site: "site-a".into(),
                 relay: Some("10.97.1.1:7401".parse().unwrap()),
+                relay_rtt_us: Some(1500),
                 handshake_age_s: Some(3),
                 bytes_sent: 2048,
                 bytes_received: 5 * 1024 * 1024,
@@ -360,10 +393,11 @@ mod tests {
 
     #[test]
     fn site_lines_say_the_path() {
-        let line = site_line(&sample(1).sites[0]);
+        let run = sample(1);
+        let line = site_line(&run.sites[0], &run);
         assert_eq!(
             line,
-            "site-a: relayed via 10.97.1.1:7401, handshake 3 s ago, 2.0 KiB sent, 5.0 MiB received, 1 open flow"
+            "site-a: relayed via 10.97.1.1:7401 (n1), RTT 1.5 ms, handshake 3 s ago, 2.0 KiB sent, 5.0 MiB received, 1 open flow"
         );
     }
 }
