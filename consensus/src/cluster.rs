@@ -1468,7 +1468,9 @@ fn admits(command: &Command) -> bool {
         | Command::RotateSigningKey(_)
         | Command::ReserveAttempt { .. }
         | Command::ReleaseAttempt { .. }
-        | Command::ConsumeEmailCode { .. } => false,
+        | Command::ConsumeEmailCode { .. }
+        | Command::RegisterDevice { .. }
+        | Command::TouchDevice { .. } => false,
         #[cfg(feature = "format-next")]
         Command::Annotate { .. } => false,
     }

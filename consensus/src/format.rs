@@ -24,17 +24,20 @@
 //! - A leader proposes a command of a newer format only once every member has said, on the
 //!   node-to-node link, that it reads it (`cluster`'s format gate).
 //!
-//! Adding a format: add a constant, make it [`Format::CURRENT`], give
-//! [`command_format`] the commands it brings, and, if an existing layout changed, a decoder
-//! for the old one in [`decode_entry`] / the snapshot decoder that converts to the new
-//! types. Then add `tests/fixtures/format-<n>/` (see `tests/formats.rs`): the fixtures of
+//! Adding a format: add a constant, make it [`Format::CURRENT`] (and move the test-only
+//! `format-next` format one further), give [`command_format`] the commands it brings, and,
+//! if an existing layout changed, a decoder for the old one in [`decode_entry`] / the
+//! snapshot decoder (`Registry::decode_snapshot`) that converts to the new types. Then add `tests/fixtures/format-<n>/` (see `tests/formats.rs`): the fixtures of
 //! every older format stay and must keep decoding.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{decode, CodecError, Command};
+use warren_proto::policy::Expr;
+use warren_proto::registry::{Kind, Policy, Resource, Route};
+
+use crate::registry::{decode, AnyEntity, CodecError, Command};
 use crate::types::{Entry, Proposal, Request};
 
 /// A version of the stored and wire encoding.
@@ -45,15 +48,20 @@ impl Format {
     /// The first versioned format: the registry and commands as of the trust work (node
     /// roles in join tokens and nodes).
     pub const V1: Format = Format(1);
+    /// Client devices and private resources: [`Command::RegisterDevice`],
+    /// [`Command::TouchDevice`], `Route::Private`, `Kind::Device`, the `device` policy
+    /// criterion, and the registry's device table and address counters (appended after
+    /// format 1's fields, see `Registry::encode_snapshot`).
+    pub const V2: Format = Format(2);
     /// A format that exists only in builds with the `format-next` feature, to test rolling
-    /// upgrades: it adds [`Command::Annotate`].
+    /// upgrades: it adds [`Command::Annotate`]. Always one past the newest real format.
     #[cfg(feature = "format-next")]
-    pub const NEXT: Format = Format(2);
+    pub const NEXT: Format = Format(3);
     /// The oldest format this build reads.
     pub const OLDEST: Format = Format::V1;
     /// The newest format this build reads and writes.
     #[cfg(not(feature = "format-next"))]
-    pub const CURRENT: Format = Format::V1;
+    pub const CURRENT: Format = Format::V2;
     /// The newest format this build reads and writes.
     #[cfg(feature = "format-next")]
     pub const CURRENT: Format = Format::NEXT;
@@ -165,14 +173,26 @@ pub fn check(what: &str, found: Format) -> Result<(), ReadError> {
 
 /// The oldest format that can carry `command`. Every command says which format brought
 /// it: a new one goes at the end of [`Command`] with the format it needs (a new
-/// [`Format`], unless nothing could have written it yet).
+/// [`Format`], unless nothing could have written it yet). Commands of format 1 that carry
+/// entities need format 2 when an entity holds a value format 2 brought (a private route, a
+/// `device` criterion, the device kind).
 pub fn command_format(command: &Command) -> Format {
     match command {
+        Command::Create(e) | Command::Update(e) => entity_format(e),
+        Command::Delete { kind, .. } => {
+            if *kind == Kind::Device {
+                Format::V2
+            } else {
+                Format::V1
+            }
+        }
+        Command::Apply { manifest, .. } => {
+            let resources = manifest.resources.iter().flatten().map(resource_format);
+            let policies = manifest.policies.iter().flatten().map(policy_format);
+            resources.chain(policies).max().unwrap_or(Format::V1)
+        }
+        Command::RegisterDevice { .. } | Command::TouchDevice { .. } => Format::V2,
         Command::Bootstrap { .. }
-        | Command::Create(_)
-        | Command::Update(_)
-        | Command::Delete { .. }
-        | Command::Apply { .. }
         | Command::CreateApiKey(_)
         | Command::RevokeApiKey { .. }
         | Command::CreateJoinToken(_)
@@ -203,6 +223,50 @@ pub fn command_format(command: &Command) -> Format {
     }
 }
 
+fn entity_format(e: &AnyEntity) -> Format {
+    match e {
+        AnyEntity::Resource(r) => resource_format(r),
+        AnyEntity::Policy(p) => policy_format(p),
+        AnyEntity::User(_)
+        | AnyEntity::Role(_)
+        | AnyEntity::IdentityProvider(_)
+        | AnyEntity::Site(_)
+        | AnyEntity::Certificate(_) => Format::V1,
+    }
+}
+
+fn resource_format(r: &Resource) -> Format {
+    match r.route {
+        Route::Private { .. } => Format::V2,
+        Route::Http { .. } | Route::Tcp { .. } | Route::Udp { .. } => Format::V1,
+    }
+}
+
+fn policy_format(p: &Policy) -> Format {
+    fn expr(e: &Expr) -> Format {
+        match e {
+            Expr::And(xs) | Expr::Or(xs) => xs.iter().map(expr).max().unwrap_or(Format::V1),
+            Expr::Not(x) => expr(x),
+            Expr::Device(_) => Format::V2,
+            Expr::User(_)
+            | Expr::Email(_)
+            | Expr::EmailDomain(_)
+            | Expr::Group(_)
+            | Expr::Claim(_)
+            | Expr::SourceCidr(_)
+            | Expr::Method(_)
+            | Expr::Path(_)
+            | Expr::Time(_) => Format::V1,
+        }
+    }
+    p.allow
+        .iter()
+        .chain(&p.deny)
+        .map(expr)
+        .max()
+        .unwrap_or(Format::V1)
+}
+
 /// The format a request needs.
 pub fn request_format(request: &Request) -> Format {
     command_format(&request.command)
@@ -230,7 +294,8 @@ pub fn entries_format<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Forma
 }
 
 /// Decodes the body of a stored log entry of format `format` (already checked with
-/// [`check`]). Formats 1 and 2 share one layout: format 2 only appends a variant.
+/// [`check`]). Every format so far shares one entry layout: each later one only appends
+/// variants (commands, routes, criteria, kinds).
 pub fn decode_entry(format: Format, body: &[u8]) -> Result<Entry, ReadError> {
     check("a log entry", format)?;
     Ok(decode("log entry", body)?)

@@ -23,7 +23,7 @@
 //! encoded) and rebuilds it after a restart by replaying the log since the last one.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use imbl::{OrdMap, Vector};
@@ -32,13 +32,14 @@ use serde::{Deserialize, Serialize};
 use warren_proto::api::{ApplyReport, Change, ChangeAction, Manifest, MemberRole, Scope};
 use warren_proto::certificate::Certificate;
 use warren_proto::registry::{
-    Entity, FieldError, IdentityProvider, Kind, Node, NodeId, NodeRole, Policy, Resource, Role,
-    Route, Site, User,
+    Device, Entity, FieldError, IdentityProvider, Kind, Node, NodeId, NodeRole, Policy,
+    PrivateAddress, Resource, Role, Route, Site, User, WgKey,
 };
 use warren_proto::session::{user_name_from_email, ProxyKeys, Session, SessionId, ShareLink, Via};
 use warren_proto::token::{ApiKey, KeyId, SecretHash};
 use warren_proto::Name;
 
+use crate::format::{self, Format, ReadError};
 use crate::types::{
     Actor, Entry, LogId, Proposal, Replies, Reply, Request, RequestId, StoredMembership,
 };
@@ -415,6 +416,37 @@ pub enum Command {
         /// The resource the code opens.
         resource: Name,
     },
+    /// Register the machine a user signed in on with the `warren` client (format 2). The
+    /// owner must exist and not be disabled; `session`, if given, must be a live session
+    /// of the owner at the request's time. A key already registered to the same owner is
+    /// the same machine signing in again: that device keeps its name and address and gets
+    /// the new session, OS, last-seen time and address (idempotent). A key registered to
+    /// another user is refused ([`RegistryError::DeviceKeyTaken`]), and so is a name
+    /// another device has. A new device gets the next address of
+    /// [`warren_proto::registry::DEVICE_POOL`], never one given before. Its times are the
+    /// request's `at`.
+    RegisterDevice {
+        /// The device's name, unique across the cluster.
+        name: Name,
+        /// The user it belongs to (from the verified session, never from the client).
+        owner: Name,
+        /// Its WireGuard public key.
+        public_key: WgKey,
+        /// Operating system, free text.
+        os: String,
+        /// The client session it registers with.
+        session: Option<SessionId>,
+        /// The public address the client called from.
+        address: Option<IpAddr>,
+    },
+    /// Record that a device was seen (format 2): its last-seen time becomes the request's
+    /// `at`, and its last address `address` when one is given.
+    TouchDevice {
+        /// The device.
+        name: Name,
+        /// The public address it called from.
+        address: Option<IpAddr>,
+    },
     // Keep `Annotate` LAST: it exists only in `format-next` builds, so a variant after it
     // would have another index (another encoding) in those builds than in normal ones. New
     // commands go above this comment (and into `format::command_format`).
@@ -460,6 +492,8 @@ pub enum Outcome {
     },
     /// Nothing to report.
     Done,
+    /// The device as stored after a registration or a touch.
+    Device(Device),
 }
 
 /// Why a command was refused. The registry is unchanged when one is returned (only the
@@ -574,6 +608,26 @@ pub enum RegistryError {
         /// Seconds until the oldest counted try leaves the window.
         retry_after: u64,
     },
+    /// A device registration presented a WireGuard key that another user's device has.
+    /// The registrant's fault (a copied or forged key); which device holds it is not said.
+    #[error("this WireGuard public key belongs to another user's device")]
+    DeviceKeyTaken,
+    /// The session a device registration names is not a live session of the device's
+    /// owner (it ended, was revoked, or is someone else's); the caller must sign in again.
+    #[error("session {session} is not a live session of user {owner:?}")]
+    SessionNotLive {
+        /// The session named.
+        session: SessionId,
+        /// The device's owner.
+        owner: Name,
+    },
+    /// Every address of a pool the cluster allocates from was given out (addresses are
+    /// never reused). The operator's problem: delete unused entities will not help.
+    #[error("no address is left in {pool}")]
+    PoolExhausted {
+        /// The pool, like `100.64.0.0/10`.
+        pool: String,
+    },
 }
 
 impl RegistryError {
@@ -625,10 +679,52 @@ pub struct Registry {
     membership: StoredMembership,
     applied_requests: u64,
     digest: u64,
+    /// What format 2 added. It stays the last field: format 1's layout is then a prefix of
+    /// the registry's (bincode writes a struct as its fields one after another), which is
+    /// how format-1 snapshots are read and how a registry holding nothing of format 2 is
+    /// still written as format 1 (see [`Registry::encode_snapshot`]).
+    since_v2: SinceV2,
     #[serde(skip)]
     keys_by_id: OrdMap<KeyId, Name>,
     #[serde(skip)]
     nodes_by_id: OrdMap<NodeId, Name>,
+    #[serde(skip)]
+    devices_by_key: OrdMap<WgKey, Name>,
+}
+
+/// The registry's fields that format 2 brought (see `Registry::since_v2`). Format 3 would
+/// add a `SinceV3` after it, the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SinceV2 {
+    /// Devices by name.
+    devices: OrdMap<Name, Device>,
+    /// Offset in [`DEVICE_POOL`] of the last device address given (0: none yet).
+    last_device_address: u32,
+    /// Offset in [`VIRTUAL_POOL`] of the last virtual address given (0: none yet).
+    last_virtual_address: u32,
+    /// The newest format of any request applied (refused ones too: their replies are
+    /// remembered): a snapshot needs at least this format. Bookkeeping, like the digest.
+    highest_format: Format,
+}
+
+/// 100.64.0.0/10: the first address and the number of addresses.
+const DEVICE_POOL: (u32, u32) = (0x6440_0000, 1 << 22);
+/// 100.100.0.0/16, inside [`DEVICE_POOL`].
+const VIRTUAL_POOL: (u32, u32) = (0x6464_0000, 1 << 16);
+
+/// The address after offset `last` of a pool of `size` addresses starting at `base`,
+/// skipping the network address (offset 0) and the offsets in `skip`; `None` when the pool
+/// is used up.
+fn next_in_pool(base: u32, size: u32, last: u32, skip: Option<(u32, u32)>) -> Option<u32> {
+    let mut next = last.checked_add(1)?;
+    if let Some((from, len)) = skip {
+        if (from..from + len).contains(&next) {
+            next = from + len;
+        }
+    }
+    (next < size)
+        .then_some(next)
+        .filter(|_| base.checked_add(next).is_some())
 }
 
 /// Access to one declarative entity's table, for the generic create/update/delete.
@@ -641,6 +737,12 @@ pub trait Table: Entity {
     fn wrap(self) -> AnyEntity;
     /// Checks values that must be unique across the table (other than the name).
     fn check_unique(&self, _r: &Registry) -> Result<(), RegistryError> {
+        Ok(())
+    }
+    /// Sets what the cluster decides rather than the caller (after every check passed, just
+    /// before the entity is stored; `current` is the stored version of an update). May
+    /// take from the registry's counters; fails before it changes anything.
+    fn settle(&mut self, _current: Option<&Self>, _r: &mut Registry) -> Result<(), RegistryError> {
         Ok(())
     }
 }
@@ -681,7 +783,24 @@ table!(User, users, User, unique = unique_email);
 table!(Role, roles, Role);
 table!(IdentityProvider, identity_providers, IdentityProvider);
 table!(Site, sites, Site);
-table!(Resource, resources, Resource, unique = unique_route);
+impl Table for Resource {
+    fn table(r: &Registry) -> &OrdMap<Name, Self> {
+        &r.resources
+    }
+    fn table_mut(r: &mut Registry) -> &mut OrdMap<Name, Self> {
+        &mut r.resources
+    }
+    fn wrap(self) -> AnyEntity {
+        AnyEntity::Resource(self)
+    }
+    fn check_unique(&self, r: &Registry) -> Result<(), RegistryError> {
+        unique_route(self, r)?;
+        unique_alias(self, r)
+    }
+    fn settle(&mut self, current: Option<&Self>, r: &mut Registry) -> Result<(), RegistryError> {
+        settle_virtual_address(self, current, r)
+    }
+}
 table!(Policy, policies, Policy);
 table!(Certificate, certificates, Certificate);
 
@@ -710,6 +829,90 @@ fn unique_email(u: &User, r: &Registry) -> Result<(), RegistryError> {
     }
 }
 
+/// A private resource's virtual address: kept from the stored version while the address
+/// stays a DNS name, a new one from the pool when it becomes one, none otherwise (a value
+/// the caller sent is never kept).
+fn settle_virtual_address(
+    res: &mut Resource,
+    current: Option<&Resource>,
+    r: &mut Registry,
+) -> Result<(), RegistryError> {
+    let Route::Private {
+        address,
+        virtual_address,
+        ..
+    } = &mut res.route
+    else {
+        return Ok(());
+    };
+    if !matches!(address, PrivateAddress::Dns(_)) {
+        *virtual_address = None;
+        return Ok(());
+    }
+    let kept = current.and_then(|c| match &c.route {
+        Route::Private {
+            address: PrivateAddress::Dns(_),
+            virtual_address,
+            ..
+        } => *virtual_address,
+        _ => None,
+    });
+    if let Some(kept) = kept {
+        *virtual_address = Some(kept);
+        return Ok(());
+    }
+    let (base, size) = VIRTUAL_POOL;
+    let offset =
+        next_in_pool(base, size, r.since_v2.last_virtual_address, None).ok_or_else(|| {
+            RegistryError::PoolExhausted {
+                pool: warren_proto::registry::VIRTUAL_POOL.into(),
+            }
+        })?;
+    r.since_v2.last_virtual_address = offset;
+    *virtual_address = Some(Ipv4Addr::from(base + offset));
+    Ok(())
+}
+
+/// A private resource's alias is unique among aliases and resource names (clients look a
+/// resource up by either).
+fn unique_alias(res: &Resource, r: &Registry) -> Result<(), RegistryError> {
+    let taken = |what: &str, other: &Name| RegistryError::AlreadyExists {
+        kind: Kind::Resource,
+        name: res.name.to_string(),
+        field: "route.private.alias".into(),
+        detail: format!(
+            "cannot use this alias: resource {:?} {what}",
+            other.as_str()
+        ),
+    };
+    if let Some(alias) = res.alias() {
+        for other in r.resources.values().filter(|o| o.name != res.name) {
+            if other.alias() == Some(alias) {
+                return Err(taken("has it", &other.name));
+            }
+            if other.name.as_str() == alias {
+                return Err(taken("is named so", &other.name));
+            }
+        }
+    }
+    let named = r
+        .resources
+        .values()
+        .find(|o| o.name != res.name && o.alias() == Some(res.name.as_str()));
+    match named {
+        Some(other) => Err(RegistryError::AlreadyExists {
+            kind: Kind::Resource,
+            name: res.name.to_string(),
+            field: "name".into(),
+            detail: format!(
+                "cannot use this name: resource {:?} has it as its alias",
+                other.name.as_str()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn route_key(route: &Route) -> (u8, String, u16) {
     match route {
         Route::Http {
@@ -721,10 +924,15 @@ fn route_key(route: &Route) -> (u8, String, u16) {
         }
         Route::Tcp { port } => (1, String::new(), *port),
         Route::Udp { port } => (2, String::new(), *port),
+        // Private resources may share addresses: never compared (see `unique_route`).
+        Route::Private { .. } => (3, String::new(), 0),
     }
 }
 
 fn unique_route(res: &Resource, r: &Registry) -> Result<(), RegistryError> {
+    if res.is_private() {
+        return Ok(());
+    }
     let key = route_key(&res.route);
     let taken = r
         .resources
@@ -736,6 +944,7 @@ fn unique_route(res: &Resource, r: &Registry) -> Result<(), RegistryError> {
                 Route::Http { .. } => ("route.http", "domain and path prefix"),
                 Route::Tcp { .. } => ("route.tcp.port", "TCP port"),
                 Route::Udp { .. } => ("route.udp.port", "UDP port"),
+                Route::Private { .. } => ("route.private", "address"),
             };
             Err(RegistryError::AlreadyExists {
                 kind: Kind::Resource,
@@ -842,6 +1051,7 @@ impl Registry {
             + self.identities.len()
             + self.attempts.len()
             + self.dedup.len()
+            + self.since_v2.devices.len()
     }
 
     /// The membership as of the last applied entry.
@@ -892,6 +1102,26 @@ impl Registry {
     /// Nodes by name.
     pub fn nodes(&self) -> &OrdMap<Name, Node> {
         &self.nodes
+    }
+
+    /// Devices by name.
+    pub fn devices(&self) -> &OrdMap<Name, Device> {
+        &self.since_v2.devices
+    }
+
+    /// The device with this WireGuard public key.
+    pub fn device_by_key(&self, key: &WgKey) -> Option<&Device> {
+        self.devices_by_key
+            .get(key)
+            .and_then(|n| self.since_v2.devices.get(n))
+    }
+
+    /// The devices of `owner`, by name (a scan: listing one user's devices is rare).
+    pub fn devices_of<'a>(&'a self, owner: &'a Name) -> impl Iterator<Item = &'a Device> + 'a {
+        self.since_v2
+            .devices
+            .values()
+            .filter(move |d| d.owner == *owner)
     }
 
     /// A node by id.
@@ -946,7 +1176,7 @@ impl Registry {
                 .get(name)
                 .cloned()
                 .map(AnyEntity::Certificate),
-            Kind::ApiKey | Kind::Node | Kind::JoinToken => None,
+            Kind::ApiKey | Kind::Node | Kind::JoinToken | Kind::Device => None,
         }
     }
 
@@ -961,6 +1191,7 @@ impl Registry {
             Kind::ApiKey => self.api_keys.contains_key(name),
             Kind::Node => self.nodes.contains_key(name),
             Kind::Certificate => self.certificates.contains_key(name),
+            Kind::Device => self.since_v2.devices.contains_key(name),
             Kind::JoinToken => false,
         }
     }
@@ -988,6 +1219,10 @@ impl Registry {
     /// docs): the registry's tables are as they were.
     pub fn apply_request(&mut self, index: u64, req: &Request) -> Reply {
         self.applied_requests += 1;
+        let needs = format::request_format(req);
+        if needs > self.since_v2.highest_format {
+            self.since_v2.highest_format = needs;
+        }
         if let Some(seen) = self.dedup.get(&req.id) {
             return seen.1.clone();
         }
@@ -1379,9 +1614,135 @@ impl Registry {
                 self.consume_code(*id, *expires_at, req.at, "this code")
                     .map(|()| Outcome::Done)
             }
+            Command::RegisterDevice {
+                name,
+                owner,
+                public_key,
+                os,
+                session,
+                address,
+            } => self
+                .register_device(
+                    DeviceRegistration {
+                        name,
+                        owner,
+                        public_key: *public_key,
+                        os,
+                        session: *session,
+                        address: *address,
+                    },
+                    index,
+                    req.at,
+                )
+                .map(Outcome::Device),
+            Command::TouchDevice { name, address } => {
+                let mut device = self.since_v2.devices.get(name).cloned().ok_or_else(|| {
+                    RegistryError::NotFound {
+                        kind: Kind::Device,
+                        name: name.to_string(),
+                    }
+                })?;
+                device.last_seen = req.at;
+                if address.is_some() {
+                    device.last_address = *address;
+                }
+                device.revision = index;
+                self.since_v2.devices.insert(name.clone(), device.clone());
+                Ok(Outcome::Device(device))
+            }
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => Ok(Outcome::Done),
         }
+    }
+
+    /// Registers a device or signs the same machine in again; see
+    /// [`Command::RegisterDevice`].
+    fn register_device(
+        &mut self,
+        reg: DeviceRegistration<'_>,
+        index: u64,
+        now: u64,
+    ) -> Result<Device, RegistryError> {
+        let user = self
+            .users
+            .get(reg.owner)
+            .ok_or_else(|| RegistryError::NotFound {
+                kind: Kind::User,
+                name: reg.owner.to_string(),
+            })?;
+        if user.disabled {
+            return Err(RegistryError::UserDisabled {
+                user: user.name.clone(),
+            });
+        }
+        if let Some(id) = reg.session {
+            let live = self
+                .sessions
+                .get(&id)
+                .is_some_and(|s| s.user == *reg.owner && s.expires_at >= now);
+            if !live {
+                return Err(RegistryError::SessionNotLive {
+                    session: id,
+                    owner: reg.owner.clone(),
+                });
+            }
+        }
+        let invalid = |e: FieldError| RegistryError::invalid(Kind::Device, reg.name.as_str(), e);
+        warren_proto::registry::check_text(reg.os, Device::MAX_OS)
+            .map_err(|e| invalid(e.within("os")))?;
+        if let Some(existing) = self.device_by_key(&reg.public_key) {
+            if existing.owner != *reg.owner {
+                return Err(RegistryError::DeviceKeyTaken);
+            }
+            // The same machine signing in again keeps its name and address.
+            let mut device = existing.clone();
+            device.os = reg.os.to_owned();
+            device.session = reg.session;
+            device.last_seen = now;
+            device.last_address = reg.address.or(device.last_address);
+            device.revision = index;
+            self.since_v2
+                .devices
+                .insert(device.name.clone(), device.clone());
+            return Ok(device);
+        }
+        if self.since_v2.devices.contains_key(reg.name) {
+            return Err(RegistryError::AlreadyExists {
+                kind: Kind::Device,
+                name: reg.name.to_string(),
+                field: "name".into(),
+                detail: "already exists".into(),
+            });
+        }
+        let (base, size) = DEVICE_POOL;
+        let offset = next_in_pool(
+            base,
+            size,
+            self.since_v2.last_device_address,
+            Some((VIRTUAL_POOL.0 - base, VIRTUAL_POOL.1)),
+        )
+        .ok_or_else(|| RegistryError::PoolExhausted {
+            pool: warren_proto::registry::DEVICE_POOL.into(),
+        })?;
+        let device = Device {
+            name: reg.name.clone(),
+            owner: reg.owner.clone(),
+            public_key: reg.public_key,
+            os: reg.os.to_owned(),
+            address: Ipv4Addr::from(base + offset),
+            session: reg.session,
+            created_at: now,
+            last_seen: now,
+            last_address: reg.address,
+            revision: index,
+        };
+        self.since_v2.last_device_address = offset;
+        self.devices_by_key
+            .insert(device.public_key, device.name.clone());
+        self.since_v2
+            .devices
+            .insert(device.name.clone(), device.clone());
+        Ok(device)
     }
 
     /// Counts a try unless `limit` tries already count; see [`Command::ReserveAttempt`].
@@ -1827,6 +2188,7 @@ impl Registry {
         }
         self.check_refs(&e)?;
         e.check_unique(self)?;
+        e.settle(None, self)?;
         e.set_revision(index);
         E::table_mut(self).insert(e.name().clone(), e.clone());
         Ok(e)
@@ -1854,6 +2216,7 @@ impl Registry {
             .map_err(|f| RegistryError::invalid(E::KIND, e.name().as_str(), f))?;
         self.check_refs(&e)?;
         e.check_unique(self)?;
+        e.settle(Some(&current), self)?;
         if current.same_content(&e) {
             return Ok((current, false));
         }
@@ -1908,6 +2271,7 @@ impl Registry {
             Kind::Resource => self.resources.get(name).map(|e| e.revision),
             Kind::Policy => self.policies.get(name).map(|e| e.revision),
             Kind::Certificate => self.certificates.get(name).map(|e| e.revision),
+            Kind::Device => self.since_v2.devices.get(name).map(|e| e.revision),
             Kind::ApiKey | Kind::Node | Kind::JoinToken => {
                 return Err(RegistryError::Conflict {
                     message: format!("a {kind} is not deleted with this command"),
@@ -1956,7 +2320,19 @@ impl Registry {
             Kind::User => {
                 self.users.remove(name);
                 self.forget_identities_of(name);
+                // A user's devices go with it.
+                let devices: Vec<Name> = self.devices_of(name).map(|d| d.name.clone()).collect();
+                for device in devices {
+                    self.remove_device(&device);
+                    cascaded.push(Change {
+                        action: ChangeAction::Delete,
+                        kind: Kind::Device,
+                        name: device,
+                        fields: Vec::new(),
+                    });
+                }
             }
+            Kind::Device => self.remove_device(name),
             Kind::Role => drop(self.roles.remove(name)),
             Kind::IdentityProvider => drop(self.identity_providers.remove(name)),
             Kind::Site => drop(self.sites.remove(name)),
@@ -1966,6 +2342,12 @@ impl Registry {
             Kind::ApiKey | Kind::Node | Kind::JoinToken => {}
         }
         Ok(cascaded)
+    }
+
+    fn remove_device(&mut self, name: &Name) {
+        if let Some(d) = self.since_v2.devices.remove(name) {
+            self.devices_by_key.remove(&d.public_key);
+        }
     }
 
     /// Forgets the provider accounts linked to `user`.
@@ -2112,7 +2494,61 @@ impl Registry {
             .values()
             .map(|n| (n.id, n.name.clone()))
             .collect();
+        self.devices_by_key = self
+            .since_v2
+            .devices
+            .values()
+            .map(|d| (d.public_key, d.name.clone()))
+            .collect();
     }
+
+    /// The oldest format a snapshot of this registry can be written in: format 1 until a
+    /// request of a newer format was applied (only those bring what format 1 cannot carry:
+    /// devices, private resources, device criteria, their replies).
+    pub fn snapshot_format(&self) -> Format {
+        self.since_v2.highest_format.max(Format::V1)
+    }
+
+    /// The registry encoded for a snapshot, in [`Registry::snapshot_format`], and that
+    /// format.
+    pub fn encode_snapshot(&self) -> Result<(Format, Vec<u8>), CodecError> {
+        let format = self.snapshot_format();
+        let mut raw = encode("snapshot", self)?;
+        if format == Format::V1 {
+            // Format 1 is the same bytes without the (default) tail.
+            let tail = encode("snapshot", &SinceV2::default())?;
+            if self.since_v2 != SinceV2::default() || !raw.ends_with(&tail) {
+                return Err(CodecError::Corrupt(
+                    "a registry of format 1 holds format-2 state",
+                ));
+            }
+            raw.truncate(raw.len() - tail.len());
+        }
+        Ok((format, raw))
+    }
+
+    /// Decodes what [`Registry::encode_snapshot`] wrote in `format` (already checked to be
+    /// one this build reads). Indexes are left for [`Registry::rebuild_indexes`].
+    pub fn decode_snapshot(format: Format, raw: &[u8]) -> Result<Registry, ReadError> {
+        format::check("the snapshot", format)?;
+        if format == Format::V1 {
+            let mut whole = raw.to_vec();
+            whole.extend(encode("snapshot", &SinceV2::default())?);
+            return Ok(decode("snapshot", &whole)?);
+        }
+        // Format 2 (and the test-only format after it, which added only a command).
+        Ok(decode("snapshot", raw)?)
+    }
+}
+
+/// The fields of [`Command::RegisterDevice`], borrowed.
+struct DeviceRegistration<'a> {
+    name: &'a Name,
+    owner: &'a Name,
+    public_key: WgKey,
+    os: &'a str,
+    session: Option<SessionId>,
+    address: Option<IpAddr>,
 }
 
 /// Removes the entries of `map` whose value matches `expired` (time-limited records: ACME
@@ -2257,6 +2693,8 @@ impl Command {
             Command::ReserveAttempt { .. } => "ReserveAttempt",
             Command::ReleaseAttempt { .. } => "ReleaseAttempt",
             Command::ConsumeEmailCode { .. } => "ConsumeEmailCode",
+            Command::RegisterDevice { .. } => "RegisterDevice",
+            Command::TouchDevice { .. } => "TouchDevice",
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => "Annotate",
         }
@@ -2281,7 +2719,9 @@ fn cluster_only(command: &Command) -> bool {
         | Command::AcmeChallengeDone { .. }
         | Command::ReserveAttempt { .. }
         | Command::ReleaseAttempt { .. }
-        | Command::ConsumeEmailCode { .. } => true,
+        | Command::ConsumeEmailCode { .. }
+        | Command::RegisterDevice { .. }
+        | Command::TouchDevice { .. } => true,
         Command::Create(_)
         | Command::Update(_)
         | Command::Delete { .. }
@@ -2424,6 +2864,7 @@ mod tests {
                 format!("{:?}", r.join_tokens),
                 format!("{:?}", r.identities),
                 format!("{:?}", r.attempts),
+                format!("{:?}", r.since_v2.devices),
             ]
         }
 
@@ -3504,7 +3945,7 @@ mod tests {
         "x@example.com",
         "not mail",
     ];
-    const KINDS: [Kind; 10] = [
+    const KINDS: [Kind; 11] = [
         Kind::User,
         Kind::Role,
         Kind::IdentityProvider,
@@ -3515,6 +3956,7 @@ mod tests {
         Kind::ApiKey,
         Kind::Node,
         Kind::JoinToken,
+        Kind::Device,
     ];
 
     /// Makes requests of every kind against a registry: drawn from small pools of names,
@@ -3659,7 +4101,7 @@ mod tests {
                     deny: None,
                     revision: 0,
                 }),
-                Kind::Certificate | Kind::ApiKey | Kind::Node | Kind::JoinToken => {
+                Kind::Certificate | Kind::ApiKey | Kind::Node | Kind::JoinToken | Kind::Device => {
                     let (cert_pem, key_pem) = if self.rng.chance(60) {
                         test_certificate().clone()
                     } else {
@@ -3950,7 +4392,52 @@ mod tests {
                     } else {
                         self.around()
                     },
-                    resource: self.name(),
+                    resource: match reg.resources().keys().next() {
+                        Some(r) if self.rng.chance(50) => r.clone(),
+                        _ => self.name(),
+                    },
+                },
+                "RegisterDevice" => {
+                    // Mostly a user that exists, with one of its sessions (live or not) or
+                    // none; sometimes anyone with any session.
+                    let users: Vec<Name> = reg.users().keys().cloned().collect();
+                    let owner = if !users.is_empty() && self.rng.chance(80) {
+                        self.rng.pick(&users)
+                    } else {
+                        self.name()
+                    };
+                    let own: Vec<SessionId> = reg
+                        .sessions()
+                        .values()
+                        .filter(|s| s.user == owner)
+                        .map(|s| s.id)
+                        .collect();
+                    let session = match self.rng.below(10) {
+                        0..=4 if !own.is_empty() => Some(self.rng.pick(&own)),
+                        0..=6 => None,
+                        _ => Some(SessionId(u128::from(self.rng.below(4)))),
+                    };
+                    Command::RegisterDevice {
+                        name: name(self.rng.pick(&["laptop", "phone"])),
+                        owner,
+                        public_key: WgKey([self.rng.below(3) as u8; 32]),
+                        os: self
+                            .rng
+                            .pick(&["linux", "macos", "x".repeat(65).as_str()])
+                            .into(),
+                        session,
+                        address: self
+                            .rng
+                            .chance(50)
+                            .then(|| "198.51.100.7".parse().expect("address")),
+                    }
+                }
+                "TouchDevice" => Command::TouchDevice {
+                    name: name(self.rng.pick(&["laptop", "phone", "tablet"])),
+                    address: self
+                        .rng
+                        .chance(50)
+                        .then(|| "2001:db8::7".parse().expect("address")),
                 },
                 #[cfg(feature = "format-next")]
                 "Annotate" => Command::Annotate {
@@ -3964,14 +4451,16 @@ mod tests {
     /// The registry without its bookkeeping (applied index, digest, request count and
     /// remembered replies): what a refused command must leave as it was.
     fn tables_only(r: &Registry) -> Registry {
-        Registry {
+        let mut t = Registry {
             dedup: OrdMap::new(),
             dedup_order: Vector::new(),
             last_applied: None,
             digest: 0,
             applied_requests: 0,
             ..r.clone()
-        }
+        };
+        t.since_v2.highest_format = Format::V1;
+        t
     }
 
     /// [`tables_only`], encoded (secrets included, which `Debug` redacts), with the
@@ -3979,7 +4468,10 @@ mod tests {
     fn state(r: &Registry) -> (Vec<u8>, String) {
         (
             encode("registry", &tables_only(r)).unwrap(),
-            format!("{:?} {:?}", r.keys_by_id, r.nodes_by_id),
+            format!(
+                "{:?} {:?} {:?}",
+                r.keys_by_id, r.nodes_by_id, r.devices_by_key
+            ),
         )
     }
 

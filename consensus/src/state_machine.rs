@@ -23,7 +23,7 @@ use warren_proto::registry::NodeId;
 
 use crate::format::{self, Format, ReadError};
 use crate::log_store::StorageIo;
-use crate::registry::{decode, encode, CodecError, Registry};
+use crate::registry::{CodecError, Registry};
 use crate::storage::Store;
 use crate::types::{
     ClusterNode, Entry, LogId, Replies, StorageError, StoredMembership, TypeConfig,
@@ -176,18 +176,15 @@ const MAX_REGISTRY_BYTES: usize = 4 << 30;
 /// uncompressed size, never 0) and a mark, then the format (u16 LE).
 const SNAPSHOT_MAGIC: [u8; 6] = [0, 0, 0, 0, b'W', b'S'];
 
-/// The format the registry is written in. Its layout has not changed since format 1 (a
-/// command of a newer format may exist and leave the registry's layout as it was).
-pub const REGISTRY_FORMAT: Format = Format::V1;
-
 /// The snapshot form of the registry: a format header (see [`crate::format`]), then
 /// bincode compressed with LZ4 (size-prepended). Registries are text-heavy and compress
-/// several-fold; less to write and to send to a lagging follower.
+/// several-fold; less to write and to send to a lagging follower. The format is the oldest
+/// that can carry this registry ([`Registry::snapshot_format`]).
 pub fn encode_registry(registry: &Registry) -> Result<Vec<u8>, CodecError> {
-    let raw = encode("snapshot", registry)?;
+    let (format, raw) = registry.encode_snapshot()?;
     let mut out = Vec::with_capacity(raw.len() / 2 + 16);
     out.extend_from_slice(&SNAPSHOT_MAGIC);
-    out.extend_from_slice(&REGISTRY_FORMAT.0.to_le_bytes());
+    out.extend_from_slice(&format.0.to_le_bytes());
     out.extend_from_slice(&lz4_flex::compress_prepend_size(&raw));
     Ok(out)
 }
@@ -223,18 +220,7 @@ pub fn decode_registry(data: &[u8]) -> Result<Registry, ReadError> {
     }
     let raw = lz4_flex::decompress_size_prepended(body)
         .map_err(|_| CodecError::Corrupt("snapshot does not decompress"))?;
-    // One decoder per format this build reads (the registry's layout is format 1's in
-    // every format so far).
-    match format {
-        Format::V1 => Ok(decode("snapshot", &raw)?),
-        #[cfg(feature = "format-next")]
-        Format::NEXT => Ok(decode("snapshot", &raw)?),
-        other => Err(ReadError::TooNew {
-            what: "the snapshot".into(),
-            found: other,
-            known: Format::CURRENT,
-        }),
-    }
+    Registry::decode_snapshot(format, &raw)
 }
 
 /// Bytes per stored snapshot chunk.

@@ -11,7 +11,9 @@
 //! - `meta/vote.bin`, `meta/log-id.bin`: sealed Raft metadata.
 //!
 //! A build reads the fixtures of every format up to its own and refuses newer ones by name
-//! (a normal build meets `format-2/`, written by a `format-next` build).
+//! (a normal build meets `format-3/`, written by a `format-next` build). A snapshot is
+//! stored for each format whose registry layout differs (`format-1/`, `format-2/`), of the
+//! registry made by the commands that format carries.
 //!
 //! To (re)write the fixtures of the formats this build writes:
 //!
@@ -21,9 +23,10 @@
 //! ```
 //!
 //! Only rewrite a format's fixtures while no release has written it; once one has, a layout
-//! change is a new format (see `warren_consensus::format`) and these files stay. `format-2/`
+//! change is a new format (see `warren_consensus::format`) and these files stay. `format-3/`
 //! is the test-only format of `format-next` builds (`Command::Annotate`, always the last
-//! variant): rewrite it with the second command whenever a command is added.
+//! variant): rewrite it with the second command whenever a command is added, and move it
+//! one further whenever a real format is added.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,7 +42,7 @@ use warren_consensus::state_machine::{decode_registry, encode_registry};
 use warren_consensus::storage::{seal, seal_as, unseal};
 use warren_consensus::types::{Actor, Entry, LogId, Proposal, Request, RequestId};
 use warren_proto::api::{Manifest, Scope};
-use warren_proto::registry::{Kind, Node, NodeId, NodeRole};
+use warren_proto::registry::{Kind, Node, NodeId, NodeRole, WgKey};
 use warren_proto::session::{ProxyKeys, Session, SessionId, ShareLink, SigningKey, Via};
 use warren_proto::token::{KeyId, SecretHash};
 use warren_proto::{Name, Secret};
@@ -86,7 +89,9 @@ fn entity(kind: Kind, v: serde_json::Value) -> AnyEntity {
         Kind::Resource => e(serde_json::from_value(v).map(AnyEntity::Resource)),
         Kind::Policy => e(serde_json::from_value(v).map(AnyEntity::Policy)),
         Kind::Certificate => e(serde_json::from_value(v).map(AnyEntity::Certificate)),
-        Kind::ApiKey | Kind::Node | Kind::JoinToken => panic!("not an entity: {kind:?}"),
+        Kind::ApiKey | Kind::Node | Kind::JoinToken | Kind::Device => {
+            panic!("not an entity: {kind:?}")
+        }
     }
 }
 
@@ -143,8 +148,9 @@ fn attempt() -> AttemptKey {
     }
 }
 
-/// Valid commands that, in order from an empty registry, fill every table.
-fn populate() -> Vec<Command> {
+/// Valid commands of format 1 that, in order from an empty registry, fill every table
+/// format 1 has.
+fn populate_v1() -> Vec<Command> {
     vec![
         Command::Bootstrap {
             cluster_id: 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
@@ -273,9 +279,43 @@ fn populate() -> Vec<Command> {
     ]
 }
 
+/// Valid commands of format 2 that, after [`populate_v1`], fill the tables format 2 added.
+fn populate_v2() -> Vec<Command> {
+    vec![
+        Command::Create(entity(
+            Kind::Policy,
+            json!({"name": "laptops", "allow": {"and": [{"group": "admins"}, {"device": "alice-laptop"}]}}),
+        )),
+        Command::Create(entity(
+            Kind::Resource,
+            json!({"name": "db", "site": "lab", "policies": ["laptops"],
+                   "route": {"private": {"address": "db.lab.internal", "ports": "5432,8000-8100",
+                                         "protocols": ["tcp"], "alias": "pg"}}}),
+        )),
+        Command::RegisterDevice {
+            name: name("alice-laptop"),
+            owner: name("alice"),
+            public_key: WgKey([9; 32]),
+            os: "linux".into(),
+            session: Some(SessionId(11)),
+            address: Some("198.51.100.7".parse().expect("address")),
+        },
+    ]
+}
+
+/// Every table filled: [`populate_v1`], then [`populate_v2`] (so a registry of the first
+/// part alone is written as format 1).
+fn populate() -> Vec<Command> {
+    let mut all = populate_v1();
+    all.extend(populate_v2());
+    all
+}
+
 /// One command of every variant (values need not apply; they must only be distinct).
 fn one_of_each() -> Vec<Command> {
-    let mut all = populate();
+    // Format 1's first, in the order their fixtures were written (a fixture's bytes hold
+    // its log index), then each newer format's.
+    let mut all = populate_v1();
     all.extend([
         Command::Update(entity(
             Kind::User,
@@ -323,11 +363,16 @@ fn one_of_each() -> Vec<Command> {
             attempt: attempt(),
             id: 41,
         },
-        #[cfg(feature = "format-next")]
-        Command::Annotate {
-            note: "a note".into(),
-        },
     ]);
+    all.extend(populate_v2());
+    all.push(Command::TouchDevice {
+        name: name("alice-laptop"),
+        address: Some("2001:db8::7".parse().expect("address")),
+    });
+    #[cfg(feature = "format-next")]
+    all.push(Command::Annotate {
+        note: "a note".into(),
+    });
     // `populate` creates several entities; one `Create` fixture is enough.
     let mut seen = BTreeSet::new();
     all.retain(|c| seen.insert(variant(c)));
@@ -389,26 +434,7 @@ fn log_entries() -> Vec<(String, Format, Entry)> {
 
 /// A registry with every table populated, as a state machine would have applied it.
 fn registry() -> Registry {
-    let mut reg = Registry::default();
-    let mut index = 0;
-    let mut next = |payload| {
-        index += 1;
-        entry(index, payload)
-    };
-    let replies = reg.apply_entry(&next(EntryPayload::Blank));
-    assert!(replies.is_empty());
-    reg.apply_entry(&next(EntryPayload::Membership(membership())));
-    for (i, command) in (0..).zip(populate()) {
-        let what = variant(&command);
-        let req = Request {
-            actor: Actor::System,
-            ..request(i, command)
-        };
-        let e = next(EntryPayload::Normal(Proposal(vec![req])));
-        let reply = reg.apply_entry(&e).remove(0);
-        assert!(reply.is_ok(), "{what}: {reply:?}");
-    }
-    reg.rebuild_indexes();
+    let reg = registry_of(populate());
     let empty: Vec<&str> = [
         ("users", reg.users().is_empty()),
         ("roles", reg.roles().is_empty()),
@@ -429,11 +455,48 @@ fn registry() -> Registry {
         ("acme account", reg.acme().account.is_none()),
         ("acme lease", reg.acme().lease.is_none()),
         ("acme challenges", reg.acme().challenges.is_empty()),
+        ("devices", reg.devices().is_empty()),
     ]
     .into_iter()
     .filter_map(|(t, e)| e.then_some(t))
     .collect();
     assert!(empty.is_empty(), "tables left empty: {empty:?}");
+    reg
+}
+
+/// The registry as a build of `format` would have made it from [`populate`]: the commands
+/// that format carries (the newer ones come last).
+fn registry_in(format: Format) -> Registry {
+    registry_of(
+        populate()
+            .into_iter()
+            .filter(|c| format::command_format(c) <= format)
+            .collect(),
+    )
+}
+
+/// The registry after `commands`, each in an entry of its own.
+fn registry_of(commands: Vec<Command>) -> Registry {
+    let mut reg = Registry::default();
+    let mut index = 0;
+    let mut next = |payload| {
+        index += 1;
+        entry(index, payload)
+    };
+    let replies = reg.apply_entry(&next(EntryPayload::Blank));
+    assert!(replies.is_empty());
+    reg.apply_entry(&next(EntryPayload::Membership(membership())));
+    for (i, command) in (0..).zip(commands) {
+        let what = variant(&command);
+        let req = Request {
+            actor: Actor::System,
+            ..request(i, command)
+        };
+        let e = next(EntryPayload::Normal(Proposal(vec![req])));
+        let reply = reg.apply_entry(&e).remove(0);
+        assert!(reply.is_ok(), "{what}: {reply:?}");
+    }
+    reg.rebuild_indexes();
     reg
 }
 
@@ -557,20 +620,44 @@ fn index_of(path: &Path, entries: &[(String, Format, Entry)]) -> u64 {
 #[test]
 fn a_snapshot_of_every_table_decodes_to_the_registry_built_here() {
     let reg = registry();
-    let data = encode_registry(&reg).expect("encode");
-    let path = dir(Format::V1).join("snapshot.bin");
+    assert_eq!(reg.snapshot_format(), Format::V2);
     if writing() {
-        write(&path, &data);
+        for r in [registry_in(Format::V1), reg] {
+            let data = encode_registry(&r).expect("encode");
+            write(&dir(r.snapshot_format()).join("snapshot.bin"), &data);
+        }
     }
-    let stored = read(&path);
-    let mut back = decode_registry(&stored).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    back.rebuild_indexes();
-    assert_eq!(format!("{back:?}"), format!("{reg:?}"));
-    assert_eq!(back.digest(), reg.digest());
-    assert_eq!(
-        encode_registry(&back).expect("encode"),
-        stored,
-        "the registry no longer encodes to the stored snapshot: a layout changed"
+    // Every stored snapshot decodes to the registry its format's build made, and that
+    // registry is written again as the same bytes: the oldest format that carries it.
+    let mut checked = Vec::new();
+    for format in stored_formats().into_iter().filter(|f| f.is_known()) {
+        let path = dir(format).join("snapshot.bin");
+        if !path.exists() {
+            continue;
+        }
+        let built = registry_in(format);
+        let stored = read(&path);
+        let mut back =
+            decode_registry(&stored).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        back.rebuild_indexes();
+        assert_eq!(
+            format!("{back:?}"),
+            format!("{built:?}"),
+            "{}",
+            path.display()
+        );
+        assert_eq!(back.digest(), built.digest());
+        assert_eq!(
+            encode_registry(&back).expect("encode"),
+            stored,
+            "{}: the registry no longer encodes to the stored snapshot: a layout changed",
+            path.display()
+        );
+        checked.push(format);
+    }
+    assert!(
+        checked.contains(&Format::V1) && checked.contains(&Format::V2),
+        "snapshots checked: {checked:?}"
     );
 }
 

@@ -89,7 +89,8 @@ impl L4Core {
             .filter_map(|r| match r.route {
                 Route::Tcp { port } => Some(((Proto::Tcp, port), r.name.clone())),
                 Route::Udp { port } => Some(((Proto::Udp, port), r.name.clone())),
-                Route::Http { .. } => None,
+                // Private resources are reached through WireGuard, never a public port.
+                Route::Http { .. } | Route::Private { .. } => None,
             })
             .collect();
         self.failed.retain(|key, _| self.wanted.contains_key(key));
@@ -404,6 +405,7 @@ fn allowed(proxy: &Proxy, reg: &Registry, name: &Name, peer: IpAddr) -> (bool, S
         source: peer,
         method: None,
         path: None,
+        device: None,
         now: unix_now() as i64,
     };
     let d = decide(&compiled, &facts);

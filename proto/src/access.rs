@@ -43,6 +43,9 @@ pub struct Facts<'a> {
     pub method: Option<&'a str>,
     /// Request path (`None` for TCP/UDP flows).
     pub path: Option<&'a str>,
+    /// The registered device a flow comes from (`None` for web requests, which then match
+    /// no `device` criterion).
+    pub device: Option<&'a str>,
     /// Now, in seconds since the Unix epoch.
     pub now: i64,
 }
@@ -108,6 +111,7 @@ enum Node {
     PathPrefix(String),
     PathRegex(Regex),
     Time(Window),
+    Device(String),
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +212,7 @@ fn compile_checked(e: &Expr) -> Node {
                 .expect("validated"),
         ),
         Expr::Time(w) => Node::Time(window(w)),
+        Expr::Device(d) => Node::Device(d.to_string()),
     }
 }
 
@@ -248,6 +253,7 @@ fn eval(n: &Node, f: &Facts<'_>) -> bool {
             .is_some_and(|x| crate::canonical::prefix_matches(x, p)),
         Node::PathRegex(r) => f.path.is_some_and(|x| r.is_match(x)),
         Node::Time(w) => w.contains(f.now),
+        Node::Device(d) => f.device == Some(d.as_str()),
     }
 }
 
@@ -344,6 +350,7 @@ mod tests {
                 source: source.parse().unwrap(),
                 method: Some("GET"),
                 path: Some("/app/index.html"),
+                device: None,
                 // Wednesday 2026-11-25 10:00 UTC (11:00 in Paris).
                 now: 1_795_600_800,
             }

@@ -1,6 +1,10 @@
 //! The policy model: a tree of `and` / `or` / `not` over criteria about the person, the
 //! request and where it comes from.
 //!
+//! The same policies decide web requests and the TCP/UDP flows of private resources. A
+//! criterion that a kind of request does not have never matches it: `method` and `path`
+//! never match a flow, `device` never matches a web request.
+//!
 //! A policy has an optional `allow` and an optional `deny` expression. Deny wins; with no
 //! matching allow the answer is deny. In YAML:
 //!
@@ -55,6 +59,9 @@ pub enum Expr {
     Path(PathMatch),
     /// The request comes within this weekly time window.
     Time(TimeWindow),
+    /// The flow comes from this registered device (a `warren` client's machine). Never
+    /// matches a web request, which comes from no device.
+    Device(Name),
 }
 
 /// Days of the week.
@@ -190,7 +197,7 @@ impl Expr {
                 Ok(())
             }
             Expr::Not(x) => x.validate_at(depth + 1, nodes).map_err(|e| e.within("not")),
-            Expr::User(_) | Expr::SourceCidr(_) => Ok(()),
+            Expr::User(_) | Expr::SourceCidr(_) | Expr::Device(_) => Ok(()),
             Expr::Email(e) => {
                 if e.contains('@') && e.len() <= 254 && !e.chars().any(char::is_whitespace) {
                     Ok(())

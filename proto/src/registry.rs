@@ -10,12 +10,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
 
+use base64::Engine as _;
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Expr;
+use crate::session::SessionId;
 use crate::{Name, Secret};
 
 /// A problem with one field of an entity or request; the caller sent it.
@@ -74,11 +78,14 @@ pub enum Kind {
     JoinToken,
     /// A TLS certificate chain and key served for the domains it names.
     Certificate,
+    /// A machine a user signed in on with the `warren` client: its WireGuard public key and
+    /// tunnel address. Registered by the client, never declared.
+    Device,
 }
 
 impl Kind {
     /// Every kind, in the order the registry lists them.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::User,
         Kind::Role,
         Kind::IdentityProvider,
@@ -89,6 +96,7 @@ impl Kind {
         Kind::Node,
         Kind::JoinToken,
         Kind::Certificate,
+        Kind::Device,
     ];
 
     /// The word for one entity of this kind, as messages use it.
@@ -104,6 +112,7 @@ impl Kind {
             Kind::Node => "node",
             Kind::JoinToken => "join token",
             Kind::Certificate => "certificate",
+            Kind::Device => "device",
         }
     }
 
@@ -120,6 +129,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::JoinToken => "join-tokens",
             Kind::Certificate => "certificates",
+            Kind::Device => "devices",
         }
     }
 
@@ -132,7 +142,7 @@ impl Kind {
             Kind::Site => Some("sites"),
             Kind::Resource => Some("resources"),
             Kind::Policy => Some("policies"),
-            Kind::ApiKey | Kind::Node | Kind::JoinToken | Kind::Certificate => None,
+            Kind::ApiKey | Kind::Node | Kind::JoinToken | Kind::Certificate | Kind::Device => None,
         }
     }
 }
@@ -392,6 +402,293 @@ pub enum Route {
         /// The public port.
         port: u16,
     },
+    /// A private address inside the resource's site, reached by `warren` clients through
+    /// WireGuard to the site's agent (never by the HTTP proxy or the nodes' public ports).
+    ///
+    /// The alias and the virtual address live here rather than on [`Resource`] because a
+    /// new variant leaves the stored layout of every other resource as it was (the stored
+    /// format is positional: a field added to `Resource` would change them all).
+    Private {
+        /// Where the agent sends the flows: an IP address, a network, or a DNS name the
+        /// agent resolves.
+        address: PrivateAddress,
+        /// Ports users may reach (default: all, `1-65535`). ICMP has no ports.
+        #[serde(default)]
+        ports: PortSet,
+        /// Protocols users may send (default: `[tcp, udp]`).
+        #[serde(default = "L4Protocol::default_set")]
+        protocols: Vec<L4Protocol>,
+        /// A short name users type (`warren connect db`), a DNS label unique among
+        /// resources; without one, clients use the resource's name.
+        #[serde(default)]
+        alias: Option<String>,
+        /// The address a client's userspace stack sends to for a DNS-named resource,
+        /// from [`VIRTUAL_POOL`]; set by the cluster (a value sent by a user is replaced),
+        /// kept across updates while the address stays a DNS name, never reused.
+        #[serde(default)]
+        virtual_address: Option<Ipv4Addr>,
+    },
+}
+
+/// Where every DNS-named private resource's virtual address comes from.
+pub const VIRTUAL_POOL: &str = "100.100.0.0/16";
+/// Where every device's tunnel address comes from (less [`VIRTUAL_POOL`], which lies
+/// inside it and is skipped).
+pub const DEVICE_POOL: &str = "100.64.0.0/10";
+
+/// A transport protocol a private resource accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum L4Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP echo (ping); ports do not apply.
+    Icmp,
+}
+
+impl L4Protocol {
+    /// The protocols a private resource accepts when it lists none: TCP and UDP.
+    pub fn default_set() -> Vec<L4Protocol> {
+        vec![L4Protocol::Tcp, L4Protocol::Udp]
+    }
+
+    /// The lowercase name (`tcp`, `udp`, `icmp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L4Protocol::Tcp => "tcp",
+            L4Protocol::Udp => "udp",
+            L4Protocol::Icmp => "icmp",
+        }
+    }
+}
+
+impl fmt::Display for L4Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of ports, written `22,5432,8000-8100`: single ports and inclusive ranges, comma
+/// separated. Stored as sorted, merged ranges (`80,81-90` is `80-90`); never empty and
+/// never port 0. The default is every port, `1-65535`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortSet {
+    /// Sorted, disjoint, non-adjacent inclusive ranges.
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    /// Longest port list accepted, in bytes.
+    pub const MAX_LEN: usize = 1024;
+    /// Most comma-separated items accepted.
+    pub const MAX_ITEMS: usize = 128;
+
+    /// Every port, 1 to 65535.
+    pub fn all() -> Self {
+        Self {
+            ranges: vec![(1, u16::MAX)],
+        }
+    }
+
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        // Few ranges: a binary search is not worth its branches.
+        self.ranges.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+    }
+
+    /// Whether this is every port.
+    pub fn is_all(&self) -> bool {
+        self.ranges == [(1, u16::MAX)]
+    }
+
+    /// The inclusive ranges, sorted and merged.
+    pub fn ranges(&self) -> &[(u16, u16)] {
+        &self.ranges
+    }
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self::all()
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = FieldError;
+
+    /// Parses `22,5432,8000-8100` (spaces around items allowed). The error says what is
+    /// wrong; its field is empty, for the caller to name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: String| FieldError::new("", why);
+        if s.len() > Self::MAX_LEN {
+            return Err(bad(format!(
+                "a port list has at most {} bytes",
+                Self::MAX_LEN
+            )));
+        }
+        let port = |p: &str| -> Result<u16, FieldError> {
+            let p = p.trim();
+            if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad(format!(
+                    "{p:?} is not a port: expected ports like \"22,5432,8000-8100\""
+                )));
+            }
+            match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(bad(format!("{p} is not a port from 1 to 65535"))),
+                Ok(n) => Ok(n),
+            }
+        };
+        let mut ranges = Vec::new();
+        for (i, item) in s.split(',').enumerate() {
+            if i >= Self::MAX_ITEMS {
+                return Err(bad(format!(
+                    "a port list has at most {} items",
+                    Self::MAX_ITEMS
+                )));
+            }
+            let (lo, hi) = match item.split_once('-') {
+                Some((lo, hi)) => (port(lo)?, port(hi)?),
+                None => {
+                    let p = port(item)?;
+                    (p, p)
+                }
+            };
+            if lo > hi {
+                return Err(bad(format!(
+                    "{}: a range goes from the lower port to the higher",
+                    item.trim()
+                )));
+            }
+            ranges.push((lo, hi));
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        Ok(Self { ranges: merged })
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &(lo, hi)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for PortSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e: FieldError| serde::de::Error::custom(format!("ports: {}", e.reason)))
+    }
+}
+
+/// Where a private resource is: one address, a network, or a DNS name (resolved by the
+/// site's agent). Written as a string: `10.0.0.5`, `10.0.0.0/24`, `db.internal`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PrivateAddress {
+    /// One host.
+    Ip(IpAddr),
+    /// A network, given by its network address (`10.0.0.0/24`, not `10.0.0.5/24`).
+    Cidr(IpNet),
+    /// A host name, lowercase, checked like target hosts (no wildcard).
+    Dns(String),
+}
+
+impl PrivateAddress {
+    /// Whether `ip` is this address or inside this network (never for a DNS name: the
+    /// agent checks the address it resolved itself).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match self {
+            PrivateAddress::Ip(a) => *a == ip,
+            PrivateAddress::Cidr(n) => n.contains(&ip),
+            PrivateAddress::Dns(_) => false,
+        }
+    }
+}
+
+impl FromStr for PrivateAddress {
+    type Err = FieldError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(PrivateAddress::Ip(ip));
+        }
+        if s.contains('/') {
+            let net: IpNet = s.parse().map_err(|_| {
+                FieldError::new("", format!("{s:?} is not a network like 10.0.0.0/24"))
+            })?;
+            if net.trunc() != net {
+                return Err(FieldError::new(
+                    "",
+                    format!(
+                        "{s:?} has host bits set: write the network as {}",
+                        net.trunc()
+                    ),
+                ));
+            }
+            return Ok(PrivateAddress::Cidr(net));
+        }
+        let host = s.to_ascii_lowercase();
+        check_hostname(&host, false).map_err(|_| {
+            FieldError::new(
+                "",
+                format!(
+                    "{s:?} is neither an IP address, a network like 10.0.0.0/24, nor a host name"
+                ),
+            )
+        })?;
+        Ok(PrivateAddress::Dns(host))
+    }
+}
+
+impl fmt::Display for PrivateAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrivateAddress::Ip(ip) => ip.fmt(f),
+            PrivateAddress::Cidr(net) => net.fmt(f),
+            PrivateAddress::Dns(host) => f.write_str(host),
+        }
+    }
+}
+
+impl Serialize for PrivateAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PrivateAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() > 253 {
+            return Err(serde::de::Error::custom("address: at most 253 characters"));
+        }
+        s.parse()
+            .map_err(|e: FieldError| serde::de::Error::custom(format!("address: {}", e.reason)))
+    }
 }
 
 /// An upstream address: `host:port`, with `host` an IP address or a DNS name.
@@ -466,7 +763,9 @@ pub struct Resource {
     pub site: Option<Name>,
     /// How users reach it.
     pub route: Route,
-    /// Upstream addresses, balanced round robin over the healthy ones.
+    /// Upstream addresses, balanced round robin over the healthy ones. None for a private
+    /// resource, whose route says where flows go.
+    #[serde(default)]
     pub targets: Vec<Target>,
     /// Policies that decide who gets in; with none, nobody does.
     #[serde(default)]
@@ -832,6 +1131,228 @@ fn check_header_name(k: &str) -> Result<(), FieldError> {
 impl Resource {
     /// Maximum number of targets per resource.
     pub const MAX_TARGETS: usize = 64;
+
+    /// The alias of a private resource, if it has one.
+    pub fn alias(&self) -> Option<&str> {
+        match &self.route {
+            Route::Private { alias, .. } => alias.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The virtual address the cluster gave a DNS-named private resource.
+    pub fn virtual_address(&self) -> Option<Ipv4Addr> {
+        match &self.route {
+            Route::Private {
+                virtual_address, ..
+            } => *virtual_address,
+            _ => None,
+        }
+    }
+
+    /// Whether clients reach it through WireGuard (a private resource).
+    pub fn is_private(&self) -> bool {
+        matches!(self.route, Route::Private { .. })
+    }
+
+    fn validate_private(
+        &self,
+        protocols: &[L4Protocol],
+        alias: Option<&str>,
+    ) -> Result<(), FieldError> {
+        if self.site.is_none() {
+            return Err(FieldError::new(
+                "site",
+                "a private resource is reached through a site's agent: name the site",
+            ));
+        }
+        if !self.targets.is_empty() {
+            return Err(FieldError::new(
+                "targets",
+                "a private resource takes no targets: route.private.address and ports say where flows go",
+            ));
+        }
+        if protocols.is_empty() {
+            return Err(FieldError::new(
+                "route.private.protocols",
+                "list at least one of tcp, udp, icmp (or leave it out for tcp and udp)",
+            ));
+        }
+        check_unique(protocols, "route.private.protocols")?;
+        if let Some(a) = alias {
+            check_alias(a).map_err(|e| e.within("route.private.alias"))?;
+        }
+        check_unique(&self.policies, "policies")?;
+        if !self.http.is_default() {
+            return Err(FieldError::new(
+                "http",
+                "only web (route.http) resources take HTTP options",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a private resource's alias: one DNS label (1 to 63 lowercase letters, digits
+/// and `-`, not starting or ending with `-`).
+pub fn check_alias(a: &str) -> Result<(), FieldError> {
+    if a.contains('.') {
+        return Err(FieldError::new(
+            "",
+            format!("{a:?} is not an alias: one DNS label like `db`, without dots"),
+        ));
+    }
+    check_hostname(a, false).map_err(|_| {
+        FieldError::new(
+            "",
+            format!(
+                "{a:?} is not an alias: one DNS label like `db` (lowercase letters, digits, '-')"
+            ),
+        )
+    })
+}
+
+/// A WireGuard (X25519) public key: 32 bytes, written in standard base64 (44 characters),
+/// as `wg(8)` prints it. Public, so `Debug` shows it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WgKey(pub [u8; 32]);
+
+impl FromStr for WgKey {
+    type Err = FieldError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            FieldError::new(
+                "",
+                "expected a WireGuard public key: 32 bytes in base64 (44 characters)",
+            )
+        };
+        if s.len() != 44 {
+            return Err(bad());
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|_| bad())?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| bad())?;
+        Ok(WgKey(key))
+    }
+}
+
+impl fmt::Display for WgKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for WgKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgKey({self})")
+    }
+}
+
+impl Serialize for WgKey {
+    /// Base64 in human-readable formats (JSON, YAML), the 32 bytes in binary ones.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WgKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(|e: FieldError| {
+                serde::de::Error::custom(format!("public_key: {}", e.reason))
+            })
+        } else {
+            <[u8; 32]>::deserialize(d).map(WgKey)
+        }
+    }
+}
+
+/// A machine a user signed in on with the `warren` client. The client registers it (see
+/// the registry's `RegisterDevice`); admins list and delete devices but never declare them.
+/// Deleting the user deletes its devices; a disabled user keeps them but reaches nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Unique across the cluster, e.g. `alice-laptop`.
+    pub name: Name,
+    /// The user it belongs to.
+    pub owner: Name,
+    /// Its WireGuard public key; unique across devices.
+    pub public_key: WgKey,
+    /// Operating system, free text (`linux`, `macos`), at most [`Device::MAX_OS`] bytes.
+    pub os: String,
+    /// Its tunnel address, from [`DEVICE_POOL`]; never given to another device.
+    pub address: Ipv4Addr,
+    /// The client session it last registered with; its flows need this session live.
+    pub session: Option<SessionId>,
+    /// When it was registered, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// When it was last registered or seen, seconds since the Unix epoch.
+    pub last_seen: u64,
+    /// The public address it last called from (what `source_cidr` matches for its flows).
+    pub last_address: Option<IpAddr>,
+    /// Raft log index of the last change; set by the cluster.
+    pub revision: u64,
+}
+
+impl Device {
+    /// Longest `os` accepted, in bytes.
+    pub const MAX_OS: usize = 64;
+
+    /// Checks the fields a client sends.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_text(&self.os, Self::MAX_OS).map_err(|e| e.within("os"))
+    }
+}
+
+/// A device as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// Unique name.
+    pub name: Name,
+    /// The user it belongs to.
+    pub owner: Name,
+    /// WireGuard public key, base64.
+    pub public_key: WgKey,
+    /// Operating system.
+    pub os: String,
+    /// Tunnel address.
+    pub address: Ipv4Addr,
+    /// The client session it last registered with (32 hex digits), if any.
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Registration time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Last seen, seconds since the Unix epoch.
+    pub last_seen: u64,
+    /// The public address it last called from.
+    #[serde(default)]
+    pub last_address: Option<IpAddr>,
+    /// Raft log index of the last change.
+    pub revision: u64,
+}
+
+impl From<&Device> for DeviceView {
+    fn from(d: &Device) -> Self {
+        Self {
+            name: d.name.clone(),
+            owner: d.owner.clone(),
+            public_key: d.public_key,
+            os: d.os.clone(),
+            address: d.address,
+            session: d.session.map(|s| s.to_string()),
+            created_at: d.created_at,
+            last_seen: d.last_seen,
+            last_address: d.last_address,
+            revision: d.revision,
+        }
+    }
 }
 
 impl Entity for Resource {
@@ -862,6 +1383,9 @@ impl Entity for Resource {
                     ));
                 }
             }
+            Route::Private {
+                protocols, alias, ..
+            } => return self.validate_private(protocols, alias.as_deref()),
         }
         if self.targets.is_empty() {
             return Err(FieldError::new("targets", "at least one target is needed"));

@@ -123,7 +123,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
     let all = |f: u64| -> Vec<(String, u64)> { (1..=3).map(|i| (format!("n{i}"), f)).collect() };
     assert_eq!(
         formats(&c, 0).await?,
-        all(1),
+        all(2),
         "cluster status shows each member's format"
     );
 
@@ -168,7 +168,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
                     .await?;
                 assert_eq!(status, StatusCode::CONFLICT, "{body}");
                 let message = body["error"]["message"].as_str().unwrap_or_default();
-                if message.contains(&format!("({name}) reads formats up to 1")) {
+                if message.contains(&format!("({name}) reads formats up to 2")) {
                     phase!("step {}: {message}", step + 1);
                     break;
                 }
@@ -220,8 +220,8 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         let message = body["error"]["message"].as_str().unwrap_or_default();
         phase!("step {}: {message}", step + 1);
         assert!(
-            message.contains("reads formats up to 1")
-                && message.contains("needs format 2")
+            message.contains("reads formats up to 2")
+                && message.contains("needs format 3")
                 && lagging.iter().any(|n| message.contains(&format!("({n})"))),
             "the refusal should name a node on build A ({lagging:?}): {body}"
         );
@@ -248,7 +248,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         assert!(Instant::now() < deadline, "still refused: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(formats(&c, 1).await?, all(2));
+    assert_eq!(formats(&c, 1).await?, all(3));
     c.api(1)
         .post_ok("/v1/users", &json!({"name": "after"}))
         .await?;
@@ -279,7 +279,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
     let (status, log) = c.nodes[back].run_expecting_exit(Duration::from_secs(30))?;
     assert!(!status.success(), "{log}");
     let refusal = regex::Regex::new(
-        r"log entry \d+ is format 2, this build reads up to 1: upgrade this node",
+        r"log entry \d+ is format 3, this build reads up to 2: upgrade this node",
     )?;
     assert!(refusal.is_match(&log), "{log}");
     phase!("{name} on build B again catches up");

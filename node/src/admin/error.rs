@@ -85,10 +85,15 @@ impl From<RegistryError> for ApiErr {
             RegistryError::Unauthorized => Self::new(ErrorCode::Unauthorized, message),
             RegistryError::Forbidden => Self::new(ErrorCode::Forbidden, message),
             RegistryError::Conflict { .. } => Self::new(ErrorCode::Conflict, message),
+            RegistryError::PoolExhausted { .. } => Self::new(ErrorCode::Conflict, message),
             // Only the cluster itself sends the commands that return these.
             RegistryError::EmailBelongsToAnotherUser { .. }
             | RegistryError::UserDisabled { .. }
-            | RegistryError::TooManyAttempts { .. } => Self::new(ErrorCode::Conflict, message),
+            | RegistryError::TooManyAttempts { .. }
+            | RegistryError::SessionNotLive { .. } => Self::new(ErrorCode::Conflict, message),
+            RegistryError::DeviceKeyTaken => {
+                Self::new(ErrorCode::AlreadyExists, message).field("public_key")
+            }
         }
     }
 }

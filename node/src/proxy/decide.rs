@@ -606,6 +606,7 @@ fn policy_decision<'s>(
         source: asked.source,
         method: Some(asked.method.as_str()),
         path: Some(asked.path),
+        device: None,
         now: now as i64,
     };
     decide_policies(&route.policies, &facts)

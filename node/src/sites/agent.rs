@@ -35,7 +35,7 @@ pub fn site_config(reg: &Registry, site: &Name) -> Option<SiteConfig> {
         }
         let check = match res.route {
             Route::Http { .. } => res.http.health_check.clone(),
-            Route::Tcp { .. } | Route::Udp { .. } => None,
+            Route::Tcp { .. } | Route::Udp { .. } | Route::Private { .. } => None,
         };
         for t in &res.targets {
             if let Some(existing) = targets.iter_mut().find(|x| x.target == *t) {

@@ -25,6 +25,11 @@
 //! the first success through each surviving node.
 //!
 //! `policy`: policy decisions in-process (a microbenchmark).
+//!
+//! `access`: client access (issue 14) in a network lab: iperf3 (1 and 4 TCP streams) and
+//! time to first byte of a new flow over the raw veth, `wireguard-go` <-> `wireguard-go`,
+//! and `warren connect` relayed by a node, with CPU per GiB of every process
+//! (`warren_tests::bench_access`). Needs root.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -129,6 +134,22 @@ enum What {
         /// Node-loss trials.
         #[arg(long, default_value_t = 3)]
         trials: usize,
+    },
+    /// Client access: iperf3 and time to first byte over the raw veth, wireguard-go and
+    /// `warren connect` relayed by a node, in network namespaces (root).
+    Access {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Rounds over all paths; the median round is shown.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// New flows timed per path for time to first byte.
+        #[arg(long, default_value_t = 20)]
+        ttfb_samples: usize,
+        /// Paths to measure: raw, wggo, warren.
+        #[arg(long, value_delimiter = ',', default_value = "raw,wggo,warren")]
+        paths: Vec<String>,
     },
     /// The static backend `proxy` starts (`GET` anything: `hello`); exits when its
     /// standard input closes.
@@ -617,6 +638,20 @@ async fn main() -> anyhow::Result<()> {
             download_mib,
             trials,
         } => sites::run(seconds, warmup, connections, rounds, download_mib, trials).await,
+        What::Access {
+            seconds,
+            rounds,
+            ttfb_samples,
+            paths,
+        } => {
+            warren_tests::bench_access::run_access(warren_tests::bench_access::Options {
+                seconds,
+                rounds,
+                ttfb_samples,
+                paths,
+            })
+            .await
+        }
         What::Backend { port } => proxy::backend(port).await,
     }
 }
@@ -658,6 +693,7 @@ fn policy(iterations: u32) -> anyhow::Result<()> {
         source: "192.168.7.9".parse().expect("ip"),
         method: Some("GET"),
         path: Some("/app/projects/42"),
+        device: None,
         now: 1_795_600_800,
     };
     let claims: &'static Value = Box::leak(Box::new(claims));
