@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use clap::Args;
-use tokio::io::{AsyncWriteExt as _, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufWriter};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -163,26 +163,41 @@ pub async fn nc(args: NcArgs, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .connect_tcp(&site, target.dst, FLOW_TIMEOUT)
         .await
         .map_err(|e| flow_error(&target, &site, &e))?;
+    let piped = pipe(
+        flow,
+        tokio::io::stdin(),
+        BufWriter::new(tokio::io::stdout()),
+    );
+    tokio::select! {
+        r = piped => r.with_context(|| format!("the flow to {} ended", target.dst)),
+        e = keep_ticket(&active, &data, &grant) => Err(e),
+        () = shutdown => Ok(()),
+    }
+}
+
+/// Copies `input` into `flow` and `flow` into `output` until the flow's far side closes.
+/// `input` ending (EOF, or an error) only shuts the flow's write half: the answer may still
+/// be on its way (`ssh` and `git` half-close).
+async fn pipe<F, R, W>(flow: F, mut input: R, mut output: W) -> std::io::Result<()>
+where
+    F: AsyncRead + AsyncWrite,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (mut from_flow, mut to_flow) = tokio::io::split(flow);
     let up = async {
-        let mut stdin = tokio::io::stdin();
-        // A read error on stdin ends our side like EOF does.
-        let _ = tokio::io::copy(&mut stdin, &mut to_flow).await;
+        let _ = tokio::io::copy(&mut input, &mut to_flow).await;
         let _ = to_flow.shutdown().await;
-        // Half-closed: keep reading until the other side closes.
         std::future::pending::<()>().await
     };
     let down = async {
-        let mut stdout = BufWriter::new(tokio::io::stdout());
-        let copied = tokio::io::copy(&mut from_flow, &mut stdout).await;
-        stdout.flush().await?;
+        let copied = tokio::io::copy(&mut from_flow, &mut output).await;
+        output.flush().await?;
         copied.map(drop)
     };
     tokio::select! {
-        r = down => r.with_context(|| format!("the flow to {} ended", target.dst)),
+        r = down => r,
         () = up => Ok(()),
-        e = keep_ticket(&active, &data, &grant) => Err(e),
-        () = shutdown => Ok(()),
     }
 }
 
@@ -511,6 +526,234 @@ mod tests {
         assert_eq!(renew_after(1300, 1000), Duration::from_secs(200));
         assert_eq!(renew_after(1000, 1000), Duration::from_secs(10));
         assert_eq!(renew_after(900, 1000), Duration::from_secs(10));
+    }
+
+    /// A relay reduced to the splice (agents bind with an empty site, the client with its
+    /// site; every ticket is good), an agent endpoint granting `127.0.0.1`, and this
+    /// client's data path through them.
+    mod lab {
+        use boringtun::x25519::{PublicKey, StaticSecret};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use warren_net::endpoint::{AgentEndpoint, Endpoint, EndpointConfig};
+        use warren_net::wg::SecretKey;
+        use warren_proto::relay::Frame;
+        use warren_proto::tunnel::{DeviceAccess, FlowDst, FlowGrant};
+        use warren_proto::Name;
+
+        use super::*;
+
+        const DEVICE: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
+        /// A guard against a hung test, not a measurement.
+        const PATIENCE: Duration = Duration::from_secs(20);
+
+        async fn relay() -> SocketAddr {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = sock.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut agent, mut client) = (None, None);
+                let (mut buf, mut out) = (vec![0u8; 65_536], Vec::new());
+                while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                    let Ok(frame) = Frame::decode(&buf[..n]) else {
+                        continue;
+                    };
+                    out.clear();
+                    // The agent's channel is 1, the client's 2.
+                    let to = match frame {
+                        Frame::Ping { nonce } => {
+                            Frame::Pong {
+                                nonce,
+                                observed: from,
+                            }
+                            .encode(&mut out);
+                            from
+                        }
+                        Frame::Bind { nonce, site, .. } => {
+                            let channel = if site.is_empty() {
+                                agent = Some(from);
+                                1
+                            } else {
+                                client = Some(from);
+                                2
+                            };
+                            Frame::Bound {
+                                nonce,
+                                channel,
+                                lifetime: 30,
+                            }
+                            .encode(&mut out);
+                            from
+                        }
+                        Frame::Data { channel, payload } => {
+                            let (other, to) = if channel == 1 {
+                                (2, client)
+                            } else {
+                                (1, agent)
+                            };
+                            let Some(to) = to else { continue };
+                            Frame::Data {
+                                channel: other,
+                                payload,
+                            }
+                            .encode(&mut out);
+                            to
+                        }
+                        _ => continue,
+                    };
+                    let _ = sock.send_to(&out, to).await;
+                }
+            });
+            addr
+        }
+
+        /// The data path to a site whose agent lets the device reach 127.0.0.1 (TCP, UDP);
+        /// the agent stops when its endpoint is dropped.
+        async fn data_path() -> (DataPath, AgentEndpoint) {
+            let relay = relay().await;
+            let agent_key = SecretKey::generate();
+            let agent = Endpoint::agent(
+                UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+                agent_key.clone(),
+                EndpointConfig::default(),
+            )
+            .unwrap();
+            let ours = StaticSecret::from([7u8; 32]);
+            agent
+                .set_access(
+                    vec![DeviceAccess {
+                        device: Name::new("laptop").unwrap(),
+                        user: Name::new("alice").unwrap(),
+                        key: PublicKey::from(&ours).to_bytes(),
+                        address: DEVICE,
+                        grants: vec![FlowGrant {
+                            resource: Name::new("echo").unwrap(),
+                            dst: FlowDst::Net("127.0.0.1/32".parse().unwrap()),
+                            ports: vec![(1, u16::MAX)],
+                            tcp: true,
+                            udp: true,
+                            icmp: false,
+                        }],
+                    }],
+                    vec![(relay, b"agent-ticket".to_vec())],
+                    tokio::time::Instant::now().into_std() + Duration::from_secs(300),
+                )
+                .await
+                .unwrap();
+            let peer = SitePeer {
+                site: "lab".into(),
+                agent_key: agent_key.public_key().0,
+                relays: vec![relay],
+                ticket: b"device-ticket".to_vec(),
+            };
+            let data = DataPath::start(&ours, DEVICE, Some(1408), peer)
+                .await
+                .unwrap();
+            (data, agent)
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_local_tcp_listener_forwards_each_connection_as_a_flow() {
+            let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dst = echo.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+            });
+            let (data, _agent) = data_path().await;
+            let local = bind_tcp("127.0.0.1:0".parse().unwrap(), true)
+                .await
+                .unwrap();
+            let addr = local.local_addr().unwrap();
+            tokio::spawn(serve_tcp(local, data.clone(), "lab".into(), dst));
+
+            for i in 0..2u8 {
+                let mut app = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let msg = vec![i; 100_000];
+                app.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                tokio::time::timeout(PATIENCE, app.read_exact(&mut back))
+                    .await
+                    .expect("echo hung")
+                    .unwrap();
+                assert_eq!(back, msg);
+            }
+            let status = data.status().await;
+            assert_eq!(status.len(), 1, "{status:?}");
+            assert!(status[0].relay.is_some(), "{status:?}");
+            assert!(status[0].bytes_received > 200_000, "{status:?}");
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn nc_half_closes_and_reads_the_answer_to_the_end() {
+            // Answers only once the client has finished sending, then closes.
+            let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dst = server.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = server.accept().await.unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                s.write_all(format!("got {} bytes", got.len()).as_bytes())
+                    .await
+                    .unwrap();
+            });
+            let (data, _agent) = data_path().await;
+            let flow = data.connect_tcp("lab", dst, PATIENCE).await.unwrap();
+            let input = vec![b'x'; 300_000];
+            let mut output = Vec::new();
+            tokio::time::timeout(PATIENCE, pipe(flow, &input[..], &mut output))
+                .await
+                .expect("nc hung")
+                .unwrap();
+            assert_eq!(String::from_utf8(output).unwrap(), "got 300000 bytes");
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn each_local_udp_client_is_its_own_flow() {
+            let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let dst = echo.local_addr().unwrap();
+            tokio::spawn(async move {
+                let mut b = [0u8; 2048];
+                while let Ok((n, from)) = echo.recv_from(&mut b).await {
+                    // Which flow it came through shows in the answer: its source port.
+                    let mut reply = b[..n].to_vec();
+                    reply.extend_from_slice(&from.port().to_be_bytes());
+                    let _ = echo.send_to(&reply, from).await;
+                }
+            });
+            let (data, _agent) = data_path().await;
+            let local = bind_udp("127.0.0.1:0".parse().unwrap(), true)
+                .await
+                .unwrap();
+            let addr = local.local_addr().unwrap();
+            tokio::spawn(serve_udp(local, data, "lab".into(), dst));
+
+            let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let ra = ask(&a, addr, b"from a").await;
+            let rb = ask(&b, addr, b"from b").await;
+            assert_eq!(&ra[..6], b"from a");
+            assert_eq!(&rb[..6], b"from b");
+            assert_ne!(ra[6..], rb[6..], "two local clients share one flow");
+            // The same client again: the same flow.
+            assert_eq!(ask(&a, addr, b"from a").await, ra);
+        }
+
+        /// Sends `msg` from `sock` to `to` until an answer comes (the first datagram may race
+        /// the handshake); the answer.
+        async fn ask(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+            let mut buf = [0u8; 2048];
+            for _ in 0..40 {
+                sock.send_to(msg, to).await.unwrap();
+                let wait = tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf));
+                if let Ok(Ok(n)) = wait.await {
+                    return buf[..n].to_vec();
+                }
+            }
+            panic!("no answer through the tunnel");
+        }
     }
 
     #[test]
