@@ -197,7 +197,11 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
     };
     let signed_in = s.token.is_some() && s.expires_at.is_none_or(|e| e > session::now_unix());
     let rtt = match NodeClient::new(&s.node, s.ca.as_deref()) {
-        Ok(c) => rtt(&c).await.map_err(|e| e.to_string()),
+        // A node that does not answer must not hold the rest of the status up.
+        Ok(c) => match tokio::time::timeout(Duration::from_secs(5), rtt(&c)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within 5 s".to_owned()),
+        },
         Err(e) => Err(format!("{e:#}")),
     };
     let runs = live(&run_dir()?);
