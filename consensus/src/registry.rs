@@ -3595,6 +3595,374 @@ mod tests {
         assert_eq!(before, after);
     }
 
+    fn register(device: &str, owner: &str, key: u8) -> Command {
+        Command::RegisterDevice {
+            name: name(device),
+            owner: name(owner),
+            public_key: WgKey([key; 32]),
+            os: "linux".into(),
+            session: None,
+            address: Some("198.51.100.7".parse().unwrap()),
+        }
+    }
+
+    fn registered(reply: Reply) -> Device {
+        match reply {
+            Ok(Outcome::Device(d)) => d,
+            other => panic!("expected a device, got {other:?}"),
+        }
+    }
+
+    fn private(n: &str, address: &str, alias: Option<&str>) -> AnyEntity {
+        AnyEntity::Resource(Resource {
+            name: name(n),
+            site: Some(name("hq")),
+            route: Route::Private {
+                address: address.parse().unwrap(),
+                ports: Default::default(),
+                protocols: warren_proto::registry::L4Protocol::default_set(),
+                alias: alias.map(str::to_owned),
+                virtual_address: Some(Ipv4Addr::new(1, 2, 3, 4)),
+            },
+            targets: Vec::new(),
+            policies: Vec::new(),
+            http: Default::default(),
+            revision: 0,
+        })
+    }
+
+    #[test]
+    fn a_device_registers_once_and_the_same_key_signs_in_again() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", None))).unwrap();
+        let d = registered(h.system(register("alice-laptop", "alice", 1)));
+        assert_eq!(d.address, Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!((d.created_at, d.last_seen), (1_700_000_000, 1_700_000_000));
+        assert_eq!(h.reg.device_by_key(&WgKey([1; 32])), Some(&d));
+        // The same machine again, under another name, later, from elsewhere: same device.
+        let again = registered(h.system_at(
+            1_700_000_500,
+            Command::RegisterDevice {
+                name: name("renamed"),
+                owner: name("alice"),
+                public_key: WgKey([1; 32]),
+                os: "macos".into(),
+                session: None,
+                address: Some("203.0.113.9".parse().unwrap()),
+            },
+        ));
+        assert_eq!(again.name, d.name);
+        assert_eq!(again.address, d.address);
+        assert_eq!(again.created_at, d.created_at);
+        assert_eq!(again.last_seen, 1_700_000_500);
+        assert_eq!(again.os, "macos");
+        assert_eq!(again.last_address, Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(h.reg.devices().len(), 1);
+        let phone = registered(h.system(register("alice-phone", "alice", 2)));
+        assert_eq!(phone.address, Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(h.reg.devices_of(&name("alice")).count(), 2);
+        let touched = registered(h.system_at(
+            1_700_000_900,
+            Command::TouchDevice {
+                name: name("alice-phone"),
+                address: None,
+            },
+        ));
+        assert_eq!(touched.last_seen, 1_700_000_900);
+        assert_eq!(touched.last_address, phone.last_address);
+    }
+
+    #[test]
+    fn a_device_key_or_name_of_someone_else_is_refused_and_changes_nothing() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", None))).unwrap();
+        h.admin(Command::Create(user("mallory", None))).unwrap();
+        h.system(register("alice-laptop", "alice", 1)).unwrap();
+        let before = h.tables();
+        assert_eq!(
+            h.system(register("mallory-laptop", "mallory", 1)),
+            Err(RegistryError::DeviceKeyTaken)
+        );
+        assert!(matches!(
+            h.system(register("alice-laptop", "mallory", 3)),
+            Err(RegistryError::AlreadyExists { kind: Kind::Device, field, .. }) if field == "name"
+        ));
+        assert!(matches!(
+            h.system(register("ghost-laptop", "ghost", 4)),
+            Err(RegistryError::NotFound {
+                kind: Kind::User,
+                ..
+            })
+        ));
+        let mut os = register("m", "mallory", 5);
+        if let Command::RegisterDevice { os, .. } = &mut os {
+            *os = "x".repeat(65);
+        }
+        assert!(matches!(
+            h.system(os),
+            Err(RegistryError::Invalid { kind: Kind::Device, field, .. }) if field == "os"
+        ));
+        assert_eq!(h.tables(), before);
+        assert_eq!(
+            h.reg.device_by_key(&WgKey([1; 32])).unwrap().owner,
+            name("alice")
+        );
+        // Only the cluster registers devices, never an API key.
+        assert_eq!(
+            h.admin(register("x", "alice", 6)),
+            Err(RegistryError::Forbidden)
+        );
+    }
+
+    #[test]
+    fn a_disabled_owner_or_a_session_not_theirs_registers_nothing() {
+        let mut h = Harness::new();
+        signed_in(h.sign_in("corp", "s-alice", "alice@example.com", true));
+        let alice_session = *h.reg.sessions().keys().next().unwrap();
+        h.admin(Command::Create(user("bob", None))).unwrap();
+        let with = |owner: &str, session| Command::RegisterDevice {
+            name: name("d"),
+            owner: name(owner),
+            public_key: WgKey([1; 32]),
+            os: String::new(),
+            session: Some(session),
+            address: None,
+        };
+        assert!(matches!(
+            h.system(with("bob", alice_session)),
+            Err(RegistryError::SessionNotLive { .. })
+        ));
+        assert!(matches!(
+            h.system_at(1_800_000_000, with("alice", alice_session)),
+            Err(RegistryError::SessionNotLive { .. })
+        ));
+        let d = registered(h.system(with("alice", alice_session)));
+        assert_eq!(d.session, Some(alice_session));
+        let mut bob = match h.reg.entity(Kind::User, &name("bob")) {
+            Some(AnyEntity::User(u)) => u,
+            other => panic!("{other:?}"),
+        };
+        bob.disabled = true;
+        h.admin(Command::Update(AnyEntity::User(bob))).unwrap();
+        assert!(matches!(
+            h.system(register("bob-laptop", "bob", 2)),
+            Err(RegistryError::UserDisabled { .. })
+        ));
+        // Revoking the session keeps the device (the data path checks the session).
+        h.admin(Command::RevokeSession { id: alice_session })
+            .unwrap();
+        assert_eq!(h.reg.devices()[&name("d")].session, Some(alice_session));
+    }
+
+    #[test]
+    fn device_addresses_are_never_reused_and_users_take_their_devices_along() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", None))).unwrap();
+        h.admin(Command::Create(role("staff", &["alice"]))).unwrap();
+        let a = registered(h.system(register("a", "alice", 1)));
+        h.admin(Command::Delete {
+            kind: Kind::Device,
+            name: name("a"),
+            revision: 0,
+        })
+        .unwrap();
+        assert!(h.reg.device_by_key(&WgKey([1; 32])).is_none());
+        let b = registered(h.system(register("a", "alice", 1)));
+        assert_ne!(
+            a.address, b.address,
+            "a deleted device's address is not given again"
+        );
+        registered(h.system(register("c", "alice", 3)));
+        let Ok(Outcome::Deleted { cascaded }) = h.admin(Command::Delete {
+            kind: Kind::User,
+            name: name("alice"),
+            revision: 0,
+        }) else {
+            panic!("deleted")
+        };
+        let gone: Vec<_> = cascaded
+            .iter()
+            .filter(|c| c.kind == Kind::Device && c.action == ChangeAction::Delete)
+            .map(|c| c.name.to_string())
+            .collect();
+        assert_eq!(gone, ["a", "c"]);
+        assert!(h.reg.devices().is_empty());
+        assert!(h.reg.device_by_key(&WgKey([3; 32])).is_none());
+        assert!(matches!(
+            h.admin(Command::Delete {
+                kind: Kind::Device,
+                name: name("a"),
+                revision: 0
+            }),
+            Err(RegistryError::NotFound {
+                kind: Kind::Device,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn pools_skip_the_network_address_and_the_virtual_pool() {
+        let (base, size) = DEVICE_POOL;
+        assert_eq!(next_in_pool(base, size, 0, None), Some(1));
+        let skip = Some((VIRTUAL_POOL.0 - base, VIRTUAL_POOL.1));
+        let before_virtual = VIRTUAL_POOL.0 - base - 1;
+        let next = next_in_pool(base, size, before_virtual, skip).unwrap();
+        assert_eq!(Ipv4Addr::from(base + next), Ipv4Addr::new(100, 101, 0, 0));
+        assert_eq!(next_in_pool(base, size, size - 1, skip), None);
+        let (vbase, vsize) = VIRTUAL_POOL;
+        assert_eq!(
+            Ipv4Addr::from(vbase + next_in_pool(vbase, vsize, 0, None).unwrap()),
+            Ipv4Addr::new(100, 100, 0, 1)
+        );
+        assert_eq!(next_in_pool(vbase, vsize, vsize - 1, None), None);
+    }
+
+    #[test]
+    fn dns_private_resources_get_a_virtual_address_kept_across_updates() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(site("hq"))).unwrap();
+        let Ok(Outcome::Entity(AnyEntity::Resource(db))) =
+            h.admin(Command::Create(private("db", "db.internal", Some("pg"))))
+        else {
+            panic!("created")
+        };
+        assert_eq!(db.virtual_address(), Some(Ipv4Addr::new(100, 100, 0, 1)));
+        // Two private resources may share an address; an IP address needs no virtual one.
+        let Ok(Outcome::Entity(AnyEntity::Resource(ip))) =
+            h.admin(Command::Create(private("ip", "10.0.0.5", None)))
+        else {
+            panic!("created")
+        };
+        assert_eq!(ip.virtual_address(), None, "a user-sent value is replaced");
+        h.admin(Command::Create(private("ip2", "10.0.0.5", None)))
+            .unwrap();
+        // An update (a manifest's, without the address) keeps it and changes nothing.
+        let manifest = Manifest {
+            resources: Some(vec![match private("db", "db.internal", Some("pg")) {
+                AnyEntity::Resource(r) => r,
+                _ => unreachable!(),
+            }]),
+            ..Manifest::default()
+        };
+        let Ok(Outcome::Applied(report)) = h.admin(Command::Apply {
+            manifest,
+            prune: false,
+        }) else {
+            panic!("applied")
+        };
+        assert_eq!((report.changes.len(), report.unchanged), (0, 1));
+        assert_eq!(
+            h.reg.resources()[&name("db")].virtual_address(),
+            db.virtual_address()
+        );
+        // To an IP and back: the old address is not given again.
+        h.admin(Command::Update(private("db", "10.0.0.6", Some("pg"))))
+            .unwrap();
+        assert_eq!(h.reg.resources()[&name("db")].virtual_address(), None);
+        h.admin(Command::Update(private("db", "db2.internal", Some("pg"))))
+            .unwrap();
+        assert_eq!(
+            h.reg.resources()[&name("db")].virtual_address(),
+            Some(Ipv4Addr::new(100, 100, 0, 2))
+        );
+    }
+
+    #[test]
+    fn aliases_are_unique_among_aliases_and_names() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(site("hq"))).unwrap();
+        h.admin(Command::Create(private("db", "10.0.0.5", Some("pg"))))
+            .unwrap();
+        let field = |r: Reply| match r {
+            Err(RegistryError::AlreadyExists { field, .. }) => field,
+            other => panic!("expected a taken value, got {other:?}"),
+        };
+        assert_eq!(
+            field(h.admin(Command::Create(private("db2", "10.0.0.6", Some("pg"))))),
+            "route.private.alias"
+        );
+        assert_eq!(
+            field(h.admin(Command::Create(private("db3", "10.0.0.6", Some("db"))))),
+            "route.private.alias"
+        );
+        assert_eq!(
+            field(h.admin(Command::Create(private("pg", "10.0.0.6", None)))),
+            "name"
+        );
+        // Its own name as its alias is fine.
+        h.admin(Command::Create(private("ssh", "10.0.0.7", Some("ssh"))))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_registry_is_written_as_format_1_until_a_format_2_request_applies() {
+        let mut h = Harness::new();
+        h.admin(Command::Create(user("alice", None))).unwrap();
+        assert_eq!(h.reg.snapshot_format(), Format::V1);
+        let (format, v1) = h.reg.encode_snapshot().unwrap();
+        assert_eq!(format, Format::V1);
+        let mut back = Registry::decode_snapshot(Format::V1, &v1).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(format!("{back:?}"), format!("{:?}", h.reg));
+        // Even a refused one: its reply (which names the device kind) is remembered.
+        assert!(h.system(register("d", "nobody", 1)).is_err());
+        assert_eq!(h.reg.snapshot_format(), Format::V2);
+        h.system(register("d", "alice", 1)).unwrap();
+        let (format, v2) = h.reg.encode_snapshot().unwrap();
+        assert_eq!(format, Format::V2);
+        let mut back = Registry::decode_snapshot(Format::V2, &v2).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.device_by_key(&WgKey([1; 32])).unwrap().name, name("d"));
+        assert_eq!(format!("{back:?}"), format!("{:?}", h.reg));
+    }
+
+    #[test]
+    fn devices_survive_a_snapshot_and_a_replay_of_the_log() {
+        let mut h = Harness::new();
+        let mut log = Vec::new();
+        let mut run = |h: &mut Harness, c: Command| {
+            let req = Request {
+                id: RequestId(u128::from(h.index) + 5_000_000),
+                at: 1_700_000_000 + h.index,
+                actor: Actor::System,
+                command: c,
+            };
+            log.push(req.clone());
+            h.submit(req)
+        };
+        run(&mut h, Command::Create(user("alice", None))).unwrap();
+        run(&mut h, Command::Create(site("hq"))).unwrap();
+        run(&mut h, register("a", "alice", 1)).unwrap();
+        run(&mut h, register("b", "alice", 2)).unwrap();
+        run(&mut h, Command::Create(private("db", "db.internal", None))).unwrap();
+        run(
+            &mut h,
+            Command::Delete {
+                kind: Kind::Device,
+                name: name("a"),
+                revision: 0,
+            },
+        )
+        .unwrap();
+        run(&mut h, register("c", "alice", 3)).unwrap();
+        let (before, after) = h.snapshot_round_trip();
+        assert_eq!(before, after);
+        let mut replay = Harness::new();
+        for req in log {
+            replay.submit(req);
+        }
+        assert_eq!(replay.tables(), h.tables());
+        assert_eq!(
+            replay.reg.devices()[&name("c")].address,
+            Ipv4Addr::new(100, 64, 0, 3)
+        );
+        assert_eq!(
+            replay.reg.device_by_key(&WgKey([3; 32])),
+            h.reg.device_by_key(&WgKey([3; 32]))
+        );
+    }
+
     fn arb_name() -> impl Strategy<Value = String> {
         prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(str::to_owned)
     }

@@ -477,6 +477,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn device_criteria_match_flows_and_http_criteria_never_do() {
+        let alice = Person::new("alice", "alice@example.com", &["admins"]);
+        let web = alice.facts("10.0.0.1");
+        let flow = Facts {
+            method: None,
+            path: None,
+            device: Some("alice-laptop"),
+            ..web
+        };
+        let yes = |e: Expr, f: &Facts<'_>| decide(&[policy("p", Some(e), None)], f).allowed();
+        let laptop = || Expr::Device(Name::new("alice-laptop").unwrap());
+        assert!(yes(laptop(), &flow));
+        assert!(!yes(Expr::Device(Name::new("alice-phone").unwrap()), &flow));
+        assert!(!yes(laptop(), &web), "a web request comes from no device");
+        assert!(yes(Expr::Not(Box::new(laptop())), &web));
+        for http in [
+            Expr::Method("GET".into()),
+            Expr::Path(PathMatch::Prefix("/".into())),
+            Expr::Path(PathMatch::Exact("/app/index.html".into())),
+            Expr::Path(PathMatch::Regex(".*".into())),
+        ] {
+            assert!(yes(http.clone(), &web), "{http:?} matches the web request");
+            assert!(!yes(http.clone(), &flow), "{http:?} never matches a flow");
+        }
+        // The criteria that make sense for flows still apply to them.
+        assert!(yes(
+            Expr::And(vec![
+                Expr::Group("admins".into()),
+                Expr::SourceCidr("10.0.0.0/8".parse().unwrap()),
+                laptop(),
+            ]),
+            &flow
+        ));
+        // A deny on a path cannot be dodged by a flow, but it does not block one either.
+        let p = [policy(
+            "p",
+            Some(laptop()),
+            Some(Expr::Path(PathMatch::Prefix("/admin".into()))),
+        )];
+        assert!(decide(&p, &flow).allowed());
+    }
+
     fn window(days: &[Weekday], from: &str, to: &str, tz: &str) -> Expr {
         Expr::Time(TimeWindow {
             days: days.to_vec(),

@@ -353,6 +353,17 @@ mod tests {
     }
 
     #[test]
+    fn device_criteria_read_from_yaml() {
+        let e: Expr = yaml("and:\n  - device: alice-laptop\n  - group: admins\n").unwrap();
+        assert!(e.validate().is_ok());
+        let Expr::And(xs) = e else {
+            panic!("expected and")
+        };
+        assert_eq!(xs[0], Expr::Device(Name::new("alice-laptop").unwrap()));
+        assert!(yaml::<Expr>("device: Not A Name\n").is_err());
+    }
+
+    #[test]
     fn depth_is_bounded() {
         let mut e = Expr::Group("g".into());
         for _ in 0..Expr::MAX_DEPTH {

@@ -1797,6 +1797,199 @@ mod tests {
     }
 
     #[test]
+    fn port_sets_parse_merge_and_print() {
+        for (s, shown) in [
+            ("22", "22"),
+            ("22,5432,8000-8100", "22,5432,8000-8100"),
+            (" 443 , 80 ", "80,443"),
+            ("80,81-90,85", "80-90"),
+            ("1-65535", "1-65535"),
+            ("10-20,21-30,5", "5,10-30"),
+            ("7-7", "7"),
+        ] {
+            let p: PortSet = s.parse().unwrap();
+            assert_eq!(p.to_string(), shown, "{s}");
+            assert_eq!(p.to_string().parse::<PortSet>().unwrap(), p);
+        }
+        let p: PortSet = "22,8000-8100".parse().unwrap();
+        assert!(p.contains(22) && p.contains(8000) && p.contains(8100));
+        assert!(!p.contains(21) && !p.contains(8101) && !p.contains(0));
+        assert!(PortSet::default().is_all() && PortSet::default().contains(65535));
+    }
+
+    #[test]
+    fn hostile_port_lists_are_refused() {
+        let long = "1,".repeat(PortSet::MAX_ITEMS) + "1";
+        let huge = "9".repeat(PortSet::MAX_LEN + 1);
+        for bad in [
+            "",
+            ",",
+            "22,",
+            "0",
+            "0-10",
+            "65536",
+            "99999999999999999999",
+            "-5",
+            "5-",
+            "+5",
+            "10-5",
+            "1-2-3",
+            "22;23",
+            "２２",
+            "0x16",
+            long.as_str(),
+            huge.as_str(),
+        ] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad:?}");
+        }
+        let err = serde_json::from_str::<Resource>(
+            r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5","ports":"0"}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ports: "), "{err}");
+    }
+
+    #[test]
+    fn private_addresses_parse_and_print() {
+        let a = |s: &str| s.parse::<PrivateAddress>();
+        assert_eq!(
+            a("10.0.0.5").unwrap(),
+            PrivateAddress::Ip("10.0.0.5".parse().unwrap())
+        );
+        assert_eq!(
+            a("fd00::1").unwrap(),
+            PrivateAddress::Ip("fd00::1".parse().unwrap())
+        );
+        assert_eq!(
+            a("10.0.0.0/24").unwrap(),
+            PrivateAddress::Cidr("10.0.0.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            a("DB.Internal").unwrap(),
+            PrivateAddress::Dns("db.internal".into())
+        );
+        for s in ["10.0.0.5", "10.0.0.0/24", "db.internal", "fd00::/64"] {
+            assert_eq!(a(s).unwrap().to_string(), s);
+        }
+        for bad in [
+            "10.0.0.5/24",
+            "10.0.0.0/33",
+            "*.internal",
+            "a b",
+            "",
+            "db..x",
+            "-db",
+        ] {
+            assert!(a(bad).is_err(), "{bad:?}");
+        }
+        let net = a("10.0.0.0/24").unwrap();
+        assert!(net.contains("10.0.0.9".parse().unwrap()));
+        assert!(!net.contains("10.0.1.9".parse().unwrap()));
+        assert!(!a("db.internal")
+            .unwrap()
+            .contains("10.0.0.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn wireguard_keys_are_base64_of_32_bytes() {
+        let k = WgKey([7; 32]);
+        let s = k.to_string();
+        assert_eq!(s.len(), 44);
+        assert_eq!(s.parse::<WgKey>().unwrap(), k);
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<WgKey>(&json).unwrap(), k);
+        let bin = bincode::serde::encode_to_vec(k, bincode::config::standard()).unwrap();
+        assert_eq!(bin.len(), 32, "binary formats keep the bytes");
+        let (back, _): (WgKey, _) =
+            bincode::serde::decode_from_slice(&bin, bincode::config::standard()).unwrap();
+        assert_eq!(back, k);
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 31]);
+        let long = base64::engine::general_purpose::STANDARD.encode([1u8; 33]);
+        for bad in [short.as_str(), long.as_str(), "", &"!".repeat(44), &s[..43]] {
+            assert!(bad.parse::<WgKey>().is_err(), "{bad:?}");
+        }
+        assert!(format!("{k:?}").contains(&s), "public: Debug shows it");
+    }
+
+    #[test]
+    fn private_resources_take_defaults_and_name_bad_fields() {
+        let r = resource(
+            r#"{"name":"db","site":"hq","route":{"private":{"address":"db.internal","alias":"pg"}}}"#,
+        );
+        assert!(r.validate().is_ok());
+        let Route::Private {
+            ports, protocols, ..
+        } = &r.route
+        else {
+            panic!("private")
+        };
+        assert!(ports.is_all());
+        assert_eq!(protocols, &[L4Protocol::Tcp, L4Protocol::Udp]);
+        assert_eq!(r.alias(), Some("pg"));
+        let field = |json: &str| resource(json).validate().unwrap_err().field;
+        assert_eq!(
+            field(r#"{"name":"db","route":{"private":{"address":"10.0.0.5"}}}"#),
+            "site"
+        );
+        assert_eq!(
+            field(
+                r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5"}},"targets":["a:1"]}"#
+            ),
+            "targets"
+        );
+        assert_eq!(
+            field(
+                r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5","protocols":[]}}}"#
+            ),
+            "route.private.protocols"
+        );
+        assert_eq!(
+            field(
+                r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5","protocols":["tcp","tcp"]}}}"#
+            ),
+            "route.private.protocols[1]"
+        );
+        assert_eq!(
+            field(
+                r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5","alias":"a.b"}}}"#
+            ),
+            "route.private.alias"
+        );
+        assert_eq!(
+            field(
+                r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5"}},"http":{"public":true}}"#
+            ),
+            "http"
+        );
+        assert!(serde_json::from_str::<Resource>(
+            r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5","protocols":["sctp"]}}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn device_os_is_bounded_text() {
+        let mut d = Device {
+            name: Name::new("alice-laptop").unwrap(),
+            owner: Name::new("alice").unwrap(),
+            public_key: WgKey([1; 32]),
+            os: "linux".into(),
+            address: Ipv4Addr::new(100, 64, 0, 1),
+            session: None,
+            created_at: 0,
+            last_seen: 0,
+            last_address: None,
+            revision: 0,
+        };
+        assert!(d.validate().is_ok());
+        d.os = "x".repeat(Device::MAX_OS + 1);
+        assert_eq!(d.validate().unwrap_err().field, "os");
+        d.os = "linux\n".into();
+        assert_eq!(d.validate().unwrap_err().field, "os");
+    }
+
+    #[test]
     fn same_content_ignores_revision() {
         let a = User {
             name: Name::new("a").unwrap(),
