@@ -3950,7 +3950,7 @@ mod tests {
         assert_eq!(before, after);
         let mut replay = Harness::new();
         for req in log {
-            replay.submit(req);
+            replay.submit(req).unwrap();
         }
         assert_eq!(replay.tables(), h.tables());
         assert_eq!(
