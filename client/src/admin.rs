@@ -76,6 +76,13 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: EntityCmd<PolicyFields, PolicyFields>,
     },
+    /// Devices: machines users signed in on with `warren login` (registered by the client;
+    /// listed and deleted here).
+    Device {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
     /// Nodes of the cluster.
     Node {
         /// What to do.
@@ -398,17 +405,31 @@ pub struct ResourceFields {
     #[arg(long)]
     site: Option<String>,
     /// Web app on this host name.
-    #[arg(long, conflicts_with_all = ["tcp", "udp"])]
+    #[arg(long, conflicts_with_all = ["tcp", "udp", "private"])]
     http: Option<String>,
     /// With --http: only under this path prefix.
     #[arg(long, requires = "http")]
     path_prefix: Option<String>,
     /// TCP service on this port of every node.
-    #[arg(long, conflicts_with = "udp")]
+    #[arg(long, conflicts_with_all = ["udp", "private"])]
     tcp: Option<u16>,
     /// UDP service on this port of every node.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "private")]
     udp: Option<u16>,
+    /// Private resource inside the site, reached with the `warren` client: an IP address,
+    /// a network (10.0.0.0/24) or a DNS name the agent resolves.
+    #[arg(long)]
+    private: Option<String>,
+    /// With --private: the ports users may reach, like 22,5432,8000-8100 (default all).
+    #[arg(long, requires = "private")]
+    ports: Option<String>,
+    /// With --private: a protocol users may send, tcp, udp or icmp (repeat; default tcp
+    /// and udp).
+    #[arg(long = "protocol", requires = "private")]
+    protocols: Vec<String>,
+    /// With --private: the short name users type (`warren connect <alias>`).
+    #[arg(long, requires = "private")]
+    alias: Option<String>,
     /// Upstream host:port (repeat for more).
     #[arg(long = "target")]
     targets: Vec<String>,
@@ -421,6 +442,18 @@ impl ResourceFields {
     fn route(&self) -> Option<Value> {
         if let Some(domain) = &self.http {
             Some(json!({"http": {"domain": domain, "path_prefix": self.path_prefix}}))
+        } else if let Some(address) = &self.private {
+            let mut private = json!({"address": address});
+            if let Some(ports) = &self.ports {
+                private["ports"] = json!(ports);
+            }
+            if !self.protocols.is_empty() {
+                private["protocols"] = json!(self.protocols);
+            }
+            if let Some(alias) = &self.alias {
+                private["alias"] = json!(alias);
+            }
+            Some(json!({ "private": private }))
         } else if let Some(port) = self.tcp {
             Some(json!({"tcp": {"port": port}}))
         } else {
@@ -495,6 +528,24 @@ impl Fields for PolicyFields {
         }
         Ok(m)
     }
+}
+
+/// Device verbs.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// List the devices.
+    List,
+    /// Show one.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Delete a device: it reaches nothing from now on (signing in on it registers it
+    /// again, with a new address).
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Node verbs.
@@ -656,6 +707,7 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
             )
             .await
         }
+        AdminCmd::Device { cmd } => device(&client, json, cmd).await,
         AdminCmd::Node { cmd } => node(&client, json, cmd).await,
         AdminCmd::Cluster { cmd } => cluster(&client, json, cmd).await,
         AdminCmd::ApiKey { cmd } => api_key(&client, json, cmd).await,
@@ -902,6 +954,68 @@ async fn role(
             "updated role {name}: members {}",
             output::cell(v.get("members"))
         );
+    }
+    Ok(())
+}
+
+/// The columns of `warren admin device list|get`.
+const DEVICE_COLUMNS: [&str; 8] = [
+    "name",
+    "owner",
+    "os",
+    "address",
+    "public_key",
+    "created",
+    "last_seen",
+    "last_address",
+];
+
+/// A device as the table shows it: times as UTC dates rather than epoch seconds.
+fn device_row(v: &Value) -> Value {
+    let mut row = v.clone();
+    if let Some(m) = row.as_object_mut() {
+        for (from, to) in [("created_at", "created"), ("last_seen", "last_seen")] {
+            let at = m.get(from).and_then(Value::as_i64).and_then(|t| {
+                jiff::Timestamp::from_second(t)
+                    .ok()
+                    .map(|t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+            });
+            m.insert(to.into(), at.map_or(Value::Null, Value::String));
+        }
+    }
+    row
+}
+
+async fn device(client: &Client, json: bool, cmd: DeviceCmd) -> anyhow::Result<()> {
+    let show = |v: Value| {
+        if json {
+            output::print(&v, &[], true);
+            return;
+        }
+        let rows: Vec<Value> = match v.get("items").and_then(Value::as_array) {
+            Some(items) => items.iter().map(device_row).collect(),
+            None => vec![device_row(&v)],
+        };
+        let rows: Vec<&Value> = rows.iter().collect();
+        println!("{}", output::table(&rows, &DEVICE_COLUMNS));
+    };
+    match cmd {
+        DeviceCmd::List => show(client.call::<()>(Method::GET, "/v1/devices", None).await?),
+        DeviceCmd::Get { name } => show(
+            client
+                .call::<()>(Method::GET, &format!("/v1/devices/{}", enc(&name)), None)
+                .await?,
+        ),
+        DeviceCmd::Delete { name } => {
+            let v = client
+                .call::<()>(Method::DELETE, &format!("/v1/devices/{}", enc(&name)), None)
+                .await?;
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                println!("deleted device {name}");
+            }
+        }
     }
     Ok(())
 }
@@ -1202,6 +1316,61 @@ mod tests {
             _ => panic!("not a create or an update"),
         }
         .unwrap()
+    }
+
+    #[derive(Parser)]
+    struct ResourceCli {
+        #[command(subcommand)]
+        cmd: EntityCmd<ResourceFields, ResourceUpdate>,
+    }
+
+    #[test]
+    fn a_private_resource_is_made_from_flags() {
+        let cli = ResourceCli::try_parse_from([
+            "resource",
+            "create",
+            "db",
+            "--site",
+            "hq",
+            "--private",
+            "db.internal",
+            "--ports",
+            "5432",
+            "--protocol",
+            "tcp",
+            "--alias",
+            "pg",
+        ])
+        .unwrap();
+        let EntityCmd::Create { fields, .. } = cli.cmd else {
+            panic!("a create")
+        };
+        let m = fields.to_json().unwrap();
+        assert_eq!(
+            m["route"],
+            json!({"private": {"address": "db.internal", "ports": "5432", "protocols": ["tcp"], "alias": "pg"}})
+        );
+        assert!(
+            ResourceCli::try_parse_from(["resource", "create", "db", "--ports", "22"]).is_err()
+        );
+        assert!(ResourceCli::try_parse_from([
+            "resource",
+            "create",
+            "db",
+            "--private",
+            "10.0.0.5",
+            "--tcp",
+            "22"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn device_rows_show_dates() {
+        let row = device_row(&json!({"name": "d", "created_at": 1_700_000_000, "last_seen": 0}));
+        assert_eq!(row["created"], json!("2023-11-14 22:13:20Z"));
+        assert_eq!(row["last_seen"], json!("1970-01-01 00:00:00Z"));
+        assert_eq!(output::cell(row.get("last_address")), "-");
     }
 
     #[test]

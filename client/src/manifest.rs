@@ -25,7 +25,7 @@ pub fn read_source(path: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use warren_proto::api::Manifest;
-    use warren_proto::registry::Route;
+    use warren_proto::registry::{Entity as _, L4Protocol, Route};
 
     use super::*;
 
@@ -40,6 +40,47 @@ mod tests {
         assert_eq!(resources[0].route, Route::Tcp { port: 5432 });
         assert!(m.policies.unwrap()[0].allow.is_some());
         assert!(m.users.is_none(), "a missing section is not an empty one");
+    }
+
+    #[test]
+    fn private_resources_read_as_written() {
+        let m: Manifest = from_yaml(
+            "resources:\n  - name: db\n    site: hq\n    route:\n      private:\n        address: db.internal\n        ports: 5432\n        protocols: [tcp]\n        alias: pg\n    policies: [staff]\n  - name: lan\n    site: hq\n    route: {private: {address: 10.0.0.0/24, ports: \"22,8000-8100\"}}\n",
+            "m.yaml",
+        )
+        .unwrap();
+        let resources = m.resources.unwrap();
+        let Route::Private {
+            address,
+            ports,
+            protocols,
+            alias,
+            virtual_address,
+        } = &resources[0].route
+        else {
+            panic!("a private route: {:?}", resources[0].route)
+        };
+        assert_eq!(address.to_string(), "db.internal");
+        assert_eq!(ports.to_string(), "5432");
+        assert_eq!(protocols, &[L4Protocol::Tcp]);
+        assert_eq!(alias.as_deref(), Some("pg"));
+        assert_eq!(*virtual_address, None);
+        assert!(resources[0].validate().is_ok());
+        assert_eq!(resources[1].alias(), None);
+        let Route::Private {
+            ports, protocols, ..
+        } = &resources[1].route
+        else {
+            panic!("a private route")
+        };
+        assert_eq!(ports.to_string(), "22,8000-8100");
+        assert_eq!(protocols, &L4Protocol::default_set());
+        let err = from_yaml::<Manifest>(
+            "resources:\n  - name: db\n    site: hq\n    route: {private: {address: db.internal, ports: 0}}\n",
+            "m.yaml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ports: 0 is not a port"), "{err}");
     }
 
     #[test]

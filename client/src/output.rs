@@ -82,6 +82,13 @@ mod tests {
             )),
             "http a.b"
         );
+        assert_eq!(
+            cell(Some(
+                &json!({"private": {"address": "db.internal", "ports": "5432",
+                "protocols": ["tcp"], "alias": "pg", "virtual_address": "100.100.0.1"}})
+            )),
+            "private db.internal pg 5432 tcp 100.100.0.1"
+        );
         assert_eq!(cell(Some(&json!(["a", "b"]))), "a,b");
         assert_eq!(cell(None), "-");
     }

@@ -598,10 +598,41 @@ impl Serialize for PortSet {
 }
 
 impl<'de> Deserialize<'de> for PortSet {
+    /// A string like `"22,8000-8100"`, or in human-readable formats one port as a number
+    /// (`ports: 22` in YAML).
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e: FieldError| serde::de::Error::custom(format!("ports: {}", e.reason)))
+        struct Ports;
+        impl serde::de::Visitor<'_> for Ports {
+            type Value = PortSet;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("ports like \"22,5432,8000-8100\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortSet, E> {
+                s.parse()
+                    .map_err(|e: FieldError| E::custom(format!("ports: {}", e.reason)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortSet, E> {
+                match u16::try_from(n) {
+                    Ok(p) if p != 0 => Ok(PortSet {
+                        ranges: vec![(p, p)],
+                    }),
+                    _ => Err(E::custom(format!(
+                        "ports: {n} is not a port from 1 to 65535"
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortSet, E> {
+                let n = u64::try_from(n)
+                    .map_err(|_| E::custom(format!("ports: {n} is not a port from 1 to 65535")))?;
+                self.visit_u64(n)
+            }
+        }
+        // Binary formats (bincode, which cannot be asked "any") always hold the string.
+        if d.is_human_readable() {
+            d.deserialize_any(Ports)
+        } else {
+            d.deserialize_string(Ports)
+        }
     }
 }
 
@@ -1966,6 +1997,20 @@ mod tests {
             r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.5","protocols":["sctp"]}}}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn private_routes_round_trip_in_the_stored_encoding() {
+        let r = resource(
+            r#"{"name":"db","site":"hq","route":{"private":{"address":"10.0.0.0/24","ports":"22,8000-8100","protocols":["tcp","icmp"],"alias":"lan","virtual_address":"100.100.0.9"}}}"#,
+        );
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&r, cfg).unwrap();
+        let (back, _): (Resource, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, r);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["route"]["private"]["ports"], "22,8000-8100");
+        assert_eq!(serde_json::from_value::<Resource>(json).unwrap(), r);
     }
 
     #[test]

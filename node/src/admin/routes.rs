@@ -22,7 +22,8 @@ use warren_proto::api::{
 };
 use warren_proto::certificate::Certificate;
 use warren_proto::registry::{
-    AccessMethods, IdentityProvider, Kind, Node, NodeRole, Policy, Resource, Role, Site, User,
+    AccessMethods, DeviceView, IdentityProvider, Kind, Node, NodeRole, Policy, Resource, Role,
+    Site, User,
 };
 use warren_proto::session::{SessionId, SessionView, ShareLink, ShareLinkView};
 use warren_proto::token::{ApiKey, JoinToken, KeyId};
@@ -83,6 +84,14 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::delete(remove_member),
         )
         .route("/v1/apply", post(apply))
+        .route("/v1/devices", get(list_devices).post(create_device))
+        .route(
+            "/v1/devices/{name}",
+            get(get_device)
+                .delete(delete_device)
+                .patch(create_device)
+                .put(create_device),
+        )
         .merge(format_next_routes())
         .fallback(|| async {
             ApiErr::new(
@@ -926,6 +935,71 @@ fn found_or_404<T, V>(
     found
         .map(|x| Json(view(x)))
         .ok_or_else(|| ApiErr::not_found(kind, name.as_str()))
+}
+
+/// `GET /v1/devices`: every device (read-only keys may list).
+async fn list_devices(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<List<DeviceView>>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(List {
+        items: reg.devices().values().map(DeviceView::from).collect(),
+    }))
+}
+
+/// `GET /v1/devices/{name}`.
+async fn get_device(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<DeviceView>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let name = path_name(Kind::Device, &name)?;
+    found_or_404(
+        Kind::Device,
+        &name,
+        reg.devices().get(&name),
+        DeviceView::from,
+    )
+}
+
+/// `DELETE /v1/devices/{name}[?revision=N]`: the device can no longer reach anything; its
+/// address is not given out again.
+async fn delete_device(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let key = auth_write(&s, &headers).await?;
+    let name = path_name(Kind::Device, &name)?;
+    let revision = revision_param(&q)?;
+    let command = Command::Delete {
+        kind: Kind::Device,
+        name: name.clone(),
+        revision,
+    };
+    match submit(&s, key, &headers, command).await? {
+        Outcome::Deleted { cascaded } => Ok(Json(json!({
+            "deleted": { "kind": Kind::Device, "name": name },
+            "cascaded": cascaded,
+        }))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Devices are registered by the `warren` client when a user signs in, never written
+/// through the admin API.
+async fn create_device(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    auth_write(&s, &headers).await?;
+    Err(ApiErr::new(
+        ErrorCode::MethodNotAllowed,
+        "devices are registered by `warren login` on the device; the admin API lists and deletes them",
+    ))
 }
 
 fn api_key_view(k: &ApiKeyRecord) -> ApiKeyView {
