@@ -241,7 +241,9 @@ mod tests {
         }
     }
 
-    fn access(u: Option<Update>) -> (Vec<String>, Vec<(SocketAddr, Vec<u8>)>, Instant) {
+    type Relays = Vec<(SocketAddr, Vec<u8>)>;
+
+    fn access(u: Option<Update>) -> (Vec<String>, Relays, Instant) {
         match u {
             Some(Update::Access {
                 devices,

@@ -62,6 +62,24 @@ use crate::wg::{
 const RECV_BATCH: usize = 64;
 /// The most often a summary of refused flows is logged at INFO.
 const REFUSAL_SUMMARY: Duration = Duration::from_secs(10);
+/// Bytes of kernel buffer asked for each way on the endpoint's socket. The default
+/// (about 200 KiB) overflows under a burst of one TCP window of full-size packets, and
+/// every datagram lost there costs smoltcp a recovery (it does not use SACK).
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Asks the kernel for [`SOCKET_BUFFER`] bytes each way on `socket` (it may give less:
+/// `net.core.rmem_max` / `wmem_max` cap it). Best effort; what was granted is logged at
+/// DEBUG.
+pub fn tune_socket(socket: &UdpSocket) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+    let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
+    tracing::debug!(
+        rcvbuf = getsockopt(socket, sockopt::RcvBuf).ok(),
+        sndbuf = getsockopt(socket, sockopt::SndBuf).ok(),
+        "endpoint socket buffers"
+    );
+}
 
 /// The endpoint's settings. Every field has its unit.
 #[derive(Debug, Clone)]
@@ -165,6 +183,7 @@ impl Endpoint {
     ) -> Result<ClientEndpoint, EndpointError> {
         let config = config.validate()?;
         let local = socket.local_addr().map_err(EndpointError::Socket)?;
+        tune_socket(&socket);
         let public_key = secret.public_key();
         let (tx, rx) = mpsc::unbounded_channel();
         let core = Core::new(
@@ -195,6 +214,7 @@ impl Endpoint {
     ) -> Result<AgentEndpoint, EndpointError> {
         let config = config.validate()?;
         let local = socket.local_addr().map_err(EndpointError::Socket)?;
+        tune_socket(&socket);
         let public_key = secret.public_key();
         let (tx, rx) = mpsc::unbounded_channel();
         let stack = Stack::new(config.stack(StackConfig::accept()), Instant::now())?;

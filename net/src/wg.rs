@@ -505,6 +505,9 @@ impl Peers {
         let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| DropReason::Malformed)?;
         let index = match packet {
             Packet::HandshakeInit(ref init) => {
+                // Also here, not only on the tick: with no peers there is no tick, and the
+                // count must not grow forever.
+                self.reset_limiter(now);
                 let mut cookie = [0u8; 64];
                 match self
                     .limiter
@@ -628,10 +631,7 @@ impl Peers {
     /// Looks at every tunnel's timers when [`Peers::poll_timeout`] has passed: handshake
     /// retransmissions, rekeys, keepalives go to [`Peers::poll_transmit`].
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.limiter_reset.is_none_or(|t| now >= t) {
-            self.limiter.reset_count();
-            self.limiter_reset = Some(now + Duration::from_secs(1));
-        }
+        self.reset_limiter(now);
         if self.next_tick.is_some_and(|t| now < t) {
             return;
         }
@@ -675,6 +675,14 @@ impl Peers {
     /// Datagrams dropped so far, by reason.
     pub fn drops(&self) -> DropStats {
         self.drops
+    }
+
+    /// The shared rate limiter counts handshakes per second of our clock.
+    fn reset_limiter(&mut self, now: Instant) {
+        if self.limiter_reset.is_none_or(|t| now >= t) {
+            self.limiter.reset_count();
+            self.limiter_reset = Some(now + Duration::from_secs(1));
+        }
     }
 
     fn free_index(&mut self) -> u32 {

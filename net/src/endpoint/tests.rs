@@ -20,6 +20,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// the site; a client channel C is paired with an agent-side channel A.
 async fn fake_relay() -> SocketAddr {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    tune_socket(&sock);
     let addr = sock.local_addr().unwrap();
     tokio::spawn(async move {
         let mut agent: Option<SocketAddr> = None;
