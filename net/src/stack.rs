@@ -498,6 +498,13 @@ struct TcpEntry {
     /// The peer's FIN arrived.
     peer_fin: bool,
     established: bool,
+    /// One past the highest sequence number sent (see `fix_pure_acks`).
+    snd_max: Option<u32>,
+    /// The peer's latest acknowledgement number and window in bytes.
+    peer_ack: Option<u32>,
+    peer_window: u32,
+    /// The peer's window scale (from its SYN).
+    peer_shift: u8,
 }
 
 /// Ephemeral ports for client-mode flows (IANA dynamic range).
@@ -695,6 +702,10 @@ impl Stack {
                 fin_queued: false,
                 peer_fin: false,
                 established: false,
+                snd_max: None,
+                peer_ack: None,
+                peer_window: 0,
+                peer_shift: 0,
             }),
         );
         tracing::trace!(%id, %dst, "connecting");
@@ -758,6 +769,13 @@ impl Stack {
             return Err(StackError::BadSyn(id));
         }
         let shared = TcpShared::new(self.config.flow_buffer, self.config.flow_buffer);
+        let peer_shift = match packet::parse(&syn, self.config.mtu) {
+            Ok(Parsed {
+                l4: L4::Tcp { wscale, .. },
+                ..
+            }) => wscale.unwrap_or(0),
+            _ => 0,
+        };
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.state = FlowState::Tcp(TcpEntry {
                 handle,
@@ -765,6 +783,10 @@ impl Stack {
                 fin_queued: false,
                 peer_fin: false,
                 established: false,
+                snd_max: None,
+                peer_ack: None,
+                peer_window: 0,
+                peer_shift,
             });
         }
         tracing::trace!(%id, "admitted tcp");
@@ -935,6 +957,9 @@ impl Stack {
             syn,
             ack,
             rst,
+            ack_number,
+            window,
+            wscale,
         } = parsed.l4
         else {
             return;
@@ -950,20 +975,28 @@ impl Stack {
             };
             flow.last_heard = self.now;
             match &mut flow.state {
-                FlowState::PendingTcp { syn: held } => {
-                    // A retransmitted SYN while the owner decides: keep the latest.
-                    if syn && !ack && !rst {
-                        held.clear();
-                        held.extend_from_slice(packet);
-                    }
+                // A retransmitted SYN while the owner decides: keep the latest.
+                FlowState::PendingTcp { syn: held } if syn && !ack && !rst => {
+                    held.clear();
+                    held.extend_from_slice(packet);
                 }
-                _ => {
+                FlowState::Tcp(entry) => {
+                    if syn {
+                        entry.peer_shift = wscale.unwrap_or(0);
+                    }
+                    if ack && !rst && entry.peer_ack.is_none_or(|seen| !seq_lt(ack_number, seen)) {
+                        entry.peer_ack = Some(ack_number);
+                        // The window of a SYN is never scaled.
+                        let shift = if syn { 0 } else { entry.peer_shift };
+                        entry.peer_window = u32::from(window) << shift;
+                    }
                     if !flow.touched {
                         flow.touched = true;
                         self.touched.push(id);
                     }
                     self.feed(packet);
                 }
+                _ => {}
             }
             return;
         }
@@ -1095,6 +1128,7 @@ impl Stack {
 
     /// Hands one packet to smoltcp now (its reply, if any, goes to the outbound queue).
     fn feed(&mut self, packet: &[u8]) {
+        let start = self.out.len();
         let now = self.smol_now();
         let mut phy = Phy {
             rx: Some(packet),
@@ -1103,6 +1137,7 @@ impl Stack {
         };
         self.iface
             .poll_ingress_single(now, &mut phy, &mut self.sockets);
+        self.fix_pure_acks(start);
     }
 }
 
@@ -1118,6 +1153,7 @@ impl Stack {
     }
 
     fn egress(&mut self) {
+        let start = self.out.len();
         let now = self.smol_now();
         let mut phy = Phy {
             rx: None,
@@ -1127,6 +1163,57 @@ impl Stack {
         while self.iface.poll_egress(now, &mut phy, &mut self.sockets)
             != smoltcp::iface::PollResult::None
         {}
+        self.fix_pure_acks(start);
+    }
+
+    /// Works around a smoltcp 0.14 sender bug: after a retransmission timeout it rewinds
+    /// its next sequence number to the first unacknowledged byte, and its pure ACKs carry
+    /// that rewound number (after a zero-window probe, one past the peer's window). A
+    /// receiver that already has those bytes finds the ACK outside its window and drops it
+    /// unread (RFC 9293's acceptability test, which smoltcp applies strictly), so two
+    /// smoltcp stacks sending both ways after losses ignore each other's ACKs until the
+    /// connection times out. Linux sends pure ACKs at the highest sequence number sent,
+    /// within the peer's window; so does this: outbound segments raise the flow's highest
+    /// sequence number, inbound ones tell the peer's window, and every pure ACK gets
+    /// `min(highest sent, peer's window end)`.
+    fn fix_pure_acks(&mut self, start: usize) {
+        for packet in self.out.since(start) {
+            let Some(segment) = packet::outbound_segment(packet) else {
+                continue;
+            };
+            let key = FlowKey {
+                proto: Proto::Tcp,
+                ours: segment.ours,
+                theirs: segment.theirs,
+            };
+            let Some(FlowState::Tcp(entry)) = self
+                .by_key
+                .get(&key)
+                .and_then(|id| self.flows.get_mut(id))
+                .map(|flow| &mut flow.state)
+            else {
+                continue;
+            };
+            let end = segment.seq.wrapping_add(segment.len);
+            if !segment.pure_ack {
+                if entry.snd_max.is_none_or(|max| seq_lt(max, end)) {
+                    entry.snd_max = Some(end);
+                }
+                continue;
+            }
+            let (Some(max), Some(peer_ack)) = (entry.snd_max, entry.peer_ack) else {
+                continue;
+            };
+            let window_end = peer_ack.wrapping_add(entry.peer_window);
+            let seq = if seq_lt(window_end, max) {
+                window_end
+            } else {
+                max
+            };
+            if seq != segment.seq {
+                packet::set_seq(packet, seq);
+            }
+        }
     }
 
     fn new_tcp_socket(&self) -> tcp::Socket<'static> {
@@ -1378,6 +1465,8 @@ impl Stack {
                     }
                 }
                 let why = match state {
+                    // The socket keeps bytes the handle has not taken yet, in any state.
+                    S::TimeWait | S::Closed if entry.peer_fin && st.rx_blocked => return,
                     S::TimeWait => CloseReason::Finished,
                     S::Closed if entry.peer_fin && entry.fin_queued => CloseReason::Finished,
                     S::Closed => {
@@ -1425,6 +1514,11 @@ impl Stack {
             }
         }
     }
+}
+
+/// `a` before `b` in sequence space.
+fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
 }
 
 fn smol_duration(duration: Duration) -> SmolDuration {

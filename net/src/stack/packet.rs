@@ -10,7 +10,7 @@ use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Med
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, IpRepr,
-    Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket, UdpRepr,
+    Ipv4Packet, Ipv6Packet, TcpOption, TcpPacket, UdpPacket, UdpRepr,
 };
 
 /// Why an inbound packet was dropped before any flow saw it.
@@ -42,6 +42,11 @@ pub(super) enum L4<'a> {
         syn: bool,
         ack: bool,
         rst: bool,
+        ack_number: u32,
+        /// The window field as sent (unscaled).
+        window: u16,
+        /// The window scale option (parsed on SYNs only).
+        wscale: Option<u8>,
     },
     Udp {
         src_port: u16,
@@ -117,6 +122,13 @@ pub(super) fn parse(packet: &[u8], mtu: usize) -> Result<Parsed<'_>, Reject> {
                 syn: tcp.syn(),
                 ack: tcp.ack(),
                 rst: tcp.rst(),
+                ack_number: tcp.ack_number().0 as u32,
+                window: tcp.window_len(),
+                wscale: if tcp.syn() {
+                    window_scale(tcp.options())
+                } else {
+                    None
+                },
             }
         }
         IpProtocol::Udp => {
@@ -164,6 +176,19 @@ pub(super) fn parse(packet: &[u8], mtu: usize) -> Result<Parsed<'_>, Reject> {
     Ok(Parsed { src, dst, l4 })
 }
 
+/// The window scale option among a SYN's options, if any (malformed options: none).
+fn window_scale(mut options: &[u8]) -> Option<u8> {
+    while !options.is_empty() {
+        let (rest, option) = TcpOption::parse(options).ok()?;
+        match option {
+            TcpOption::WindowScale(shift) => return Some(shift.min(14)),
+            TcpOption::EndOfList => return None,
+            _ => options = rest,
+        }
+    }
+    None
+}
+
 /// The stack's outbound packets: one queue, packets carved out of a shared arena so that a
 /// packet costs no allocation of its own once the shell has dropped the earlier ones.
 pub(super) struct OutQueue {
@@ -198,6 +223,15 @@ impl OutQueue {
     pub fn push(&mut self, packet: BytesMut) {
         self.sent += 1;
         self.queue.push_back(packet);
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queued packets from index `start` on.
+    pub fn since(&mut self, start: usize) -> impl Iterator<Item = &mut BytesMut> {
+        self.queue.range_mut(start..)
     }
 
     pub fn pop(&mut self) -> Option<BytesMut> {
@@ -329,4 +363,80 @@ impl phy::TxToken for Tx<'_> {
         self.0.push(packet);
         result
     }
+}
+
+/// The parts of an outbound TCP segment [`fix_pure_ack`] needs.
+pub(super) struct Segment {
+    pub ours: SocketAddr,
+    pub theirs: SocketAddr,
+    pub seq: u32,
+    /// Sequence space the segment occupies (payload, SYN, FIN); 0 for a pure ACK.
+    pub len: u32,
+    /// Nothing but ACK (no payload, no SYN, FIN or RST).
+    pub pure_ack: bool,
+}
+
+/// Reads an outbound TCP segment built by smoltcp (`None` for anything else).
+pub(super) fn outbound_segment(packet: &[u8]) -> Option<Segment> {
+    let (src, dst, payload) = match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (
+                IpAddr::V4(ip.src_addr()),
+                IpAddr::V4(ip.dst_addr()),
+                ip.payload(),
+            )
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (
+                IpAddr::V6(ip.src_addr()),
+                IpAddr::V6(ip.dst_addr()),
+                ip.payload(),
+            )
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    let data = tcp.payload().len() as u32;
+    let len = data + u32::from(tcp.syn()) + u32::from(tcp.fin());
+    Some(Segment {
+        ours: SocketAddr::new(src, tcp.src_port()),
+        theirs: SocketAddr::new(dst, tcp.dst_port()),
+        seq: tcp.seq_number().0 as u32,
+        len,
+        pure_ack: len == 0 && !tcp.rst() && tcp.ack(),
+    })
+}
+
+/// Sets the sequence number of an outbound pure ACK to `seq` (and fixes its checksum).
+pub(super) fn set_seq(packet: &mut [u8], seq: u32) {
+    let (src, dst, offset) = match packet[0] >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_unchecked(&packet[..]);
+            let header = usize::from(ip.header_len());
+            (
+                IpAddress::Ipv4(ip.src_addr()),
+                IpAddress::Ipv4(ip.dst_addr()),
+                header,
+            )
+        }
+        _ => {
+            let ip = Ipv6Packet::new_unchecked(&packet[..]);
+            (
+                IpAddress::Ipv6(ip.src_addr()),
+                IpAddress::Ipv6(ip.dst_addr()),
+                40,
+            )
+        }
+    };
+    let mut tcp = TcpPacket::new_unchecked(&mut packet[offset..]);
+    tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
+    tcp.fill_checksum(&src, &dst);
 }
