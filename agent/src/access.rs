@@ -73,7 +73,8 @@ fn parse_key(hex: &str) -> Option<SecretKey> {
 }
 
 /// A tunnel task's id, unique for the agent's life (a reconnect is a new tunnel).
-pub type TunnelId = u64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TunnelId(pub u64);
 
 /// What a tunnel task tells the access task.
 #[derive(Debug)]
@@ -265,15 +266,18 @@ mod tests {
     fn relays_are_the_union_of_the_connected_tunnels_and_devices_the_latest() {
         let now = Instant::now();
         let mut s = AccessState::new();
-        let (devices, relays, valid) =
-            access(s.handle(AccessMsg::Access(1, config(R1, b"t1", &["a"], 5000), now)));
+        let (devices, relays, valid) = access(s.handle(AccessMsg::Access(
+            TunnelId(1),
+            config(R1, b"t1", &["a"], 5000),
+            now,
+        )));
         assert_eq!(devices, ["a"]);
         assert_eq!(relays, vec![(R1.parse().unwrap(), b"t1".to_vec())]);
         assert_eq!(valid, now + Duration::from_secs(5));
 
         let later = now + Duration::from_secs(1);
         let (devices, relays, valid) = access(s.handle(AccessMsg::Access(
-            2,
+            TunnelId(2),
             config(R2, b"t2", &["a", "bb"], 3000),
             later,
         )));
@@ -287,38 +291,45 @@ mod tests {
 
         // Tunnel 1 sends again (an older view): now it is the latest.
         let (devices, _, _) = access(s.handle(AccessMsg::Access(
-            1,
+            TunnelId(1),
             config(R1, b"t1b", &["a"], 3000),
             later,
         )));
         assert_eq!(devices, ["a"]);
 
         // Tunnel 1 closes: its relay goes, tunnel 2's devices are in force.
-        let (devices, relays, _) = access(s.handle(AccessMsg::Closed(1)));
+        let (devices, relays, _) = access(s.handle(AccessMsg::Closed(TunnelId(1))));
         assert_eq!(devices, ["a", "bb"]);
         assert_eq!(relays, vec![(R2.parse().unwrap(), b"t2".to_vec())]);
 
         // The last one closes: no relay, the devices stay (validity fails closed).
-        let (devices, relays, valid) = access(s.handle(AccessMsg::Closed(2)));
+        let (devices, relays, valid) = access(s.handle(AccessMsg::Closed(TunnelId(2))));
         assert_eq!(devices, ["a", "bb"]);
         assert!(relays.is_empty());
         assert_eq!(valid, later + Duration::from_secs(3));
         // A closed tunnel's close again, or one that never sent access: nothing to do.
-        assert_eq!(s.handle(AccessMsg::Closed(2)), None);
+        assert_eq!(s.handle(AccessMsg::Closed(TunnelId(2))), None);
     }
 
     #[test]
     fn heartbeats_extend_validity_only_from_tunnels_that_sent_access() {
         let now = Instant::now();
         let mut s = AccessState::new();
-        assert_eq!(s.handle(AccessMsg::Heartbeat(1, 5000, now)), None);
-        s.handle(AccessMsg::Access(1, config(R1, b"t", &["a"], 1000), now));
+        assert_eq!(s.handle(AccessMsg::Heartbeat(TunnelId(1), 5000, now)), None);
+        s.handle(AccessMsg::Access(
+            TunnelId(1),
+            config(R1, b"t", &["a"], 1000),
+            now,
+        ));
         let later = now + Duration::from_secs(2);
         assert_eq!(
-            s.handle(AccessMsg::Heartbeat(1, 1000, later)),
+            s.handle(AccessMsg::Heartbeat(TunnelId(1), 1000, later)),
             Some(Update::Heartbeat(later + Duration::from_secs(1)))
         );
-        assert_eq!(s.handle(AccessMsg::Heartbeat(9, 1000, later)), None);
+        assert_eq!(
+            s.handle(AccessMsg::Heartbeat(TunnelId(9), 1000, later)),
+            None
+        );
     }
 
     #[test]
@@ -326,7 +337,7 @@ mod tests {
         let now = Instant::now();
         let mut s = AccessState::new();
         let (devices, relays, _) = access(s.handle(AccessMsg::Access(
-            1,
+            TunnelId(1),
             config("relay.example", b"t", &["a"], 1),
             now,
         )));

@@ -47,7 +47,7 @@ use warren_proto::tunnels::{
 };
 use warren_proto::Name;
 
-use crate::access::{AccessMsg, ClosedOnDrop};
+use crate::access::{AccessMsg, ClosedOnDrop, TunnelId};
 use crate::enroll::Identity;
 use crate::tls;
 
@@ -463,7 +463,7 @@ async fn serve_tunnel(
 ) -> (Closed, Option<anyhow::Error>) {
     let (node_tx, mut node_rx) = watch::channel(PeerProtocol::legacy(String::new()));
     let heard = AtomicBool::new(false);
-    let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
+    let tunnel_id = TunnelId(shared.next_tunnel.fetch_add(1, Ordering::Relaxed));
     // This tunnel's access goes away with it, however it ends.
     let _access_closed = shared
         .access
