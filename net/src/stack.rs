@@ -738,7 +738,9 @@ impl Stack {
     /// Accept mode: admits a pending TCP flow. The held SYN is replayed into a socket bound
     /// to exactly the flow's destination, and the SYN-ACK leaves on the next
     /// [`poll`](Self::poll). The owner dials the target first or after; bytes from the client
-    /// are buffered (up to the window) until the handle is read.
+    /// are buffered (up to the window) until the handle is read. If the dial fails, call
+    /// [`abort`](Self::abort) (the client sees a reset); dropping the handle would instead
+    /// close gracefully, and the client would see a connection that opens and ends at once.
     pub fn admit_tcp(&mut self, id: FlowId) -> Result<TcpFlow, StackError> {
         let flow = self.flows.get_mut(&id).ok_or(StackError::UnknownFlow(id))?;
         let FlowState::PendingTcp { syn } = &mut flow.state else {
