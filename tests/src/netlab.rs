@@ -504,6 +504,15 @@ impl Lab {
         std::fs::read_to_string(self.tmp.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The pid of process `name`, if the lab started one by that name. (`ip netns exec`
+    /// execs the program, so this is the program's own pid.)
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        self.daemons
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.child.id())
+    }
+
     /// Whether process `name` still runs.
     pub fn is_running(&mut self, name: &str) -> bool {
         self.daemons
@@ -689,23 +698,34 @@ impl Lab {
         Ok(addr)
     }
 
-    /// A TCP service on the site's address, port 7000, that writes `ready\n` as soon as a
+    /// A TCP service on every address of the site, port 7000 (the site's address returned), that writes `ready\n` as soon as a
     /// connection is accepted and closes it: the first byte of a new flow, for
     /// time-to-first-byte. Runs as a thread of this process inside the site namespace.
     pub fn start_banner(&mut self) -> anyhow::Result<SocketAddr> {
         let addr = SocketAddr::from((self.site_ip(), BANNER_PORT));
-        let listener = self.within(Side::Site, || TcpListener::bind(addr))??;
+        // Every address of the site (also the benchmarks' direct link and tunnels).
+        let listener =
+            self.within(Side::Site, || TcpListener::bind(("0.0.0.0", BANNER_PORT)))??;
         self.serve(listener, |mut s| {
             let _ = s.write_all(b"ready\n");
         })?;
         Ok(addr)
     }
 
-    /// Forwards TCP connections to `listen` (in the root namespace) to `to`: for a service
-    /// of the root namespace that listens on loopback only (the IdP) and must be reached
-    /// from the client. Threads of this process; stopped when the lab goes away.
-    pub fn forward_tcp(&mut self, listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    /// Forwards TCP connections to `listen` in `side`'s namespace to `to` in the root
+    /// namespace: for a service of the root namespace that listens on loopback only (the
+    /// IdP, `http://127.0.0.1:P`) and must be reached from the client at the same URL
+    /// (`forward_tcp(Side::Client, 127.0.0.1:P, 127.0.0.1:P)`). Threads of this process;
+    /// stopped when the lab goes away.
+    pub fn forward_tcp(
+        &mut self,
+        side: Side,
+        listen: SocketAddr,
+        to: SocketAddr,
+    ) -> anyhow::Result<()> {
+        let listener = self
+            .within(side, || TcpListener::bind(listen))?
+            .with_context(|| format!("binding {listen} in {side:?}"))?;
         self.serve(listener, move |inbound| {
             let Ok(outbound) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
                 return;
@@ -734,14 +754,21 @@ impl Lab {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
+            use std::os::fd::AsFd as _;
             while !stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let h = handle.clone();
-                        std::thread::spawn(move || h(s));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                // Woken at once by a connection (a sleep between polls would add its
+                // half to every time-to-first-byte sample), every 100 ms to see `stop`.
+                let mut fds = [nix::poll::PollFd::new(
+                    listener.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                if !matches!(nix::poll::poll(&mut fds, 100u16), Ok(n) if n > 0) {
+                    continue;
+                }
+                if let Ok((s, _)) = listener.accept() {
+                    let _ = s.set_nonblocking(false);
+                    let h = handle.clone();
+                    std::thread::spawn(move || h(s));
                 }
             }
         });
