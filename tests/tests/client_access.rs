@@ -24,14 +24,19 @@
 //! tcpdump, Node.js, Chromium). Run: `cargo test -p warren-tests --test client_access --
 //! --nocapture` (the lab alone: add `the_lab_itself_works`).
 
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use reqwest::Method;
+use serde_json::{json, Value};
 use warren_tests::netlab::{self, Lab, Side};
-use warren_tests::phase;
+use warren_tests::oidc::{browser_async, BrowserArgs, Idp};
+use warren_tests::{bins, free_port, phase, Cluster, TestNode};
 
 const PG_PASSWORD: &str = "site-pg-secret";
 
@@ -288,5 +293,841 @@ fn the_lab_itself_works() -> anyhow::Result<()> {
     drop(lab);
     let left = netlab::run(Command::new("ip").args(["netns", "list"]))?;
     assert!(!left.contains(&names), "the lab's namespaces are gone");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The product, against the CLI contract of issue 14.
+// ---------------------------------------------------------------------------------------
+
+/// The identity provider field naming the CLI's public client (the one `warren login
+/// --node` is told about by the node's discovery). Assumed: if the API refuses it, the test
+/// says so and gives the client id to `warren login` as the override instead.
+const CLI_CLIENT_FIELD: &str = "cli_client_id";
+/// The public client of `tests/oidc/op.mjs` that has the device flow.
+const CLI_CLIENT: &str = "cli";
+/// Prefix of the node's relay drop counters in `/metrics` (assumed).
+const RELAY_DROPPED: &str = "warren_relay_dropped_total";
+
+/// The nodes, the lab, the provider and what every case shares.
+struct World {
+    lab: Lab,
+    cluster: Cluster,
+    idp: Idp,
+    /// Each node's relay address (UDP), by node index.
+    relays: Vec<SocketAddr>,
+    /// `--client-id` for `warren login` when the node cannot name it (see
+    /// [`CLI_CLIENT_FIELD`]).
+    client_id_override: Option<String>,
+    /// A directory for the users' configuration directories and files.
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    /// A `warren` command on the client machine for the user whose configuration is
+    /// `config` (WARREN_CONFIG_DIR), trusting the cluster's CA.
+    fn warren(&self, config: &Path, args: &[&str]) -> Command {
+        let mut cmd = self.lab.client_exec(&bins().warren);
+        cmd.args(args)
+            .env("WARREN_CONFIG_DIR", config)
+            .env("WARREN_CA", self.cluster.ca())
+            .env("WARREN_LOG", "info")
+            .env_remove("WARREN_NODE")
+            .env_remove("WARREN_OIDC_ISSUER")
+            .env_remove("WARREN_OIDC_CLIENT_ID")
+            .env_remove("WARREN_API_KEY");
+        cmd
+    }
+
+    /// `warren ARGS` that must succeed within 30 s; its stdout.
+    fn warren_ok(&self, config: &Path, args: &[&str]) -> anyhow::Result<String> {
+        ok_output(self.warren(config, args), Duration::from_secs(30))
+    }
+
+    /// `warren ARGS --json`, parsed.
+    fn warren_json(&self, config: &Path, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.warren_ok(config, &all)?;
+        serde_json::from_str(&out).with_context(|| format!("warren {all:?} printed no JSON: {out}"))
+    }
+
+    /// The node URL a client signs in to: node 1's API.
+    fn node_url(&self, i: usize) -> String {
+        format!("https://{}", self.cluster.nodes[i].admin_addr)
+    }
+
+    /// `warren login --node …` on the client as `user`, confirmed in Chromium; returns
+    /// what the CLI printed.
+    async fn login(
+        &self,
+        config: &Path,
+        user: &str,
+        password: &str,
+        device: &str,
+    ) -> anyhow::Result<String> {
+        let node = self.node_url(0);
+        let ca = self.cluster.ca().display().to_string();
+        let mut args = vec![
+            "login",
+            "--node",
+            &node,
+            "--ca",
+            &ca,
+            "--device-name",
+            device,
+        ];
+        if let Some(id) = &self.client_id_override {
+            args.extend(["--client-id", id.as_str()]);
+        }
+        let mut child = self
+            .warren(config, &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning warren login")?;
+        let out = Collected::from(&mut child);
+        let mut child = Reaped(child);
+        let url_re = regex::Regex::new(r"(?m)^\s*(https?://\S*user_code=\S+)\s*$")?;
+        let code_re = regex::Regex::new(r"shows the code ([A-Z0-9-]+):")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (url, code) = loop {
+            let err = out.stderr();
+            if let (Some(u), Some(c)) = (url_re.captures(&err), code_re.captures(&err)) {
+                break (u[1].to_owned(), c[1].to_owned());
+            }
+            if let Some(status) = child.0.try_wait()? {
+                bail!(
+                    "warren login exited ({status}) before showing a code:\n{}{err}",
+                    out.stdout()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("warren login showed no code within 20 s:\n{err}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        phase!("{user} confirms {code} in Chromium");
+        let page = browser_async(
+            BrowserArgs::new(&url)
+                .login(user, password)
+                .click("#confirm")
+                .timeout(Duration::from_secs(30)),
+        )
+        .await?;
+        assert!(page.text.contains("Sign-in Success"), "{}", page.text);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let status = loop {
+            if let Some(status) = child.0.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                bail!("warren login did not finish within 40 s:\n{}", out.stderr());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (stdout, stderr) = out.join();
+        if !status.success() {
+            bail!("warren login as {user} failed ({status}):\n{stdout}{stderr}");
+        }
+        Ok(format!("{stdout}{stderr}"))
+    }
+
+    /// Starts `warren connect ARGS` on the client (named `name` in the lab) and waits until
+    /// it prints `listening on`.
+    fn connect(&mut self, name: &str, config: &Path, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["connect"];
+        all.extend_from_slice(args);
+        let cmd = self.warren(config, &all);
+        self.lab.spawn(name, cmd)?;
+        let start = Instant::now();
+        while !self.lab.log_of(name).contains("listening on") {
+            if !self.lab.is_running(name) {
+                bail!("warren {all:?} exited:\n{}", self.lab.log_of(name));
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "warren {all:?} printed no `listening on` within 20 s:\n{}",
+                    self.lab.log_of(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The system `ssh` on the client through `warren ssh`, as root on `host`, running
+    /// `command`.
+    fn ssh(&self, config: &Path, host: &str, command: &[&str]) -> Command {
+        let mut args: Vec<String> = vec!["ssh".into(), host.into(), "-l".into(), "root".into()];
+        args.extend(self.lab.ssh_opts());
+        args.extend(command.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.warren(config, &args)
+    }
+
+    /// `scp` on the client with `ProxyCommand warren nc %h %p`.
+    fn scp(&self, config: &Path, from: &str, to: &str) -> Command {
+        let mut cmd = self.lab.client_exec("scp");
+        cmd.args(self.lab.ssh_opts())
+            .arg("-o")
+            .arg(format!("ProxyCommand={} nc %h %p", bins().warren.display()))
+            .args([from, to])
+            .env("WARREN_CONFIG_DIR", config)
+            .env("WARREN_CA", self.cluster.ca());
+        cmd
+    }
+
+    /// The admin API's `/metrics` of node `i`, as text.
+    async fn metrics(&self, i: usize) -> anyhow::Result<String> {
+        let pem = std::fs::read(self.cluster.ca())?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(http
+            .get(format!(
+                "https://{}/metrics",
+                self.cluster.nodes[i].admin_addr
+            ))
+            .bearer_auth(&self.cluster.admin_key)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The sum of every sample of metrics whose name starts with `prefix`.
+fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// A 3-node cluster whose cluster (QUIC), admin/client API and relay addresses are all on
+/// the lab's node address, so the site's agent and the client (each behind its NAT) reach
+/// them; the HTTPS proxy stays on loopback.
+async fn start_cluster(lab: &Lab) -> anyhow::Result<(Cluster, Vec<SocketAddr>)> {
+    let ip = lab.node_ip().to_string();
+    let tmp = tempfile::Builder::new().prefix("warren-test-").tempdir()?;
+    let mut relays = Vec::new();
+    let mut node = |tmp: &Path, name: &str| {
+        let mut n = TestNode::new(tmp, name, &[]).with_cluster_ip(&ip);
+        n.admin_addr = format!("{ip}:{}", free_port());
+        let relay: SocketAddr = format!("{ip}:{}", free_port()).parse().expect("address");
+        n.env
+            .push(("WARREN_RELAY_LISTEN".into(), relay.to_string()));
+        relays.push(relay);
+        n
+    };
+    let mut n1 = node(tmp.path(), "n1");
+    phase!("init n1");
+    let (admin_key, join_token) = n1.init()?;
+    let mut cluster = Cluster {
+        tmp,
+        nodes: vec![n1],
+        admin_key,
+        join_token,
+        env: Vec::new(),
+        cluster_ip: ip.clone(),
+    };
+    cluster.api(0).wait_healthy(Duration::from_secs(30)).await?;
+    for i in 1..3 {
+        let name = format!("n{}", i + 1);
+        let mut n = node(cluster.tmp.path(), &name);
+        phase!("join {name}");
+        let peer = cluster.nodes[0].cluster_addr.clone();
+        let token = cluster.join_token.clone();
+        n.join(&peer, &token, false)?;
+        cluster.nodes.push(n);
+        cluster.api(i).wait_healthy(Duration::from_secs(30)).await?;
+    }
+    Ok((cluster, relays))
+}
+
+/// A WireGuard handshake initiation (type 1, 148 bytes) from a key nobody registered:
+/// random where the real one carries ephemeral key, encrypted static key, timestamp, macs.
+fn forged_initiation() -> Vec<u8> {
+    let mut m = vec![0u8; 148];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut m).expect("random");
+    m[..4].copy_from_slice(&[1, 0, 0, 0]);
+    m
+}
+
+/// Random bytes.
+fn random(n: usize) -> Vec<u8> {
+    let mut m = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut m).expect("random");
+    m
+}
+
+/// A relay Data frame (type 0xA5, channel u32 big-endian) around `payload`
+/// (proto/src/relay.rs's wire format).
+fn data_frame(channel: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0xA5];
+    f.extend(channel.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// A relay Ping (type 0xA0, nonce u64, padded to 32 bytes): a live relay answers it.
+fn ping_frame(nonce: u64) -> Vec<u8> {
+    let mut f = vec![0xA0];
+    f.extend(nonce.to_be_bytes());
+    f.resize(32, 0);
+    f
+}
+
+/// Frames cut short: every relay type with less than its fixed part, and a Bind whose
+/// ticket length runs past the end.
+fn truncated_frames() -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = (0xA0..=0xA5u8).map(|t| vec![t]).collect();
+    v.push(vec![0xA0, 0, 0, 0, 1]);
+    v.push(vec![0xA2, 0, 0, 0, 0, 0, 0, 0, 1, 0x03, 0xff, 1, 2, 3]);
+    v.push(vec![0xA3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+    v.push(vec![0xA5, 0, 0]);
+    v
+}
+
+/// How long until `child` exits (bounded by `limit`); None if it still runs then.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Retries `psql select N` through `port` on the client's loopback until it answers `N`
+/// (bounded by `limit`); how long it took.
+fn psql_until(lab: &Lab, port: u16, n: u32, limit: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        match psql(lab, Side::Client, "127.0.0.1", port, &format!("select {n}")) {
+            Ok(out) if out == n.to_string() => return Ok(start.elapsed()),
+            Ok(out) if start.elapsed() > limit => bail!("psql answered {out:?}"),
+            Err(e) if start.elapsed() > limit => return Err(e),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A running `ssh … sleep 60` through `warren ssh`, once it is logged in.
+fn open_ssh_session(world: &World, config: &Path) -> anyhow::Result<(Reaped, Collected)> {
+    let mut cmd = world.ssh(
+        config,
+        "ssh",
+        &["echo", "session-open;", "exec", "sleep", "60"],
+    );
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = Collected::from(&mut child);
+    let mut child = Reaped(child);
+    let start = Instant::now();
+    while !out.stdout().contains("session-open") {
+        if let Some(s) = child.0.try_wait()? {
+            bail!(
+                "ssh exited ({s}) before the session opened:\n{}",
+                out.stderr()
+            );
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the ssh session did not open within 30 s:\n{}",
+                out.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, out))
+}
+
+/// Every string in `v` under a key whose name contains one of `keys`.
+fn strings_under(v: &Value, keys: &[&str], out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if keys.iter().any(|w| k.contains(w)) {
+                    match x {
+                        Value::String(s) => out.push(s.clone()),
+                        Value::Object(o) => {
+                            out.extend(o.values().filter_map(|s| s.as_str().map(str::to_owned)))
+                        }
+                        _ => {}
+                    }
+                }
+                strings_under(x, keys, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| strings_under(x, keys, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyhow::Result<()> {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    tokio::task::spawn_blocking(bins).await?;
+    let test_start = Instant::now();
+
+    phase!("lab: the site and the client, each behind its own NAT; peers in the site");
+    let mut lab = Lab::start("client-access")?;
+    site_peers(&mut lab)?;
+    check_site_peers(&lab)?;
+    let site_ip = lab.site_ip().to_string();
+
+    phase!(
+        "a 3-node cluster on the nodes' address, relay on UDP; the IdP reachable from the client"
+    );
+    let (cluster, relays) = start_cluster(&lab).await?;
+    let idp = tokio::task::spawn_blocking(|| Idp::start(&["http://127.0.0.1/unused".into()], &[]))
+        .await??;
+    // The client signs in at http://127.0.0.1:<port> (the CLI takes plain HTTP on loopback
+    // only): the client's loopback forwards to the root namespace's, where the IdP is.
+    let idp_addr = SocketAddr::from(([127, 0, 0, 1], idp.port));
+    lab.forward_tcp(Side::Client, idp_addr, idp_addr)?;
+    let dir = tempfile::tempdir()?;
+    let mut w = World {
+        lab,
+        cluster,
+        idp,
+        relays,
+        client_id_override: None,
+        dir,
+    };
+
+    phase!("configure: provider, site, policy, private resources");
+    let api = w.cluster.api(0);
+    let mut provider = json!({"name": "test", "issuer": w.idp.issuer, "client_id": w.idp.client_id,
+        "client_secret": w.idp.client_secret, "scopes": ["groups"], "groups_claim": "groups"});
+    provider[CLI_CLIENT_FIELD] = json!(CLI_CLIENT);
+    if let Err(e) = api.post_ok("/v1/identity-providers", &provider).await {
+        eprintln!("ASSUMPTION: the provider's {CLI_CLIENT_FIELD} was refused ({e:#}); `warren login` gets --client-id {CLI_CLIENT} instead");
+        provider.as_object_mut().unwrap().remove(CLI_CLIENT_FIELD);
+        api.post_ok("/v1/identity-providers", &provider).await?;
+        w.client_id_override = Some(CLI_CLIENT.into());
+    }
+    api.post_ok("/v1/sites", &json!({"name": "site-a"})).await?;
+    // Not the `dev` group: bob (the user without a grant) is in it too (tests/src/oidc.rs).
+    api.post_ok(
+        "/v1/policies",
+        &json!({"name": "ops", "allow": {"group": "admins"}}),
+    )
+    .await?;
+    let private = |name: &str, alias: Option<&str>, ports: &str, proto: &str, policies: &[&str]| {
+        let mut route = json!({"address": site_ip, "ports": ports, "protocols": [proto]});
+        if let Some(a) = alias {
+            route["alias"] = json!(a);
+        }
+        json!({"name": name, "site": "site-a", "route": {"private": route}, "policies": policies})
+    };
+    for r in [
+        private("pg", Some("db"), "5432", "tcp", &["ops"]),
+        private("ssh", None, "22", "tcp", &["ops"]),
+        private("dns", None, "53", "udp", &["ops"]),
+        private("iperf", None, "5201", "tcp", &["ops"]),
+        private("banner", None, "7000", "tcp", &["ops"]),
+        // No policy: nobody may reach it (deny by default).
+        private("vault", None, "8200", "tcp", &[]),
+    ] {
+        api.post_ok("/v1/resources", &r).await?;
+    }
+
+    phase!("the site's agent enrolls from behind its NAT");
+    let token = api
+        .post_ok("/v1/sites/site-a/tokens", &json!({"expires_in_s": 600}))
+        .await?["token"]
+        .as_str()
+        .context("no site token")?
+        .to_owned();
+    let mut agent = w.lab.site_exec(&bins().agent);
+    agent
+        .arg("--state-dir")
+        .arg(w.dir.path().join("agent-state"))
+        .args([
+            "--node",
+            &w.cluster.nodes[0].cluster_addr,
+            "--token",
+            &token,
+        ])
+        .env("WARREN_LOG", "info");
+    w.lab.spawn("agent", agent)?;
+
+    phase!("1. alice signs in from the client machine with the device flow; her device is listed");
+    let alice = w.dir.path().join("alice");
+    let printed = w.login(&alice, "alice", "alice-pw", "alice-laptop").await?;
+    eprintln!("warren login printed:\n{printed}");
+    let devices = w.warren_json(&alice, &["device", "list"])?;
+    assert!(devices.to_string().contains("alice-laptop"), "{devices}");
+    let (ok, out, err) = w.cluster.warren(0, &["device", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("alice-laptop") && out.contains("alice"),
+        "{out}"
+    );
+    let ls = w.warren_json(&alice, &["ls"])?;
+    eprintln!("warren ls: {ls}");
+    let names: Vec<&str> = ls
+        .as_array()
+        .context("ls --json is an array")?
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    for n in ["pg", "ssh", "dns", "iperf"] {
+        assert!(names.contains(&n), "alice may reach {n}: {ls}");
+    }
+    assert!(!names.contains(&"vault"), "nobody may reach vault: {ls}");
+    let pg = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "pg")
+        .unwrap();
+    assert_eq!(pg["alias"], "db", "{pg}");
+    assert_eq!(pg["site"], "site-a", "{pg}");
+    assert!(pg["address"].to_string().contains(&site_ip), "{pg}");
+    for k in ["ports", "protocols"] {
+        assert!(!pg[k].is_null(), "ls shows {k}: {pg}");
+    }
+
+    phase!(
+        "2. warren ssh runs a command on the site's sshd; scp of 64 MiB there and back is intact"
+    );
+    // The agent may still be enrolling: the first ssh is retried (bounded).
+    let start = Instant::now();
+    let hello = loop {
+        let (ok, out, err) = output(
+            w.ssh(&alice, "ssh", &["echo", "hello"]),
+            Duration::from_secs(30),
+        )?;
+        if ok {
+            break out;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "warren ssh never worked:\n{err}\nagent:\n{}",
+                w.lab.log_of("agent")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(hello.trim(), "hello");
+    eprintln!("first ssh through the tunnel after {:?}", start.elapsed());
+    let files = tempfile::Builder::new().prefix("warren-scp-").tempdir()?;
+    let original = files.path().join("original.bin");
+    {
+        let mut f = std::fs::File::create(&original)?;
+        for _ in 0..64 {
+            f.write_all(&random(1 << 20))?;
+        }
+    }
+    let there = files.path().join("on-the-site.bin");
+    let back = files.path().join("back.bin");
+    let started = Instant::now();
+    ok_output(
+        w.scp(
+            &alice,
+            &original.display().to_string(),
+            &format!("root@ssh:{}", there.display()),
+        ),
+        Duration::from_secs(300),
+    )?;
+    let up = started.elapsed();
+    ok_output(
+        w.scp(
+            &alice,
+            &format!("root@ssh:{}", there.display()),
+            &back.display().to_string(),
+        ),
+        Duration::from_secs(300),
+    )?;
+    eprintln!("scp 64 MiB: up {up:?}, down {:?}", started.elapsed() - up);
+    let digest = |p: &Path| -> anyhow::Result<String> {
+        use sha2::Digest as _;
+        Ok(hex::encode(sha2::Sha256::digest(std::fs::read(p)?)))
+    };
+    assert_eq!(
+        digest(&original)?,
+        digest(&back)?,
+        "the file came back intact"
+    );
+    assert_eq!(
+        digest(&original)?,
+        digest(&there)?,
+        "the file arrived intact"
+    );
+
+    phase!("3. warren connect pg, then psql through it");
+    w.connect("connect-pg", &alice, &["pg", "--local", "127.0.0.1:15432"])?;
+    let took = psql_until(&w.lab, 15432, 1, Duration::from_secs(20))?;
+    eprintln!("psql select 1 through warren connect after {took:?}");
+    let addr = psql(
+        &w.lab,
+        Side::Client,
+        "127.0.0.1",
+        15432,
+        "select inet_server_addr()",
+    )?;
+    assert_eq!(addr, site_ip, "the server is the one inside the site");
+
+    phase!("4. warren connect dns --udp, then dig through it");
+    w.connect(
+        "connect-dns",
+        &alice,
+        &["dns", "--udp", "--local", "127.0.0.1:15353"],
+    )?;
+    let start = Instant::now();
+    loop {
+        match dig(&w.lab, Side::Client, "127.0.0.1", 15353, "db.internal") {
+            Ok(out) if out == site_ip => break,
+            r if start.elapsed() > Duration::from_secs(20) => {
+                bail!("dig through warren connect: {r:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    eprintln!(
+        "dig db.internal through warren connect --udp after {:?}",
+        start.elapsed()
+    );
+
+    phase!("5. bob (no grant) is refused; a forged WireGuard initiation gets nothing back");
+    let bob = w.dir.path().join("bob");
+    w.login(&bob, "bob", "bob-pw", "bob-laptop").await?;
+    let started = Instant::now();
+    let (ok, out, err) = output(
+        w.warren(&bob, &["connect", "pg", "--local", "127.0.0.1:15433"]),
+        Duration::from_secs(20),
+    )?;
+    eprintln!(
+        "bob's warren connect pg ({:?}): {out}{err}",
+        started.elapsed()
+    );
+    assert!(!ok, "bob may not connect to pg:\n{out}{err}");
+    assert!(
+        format!("{out}{err}").to_lowercase().contains("not allowed"),
+        "a clear refusal:\n{out}{err}"
+    );
+    let ls = w.warren_json(&bob, &["ls"])?;
+    assert!(
+        !ls.to_string().contains("\"pg\""),
+        "bob's ls shows nothing he may not reach: {ls}"
+    );
+    for (i, relay) in w.relays.clone().iter().enumerate() {
+        let pong = w.lab.udp_exchange(
+            Side::Client,
+            *relay,
+            &[ping_frame(7)],
+            Duration::from_secs(2),
+        )?;
+        assert!(
+            !pong.is_empty(),
+            "node {} answers a relay ping on {relay} (the relay is up)",
+            i + 1
+        );
+        let forged = forged_initiation();
+        let frames: Vec<Vec<u8>> = std::iter::once(forged.clone())
+            .chain([0u32, 1, 2, 3, 0xdead_beef].map(|c| data_frame(c, &forged)))
+            .collect();
+        let got = w
+            .lab
+            .udp_exchange(Side::Client, *relay, &frames, Duration::from_secs(2))?;
+        assert!(
+            got.is_empty(),
+            "node {}'s relay answered a forged initiation: {got:?}",
+            i + 1
+        );
+    }
+
+    phase!("6. revoking alice's session cuts her open ssh session; so does disabling her");
+    let (mut session, _out) = open_ssh_session(&w, &alice)?;
+    let sessions = api.get_ok("/v1/sessions").await?;
+    let ids: Vec<String> = sessions["items"]
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter(|s| s["user"] == "alice")
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!ids.is_empty(), "alice has a session: {sessions}");
+    let revoked = Instant::now();
+    for id in &ids {
+        let (status, body) = api
+            .raw(Method::DELETE, &format!("/v1/sessions/{id}"), None)
+            .await?;
+        assert!(status.is_success(), "{status} {body}");
+    }
+    let cut = exit_within(&mut session.0, Duration::from_secs(10));
+    eprintln!("TIMING the ssh session ended {cut:?} after the revocation (sleep 60 was running)");
+    assert!(
+        cut.is_some_and(|d| d <= Duration::from_secs(5)),
+        "the revoked session's ssh still runs {:?} later",
+        revoked.elapsed()
+    );
+    drop(session);
+    phase!("alice signs in again, opens ssh; the admin disables her");
+    w.login(&alice, "alice", "alice-pw", "alice-laptop").await?;
+    let (mut session, _out) = open_ssh_session(&w, &alice)?;
+    api.send(Method::PATCH, "/v1/users/alice", &json!({"disabled": true}))
+        .await?;
+    let cut = exit_within(&mut session.0, Duration::from_secs(10));
+    eprintln!("TIMING the ssh session ended {cut:?} after disabling the user");
+    assert!(
+        cut.is_some_and(|d| d <= Duration::from_secs(5)),
+        "the disabled user's ssh still runs"
+    );
+    drop(session);
+    api.send(
+        Method::PATCH,
+        "/v1/users/alice",
+        &json!({"disabled": false}),
+    )
+    .await?;
+    if w.warren_json(&alice, &["ls"]).is_err() {
+        w.login(&alice, "alice", "alice-pw", "alice-laptop").await?;
+    }
+    w.lab.stop("connect-pg");
+    w.lab.stop("connect-dns");
+    w.connect("connect-pg", &alice, &["pg", "--local", "127.0.0.1:15432"])?;
+    psql_until(&w.lab, 15432, 2, Duration::from_secs(20))?;
+
+    phase!(
+        "7. SIGKILL the node alice relays through: a new psql works within seconds, no manual step"
+    );
+    let status = w.warren_json(&alice, &["status"])?;
+    eprintln!("warren status: {status}");
+    let mut seen = Vec::new();
+    strings_under(&status, &["relay", "via", "node"], &mut seen);
+    let via = (0..3)
+        .find(|&i| {
+            let n = &w.cluster.nodes[i];
+            seen.iter().any(|s| {
+                s == &n.name
+                    || s.contains(&w.relays[i].to_string())
+                    || s.contains(&n.admin_addr)
+                    || s.contains(&n.cluster_addr)
+            })
+        })
+        .with_context(|| {
+            format!("warren status names no node of the cluster as the relay: {status}")
+        })?;
+    phase!(
+        "alice relays through {}; SIGKILL it",
+        w.cluster.nodes[via].name
+    );
+    let killed = Instant::now();
+    w.cluster.nodes[via].kill9();
+    let took = psql_until(&w.lab, 15432, 3, Duration::from_secs(20))
+        .with_context(|| w.lab.log_of("connect-pg"))?;
+    eprintln!(
+        "TIMING a new psql worked {took:?} after SIGKILL of {} ({:?} in all)",
+        w.cluster.nodes[via].name,
+        killed.elapsed()
+    );
+    let alive: Vec<usize> = (0..3).filter(|&i| i != via).collect();
+    let status = w.warren_json(&alice, &["status"])?;
+    eprintln!("warren status after the kill: {status}");
+
+    phase!("8. bad input on the relays: garbage, truncated, oversized, replayed; nothing breaks, drops are counted");
+    let before: Vec<f64> = {
+        let mut v = Vec::new();
+        for &i in &alive {
+            v.push(metric_sum(&w.metrics(i).await?, RELAY_DROPPED));
+        }
+        v
+    };
+    // A capture of what the client sends the relays while psql runs, to replay.
+    let ports: Vec<String> = alive
+        .iter()
+        .map(|&i| format!("dst port {}", w.relays[i].port()))
+        .collect();
+    let cap = w.lab.capture(
+        Side::ClientRouter,
+        "wan",
+        &format!("udp and ({})", ports.join(" or ")),
+    )?;
+    psql_until(&w.lab, 15432, 4, Duration::from_secs(10))?;
+    let captured = cap.finish(&mut w.lab)?;
+    eprintln!(
+        "captured {} datagrams from the client to the relays",
+        captured.len()
+    );
+    assert!(
+        !captured.is_empty(),
+        "the client's traffic goes to a surviving node's relay"
+    );
+    let mut sent = 0usize;
+    for &i in &alive {
+        let relay = w.relays[i];
+        let mut bad: Vec<Vec<u8>> = (0..50).map(|n| random(1 + n * 7)).collect();
+        bad.extend(truncated_frames());
+        bad.extend([
+            random(1600),
+            data_frame(1, &random(1600)),
+            random(4000),
+            random(65000),
+        ]);
+        bad.extend(
+            captured
+                .iter()
+                .filter(|p| SocketAddr::V4(p.to) == relay)
+                .take(20)
+                .map(|p| p.payload.clone()),
+        );
+        sent += bad.len();
+        let got = w
+            .lab
+            .udp_exchange(Side::Client, relay, &bad, Duration::from_secs(1))?;
+        assert!(
+            got.is_empty(),
+            "{} answered bad input: {} datagrams",
+            w.cluster.nodes[i].name,
+            got.len()
+        );
+    }
+    psql_until(&w.lab, 15432, 5, Duration::from_secs(10)).context("psql after the bad input")?;
+    let mut after = Vec::new();
+    for &i in &alive {
+        after.push(metric_sum(&w.metrics(i).await?, RELAY_DROPPED));
+    }
+    let dropped: f64 = after.iter().sum::<f64>() - before.iter().sum::<f64>();
+    eprintln!("{RELAY_DROPPED}* rose by {dropped} on the surviving nodes ({sent} bad datagrams sent; before {before:?}, after {after:?})");
+    assert!(
+        dropped >= 50.0,
+        "the relays count what they drop ({RELAY_DROPPED}*): {before:?} -> {after:?}"
+    );
+    assert!(
+        w.lab.is_running("agent"),
+        "the agent survived:\n{}",
+        w.lab.log_of("agent")
+    );
+
+    eprintln!("TIMING whole test {:?}", test_start.elapsed());
     Ok(())
 }
