@@ -1470,7 +1470,9 @@ fn admits(command: &Command) -> bool {
         | Command::ReleaseAttempt { .. }
         | Command::ConsumeEmailCode { .. }
         | Command::RegisterDevice { .. }
-        | Command::TouchDevice { .. } => false,
+        | Command::TouchDevice { .. }
+        | Command::SetSiteKey { .. }
+        | Command::SetNodeRelay { .. } => false,
         #[cfg(feature = "format-next")]
         Command::Annotate { .. } => false,
     }

@@ -191,7 +191,10 @@ pub fn command_format(command: &Command) -> Format {
             let policies = manifest.policies.iter().flatten().map(policy_format);
             resources.chain(policies).max().unwrap_or(Format::V1)
         }
-        Command::RegisterDevice { .. } | Command::TouchDevice { .. } => Format::V2,
+        Command::RegisterDevice { .. }
+        | Command::TouchDevice { .. }
+        | Command::SetSiteKey { .. }
+        | Command::SetNodeRelay { .. } => Format::V2,
         Command::Bootstrap { .. }
         | Command::CreateApiKey(_)
         | Command::RevokeApiKey { .. }

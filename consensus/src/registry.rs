@@ -447,6 +447,22 @@ pub enum Command {
         /// The public address it called from.
         address: Option<IpAddr>,
     },
+    /// Record a site agent's WireGuard public key (format 2), as the agent announced it on
+    /// its tunnel (the node holding the tunnel writes it; the agent's certificate named the
+    /// site). Client devices reach the site's agent with it.
+    SetSiteKey {
+        /// The site.
+        site: Name,
+        /// The agent's static public key.
+        key: WgKey,
+    },
+    /// Record where a node's relay listens (format 2), as the node itself says at start.
+    SetNodeRelay {
+        /// The node.
+        node: Name,
+        /// `ip:port` (UDP) clients and agents reach its relay on.
+        relay: String,
+    },
     // Keep `Annotate` LAST: it exists only in `format-next` builds, so a variant after it
     // would have another index (another encoding) in those builds than in normal ones. New
     // commands go above this comment (and into `format::command_format`).
@@ -702,6 +718,10 @@ struct SinceV2 {
     last_device_address: u32,
     /// Offset in [`VIRTUAL_POOL`] of the last virtual address given (0: none yet).
     last_virtual_address: u32,
+    /// Site agents' WireGuard public keys.
+    site_keys: OrdMap<Name, WgKey>,
+    /// Nodes' relay addresses (`ip:port`, UDP).
+    node_relays: OrdMap<Name, String>,
     /// The newest format of any request applied (refused ones too: their replies are
     /// remembered): a snapshot needs at least this format. Bookkeeping, like the digest.
     highest_format: Format,
@@ -1102,6 +1122,16 @@ impl Registry {
     /// Nodes by name.
     pub fn nodes(&self) -> &OrdMap<Name, Node> {
         &self.nodes
+    }
+
+    /// The WireGuard public key site `site`'s agent announced.
+    pub fn site_key(&self, site: &Name) -> Option<&WgKey> {
+        self.since_v2.site_keys.get(site)
+    }
+
+    /// Where node `node`'s relay listens, as it said.
+    pub fn node_relay(&self, node: &Name) -> Option<&str> {
+        self.since_v2.node_relays.get(node).map(String::as_str)
     }
 
     /// Devices by name.
@@ -1649,6 +1679,36 @@ impl Registry {
                 device.revision = index;
                 self.since_v2.devices.insert(name.clone(), device.clone());
                 Ok(Outcome::Device(device))
+            }
+            Command::SetSiteKey { site, key } => {
+                if !self.sites.contains_key(site) {
+                    return Err(RegistryError::NotFound {
+                        kind: Kind::Site,
+                        name: site.to_string(),
+                    });
+                }
+                self.since_v2.site_keys.insert(site.clone(), *key);
+                Ok(Outcome::Done)
+            }
+            Command::SetNodeRelay { node, relay } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(RegistryError::NotFound {
+                        kind: Kind::Node,
+                        name: node.to_string(),
+                    });
+                }
+                if relay.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(RegistryError::Invalid {
+                        kind: Kind::Node,
+                        name: node.to_string(),
+                        field: "relay".into(),
+                        reason: format!("expected ip:port, got {relay:?}"),
+                    });
+                }
+                self.since_v2
+                    .node_relays
+                    .insert(node.clone(), relay.clone());
+                Ok(Outcome::Done)
             }
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => Ok(Outcome::Done),
@@ -2695,6 +2755,8 @@ impl Command {
             Command::ConsumeEmailCode { .. } => "ConsumeEmailCode",
             Command::RegisterDevice { .. } => "RegisterDevice",
             Command::TouchDevice { .. } => "TouchDevice",
+            Command::SetSiteKey { .. } => "SetSiteKey",
+            Command::SetNodeRelay { .. } => "SetNodeRelay",
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => "Annotate",
         }
@@ -2721,7 +2783,9 @@ fn cluster_only(command: &Command) -> bool {
         | Command::ReleaseAttempt { .. }
         | Command::ConsumeEmailCode { .. }
         | Command::RegisterDevice { .. }
-        | Command::TouchDevice { .. } => true,
+        | Command::TouchDevice { .. }
+        | Command::SetSiteKey { .. }
+        | Command::SetNodeRelay { .. } => true,
         Command::Create(_)
         | Command::Update(_)
         | Command::Delete { .. }

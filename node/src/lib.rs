@@ -44,12 +44,14 @@ pub mod settings;
 
 pub use node::{init, join, run, serve, Listeners, RunningNode};
 pub use settings::Settings;
+pub mod access;
 pub mod acme;
 pub mod certs;
 pub mod l4;
 pub mod miss;
 pub mod proxy;
 pub mod publish;
+pub mod relay;
 pub mod serving;
 pub mod sessions;
 pub mod shell;

@@ -59,6 +59,8 @@ pub struct Listeners {
     pub https: TcpListener,
     /// Plain HTTP: ACME challenges and redirects (TCP).
     pub http: TcpListener,
+    /// The relay for client devices and agents (UDP); none when it is off.
+    pub relay: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -77,11 +79,27 @@ impl Listeners {
             resolve_listen(&settings.http_addr, "--http-addr")?,
             "HTTP redirect",
         )?;
+        let relay = match settings.relay_listen(cluster.local_addr()?)? {
+            None => None,
+            Some(addr) => match std::net::UdpSocket::bind(addr) {
+                Ok(s) => Some(s),
+                Err(e) if settings.relay_listen.is_some() => {
+                    return Err(anyhow::anyhow!(
+                        "--relay-listen: cannot listen on {addr} (UDP): {e}"
+                    ))
+                }
+                Err(e) => {
+                    tracing::error!("the relay cannot listen on {addr} (UDP): {e}; this node relays nothing for client devices (set --relay-listen)");
+                    None
+                }
+            },
+        };
         Ok(Self {
             cluster,
             admin,
             https,
             http,
+            relay,
         })
     }
 
@@ -104,6 +122,7 @@ impl Listeners {
             admin: any("admin")?,
             https: any("HTTPS proxy")?,
             http: any("HTTP redirect")?,
+            relay: Some(std::net::UdpSocket::bind("127.0.0.1:0")?),
         })
     }
 }
@@ -141,6 +160,7 @@ impl RunningNode {
             admin: admin_listener,
             https: https_listener,
             http: http_listener,
+            relay: relay_socket,
         } = listeners;
         let cluster_addr = cluster_socket.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
@@ -235,6 +255,43 @@ impl RunningNode {
                 cluster: cluster.clone(),
                 settings,
             }));
+        }
+        if let Some(socket) = relay_socket {
+            let bound = socket.local_addr()?;
+            let public = match settings.relay_public.as_deref() {
+                Some(p) => p.parse().map_err(|_| {
+                    anyhow::anyhow!("invalid setting --relay-public {p:?}: expected ip:port")
+                })?,
+                None if bound.ip().is_unspecified() => SocketAddr::new(
+                    resolve_listen(&file.cluster_addr, "--cluster-addr")?.ip(),
+                    bound.port(),
+                ),
+                None => bound,
+            };
+            socket.set_nonblocking(true)?;
+            let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
+            let stats = Arc::new(crate::relay::RelayStats::default());
+            sites.set_access(Arc::new(crate::access::AccessShell {
+                settings: crate::access::AccessSettings {
+                    relay_public: public,
+                    valid_for: std::time::Duration::from_secs(settings.leader_loss_bound_s),
+                },
+                serving: serving.clone(),
+                cluster: cluster.clone(),
+                relay: stats.clone(),
+                cli_client_id: settings.cli_client_id.clone(),
+            }));
+            children.push(crate::relay::RelayActor::child(crate::relay::RelayArgs {
+                socket,
+                me: vec![public, bound],
+                view: Arc::new(crate::access::NodeRelayView {
+                    cluster: cluster.clone(),
+                    sites: sites.clone(),
+                }),
+                stats,
+            }));
+            crate::access::record_relay(cluster.clone(), file.name.clone(), public);
+            tracing::info!(relay = %public, listen = %bound, "relay for client devices and agents");
         }
         children.extend(sites.children());
         children.push(l4.child(proxy.clone()));

@@ -106,6 +106,21 @@ pub struct Settings {
         default_value = "Warren <warren@localhost>"
     )]
     pub smtp_from: String,
+    /// UDP address the relay for client devices and agents listens on (WireGuard packets,
+    /// ciphertext only). Default: the cluster address's IP, port 7401 (port 0: any free
+    /// port). `off`: no relay on this node.
+    #[arg(long, env = "WARREN_RELAY_LISTEN")]
+    pub relay_listen: Option<String>,
+    /// The relay address clients and agents are told (`ip:port`), when it differs from the
+    /// listening one (NAT in front of the node). Default: the listening address, with the
+    /// cluster address's IP if it listens on an unspecified one.
+    #[arg(long, env = "WARREN_RELAY_PUBLIC")]
+    pub relay_public: Option<String>,
+    /// The OAuth client id of the `warren` command-line client at the identity providers
+    /// (a public client with the device flow): `warren login --node` is told it, and the
+    /// node accepts only ID tokens issued to it (or to the provider's own client id).
+    #[arg(long, env = "WARREN_CLI_CLIENT_ID")]
+    pub cli_client_id: Option<String>,
 }
 
 impl Default for Settings {
@@ -135,6 +150,9 @@ impl Default for Settings {
             proxy_max_connections: 10_000,
             l4_max_connections: 4096,
             unknown_id_leader_reads_per_s: 20,
+            relay_listen: None,
+            relay_public: None,
+            cli_client_id: None,
         }
     }
 }
@@ -179,6 +197,20 @@ impl Settings {
                 self.l4_addr
             )
         })
+    }
+
+    /// Where the relay listens (`None`: off), given the cluster's listening address.
+    pub fn relay_listen(
+        &self,
+        cluster: std::net::SocketAddr,
+    ) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        match self.relay_listen.as_deref() {
+            Some("off") => Ok(None),
+            Some(a) => a.parse().map(Some).map_err(|_| {
+                anyhow::anyhow!("invalid setting --relay-listen {a:?}: expected ip:port or off")
+            }),
+            None => Ok(Some(std::net::SocketAddr::new(cluster.ip(), 7401))),
+        }
     }
 
     /// Most TCP connections and UDP flows of TCP and UDP resources open at once.

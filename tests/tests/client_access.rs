@@ -300,10 +300,6 @@ fn the_lab_itself_works() -> anyhow::Result<()> {
 // The product, against the CLI contract of issue 14.
 // ---------------------------------------------------------------------------------------
 
-/// The identity provider field naming the CLI's public client (the one `warren login
-/// --node` is told about by the node's discovery). Assumed: if the API refuses it, the test
-/// says so and gives the client id to `warren login` as the override instead.
-const CLI_CLIENT_FIELD: &str = "cli_client_id";
 /// The public client of `tests/oidc/op.mjs` that has the device flow.
 const CLI_CLIENT: &str = "cli";
 /// Prefix of the node's relay drop counters in `/metrics` (assumed).
@@ -316,8 +312,7 @@ struct World {
     idp: Idp,
     /// Each node's relay address (UDP), by node index.
     relays: Vec<SocketAddr>,
-    /// `--client-id` for `warren login` when the node cannot name it (see
-    /// [`CLI_CLIENT_FIELD`]).
+    /// `--client-id` for `warren login`, if the node's discovery should be overridden.
     client_id_override: Option<String>,
     /// A directory for the users' configuration directories and files.
     dir: tempfile::TempDir,
@@ -535,6 +530,8 @@ async fn start_cluster(lab: &Lab) -> anyhow::Result<(Cluster, Vec<SocketAddr>)> 
         let relay: SocketAddr = format!("{ip}:{}", free_port()).parse().expect("address");
         n.env
             .push(("WARREN_RELAY_LISTEN".into(), relay.to_string()));
+        n.env
+            .push(("WARREN_CLI_CLIENT_ID".into(), CLI_CLIENT.into()));
         relays.push(relay);
         n
     };
@@ -724,15 +721,10 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
 
     phase!("configure: provider, site, policy, private resources");
     let api = w.cluster.api(0);
-    let mut provider = json!({"name": "test", "issuer": w.idp.issuer, "client_id": w.idp.client_id,
+    let provider = json!({"name": "test", "issuer": w.idp.issuer, "client_id": w.idp.client_id,
         "client_secret": w.idp.client_secret, "scopes": ["groups"], "groups_claim": "groups"});
-    provider[CLI_CLIENT_FIELD] = json!(CLI_CLIENT);
-    if let Err(e) = api.post_ok("/v1/identity-providers", &provider).await {
-        eprintln!("ASSUMPTION: the provider's {CLI_CLIENT_FIELD} was refused ({e:#}); `warren login` gets --client-id {CLI_CLIENT} instead");
-        provider.as_object_mut().unwrap().remove(CLI_CLIENT_FIELD);
-        api.post_ok("/v1/identity-providers", &provider).await?;
-        w.client_id_override = Some(CLI_CLIENT.into());
-    }
+    // The CLI's client id comes from the nodes (--cli-client-id), through discovery.
+    api.post_ok("/v1/identity-providers", &provider).await?;
     api.post_ok("/v1/sites", &json!({"name": "site-a"})).await?;
     // Not the `dev` group: bob (the user without a grant) is in it too (tests/src/oidc.rs).
     api.post_ok(

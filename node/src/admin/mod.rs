@@ -19,6 +19,7 @@
 //! with no request in flight for 30 s is closed (HTTP/1 keep-alive and HTTP/2 alike), so a
 //! client dripping bytes or holding idle connections cannot keep them for ever.
 
+pub mod client;
 mod error;
 mod routes;
 mod status;

@@ -84,6 +84,7 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::delete(remove_member),
         )
         .route("/v1/apply", post(apply))
+        .merge(super::client::routes())
         .route("/v1/devices", get(list_devices).post(create_device))
         .route(
             "/v1/devices/{name}",
@@ -535,6 +536,9 @@ async fn metrics(
     text.push_str(&s.inner.proxy.connections.render("proxy", "HTTPS proxy"));
     text.push_str(&crate::miss::render(s.cluster()));
     text.push_str(&s.inner.tree.load().render());
+    if let Some(access) = s.inner.proxy.sites().access() {
+        access.relay.render(&mut text);
+    }
     Ok((h, text))
 }
 

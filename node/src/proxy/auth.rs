@@ -1003,6 +1003,101 @@ impl Proxy {
 
 impl Proxy {
     /// Age at which the leader replaces the assertion signing key.
+    /// Signs in a `warren` client from the ID token the provider issued to the CLI's client
+    /// (`client_id`) in the device flow: the token's signature, issuer, audience and expiry
+    /// are checked against the provider, then the sign-in is recorded like a browser's.
+    /// Returns the session id and the user, or a reason for the client.
+    pub(crate) async fn client_sign_in(
+        &self,
+        idp: &IdentityProvider,
+        client_id: &str,
+        id_token: &str,
+    ) -> Result<(SessionId, Name, u64), (StatusCode, String)> {
+        let bad = |why: String| (StatusCode::UNAUTHORIZED, why);
+        let d = self
+            .oidc
+            .discover(idp)
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
+        let client = CoreClient::from_provider_metadata(
+            d.metadata.clone(),
+            ClientId::new(client_id.to_owned()),
+            None,
+        );
+        let token: openidconnect::core::CoreIdToken = id_token
+            .parse()
+            .map_err(|_| bad("the ID token is not a JWT".into()))?;
+        // The device flow carries no nonce: the token is bound to the CLI's client by its
+        // audience, and to now by its expiry.
+        let claims = token
+            .claims(&client.id_token_verifier(), |_: Option<&Nonce>| Ok(()))
+            .map_err(|e| bad(format!("the ID token was refused: {e}")))?;
+        let Some(email) = claims.email().map(|e| e.as_str().to_owned()) else {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "the identity provider did not share your e-mail address, which Warren needs"
+                    .into(),
+            ));
+        };
+        let display_name = claims
+            .name()
+            .and_then(|n| n.get(None))
+            .map(|n| n.as_str().to_owned());
+        let subject = claims.subject().as_str().to_owned();
+        let email_verified = claims.email_verified() == Some(true) || idp.trust_email;
+        let groups = groups_from(id_token, idp.groups_claim.as_deref().unwrap_or("groups"));
+        let now = unix_now();
+        let expires_at = now + self.settings.session_ttl.as_secs();
+        let session = Session {
+            id: SessionId::random(),
+            user: Name::new("pending").expect("valid name"),
+            idp: idp.name.clone(),
+            email,
+            email_verified,
+            groups,
+            created_at: now,
+            expires_at,
+            // The CLI's refresh token belongs to the CLI's client: the cluster cannot use it.
+            refresh_token: None,
+            token_expires_at: None,
+            claims: id_token
+                .split('.')
+                .nth(1)
+                .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|c| c.len() <= 16 * 1024)
+                .unwrap_or_default(),
+            id_token: None,
+            via: warren_proto::session::Via::Sso,
+            resource: None,
+        };
+        let sid = session.id;
+        let write = RaftRequest::new(
+            Who::System,
+            Command::SignIn {
+                session,
+                display_name,
+                subject,
+                email_verified,
+            },
+        );
+        match self.cluster.write(write).await {
+            Ok(Ok(Outcome::SignedIn { user, created })) => {
+                tracing::info!(user = %user, created, idp = %idp.name, "signed in (client)");
+                Ok((sid, user, expires_at))
+            }
+            Ok(Err(RegistryError::UserDisabled { .. })) => {
+                Err((StatusCode::FORBIDDEN, "your account is disabled".into()))
+            }
+            Ok(Err(e)) => Err((StatusCode::FORBIDDEN, e.to_string())),
+            Ok(Ok(other)) => Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("unexpected outcome {other:?}"),
+            )),
+            Err(e) => Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        }
+    }
+
     pub(crate) fn signing_key_rotation(&self) -> Duration {
         self.settings.signing_key_rotation
     }

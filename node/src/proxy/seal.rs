@@ -26,6 +26,8 @@ pub enum Purpose {
     /// The token of a sign-out form: proof that a POST to `/.warren/sign_out` comes from
     /// the page the proxy showed to this session, not from another site.
     SignOut,
+    /// A `warren` client's session token (the bearer of the client API).
+    Client,
 }
 
 impl Purpose {
@@ -35,6 +37,7 @@ impl Purpose {
             Purpose::Login => b"warren/login/v1",
             Purpose::Handoff => b"warren/handoff/v1",
             Purpose::EmailCode => b"warren/email-code/v1",
+            Purpose::Client => b"warren/client/v1",
             Purpose::SignOut => b"warren/sign-out/v1",
         }
     }

@@ -131,6 +131,7 @@ pub struct Sites {
     peers: Arc<Published<Peers>>,
     tunnels: Arc<Current<TunnelsMsg>>,
     gossip: Arc<Current<GossipMsg>>,
+    access: Arc<std::sync::OnceLock<Arc<crate::access::AccessShell>>>,
 }
 
 impl std::fmt::Debug for Sites {
@@ -166,6 +167,7 @@ impl Sites {
             peers: Published::new(Peers::new(me)),
             tunnels: Current::new(),
             gossip: Current::new(),
+            access: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -176,6 +178,7 @@ impl Sites {
                 TunnelsArgs {
                     registry: self.cluster.subscribe(),
                     local: self.local.clone(),
+                    access: self.access.clone(),
                 },
                 self.tunnels.clone(),
             ),
@@ -190,6 +193,32 @@ impl Sites {
                 self.gossip.clone(),
             ),
         ]
+    }
+
+    /// Sets up client access for the tunnels started from now on (once, at start).
+    pub fn set_access(&self, access: Arc<crate::access::AccessShell>) {
+        let _ = self.access.set(access);
+    }
+
+    /// Client access, if set up.
+    pub fn access(&self) -> Option<&Arc<crate::access::AccessShell>> {
+        self.access.get()
+    }
+
+    /// The peers that last said they hold a tunnel to `site`.
+    pub fn holders(&self, site: &Name) -> Vec<NodeId> {
+        self.peers.load().holdings.holders(site, Instant::now())
+    }
+
+    /// Peers' holdings: every site any live peer holds, with the peers.
+    pub fn peer_holdings(&self) -> Vec<(NodeId, Vec<Name>)> {
+        let now = Instant::now();
+        self.peers
+            .load()
+            .holdings
+            .peers(now)
+            .map(|(id, sites)| (id, sites.iter().cloned().collect()))
+            .collect()
     }
 
     /// Sites this node holds a tunnel to.

@@ -70,6 +70,8 @@ pub struct TunnelsArgs {
     pub registry: watch::Receiver<Arc<Registry>>,
     /// Where the table is published.
     pub local: Arc<Published<Tunnels>>,
+    /// Client access (grants and relay tickets for agents), once the node set it up.
+    pub access: Arc<std::sync::OnceLock<Arc<crate::access::AccessShell>>>,
 }
 
 /// Owns the [`Tunnels`] table and one `AgentTunnel` child per tunnel.
@@ -178,6 +180,7 @@ impl Actor for TunnelsActor {
                     recv,
                     agent,
                     registry: state.args.registry.clone(),
+                    access: state.args.access.get().cloned(),
                     parent: myself.clone(),
                 };
                 // Starting a child only spawns its tasks: nothing here waits on the agent.
@@ -267,6 +270,7 @@ struct AgentTunnelArgs {
     recv: quinn::RecvStream,
     agent: PeerProtocol,
     registry: watch::Receiver<Arc<Registry>>,
+    access: Option<Arc<crate::access::AccessShell>>,
     parent: ActorRef<TunnelsMsg>,
 }
 
@@ -316,6 +320,7 @@ impl Actor for AgentTunnel {
             recv,
             agent,
             registry,
+            access,
             parent,
         } = args;
         let control = tokio::spawn(control(
@@ -325,6 +330,7 @@ impl Actor for AgentTunnel {
             recv,
             agent,
             registry,
+            access,
             myself,
         ));
         Ok(AgentTunnelState {
@@ -370,11 +376,13 @@ async fn control(
     recv: quinn::RecvStream,
     agent: PeerProtocol,
     registry: watch::Receiver<Arc<Registry>>,
+    access: Option<Arc<crate::access::AccessShell>>,
     tunnel: ActorRef<AgentTunnelMsg>,
 ) {
+    let access = access.filter(|_| agent.has(warren_proto::tunnel::FEATURE_ACCESS));
     let why = tokio::select! {
-        why = push_config(&site, &conn, send, &agent, registry) => why,
-        why = read_reports(&site, recv, &tunnel) => why,
+        why = push_config(&site, &conn, send, &agent, registry, access.clone()) => why,
+        why = read_reports(&site, recv, &tunnel, access) => why,
         e = conn.closed() => e.to_string(),
     };
     let why = conn.close_reason().map_or(why, |r| r.to_string());
@@ -388,6 +396,7 @@ async fn push_config(
     mut send: quinn::SendStream,
     agent: &PeerProtocol,
     mut registry: watch::Receiver<Arc<Registry>>,
+    access: Option<Arc<crate::access::AccessShell>>,
 ) -> String {
     let hello = ToAgent::Hello(Hello::ours());
     if agent.accepts(&hello) {
@@ -396,6 +405,8 @@ async fn push_config(
         }
     }
     let mut last = None;
+    let mut grants = crate::access::AgentPush::default();
+    let mut tick = tokio::time::interval(crate::access::HEARTBEAT);
     loop {
         let reg = registry.borrow_and_update().clone();
         let Some(config) = site_config(&reg, site) else {
@@ -411,8 +422,18 @@ async fn push_config(
             }
             last = Some(config);
         }
-        if registry.changed().await.is_err() {
-            return "the node is shutting down".into();
+        if let Some(access) = &access {
+            if let Some(msg) = grants.next(access, &reg, site) {
+                if let Err(e) = write_message(&mut send, &msg).await {
+                    return format!("sending access: {e}");
+                }
+            }
+        }
+        tokio::select! {
+            r = registry.changed() => if r.is_err() {
+                return "the node is shutting down".into();
+            },
+            _ = tick.tick() => {}
         }
     }
 }
@@ -422,6 +443,7 @@ async fn read_reports(
     site: &Name,
     mut recv: quinn::RecvStream,
     tunnel: &ActorRef<AgentTunnelMsg>,
+    access: Option<Arc<crate::access::AccessShell>>,
 ) -> String {
     let mut unknowns = Unknowns::default();
     loop {
@@ -433,6 +455,11 @@ async fn read_reports(
             }
             Ok(Some(FromAgent::Hello(_))) => {
                 tracing::debug!(%site, "ignoring a second hello from an agent");
+            }
+            Ok(Some(FromAgent::WireGuard(wg))) => {
+                if let Some(access) = &access {
+                    access.agent_key(site, wg.public_key);
+                }
             }
             Ok(Some(FromAgent::Unknown { tag })) => {
                 if unknowns.note() {
@@ -596,6 +623,7 @@ mod tests {
         let args = TunnelsArgs {
             registry: rx,
             local: Published::new(Tunnels::new()),
+            access: Arc::new(std::sync::OnceLock::new()),
         };
         (tx, args)
     }

@@ -1,0 +1,1149 @@
+//! The relay: WireGuard packets between client devices and site agents that cannot reach
+//! each other directly, over plain UDP ([`warren_proto::relay`]). The relay sees only
+//! ciphertext and never looks up the registry per packet: a binding is admitted once, by a
+//! ticket the cluster signed ([`TicketKeys`]), and after that a Data frame costs one hash
+//! lookup and a 4-byte rewrite in place.
+//!
+//! ```text
+//!  RelayActor (the tree's child `relay`)
+//!    │ spawns, and fails when it ends ──► relay task: recv_from ─► RelayCore::handle ─► send_to
+//!    │                                       ▲ every 250 ms: keys, holdings, expiry
+//!    └─ restart: the same socket (bound once, in Listeners), a fresh core
+//! ```
+//!
+//! A client's binding names a site. If an agent of that site is bound here, the relay
+//! splices the two with a channel each way. If not, and a peer node holds the site, the
+//! relay binds onward to that peer's relay once (one hop, with the client's ticket, as if it
+//! were the client) and splices the client's channel to the peer's.
+//!
+//! Every table is bounded ([`MAX_CHANNELS`]); bindings not used for [`BINDING_LIFETIME`]
+//! are forgotten. A frame that is malformed, oversized, from an address its channel was
+//! not bound from, or carries a bad ticket is dropped and counted, never answered
+//! (except a refused Bind with a valid frame, which gets a Refused so a client can say why).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::Rng as _;
+use ring::signature::{EcdsaKeyPair, KeyPair as _, UnparsedPublicKey};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use warren_proto::relay::{
+    data_channel, Frame, Holder, Refusal, SignedTicket, Ticket, MAX_DATAGRAM,
+};
+use warren_proto::session::SigningKey;
+use warren_proto::Name;
+
+use crate::actors::ChildSpec;
+
+/// Seconds without traffic after which a binding is forgotten (told to binders in Bound).
+pub const BINDING_LIFETIME: Duration = Duration::from_secs(30);
+/// Most channels (both directions count) one relay holds.
+pub const MAX_CHANNELS: usize = 65_536;
+/// Most agent bindings one relay holds.
+pub const MAX_AGENTS: usize = 16_384;
+/// How often the relay task refreshes its keys and holdings and forgets idle bindings.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// The public keys that verify tickets, by `kid`.
+#[derive(Clone, Default)]
+pub struct TicketKeys {
+    keys: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<&str> = self.keys.iter().map(|(k, _)| k.as_str()).collect();
+        write!(f, "TicketKeys({kids:?})")
+    }
+}
+
+impl TicketKeys {
+    /// The public halves of the cluster's signing keys (unloadable ones skipped).
+    pub fn from_signing_keys(keys: &[SigningKey]) -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        let keys = keys
+            .iter()
+            .filter_map(|k| {
+                let der = URL_SAFE_NO_PAD.decode(k.pkcs8.expose()).ok()?;
+                let pair = EcdsaKeyPair::from_pkcs8(
+                    &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    &der,
+                    &rng,
+                )
+                .ok()?;
+                Some((k.kid.clone(), pair.public_key().as_ref().to_vec()))
+            })
+            .collect();
+        Self { keys }
+    }
+
+    /// Whether no key is known (then every ticket is refused).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Checks an encoded [`SignedTicket`]: known key, valid signature, not expired.
+    pub fn verify(&self, encoded: &[u8], now_unix: u64) -> Result<Ticket, Refusal> {
+        let signed = SignedTicket::decode(encoded).ok_or(Refusal::BadTicket)?;
+        let (_, point) = self
+            .keys
+            .iter()
+            .find(|(kid, _)| *kid == signed.kid)
+            .ok_or(Refusal::BadTicket)?;
+        UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
+            .verify(&SignedTicket::signed_bytes(&signed.body), &signed.signature)
+            .map_err(|_| Refusal::BadTicket)?;
+        let ticket = Ticket::decode(&signed.body).ok_or(Refusal::BadTicket)?;
+        if ticket.expires_at <= now_unix {
+            return Err(Refusal::Expired);
+        }
+        Ok(ticket)
+    }
+}
+
+/// Signs a ticket with the newest of the cluster's signing keys.
+pub fn sign_ticket(keys: &[SigningKey], ticket: &Ticket) -> Option<SignedTicket> {
+    let newest = keys.last()?;
+    let rng = ring::rand::SystemRandom::new();
+    let der = URL_SAFE_NO_PAD.decode(newest.pkcs8.expose()).ok()?;
+    let pair = EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &der,
+        &rng,
+    )
+    .ok()?;
+    let body = ticket.encode();
+    let signature = pair
+        .sign(&rng, &SignedTicket::signed_bytes(&body))
+        .ok()?
+        .as_ref()
+        .to_vec();
+    Some(SignedTicket {
+        kid: newest.kid.clone(),
+        body,
+        signature,
+    })
+}
+
+/// Why a datagram was dropped: the label of `warren_relay_dropped_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Not a relay frame, or malformed.
+    Malformed,
+    /// Longer than the relay accepts.
+    Oversized,
+    /// Data on a channel not bound from its sender's address.
+    UnknownChannel,
+    /// A Bind whose ticket did not verify (or expired, or names another site).
+    BadTicket,
+    /// No room for another binding.
+    Full,
+    /// A frame only a relay sends (Pong, Bound, Refused) from someone not asked.
+    Unexpected,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 6] = [
+        Dropped::Malformed,
+        Dropped::Oversized,
+        Dropped::UnknownChannel,
+        Dropped::BadTicket,
+        Dropped::Full,
+        Dropped::Unexpected,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Dropped::Malformed => "malformed",
+            Dropped::Oversized => "oversized",
+            Dropped::UnknownChannel => "unknown_channel",
+            Dropped::BadTicket => "bad_ticket",
+            Dropped::Full => "full",
+            Dropped::Unexpected => "unexpected",
+        }
+    }
+}
+
+/// Counters of a relay, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Data frames forwarded.
+    pub forwarded: AtomicU64,
+    /// Bytes of forwarded Data frames.
+    pub forwarded_bytes: AtomicU64,
+    /// Bindings admitted (clients and agents, refreshes included).
+    pub bound: AtomicU64,
+    /// Bindings refused (with a Refused answer).
+    pub refused: AtomicU64,
+    dropped: [AtomicU64; 6],
+    /// Channels held now.
+    pub channels: AtomicU64,
+    /// Agent bindings held now.
+    pub agents: AtomicU64,
+}
+
+impl RelayStats {
+    fn count(&self, why: Dropped) {
+        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many datagrams were dropped for `why`.
+    pub fn dropped(&self, why: Dropped) -> u64 {
+        self.dropped[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# TYPE warren_relay_forwarded_total counter");
+        let _ = writeln!(
+            out,
+            "warren_relay_forwarded_total {}",
+            self.forwarded.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE warren_relay_forwarded_bytes_total counter");
+        let _ = writeln!(
+            out,
+            "warren_relay_forwarded_bytes_total {}",
+            self.forwarded_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE warren_relay_bound_total counter");
+        let _ = writeln!(
+            out,
+            "warren_relay_bound_total {}",
+            self.bound.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE warren_relay_refused_total counter");
+        let _ = writeln!(
+            out,
+            "warren_relay_refused_total {}",
+            self.refused.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE warren_relay_dropped_total counter");
+        for why in Dropped::ALL {
+            let _ = writeln!(
+                out,
+                "warren_relay_dropped_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.dropped(why)
+            );
+        }
+        let _ = writeln!(out, "# TYPE warren_relay_channels gauge");
+        let _ = writeln!(
+            out,
+            "warren_relay_channels {}",
+            self.channels.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE warren_relay_agents gauge");
+        let _ = writeln!(
+            out,
+            "warren_relay_agents {}",
+            self.agents.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Where a Data frame arriving on a channel goes.
+#[derive(Debug, Clone, Copy)]
+struct Dest {
+    to: SocketAddr,
+    channel: u32,
+    last: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct AgentBinding {
+    addr: SocketAddr,
+    last: Instant,
+}
+
+/// A client binding, by (client address, site).
+#[derive(Debug, Clone)]
+struct ClientBinding {
+    /// The channel the client sends on.
+    channel: u32,
+    /// Where its frames go: the agent, or the peer relay of a hop.
+    upstream: SocketAddr,
+    /// The channel the upstream sends back on (the key of the reverse direction).
+    back: u32,
+}
+
+/// A Bind this relay sent onward to a peer relay, awaiting its Bound.
+#[derive(Debug, Clone)]
+struct PendingHop {
+    client: SocketAddr,
+    client_nonce: u64,
+    site: Name,
+    peer: SocketAddr,
+    sent: Instant,
+}
+
+/// What the relay shell must do with a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Out {
+    /// Send the (rewritten in place) datagram on to this address.
+    Forward(SocketAddr),
+    /// Send these bytes to this address.
+    Send(SocketAddr, Vec<u8>),
+    /// Nothing (dropped and counted, or absorbed).
+    Nothing,
+}
+
+/// The relay's tables, without I/O.
+///
+/// Calling order: [`handle`](Self::handle) for each datagram received (with the ticket
+/// keys and the peers holding each site as of now), [`handle_tick`](Self::handle_tick)
+/// every [`TICK`]. Time arrives as arguments: `now` for idleness, `unix` for tickets.
+#[derive(Debug)]
+pub struct RelayCore {
+    /// By (sender, channel): a channel is only honoured from the address it was bound from.
+    routes: HashMap<(SocketAddr, u32), Dest>,
+    /// Channels this relay allocated (clients' and agents'), to keep them unique.
+    allocated: HashMap<u32, SocketAddr>,
+    clients: HashMap<(SocketAddr, Name), ClientBinding>,
+    agents: HashMap<Name, Vec<AgentBinding>>,
+    pending: HashMap<u64, PendingHop>,
+    stats: Arc<RelayStats>,
+}
+
+/// What the relay knows of the cluster when it handles a datagram.
+pub struct Context<'a> {
+    /// Ticket verification keys.
+    pub keys: &'a TicketKeys,
+    /// The relay addresses of peer nodes holding a tunnel to a site.
+    pub peers_holding: &'a (dyn Fn(&Name) -> Vec<SocketAddr> + Sync),
+    /// This relay's own addresses (never a hop target).
+    pub me: &'a [SocketAddr],
+    /// Now, seconds since the Unix epoch (ticket expiry).
+    pub unix: u64,
+}
+
+impl RelayCore {
+    /// Empty tables counting into `stats`.
+    pub fn new(stats: Arc<RelayStats>) -> Self {
+        Self {
+            routes: HashMap::new(),
+            allocated: HashMap::new(),
+            clients: HashMap::new(),
+            agents: HashMap::new(),
+            pending: HashMap::new(),
+            stats,
+        }
+    }
+
+    /// One datagram from `from`. A Data frame is rewritten in place (its channel becomes
+    /// the far side's) and [`Out::Forward`]ed.
+    pub fn handle(
+        &mut self,
+        from: SocketAddr,
+        datagram: &mut [u8],
+        now: Instant,
+        cx: &Context<'_>,
+    ) -> Out {
+        // The per-packet path first: no decode beyond the header.
+        if let Some(channel) = data_channel(datagram) {
+            if datagram.len() > MAX_DATAGRAM {
+                self.stats.count(Dropped::Oversized);
+                return Out::Nothing;
+            }
+            let Some(dest) = self.routes.get_mut(&(from, channel)) else {
+                self.stats.count(Dropped::UnknownChannel);
+                return Out::Nothing;
+            };
+            dest.last = now;
+            let (to, out_channel) = (dest.to, dest.channel);
+            datagram[1..5].copy_from_slice(&out_channel.to_be_bytes());
+            self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .forwarded_bytes
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            return Out::Forward(to);
+        }
+        let frame = match Frame::decode(datagram) {
+            Ok(f) => f,
+            Err(warren_proto::relay::FrameError::Oversized) => {
+                self.stats.count(Dropped::Oversized);
+                return Out::Nothing;
+            }
+            Err(_) => {
+                self.stats.count(Dropped::Malformed);
+                return Out::Nothing;
+            }
+        };
+        match frame {
+            Frame::Ping { nonce } => Out::Send(
+                from,
+                Frame::Pong {
+                    nonce,
+                    observed: from,
+                }
+                .to_vec(),
+            ),
+            Frame::Bind {
+                nonce,
+                ticket,
+                site,
+            } => self.bind(from, nonce, ticket, site, now, cx),
+            Frame::Bound {
+                nonce,
+                channel,
+                lifetime: _,
+            } => self.hop_bound(from, nonce, channel, now),
+            Frame::Refused { nonce, reason } => {
+                let Some(p) = self.pending.remove(&nonce).filter(|p| p.peer == from) else {
+                    self.stats.count(Dropped::Unexpected);
+                    return Out::Nothing;
+                };
+                Out::Send(
+                    p.client,
+                    Frame::Refused {
+                        nonce: p.client_nonce,
+                        reason,
+                    }
+                    .to_vec(),
+                )
+            }
+            Frame::Pong { .. } | Frame::Data { .. } => {
+                self.stats.count(Dropped::Unexpected);
+                Out::Nothing
+            }
+        }
+    }
+
+    fn refuse(&self, to: SocketAddr, nonce: u64, reason: Refusal) -> Out {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        Out::Send(to, Frame::Refused { nonce, reason }.to_vec())
+    }
+
+    fn bound(&self, to: SocketAddr, nonce: u64, channel: u32) -> Out {
+        self.stats.bound.fetch_add(1, Ordering::Relaxed);
+        Out::Send(
+            to,
+            Frame::Bound {
+                nonce,
+                channel,
+                lifetime: BINDING_LIFETIME.as_secs() as u16,
+            }
+            .to_vec(),
+        )
+    }
+
+    fn bind(
+        &mut self,
+        from: SocketAddr,
+        nonce: u64,
+        ticket: &[u8],
+        site: &str,
+        now: Instant,
+        cx: &Context<'_>,
+    ) -> Out {
+        let raw = ticket;
+        let ticket = match cx.keys.verify(raw, cx.unix) {
+            Ok(t) => t,
+            Err(reason) => {
+                self.stats.count(Dropped::BadTicket);
+                return self.refuse(from, nonce, reason);
+            }
+        };
+        match ticket.holder {
+            Holder::Agent { site } => {
+                let bindings = self.agents.entry(site).or_default();
+                if let Some(b) = bindings.iter_mut().find(|b| b.addr == from) {
+                    b.last = now;
+                } else {
+                    if self.stats.agents.load(Ordering::Relaxed) as usize >= MAX_AGENTS {
+                        self.stats.count(Dropped::Full);
+                        return self.refuse(from, nonce, Refusal::Full);
+                    }
+                    bindings.push(AgentBinding {
+                        addr: from,
+                        last: now,
+                    });
+                    self.stats.agents.fetch_add(1, Ordering::Relaxed);
+                }
+                self.bound(from, nonce, 0)
+            }
+            Holder::Device { sites, .. } => {
+                let Some(site) = sites.into_iter().find(|s| s.as_str() == site) else {
+                    self.stats.count(Dropped::BadTicket);
+                    return self.refuse(from, nonce, Refusal::WrongSite);
+                };
+                self.bind_client(from, nonce, site, raw, now, cx)
+            }
+        }
+    }
+
+    fn bind_client(
+        &mut self,
+        from: SocketAddr,
+        nonce: u64,
+        site: Name,
+        raw_ticket: &[u8],
+        now: Instant,
+        cx: &Context<'_>,
+    ) -> Out {
+        // The newest live agent binding of the site, if any is here.
+        let agent = self.agents.get(&site).and_then(|b| {
+            b.iter()
+                .filter(|b| now.duration_since(b.last) < BINDING_LIFETIME)
+                .max_by_key(|b| b.last)
+                .map(|b| b.addr)
+        });
+        let key = (from, site.clone());
+        if let Some(agent) = agent {
+            if let Some(existing) = self.clients.get(&key).cloned() {
+                if existing.upstream == agent {
+                    self.touch(from, existing.channel, now);
+                    return self.bound(from, nonce, existing.channel);
+                }
+                self.unbind_client(&key);
+            }
+            if self.routes.len() + 2 > MAX_CHANNELS {
+                self.stats.count(Dropped::Full);
+                return self.refuse(from, nonce, Refusal::Full);
+            }
+            let c = self.allocate(from);
+            let a = self.allocate(agent);
+            self.routes.insert(
+                (from, c),
+                Dest {
+                    to: agent,
+                    channel: a,
+                    last: now,
+                },
+            );
+            self.routes.insert(
+                (agent, a),
+                Dest {
+                    to: from,
+                    channel: c,
+                    last: now,
+                },
+            );
+            self.clients.insert(
+                key,
+                ClientBinding {
+                    channel: c,
+                    upstream: agent,
+                    back: a,
+                },
+            );
+            self.sync_gauges();
+            return self.bound(from, nonce, c);
+        }
+        // One hop: a peer that holds the site.
+        let Some(peer) = (cx.peers_holding)(&site)
+            .into_iter()
+            .find(|p| !cx.me.contains(p))
+        else {
+            return self.refuse(from, nonce, Refusal::SiteUnreachable);
+        };
+        if self.pending.len() >= MAX_CHANNELS / 4 {
+            self.stats.count(Dropped::Full);
+            return self.refuse(from, nonce, Refusal::Full);
+        }
+        let hop_nonce: u64 = rand::thread_rng().gen();
+        self.pending.insert(
+            hop_nonce,
+            PendingHop {
+                client: from,
+                client_nonce: nonce,
+                site: site.clone(),
+                peer,
+                sent: now,
+            },
+        );
+        let onward = Frame::Bind {
+            nonce: hop_nonce,
+            ticket: raw_ticket,
+            site: site.as_str(),
+        }
+        .to_vec();
+        Out::Send(peer, onward)
+    }
+
+    /// The answer of a peer relay to a Bind sent onward.
+    fn hop_bound(&mut self, from: SocketAddr, nonce: u64, peer_channel: u32, now: Instant) -> Out {
+        let Some(p) = self.pending.remove(&nonce).filter(|p| p.peer == from) else {
+            self.stats.count(Dropped::Unexpected);
+            return Out::Nothing;
+        };
+        let key = (p.client, p.site.clone());
+        if let Some(existing) = self.clients.get(&key).cloned() {
+            if existing.upstream == from && existing.back == peer_channel {
+                self.touch(p.client, existing.channel, now);
+                return self.bound(p.client, p.client_nonce, existing.channel);
+            }
+            self.unbind_client(&key);
+        }
+        if self.routes.len() + 2 > MAX_CHANNELS {
+            self.stats.count(Dropped::Full);
+            return self.refuse(p.client, p.client_nonce, Refusal::Full);
+        }
+        let c = self.allocate(p.client);
+        self.routes.insert(
+            (p.client, c),
+            Dest {
+                to: from,
+                channel: peer_channel,
+                last: now,
+            },
+        );
+        self.routes.insert(
+            (from, peer_channel),
+            Dest {
+                to: p.client,
+                channel: c,
+                last: now,
+            },
+        );
+        self.clients.insert(
+            key,
+            ClientBinding {
+                channel: c,
+                upstream: from,
+                back: peer_channel,
+            },
+        );
+        self.sync_gauges();
+        self.bound(p.client, p.client_nonce, c)
+    }
+
+    fn touch(&mut self, from: SocketAddr, channel: u32, now: Instant) {
+        if let Some(d) = self.routes.get_mut(&(from, channel)) {
+            d.last = now;
+        }
+    }
+
+    fn allocate(&mut self, owner: SocketAddr) -> u32 {
+        let mut rng = rand::thread_rng();
+        loop {
+            let c: u32 = rng.gen();
+            if c != 0 && !self.allocated.contains_key(&c) {
+                self.allocated.insert(c, owner);
+                return c;
+            }
+        }
+    }
+
+    fn unbind_client(&mut self, key: &(SocketAddr, Name)) {
+        if let Some(b) = self.clients.remove(key) {
+            self.routes.remove(&(key.0, b.channel));
+            self.routes.remove(&(b.upstream, b.back));
+            self.allocated.remove(&b.channel);
+            self.allocated.remove(&b.back);
+        }
+        self.sync_gauges();
+    }
+
+    /// Forgets bindings idle for [`BINDING_LIFETIME`] and hops never answered.
+    pub fn handle_tick(&mut self, now: Instant) {
+        let idle = |last: Instant| now.duration_since(last) >= BINDING_LIFETIME;
+        let stale: Vec<(SocketAddr, Name)> = self
+            .clients
+            .iter()
+            .filter(|(k, b)| {
+                // A binding lives while either direction carries traffic.
+                let up = self.routes.get(&(k.0, b.channel)).map(|d| d.last);
+                let down = self.routes.get(&(b.upstream, b.back)).map(|d| d.last);
+                up.into_iter().chain(down).all(idle)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.unbind_client(&k);
+        }
+        for bindings in self.agents.values_mut() {
+            bindings.retain(|b| !idle(b.last));
+        }
+        self.agents.retain(|_, b| !b.is_empty());
+        self.pending
+            .retain(|_, p| now.duration_since(p.sent) < Duration::from_secs(5));
+        self.sync_gauges();
+    }
+
+    fn sync_gauges(&self) {
+        self.stats
+            .channels
+            .store(self.routes.len() as u64, Ordering::Relaxed);
+        self.stats.agents.store(
+            self.agents.values().map(|b| b.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether an agent of `site` is bound here now.
+    pub fn has_agent(&self, site: &Name, now: Instant) -> bool {
+        self.agents.get(site).is_some_and(|b| {
+            b.iter()
+                .any(|b| now.duration_since(b.last) < BINDING_LIFETIME)
+        })
+    }
+}
+
+/// What the relay reads of the rest of the node, refreshed every [`TICK`].
+pub trait RelayView: Send + Sync + 'static {
+    /// The cluster's ticket keys now.
+    fn keys(&self) -> TicketKeys;
+    /// Relay addresses of the peers holding a tunnel to each site, as last heard.
+    fn holders(&self) -> HashMap<Name, Vec<SocketAddr>>;
+    /// Whether the registry changed since `seen` (a counter); returns the new counter.
+    fn version(&self) -> u64;
+}
+
+/// Serves the relay on `socket` until the task is aborted.
+pub async fn serve(
+    socket: Arc<UdpSocket>,
+    me: Vec<SocketAddr>,
+    view: Arc<dyn RelayView>,
+    stats: Arc<RelayStats>,
+) {
+    let mut core = RelayCore::new(stats);
+    let mut keys = view.keys();
+    let mut holders = view.holders();
+    let mut seen = view.version();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One buffer, reused: a datagram is rewritten in place and sent on from it.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut unix = crate::proxy::unix_now();
+    loop {
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, from) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // ICMP errors surface here on Linux (a peer went away): not fatal.
+                        tracing::trace!("relay recv: {e}");
+                        continue;
+                    }
+                };
+                let out = {
+                    let holding = |site: &Name| holders.get(site).cloned().unwrap_or_default();
+                    let cx = Context {
+                        keys: &keys,
+                        peers_holding: &holding,
+                        me: &me,
+                        unix,
+                    };
+                    core.handle(from, &mut buf[..n], Instant::now(), &cx)
+                };
+                match out {
+                    Out::Forward(to) => {
+                        let _ = socket.send_to(&buf[..n], to).await;
+                    }
+                    Out::Send(to, bytes) => {
+                        let _ = socket.send_to(&bytes, to).await;
+                    }
+                    Out::Nothing => {}
+                }
+            }
+            _ = tick.tick() => {
+                unix = crate::proxy::unix_now();
+                let v = view.version();
+                if v != seen {
+                    seen = v;
+                    keys = view.keys();
+                }
+                holders = view.holders();
+                core.handle_tick(Instant::now());
+            }
+        }
+    }
+}
+
+/// The tree's child `relay`: runs [`serve`] as its task and fails when the task ends (a
+/// panic included), so the supervisor starts it again on the same socket.
+#[derive(Clone)]
+pub struct RelayActor;
+
+/// Arguments of the [`RelayActor`].
+#[derive(Clone)]
+pub struct RelayArgs {
+    /// The relay's socket (bound once).
+    pub socket: Arc<UdpSocket>,
+    /// This relay's own addresses (its public one).
+    pub me: Vec<SocketAddr>,
+    /// The node as the relay sees it.
+    pub view: Arc<dyn RelayView>,
+    /// Its counters.
+    pub stats: Arc<RelayStats>,
+}
+
+/// Messages of the [`RelayActor`].
+pub enum RelayMsg {
+    /// Check the task is alive.
+    Reap,
+}
+
+/// State of the [`RelayActor`].
+pub struct RelayState {
+    task: JoinHandle<()>,
+    reaper: JoinHandle<()>,
+}
+
+impl std::ops::Drop for RelayState {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.reaper.abort();
+    }
+}
+
+impl RelayActor {
+    /// The child spec.
+    pub fn child(args: RelayArgs) -> ChildSpec {
+        ChildSpec::actor("relay", RelayActor, move || args.clone())
+    }
+}
+
+impl Actor for RelayActor {
+    type Msg = RelayMsg;
+    type State = RelayState;
+    type Arguments = RelayArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: RelayArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let task = tokio::spawn(serve(args.socket, args.me, args.view, args.stats));
+        let reaper = myself.send_interval(Duration::from_secs(1), || RelayMsg::Reap);
+        Ok(RelayState { task, reaper })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RelayMsg::Reap => {
+                if state.task.is_finished() {
+                    return Err("the relay task ended".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::sign::Signer;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    struct World {
+        keys: Vec<SigningKey>,
+        tk: TicketKeys,
+        core: RelayCore,
+        stats: Arc<RelayStats>,
+        now: Instant,
+    }
+
+    const UNIX: u64 = 1_000_000;
+
+    impl World {
+        fn new() -> Self {
+            let keys = vec![Signer::generate(1)];
+            let tk = TicketKeys::from_signing_keys(&keys);
+            let stats = Arc::new(RelayStats::default());
+            Self {
+                keys,
+                tk,
+                core: RelayCore::new(stats.clone()),
+                stats,
+                now: Instant::now(),
+            }
+        }
+
+        fn ticket(&self, holder: Holder, expires_at: u64) -> Vec<u8> {
+            sign_ticket(
+                &self.keys,
+                &Ticket {
+                    version: 1,
+                    holder,
+                    expires_at,
+                },
+            )
+            .unwrap()
+            .encode()
+        }
+
+        fn device(&self, sites: &[&str]) -> Vec<u8> {
+            self.ticket(
+                Holder::Device {
+                    device: name("laptop"),
+                    key: [1; 32],
+                    sites: sites.iter().map(|s| name(s)).collect(),
+                },
+                UNIX + 60,
+            )
+        }
+
+        fn agent(&self, site: &str) -> Vec<u8> {
+            self.ticket(Holder::Agent { site: name(site) }, UNIX + 60)
+        }
+
+        fn send(&mut self, from: &str, mut d: Vec<u8>, peers: &[SocketAddr]) -> (Out, Vec<u8>) {
+            let peers = peers.to_vec();
+            let holding = move |_: &Name| peers.clone();
+            let cx = Context {
+                keys: &self.tk,
+                peers_holding: &holding,
+                me: &[],
+                unix: UNIX,
+            };
+            let out = self
+                .core
+                .handle(from.parse().unwrap(), &mut d, self.now, &cx);
+            (out, d)
+        }
+
+        fn bind(&mut self, from: &str, ticket: &[u8], site: &str) -> Frame<'static> {
+            let (out, _) = self.send(
+                from,
+                Frame::Bind {
+                    nonce: 5,
+                    ticket,
+                    site,
+                }
+                .to_vec(),
+                &[],
+            );
+            let Out::Send(to, b) = out else {
+                panic!("no answer: {out:?}")
+            };
+            assert_eq!(to, from.parse().unwrap());
+            match Frame::decode(&b).unwrap() {
+                Frame::Bound {
+                    nonce,
+                    channel,
+                    lifetime,
+                } => Frame::Bound {
+                    nonce,
+                    channel,
+                    lifetime,
+                },
+                Frame::Refused { nonce, reason } => Frame::Refused { nonce, reason },
+                f => panic!("{f:?}"),
+            }
+        }
+    }
+
+    fn data(channel: u32, payload: &[u8]) -> Vec<u8> {
+        Frame::Data { channel, payload }.to_vec()
+    }
+
+    const CLIENT: &str = "198.51.100.7:40000";
+    const AGENT: &str = "203.0.113.5:51820";
+
+    #[test]
+    fn a_client_and_an_agent_are_spliced_both_ways() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        assert!(matches!(w.bind(AGENT, &at, ""), Frame::Bound { .. }));
+        let dt = w.device(&["site-a"]);
+        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        let (out, fwd) = w.send(CLIENT, data(c, b"\x01hello"), &[]);
+        assert_eq!(out, Out::Forward(AGENT.parse().unwrap()));
+        let a = data_channel(&fwd).unwrap();
+        assert_ne!(a, c);
+        let (out, back) = w.send(AGENT, data(a, b"\x02back"), &[]);
+        assert_eq!(out, Out::Forward(CLIENT.parse().unwrap()));
+        assert_eq!(data_channel(&back), Some(c));
+        assert_eq!(&back[5..], b"\x02back");
+        // A refresh keeps the channel.
+        let Frame::Bound { channel: c2, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        assert_eq!(c2, c);
+        assert_eq!(w.stats.forwarded.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_channel_is_honoured_only_from_the_address_it_was_bound_from() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        let (out, _) = w.send("192.0.2.66:1234", data(c, b"\x01forged"), &[]);
+        assert_eq!(out, Out::Nothing);
+        let (out, _) = w.send(CLIENT, data(c ^ 1, b"\x01guess"), &[]);
+        assert_eq!(out, Out::Nothing);
+        assert_eq!(w.stats.dropped(Dropped::UnknownChannel), 2);
+    }
+
+    #[test]
+    fn bad_expired_and_misdirected_tickets_are_refused_and_bind_nothing() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        // Another cluster's key.
+        let other = World::new();
+        let forged = other.device(&["site-a"]);
+        assert!(matches!(
+            w.bind(CLIENT, &forged, "site-a"),
+            Frame::Refused {
+                reason: Refusal::BadTicket,
+                ..
+            }
+        ));
+        // A signature over other bytes.
+        let mut t = SignedTicket::decode(&w.device(&["site-a"])).unwrap();
+        t.body = Ticket {
+            version: 1,
+            holder: Holder::Agent {
+                site: name("site-a"),
+            },
+            expires_at: UNIX + 60,
+        }
+        .encode();
+        assert!(matches!(
+            w.bind(CLIENT, &t.encode(), ""),
+            Frame::Refused {
+                reason: Refusal::BadTicket,
+                ..
+            }
+        ));
+        let expired = w.ticket(
+            Holder::Device {
+                device: name("laptop"),
+                key: [1; 32],
+                sites: vec![name("site-a")],
+            },
+            UNIX - 1,
+        );
+        assert!(matches!(
+            w.bind(CLIENT, &expired, "site-a"),
+            Frame::Refused {
+                reason: Refusal::Expired,
+                ..
+            }
+        ));
+        let elsewhere = w.device(&["site-b"]);
+        assert!(matches!(
+            w.bind(CLIENT, &elsewhere, "site-a"),
+            Frame::Refused {
+                reason: Refusal::WrongSite,
+                ..
+            }
+        ));
+        assert_eq!(w.stats.channels.load(Ordering::Relaxed), 0);
+        assert_eq!(w.stats.dropped(Dropped::BadTicket), 4);
+    }
+
+    #[test]
+    fn garbage_and_oversized_datagrams_are_counted_and_unanswered() {
+        let mut w = World::new();
+        for d in [
+            vec![],
+            vec![1, 0, 0, 0],
+            vec![0xA2, 1, 2],
+            vec![0xA5; MAX_DATAGRAM + 1],
+        ] {
+            let (out, _) = w.send(CLIENT, d, &[]);
+            assert_eq!(out, Out::Nothing);
+        }
+        assert_eq!(w.stats.dropped(Dropped::Malformed), 3);
+        assert_eq!(w.stats.dropped(Dropped::Oversized), 1);
+    }
+
+    #[test]
+    fn a_site_held_by_a_peer_is_reached_in_one_hop() {
+        let mut w = World::new();
+        let peer: SocketAddr = "10.0.0.2:7401".parse().unwrap();
+        let dt = w.device(&["site-a"]);
+        let (out, _) = w.send(
+            CLIENT,
+            Frame::Bind {
+                nonce: 5,
+                ticket: &dt,
+                site: "site-a",
+            }
+            .to_vec(),
+            &[peer],
+        );
+        let Out::Send(to, onward) = out else { panic!() };
+        assert_eq!(to, peer);
+        let Frame::Bind {
+            nonce: hop, ticket, ..
+        } = Frame::decode(&onward).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(ticket, &dt[..]);
+        // The peer's answer comes back to the client as this relay's own channel.
+        let (out, _) = w.send(
+            "10.0.0.2:7401",
+            Frame::Bound {
+                nonce: hop,
+                channel: 77,
+                lifetime: 30,
+            }
+            .to_vec(),
+            &[],
+        );
+        let Out::Send(to, b) = out else { panic!() };
+        assert_eq!(to, CLIENT.parse().unwrap());
+        let Frame::Bound {
+            nonce: 5,
+            channel: c,
+            ..
+        } = Frame::decode(&b).unwrap()
+        else {
+            panic!()
+        };
+        let (out, fwd) = w.send(CLIENT, data(c, b"\x01x"), &[]);
+        assert_eq!(out, Out::Forward(peer));
+        assert_eq!(data_channel(&fwd), Some(77));
+        let (out, back) = w.send("10.0.0.2:7401", data(77, b"\x02y"), &[]);
+        assert_eq!(out, Out::Forward(CLIENT.parse().unwrap()));
+        assert_eq!(data_channel(&back), Some(c));
+        // A Bound nobody asked for is dropped.
+        let (out, _) = w.send(
+            "10.0.0.9:7401",
+            Frame::Bound {
+                nonce: 1,
+                channel: 1,
+                lifetime: 30,
+            }
+            .to_vec(),
+            &[],
+        );
+        assert_eq!(out, Out::Nothing);
+    }
+
+    #[test]
+    fn idle_bindings_are_forgotten() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        w.now += BINDING_LIFETIME + Duration::from_secs(1);
+        w.core.handle_tick(w.now);
+        let (out, _) = w.send(CLIENT, data(c, b"\x01late"), &[]);
+        assert_eq!(out, Out::Nothing);
+        assert_eq!(w.stats.channels.load(Ordering::Relaxed), 0);
+        assert!(!w.core.has_agent(&name("site-a"), w.now));
+    }
+}
