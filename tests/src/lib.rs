@@ -195,7 +195,13 @@ impl TestNode {
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 format!("127.0.{}.{}", 10 + (n / 250) % 200, 1 + n % 250)
             },
-            env: env.to_vec(),
+            env: {
+                // Every node its own relay port: the default (the cluster IP, port 7401)
+                // would be taken by the first node on 127.0.0.1. A caller's value wins.
+                let mut e = vec![("WARREN_RELAY_LISTEN".to_owned(), "127.0.0.1:0".to_owned())];
+                e.extend(env.iter().cloned());
+                e
+            },
             binary: None,
             child: None,
             log_dir: base.join("logs"),

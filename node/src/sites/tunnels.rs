@@ -369,6 +369,7 @@ impl Actor for AgentTunnel {
 
 /// The control stream of one tunnel until it, or the connection, ends; then tells the
 /// tunnel's actor why.
+#[allow(clippy::too_many_arguments)]
 async fn control(
     site: Name,
     conn: quinn::Connection,
