@@ -4871,6 +4871,17 @@ mod tests {
                         .chance(50)
                         .then(|| "2001:db8::7".parse().expect("address")),
                 },
+                "SetSiteKey" => Command::SetSiteKey {
+                    site: name(self.rng.pick(&NAMES)),
+                    key: WgKey([self.rng.pick(&[1u8, 2]); 32]),
+                },
+                "SetNodeRelay" => Command::SetNodeRelay {
+                    node: name(self.rng.pick(&["n1", "n2", "n3", "gone"])),
+                    relay: self
+                        .rng
+                        .pick(&["127.0.0.1:7401", "not an address"])
+                        .to_string(),
+                },
                 #[cfg(feature = "format-next")]
                 "Annotate" => Command::Annotate {
                     note: "upgrade test".into(),
