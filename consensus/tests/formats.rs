@@ -300,6 +300,14 @@ fn populate_v2() -> Vec<Command> {
             session: Some(SessionId(11)),
             address: Some("198.51.100.7".parse().expect("address")),
         },
+        Command::SetSiteKey {
+            site: name("lab"),
+            key: WgKey([5; 32]),
+        },
+        Command::SetNodeRelay {
+            node: name("n2"),
+            relay: "127.0.0.1:7401".into(),
+        },
     ]
 }
 
