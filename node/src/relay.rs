@@ -202,30 +202,25 @@ impl RelayStats {
     /// Prometheus text.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let _ = writeln!(out, "# TYPE warren_relay_forwarded_total counter");
-        let _ = writeln!(
-            out,
-            "warren_relay_forwarded_total {}",
-            self.forwarded.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE warren_relay_forwarded_bytes_total counter");
-        let _ = writeln!(
-            out,
-            "warren_relay_forwarded_bytes_total {}",
-            self.forwarded_bytes.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE warren_relay_bound_total counter");
-        let _ = writeln!(
-            out,
-            "warren_relay_bound_total {}",
-            self.bound.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE warren_relay_refused_total counter");
-        let _ = writeln!(
-            out,
-            "warren_relay_refused_total {}",
-            self.refused.load(Ordering::Relaxed)
-        );
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, kind, value) in [
+            (
+                "warren_relay_forwarded_total",
+                "counter",
+                load(&self.forwarded),
+            ),
+            (
+                "warren_relay_forwarded_bytes_total",
+                "counter",
+                load(&self.forwarded_bytes),
+            ),
+            ("warren_relay_bound_total", "counter", load(&self.bound)),
+            ("warren_relay_refused_total", "counter", load(&self.refused)),
+            ("warren_relay_channels", "gauge", load(&self.channels)),
+            ("warren_relay_agents", "gauge", load(&self.agents)),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+        }
         let _ = writeln!(out, "# TYPE warren_relay_dropped_total counter");
         for why in Dropped::ALL {
             let _ = writeln!(
@@ -235,18 +230,6 @@ impl RelayStats {
                 self.dropped(why)
             );
         }
-        let _ = writeln!(out, "# TYPE warren_relay_channels gauge");
-        let _ = writeln!(
-            out,
-            "warren_relay_channels {}",
-            self.channels.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE warren_relay_agents gauge");
-        let _ = writeln!(
-            out,
-            "warren_relay_agents {}",
-            self.agents.load(Ordering::Relaxed)
-        );
     }
 }
 
@@ -1063,6 +1046,16 @@ mod tests {
         }
         assert_eq!(w.stats.dropped(Dropped::Malformed), 3);
         assert_eq!(w.stats.dropped(Dropped::Oversized), 1);
+        let mut text = String::new();
+        w.stats.render(&mut text);
+        assert!(
+            text.contains("warren_relay_dropped_total{reason=\"malformed\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE warren_relay_channels gauge\nwarren_relay_channels 0\n"),
+            "{text}"
+        );
     }
 
     #[test]
