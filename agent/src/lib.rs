@@ -153,7 +153,50 @@ async fn start_access(wg: &WireGuardConfig) -> anyhow::Result<tunnel::AccessHook
         warren_net::endpoint::EndpointConfig::default(),
     )?;
     tracing::info!(listen = %endpoint.local_addr(), "WireGuard endpoint for client access");
+    tokio::spawn(report_drops(endpoint.clone()));
     Ok(tunnel::AccessHook::new(endpoint, public_key.0))
+}
+
+/// How often the agent says what its WireGuard endpoint dropped, when it dropped anything.
+const DROP_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs, at most every [`DROP_REPORT`], the datagrams the endpoint dropped since the last
+/// report, by reason: garbage, replays and unknown keys arriving at the agent's port are
+/// refused silently on the wire, and said here. Ends with the endpoint.
+async fn report_drops(endpoint: warren_net::endpoint::AgentEndpoint) {
+    let mut last: Vec<(&'static str, u64)> = warren_net::wg::DropStats::default()
+        .by_reason()
+        .into_iter()
+        .chain(warren_net::endpoint::ShellDrops::default().by_reason())
+        .collect();
+    let mut tick = tokio::time::interval(DROP_REPORT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(status) = endpoint.status().await else {
+            return;
+        };
+        let now: Vec<(&'static str, u64)> = status
+            .drops
+            .by_reason()
+            .into_iter()
+            .chain(status.other_drops.by_reason())
+            .collect();
+        let delta: Vec<String> = now
+            .iter()
+            .zip(&last)
+            .filter(|((_, n), (_, l))| n > l)
+            .map(|((k, n), (_, l))| format!("{k} {}", n - l))
+            .collect();
+        if !delta.is_empty() {
+            tracing::warn!(
+                "WireGuard endpoint dropped datagrams in the last {}s: {}",
+                DROP_REPORT.as_secs(),
+                delta.join(", ")
+            );
+        }
+        last = now;
+    }
 }
 
 #[cfg(test)]

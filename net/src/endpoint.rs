@@ -311,6 +311,18 @@ pub struct SiteStatus {
     pub stack: StackStats,
 }
 
+impl ShellDrops {
+    /// The counters by name.
+    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+        [
+            ("relay_frames", self.relay_frames),
+            ("no_path", self.no_path),
+            ("no_route", self.no_route),
+            ("send_errors", self.send_errors),
+        ]
+    }
+}
+
 /// Datagrams the shell itself dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShellDrops {

@@ -285,6 +285,21 @@ pub struct DropStats {
 }
 
 impl DropStats {
+    /// The counters by name (cookie replies excluded: they are not drops).
+    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+        [
+            ("oversized", self.oversized),
+            ("malformed", self.malformed),
+            ("not_for_us", self.not_for_us),
+            ("unknown_key", self.unknown_key),
+            ("unknown_session", self.unknown_session),
+            ("replayed", self.replayed),
+            ("bad_auth", self.bad_auth),
+            ("spoofed", self.spoofed),
+            ("under_load", self.under_load),
+        ]
+    }
+
     fn count(&mut self, d: DropReason) {
         let c = match d {
             DropReason::Oversized => &mut self.oversized,

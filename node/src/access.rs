@@ -247,6 +247,8 @@ pub struct AccessShell {
     pub relay: std::sync::Arc<crate::relay::RelayStats>,
     /// The CLI's OAuth client id at the providers, if configured.
     pub cli_client_id: Option<String>,
+    /// The devices connected to this node (one actor each).
+    pub devices: std::sync::Arc<crate::devices::Devices>,
 }
 
 impl std::fmt::Debug for AccessShell {
@@ -331,6 +333,8 @@ pub struct NodeRelayView {
     pub cluster: warren_consensus::cluster::Cluster,
     /// Sites and peers' holdings.
     pub sites: std::sync::Arc<crate::sites::Sites>,
+    /// Where new device bindings are reported.
+    pub devices: std::sync::Arc<crate::devices::Devices>,
 }
 
 impl crate::relay::RelayView for NodeRelayView {
@@ -362,6 +366,24 @@ impl crate::relay::RelayView for NodeRelayView {
             }
         }
         out
+    }
+
+    fn relays(&self) -> Vec<SocketAddr> {
+        let reg = self.cluster.registry();
+        reg.nodes()
+            .values()
+            .filter_map(|n| reg.node_relay(&n.name)?.parse().ok())
+            .collect()
+    }
+
+    fn device_bound(&self, bound: crate::relay::DeviceBound) {
+        self.devices.seen(
+            bound.device,
+            crate::devices::Seen::Bound {
+                site: bound.site,
+                from: bound.from,
+            },
+        );
     }
 
     fn version(&self) -> u64 {

@@ -271,6 +271,8 @@ impl RunningNode {
             socket.set_nonblocking(true)?;
             let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
             let stats = Arc::new(crate::relay::RelayStats::default());
+            let devices = crate::devices::Devices::new(cluster.clone());
+            children.push(devices.child());
             sites.set_access(Arc::new(crate::access::AccessShell {
                 settings: crate::access::AccessSettings {
                     relay_public: public,
@@ -280,6 +282,7 @@ impl RunningNode {
                 cluster: cluster.clone(),
                 relay: stats.clone(),
                 cli_client_id: settings.cli_client_id.clone(),
+                devices: devices.clone(),
             }));
             children.push(crate::relay::RelayActor::child(crate::relay::RelayArgs {
                 socket,
@@ -287,6 +290,7 @@ impl RunningNode {
                 view: Arc::new(crate::access::NodeRelayView {
                     cluster: cluster.clone(),
                     sites: sites.clone(),
+                    devices,
                 }),
                 stats,
             }));

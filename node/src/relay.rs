@@ -147,16 +147,19 @@ pub enum Dropped {
     Full,
     /// A frame only a relay sends (Pong, Bound, Refused) from someone not asked.
     Unexpected,
+    /// A Bind this relay has already seen (its nonce, with a valid ticket): a replay.
+    Replayed,
 }
 
 impl Dropped {
-    const ALL: [Dropped; 6] = [
+    const ALL: [Dropped; 7] = [
         Dropped::Malformed,
         Dropped::Oversized,
         Dropped::UnknownChannel,
         Dropped::BadTicket,
         Dropped::Full,
         Dropped::Unexpected,
+        Dropped::Replayed,
     ];
 
     fn label(self) -> &'static str {
@@ -167,6 +170,7 @@ impl Dropped {
             Dropped::BadTicket => "bad_ticket",
             Dropped::Full => "full",
             Dropped::Unexpected => "unexpected",
+            Dropped::Replayed => "replayed",
         }
     }
 }
@@ -182,7 +186,7 @@ pub struct RelayStats {
     pub bound: AtomicU64,
     /// Bindings refused (with a Refused answer).
     pub refused: AtomicU64,
-    dropped: [AtomicU64; 6],
+    dropped: [AtomicU64; Dropped::ALL.len()],
     /// Channels held now.
     pub channels: AtomicU64,
     /// Agent bindings held now.
@@ -293,8 +297,28 @@ pub struct RelayCore {
     clients: HashMap<(SocketAddr, Name), ClientBinding>,
     agents: HashMap<Name, Vec<AgentBinding>>,
     pending: HashMap<u64, PendingHop>,
+    /// Nonces of the Binds honoured, until their ticket expires (Unix s), oldest first: a
+    /// Bind is honoured once.
+    nonces: HashMap<u64, u64>,
+    nonce_order: std::collections::VecDeque<(u64, u64)>,
+    /// Devices newly bound here (device, site, from), for [`poll_event`](Self::poll_event).
+    events: Vec<DeviceBound>,
     stats: Arc<RelayStats>,
 }
+
+/// A device made a new binding on this relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceBound {
+    /// The device its ticket names.
+    pub device: Name,
+    /// The site.
+    pub site: Name,
+    /// Where its datagrams come from.
+    pub from: SocketAddr,
+}
+
+/// Most Bind nonces remembered (the oldest are forgotten first).
+pub const MAX_NONCES: usize = 65_536;
 
 /// What the relay knows of the cluster when it handles a datagram.
 pub struct Context<'a> {
@@ -306,6 +330,8 @@ pub struct Context<'a> {
     pub me: &'a [SocketAddr],
     /// Now, seconds since the Unix epoch (ticket expiry).
     pub unix: u64,
+    /// Whether an address is a node's relay (a Bind from it is one sent on).
+    pub is_relay: &'a (dyn Fn(SocketAddr) -> bool + Sync),
 }
 
 impl RelayCore {
@@ -317,8 +343,40 @@ impl RelayCore {
             clients: HashMap::new(),
             agents: HashMap::new(),
             pending: HashMap::new(),
+            nonces: HashMap::new(),
+            nonce_order: std::collections::VecDeque::new(),
+            events: Vec::new(),
             stats,
         }
+    }
+
+    /// The next device binding made since the last call, if any (at most one per new
+    /// binding, never per packet).
+    pub fn poll_event(&mut self) -> Option<DeviceBound> {
+        self.events.pop()
+    }
+
+    /// Remembers a Bind's nonce until `expires_at`; `false` when it was seen already.
+    fn first_use(&mut self, nonce: u64, expires_at: u64, unix: u64) -> bool {
+        // Tickets are signed with one lifetime, so insertion order is close to expiry order.
+        while let Some(&(old, at)) = self.nonce_order.front() {
+            if at > unix {
+                break;
+            }
+            self.nonce_order.pop_front();
+            self.nonces.remove(&old);
+        }
+        if self.nonces.contains_key(&nonce) {
+            return false;
+        }
+        if self.nonces.len() >= MAX_NONCES {
+            if let Some((old, _)) = self.nonce_order.pop_front() {
+                self.nonces.remove(&old);
+            }
+        }
+        self.nonces.insert(nonce, expires_at);
+        self.nonce_order.push_back((nonce, expires_at));
+        true
     }
 
     /// One datagram from `from`. A Data frame is rewritten in place (its channel becomes
@@ -435,6 +493,11 @@ impl RelayCore {
                 return self.refuse(from, nonce, reason);
             }
         };
+        // Verified first, so only a ticket holder can fill the table of nonces.
+        if !self.first_use(nonce, ticket.expires_at, cx.unix) {
+            self.stats.count(Dropped::Replayed);
+            return Out::Nothing;
+        }
         match ticket.holder {
             Holder::Agent { site } => {
                 let bindings = self.agents.entry(site).or_default();
@@ -453,11 +516,20 @@ impl RelayCore {
                 }
                 self.bound(from, nonce, 0)
             }
-            Holder::Device { sites, .. } => {
+            Holder::Device { device, sites, .. } => {
                 let Some(site) = sites.into_iter().find(|s| s.as_str() == site) else {
                     self.stats.count(Dropped::BadTicket);
                     return self.refuse(from, nonce, Refusal::WrongSite);
                 };
+                // A Bind a peer relay sent on for its client is that relay's report.
+                let from_peer = (cx.is_relay)(from);
+                if !from_peer && !self.clients.contains_key(&(from, site.clone())) {
+                    self.events.push(DeviceBound {
+                        device,
+                        site: site.clone(),
+                        from,
+                    });
+                }
                 self.bind_client(from, nonce, site, raw, now, cx)
             }
         }
@@ -679,6 +751,10 @@ pub trait RelayView: Send + Sync + 'static {
     fn holders(&self) -> HashMap<Name, Vec<SocketAddr>>;
     /// Whether the registry changed since `seen` (a counter); returns the new counter.
     fn version(&self) -> u64;
+    /// The relay addresses of every node of the cluster.
+    fn relays(&self) -> Vec<SocketAddr>;
+    /// A device made a new binding here (reported once per binding, off the data path).
+    fn device_bound(&self, bound: DeviceBound);
 }
 
 /// Serves the relay on `socket` until the task is aborted.
@@ -691,6 +767,7 @@ pub async fn serve(
     let mut core = RelayCore::new(stats);
     let mut keys = view.keys();
     let mut holders = view.holders();
+    let mut relays = view.relays();
     let mut seen = view.version();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -710,14 +787,19 @@ pub async fn serve(
                 };
                 let out = {
                     let holding = |site: &Name| holders.get(site).cloned().unwrap_or_default();
+                    let is_relay = |a: SocketAddr| relays.contains(&a);
                     let cx = Context {
                         keys: &keys,
                         peers_holding: &holding,
                         me: &me,
                         unix,
+                        is_relay: &is_relay,
                     };
                     core.handle(from, &mut buf[..n], Instant::now(), &cx)
                 };
+                while let Some(b) = core.poll_event() {
+                    view.device_bound(b);
+                }
                 match out {
                     Out::Forward(to) => {
                         let _ = socket.send_to(&buf[..n], to).await;
@@ -736,6 +818,7 @@ pub async fn serve(
                     keys = view.keys();
                 }
                 holders = view.holders();
+                relays = view.relays();
                 core.handle_tick(Instant::now());
             }
         }
@@ -833,6 +916,7 @@ mod tests {
         core: RelayCore,
         stats: Arc<RelayStats>,
         now: Instant,
+        nonce: u64,
     }
 
     const UNIX: u64 = 1_000_000;
@@ -848,6 +932,7 @@ mod tests {
                 core: RelayCore::new(stats.clone()),
                 stats,
                 now: Instant::now(),
+                nonce: 100,
             }
         }
 
@@ -887,6 +972,7 @@ mod tests {
                 peers_holding: &holding,
                 me: &[],
                 unix: UNIX,
+                is_relay: &|a: SocketAddr| a.port() == 7401,
             };
             let out = self
                 .core
@@ -895,10 +981,11 @@ mod tests {
         }
 
         fn bind(&mut self, from: &str, ticket: &[u8], site: &str) -> Frame<'static> {
+            self.nonce += 1;
             let (out, _) = self.send(
                 from,
                 Frame::Bind {
-                    nonce: 5,
+                    nonce: self.nonce,
                     ticket,
                     site,
                 }
@@ -1121,6 +1208,46 @@ mod tests {
             &[],
         );
         assert_eq!(out, Out::Nothing);
+    }
+
+    #[test]
+    fn a_replayed_bind_is_dropped_and_counted_and_a_new_binding_is_reported_once() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        assert!(matches!(w.bind(AGENT, &at, "site-a"), Frame::Bound { .. }));
+        let dt = w.device(&["site-a"]);
+        let bind = Frame::Bind {
+            nonce: 42,
+            ticket: &dt,
+            site: "site-a",
+        }
+        .to_vec();
+        let (out, _) = w.send(CLIENT, bind.clone(), &[]);
+        assert!(matches!(out, Out::Send(..)), "{out:?}");
+        assert_eq!(
+            w.core.poll_event(),
+            Some(DeviceBound {
+                device: name("laptop"),
+                site: name("site-a"),
+                from: CLIENT.parse().unwrap(),
+            })
+        );
+        assert_eq!(w.core.poll_event(), None);
+        // The same datagram again, from the client or from anyone else: nothing.
+        for from in [CLIENT, "198.51.100.9:1234"] {
+            let (out, _) = w.send(from, bind.clone(), &[]);
+            assert_eq!(out, Out::Nothing, "a replay from {from}");
+        }
+        assert_eq!(w.stats.dropped(Dropped::Replayed), 2);
+        // A refresh (a new nonce) is honoured and reports nothing new.
+        assert!(matches!(w.bind(CLIENT, &dt, "site-a"), Frame::Bound { .. }));
+        assert_eq!(w.core.poll_event(), None);
+        // A Bind a peer relay sends on is that relay's report, not this one's.
+        assert!(matches!(
+            w.bind("10.0.0.2:7401", &dt, "site-a"),
+            Frame::Bound { .. }
+        ));
+        assert_eq!(w.core.poll_event(), None);
     }
 
     #[test]

@@ -560,6 +560,9 @@ async fn start_cluster(lab: &Lab) -> anyhow::Result<(Cluster, Vec<SocketAddr>)> 
     Ok((cluster, relays))
 }
 
+/// The agent's WireGuard port (fixed, so bad input can be aimed at it).
+const AGENT_WG_PORT: u16 = 51820;
+
 /// A WireGuard handshake initiation (type 1, 148 bytes) from a key nobody registered:
 /// random where the real one carries ephemeral key, encrypted static key, timestamp, macs.
 fn forged_initiation() -> Vec<u8> {
@@ -732,6 +735,19 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         &json!({"name": "ops", "allow": {"group": "admins"}}),
     )
     .await?;
+    // Source criteria match the device's public address: the client router's WAN address
+    // is in 10.96.0.0/16, and never in 192.0.2.0/24.
+    let client_net = format!("{}/32", w.lab.client_router_wan());
+    api.post_ok(
+        "/v1/policies",
+        &json!({"name": "from-client-net", "allow": {"and": [{"group": "admins"}, {"source_cidr": client_net}]}}),
+    )
+    .await?;
+    api.post_ok(
+        "/v1/policies",
+        &json!({"name": "from-elsewhere", "allow": {"and": [{"group": "admins"}, {"source_cidr": "192.0.2.0/24"}]}}),
+    )
+    .await?;
     let private = |name: &str, alias: Option<&str>, ports: &str, proto: &str, policies: &[&str]| {
         let mut route = json!({"address": site_ip, "ports": ports, "protocols": [proto]});
         if let Some(a) = alias {
@@ -747,6 +763,8 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         private("banner", None, "7000", "tcp", &["ops"]),
         // No policy: nobody may reach it (deny by default).
         private("vault", None, "8200", "tcp", &[]),
+        private("pg-here", None, "5432", "tcp", &["from-client-net"]),
+        private("pg-elsewhere", None, "5432", "tcp", &["from-elsewhere"]),
     ] {
         api.post_ok("/v1/resources", &r).await?;
     }
@@ -767,6 +785,8 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
             &w.cluster.nodes[0].cluster_addr,
             "--token",
             &token,
+            "--wireguard-listen",
+            &format!("0.0.0.0:{AGENT_WG_PORT}"),
         ])
         .env("WARREN_LOG", "info");
     w.lab.spawn("agent", agent)?;
@@ -795,6 +815,11 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         assert!(names.contains(&n), "alice may reach {n}: {ls}");
     }
     assert!(!names.contains(&"vault"), "nobody may reach vault: {ls}");
+    assert!(
+        names.contains(&"pg-here") && !names.contains(&"pg-elsewhere"),
+        "source_cidr matches the device's public address (the client router's, {}): {ls}",
+        w.lab.client_router_wan()
+    );
     let pg = ls
         .as_array()
         .unwrap()
@@ -887,6 +912,21 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         "select inet_server_addr()",
     )?;
     assert_eq!(addr, site_ip, "the server is the one inside the site");
+    // The device's actor on the node recorded where the device is seen from.
+    let rec = w.cluster.api(1).get_ok("/v1/devices/alice-laptop").await?;
+    assert_eq!(
+        rec["last_address"],
+        json!(w.lab.client_router_wan().to_string()),
+        "the registry records the device's public address: {rec}"
+    );
+    let mut connected = 0.0;
+    for i in 0..3 {
+        connected += metric_sum(&w.metrics(i).await?, "warren_devices_connected");
+    }
+    assert!(
+        connected >= 1.0,
+        "a node runs an actor for alice's connected device"
+    );
 
     phase!("4. warren connect dns --udp, then dig through it");
     w.connect(
@@ -931,6 +971,72 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         !ls.to_string().contains("\"pg\""),
         "bob's ls shows nothing he may not reach: {ls}"
     );
+    phase!("bob, with his own valid session, tries alice's device: her key, her name");
+    {
+        let session: Value = serde_json::from_slice(
+            &std::fs::read(bob.join("node.json")).context("bob's node.json")?,
+        )?;
+        let token = session["token"].as_str().context("bob's token")?.to_owned();
+        let alice_dev = w.cluster.api(0).get_ok("/v1/devices/alice-laptop").await?;
+        let pem = std::fs::read(w.cluster.ca())?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let base = format!("https://{}", w.cluster.nodes[0].admin_addr);
+        let asked = |method: Method, path: &str, body: Option<Value>| {
+            let mut r = http
+                .request(method, format!("{base}{path}"))
+                .bearer_auth(&token);
+            if let Some(b) = body {
+                r = r.json(&b);
+            }
+            r.send()
+        };
+        let r = asked(
+            Method::POST,
+            "/v1/client/devices",
+            Some(
+                json!({"name": "bobs-copy", "public_key": alice_dev["public_key"], "os": "linux"}),
+            ),
+        )
+        .await?;
+        let (status, text) = (r.status(), r.text().await?);
+        assert_eq!(status, 409, "alice's key registered by bob: {text}");
+        assert!(text.contains("another user"), "{text}");
+        let r = asked(
+            Method::POST,
+            "/v1/client/connect",
+            Some(json!({"device": "alice-laptop", "site": "site-a"})),
+        )
+        .await?;
+        assert_eq!(
+            r.status(),
+            404,
+            "bob connects as alice's device: {}",
+            r.text().await?
+        );
+        let r = asked(Method::DELETE, "/v1/client/devices/alice-laptop", None).await?;
+        assert_eq!(
+            r.status(),
+            404,
+            "bob deletes alice's device: {}",
+            r.text().await?
+        );
+        let after = w.cluster.api(0).get_ok("/v1/devices/alice-laptop").await?;
+        assert_eq!(
+            (after["public_key"].clone(), after["owner"].clone()),
+            (alice_dev["public_key"].clone(), json!("alice")),
+            "alice's device is unchanged"
+        );
+        let devices = w.cluster.api(0).get_ok("/v1/devices").await?;
+        assert!(
+            !devices.to_string().contains("bobs-copy"),
+            "no device was made from alice's key: {devices}"
+        );
+    }
     for (i, relay) in w.relays.clone().iter().enumerate() {
         let pong = w.lab.udp_exchange(
             Side::Client,
@@ -1060,12 +1166,6 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
     };
 
     phase!("8. bad input on the relays: garbage, truncated, oversized, replayed; nothing breaks, drops are counted");
-    // Known open (see the issue note): a capture on the client router sees none of the
-    // client's datagrams to the relays while psql works, so this case runs only on request.
-    if std::env::var_os("WARREN_TEST_RELAY_BAD_INPUT").is_none() {
-        eprintln!("SKIPPED: bad input on the relays (set WARREN_TEST_RELAY_BAD_INPUT=1)");
-        return Ok(());
-    }
     let before: Vec<f64> = {
         let mut v = Vec::new();
         for &i in &alive {
@@ -1078,20 +1178,33 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         .iter()
         .map(|&i| format!("dst port {}", w.relays[i].port()))
         .collect();
-    let cap = w.lab.capture(
-        Side::ClientRouter,
-        "wan",
-        &format!("udp and ({})", ports.join(" or ")),
-    )?;
+    let cap = w.lab.capture(Side::ClientRouter, "wan", "udp")?;
     psql_until(&w.lab, 15432, 4, Duration::from_secs(10))?;
-    let captured = cap.finish(&mut w.lab)?;
+    let all = cap.finish(&mut w.lab)?;
+    let mut summary: std::collections::BTreeMap<String, usize> = Default::default();
+    for p in &all {
+        *summary
+            .entry(format!(
+                "{} -> {} [{:02x?}]",
+                p.from,
+                p.to,
+                p.payload.first()
+            ))
+            .or_default() += 1;
+    }
+    eprintln!("captured on the client router's WAN: {summary:#?}");
+    let captured: Vec<_> = all
+        .into_iter()
+        .filter(|p| alive.iter().any(|&i| SocketAddr::V4(p.to) == w.relays[i]))
+        .collect();
     eprintln!(
         "captured {} datagrams from the client to the relays",
         captured.len()
     );
     assert!(
         !captured.is_empty(),
-        "the client's traffic goes to a surviving node's relay"
+        "the client's traffic goes to a surviving node's relay (filter {ports:?}):\n{}",
+        w.lab.log_of("connect-pg")
     );
     let mut sent = 0usize;
     for &i in &alive {
@@ -1104,10 +1217,14 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
             random(4000),
             random(65000),
         ]);
+        // Replays of what the client sent (from another address, as an attacker on the
+        // path would): Data frames and Binds. Pings are left out: anyone's Ping gets a Pong
+        // (its observed address), by design.
         bad.extend(
             captured
                 .iter()
                 .filter(|p| SocketAddr::V4(p.to) == relay)
+                .filter(|p| p.payload.first() != Some(&0xA0))
                 .take(20)
                 .map(|p| p.payload.clone()),
         );
@@ -1138,6 +1255,68 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         "the agent survived:\n{}",
         w.lab.log_of("agent")
     );
+
+    phase!("8b. bad input on the agent's WireGuard port, from inside the site: garbage, oversized, replays of what the relay sent it; nothing answers, the agent says what it dropped");
+    let agent_wg = SocketAddr::new(w.lab.site_ip().into(), AGENT_WG_PORT);
+    let cap = w.lab.capture(
+        Side::SiteRouter,
+        "lan",
+        &format!("udp and dst port {AGENT_WG_PORT}"),
+    )?;
+    psql_until(&w.lab, 15432, 6, Duration::from_secs(10))?;
+    let captured = cap.finish(&mut w.lab)?;
+    let mut bad: Vec<Vec<u8>> = (0..20).map(|n| random(1 + n * 13)).collect();
+    bad.extend([
+        forged_initiation(),
+        random(1600),
+        random(4000),
+        random(65000),
+    ]);
+    let replays: Vec<Vec<u8>> = captured
+        .iter()
+        .filter(|p| p.payload.first() == Some(&0xA5))
+        .take(20)
+        .map(|p| p.payload.clone())
+        .collect();
+    assert!(
+        !replays.is_empty(),
+        "the relay's data frames to the agent were captured ({} datagrams)",
+        captured.len()
+    );
+    bad.extend(replays);
+    let got = w
+        .lab
+        .udp_exchange(Side::Site, agent_wg, &bad, Duration::from_secs(1))?;
+    assert!(
+        got.is_empty(),
+        "the agent answered bad input: {} datagrams",
+        got.len()
+    );
+    psql_until(&w.lab, 15432, 7, Duration::from_secs(10))
+        .context("psql after the bad input on the agent")?;
+    let said = Instant::now();
+    while !w
+        .lab
+        .log_of("agent")
+        .contains("WireGuard endpoint dropped datagrams")
+    {
+        assert!(
+            said.elapsed() < Duration::from_secs(25),
+            "the agent logs what it dropped:\n{}",
+            w.lab.log_of("agent")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "agent: {}",
+        w.lab
+            .log_of("agent")
+            .lines()
+            .filter(|l| l.contains("dropped datagrams"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(w.lab.is_running("agent"), "the agent survived");
 
     eprintln!("TIMING whole test {:?}", test_start.elapsed());
     Ok(())

@@ -23,7 +23,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,7 @@ use warren_proto::session::{Session, SessionId};
 use warren_proto::Name;
 
 use super::error::ApiErr;
-use super::{read_json, AdminState};
+use super::{read_json, AdminState, Peer};
 use crate::access;
 use crate::proxy::seal::Purpose;
 use crate::proxy::unix_now;
@@ -279,8 +279,19 @@ fn own_device<'r>(reg: &'r Registry, session: &Session, name: &str) -> Result<&'
         .ok_or_else(|| ApiErr::not_found(Kind::Device, name))
 }
 
+/// `device` as policies see it on this request: seen from the address the request came
+/// from (what `source_cidr` matches), whatever the registry last recorded.
+fn seen_from(device: &Device, peer: Option<&Extension<Peer>>) -> Device {
+    let mut d = device.clone();
+    if let Some(Extension(Peer(addr))) = peer {
+        d.last_address = Some(addr.ip());
+    }
+    d
+}
+
 async fn resources(
     State(s): State<AdminState>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     Query(q): Query<ResourcesQuery>,
 ) -> Result<Json<Value>, ApiErr> {
@@ -288,10 +299,10 @@ async fn resources(
     let device = q
         .device
         .as_deref()
-        .map(|d| own_device(&reg, &session, d))
+        .map(|d| own_device(&reg, &session, d).map(|d| seen_from(d, peer.as_ref())))
         .transpose()?;
     let now = unix_now();
-    let items: Vec<Value> = access::reachable(&reg, &session, device, now)
+    let items: Vec<Value> = access::reachable(&reg, &session, device.as_ref(), now)
         .into_iter()
         .filter_map(|r| {
             let Route::Private {
@@ -327,6 +338,7 @@ struct ConnectBody {
 
 async fn connect(
     State(s): State<AdminState>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiErr> {
@@ -338,6 +350,20 @@ async fn connect(
             "this device was registered with another session: run `warren login` again",
         ));
     }
+    // The device's actor on this node records where it is seen from (and when) before the
+    // answer, so the agents' grants, which follow the registry, see the same address.
+    if let (Some(Extension(Peer(addr))), Some(shell)) =
+        (peer.as_ref(), s.inner.proxy.sites().access())
+    {
+        shell
+            .devices
+            .seen_and_recorded(
+                device.name.clone(),
+                crate::devices::Seen::Connect { addr: addr.ip() },
+            )
+            .await;
+    }
+    let device = &seen_from(device, peer.as_ref());
     let site = Name::new(b.site.clone()).map_err(|_| ApiErr::not_found(Kind::Site, &b.site))?;
     let now = unix_now();
     let allowed: Vec<Name> = access::reachable(&reg, &session, Some(device), now)
@@ -384,21 +410,6 @@ async fn connect(
             ErrorCode::Unavailable,
             "no node of the cluster runs a relay",
         ));
-    }
-    // Seen now, at most once a minute: last-seen is for people, not a per-call write.
-    if now.saturating_sub(device.last_seen) >= 60 {
-        let cluster = s.cluster().clone();
-        let name = device.name.clone();
-        tokio::spawn(async move {
-            let req = RaftRequest::new(
-                Who::System,
-                Command::TouchDevice {
-                    name,
-                    address: None,
-                },
-            );
-            let _ = cluster.write(req).await;
-        });
     }
     Ok(Json(json!({
         "site": site,

@@ -140,10 +140,21 @@ pub async fn serve_router(
         stats,
         "admin API",
         drain,
-        move |_, _| TowerToHyperService::new(app.clone()),
+        move |remote, _| {
+            let svc = TowerToHyperService::new(app.clone());
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Peer(remote));
+                hyper::service::Service::call(&svc, req)
+            })
+        },
     )
     .await
 }
+
+/// The address an admin API connection comes from (a request extension; absent when a
+/// test calls the router directly).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// The API key in the `Authorization` header.
 fn bearer(headers: &HeaderMap) -> Result<ApiKey, ApiErr> {

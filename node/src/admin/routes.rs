@@ -538,6 +538,7 @@ async fn metrics(
     text.push_str(&s.inner.tree.load().render());
     if let Some(access) = s.inner.proxy.sites().access() {
         access.relay.render(&mut text);
+        access.devices.render(&mut text);
     }
     Ok((h, text))
 }

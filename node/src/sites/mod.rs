@@ -106,7 +106,7 @@ const CLOSE_TUNNEL_LOST: u32 = 5;
 pub struct Current<M>(ArcSwapOption<ActorRef<M>>);
 
 impl<M> Current<M> {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self(ArcSwapOption::empty()))
     }
 
@@ -115,7 +115,7 @@ impl<M> Current<M> {
         self.0.load_full().map(|a| (*a).clone())
     }
 
-    fn set(&self, actor: Option<ActorRef<M>>) {
+    pub(crate) fn set(&self, actor: Option<ActorRef<M>>) {
         self.0.store(actor.map(Arc::new));
     }
 }
