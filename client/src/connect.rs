@@ -1,15 +1,16 @@
 //! `warren connect`, `warren nc` and `warren ssh`: flows to private resources.
 //!
 //! ```text
-//! app ─TCP─► 127.0.0.1:PORT ─┐                         ┌─ POST /v1/client/connect (site)
-//!                            ├─► DataPath (WireGuard) ─┤   every ticket lifetime: again
-//! stdin/stdout (nc) ─────────┘     relay ─► agent      └─ run/<pid>.json every second
+//! app ─TCP─► 127.0.0.1:PORT ─┐                      warren hub (one per device): DataPath
+//!                            ├─► run/hub.sock ─────► (WireGuard) ─► relay ─► agent
+//! stdin/stdout (nc) ─────────┘   one stream a flow    POST /v1/client/connect per site,
+//!                                                     again every ticket lifetime
 //! ```
 //!
-//! Each command asks the node which resources the user may reach, picks the one named,
-//! asks for the site's agent key, relays and a relay ticket (a 403 here means the user may
-//! reach nothing there: the message says "not allowed"), starts the data path, and then runs
-//! until its work is done or it is told to stop. The ticket is renewed before it expires.
+//! Each command asks the node which resources the user may reach and picks the one named
+//! (a 403 for its site means the user may reach nothing there: the message says "not
+//! allowed"), then opens its flows through this device's hub ([`crate::hub`]), starting it
+//! if none runs, and runs until its work is done or it is told to stop.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,9 +24,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufWriter};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
-use crate::datapath::{decode_ticket, DataPath, SitePeer, UdpFlow};
-use crate::device;
-use crate::node::{Connect, NodeError};
+use crate::datapath::{DataPath, UdpFlow};
+use crate::hub::{HubClient, HubUdp};
+use crate::node::NodeError;
 use crate::resources::{self, Proto, Target};
 use crate::session::{self, Active};
 use crate::status::{self, Reporter};
@@ -82,7 +83,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
     let list = reachable(&active).await?;
     let target = resources::by_name(&list, &args.name, args.port, proto)?;
     let site = target.resource.site.clone();
-    let (data, grant) = open_site(&active, &site).await?;
+    let data = open_site(&active, &site).await?;
 
     let local = match args.local {
         Some(a) => {
@@ -98,21 +99,12 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
         None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.dst.port()),
     };
     let explicit = args.local.is_some();
-    let ticket_data = data.clone();
     let reporter_dir = status::run_dir()?;
     let serve = if args.udp {
         let sock = bind_udp(local, explicit).await?;
         let addr = sock.local_addr()?;
         announce(addr, &target, &site);
-        let reporter = Reporter::start(
-            reporter_dir,
-            "connect",
-            &target.resource.name,
-            target.dst,
-            Some(addr),
-            grant.relays.clone(),
-            data.clone(),
-        );
+        let reporter = Reporter::listener(reporter_dir, "connect", &target, Some(addr));
         Box::pin(async move {
             let _reporter = reporter;
             serve_udp(sock, data.clone(), site.clone(), target.dst).await
@@ -121,15 +113,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
         let listener = bind_tcp(local, explicit).await?;
         let addr = listener.local_addr()?;
         announce(addr, &target, &site);
-        let reporter = Reporter::start(
-            reporter_dir,
-            "connect",
-            &target.resource.name,
-            target.dst,
-            Some(addr),
-            grant.relays.clone(),
-            data.clone(),
-        );
+        let reporter = Reporter::listener(reporter_dir, "connect", &target, Some(addr));
         let (data, site, dst) = (data.clone(), site.clone(), target.dst);
         Box::pin(async move {
             let _reporter = reporter;
@@ -138,7 +122,6 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
     };
     tokio::select! {
         r = serve => r,
-        e = keep_ticket(&active, &ticket_data, &grant) => Err(e),
         () = shutdown => Ok(()),
     }
 }
@@ -149,16 +132,8 @@ pub async fn nc(args: NcArgs, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let list = reachable(&active).await?;
     let target = resources::by_host(&list, &args.host, args.port, Proto::Tcp)?;
     let site = target.resource.site.clone();
-    let (data, grant) = open_site(&active, &site).await?;
-    let _reporter = Reporter::start(
-        status::run_dir()?,
-        "nc",
-        &target.resource.name,
-        target.dst,
-        None,
-        grant.relays.clone(),
-        data.clone(),
-    );
+    let data = open_site(&active, &site).await?;
+    let _reporter = Reporter::listener(status::run_dir()?, "nc", &target, None);
     let flow = data
         .connect_tcp(&site, target.dst, FLOW_TIMEOUT)
         .await
@@ -170,7 +145,6 @@ pub async fn nc(args: NcArgs, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     tokio::select! {
         r = piped => r.with_context(|| format!("the flow to {} ended", target.dst)),
-        e = keep_ticket(&active, &data, &grant) => Err(e),
         () = shutdown => Ok(()),
     }
 }
@@ -249,22 +223,20 @@ async fn reachable(active: &Active) -> anyhow::Result<Vec<crate::node::Resource>
         .map_err(|e| anyhow!("asking {} what you may reach: {e}", active.session.node))
 }
 
-/// Asks for a path to `site` and starts the data path with it.
-async fn open_site(active: &Active, site: &str) -> anyhow::Result<(DataPath, Connect)> {
-    let grant = active
+/// This device's hub, with `site` open in it (so a refusal is said before any listener
+/// opens).
+async fn open_site(active: &Active, site: &str) -> anyhow::Result<HubClient> {
+    // Asked here too, so `warren connect` refuses at once with the node's reason.
+    active
         .client
         .connect(&active.device.name, site)
         .await
         .map_err(|e| connect_error(site, e))?;
-    let key = device::load_key(&device::key_path()?)?
-        .context("this machine's device key (wg.key) is missing: run `warren login`")?;
-    let peer = SitePeer::from_connect(&grant)?;
-    let data = DataPath::start(&key, grant.device_address, grant.mtu, peer).await?;
-    Ok((data, grant))
+    HubClient::get().await
 }
 
 /// What a refused connect means to the person.
-fn connect_error(site: &str, e: NodeError) -> anyhow::Error {
+pub(crate) fn connect_error(site: &str, e: NodeError) -> anyhow::Error {
     match e {
         NodeError::Forbidden(m) => anyhow!("you are not allowed to reach {site}: {m}"),
         NodeError::Api {
@@ -297,52 +269,10 @@ fn flow_error(target: &Target, site: &str, e: &std::io::Error) -> anyhow::Error 
     }
 }
 
-/// Renews the site's relay ticket before it expires; returns only when the user's access
-/// has ended (the node refuses).
-async fn keep_ticket(active: &Active, data: &DataPath, grant: &Connect) -> anyhow::Error {
-    let site = grant.site.as_str();
-    let mut expires_at = grant.ticket_expires_at;
-    let mut retry = false;
-    loop {
-        let wait = if retry {
-            Duration::from_secs(5)
-        } else {
-            renew_after(expires_at, session::now_unix())
-        };
-        tokio::time::sleep(wait).await;
-        match active.client.connect(&active.device.name, site).await {
-            Ok(g) => match update(data, site, &g).await {
-                Ok(()) => {
-                    expires_at = g.ticket_expires_at;
-                    retry = false;
-                }
-                Err(e) => {
-                    eprintln!("warren: warning: renewing the relay ticket for {site}: {e:#}");
-                    retry = true;
-                }
-            },
-            Err(NodeError::Forbidden(m)) => {
-                return anyhow!("you are no longer allowed to reach {site}: {m}")
-            }
-            Err(e @ NodeError::Unauthorized(_)) => return e.into(),
-            Err(e) => {
-                eprintln!(
-                    "warren: warning: renewing the relay ticket for {site}: {e}; retrying in 5 s"
-                );
-                retry = true;
-            }
-        }
-    }
-}
-
-async fn update(data: &DataPath, site: &str, g: &Connect) -> anyhow::Result<()> {
-    data.update_ticket(site, decode_ticket(g)?).await
-}
-
 /// How long to wait before renewing a ticket that expires at `expires_at` (Unix s): until a
 /// third of its remaining life is left, and at least 10 s (a skewed clock must not make us
 /// hammer the node).
-fn renew_after(expires_at: u64, now: u64) -> Duration {
+pub(crate) fn renew_after(expires_at: u64, now: u64) -> Duration {
     let left = expires_at.saturating_sub(now);
     Duration::from_secs((left - left / 3).max(10))
 }
@@ -374,10 +304,90 @@ async fn bind_udp(local: SocketAddr, explicit: bool) -> anyhow::Result<UdpSocket
     }
 }
 
+/// Where a command's flows are opened: this device's hub, or (in the hub itself, and in
+/// tests) a data path in this process.
+pub trait Flows: Clone + Send + Sync + 'static {
+    /// A TCP flow's byte stream.
+    type Tcp: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// A UDP flow.
+    type Udp: Datagrams;
+    /// A TCP flow to `dst` inside `site`, established within `timeout`.
+    fn connect_tcp(
+        &self,
+        site: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> impl Future<Output = std::io::Result<Self::Tcp>> + Send;
+    /// A UDP flow to `dst` inside `site`.
+    fn open_udp(
+        &self,
+        site: &str,
+        dst: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<Self::Udp>> + Send;
+}
+
+/// A UDP flow's datagrams.
+pub trait Datagrams: Send + Sync + 'static {
+    /// Sends one datagram.
+    fn send(&self, d: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Receives one datagram; its length.
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = std::io::Result<usize>> + Send;
+}
+
+impl Flows for HubClient {
+    type Tcp = tokio::net::UnixStream;
+    type Udp = HubUdp;
+    async fn connect_tcp(
+        &self,
+        site: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<Self::Tcp> {
+        HubClient::connect_tcp(self, site, dst, timeout).await
+    }
+    async fn open_udp(&self, site: &str, dst: SocketAddr) -> std::io::Result<Self::Udp> {
+        HubClient::open_udp(self, site, dst).await
+    }
+}
+
+impl Flows for DataPath {
+    type Tcp = crate::datapath::TcpFlow;
+    type Udp = UdpFlow;
+    async fn connect_tcp(
+        &self,
+        site: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<Self::Tcp> {
+        DataPath::connect_tcp(self, site, dst, timeout).await
+    }
+    async fn open_udp(&self, site: &str, dst: SocketAddr) -> std::io::Result<Self::Udp> {
+        DataPath::open_udp(self, site, dst).await
+    }
+}
+
+impl Datagrams for HubUdp {
+    async fn send(&self, d: &[u8]) -> std::io::Result<()> {
+        HubUdp::send(self, d).await
+    }
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        HubUdp::recv(self, buf).await
+    }
+}
+
+impl Datagrams for UdpFlow {
+    async fn send(&self, d: &[u8]) -> std::io::Result<()> {
+        UdpFlow::send(self, d).await
+    }
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        UdpFlow::recv(self, buf).await
+    }
+}
+
 /// Every accepted connection becomes a flow to `dst`.
-async fn serve_tcp(
+async fn serve_tcp<F: Flows>(
     listener: TcpListener,
-    data: DataPath,
+    data: F,
     site: String,
     dst: SocketAddr,
 ) -> anyhow::Result<()> {
@@ -406,9 +416,9 @@ async fn serve_tcp(
 }
 
 /// Every local client address becomes a UDP flow to `dst`, closed after [`UDP_IDLE`].
-async fn serve_udp(
+async fn serve_udp<F: Flows>(
     sock: UdpSocket,
-    data: DataPath,
+    data: F,
     site: String,
     dst: SocketAddr,
 ) -> anyhow::Result<()> {
@@ -441,10 +451,10 @@ async fn serve_udp(
     }
 }
 
-async fn start_udp_client(
+async fn start_udp_client<F: Flows>(
     clients: &mut std::collections::HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     sock: &Arc<UdpSocket>,
-    data: &DataPath,
+    data: &F,
     site: &str,
     dst: SocketAddr,
     src: SocketAddr,
@@ -463,8 +473,8 @@ async fn start_udp_client(
     tokio::spawn(udp_client(flow, sock.clone(), src, rx));
 }
 
-async fn udp_client(
-    flow: UdpFlow,
+async fn udp_client<U: Datagrams>(
+    flow: U,
     sock: Arc<UdpSocket>,
     src: SocketAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
@@ -541,6 +551,7 @@ mod tests {
         use warren_proto::Name;
 
         use super::*;
+        use crate::datapath::SitePeer;
 
         const DEVICE: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
         /// A guard against a hung test, not a measurement.

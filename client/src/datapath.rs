@@ -170,6 +170,20 @@ impl DataPath {
         Ok(Self { endpoint })
     }
 
+    /// Adds another site to the running endpoint.
+    pub async fn add_site(&self, peer: SitePeer) -> anyhow::Result<()> {
+        let site = peer.site.clone();
+        self.endpoint
+            .add_site(endpoint::SitePeer {
+                site: peer.site,
+                agent_key: PeerKey(peer.agent_key),
+                relays: peer.relays,
+                ticket: peer.ticket,
+            })
+            .await
+            .with_context(|| format!("cannot add the site {site} to the data path"))
+    }
+
     /// Replaces a site's relay ticket (before the old one expires).
     pub async fn update_ticket(&self, site: &str, ticket: Vec<u8>) -> anyhow::Result<()> {
         self.endpoint

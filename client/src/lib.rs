@@ -31,7 +31,8 @@
 //! Everything `warren login` stores lives in `$WARREN_CONFIG_DIR`, `$XDG_CONFIG_HOME/warren`
 //! or `~/.config/warren` (mode 0700): `token.json` (the provider's tokens, see [`token`]),
 //! `node.json` (the node session, see [`session`]), `wg.key` (this device's WireGuard
-//! private key, see [`device`]) and `run/<pid>.json` (running connections, see [`status`]).
+//! private key, see [`device`]), `run/<pid>.json` (running connections, see [`status`]) and
+//! `run/hub.sock` (this device's tunnel hub, see [`hub`]).
 
 pub mod admin;
 pub mod api;
@@ -39,6 +40,7 @@ pub mod connect;
 pub mod datapath;
 pub mod device;
 pub mod enroll;
+pub mod hub;
 pub mod login;
 pub mod manifest;
 pub mod node;

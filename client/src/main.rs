@@ -59,6 +59,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// This device's tunnel hub: one WireGuard endpoint every `connect`, `nc` and `ssh` of
+    /// this configuration directory opens its flows through. Started by them when none
+    /// runs; exits after 30 s without flows.
+    #[command(hide = true)]
+    Hub,
 }
 
 fn main() -> ExitCode {
@@ -69,7 +74,7 @@ fn main() -> ExitCode {
         return report(connect::ssh(args));
     }
     // Flows are the only busy work: give them both cores; everything else is one request.
-    let busy = matches!(cli.command, Cmd::Connect(_) | Cmd::Nc(_));
+    let busy = matches!(cli.command, Cmd::Connect(_) | Cmd::Nc(_) | Cmd::Hub);
     let mut builder = if busy {
         tokio::runtime::Builder::new_multi_thread()
     } else {
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
             Cmd::Ssh(_) => unreachable!("handled above"),
             Cmd::Status { json } => status::run(json).await,
             Cmd::Device { cmd } => device::run(cmd).await,
+            Cmd::Hub => warren_client::hub::run(stop_signal()).await,
         }
     });
     // A read of stdin (`nc`) may still be blocked in a thread: do not wait for it.

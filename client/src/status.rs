@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::datapath::{DataPath, SiteStatus};
+use crate::datapath::SiteStatus;
 use crate::node::{NodeClient, Relay};
 use crate::session;
 use crate::token;
@@ -74,16 +74,38 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Starts reporting `data`'s status under `dir` for a `command` reaching `resource`.
-    pub fn start(
+    /// Reports a `command` (`connect`, `nc`) reaching `target` through the hub, with its
+    /// local listener: no paths of its own (the hub's run file has them).
+    pub fn listener(
+        dir: PathBuf,
+        command: &str,
+        target: &crate::resources::Target,
+        local: Option<std::net::SocketAddr>,
+    ) -> Self {
+        Self::start_with(
+            dir,
+            command,
+            &target.resource.name,
+            target.dst.to_string(),
+            local,
+            || async { (Vec::new(), Vec::new()) },
+        )
+    }
+
+    /// Reports this process under `dir`; every second `source` gives the relays offered
+    /// and the sites' paths.
+    pub fn start_with<F, Fut>(
         dir: PathBuf,
         command: &str,
         resource: &str,
-        dst: std::net::SocketAddr,
+        dst: String,
         local: Option<std::net::SocketAddr>,
-        relays: Vec<Relay>,
-        data: DataPath,
-    ) -> Self {
+        source: F,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = (Vec<Relay>, Vec<SiteStatus>)> + Send,
+    {
         let pid = std::process::id();
         let path = dir.join(format!("{pid}.json"));
         let mut file = RunFile {
@@ -91,10 +113,10 @@ impl Reporter {
             start_ticks: process_start(pid),
             command: command.to_owned(),
             resource: resource.to_owned(),
-            dst: dst.to_string(),
+            dst,
             local: local.map(|l| l.to_string()),
             updated_at: 0,
-            relays,
+            relays: Vec::new(),
             sites: Vec::new(),
         };
         let target = path.clone();
@@ -104,7 +126,7 @@ impl Reporter {
             loop {
                 tick.tick().await;
                 file.updated_at = session::now_unix();
-                file.sites = data.status().await;
+                (file.relays, file.sites) = source().await;
                 if let Err(e) = write(&target, &file) {
                     // Status is a convenience: the flows go on without it.
                     if !warned {
@@ -257,17 +279,21 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         println!("No `warren connect` or `warren nc` running.");
     }
     for r in &runs {
-        let local = r
-            .local
-            .as_deref()
-            .map(|l| format!(" on {l}"))
-            .unwrap_or_default();
-        println!(
-            "{} {} ({}){local}, pid {}",
-            r.command, r.resource, r.dst, r.pid
-        );
-        if r.sites.is_empty() {
-            println!("  no site path yet");
+        if r.command == "hub" {
+            println!("Tunnel (warren hub, pid {}):", r.pid);
+            if r.sites.is_empty() {
+                println!("  no site path yet");
+            }
+        } else {
+            let local = r
+                .local
+                .as_deref()
+                .map(|l| format!(" on {l}"))
+                .unwrap_or_default();
+            println!(
+                "{} {} ({}){local}, pid {}",
+                r.command, r.resource, r.dst, r.pid
+            );
         }
         for st in &r.sites {
             println!("  {}", site_line(st, r));

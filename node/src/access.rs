@@ -17,6 +17,7 @@
 //! ID token's claims, the device's name, its last public address (`source_cidr`), and the
 //! time; HTTP criteria (method, path) never match a flow.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -80,13 +81,76 @@ pub fn client_address(resource: &Resource) -> Option<String> {
     }
 }
 
-/// The registry's roles that list `user`.
-pub fn roles_of(reg: &Registry, user: &Name) -> Vec<String> {
-    reg.roles()
-        .values()
-        .filter(|r| r.members.contains(user))
-        .map(|r| r.name.to_string())
-        .collect()
+/// What evaluating access needs of one registry, made once per evaluation round (a
+/// `warren ls`, a connect, one push to an agent): every policy compiled once and every
+/// user's roles, instead of once per device and resource.
+pub struct AccessIndex<'r> {
+    reg: &'r Registry,
+    policies: HashMap<&'r Name, CompiledPolicy>,
+    roles: HashMap<&'r Name, Vec<String>>,
+}
+
+impl<'r> AccessIndex<'r> {
+    /// The index of `reg` (policies that do not compile match nothing, as in the proxy).
+    pub fn new(reg: &'r Registry) -> Self {
+        let policies = reg
+            .policies()
+            .iter()
+            .filter_map(|(n, p)| Some((n, CompiledPolicy::compile(p).ok()?)))
+            .collect();
+        let mut roles: HashMap<&'r Name, Vec<String>> = HashMap::new();
+        for r in reg.roles().values() {
+            for m in &r.members {
+                roles.entry(m).or_default().push(r.name.to_string());
+            }
+        }
+        Self {
+            reg,
+            policies,
+            roles,
+        }
+    }
+
+    /// Whether the policies of `resource` let this session's user reach it from `device`
+    /// now.
+    pub fn allowed(
+        &self,
+        resource: &Resource,
+        session: &Session,
+        device: Option<&Device>,
+        now: u64,
+    ) -> bool {
+        let Some(user) = self.reg.users().get(&session.user) else {
+            return false;
+        };
+        if user.disabled {
+            return false;
+        }
+        let policies = resource
+            .policies
+            .iter()
+            .filter_map(|p| self.policies.get(p));
+        let mut groups = session.groups.clone();
+        groups.extend(self.roles.get(&user.name).into_iter().flatten().cloned());
+        let claims: serde_json::Value =
+            serde_json::from_str(&session.claims).unwrap_or(serde_json::Value::Null);
+        let facts = Facts {
+            identity: Some(Identity {
+                user: user.name.as_str(),
+                email: session.verified_email().unwrap_or_default(),
+                groups: &groups,
+                claims: &claims,
+            }),
+            source: device
+                .and_then(|d| d.last_address)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            method: None,
+            path: None,
+            device: device.map(|d| d.name.as_str()),
+            now: now as i64,
+        };
+        decide(policies, &facts).allowed()
+    }
 }
 
 /// The live session `device` was registered with, if its owner may use it now.
@@ -97,48 +161,6 @@ pub fn device_session<'r>(reg: &'r Registry, device: &Device, now: u64) -> Optio
     (session.user == device.owner && session.expires_at > now && !user.disabled).then_some(session)
 }
 
-/// Whether the policies of `resource` let this session's user reach it from `device` now.
-pub fn allowed(
-    reg: &Registry,
-    resource: &Resource,
-    session: &Session,
-    device: Option<&Device>,
-    now: u64,
-) -> bool {
-    let Some(user) = reg.users().get(&session.user) else {
-        return false;
-    };
-    if user.disabled {
-        return false;
-    }
-    let policies: Vec<CompiledPolicy> = resource
-        .policies
-        .iter()
-        .filter_map(|p| reg.policies().get(p))
-        .filter_map(|p| CompiledPolicy::compile(p).ok())
-        .collect();
-    let mut groups = session.groups.clone();
-    groups.extend(roles_of(reg, &user.name));
-    let claims: serde_json::Value =
-        serde_json::from_str(&session.claims).unwrap_or(serde_json::Value::Null);
-    let facts = Facts {
-        identity: Some(Identity {
-            user: user.name.as_str(),
-            email: session.verified_email().unwrap_or_default(),
-            groups: &groups,
-            claims: &claims,
-        }),
-        source: device
-            .and_then(|d| d.last_address)
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        method: None,
-        path: None,
-        device: device.map(|d| d.name.as_str()),
-        now: now as i64,
-    };
-    decide(policies.iter(), &facts).allowed()
-}
-
 /// The private resources this session's user may reach now (from `device`, if given).
 pub fn reachable<'r>(
     reg: &'r Registry,
@@ -146,10 +168,11 @@ pub fn reachable<'r>(
     device: Option<&Device>,
     now: u64,
 ) -> Vec<&'r Resource> {
+    let index = AccessIndex::new(reg);
     reg.resources()
         .values()
         .filter(|r| matches!(r.route, Route::Private { .. }) && r.site.is_some())
-        .filter(|r| allowed(reg, r, session, device, now))
+        .filter(|r| index.allowed(r, session, device, now))
         .collect()
 }
 
@@ -163,6 +186,7 @@ pub fn site_access(reg: &Registry, site: &Name, now: u64) -> Vec<DeviceAccess> {
     if resources.is_empty() {
         return Vec::new();
     }
+    let index = AccessIndex::new(reg);
     let mut out = Vec::new();
     for device in reg.devices().values() {
         let Some(session) = device_session(reg, device, now) else {
@@ -170,7 +194,7 @@ pub fn site_access(reg: &Registry, site: &Name, now: u64) -> Vec<DeviceAccess> {
         };
         let grants: Vec<FlowGrant> = resources
             .iter()
-            .filter(|r| allowed(reg, r, session, Some(device), now))
+            .filter(|r| index.allowed(r, session, Some(device), now))
             .filter_map(|r| grant_of(r))
             .collect();
         if grants.is_empty() {
@@ -385,17 +409,11 @@ impl crate::relay::RelayView for NodeRelayView {
             },
         );
     }
-
-    fn version(&self) -> u64 {
-        self.cluster.registry().proxy_keys().map_or(0, |k| {
-            k.signing_keys.len() as u64 * 1_000_003
-                + k.signing_keys.last().map_or(0, |k| k.created_at)
-        })
-    }
 }
 
 /// Records this node's relay address in the registry (once it differs), retrying until
-/// the cluster takes it.
+/// the cluster takes it: every second at first, backing off to every 30 s (a node that
+/// cannot write for that long has bigger trouble, reported elsewhere).
 pub fn record_relay(cluster: warren_consensus::cluster::Cluster, me: Name, relay: SocketAddr) {
     tokio::spawn(async move {
         let relay = relay.to_string();
@@ -420,7 +438,10 @@ pub fn record_relay(cluster: warren_consensus::cluster::Cluster, me: Name, relay
                     Err(_) => {}
                 }
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(
+                Duration::from_secs(1 << attempt.min(5)).min(Duration::from_secs(30)),
+            )
+            .await;
         }
     });
 }

@@ -269,6 +269,7 @@ impl RunningNode {
                 None => bound,
             };
             socket.set_nonblocking(true)?;
+            crate::relay::tune_socket(&socket);
             let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
             let stats = Arc::new(crate::relay::RelayStats::default());
             let devices = crate::devices::Devices::new(cluster.clone());

@@ -50,6 +50,33 @@ pub const MAX_CHANNELS: usize = 65_536;
 pub const MAX_AGENTS: usize = 16_384;
 /// How often the relay task refreshes its keys and holdings and forgets idle bindings.
 pub const TICK: Duration = Duration::from_millis(250);
+/// Bytes of kernel buffer the relay asks for each way on its socket. The default (about
+/// 200 KiB, some 150 full-size datagrams) overflows under one TCP window of a fast flow,
+/// and each datagram lost there costs the endpoints' TCP a recovery.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+/// Datagrams read per wake-up of the relay task before it looks at its timer again.
+const RECV_BATCH: usize = 64;
+
+/// Asks the kernel for [`SOCKET_BUFFER`] bytes each way on the relay's socket (capped by
+/// `net.core.rmem_max`/`wmem_max`; a smaller grant is logged, with the sysctl to raise).
+pub fn tune_socket(socket: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let (rcv, snd) = (
+        s.recv_buffer_size().unwrap_or(0),
+        s.send_buffer_size().unwrap_or(0),
+    );
+    // Linux reports twice what it grants (the doubling covers its bookkeeping).
+    if rcv < SOCKET_BUFFER || snd < SOCKET_BUFFER {
+        tracing::warn!(
+            rcvbuf = rcv,
+            sndbuf = snd,
+            "the relay's socket buffers are smaller than the {} MiB asked for: fast flows will lose packets here; raise net.core.rmem_max and net.core.wmem_max",
+            SOCKET_BUFFER >> 20
+        );
+    }
+}
 
 /// The public keys that verify tickets, by `kid`.
 #[derive(Clone, Default)]
@@ -749,8 +776,6 @@ pub trait RelayView: Send + Sync + 'static {
     fn keys(&self) -> TicketKeys;
     /// Relay addresses of the peers holding a tunnel to each site, as last heard.
     fn holders(&self) -> HashMap<Name, Vec<SocketAddr>>;
-    /// Whether the registry changed since `seen` (a counter); returns the new counter.
-    fn version(&self) -> u64;
     /// The relay addresses of every node of the cluster.
     fn relays(&self) -> Vec<SocketAddr>;
     /// A device made a new binding here (reported once per binding, off the data path).
@@ -768,7 +793,6 @@ pub async fn serve(
     let mut keys = view.keys();
     let mut holders = view.holders();
     let mut relays = view.relays();
-    let mut seen = view.version();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One buffer, reused: a datagram is rewritten in place and sent on from it.
@@ -777,12 +801,16 @@ pub async fn serve(
     loop {
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
+                let mut next = Some(r);
+                let mut batch = 0;
+                while let Some(r) = next.take() {
+                batch += 1;
                 let (n, from) = match r {
                     Ok(x) => x,
                     Err(e) => {
                         // ICMP errors surface here on Linux (a peer went away): not fatal.
                         tracing::trace!("relay recv: {e}");
-                        continue;
+                        break;
                     }
                 };
                 let out = {
@@ -809,14 +837,18 @@ pub async fn serve(
                     }
                     Out::Nothing => {}
                 }
+                // What else is queued, without another trip through the runtime.
+                if batch < RECV_BATCH {
+                    match socket.try_recv_from(&mut buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        r => next = Some(r),
+                    }
+                }
+                }
             }
             _ = tick.tick() => {
                 unix = crate::proxy::unix_now();
-                let v = view.version();
-                if v != seen {
-                    seen = v;
-                    keys = view.keys();
-                }
+                keys = view.keys();
                 holders = view.holders();
                 relays = view.relays();
                 core.handle_tick(Instant::now());

@@ -355,6 +355,8 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
         "WARREN_RELAY_LISTEN".into(),
         format!("{ip}:{}", free_port()),
     ));
+    // The CLI signs in with the IdP's public client `cli` (tests/oidc), as in client_access.
+    n1.env.push(("WARREN_CLI_CLIENT_ID".into(), "cli".into()));
     let (admin_key, join_token) = n1.init()?;
     let cluster = Cluster {
         tmp,
@@ -497,6 +499,18 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
             bail!("warren connect iperf: {}", lab.log_of("warren-connect"));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // The agent may still be enrolling and getting its grants: wait (bounded) until a new
+    // flow through the tunnel gets the site's banner.
+    let start = Instant::now();
+    while first_byte_warren(lab, &config, &ca).is_err() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "no flow through the tunnel within 30 s; agent:\n{}",
+                lab.log_of("agent")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
     let procs = vec![
         Proc {

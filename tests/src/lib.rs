@@ -14,6 +14,7 @@
 
 pub mod bench_access;
 pub mod certs;
+pub mod collected;
 pub mod hostile;
 pub mod netlab;
 pub mod oidc;

@@ -53,6 +53,58 @@ pub const IPERF_PORT: u16 = 5201;
 /// The ready-banner service ([`Lab::start_banner`]).
 pub const BANNER_PORT: u16 = 7000;
 
+/// The rules of a home or office NAT router whose interfaces are `lan` and `wan`, each a
+/// command to run inside the router's namespace: forwarding on, MASQUERADE out of `wan`,
+/// and from `wan` only what answers a flow from inside (unsolicited inbound dropped, to
+/// the LAN and to the router itself).
+pub const NAT_ROUTER: [&[&str]; 7] = [
+    &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    &[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-o",
+        "wan",
+        "-j",
+        "MASQUERADE",
+    ],
+    &["iptables", "-P", "FORWARD", "DROP"],
+    &[
+        "iptables", "-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT",
+    ],
+    &[
+        "iptables",
+        "-A",
+        "FORWARD",
+        "-i",
+        "wan",
+        "-o",
+        "lan",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ],
+    &[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-i",
+        "wan",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ],
+    &["iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP"],
+];
+
 /// One of the lab's network namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -281,54 +333,7 @@ impl Lab {
         for step in steps {
             ip(&step)?;
         }
-        let rules: [&[&str]; 7] = [
-            &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-            &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "wan",
-                "-j",
-                "MASQUERADE",
-            ],
-            &["iptables", "-P", "FORWARD", "DROP"],
-            &[
-                "iptables", "-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT",
-            ],
-            &[
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-i",
-                "wan",
-                "-o",
-                "lan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            &[
-                "iptables",
-                "-A",
-                "INPUT",
-                "-i",
-                "wan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            &["iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP"],
-        ];
-        for rule in rules {
+        for rule in NAT_ROUTER {
             run(self.exec(router, rule[0]).args(&rule[1..]))?;
         }
         Ok(())

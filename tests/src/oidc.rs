@@ -118,7 +118,8 @@ impl Idp {
             child: Some(child),
             log,
         };
-        idp.wait_ready(Duration::from_secs(15))?;
+        // Node.js takes a few seconds to load oidc-provider on a busy 2-core machine.
+        idp.wait_ready(Duration::from_secs(30))?;
         Ok(idp)
     }
 

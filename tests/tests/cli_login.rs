@@ -5,11 +5,11 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde_json::Value;
+use warren_tests::collected::Collected;
 use warren_tests::oidc::{browser_async, BrowserArgs, Idp};
 use warren_tests::{bins, free_port, phase};
 
@@ -34,9 +34,7 @@ fn text(out: &Output) -> (String, String) {
 /// A running `warren login` whose stdout and stderr are collected as they come.
 struct LoginRun {
     child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
+    out: Option<Collected>,
 }
 
 impl LoginRun {
@@ -46,22 +44,12 @@ impl LoginRun {
             .stderr(Stdio::piped())
             .spawn()
             .context("spawning warren login")?;
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().context("stdout")?, stdout.clone()),
-            collect(child.stderr.take().context("stderr")?, stderr.clone()),
-        ];
-        Ok(Self {
-            child,
-            stdout,
-            stderr,
-            readers,
-        })
+        let out = Some(Collected::from(&mut child));
+        Ok(Self { child, out })
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.out.as_ref().map(Collected::stderr).unwrap_or_default()
     }
 
     /// The verification URL with the code in it, and the code, once the CLI has shown them.
@@ -101,11 +89,7 @@ impl LoginRun {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = self.stdout.lock().unwrap().clone();
-        let err = self.stderr();
+        let (out, err) = self.out.take().map(Collected::join).unwrap_or_default();
         Ok((status.success(), out, err))
     }
 }
@@ -117,23 +101,6 @@ impl Drop for LoginRun {
             let _ = self.child.wait();
         }
     }
-}
-
-fn collect<R: std::io::Read + Send + 'static>(
-    mut r: R,
-    into: Arc<Mutex<String>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
 }
 
 /// Whether the provider considers `token` live, asked with the confidential client's

@@ -28,12 +28,12 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use reqwest::Method;
 use serde_json::{json, Value};
+use warren_tests::collected::Collected;
 use warren_tests::netlab::{self, Lab, Side};
 use warren_tests::oidc::{browser_async, BrowserArgs, Idp};
 use warren_tests::{bins, free_port, phase, Cluster, TestNode};
@@ -77,67 +77,6 @@ fn ok_output(cmd: Command, limit: Duration) -> anyhow::Result<String> {
         bail!("{shown} failed:\n{out}{err}");
     }
     Ok(out)
-}
-
-/// A child's stdout and stderr, collected by threads as they come.
-struct Collected {
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Collected {
-    fn from(child: &mut Child) -> Self {
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        if let Some(o) = child.stdout.take() {
-            readers.push(collect(o, stdout.clone()));
-        }
-        if let Some(e) = child.stderr.take() {
-            readers.push(collect(e, stderr.clone()));
-        }
-        Self {
-            stdout,
-            stderr,
-            readers,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for the pipes to close; (stdout, stderr).
-    fn join(self) -> (String, String) {
-        for r in self.readers {
-            let _ = r.join();
-        }
-        let out = self.stdout.lock().unwrap().clone();
-        let err = self.stderr.lock().unwrap().clone();
-        (out, err)
-    }
-}
-
-fn collect<R: std::io::Read + Send + 'static>(
-    mut r: R,
-    into: Arc<Mutex<String>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
 }
 
 /// `psql -c sql` from `side` against `host:port` as `postgres`; its output.
@@ -948,6 +887,50 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         "dig db.internal through warren connect --udp after {:?}",
         start.elapsed()
     );
+
+    phase!("4b. one tunnel per device: ssh (another process) and then psql through connect, each at the first try");
+    // Every `warren` command of a device opens its flows through the device's one hub: a
+    // second WireGuard endpoint with the same key would take the agent's session from the
+    // first at each handshake, and the first's flows would stall until it handshakes again.
+    for round in 0..2 {
+        let (ok, out, err) = output(
+            w.ssh(&alice, "ssh", &["echo", "side-by-side"]),
+            Duration::from_secs(30),
+        )?;
+        assert!(
+            ok && out.contains("side-by-side"),
+            "ssh round {round}: {out}{err}"
+        );
+        let n = 40 + round;
+        let one = psql(
+            &w.lab,
+            Side::Client,
+            "127.0.0.1",
+            15432,
+            &format!("select {n}"),
+        )
+        .with_context(|| format!("psql at the first try right after ssh (round {round})"))?;
+        assert_eq!(one, n.to_string());
+        let dug = dig(&w.lab, Side::Client, "127.0.0.1", 15353, "db.internal")?;
+        assert_eq!(
+            dug, site_ip,
+            "dig at the first try right after ssh and psql"
+        );
+    }
+    let status = w.warren_json(&alice, &["status"])?;
+    let sessions = status["sessions"]
+        .as_array()
+        .context("status has sessions")?;
+    let with_paths: Vec<&Value> = sessions
+        .iter()
+        .filter(|s| s["sites"].as_array().is_some_and(|a| !a.is_empty()))
+        .collect();
+    assert_eq!(
+        with_paths.len(),
+        1,
+        "one process (the hub) holds the device's WireGuard paths: {status}"
+    );
+    assert_eq!(with_paths[0]["command"], "hub", "{status}");
 
     phase!("5. bob (no grant) is refused; a forged WireGuard initiation gets nothing back");
     let bob = w.dir.path().join("bob");

@@ -235,54 +235,7 @@ impl Net {
         for step in steps {
             run("ip", &step)?;
         }
-        let rules: [&[&str]; 7] = [
-            &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-            &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "wan",
-                "-j",
-                "MASQUERADE",
-            ],
-            &["iptables", "-P", "FORWARD", "DROP"],
-            &[
-                "iptables", "-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT",
-            ],
-            &[
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-i",
-                "wan",
-                "-o",
-                "lan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            &[
-                "iptables",
-                "-A",
-                "INPUT",
-                "-i",
-                "wan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            &["iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP"],
-        ];
-        for rule in rules {
+        for rule in warren_tests::netlab::NAT_ROUTER {
             in_ns(r, rule)?;
         }
         Ok(net)
