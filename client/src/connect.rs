@@ -84,6 +84,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
     let target = resources::by_name(&list, &args.name, args.port, proto)?;
     let site = target.resource.site.clone();
     let data = open_site(&active, &site).await?;
+    let hub = data.clone();
 
     let local = match args.local {
         Some(a) => {
@@ -122,6 +123,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
     };
     tokio::select! {
         r = serve => r,
+        () = hub.hold() => Ok(()),
         () = shutdown => Ok(()),
     }
 }

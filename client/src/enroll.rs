@@ -101,6 +101,7 @@ pub async fn sign_in(args: &LoginArgs, target: NodeTarget) -> anyhow::Result<()>
         token: Some(signed.token.clone()),
         expires_at: Some(signed.expires_at),
         device: None,
+        nodes: discovery.nodes.clone(),
     };
     // Stored before the device is registered, so a failed registration can be retried by
     // the next login without a lost session.

@@ -73,6 +73,9 @@ pub enum Request {
         /// The flow's destination.
         dst: SocketAddr,
     },
+    /// Keeps the hub running while this connection is open (a `warren connect` waiting for
+    /// local connections holds one).
+    Hold,
 }
 
 /// The hub's answer, one line of JSON.
@@ -100,14 +103,23 @@ impl HubClient {
     /// The hub of this configuration directory, started (detached) if none answers.
     pub async fn get() -> anyhow::Result<Self> {
         let socket = run_path(SOCKET)?;
-        if UnixStream::connect(&socket).await.is_ok() {
-            return Ok(Self { socket });
+        let me = Self { socket };
+        drop(me.dial().await?);
+        Ok(me)
+    }
+
+    /// A connection to the hub, starting one if none answers (it may have exited idle since
+    /// this command last asked).
+    async fn dial(&self) -> anyhow::Result<UnixStream> {
+        let socket = &self.socket;
+        if let Ok(s) = UnixStream::connect(socket).await {
+            return Ok(s);
         }
         spawn_hub()?;
         let started = Instant::now();
         loop {
-            if UnixStream::connect(&socket).await.is_ok() {
-                return Ok(Self { socket });
+            if let Ok(s) = UnixStream::connect(socket).await {
+                return Ok(s);
             }
             if started.elapsed() > START_WAIT {
                 let log = std::fs::read_to_string(run_path(LOG)?).unwrap_or_default();
@@ -123,7 +135,7 @@ impl HubClient {
     }
 
     async fn ask(&self, req: &Request) -> std::io::Result<UnixStream> {
-        let mut s = UnixStream::connect(&self.socket).await?;
+        let mut s = self.dial().await.map_err(std::io::Error::other)?;
         let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
         line.push(b'\n');
         s.write_all(&line).await?;
@@ -155,6 +167,19 @@ impl HubClient {
             timeout_ms: timeout.as_millis() as u64,
         })
         .await
+    }
+
+    /// Keeps the hub running as long as this command does: holds a connection open, and
+    /// opens another when the hub went away (it is started again). Never returns.
+    pub async fn hold(&self) {
+        loop {
+            if let Ok(mut s) = self.ask(&Request::Hold).await {
+                let mut b = [0u8; 1];
+                // Ends when the hub does.
+                let _ = s.read(&mut b).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// A UDP flow to `dst` inside `site`.
@@ -419,6 +444,12 @@ impl Hub {
             }
         };
         match req {
+            Request::Hold => {
+                answer(&mut conn, "", "").await?;
+                let mut b = [0u8; 1];
+                // Counted as open until the command closes it.
+                while conn.read(&mut b).await? > 0 {}
+            }
             Request::Tcp {
                 site,
                 dst,

@@ -32,6 +32,9 @@ pub struct Discovery {
     pub cluster: String,
     /// The identity providers people sign in with, the default first.
     pub providers: Vec<Provider>,
+    /// The client API of every node of the cluster (`https://host:port`).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 impl Discovery {
@@ -222,9 +225,11 @@ struct ErrorDetail {
     message: String,
 }
 
-/// A client for one node.
+/// A client for one node, falling back to the cluster's other nodes (in order) when it
+/// cannot be reached; the one that answered is asked first next time.
 pub struct NodeClient {
-    base: String,
+    bases: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     token: Option<Secret>,
     http: reqwest::Client,
 }
@@ -251,10 +256,24 @@ impl NodeClient {
                 .add_root_certificate(cert);
         }
         Ok(Self {
-            base,
+            bases: vec![base],
+            current: std::sync::atomic::AtomicUsize::new(0),
             token: None,
             http: builder.build()?,
         })
+    }
+
+    /// The same client, falling back to `others` (the cluster's other nodes, as discovery
+    /// listed them; malformed or repeated ones are skipped).
+    pub fn with_fallbacks(mut self, others: &[String]) -> Self {
+        for o in others {
+            if let Ok(u) = normalize_url(o) {
+                if !self.bases.contains(&u) {
+                    self.bases.push(u);
+                }
+            }
+        }
+        self
     }
 
     /// The same client, authenticating with `token`.
@@ -263,9 +282,9 @@ impl NodeClient {
         self
     }
 
-    /// The node's base URL.
+    /// The base URL of the node asked first now.
     pub fn url(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()]
     }
 
     /// `GET /v1/client/discovery`.
@@ -317,13 +336,41 @@ impl NodeClient {
             .await
     }
 
+    /// Asks the current node, then the others in turn while a node cannot be reached (no
+    /// connection: the request was not sent, so trying another is safe).
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, NodeError> {
-        let url = format!("{}{}", self.base, path);
+        use std::sync::atomic::Ordering;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..self.bases.len() {
+            let at = (first + i) % self.bases.len();
+            match self
+                .call_at(&self.bases[at], method.clone(), path, body)
+                .await
+            {
+                Err(Unreached(e)) => last = Some(e),
+                Ok(r) => {
+                    self.current.store(at, Ordering::Relaxed);
+                    return r;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| NodeError::Transport("no node to ask".into())))
+    }
+
+    async fn call_at<B: Serialize, T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Result<T, NodeError>, Unreached> {
+        let url = format!("{base}{path}");
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
@@ -331,25 +378,43 @@ impl NodeClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| NodeError::Transport(format!("{url}: {}", error_chain(&e))))?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return Err(Unreached(NodeError::Transport(format!(
+                    "{url}: {}",
+                    error_chain(&e)
+                ))))
+            }
+            Err(e) => {
+                return Ok(Err(NodeError::Transport(format!(
+                    "{url}: {}",
+                    error_chain(&e)
+                ))))
+            }
+        };
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| NodeError::Transport(format!("{url}: reading the answer: {e}")))?;
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Ok(Err(NodeError::Transport(format!(
+                    "{url}: reading the answer: {e}"
+                ))))
+            }
+        };
         if status.is_success() {
             // A DELETE may answer with an empty body.
             let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-            return serde_json::from_slice(bytes).map_err(|e| {
+            return Ok(serde_json::from_slice(bytes).map_err(|e| {
                 NodeError::Transport(format!("{url}: unexpected answer from the node: {e}"))
-            });
+            }));
         }
-        Err(error_from(status, &url, &bytes))
+        Ok(Err(error_from(status, &url, &bytes)))
     }
 }
+
+/// A node that could not be reached at all (no connection).
+struct Unreached(NodeError);
 
 /// The error a non-2xx answer stands for.
 fn error_from(status: StatusCode, url: &str, bytes: &[u8]) -> NodeError {

@@ -43,6 +43,10 @@ pub struct NodeSession {
     /// The device registered from this machine.
     #[serde(default)]
     pub device: Option<DeviceRecord>,
+    /// The client API of the cluster's other nodes, asked in turn when `node` does not
+    /// answer (from the node's discovery at sign-in).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// This machine's device, as the node registered it.
@@ -129,7 +133,9 @@ pub fn active() -> anyhow::Result<Active> {
             );
         }
     }
-    let client = NodeClient::new(&session.node, session.ca.as_deref())?.with_token(token);
+    let client = NodeClient::new(&session.node, session.ca.as_deref())?
+        .with_token(token)
+        .with_fallbacks(&session.nodes);
     Ok(Active {
         session,
         user,
@@ -165,6 +171,7 @@ mod tests {
                 address: "100.64.0.1".parse().unwrap(),
                 owner: "alice".into(),
             }),
+            nodes: vec!["https://n2:7443".into()],
         }
     }
 

@@ -10,7 +10,8 @@
 //!   `shared/lab/wg/wg_bench.sh` does).
 //! - `warren`: `warren connect iperf --local 127.0.0.1:15201` on the client, relayed by one
 //!   node (in the root namespace) to the site's agent behind its NAT: the product's path
-//!   (client userspace stack + WireGuard, relay, agent's WireGuard + userspace stack).
+//!   (the listener hands each connection to the device's hub over a Unix socket; the hub's
+//!   userspace stack + WireGuard, relay, agent's WireGuard + userspace stack).
 //!
 //! For each path: iperf3 TCP with 1 and 4 streams (`--seconds` each, `--rounds` times, the
 //! median round shown with min..max), CPU seconds per GiB received of every process on the
@@ -141,7 +142,13 @@ fn iperf(
         )
     })?;
     if let Some(e) = j.get("error") {
-        bail!("iperf3 to {} ({}): {e}", path.iperf, path.name);
+        bail!(
+            "iperf3 to {} ({}): {e}\nwarren connect:\n{}\nagent:\n{}",
+            path.iperf,
+            path.name,
+            lab.log_of("warren-connect"),
+            lab.log_of("agent")
+        );
     }
     let end = &j["end"];
     let gbps = end["sum_received"]["bits_per_second"]
@@ -512,9 +519,21 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    // The client's WireGuard endpoint is the device's hub (`warren hub`, started by the
+    // first command): its pid from its run file.
+    let hub_pid = std::fs::read_dir(config.join("run"))?
+        .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+        .find(|v| v["command"] == "hub")
+        .and_then(|v| v["pid"].as_u64())
+        .context("no run file of the hub")? as u32;
     let procs = vec![
         Proc {
-            label: "warren connect (client)".into(),
+            label: "warren hub (client)".into(),
+            pid: hub_pid,
+        },
+        Proc {
+            label: "warren connect (client's listener)".into(),
             pid: connect_pid,
         },
         Proc {

@@ -931,6 +931,20 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         "one process (the hub) holds the device's WireGuard paths: {status}"
     );
     assert_eq!(with_paths[0]["command"], "hub", "{status}");
+    // A hub that dies (SIGKILL: its socket file stays behind) is started again by the next
+    // flow; `warren connect` goes on without a restart.
+    let hub_pid = with_paths[0]["pid"].as_u64().context("the hub's pid")? as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hub_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    psql_until(&w.lab, 15432, 42, Duration::from_secs(20))
+        .context("psql through connect after its hub was killed")?;
+    let status = w.warren_json(&alice, &["status"])?;
+    assert!(
+        status.to_string().contains("\"command\":\"hub\""),
+        "a new hub runs: {status}"
+    );
 
     phase!("5. bob (no grant) is refused; a forged WireGuard initiation gets nothing back");
     let bob = w.dir.path().join("bob");
@@ -1145,6 +1159,24 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         );
         let status = w.warren_json(&alice, &["status"])?;
         eprintln!("warren status after the kill: {status}");
+        phase!(
+            "alice's session names the killed node: the client asks the others discovery listed"
+        );
+        let path = alice.join("node.json");
+        let mut session: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        session["node"] = json!(format!("https://{}", w.cluster.nodes[via].admin_addr));
+        std::fs::write(&path, serde_json::to_vec(&session)?)?;
+        let ls = w
+            .warren_json(&alice, &["ls"])
+            .context("warren ls with its node dead")?;
+        assert!(ls.to_string().contains("\"pg\""), "{ls}");
+        w.lab.stop("connect-dns");
+        w.connect(
+            "connect-dns",
+            &alice,
+            &["dns", "--udp", "--local", "127.0.0.1:15353"],
+        )
+        .context("warren connect with its node dead")?;
         (0..3).filter(|&i| i != via).collect()
     };
 

@@ -89,7 +89,17 @@ async fn discovery(State(s): State<AdminState>) -> Json<Value> {
     Json(json!({
         "cluster": format!("{:032x}", reg.cluster_id()),
         "providers": providers,
+        "nodes": node_urls(&reg),
     }))
+}
+
+/// The client API of every node of the cluster (clients fall back to them in order when
+/// the node they signed in at does not answer).
+fn node_urls(reg: &Registry) -> Vec<String> {
+    reg.nodes()
+        .values()
+        .map(|n| format!("https://{}", n.admin_addr))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -419,5 +429,6 @@ async fn connect(
         "ticket_expires_at": expires_at,
         "relays": relays,
         "mtu": warren_proto::relay::INNER_MTU,
+        "nodes": node_urls(&reg),
     })))
 }
