@@ -157,17 +157,9 @@ impl DataPath {
             config,
         )
         .context("cannot start the data path")?;
-        let site = peer.site.clone();
-        endpoint
-            .add_site(endpoint::SitePeer {
-                site: peer.site,
-                agent_key: PeerKey(peer.agent_key),
-                relays: peer.relays,
-                ticket: peer.ticket,
-            })
-            .await
-            .with_context(|| format!("cannot add the site {site} to the data path"))?;
-        Ok(Self { endpoint })
+        let data = Self { endpoint };
+        data.add_site(peer).await?;
+        Ok(data)
     }
 
     /// Adds another site to the running endpoint.
