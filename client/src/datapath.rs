@@ -121,6 +121,9 @@ impl From<&endpoint::SiteStatus> for SiteStatus {
     }
 }
 
+/// A TCP flow not established after this starts a new handshake with the site's agent.
+const SLOW_SYN: Duration = Duration::from_secs(1);
+
 /// The client's data path: one endpoint shared by every flow of this process; cheap to
 /// clone, stopped when the last clone is dropped.
 #[derive(Clone)]
@@ -198,10 +201,27 @@ impl DataPath {
             .connect_tcp(site, dst)
             .await
             .map_err(std::io::Error::other)?;
-        match tokio::time::timeout(timeout, flow.established()).await {
-            Ok(Ok(())) => Ok(flow),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        // Unanswered for a second: the agent may no longer have our WireGuard session (it
+        // drops a device whose grants went away, and re-adds it without one). A handshake
+        // now costs one round trip; waiting for boringtun to give up costs 15 s.
+        let first = SLOW_SYN.min(timeout);
+        let r = {
+            let established = flow.established();
+            tokio::pin!(established);
+            match tokio::time::timeout(first, &mut established).await {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    let _ = self.endpoint.rekey(site).await;
+                    tokio::time::timeout(timeout.saturating_sub(first), &mut established)
+                        .await
+                        .ok()
+                }
+            }
+        };
+        match r {
+            Some(Ok(())) => Ok(flow),
+            Some(Err(e)) => Err(e),
+            None => Err(std::io::ErrorKind::TimedOut.into()),
         }
     }
 

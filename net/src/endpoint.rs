@@ -166,6 +166,9 @@ pub enum EndpointError {
     /// The socket's local address could not be read.
     #[error("endpoint socket: {0}")]
     Socket(io::Error),
+    /// A handshake initiation could not be made.
+    #[error("WireGuard handshake: {0}")]
+    Handshake(String),
 }
 
 /// Makes endpoints: [`Endpoint::client`] or [`Endpoint::agent`].
@@ -367,6 +370,14 @@ impl ClientEndpoint {
         self.ask(|reply| Command::RemoveSite(site, reply)).await?
     }
 
+    /// Starts a new WireGuard handshake with `site`'s agent now, whatever the timers say
+    /// (the agent may have forgotten the session: it drops a device whose grants went away,
+    /// and a session it no longer has is silence until boringtun gives up on it, 15 s).
+    pub async fn rekey(&self, site: &str) -> Result<(), EndpointError> {
+        let site = site.to_owned();
+        self.ask(|reply| Command::Rekey(site, reply)).await?
+    }
+
     /// Opens a TCP connection to `dst` through `site`'s agent. The handshake runs when the
     /// flow is used; [`TcpFlow::established`] says whether the agent admitted it (a refusal
     /// is `ConnectionRefused`).
@@ -534,6 +545,7 @@ enum Command {
     AddSite(SitePeer, Reply<Result<(), EndpointError>>),
     UpdateTicket(String, Vec<u8>, Reply<Result<(), EndpointError>>),
     RemoveSite(String, Reply<Result<(), EndpointError>>),
+    Rekey(String, Reply<Result<(), EndpointError>>),
     ConnectTcp(String, SocketAddr, Reply<Result<TcpFlow, EndpointError>>),
     OpenUdp(String, SocketAddr, Reply<Result<UdpFlow, EndpointError>>),
     ClientStatus(Reply<EndpointStatus>),
@@ -1034,6 +1046,24 @@ impl Core {
             }
             Command::RemoveSite(site, reply) => {
                 let _ = reply.send(self.remove_site(&site, now));
+            }
+            Command::Rekey(site, reply) => {
+                let peer = match &self.role {
+                    Role::Client(c) => c
+                        .sites
+                        .iter()
+                        .find(|(_, s)| s.name == site)
+                        .map(|(&p, _)| p),
+                    Role::Agent(_) => None,
+                };
+                let r = match peer {
+                    Some(p) => self
+                        .peers
+                        .rekey(p)
+                        .map_err(|e| EndpointError::Handshake(e.to_string())),
+                    None => Err(EndpointError::UnknownSite(site)),
+                };
+                let _ = reply.send(r);
             }
             Command::ConnectTcp(site, dst, reply) => {
                 let r = self

@@ -963,6 +963,59 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
         "a new hub runs: {status}"
     );
 
+    phase!("4c. a policy change takes alice's grants away and gives them back: the agent forgets her device and knows it again; the next psql works at the first try");
+    // The agent drops a device without grants (its WireGuard session with it) and adds it
+    // again without one: the hub's next flow must not wait 15 s for boringtun to give up.
+    // Both policies that let her reach PostgreSQL (`ops` for pg, `from-client-net` for
+    // pg-here) stop allowing her; `from-elsewhere` never did.
+    let client_net = format!("{}/32", w.lab.client_router_wan());
+    // (A PATCH is a JSON merge patch: each keeps the shape of its expression.)
+    for (p, allow) in [
+        ("ops", json!({"group": "nobody-has-this-group"})),
+        (
+            "from-client-net",
+            json!({"and": [{"group": "nobody-has-this-group"}]}),
+        ),
+    ] {
+        let (status, body) = api
+            .send(
+                Method::PATCH,
+                &format!("/v1/policies/{p}"),
+                &json!({ "allow": allow }),
+            )
+            .await?;
+        anyhow::ensure!(status.is_success(), "PATCH {p}: {status} {body}");
+    }
+    let taken = Instant::now();
+    while psql(&w.lab, Side::Client, "127.0.0.1", 15432, "select 1").is_ok() {
+        anyhow::ensure!(
+            taken.elapsed() < Duration::from_secs(10),
+            "psql still works 10 s after the policy stopped allowing it"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (p, allow) in [
+        ("ops", json!({"group": "admins"})),
+        (
+            "from-client-net",
+            json!({"and": [{"group": "admins"}, {"source_cidr": client_net}]}),
+        ),
+    ] {
+        let (status, body) = api
+            .send(
+                Method::PATCH,
+                &format!("/v1/policies/{p}"),
+                &json!({ "allow": allow }),
+            )
+            .await?;
+        anyhow::ensure!(status.is_success(), "PATCH {p} back: {status} {body}");
+    }
+    // The grants reach the agent on the registry change (milliseconds); give them 2 s.
+    std::thread::sleep(Duration::from_secs(2));
+    let back = psql(&w.lab, Side::Client, "127.0.0.1", 15432, "select 43")
+        .context("psql at the first try once the grants are back")?;
+    assert_eq!(back, "43");
+
     phase!("5. bob (no grant) is refused; a forged WireGuard initiation gets nothing back");
     let bob = w.dir.path().join("bob");
     w.login(&bob, "bob", "bob-pw", "bob-laptop").await?;
