@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -653,11 +653,6 @@ async fn answer(conn: &mut UnixStream, error: &str, kind: &str) -> anyhow::Resul
     line.push(b'\n');
     conn.write_all(&line).await?;
     Ok(())
-}
-
-/// Whether `path` is a hub socket something answers on (for `warren status`).
-pub async fn answering(path: &Path) -> bool {
-    UnixStream::connect(path).await.is_ok()
 }
 
 #[cfg(test)]

@@ -364,8 +364,18 @@ impl Actor for DevicesActor {
                             cluster: state.devices.cluster.clone(),
                         };
                         // Starting a child only reads the registry: nothing here waits on I/O.
-                        let (child, _) =
-                            Actor::spawn_linked(None, DeviceActor, args, myself.get_cell()).await?;
+                        // A child that cannot start loses this sighting, not the others.
+                        let child =
+                            match Actor::spawn_linked(None, DeviceActor, args, myself.get_cell())
+                                .await
+                            {
+                                Ok((c, _)) => c,
+                                Err(e) => {
+                                    tracing::warn!(%device, "cannot start the device's actor: {e}");
+                                    state.devices.dropped.fetch_add(1, Ordering::Relaxed);
+                                    return Ok(());
+                                }
+                            };
                         state.by_id.insert(child.get_id(), device.clone());
                         state.by_name.insert(device.clone(), child.clone());
                         state
