@@ -83,7 +83,7 @@ pub async fn connect(args: ConnectArgs, shutdown: impl Future<Output = ()>) -> a
     let list = reachable(&active).await?;
     let target = resources::by_name(&list, &args.name, args.port, proto)?;
     let site = target.resource.site.clone();
-    let data = open_site(&active, &site).await?;
+    let data = open_site(&site).await?;
     let hub = data.clone();
 
     let local = match args.local {
@@ -134,7 +134,7 @@ pub async fn nc(args: NcArgs, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let list = reachable(&active).await?;
     let target = resources::by_host(&list, &args.host, args.port, Proto::Tcp)?;
     let site = target.resource.site.clone();
-    let data = open_site(&active, &site).await?;
+    let data = open_site(&site).await?;
     let _reporter = Reporter::listener(status::run_dir()?, "nc", &target, None);
     let flow = data
         .connect_tcp(&site, target.dst, FLOW_TIMEOUT)
@@ -225,16 +225,12 @@ async fn reachable(active: &Active) -> anyhow::Result<Vec<crate::node::Resource>
         .map_err(|e| anyhow!("asking {} what you may reach: {e}", active.session.node))
 }
 
-/// This device's hub, with `site` open in it (so a refusal is said before any listener
-/// opens).
-async fn open_site(active: &Active, site: &str) -> anyhow::Result<HubClient> {
-    // Asked here too, so `warren connect` refuses at once with the node's reason.
-    active
-        .client
-        .connect(&active.device.name, site)
-        .await
-        .map_err(|e| connect_error(site, e))?;
-    HubClient::get().await
+/// This device's hub, with `site` open in it (so the node's refusal is said before any
+/// listener opens).
+async fn open_site(site: &str) -> anyhow::Result<HubClient> {
+    let hub = HubClient::get().await?;
+    hub.open_site(site).await.map_err(|e| anyhow!("{e}"))?;
+    Ok(hub)
 }
 
 /// What a refused connect means to the person.

@@ -76,6 +76,12 @@ pub enum Request {
     /// Keeps the hub running while this connection is open (a `warren connect` waiting for
     /// local connections holds one).
     Hold,
+    /// Opens `site` in the hub (asking the node for its path if the hub has none yet), so
+    /// a command hears a refusal before it listens.
+    Site {
+        /// The site.
+        site: String,
+    },
 }
 
 /// The hub's answer, one line of JSON.
@@ -167,6 +173,15 @@ impl HubClient {
             timeout_ms: timeout.as_millis() as u64,
         })
         .await
+    }
+
+    /// Opens `site` in the hub; the node's refusal, if it refuses, as the error.
+    pub async fn open_site(&self, site: &str) -> std::io::Result<()> {
+        self.ask(&Request::Site {
+            site: site.to_owned(),
+        })
+        .await
+        .map(drop)
     }
 
     /// Keeps the hub running as long as this command does: holds a connection open, and
@@ -315,7 +330,6 @@ struct Hub {
     /// Unix connections open now (requests and flows).
     open: AtomicUsize,
     last_activity: std::sync::Mutex<Instant>,
-    relays: std::sync::Mutex<Vec<Relay>>,
 }
 
 #[derive(Default)]
@@ -368,7 +382,6 @@ pub async fn run(shutdown: impl std::future::Future<Output = ()>) -> anyhow::Res
         state: Mutex::new(HubState::default()),
         open: AtomicUsize::new(0),
         last_activity: std::sync::Mutex::new(Instant::now()),
-        relays: std::sync::Mutex::new(Vec::new()),
     });
     let _reporter = Reporter::start_with(dir.clone(), "hub", "", String::new(), None, {
         let hub = hub.clone();
@@ -419,19 +432,23 @@ pub async fn run(shutdown: impl std::future::Future<Output = ()>) -> anyhow::Res
 }
 
 impl Hub {
+    /// The relays the node offered for the open sites, and the sites' paths.
     async fn report(&self) -> (Vec<Relay>, Vec<SiteStatus>) {
-        let data = self
-            .state
-            .lock()
-            .await
-            .running
-            .as_ref()
-            .map(|r| r.data.clone());
+        let (data, relays) = {
+            let st = self.state.lock().await;
+            let mut relays: Vec<Relay> = Vec::new();
+            for r in st.sites.values().flat_map(|s| &s.relays) {
+                if !relays.contains(r) {
+                    relays.push(r.clone());
+                }
+            }
+            (st.running.as_ref().map(|r| r.data.clone()), relays)
+        };
         let sites = match data {
             Some(d) => d.status().await,
             None => Vec::new(),
         };
-        (self.relays.lock().unwrap().clone(), sites)
+        (relays, sites)
     }
 
     async fn serve(self: &Arc<Self>, mut conn: UnixStream) -> anyhow::Result<()> {
@@ -444,6 +461,10 @@ impl Hub {
             }
         };
         match req {
+            Request::Site { site } => match self.site(&site).await {
+                Ok(_) => answer(&mut conn, "", "").await?,
+                Err((kind, e)) => answer(&mut conn, &format!("{e:#}"), kind).await?,
+            },
             Request::Hold => {
                 answer(&mut conn, "", "").await?;
                 let mut b = [0u8; 1];
@@ -582,9 +603,6 @@ impl Hub {
                 keeper,
             },
         );
-        let mut relays: Vec<Relay> = st.sites.values().flat_map(|s| s.relays.clone()).collect();
-        relays.dedup();
-        *self.relays.lock().unwrap() = relays;
         tracing::info!(%site, "site added to the tunnel");
         Ok(data)
     }

@@ -504,6 +504,20 @@ async fn start_cluster(lab: &Lab) -> anyhow::Result<(Cluster, Vec<SocketAddr>)> 
     Ok((cluster, relays))
 }
 
+/// Sets policy `name`'s `allow` expression (a JSON merge patch: the new expression must
+/// keep the old one's shape, or the keys merge).
+async fn patch_policy(api: &warren_tests::Api, name: &str, allow: Value) -> anyhow::Result<()> {
+    let (status, body) = api
+        .send(
+            Method::PATCH,
+            &format!("/v1/policies/{name}"),
+            &json!({ "allow": allow }),
+        )
+        .await?;
+    anyhow::ensure!(status.is_success(), "PATCH {name}: {status} {body}");
+    Ok(())
+}
+
 /// The agent's WireGuard port (fixed, so bad input can be aimed at it).
 const AGENT_WG_PORT: u16 = 51820;
 
@@ -977,14 +991,7 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
             json!({"and": [{"group": "nobody-has-this-group"}]}),
         ),
     ] {
-        let (status, body) = api
-            .send(
-                Method::PATCH,
-                &format!("/v1/policies/{p}"),
-                &json!({ "allow": allow }),
-            )
-            .await?;
-        anyhow::ensure!(status.is_success(), "PATCH {p}: {status} {body}");
+        patch_policy(&api, p, allow).await?;
     }
     let taken = Instant::now();
     while psql(&w.lab, Side::Client, "127.0.0.1", 15432, "select 1").is_ok() {
@@ -1001,14 +1008,7 @@ async fn people_reach_ssh_postgres_and_dns_in_a_site_through_the_nodes() -> anyh
             json!({"and": [{"group": "admins"}, {"source_cidr": client_net}]}),
         ),
     ] {
-        let (status, body) = api
-            .send(
-                Method::PATCH,
-                &format!("/v1/policies/{p}"),
-                &json!({ "allow": allow }),
-            )
-            .await?;
-        anyhow::ensure!(status.is_success(), "PATCH {p} back: {status} {body}");
+        patch_policy(&api, p, allow).await?;
     }
     // The grants reach the agent on the registry change (milliseconds); give them 2 s.
     std::thread::sleep(Duration::from_secs(2));
