@@ -68,7 +68,7 @@ pub fn tune_socket(socket: &std::net::UdpSocket) {
         s.send_buffer_size().unwrap_or(0),
     );
     // Linux reports twice what it grants (the doubling covers its bookkeeping).
-    if rcv < SOCKET_BUFFER || snd < SOCKET_BUFFER {
+    if rcv < 2 * SOCKET_BUFFER || snd < 2 * SOCKET_BUFFER {
         tracing::warn!(
             rcvbuf = rcv,
             sndbuf = snd,
@@ -326,7 +326,7 @@ pub struct RelayCore {
     pending: HashMap<u64, PendingHop>,
     /// Nonces of the Binds honoured, until their ticket expires (Unix s), oldest first: a
     /// Bind is honoured once.
-    nonces: HashMap<u64, u64>,
+    nonces: std::collections::HashSet<u64>,
     nonce_order: std::collections::VecDeque<(u64, u64)>,
     /// Devices newly bound here (device, site, from), for [`poll_event`](Self::poll_event).
     events: Vec<DeviceBound>,
@@ -370,7 +370,7 @@ impl RelayCore {
             clients: HashMap::new(),
             agents: HashMap::new(),
             pending: HashMap::new(),
-            nonces: HashMap::new(),
+            nonces: std::collections::HashSet::new(),
             nonce_order: std::collections::VecDeque::new(),
             events: Vec::new(),
             stats,
@@ -393,7 +393,7 @@ impl RelayCore {
             self.nonce_order.pop_front();
             self.nonces.remove(&old);
         }
-        if self.nonces.contains_key(&nonce) {
+        if self.nonces.contains(&nonce) {
             return false;
         }
         if self.nonces.len() >= MAX_NONCES {
@@ -401,7 +401,7 @@ impl RelayCore {
                 self.nonces.remove(&old);
             }
         }
-        self.nonces.insert(nonce, expires_at);
+        self.nonces.insert(nonce);
         self.nonce_order.push_back((nonce, expires_at));
         true
     }

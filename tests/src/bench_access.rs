@@ -128,9 +128,18 @@ fn iperf(
         &path.iperf.port().to_string(),
     ])
     .args(["-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"]);
-    let started = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output().context("iperf3 -c")?;
-    let wall = started.elapsed().as_secs_f64();
+    // iperf3's server takes one test at a time and may still be closing the last one.
+    let mut tries = 0;
+    let (out, wall) = loop {
+        let started = Instant::now();
+        let out = cmd.stdin(Stdio::null()).output().context("iperf3 -c")?;
+        let busy = String::from_utf8_lossy(&out.stdout).contains("the server is busy");
+        tries += 1;
+        if !busy || tries >= 10 {
+            break (out, started.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     let after: Vec<f64> = procs
         .iter()
         .map(|(_, p)| ticks_of(*p).unwrap_or(0.0))
