@@ -21,6 +21,7 @@ pub mod access;
 pub mod api;
 pub mod canonical;
 pub mod certificate;
+pub mod coordinator;
 pub mod identity;
 pub mod name;
 pub mod policy;

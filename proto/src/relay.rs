@@ -28,6 +28,27 @@
 //! | `0xA3` | [`Frame::Bound`] | nonce u64, channel u32, lifetime u16 (seconds without traffic before the binding is forgotten) |
 //! | `0xA4` | [`Frame::Refused`] | nonce u64, reason u8 ([`Refusal`]) |
 //! | `0xA5` | [`Frame::Data`] | channel u32, then the WireGuard packet |
+//! | `0xA6` | [`Frame::Punch`] | channel u32, kind u8 ([`PunchKind`]), observed address (family u8 0/4/6, IP, port u16), body length u16, body (an encoded [`Offer`]) |
+//! | `0xA7` | [`Frame::Probe`] | sender's WireGuard key \[32\], receiver's round u64, transaction u64, tag \[16\], padding |
+//! | `0xA8` | [`Frame::ProbeAck`] | sender's WireGuard key \[32\], transaction u64, the probe's source as seen (family u8 4/6, IP, port u16), tag \[16\], padding |
+//!
+//! # Direct paths
+//!
+//! Punch frames travel the relay like Data (a channel, checked against the sender's
+//! address) and carry the hole-punch rendezvous: a client's [`PunchKind::Call`] (its
+//! candidate addresses) reaches the coordinator on the node the client is bound to, which
+//! sends it on to the agent; the agent's [`PunchKind::Answer`] comes back to the
+//! coordinator, which then sends [`PunchKind::Go`] to both at once (each with the other's
+//! offer): both probe every candidate of the other simultaneously. A relay that receives a
+//! Punch straight from an endpoint writes the sender's address as it sees it into
+//! `observed` (a reflexive candidate the endpoint may not know it has).
+//!
+//! Probe and ProbeAck never touch a relay: they go straight between client and agent on
+//! the socket WireGuard uses, so they open exactly the NAT mappings WireGuard then takes.
+//! Their tags (and an [`Offer`]'s) are MACs keyed by the two WireGuard keys' Diffie-Hellman
+//! secret (computed in `warren-net`), so neither a relay nor anyone on the path can forge
+//! one; both are padded to the full size of a WireGuard datagram, so a path whose MTU is
+//! too small for data never answers a probe.
 //!
 //! A relay answers a Data frame from an address that is not the channel's with nothing: a
 //! channel number is not a credential, the address it was bound from is checked too.
@@ -58,6 +79,19 @@ pub const REFUSED: u8 = 0xA4;
 /// Type byte of [`Frame::Data`].
 pub const DATA: u8 = 0xA5;
 
+/// Type byte of [`Frame::Punch`].
+pub const PUNCH: u8 = 0xA6;
+/// Type byte of [`Frame::Probe`].
+pub const PROBE: u8 = 0xA7;
+/// Type byte of [`Frame::ProbeAck`].
+pub const PROBE_ACK: u8 = 0xA8;
+/// Bytes of a MAC tag on probes and offers.
+pub const TAG_LEN: usize = 16;
+/// The most candidate addresses an [`Offer`] carries.
+pub const MAX_CANDIDATES: usize = 16;
+/// The largest Punch body.
+pub const MAX_PUNCH_BODY: usize = 1024;
+
 /// Bytes before the WireGuard packet in a [`Frame::Data`].
 pub const DATA_HEADER: usize = 5;
 /// The smallest ping: longer than any pong, so answering one never amplifies.
@@ -70,9 +104,109 @@ pub const MAX_TICKET: usize = 1024;
 /// UDP (8) - relay header (5) - WireGuard overhead (32), rounded down to a multiple of 16.
 pub const INNER_MTU: usize = 1408;
 
-/// Whether a datagram is a relay frame (and not a WireGuard message).
+/// Whether a datagram is one of Warren's frames (relay or path probe) and not a WireGuard
+/// message.
 pub fn is_relay(datagram: &[u8]) -> bool {
-    matches!(datagram.first(), Some(0xA0..=0xA5))
+    matches!(datagram.first(), Some(0xA0..=0xA8))
+}
+
+/// What a [`Frame::Punch`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PunchKind {
+    /// Client to coordinator to agent: "here are my candidates" (the client's [`Offer`]).
+    Call = 1,
+    /// Agent to coordinator: its candidates, answering a Call (the agent's [`Offer`]).
+    Answer = 2,
+    /// Coordinator to both: "probe now"; the body is the other side's offer.
+    Go = 3,
+}
+
+impl PunchKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Call,
+            2 => Self::Answer,
+            3 => Self::Go,
+            _ => return None,
+        })
+    }
+}
+
+/// The body of a Punch: one side's candidate addresses for the other, tagged by the sender
+/// (the tag covers every other field; see `warren-net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// The sender's WireGuard public key.
+    pub from: [u8; 32],
+    /// The sender's round: probes to the sender must carry it (a random value, new per
+    /// Call or Answer, so a probe recorded earlier is stale).
+    pub round: u64,
+    /// For an Answer, the round of the Call it answers; 0 in a Call.
+    pub answers: u64,
+    /// Where the sender may be reached directly: host and reflexive addresses.
+    pub candidates: Vec<SocketAddr>,
+    /// The MAC.
+    pub tag: [u8; TAG_LEN],
+}
+
+impl Offer {
+    /// The encoding (at most [`MAX_CANDIDATES`] candidates are written).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.candidates.len() * 19);
+        self.encode_untagged(&mut out);
+        out.extend_from_slice(&self.tag);
+        out
+    }
+
+    /// Every field but the tag: what the tag covers.
+    pub fn encode_untagged(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.from);
+        out.extend_from_slice(&self.round.to_be_bytes());
+        out.extend_from_slice(&self.answers.to_be_bytes());
+        let n = self.candidates.len().min(MAX_CANDIDATES);
+        out.push(n as u8);
+        for c in &self.candidates[..n] {
+            put_addr(out, *c);
+        }
+    }
+
+    /// Decodes a body; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let mut r = Reader(b);
+        let from = r.array::<32>().ok()?;
+        let round = r.u64().ok()?;
+        let answers = r.u64().ok()?;
+        let n = usize::from(r.u8().ok()?);
+        if n > MAX_CANDIDATES {
+            return None;
+        }
+        let mut candidates = Vec::with_capacity(n);
+        for _ in 0..n {
+            candidates.push(r.addr().ok()?);
+        }
+        let tag = r.array::<TAG_LEN>().ok()?;
+        r.0.is_empty().then_some(Self {
+            from,
+            round,
+            answers,
+            candidates,
+            tag,
+        })
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
 }
 
 /// Why a relay refused a binding.
@@ -165,6 +299,39 @@ pub enum Frame<'a> {
         /// The packet.
         payload: &'a [u8],
     },
+    /// Hole-punch rendezvous on a channel (see the module documentation).
+    Punch {
+        /// The channel, as for Data.
+        channel: u32,
+        /// What it says.
+        kind: PunchKind,
+        /// The sender of the body as the first relay saw it, once one did.
+        observed: Option<SocketAddr>,
+        /// An encoded [`Offer`].
+        body: &'a [u8],
+    },
+    /// A path probe, straight from one endpoint to a candidate address of the other.
+    Probe {
+        /// The sender's WireGuard public key.
+        from: [u8; 32],
+        /// The receiver's round (from its offer).
+        round: u64,
+        /// Echoed in the ack.
+        tx: u64,
+        /// The MAC.
+        tag: [u8; TAG_LEN],
+    },
+    /// The answer to a probe, to where the probe came from.
+    ProbeAck {
+        /// The sender's WireGuard public key.
+        from: [u8; 32],
+        /// The probe's.
+        tx: u64,
+        /// Where the probe came from, as its receiver saw it.
+        observed: SocketAddr,
+        /// The MAC.
+        tag: [u8; TAG_LEN],
+    },
 }
 
 /// Why a datagram is not a relay frame. Whoever sent it may be an attacker: the datagram is
@@ -201,19 +368,10 @@ impl<'a> Frame<'a> {
                 }
                 Frame::Ping { nonce: r.u64()? }
             }
-            PONG => {
-                let nonce = r.u64()?;
-                let ip = match r.u8()? {
-                    4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(r.take(4)?).unwrap())),
-                    6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).unwrap())),
-                    _ => return Err(FrameError::Malformed),
-                };
-                let port = r.u16()?;
-                Frame::Pong {
-                    nonce,
-                    observed: SocketAddr::new(ip, port),
-                }
-            }
+            PONG => Frame::Pong {
+                nonce: r.u64()?,
+                observed: r.addr()?,
+            },
             BIND => {
                 let nonce = r.u64()?;
                 let len = usize::from(r.u16()?);
@@ -242,6 +400,39 @@ impl<'a> Frame<'a> {
                 channel: r.u32()?,
                 payload: r.0,
             },
+            PUNCH => {
+                let channel = r.u32()?;
+                let kind = PunchKind::from_u8(r.u8()?).ok_or(FrameError::Malformed)?;
+                let observed = match r.0.first() {
+                    Some(0) => {
+                        r.u8()?;
+                        None
+                    }
+                    _ => Some(r.addr()?),
+                };
+                let len = usize::from(r.u16()?);
+                if len > MAX_PUNCH_BODY {
+                    return Err(FrameError::Oversized);
+                }
+                Frame::Punch {
+                    channel,
+                    kind,
+                    observed,
+                    body: r.take(len)?,
+                }
+            }
+            PROBE => Frame::Probe {
+                from: r.array()?,
+                round: r.u64()?,
+                tx: r.u64()?,
+                tag: r.array()?,
+            },
+            PROBE_ACK => Frame::ProbeAck {
+                from: r.array()?,
+                tx: r.u64()?,
+                observed: r.addr()?,
+                tag: r.array()?,
+            },
             _ => return Err(FrameError::NotRelay),
         })
     }
@@ -261,17 +452,7 @@ impl<'a> Frame<'a> {
             Frame::Pong { nonce, observed } => {
                 out.push(PONG);
                 out.extend_from_slice(&nonce.to_be_bytes());
-                match observed.ip() {
-                    IpAddr::V4(ip) => {
-                        out.push(4);
-                        out.extend_from_slice(&ip.octets());
-                    }
-                    IpAddr::V6(ip) => {
-                        out.push(6);
-                        out.extend_from_slice(&ip.octets());
-                    }
-                }
-                out.extend_from_slice(&observed.port().to_be_bytes());
+                put_addr(out, *observed);
             }
             Frame::Bind {
                 nonce,
@@ -306,6 +487,56 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(&channel.to_be_bytes());
                 out.extend_from_slice(payload);
             }
+            Frame::Punch {
+                channel,
+                kind,
+                observed,
+                body,
+            } => {
+                assert!(body.len() <= MAX_PUNCH_BODY);
+                out.push(PUNCH);
+                out.extend_from_slice(&channel.to_be_bytes());
+                out.push(*kind as u8);
+                match observed {
+                    Some(a) => put_addr(out, *a),
+                    None => out.push(0),
+                }
+                out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                out.extend_from_slice(body);
+            }
+            Frame::Probe {
+                from,
+                round,
+                tx,
+                tag,
+            } => {
+                out.push(PROBE);
+                out.extend_from_slice(from);
+                out.extend_from_slice(&round.to_be_bytes());
+                out.extend_from_slice(&tx.to_be_bytes());
+                out.extend_from_slice(tag);
+            }
+            Frame::ProbeAck {
+                from,
+                tx,
+                observed,
+                tag,
+            } => {
+                out.push(PROBE_ACK);
+                out.extend_from_slice(from);
+                out.extend_from_slice(&tx.to_be_bytes());
+                put_addr(out, *observed);
+                out.extend_from_slice(tag);
+            }
+        }
+    }
+
+    /// Appends the frame, then zeros up to `size` bytes in all (a probe's padding).
+    pub fn encode_padded(&self, out: &mut Vec<u8>, size: usize) {
+        let start = out.len();
+        self.encode(out);
+        if out.len() - start < size {
+            out.resize(start + size, 0);
         }
     }
 
@@ -354,6 +585,17 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, FrameError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        Ok(self.take(N)?.try_into().unwrap())
+    }
+    fn addr(&mut self) -> Result<SocketAddr, FrameError> {
+        let ip = match self.u8()? {
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)),
+            _ => return Err(FrameError::Malformed),
+        };
+        Ok(SocketAddr::new(ip, self.u16()?))
     }
 }
 
@@ -478,12 +720,71 @@ mod tests {
                 channel: 1,
                 payload: &[4, 0, 0, 0, 1, 2, 3],
             },
+            Frame::Punch {
+                channel: 5,
+                kind: PunchKind::Call,
+                observed: None,
+                body: b"offer",
+            },
+            Frame::Punch {
+                channel: 6,
+                kind: PunchKind::Go,
+                observed: Some("198.51.100.7:40000".parse().unwrap()),
+                body: b"",
+            },
+            Frame::Probe {
+                from: [3; 32],
+                round: 11,
+                tx: 12,
+                tag: [9; TAG_LEN],
+            },
+            Frame::ProbeAck {
+                from: [4; 32],
+                tx: 12,
+                observed: "[2001:db8::2]:9".parse().unwrap(),
+                tag: [8; TAG_LEN],
+            },
         ];
         for f in frames {
             let b = f.to_vec();
             assert!(is_relay(&b));
             assert_eq!(Frame::decode(&b).unwrap(), f);
         }
+    }
+
+    #[test]
+    fn offers_round_trip_and_reject_what_does_not_fit() {
+        let o = Offer {
+            from: [1; 32],
+            round: 2,
+            answers: 3,
+            candidates: vec![
+                "10.0.0.2:51820".parse().unwrap(),
+                "[2001:db8::3]:1".parse().unwrap(),
+            ],
+            tag: [7; TAG_LEN],
+        };
+        let b = o.encode();
+        assert_eq!(Offer::decode(&b), Some(o));
+        // Trailing bytes, a cut, too many candidates: not an offer.
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(Offer::decode(&long), None);
+        assert_eq!(Offer::decode(&b[..b.len() - 1]), None);
+        let mut many = b.clone();
+        many[48] = (MAX_CANDIDATES + 1) as u8;
+        assert_eq!(Offer::decode(&many), None);
+        // A padded probe decodes as the probe.
+        let p = Frame::Probe {
+            from: [3; 32],
+            round: 1,
+            tx: 2,
+            tag: [0; TAG_LEN],
+        };
+        let mut padded = Vec::new();
+        p.encode_padded(&mut padded, 1440);
+        assert_eq!(padded.len(), 1440);
+        assert_eq!(Frame::decode(&padded).unwrap(), p);
     }
 
     #[test]
