@@ -46,6 +46,9 @@ use warren_proto::relay::{self as wire, Frame, DATA_HEADER, INNER_MTU};
 use warren_proto::tunnel::{DeviceAccess, Dial, FlowProto};
 use warren_proto::Name;
 
+use crate::direct::{
+    Direct, DirectEvent, DirectStats, DirectStatus, DirectTransmit, Role as PathRole,
+};
 use crate::relays::{
     AgentBindingStatus, AgentRelays, ClientRelays, RelayEvent, RelayStatus, TicketError,
 };
@@ -60,6 +63,9 @@ use crate::wg::{
 
 /// Datagrams read per wake-up before the stack is polled (a batch: one `poll` for many).
 const RECV_BATCH: usize = 64;
+/// How often our direct-path candidates are gathered again (host addresses, the
+/// reflexive addresses relays report): a new network is noticed this fast.
+const CANDIDATES_EVERY: Duration = Duration::from_secs(1);
 /// The most often a summary of refused flows is logged at INFO.
 const REFUSAL_SUMMARY: Duration = Duration::from_secs(10);
 /// Bytes of kernel buffer asked for each way on the endpoint's socket. The default
@@ -238,6 +244,7 @@ impl Endpoint {
                 flows: HashMap::new(),
                 dial_tx,
                 stats: AgentFlowStats::default(),
+                direct: HashMap::new(),
                 refused_since_summary: 0,
                 summary_due: None,
             })),
@@ -291,6 +298,54 @@ pub struct EndpointStatus {
     pub drops: DropStats,
     /// Other datagrams dropped (relay frames not expected, no path to send on).
     pub other_drops: ShellDrops,
+    /// Our direct-path candidates now.
+    pub candidates: Vec<SocketAddr>,
+    /// How our NAT maps, as the relays' answers show it.
+    pub mapping: Mapping,
+}
+
+/// How the NAT in front of an endpoint maps its socket, judged from the addresses several
+/// relays see it at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Fewer than two relays answered.
+    Unknown,
+    /// No NAT: a relay sees the socket's own address.
+    None,
+    /// Every relay sees the same public address and port ("easy"): a direct path can be
+    /// punched with any peer that can send to it.
+    EndpointIndependent,
+    /// Relays see different ports ("hard", symmetric): a direct path needs the peer to
+    /// be reachable unsolicited.
+    EndpointDependent,
+}
+
+impl Mapping {
+    /// For people and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mapping::Unknown => "unknown",
+            Mapping::None => "none",
+            Mapping::EndpointIndependent => "endpoint-independent",
+            Mapping::EndpointDependent => "endpoint-dependent",
+        }
+    }
+
+    /// Judged from the addresses relays report for a socket whose local addresses are
+    /// `local`.
+    pub fn judge(observed: &[SocketAddr], local: &[SocketAddr]) -> Self {
+        if observed.iter().any(|o| local.contains(o)) {
+            return Mapping::None;
+        }
+        if observed.len() < 2 {
+            return Mapping::Unknown;
+        }
+        if observed.windows(2).all(|w| w[0] == w[1]) {
+            Mapping::EndpointIndependent
+        } else {
+            Mapping::EndpointDependent
+        }
+    }
 }
 
 /// One site of a client.
@@ -312,6 +367,8 @@ pub struct SiteStatus {
     pub open_flows: usize,
     /// The site's stack counters.
     pub stack: StackStats,
+    /// The direct path: in use or not, candidates, counters.
+    pub direct: Option<DirectStatus>,
 }
 
 impl ShellDrops {
@@ -436,6 +493,8 @@ pub struct AgentStatus {
     pub flows: AgentFlowStats,
     /// The stack's counters.
     pub stack: StackStats,
+    /// Direct-path counters, summed over devices (forged and replayed probes among them).
+    pub direct: DirectStats,
 }
 
 /// One device, as the agent sees it.
@@ -455,7 +514,7 @@ pub struct DeviceStatus {
     pub tx_bytes: u64,
     /// IP bytes received from it.
     pub rx_bytes: u64,
-    /// Where it was last heard.
+    /// Where it was last heard (a relay channel, or its own address when direct).
     pub last_path: Option<Path>,
     /// Its flows open now.
     pub open_flows: usize,
@@ -620,12 +679,18 @@ fn allowed(device: &DeviceAccess, proto: Proto, dst: SocketAddr) -> Option<Targe
 struct Core {
     io: Io,
     peers: Peers,
+    secret: SecretKey,
+    /// Our direct-path candidates, gathered every [`CANDIDATES_EVERY`].
+    candidates: Vec<SocketAddr>,
+    candidates_due: Instant,
     config: EndpointConfig,
     role: Role,
     plain: Box<[u8]>,
     drops: ShellDrops,
     /// Agent: dial results from the dialling tasks.
     dial_rx: Option<mpsc::UnboundedReceiver<(FlowId, io::Result<TcpStream>)>>,
+    /// Datagrams of the direct-path logic to send (a buffer kept between flushes).
+    direct_out: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 struct Io {
@@ -651,8 +716,33 @@ struct ClientSite {
     key: PeerKey,
     stack: Stack,
     waker: Waker,
-    /// The relay path, as [`ClientRelays::path`] last said.
+    /// Where packets go now: the direct path when there is one, else the relay's.
     path: Option<Path>,
+    /// The relay path, as [`ClientRelays::path`] last said.
+    relay_path: Option<Path>,
+    /// The direct path logic (none for a low-order agent key, which cannot be paired).
+    direct: Option<Direct>,
+}
+
+impl ClientSite {
+    fn refresh_path(&mut self) {
+        self.path = self
+            .direct
+            .as_ref()
+            .and_then(Direct::path)
+            .map(|remote| Path {
+                remote,
+                channel: None,
+            })
+            .or(self.relay_path);
+    }
+}
+
+/// The agent's direct-path logic for one device.
+struct AgentDirect {
+    direct: Direct,
+    /// The relay path its last Call came on (where the Answer goes).
+    punch_path: Option<Path>,
 }
 
 struct AgentRole {
@@ -668,6 +758,7 @@ struct AgentRole {
     flows: HashMap<FlowId, AgentFlow>,
     dial_tx: mpsc::UnboundedSender<(FlowId, io::Result<TcpStream>)>,
     stats: AgentFlowStats,
+    direct: HashMap<PeerKey, AgentDirect>,
     refused_since_summary: u64,
     summary_due: Option<Instant>,
 }
@@ -680,6 +771,54 @@ struct AgentFlow {
     /// The dial or copy task (none for ICMP, answered by the stack).
     task: Option<JoinHandle<()>>,
     dialing: bool,
+}
+
+/// A site's direct-path events: its path follows, and the change is logged.
+fn client_events(s: &mut ClientSite) {
+    let Some(d) = &mut s.direct else {
+        return;
+    };
+    let mut changed = false;
+    while let Some(e) = d.poll_event() {
+        changed = true;
+        match e {
+            DirectEvent::Direct { addr, rtt } => {
+                tracing::info!(site = %s.name, %addr, rtt_ms = rtt.as_secs_f64() * 1000.0, "direct path to the site's agent");
+            }
+            DirectEvent::Relayed { reason } => {
+                tracing::info!(site = %s.name, reason, "back to the relay");
+            }
+        }
+    }
+    if changed {
+        s.refresh_path();
+    }
+}
+
+/// This host's addresses with the socket's port (every non-loopback IPv4 interface when
+/// the socket is bound to all of them), as direct-path candidates.
+fn host_candidates(local: SocketAddr) -> Vec<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return if local.ip().is_loopback() {
+            Vec::new()
+        } else {
+            vec![local]
+        };
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = addrs
+        .filter_map(|i| {
+            let ip = i.address?.as_sockaddr_in()?.ip();
+            (!ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+                .then(|| SocketAddr::new(IpAddr::V4(ip), local.port()))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out.truncate(warren_proto::relay::MAX_CANDIDATES / 2);
+    out
 }
 
 /// A stack's waker, awaited without allocating after the first time.
@@ -725,11 +864,15 @@ impl Core {
                 tx: vec![0; DATA_HEADER + MAX_DATAGRAM].into_boxed_slice(),
             },
             peers: Peers::new(secret, now),
+            secret: secret.clone(),
+            candidates: Vec::new(),
+            candidates_due: now,
             config,
             role,
             plain: vec![0; MAX_DATAGRAM].into_boxed_slice(),
             drops: ShellDrops::default(),
             dial_rx: None,
+            direct_out: Vec::new(),
         }
     }
 
@@ -789,7 +932,10 @@ impl Core {
     }
 
     fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
-        let mut t = self.peers.poll_timeout();
+        let mut t = self
+            .peers
+            .poll_timeout()
+            .map(|p| p.min(self.candidates_due));
         let mut min = |x: Option<Instant>| {
             t = match (t, x) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -801,30 +947,83 @@ impl Core {
                 min(c.relays.poll_timeout());
                 for s in c.sites.values_mut() {
                     min(s.stack.poll_timeout(now));
+                    min(s.direct.as_ref().and_then(Direct::poll_timeout));
                 }
             }
             Role::Agent(a) => {
                 min(a.relays.poll_timeout());
                 min(a.stack.poll_timeout(now));
                 min(a.summary_due);
+                for d in a.direct.values() {
+                    min(d.direct.poll_timeout());
+                }
             }
         }
-        t
+        Some(t.map_or(self.candidates_due, |t| t.min(self.candidates_due)))
+    }
+
+    /// Our candidates: every address of this host (with the socket's port) and the
+    /// addresses relays see us at.
+    fn gather_candidates(&mut self, now: Instant) {
+        self.candidates_due = now + CANDIDATES_EVERY;
+        let Ok(local) = self.io.socket.local_addr() else {
+            return;
+        };
+        let mut c = host_candidates(local);
+        if let Role::Client(cl) = &self.role {
+            c.extend(cl.relays.relays().filter_map(|r| r.observed));
+        }
+        c.sort();
+        c.dedup();
+        if c == self.candidates {
+            return;
+        }
+        tracing::debug!(candidates = ?c, "direct-path candidates");
+        self.candidates = c.clone();
+        match &mut self.role {
+            Role::Client(cl) => {
+                for s in cl.sites.values_mut() {
+                    if let Some(d) = &mut s.direct {
+                        d.set_local(c.clone(), now);
+                    }
+                }
+            }
+            Role::Agent(a) => {
+                for d in a.direct.values_mut() {
+                    d.direct.set_local(c.clone(), now);
+                }
+            }
+        }
     }
 
     fn timers(&mut self, now: Instant) {
         if self.peers.poll_timeout().is_some_and(|t| now >= t) {
             self.peers.handle_timeout(now);
         }
+        if now >= self.candidates_due {
+            self.gather_candidates(now);
+        }
         match &mut self.role {
             Role::Client(c) => {
                 if c.relays.poll_timeout().is_some_and(|t| now >= t) {
                     c.relays.handle_timeout(now);
                 }
+                for s in c.sites.values_mut() {
+                    if let Some(d) = &mut s.direct {
+                        if d.poll_timeout().is_some_and(|t| now >= t) {
+                            d.handle_timeout(now);
+                        }
+                    }
+                }
             }
             Role::Agent(a) => {
                 if a.relays.poll_timeout().is_some_and(|t| now >= t) {
                     a.relays.handle_timeout(now);
+                }
+                for d in a.direct.values_mut() {
+                    if d.direct.poll_timeout().is_some_and(|t| now >= t) {
+                        d.direct.handle_timeout(now);
+                    }
                 }
                 if a.summary_due.is_some_and(|t| now >= t) {
                     a.summary_due = None;
@@ -848,6 +1047,10 @@ impl Core {
                 ),
                 None => {
                     let handled = match Frame::decode(d) {
+                        Ok(
+                            f
+                            @ (Frame::Punch { .. } | Frame::Probe { .. } | Frame::ProbeAck { .. }),
+                        ) => self.role.direct_frame(from, &f, now),
                         Ok(f) => match &mut self.role {
                             Role::Client(c) => c.relays.handle_frame(from, &f, now),
                             Role::Agent(a) => a.relays.handle_frame(from, &f, now),
@@ -907,8 +1110,16 @@ impl Core {
             };
             for e in relay_events {
                 moved = true;
-                self.relay_event(e);
+                self.relay_event(e, now);
             }
+            // Direct-path probes and rendezvous.
+            let mut direct_out = std::mem::take(&mut self.direct_out);
+            self.role.direct_transmits(&mut direct_out);
+            for (to, b) in direct_out.drain(..) {
+                moved = true;
+                send_raw(&self.io.socket, &b, to, &mut self.drops).await;
+            }
+            self.direct_out = direct_out;
             // WireGuard's own datagrams.
             while let Some(t) = self.peers.poll_transmit() {
                 moved = true;
@@ -965,7 +1176,7 @@ impl Core {
         }
     }
 
-    fn relay_event(&mut self, e: RelayEvent) {
+    fn relay_event(&mut self, e: RelayEvent, now: Instant) {
         match e {
             RelayEvent::Bound {
                 site,
@@ -978,7 +1189,11 @@ impl Core {
                 };
                 for (&peer, s) in c.sites.iter_mut() {
                     if s.name == site {
-                        s.path = c.relays.path(&site);
+                        s.relay_path = c.relays.path(&site);
+                        s.refresh_path();
+                        if let Some(d) = &mut s.direct {
+                            d.relay_ready(now);
+                        }
                         // A new path and no session yet: the initiation boringtun sent had
                         // nowhere to go; send one now rather than after its 5 s retry.
                         if self
@@ -1124,7 +1339,9 @@ impl Core {
             if s.key == site.agent_key {
                 c.relays
                     .set_site(&site.site, site.relays, site.ticket, now)?;
-                c.sites.get_mut(&peer).expect("found").path = c.relays.path(&site.site);
+                let s = c.sites.get_mut(&peer).expect("found");
+                s.relay_path = c.relays.path(&site.site);
+                s.refresh_path();
                 return Ok(());
             }
             let key = s.key;
@@ -1146,6 +1363,16 @@ impl Core {
             },
             now,
         );
+        let mut direct = Direct::new(
+            PathRole::Controlling,
+            &self.secret,
+            site.agent_key,
+            rand::random(),
+        );
+        if let Some(d) = &mut direct {
+            d.set_local(self.candidates.clone(), now);
+        }
+        let relay_path = c.relays.path(&site.site);
         c.sites.insert(
             peer,
             ClientSite {
@@ -1153,7 +1380,9 @@ impl Core {
                 key: site.agent_key,
                 waker: Waker::new(stack.waker()),
                 stack,
-                path: c.relays.path(&site.site),
+                path: relay_path,
+                relay_path,
+                direct,
             },
         );
         Ok(())
@@ -1177,6 +1406,7 @@ impl Core {
         let Role::Client(c) = &self.role else {
             return None;
         };
+        let now = Instant::now();
         let mut sites: Vec<SiteStatus> = c
             .sites
             .iter()
@@ -1193,10 +1423,18 @@ impl Core {
                     rx_bytes: wg.map_or(0, |w| w.rx_bytes),
                     open_flows: stack.open_flows,
                     stack,
+                    direct: s.direct.as_ref().map(|d| d.status(now)),
                 }
             })
             .collect();
         sites.sort_by(|a, b| a.site.cmp(&b.site));
+        let local: Vec<SocketAddr> = self
+            .io
+            .socket
+            .local_addr()
+            .map(host_candidates)
+            .unwrap_or_default();
+        let observed: Vec<SocketAddr> = c.relays.relays().filter_map(|r| r.observed).collect();
         Some(EndpointStatus {
             public_key: self.peers.public_key(),
             local_addr: self.io.socket.local_addr().ok()?,
@@ -1204,6 +1442,8 @@ impl Core {
             relays: c.relays.relays().collect(),
             drops: self.peers.drops(),
             other_drops: self.drops,
+            candidates: self.candidates.clone(),
+            mapping: Mapping::judge(&observed, &local),
         })
     }
 
@@ -1242,6 +1482,17 @@ impl Core {
             other_drops: self.drops,
             flows: a.stats,
             stack: a.stack.stats(),
+            direct: a.direct.values().fold(DirectStats::default(), |mut t, d| {
+                let s = d.direct.stats();
+                t.rounds += s.rounds;
+                t.probes_sent += s.probes_sent;
+                t.acks += s.acks;
+                t.forged += s.forged;
+                t.replayed += s.replayed;
+                t.upgrades += s.upgrades;
+                t.fallbacks += s.fallbacks;
+                t
+            }),
         })
     }
 
@@ -1257,6 +1508,24 @@ impl Core {
         };
         a.relays.set_relays(relays, now)?;
         a.devices = devices.into_iter().map(|d| (PeerKey(d.key), d)).collect();
+        a.direct.retain(|k, _| a.devices.contains_key(k));
+        for key in a.devices.keys() {
+            if a.direct.contains_key(key) {
+                continue;
+            }
+            if let Some(mut direct) =
+                Direct::new(PathRole::Controlled, &self.secret, *key, rand::random())
+            {
+                direct.set_local(self.candidates.clone(), now);
+                a.direct.insert(
+                    *key,
+                    AgentDirect {
+                        direct,
+                        punch_path: None,
+                    },
+                );
+            }
+        }
         a.heard(valid_until, now);
         a.recheck();
         // The RSTs of cut flows go out while their devices are still peers.
@@ -1285,6 +1554,138 @@ impl Core {
 }
 
 impl Role {
+    /// A Punch (from a relay), Probe or ProbeAck (from the peer): to the pairing's
+    /// direct-path logic. `false` if nobody takes it (count it).
+    fn direct_frame(&mut self, from: SocketAddr, f: &Frame<'_>, now: Instant) -> bool {
+        match (self, f) {
+            (
+                Role::Client(c),
+                Frame::Punch {
+                    channel,
+                    kind,
+                    observed,
+                    body,
+                },
+            ) => {
+                let on = Path {
+                    remote: from,
+                    channel: Some(*channel),
+                };
+                let Some(s) = c.sites.values_mut().find(|s| s.relay_path == Some(on)) else {
+                    return false;
+                };
+                let r = s
+                    .direct
+                    .as_mut()
+                    .map(|d| d.handle_punch(*kind, *observed, body, now));
+                tracing::debug!(site = %s.name, ?kind, ?observed, result = ?r, "punch");
+                client_events(s);
+                matches!(r, Some(Ok(())))
+            }
+            (
+                Role::Client(c),
+                Frame::Probe { from: key, .. } | Frame::ProbeAck { from: key, .. },
+            ) => {
+                let Some(s) = c.sites.values_mut().find(|s| s.key.0 == *key) else {
+                    return false;
+                };
+                let ok = s.direct.as_mut().is_some_and(|d| {
+                    match f {
+                        Frame::Probe { .. } => d.handle_probe(from, f, now),
+                        _ => d.handle_ack(from, f, now),
+                    }
+                    .is_ok()
+                });
+                client_events(s);
+                ok
+            }
+            (
+                Role::Agent(a),
+                Frame::Punch {
+                    channel,
+                    kind,
+                    observed,
+                    body,
+                },
+            ) => {
+                if !a.relays.is_relay(from) {
+                    return false;
+                }
+                let Some(offer) = warren_proto::relay::Offer::decode(body) else {
+                    return false;
+                };
+                let Some(d) = a.direct.get_mut(&PeerKey(offer.from)) else {
+                    return false;
+                };
+                d.punch_path = Some(Path {
+                    remote: from,
+                    channel: Some(*channel),
+                });
+                let r = d.direct.handle_punch(*kind, *observed, body, now);
+                tracing::debug!(device = %PeerKey(offer.from), ?kind, ?observed, result = ?r, "punch");
+                r.is_ok()
+            }
+            (
+                Role::Agent(a),
+                Frame::Probe { from: key, .. } | Frame::ProbeAck { from: key, .. },
+            ) => {
+                let Some(d) = a.direct.get_mut(&PeerKey(*key)) else {
+                    return false;
+                };
+                match f {
+                    Frame::Probe { .. } => d.direct.handle_probe(from, f, now),
+                    _ => d.direct.handle_ack(from, f, now),
+                }
+                .is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Everything the direct-path logic has to send, as datagrams (a Punch wrapped for the
+    /// relay path it belongs on).
+    fn direct_transmits(&mut self, out: &mut Vec<(SocketAddr, Vec<u8>)>) {
+        fn drain(d: &mut Direct, relay: Option<Path>, out: &mut Vec<(SocketAddr, Vec<u8>)>) {
+            while let Some(t) = d.poll_transmit() {
+                match t {
+                    DirectTransmit::Direct { to, datagram } => out.push((to, datagram)),
+                    DirectTransmit::Punch { kind, body } => {
+                        let Some(Path {
+                            remote,
+                            channel: Some(channel),
+                        }) = relay
+                        else {
+                            continue;
+                        };
+                        let frame = Frame::Punch {
+                            channel,
+                            kind,
+                            observed: None,
+                            body: &body,
+                        };
+                        out.push((remote, frame.to_vec()));
+                    }
+                }
+            }
+        }
+        match self {
+            Role::Client(c) => {
+                for s in c.sites.values_mut() {
+                    if let Some(d) = &mut s.direct {
+                        drain(d, s.relay_path, out);
+                    }
+                    client_events(s);
+                }
+            }
+            Role::Agent(a) => {
+                for d in a.direct.values_mut() {
+                    drain(&mut d.direct, d.punch_path, out);
+                    while d.direct.poll_event().is_some() {}
+                }
+            }
+        }
+    }
+
     fn poll_wakers(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         match self {
             Role::Client(c) => {

@@ -14,6 +14,7 @@
 //! - [`stack`]: a userspace TCP/IP stack over smoltcp (outbound flows for the client,
 //!   accepted flows with an admission check for the agent).
 
+pub mod direct;
 pub mod endpoint;
 pub mod relays;
 pub mod stack;

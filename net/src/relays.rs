@@ -307,7 +307,7 @@ impl ClientRelays {
                 self.reselect(&site, now);
                 true
             }
-            Frame::Ping { .. } | Frame::Bind { .. } | Frame::Data { .. } => false,
+            _ => false,
         }
     }
 

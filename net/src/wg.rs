@@ -95,6 +95,13 @@ impl SecretKey {
     pub fn public_key(&self) -> PeerKey {
         PeerKey(PublicKey::from(&self.0).to_bytes())
     }
+
+    /// The X25519 secret shared with `peer`; `None` for a key of low order (whose secret
+    /// anyone could compute).
+    pub(crate) fn shared(&self, peer: &PeerKey) -> Option<[u8; 32]> {
+        let s = self.0.diffie_hellman(&PublicKey::from(peer.0));
+        s.was_contributory().then(|| s.to_bytes())
+    }
 }
 
 impl fmt::Debug for SecretKey {
