@@ -273,6 +273,8 @@ pub struct AccessShell {
     pub cli_client_id: Option<String>,
     /// The devices connected to this node (one actor each).
     pub devices: std::sync::Arc<crate::devices::Devices>,
+    /// The hole-punch coordinator (one actor per client↔site pairing).
+    pub coordinator: std::sync::Arc<crate::coordinator::Coordinator>,
 }
 
 impl std::fmt::Debug for AccessShell {
@@ -359,6 +361,8 @@ pub struct NodeRelayView {
     pub sites: std::sync::Arc<crate::sites::Sites>,
     /// Where new device bindings are reported.
     pub devices: std::sync::Arc<crate::devices::Devices>,
+    /// The hole-punch coordinator.
+    pub coordinator: std::sync::Arc<crate::coordinator::Coordinator>,
 }
 
 impl crate::relay::RelayView for NodeRelayView {
@@ -398,6 +402,14 @@ impl crate::relay::RelayView for NodeRelayView {
             .values()
             .filter_map(|n| reg.node_relay(&n.name)?.parse().ok())
             .collect()
+    }
+
+    fn coordinate(&self, punch: crate::relay::Coordinate) {
+        self.coordinator.punch(punch);
+    }
+
+    fn pairing_gone(&self, client: (SocketAddr, u32)) {
+        self.coordinator.gone(client);
     }
 
     fn device_bound(&self, bound: crate::relay::DeviceBound) {

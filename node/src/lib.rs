@@ -47,6 +47,7 @@ pub use settings::Settings;
 pub mod access;
 pub mod acme;
 pub mod certs;
+pub mod coordinator;
 pub mod devices;
 pub mod l4;
 pub mod miss;

@@ -274,6 +274,8 @@ impl RunningNode {
             let stats = Arc::new(crate::relay::RelayStats::default());
             let devices = crate::devices::Devices::new(cluster.clone());
             children.push(devices.child());
+            let coordinator = crate::coordinator::Coordinator::new(socket.clone());
+            children.push(coordinator.child());
             sites.set_access(Arc::new(crate::access::AccessShell {
                 settings: crate::access::AccessSettings {
                     relay_public: public,
@@ -284,6 +286,7 @@ impl RunningNode {
                 relay: stats.clone(),
                 cli_client_id: settings.cli_client_id.clone(),
                 devices: devices.clone(),
+                coordinator: coordinator.clone(),
             }));
             children.push(crate::relay::RelayActor::child(crate::relay::RelayArgs {
                 socket,
@@ -292,6 +295,7 @@ impl RunningNode {
                     cluster: cluster.clone(),
                     sites: sites.clone(),
                     devices,
+                    coordinator,
                 }),
                 stats,
             }));

@@ -35,7 +35,7 @@ use ring::signature::{EcdsaKeyPair, KeyPair as _, UnparsedPublicKey};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use warren_proto::relay::{
-    data_channel, Frame, Holder, Refusal, SignedTicket, Ticket, MAX_DATAGRAM,
+    data_channel, Frame, Holder, PunchKind, Refusal, SignedTicket, Ticket, MAX_DATAGRAM,
 };
 use warren_proto::session::SigningKey;
 use warren_proto::Name;
@@ -218,6 +218,8 @@ pub struct RelayStats {
     pub channels: AtomicU64,
     /// Agent bindings held now.
     pub agents: AtomicU64,
+    /// Punch frames taken (coordinated here, or passed on).
+    pub punches: AtomicU64,
 }
 
 impl RelayStats {
@@ -249,6 +251,7 @@ impl RelayStats {
             ("warren_relay_refused_total", "counter", load(&self.refused)),
             ("warren_relay_channels", "gauge", load(&self.channels)),
             ("warren_relay_agents", "gauge", load(&self.agents)),
+            ("warren_relay_punches_total", "counter", load(&self.punches)),
         ] {
             let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
         }
@@ -270,6 +273,33 @@ struct Dest {
     to: SocketAddr,
     channel: u32,
     last: Instant,
+    /// Set on both directions of a binding whose client is an endpoint (not a peer relay):
+    /// this node coordinates the pairing's hole punching.
+    leg: Option<Leg>,
+}
+
+/// Which direction of a coordinated binding a route is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    /// From the client, towards the agent (or the peer relay that holds it).
+    FromClient,
+    /// Towards the client.
+    ToClient,
+}
+
+/// A Punch for the coordinator of one pairing (see [`crate::coordinator`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coordinate {
+    /// The pairing: the client's address and channel here.
+    pub client: (SocketAddr, u32),
+    /// Where frames for the agent go, and the channel to put on them.
+    pub agent: (SocketAddr, u32),
+    /// Call (from the client) or Answer (from the agent's side).
+    pub kind: PunchKind,
+    /// The offer's sender as the first relay saw it.
+    pub observed: Option<SocketAddr>,
+    /// The encoded offer.
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +323,8 @@ struct ClientBinding {
 #[derive(Debug, Clone)]
 struct PendingHop {
     client: SocketAddr,
+    /// Whether the client is an endpoint (this node then coordinates its pairing).
+    coordinates: bool,
     client_nonce: u64,
     site: Name,
     peer: SocketAddr,
@@ -306,6 +338,8 @@ pub enum Out {
     Forward(SocketAddr),
     /// Send these bytes to this address.
     Send(SocketAddr, Vec<u8>),
+    /// Hand this to the pairing's coordinator.
+    Coordinate(Coordinate),
     /// Nothing (dropped and counted, or absorbed).
     Nothing,
 }
@@ -330,6 +364,8 @@ pub struct RelayCore {
     nonce_order: std::collections::VecDeque<(u64, u64)>,
     /// Devices newly bound here (device, site, from), for [`poll_event`](Self::poll_event).
     events: Vec<DeviceBound>,
+    /// Client bindings forgotten, for the coordinator.
+    gone: Vec<(SocketAddr, u32)>,
     stats: Arc<RelayStats>,
 }
 
@@ -373,6 +409,7 @@ impl RelayCore {
             nonces: std::collections::HashSet::new(),
             nonce_order: std::collections::VecDeque::new(),
             events: Vec::new(),
+            gone: Vec::new(),
             stats,
         }
     }
@@ -478,11 +515,91 @@ impl RelayCore {
                     .to_vec(),
                 )
             }
-            Frame::Pong { .. } | Frame::Data { .. } => {
+            Frame::Punch {
+                channel,
+                kind,
+                observed,
+                body,
+            } => self.punch(from, channel, kind, observed, body, now, cx),
+            Frame::Pong { .. }
+            | Frame::Data { .. }
+            | Frame::Probe { .. }
+            | Frame::ProbeAck { .. } => {
                 self.stats.count(Dropped::Unexpected);
                 Out::Nothing
             }
         }
+    }
+
+    /// A Punch on a channel: to the coordinator when this node coordinates the pairing
+    /// (a Call from its client, an Answer towards it), else on like Data. The first relay
+    /// to get it from an endpoint writes in where it came from.
+    #[allow(clippy::too_many_arguments)]
+    fn punch(
+        &mut self,
+        from: SocketAddr,
+        channel: u32,
+        kind: PunchKind,
+        observed: Option<SocketAddr>,
+        body: &[u8],
+        now: Instant,
+        cx: &Context<'_>,
+    ) -> Out {
+        let Some(dest) = self.routes.get(&(from, channel)).copied() else {
+            self.stats.count(Dropped::UnknownChannel);
+            return Out::Nothing;
+        };
+        let observed = observed.or_else(|| (!(cx.is_relay)(from)).then_some(from));
+        self.stats.punches.fetch_add(1, Ordering::Relaxed);
+        match (dest.leg, kind) {
+            (Some(Leg::FromClient), PunchKind::Call) => Out::Coordinate(Coordinate {
+                client: (from, channel),
+                agent: (dest.to, dest.channel),
+                kind,
+                observed,
+                body: body.to_vec(),
+            }),
+            (Some(Leg::ToClient), PunchKind::Answer) => {
+                let client = (dest.to, dest.channel);
+                let Some(up) = self.routes.get(&client).copied() else {
+                    self.stats.count(Dropped::UnknownChannel);
+                    return Out::Nothing;
+                };
+                Out::Coordinate(Coordinate {
+                    client,
+                    agent: (up.to, up.channel),
+                    kind,
+                    observed,
+                    body: body.to_vec(),
+                })
+            }
+            // Go comes only from a coordinator; a Call from the agent's side or an Answer
+            // from the client is nobody's.
+            (Some(_), _) => {
+                self.stats.count(Dropped::Unexpected);
+                Out::Nothing
+            }
+            (None, _) => {
+                if let Some(d) = self.routes.get_mut(&(from, channel)) {
+                    d.last = now;
+                }
+                Out::Send(
+                    dest.to,
+                    Frame::Punch {
+                        channel: dest.channel,
+                        kind,
+                        observed,
+                        body,
+                    }
+                    .to_vec(),
+                )
+            }
+        }
+    }
+
+    /// The next pairing forgotten (its client binding gone), for the coordinator.
+    pub fn poll_gone(&mut self) -> Option<(SocketAddr, u32)> {
+        self.gone.pop()
     }
 
     fn refuse(&self, to: SocketAddr, nonce: u64, reason: Refusal) -> Out {
@@ -593,12 +710,14 @@ impl RelayCore {
             }
             let c = self.allocate(from);
             let a = self.allocate(agent);
+            let coordinates = !(cx.is_relay)(from);
             self.routes.insert(
                 (from, c),
                 Dest {
                     to: agent,
                     channel: a,
                     last: now,
+                    leg: coordinates.then_some(Leg::FromClient),
                 },
             );
             self.routes.insert(
@@ -607,6 +726,7 @@ impl RelayCore {
                     to: from,
                     channel: c,
                     last: now,
+                    leg: coordinates.then_some(Leg::ToClient),
                 },
             );
             self.clients.insert(
@@ -636,6 +756,7 @@ impl RelayCore {
             hop_nonce,
             PendingHop {
                 client: from,
+                coordinates: !(cx.is_relay)(from),
                 client_nonce: nonce,
                 site: site.clone(),
                 peer,
@@ -676,6 +797,7 @@ impl RelayCore {
                 to: from,
                 channel: peer_channel,
                 last: now,
+                leg: p.coordinates.then_some(Leg::FromClient),
             },
         );
         self.routes.insert(
@@ -684,6 +806,7 @@ impl RelayCore {
                 to: p.client,
                 channel: c,
                 last: now,
+                leg: p.coordinates.then_some(Leg::ToClient),
             },
         );
         self.clients.insert(
@@ -717,6 +840,9 @@ impl RelayCore {
 
     fn unbind_client(&mut self, key: &(SocketAddr, Name)) {
         if let Some(b) = self.clients.remove(key) {
+            if self.gone.len() < MAX_CHANNELS {
+                self.gone.push((key.0, b.channel));
+            }
             self.routes.remove(&(key.0, b.channel));
             self.routes.remove(&(b.upstream, b.back));
             self.allocated.remove(&b.channel);
@@ -780,6 +906,10 @@ pub trait RelayView: Send + Sync + 'static {
     fn relays(&self) -> Vec<SocketAddr>;
     /// A device made a new binding here (reported once per binding, off the data path).
     fn device_bound(&self, bound: DeviceBound);
+    /// A Punch for the coordinator of its pairing (a few per round, never data).
+    fn coordinate(&self, punch: Coordinate);
+    /// A client binding is gone: its pairing may be forgotten.
+    fn pairing_gone(&self, client: (SocketAddr, u32));
 }
 
 /// Serves the relay on `socket` until the task is aborted.
@@ -829,6 +959,7 @@ pub async fn serve(
                     view.device_bound(b);
                 }
                 match out {
+                    Out::Coordinate(c) => view.coordinate(c),
                     Out::Forward(to) => {
                         let _ = socket.send_to(&buf[..n], to).await;
                     }
@@ -852,6 +983,9 @@ pub async fn serve(
                 holders = view.holders();
                 relays = view.relays();
                 core.handle_tick(Instant::now());
+                while let Some(g) = core.poll_gone() {
+                    view.pairing_gone(g);
+                }
             }
         }
     }

@@ -539,6 +539,7 @@ async fn metrics(
     if let Some(access) = s.inner.proxy.sites().access() {
         access.relay.render(&mut text);
         access.devices.render(&mut text);
+        access.coordinator.render(&mut text);
     }
     Ok((h, text))
 }
