@@ -86,7 +86,7 @@ pub fn decode_ticket(c: &Connect) -> anyhow::Result<Vec<u8>> {
 }
 
 /// What a site's path looks like now, for `warren status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteStatus {
     /// The site.
     pub site: String,
@@ -103,6 +103,33 @@ pub struct SiteStatus {
     pub bytes_received: u64,
     /// Flows open now.
     pub flows: usize,
+    /// The agent's address when packets go straight to it (no relay).
+    #[serde(default)]
+    pub direct: Option<SocketAddr>,
+    /// The direct path's round-trip time, microseconds.
+    #[serde(default)]
+    pub direct_rtt_us: Option<u64>,
+    /// What the direct-path logic is doing: direct, probing, calling, relayed.
+    #[serde(default)]
+    pub direct_state: Option<String>,
+    /// Seconds until the next attempt at a direct path, while relayed.
+    #[serde(default)]
+    pub next_attempt_s: Option<u64>,
+    /// Times traffic went back to the relay after a direct path died.
+    #[serde(default)]
+    pub fallbacks: u64,
+    /// Rounds of hole punching made.
+    #[serde(default)]
+    pub rounds: u64,
+    /// Probes and offers ignored as forged or replayed.
+    #[serde(default)]
+    pub probes_ignored: u64,
+    /// Our candidate addresses for a direct path.
+    #[serde(default)]
+    pub candidates: Vec<SocketAddr>,
+    /// How our NAT maps (endpoint-independent, endpoint-dependent, none, unknown).
+    #[serde(default)]
+    pub mapping: Option<String>,
 }
 
 impl From<&endpoint::SiteStatus> for SiteStatus {
@@ -117,6 +144,26 @@ impl From<&endpoint::SiteStatus> for SiteStatus {
             bytes_sent: s.tx_bytes,
             bytes_received: s.rx_bytes,
             flows: s.open_flows,
+            direct: s.direct.as_ref().and_then(|d| d.direct),
+            direct_rtt_us: s
+                .direct
+                .as_ref()
+                .and_then(|d| d.rtt)
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            direct_state: s.direct.as_ref().map(|d| d.state.to_owned()),
+            next_attempt_s: s
+                .direct
+                .as_ref()
+                .and_then(|d| d.next_round_in)
+                .map(|d| d.as_secs()),
+            fallbacks: s.direct.as_ref().map_or(0, |d| d.stats.fallbacks),
+            rounds: s.direct.as_ref().map_or(0, |d| d.stats.rounds),
+            probes_ignored: s
+                .direct
+                .as_ref()
+                .map_or(0, |d| d.stats.forged + d.stats.replayed),
+            candidates: Vec::new(),
+            mapping: None,
         }
     }
 }
@@ -236,7 +283,15 @@ impl DataPath {
     /// Every site's path now (empty if the endpoint has stopped).
     pub async fn status(&self) -> Vec<SiteStatus> {
         match self.endpoint.status().await {
-            Ok(s) => s.sites.iter().map(SiteStatus::from).collect(),
+            Ok(s) => s
+                .sites
+                .iter()
+                .map(|site| SiteStatus {
+                    candidates: s.candidates.clone(),
+                    mapping: Some(s.mapping.label().to_owned()),
+                    ..SiteStatus::from(site)
+                })
+                .collect(),
             Err(_) => Vec::new(),
         }
     }

@@ -246,7 +246,16 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
                 "local": r.local,
                 "sites": r.sites.iter().map(|st| json!({
                     "site": st.site,
-                    "path": if st.relay.is_some() { "relayed" } else { "none" },
+                    "path": if st.direct.is_some() { "direct" } else if st.relay.is_some() { "relayed" } else { "none" },
+                    "direct": st.direct,
+                    "direct_rtt_ms": st.direct_rtt_us.map(|u| u as f64 / 1000.0),
+                    "direct_state": st.direct_state,
+                    "next_attempt_s": st.next_attempt_s,
+                    "fallbacks": st.fallbacks,
+                    "rounds": st.rounds,
+                    "probes_ignored": st.probes_ignored,
+                    "candidates": st.candidates,
+                    "mapping": st.mapping,
                     "relay": st.relay,
                     "relay_node": st.relay.and_then(|a| r.relay_node(a)),
                     "relay_rtt_ms": st.relay_rtt_us.map(|u| u as f64 / 1000.0),
@@ -304,7 +313,7 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
 
 /// One site's path, for people.
 pub fn site_line(st: &SiteStatus, run: &RunFile) -> String {
-    let path = match st.relay {
+    let relay = match st.relay {
         Some(r) => {
             let node = run
                 .relay_node(r)
@@ -317,12 +326,32 @@ pub fn site_line(st: &SiteStatus, run: &RunFile) -> String {
         }
         None => "no relay answering".to_owned(),
     };
+    let path = match (st.direct, st.direct_rtt_us) {
+        (Some(d), Some(us)) => format!(
+            "direct to {d}, RTT {:.1} ms (relay standing by: {relay})",
+            us as f64 / 1000.0
+        ),
+        (Some(d), None) => format!("direct to {d} (relay standing by: {relay})"),
+        (None, _) => {
+            let why = match (st.direct_state.as_deref(), st.next_attempt_s) {
+                (Some("probing" | "calling"), _) => " (looking for a direct path)".to_owned(),
+                (_, Some(s)) => format!(" (no direct path; next try in {s} s)"),
+                _ => String::new(),
+            };
+            format!("{relay}{why}")
+        }
+    };
+    let nat = st
+        .mapping
+        .as_deref()
+        .map(|m| format!(", NAT mapping {m}"))
+        .unwrap_or_default();
     let handshake = match st.handshake_age_s {
         Some(s) => format!("handshake {s} s ago"),
         None => "no handshake yet".to_owned(),
     };
     format!(
-        "{}: {path}, {handshake}, {} sent, {} received, {} open flow{}",
+        "{}: {path}, {handshake}, {} sent, {} received, {} open flow{}{nat}",
         st.site,
         bytes(st.bytes_sent),
         bytes(st.bytes_received),
@@ -378,6 +407,7 @@ mod tests {
                 bytes_sent: 2048,
                 bytes_received: 5 * 1024 * 1024,
                 flows: 1,
+                ..SiteStatus::default()
             }],
         }
     }
