@@ -12,6 +12,7 @@
 //! [`certs`] (throwaway TLS certificates). For hostile clients: [`hostile`] (nginx, a WSGI
 //! app and an upgrade-happy backend) and [`raw`] (exact HTTP/1.1 bytes and HTTP/2 frames).
 
+pub mod access;
 pub mod bench_access;
 pub mod certs;
 pub mod collected;

@@ -20,12 +20,23 @@
 //! benchmark asks for [`Lab::direct_link`] (a plain veth between the two, for baselines).
 //!
 //! Every name carries the test process's pid (`warren-lab-<pid>-<n>-<role>` namespaces,
-//! `wl<pid><s|c|d><n>` veths); [`Lab::start`] first removes what a killed earlier run left
-//! behind (its pid is gone), and dropping a [`Lab`] (also on panic) stops every process it
-//! started, by pid, then whatever still runs inside its own namespaces, and deletes them.
+//! `wl<pid><s|c|i><n>` veths in the root namespace); [`Lab::start`] (and
+//! [`Lab::start_with`]) first removes what a killed earlier run left behind (its pid is
+//! gone), and dropping a [`Lab`] (also on panic) stops every process it started, by pid,
+//! then whatever still runs inside its own namespaces, and deletes them.
 //!
-//! Needs root, `iproute2`, `iptables`, and for the peers `openssh-server`/`openssh-client`,
-//! `postgresql`, `dnsmasq`, `iperf3`, `tcpdump`: `scripts/install-test-deps`.
+//! The layout above is [`Topology::Star`], what [`Lab::start`] builds.
+//! [`Lab::start_with`] builds the others: [`Topology::Internet`] (the two routers reach each other through a routing
+//! `inet` namespace, each with its own [`Nat`] behaviour: direct paths and hole punching
+//! become possible) and [`Topology::SameLan`] (the client inside the site's LAN). Their
+//! diagrams, addresses and helpers ([`Lab::cut_between_routers`], [`Lab::small_mtu`],
+//! [`Lab::rebind`], [`Lab::set_udp_timeout`], [`Lab::flush_conntrack`]) are in
+//! [`Topology`]; [`punch`] has a rendezvous and a plain UDP hole punch to check a cell of
+//! the matrix without any Warren code.
+//!
+//! Needs root, `iproute2`, `iptables`, `conntrack` and for the peers
+//! `openssh-server`/`openssh-client`, `postgresql`, `dnsmasq`, `iperf3`, `tcpdump`:
+//! `scripts/install-test-deps`.
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -36,6 +47,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+mod internet;
+pub mod punch;
+
+pub use internet::{Nat, Topology};
 
 /// Prefix of every namespace a lab creates.
 const NS_PREFIX: &str = "warren-lab-";
@@ -118,6 +134,13 @@ pub enum Side {
     ClientRouter,
     /// The client machine.
     Client,
+    /// The routing namespace between the routers and the root namespace
+    /// ([`Topology::Internet`], [`Topology::SameLan`]): interfaces `root`, `site`, `client`.
+    Inet,
+    /// The carrier-grade NAT in front of the site's router ([`Nat::Double`] only).
+    SiteCgnat,
+    /// The carrier-grade NAT in front of the client's router ([`Nat::Double`] only).
+    ClientCgnat,
 }
 
 /// A process the lab started, stopped when the lab goes away.
@@ -137,8 +160,16 @@ pub struct Lab {
     /// Files: keys, configurations, logs (removed when the lab goes away, unless it panics
     /// and `WARREN_TEST_KEEP_LOGS` is set).
     pub tmp: tempfile::TempDir,
-    site_veth: String,
-    client_veth: String,
+    topology: Topology,
+    /// The namespaces this lab has (or is making), in the order they are torn down.
+    sides: Vec<Side>,
+    /// Its interfaces in the root namespace (their peers live in its namespaces).
+    root_veths: Vec<String>,
+    /// Its routes in the root namespace.
+    root_routes: Vec<String>,
+    /// NAT namespaces whose public address [`Lab::rebind`] moved to `.3` of their WAN (a
+    /// lock, so that rebinding needs no `&mut` while other threads use the lab).
+    rebound: std::sync::Mutex<Vec<Side>>,
     direct: bool,
     daemons: Vec<Daemon>,
     pg: Option<(PathBuf, PathBuf, tempfile::TempDir)>,
@@ -204,10 +235,15 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
 }
 
 impl Lab {
-    /// Builds the two NATed networks (see the module documentation). `tag` goes into the
-    /// log lines only; names come from the pid and a counter, so several labs can live in
-    /// one process.
+    /// Builds the two NATed networks (see the module documentation): [`Topology::Star`].
+    /// `tag` goes into the log lines only; names come from the pid and a counter, so
+    /// several labs can live in one process.
     pub fn start(tag: &str) -> anyhow::Result<Self> {
+        Self::start_with(tag, Topology::Star)
+    }
+
+    /// Builds a lab of the given topology (see [`Topology`]); as [`Lab::start`] otherwise.
+    pub fn start_with(tag: &str, topology: Topology) -> anyhow::Result<Self> {
         if run(Command::new("id").arg("-u"))?.trim() != "0" {
             bail!("the lab needs root (network namespaces, iptables): CI runs it as root");
         }
@@ -220,43 +256,75 @@ impl Lab {
         let k = (0..200u32)
             .map(|i| 20 + ((pid.wrapping_mul(31) + n * 7 + i) % 200) as u8)
             .find(|k| {
-                [97, 96, 87, 86, 85].iter().all(|b| {
+                // Every third octet any topology uses (also those only inside its
+                // namespaces: cheap, and never confusing in a dump).
+                [97, 96, 95, 94, 93, 87, 86, 85].iter().all(|b| {
                     let net = format!("10.{b}.{k}.");
                     !addrs.contains(&net) && !routes.contains(&net)
                 })
             })
-            .context("no free 10.{97,96,87,86,85}.K.0/24 subnets")?;
+            .context("no free 10.{97,96,95,94,93,87,86,85}.K.0/24 subnets")?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!("warren-lab-{pid}-"))
             .tempdir()?;
-        let lab = Lab {
+        // Everything it will make is recorded before it is made: a lab that fails half-way
+        // is dropped, and the drop removes whatever exists of it.
+        let mut lab = Lab {
             k,
             name: format!("{NS_PREFIX}{pid}-{n}"),
             tmp,
-            site_veth: format!("wl{pid}s{n}"),
-            client_veth: format!("wl{pid}c{n}"),
+            topology,
+            sides: Vec::new(),
+            root_veths: Vec::new(),
+            root_routes: Vec::new(),
+            rebound: std::sync::Mutex::new(Vec::new()),
             direct: false,
             daemons: Vec::new(),
             pg: None,
             forwarders: Vec::new(),
             wg_sockets: Vec::new(),
         };
-        lab.build_side(Side::SiteRouter, Side::Site, &lab.site_veth, 97, 87)?;
-        lab.build_side(Side::ClientRouter, Side::Client, &lab.client_veth, 96, 86)?;
+        if topology == Topology::Star {
+            let (site_veth, client_veth) = (format!("wl{pid}s{n}"), format!("wl{pid}c{n}"));
+            lab.sides = vec![
+                Side::Site,
+                Side::Client,
+                Side::SiteRouter,
+                Side::ClientRouter,
+            ];
+            lab.root_veths = vec![site_veth.clone(), client_veth.clone()];
+            lab.root_routes = vec![format!("10.87.{k}.0/24"), format!("10.86.{k}.0/24")];
+            lab.build_side(Side::SiteRouter, Side::Site, &site_veth, 97, 87)?;
+            lab.build_side(Side::ClientRouter, Side::Client, &client_veth, 96, 86)?;
+        } else {
+            lab.build_internet(&format!("wl{pid}i{n}"))?;
+        }
         let key = lab.ssh_key();
         run(Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "warren-lab", "-f"])
             .arg(&key))
         .context("ssh-keygen (openssh-client)")?;
-        eprintln!(
-            "lab {tag} ({}): nodes on {} | site router wan {} | site {} | client router wan {} | client {}",
-            lab.name,
-            lab.node_ip(),
-            lab.site_router_wan(),
-            lab.site_ip(),
-            lab.client_router_wan(),
-            lab.client_ip()
-        );
+        if topology == Topology::Star {
+            eprintln!(
+                "lab {tag} ({}): nodes on {} | site router wan {} | site {} | client router wan {} | client {}",
+                lab.name,
+                lab.node_ip(),
+                lab.site_router_wan(),
+                lab.site_ip(),
+                lab.client_router_wan(),
+                lab.client_ip()
+            );
+        } else {
+            eprintln!(
+                "lab {tag} ({}, {topology:?}): nodes on {} | site public {} | site {} | client public {} | client {}",
+                lab.name,
+                lab.node_ip(),
+                lab.public_ip(Side::Site)?,
+                lab.site_ip(),
+                lab.public_ip(Side::Client)?,
+                lab.client_ip()
+            );
+        }
         Ok(lab)
     }
 
@@ -347,41 +415,71 @@ impl Lab {
             Side::Site => "site",
             Side::ClientRouter => "client-router",
             Side::Client => "client",
+            Side::Inet => "inet",
+            Side::SiteCgnat => "site-cgnat",
+            Side::ClientCgnat => "client-cgnat",
         };
         format!("{}-{role}", self.name)
     }
 
-    /// Where the nodes listen: the root namespace's end of the site router's WAN veth
-    /// (reachable from the client's side too).
+    /// The topology this lab was built with.
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    /// Whether this lab has `side`'s namespace ([`Side::Root`] always).
+    pub fn has(&self, side: Side) -> bool {
+        side == Side::Root || self.sides.contains(&side)
+    }
+
+    /// Where the nodes listen (bind them here): in [`Topology::Star`] the root
+    /// namespace's end of the site router's WAN veth (reachable from the client's side
+    /// too), 10.97.K.1; otherwise the root namespace's end of its veth to `inet`, 10.95.K.1.
     pub fn node_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 97, self.k, 1)
+        match self.topology {
+            Topology::Star => Ipv4Addr::new(10, 97, self.k, 1),
+            _ => Ipv4Addr::new(10, 95, self.k, 1),
+        }
     }
 
-    /// The root namespace's end of the client router's WAN veth: another root address,
-    /// for services in the root namespace the client must reach (the IdP, through
-    /// [`Lab::forward_tcp`]).
+    /// Another root address, for services in the root namespace the client must reach
+    /// (the IdP, through [`Lab::forward_tcp`]): in [`Topology::Star`] the root
+    /// namespace's end of the client router's WAN veth (10.96.K.1), otherwise a second
+    /// address on its veth to `inet` (10.95.K.3).
     pub fn root_client_side_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 96, self.k, 1)
+        match self.topology {
+            Topology::Star => Ipv4Addr::new(10, 96, self.k, 1),
+            _ => Ipv4Addr::new(10, 95, self.k, 3),
+        }
     }
 
-    /// The site router's public (WAN) address: where the nodes see the agent come from.
+    /// The site's public (WAN) address, 10.97.K.2: its router's WAN (its carrier NAT's
+    /// with [`Nat::Double`]). Where the nodes see the agent come from, unless the site
+    /// is [`Nat::FirewallOnly`] or was [rebound](Lab::rebind): [`Lab::public_ip`] knows.
     pub fn site_router_wan(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 97, self.k, 2)
     }
 
-    /// The client router's public (WAN) address: where the nodes see the client come from.
+    /// The client's public (WAN) address, 10.96.K.2: its router's WAN (its carrier NAT's
+    /// with [`Nat::Double`]). Where the nodes see the client come from, unless
+    /// [`Nat::FirewallOnly`], rebound or in [`Topology::SameLan`] (no client router
+    /// there): [`Lab::public_ip`] knows.
     pub fn client_router_wan(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 96, self.k, 2)
     }
 
-    /// The site machine's (private) address.
+    /// The site machine's (private) address, 10.87.K.2.
     pub fn site_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 87, self.k, 2)
     }
 
-    /// The client machine's (private) address.
+    /// The client machine's (private) address: 10.86.K.2, or 10.87.K.3 in the site's LAN
+    /// ([`Topology::SameLan`]).
     pub fn client_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 86, self.k, 2)
+        match self.topology {
+            Topology::SameLan { .. } => Ipv4Addr::new(10, 87, self.k, 3),
+            _ => Ipv4Addr::new(10, 86, self.k, 2),
+        }
     }
 
     /// The site's LAN, for allow lists (pg_hba).
@@ -830,20 +928,67 @@ impl Lab {
 
     /// Cuts (true) or restores (false) the uplink of the site or the client: every packet
     /// through its router is dropped (links and NAT state stay, as when a cable is pulled
-    /// upstream).
+    /// upstream). In [`Topology::SameLan`] only that machine's packets through the site
+    /// router are (the other machine keeps its uplink, the LAN stays). Idempotent.
     pub fn block_uplink(&self, side: Side, blocked: bool) -> anyhow::Result<()> {
         let router = match side {
-            Side::Site | Side::SiteRouter => Side::SiteRouter,
-            Side::Client | Side::ClientRouter => Side::ClientRouter,
-            Side::Root => bail!("the root namespace has no uplink to block"),
+            Side::Site | Side::SiteRouter | Side::SiteCgnat => Side::SiteRouter,
+            Side::Client | Side::ClientRouter | Side::ClientCgnat => Side::ClientRouter,
+            Side::Root | Side::Inet => bail!("{side:?} has no uplink to block"),
         };
-        let op = if blocked { "-I" } else { "-D" };
-        let mut args = vec!["iptables", op, "FORWARD"];
-        if blocked {
-            args.push("1");
+        let tail = ["-m", "comment", "--comment", BLOCK_COMMENT, "-j", "DROP"];
+        let mut specs: Vec<Vec<String>> = Vec::new();
+        if let Topology::SameLan { .. } = self.topology {
+            let host = if router == Side::SiteRouter {
+                self.site_ip()
+            } else {
+                self.client_ip()
+            };
+            for dir in ["-s", "-d"] {
+                let mut spec = vec![dir.to_owned(), host.to_string()];
+                spec.extend(tail.iter().map(|a| a.to_string()));
+                specs.push(spec);
+            }
+            for spec in specs {
+                self.set_rule(Side::SiteRouter, "filter", "FORWARD", &spec, blocked)?;
+            }
+            return Ok(());
         }
-        args.extend(["-m", "comment", "--comment", BLOCK_COMMENT, "-j", "DROP"]);
-        run(self.exec(router, args[0]).args(&args[1..]))?;
+        let spec: Vec<String> = tail.iter().map(|a| a.to_string()).collect();
+        self.set_rule(router, "filter", "FORWARD", &spec, blocked)
+    }
+
+    /// Puts (`present`) an iptables rule `spec` first in `chain` of `table` in `side`'s
+    /// namespace, or takes it out; nothing if it already is (or is not) there.
+    fn set_rule(
+        &self,
+        side: Side,
+        table: &str,
+        chain: &str,
+        spec: &[String],
+        present: bool,
+    ) -> anyhow::Result<()> {
+        let there = self
+            .exec(side, "iptables")
+            .args(["-t", table, "-C", chain])
+            .args(spec)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .with_context(|| format!("iptables -C in {side:?}"))?
+            .success();
+        if there == present {
+            return Ok(());
+        }
+        let mut cmd = self.exec(side, "iptables");
+        cmd.args(["-t", table]);
+        if present {
+            cmd.args(["-I", chain, "1"]);
+        } else {
+            cmd.args(["-D", chain]);
+        }
+        run(cmd.args(spec)).with_context(|| format!("a rule in {side:?}"))?;
         Ok(())
     }
 
@@ -1023,25 +1168,17 @@ impl Drop for Lab {
             let _ = t.join();
         }
         // Whatever still runs inside the lab's own namespaces was started by this process.
-        let sides = [
-            Side::Site,
-            Side::Client,
-            Side::SiteRouter,
-            Side::ClientRouter,
-        ];
-        for side in sides {
-            kill_all_in(&self.ns(side));
+        for side in &self.sides {
+            kill_all_in(&self.ns(*side));
         }
-        for net in [
-            format!("10.87.{}.0/24", self.k),
-            format!("10.86.{}.0/24", self.k),
-        ] {
-            let _ = ip(&["route", "del", &net]);
+        for net in &self.root_routes {
+            let _ = ip(&["route", "del", net]);
         }
-        let _ = ip(&["link", "del", &self.site_veth]);
-        let _ = ip(&["link", "del", &self.client_veth]);
-        for side in sides {
-            let _ = ip(&["netns", "del", &self.ns(side)]);
+        for veth in &self.root_veths {
+            let _ = ip(&["link", "del", veth]);
+        }
+        for side in &self.sides {
+            let _ = ip(&["netns", "del", &self.ns(*side)]);
         }
         for s in &self.wg_sockets {
             let _ = std::fs::remove_file(s);
