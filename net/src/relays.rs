@@ -10,8 +10,8 @@
 //!   (relay, C) WireGuard packets go on
 //! ```
 //!
-//! Stickiness: a site moves to another relay only when that one's RTT is below 70 % of the
-//! current one's and at least 10 ms lower, or when the current one stops answering
+//! Stickiness: a site moves to another relay only when that one's RTT has been below 70 % of
+//! the current one's and at least 10 ms lower for [`SWITCH_DWELL`] (3 s), or when the current one stops answering
 //! ([`MISSED_PINGS`] pings in a row, about 3 s) or refuses the binding. The old binding's
 //! path stays in use until the new one is bound, so a move for a better RTT loses nothing.
 //!
@@ -40,8 +40,10 @@ pub const BIND_RETRY: Duration = Duration::from_secs(1);
 pub const REFUSED_BACKOFF: Duration = Duration::from_secs(10);
 /// A better relay must have an RTT below this fraction of the current one's...
 pub const SWITCH_RATIO: f64 = 0.7;
-/// ...and be at least this much faster.
+/// ...and be at least this much faster...
 pub const SWITCH_MARGIN: Duration = Duration::from_millis(10);
+/// ...for at least this long (a few pings in a row), so one fast answer moves nothing.
+pub const SWITCH_DWELL: Duration = Duration::from_secs(3);
 
 /// Something the shell may act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +141,8 @@ struct Site {
     /// A binding to the relay being moved to.
     pending: Option<Binding>,
     refused: HashMap<SocketAddr, Instant>,
+    /// A relay clearly faster than the current one, since when.
+    better: Option<(SocketAddr, Instant)>,
 }
 
 impl ClientRelays {
@@ -168,6 +172,7 @@ impl ClientRelays {
             active: None,
             pending: None,
             refused: HashMap::new(),
+            better: None,
         });
         if s.ticket != ticket {
             s.refused.clear();
@@ -415,12 +420,23 @@ impl ClientRelays {
                     return;
                 };
                 if n.as_secs_f64() < c.as_secs_f64() * SWITCH_RATIO && c - n >= SWITCH_MARGIN {
-                    b
+                    match s.better {
+                        Some((r, since)) if r == b && now.duration_since(since) >= SWITCH_DWELL => {
+                            b
+                        }
+                        Some((r, _)) if r == b => return,
+                        _ => {
+                            s.better = Some((b, now));
+                            return;
+                        }
+                    }
                 } else {
+                    s.better = None;
                     return;
                 }
             }
         };
+        s.better = None;
         if s.active.as_ref().is_some_and(|b| b.relay == choice) {
             s.pending = None;
             return;
@@ -927,7 +943,10 @@ mod tests {
         assert_eq!(n.relay(), Some(addr(2)));
         n.c.update_ticket("site-a", b"ticket-2".to_vec(), n.now)
             .unwrap();
+        // Clearly better, but a move waits until it has been so for SWITCH_DWELL.
         n.run(Duration::from_millis(300));
+        assert_eq!(n.relay(), Some(addr(2)), "moved before the dwell");
+        n.run(SWITCH_DWELL + Duration::from_secs(2));
         assert_eq!(n.relay(), Some(addr(1)));
     }
 
