@@ -276,6 +276,9 @@ pub struct Direct {
     calls_answered: VecDeque<u64>,
     /// The Call body sent this round (resent as is).
     call: Option<Vec<u8>>,
+    /// Agent: the last Answer made, for the Call it answers (sent again if that Call
+    /// comes again).
+    last_answer: Option<(u64, Vec<u8>)>,
     out: VecDeque<DirectTransmit>,
     events: VecDeque<DirectEvent>,
     stats: DirectStats,
@@ -322,6 +325,7 @@ impl Direct {
             seen_order: VecDeque::new(),
             calls_answered: VecDeque::new(),
             call: None,
+            last_answer: None,
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: DirectStats::default(),
@@ -452,6 +456,17 @@ impl Direct {
         match (self.role, kind) {
             (Role::Controlled, PunchKind::Call) => {
                 let o = self.open(body)?;
+                // The client sent its Call again: our Answer (or the Go) was lost on the
+                // way. The same Answer again, so the round is not lost.
+                if let Some((round, answer)) = &self.last_answer {
+                    if *round == o.round {
+                        self.out.push_back(DirectTransmit::Punch {
+                            kind: PunchKind::Answer,
+                            body: answer.clone(),
+                        });
+                        return Ok(());
+                    }
+                }
                 if self.calls_answered.contains(&o.round) {
                     self.stats.replayed += 1;
                     return Err(Ignored::Replayed);
@@ -464,6 +479,7 @@ impl Direct {
                 self.peer_round = Some(o.round);
                 self.learn_remote(&o, observed);
                 let answer = self.offer(o.round);
+                self.last_answer = Some((o.round, answer.clone()));
                 self.out.push_back(DirectTransmit::Punch {
                     kind: PunchKind::Answer,
                     body: answer,

@@ -1050,7 +1050,9 @@ impl Core {
                         Ok(
                             f
                             @ (Frame::Punch { .. } | Frame::Probe { .. } | Frame::ProbeAck { .. }),
-                        ) => self.role.direct_frame(from, &f, now),
+                        ) => self
+                            .role
+                            .direct_frame(from, &f, now, &self.secret, &self.candidates),
                         Ok(f) => match &mut self.role {
                             Role::Client(c) => c.relays.handle_frame(from, &f, now),
                             Role::Agent(a) => a.relays.handle_frame(from, &f, now),
@@ -1508,24 +1510,9 @@ impl Core {
         };
         a.relays.set_relays(relays, now)?;
         a.devices = devices.into_iter().map(|d| (PeerKey(d.key), d)).collect();
+        // A device's direct-path logic starts with its first Call (one X25519 per device
+        // that punches, not per device granted).
         a.direct.retain(|k, _| a.devices.contains_key(k));
-        for key in a.devices.keys() {
-            if a.direct.contains_key(key) {
-                continue;
-            }
-            if let Some(mut direct) =
-                Direct::new(PathRole::Controlled, &self.secret, *key, rand::random())
-            {
-                direct.set_local(self.candidates.clone(), now);
-                a.direct.insert(
-                    *key,
-                    AgentDirect {
-                        direct,
-                        punch_path: None,
-                    },
-                );
-            }
-        }
         a.heard(valid_until, now);
         a.recheck();
         // The RSTs of cut flows go out while their devices are still peers.
@@ -1556,7 +1543,14 @@ impl Core {
 impl Role {
     /// A Punch (from a relay), Probe or ProbeAck (from the peer): to the pairing's
     /// direct-path logic. `false` if nobody takes it (count it).
-    fn direct_frame(&mut self, from: SocketAddr, f: &Frame<'_>, now: Instant) -> bool {
+    fn direct_frame(
+        &mut self,
+        from: SocketAddr,
+        f: &Frame<'_>,
+        now: Instant,
+        secret: &SecretKey,
+        candidates: &[SocketAddr],
+    ) -> bool {
         match (self, f) {
             (
                 Role::Client(c),
@@ -1614,9 +1608,26 @@ impl Role {
                 let Some(offer) = warren_proto::relay::Offer::decode(body) else {
                     return false;
                 };
-                let Some(d) = a.direct.get_mut(&PeerKey(offer.from)) else {
+                let key = PeerKey(offer.from);
+                if !a.devices.contains_key(&key) {
                     return false;
-                };
+                }
+                if !a.direct.contains_key(&key) {
+                    let Some(mut direct) =
+                        Direct::new(PathRole::Controlled, secret, key, rand::random())
+                    else {
+                        return false;
+                    };
+                    direct.set_local(candidates.to_vec(), now);
+                    a.direct.insert(
+                        key,
+                        AgentDirect {
+                            direct,
+                            punch_path: None,
+                        },
+                    );
+                }
+                let d = a.direct.get_mut(&key).expect("inserted above");
                 d.punch_path = Some(Path {
                     remote: from,
                     channel: Some(*channel),

@@ -226,7 +226,7 @@ fn forged_and_replayed_probes_are_ignored_and_counted() {
 }
 
 #[test]
-fn a_replayed_call_is_not_answered_twice() {
+fn a_repeated_call_gets_the_same_answer_and_an_old_one_none() {
     let mut p = Pair::new();
     p.client.relay_ready(p.now);
     p.client.handle_timeout(p.now);
@@ -235,6 +235,43 @@ fn a_replayed_call_is_not_answered_twice() {
     };
     assert_eq!(
         p.agent.handle_punch(PunchKind::Call, None, &body, p.now),
+        Ok(())
+    );
+    let answer = p.agent.poll_transmit();
+    assert!(matches!(
+        answer,
+        Some(DirectTransmit::Punch {
+            kind: PunchKind::Answer,
+            ..
+        })
+    ));
+    // The same Call again (the client's retry: our Answer may be lost): the same Answer.
+    assert_eq!(
+        p.agent.handle_punch(PunchKind::Call, None, &body, p.now),
+        Ok(())
+    );
+    assert_eq!(p.agent.poll_transmit(), answer);
+    assert_eq!(p.agent.stats().rounds, 1);
+    // An older Call played again is not answered: the client's next round makes a new
+    // one (its Calls of this round go unanswered here, so the round ends).
+    let mut second = None;
+    for _ in 0..200 {
+        p.now += Duration::from_millis(500);
+        p.client.handle_timeout(p.now);
+        while let Some(t) = p.client.poll_transmit() {
+            if let DirectTransmit::Punch { body: b, .. } = t {
+                if b != body {
+                    second = Some(b);
+                }
+            }
+        }
+        if second.is_some() {
+            break;
+        }
+    }
+    let second = second.expect("a second round's call");
+    assert_eq!(
+        p.agent.handle_punch(PunchKind::Call, None, &second, p.now),
         Ok(())
     );
     assert_eq!(
