@@ -130,6 +130,10 @@ pub struct SiteStatus {
     /// How our NAT maps (endpoint-independent, endpoint-dependent, none, unknown).
     #[serde(default)]
     pub mapping: Option<String>,
+    /// Every relay pinged: its address and RTT (microseconds; `None` while it does not
+    /// answer). The site's relay is the lowest, sticky.
+    #[serde(default)]
+    pub relay_rtts: Vec<(SocketAddr, Option<u64>)>,
 }
 
 impl From<&endpoint::SiteStatus> for SiteStatus {
@@ -164,6 +168,7 @@ impl From<&endpoint::SiteStatus> for SiteStatus {
                 .map_or(0, |d| d.stats.forged + d.stats.replayed),
             candidates: Vec::new(),
             mapping: None,
+            relay_rtts: Vec::new(),
         }
     }
 }
@@ -289,6 +294,17 @@ impl DataPath {
                 .map(|site| SiteStatus {
                     candidates: s.candidates.clone(),
                     mapping: Some(s.mapping.label().to_owned()),
+                    relay_rtts: s
+                        .relays
+                        .iter()
+                        .map(|r| {
+                            let rtt = r
+                                .rtt
+                                .filter(|_| r.alive)
+                                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+                            (r.relay, rtt)
+                        })
+                        .collect(),
                     ..SiteStatus::from(site)
                 })
                 .collect(),

@@ -256,6 +256,11 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
                     "probes_ignored": st.probes_ignored,
                     "candidates": st.candidates,
                     "mapping": st.mapping,
+                    "relays": st.relay_rtts.iter().map(|(a, rtt)| json!({
+                        "relay": a,
+                        "node": r.relay_node(*a),
+                        "rtt_ms": rtt.map(|u| u as f64 / 1000.0),
+                    })).collect::<Vec<_>>(),
                     "relay": st.relay,
                     "relay_node": st.relay.and_then(|a| r.relay_node(a)),
                     "relay_rtt_ms": st.relay_rtt_us.map(|u| u as f64 / 1000.0),
@@ -306,6 +311,23 @@ pub async fn run(json_out: bool) -> anyhow::Result<()> {
         }
         for st in &r.sites {
             println!("  {}", site_line(st, r));
+            if !st.relay_rtts.is_empty() {
+                let rtts: Vec<String> = st
+                    .relay_rtts
+                    .iter()
+                    .map(|(a, rtt)| {
+                        let name = r
+                            .relay_node(*a)
+                            .map(crate::login::printable)
+                            .unwrap_or_else(|| a.to_string());
+                        match rtt {
+                            Some(us) => format!("{name} {:.1} ms", *us as f64 / 1000.0),
+                            None => format!("{name} not answering"),
+                        }
+                    })
+                    .collect();
+                println!("    relays: {}", rtts.join(", "));
+            }
         }
     }
     Ok(())
