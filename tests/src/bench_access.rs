@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
-use crate::netlab::{self, run, Lab, Side};
+use crate::netlab::{self, run, Lab, Nat, Side, Topology};
 use crate::oidc::{browser, BrowserArgs, Idp};
 use crate::{bins, free_port, phase, Cluster, TestNode};
 
@@ -48,7 +48,42 @@ pub struct Options {
     pub ttfb_samples: usize,
     /// Which paths: `raw`, `wggo`, `warren`.
     pub paths: Vec<String>,
+    /// The NATs between client and site ([`topology`]).
+    pub nat: String,
 }
+
+/// The lab topology `--nat` names: `star`, `same-lan`, or `<client>-<site>` with each of
+/// easy, firewall, hard, mapped (the agent's WireGuard port 51820 forwarded), double.
+pub fn topology(nat: &str) -> anyhow::Result<Topology> {
+    let kind = |k: &str| -> anyhow::Result<Nat> {
+        Ok(match k {
+            "easy" => Nat::Easy,
+            "firewall" => Nat::FirewallOnly,
+            "hard" => Nat::Hard,
+            "mapped" => Nat::PortMapped {
+                port: AGENT_WG_PORT,
+            },
+            "double" => Nat::Double,
+            other => bail!("unknown NAT kind {other:?} (easy, firewall, hard, mapped, double)"),
+        })
+    };
+    Ok(match nat {
+        "star" => Topology::Star,
+        "same-lan" => Topology::SameLan { site: Nat::Easy },
+        pair => {
+            let (c, s) = pair
+                .split_once('-')
+                .with_context(|| format!("--nat {pair:?}: star, same-lan or <client>-<site>"))?;
+            Topology::Internet {
+                client: kind(c)?,
+                site: kind(s)?,
+            }
+        }
+    })
+}
+
+/// The agent's WireGuard port (fixed, so a port mapping can name it).
+const AGENT_WG_PORT: u16 = 51820;
 
 /// One process on a path whose CPU is counted.
 struct Proc {
@@ -360,6 +395,46 @@ struct WarrenPath {
     config: PathBuf,
     ca: PathBuf,
     procs: Vec<Proc>,
+    /// From `warren connect` starting to its first flow's first byte.
+    first_flow: Duration,
+    /// From `warren connect` starting to `warren status` saying direct, if it did
+    /// (within 15 s).
+    direct_after: Option<Duration>,
+}
+
+/// The path `warren status --json` shows for the (only) site: direct, relayed, none.
+fn status_path(lab: &Lab, config: &Path, ca: &Path) -> String {
+    let out = warren(lab, config, ca, &["status", "--json"])
+        .stdin(Stdio::null())
+        .output();
+    out.ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .and_then(|v| {
+            v["sessions"]
+                .as_array()?
+                .iter()
+                .flat_map(|s| s["sites"].as_array().into_iter().flatten())
+                .find_map(|s| s["path"].as_str().map(str::to_owned))
+        })
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Polls until the path is `want` (every 50 ms, bounded); how long it took.
+fn until_path(
+    lab: &Lab,
+    config: &Path,
+    ca: &Path,
+    want: &str,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if status_path(lab, config, ca) == want {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
@@ -435,6 +510,7 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
         .arg("--state-dir")
         .arg(lab.tmp.path().join("agent-state"))
         .args(["--node", &cluster.nodes[0].cluster_addr, "--token", &token])
+        .args(["--wireguard-listen", &format!("0.0.0.0:{AGENT_WG_PORT}")])
         .env("WARREN_LOG", "warn");
     let agent_pid = lab.spawn("agent", agent)?;
     let config = lab.tmp.path().join("alice");
@@ -510,6 +586,7 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
     );
     let connect_pid = lab.spawn("warren-connect", cmd)?;
     let start = Instant::now();
+    let connect_started = start;
     while !lab.log_of("warren-connect").contains("listening on") {
         if start.elapsed() > Duration::from_secs(20) || !lab.is_running("warren-connect") {
             bail!("warren connect iperf: {}", lab.log_of("warren-connect"));
@@ -528,6 +605,9 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    let first_flow = connect_started.elapsed();
+    let direct_after = until_path(lab, &config, &ca, "direct", Duration::from_secs(15))
+        .map(|_| connect_started.elapsed());
     // The client's WireGuard endpoint is the device's hub (`warren hub`, started by the
     // first command): its pid from its run file.
     let hub_pid = std::fs::read_dir(config.join("run"))?
@@ -560,6 +640,8 @@ async fn start_warren(lab: &mut Lab) -> anyhow::Result<WarrenPath> {
         config,
         ca,
         procs,
+        first_flow,
+        direct_after,
     })
 }
 
@@ -605,7 +687,7 @@ fn first_byte_warren(lab: &Lab, config: &Path, ca: &Path) -> anyhow::Result<()> 
 /// Runs the benchmark and prints the markdown tables.
 pub async fn run_access(o: Options) -> anyhow::Result<()> {
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut lab = Lab::start("bench-access")?;
+    let mut lab = Lab::start_with("bench-access", topology(&o.nat)?)?;
     let server_pid = {
         lab.start_iperf3()?;
         lab.pid_of("iperf3").context("iperf3 pid")?
@@ -658,15 +740,23 @@ pub async fn run_access(o: Options) -> anyhow::Result<()> {
                 });
             }
             "warren" => {
-                phase!("warren: warren connect, relayed by one node, to the agent behind NAT");
+                phase!(
+                    "warren: warren connect to the agent behind NAT (NATs: {})",
+                    o.nat
+                );
                 let w = start_warren(&mut lab).await?;
                 let (config, ca) = (w.config.clone(), w.ca.clone());
+                let name = if w.direct_after.is_some() {
+                    "warren connect (direct)"
+                } else {
+                    "warren connect (relayed)"
+                };
                 first_bytes.push((
-                    "warren connect (relayed)",
+                    name,
                     ttfb(o.ttfb_samples, || first_byte_warren(&lab, &config, &ca))?,
                 ));
                 paths.push(BenchPath {
-                    name: "warren connect (relayed)",
+                    name,
                     iperf: SocketAddr::from(([127, 0, 0, 1], 15201)),
                     procs: w
                         .procs
@@ -760,6 +850,60 @@ pub async fn run_access(o: Options) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_before.trim()
     );
+    if let Some(w) = &warren_path {
+        // The direct path cut between the two routers: how long until the relay carries
+        // the traffic; then restored: how long until it is direct again.
+        let (mut fallback, mut back) = (None, None);
+        if w.direct_after.is_some() && matches!(lab.topology(), Topology::Internet { .. }) {
+            let (config, ca) = (w.config.clone(), w.ca.clone());
+            let keep = std::thread::spawn({
+                let ns = lab.ns(Side::Client);
+                move || {
+                    // Traffic during the cut, as a user's open flow would make.
+                    let _ = Command::new("ip")
+                        .args([
+                            "netns",
+                            "exec",
+                            &ns,
+                            "iperf3",
+                            "-c",
+                            "127.0.0.1",
+                            "-p",
+                            "15201",
+                            "-t",
+                            "6",
+                        ])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            });
+            std::thread::sleep(Duration::from_secs(1));
+            lab.cut_between_routers(true)?;
+            fallback = until_path(&lab, &config, &ca, "relayed", Duration::from_secs(10));
+            let _ = keep.join();
+            lab.cut_between_routers(false)?;
+            back = until_path(&lab, &config, &ca, "direct", Duration::from_secs(70));
+        }
+        let secs =
+            |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}", d.as_secs_f64()));
+        println!();
+        println!("| NATs (client-site) | path | `warren connect` to its first flow's first byte, s | `warren connect` to direct, s | cut to relayed, s | restored to direct, s |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {:.2} | {} | {} | {} |",
+            o.nat,
+            if w.direct_after.is_some() {
+                "direct"
+            } else {
+                "relayed"
+            },
+            w.first_flow.as_secs_f64(),
+            secs(w.direct_after),
+            secs(fallback),
+            secs(back)
+        );
+    }
     let _ = banner;
     drop(warren_path);
     drop(lab);

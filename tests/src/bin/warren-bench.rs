@@ -150,6 +150,12 @@ enum What {
         /// Paths to measure: raw, wggo, warren.
         #[arg(long, value_delimiter = ',', default_value = "raw,wggo,warren")]
         paths: Vec<String>,
+        /// The NATs between client and site: `star` (they cannot reach each other: warren
+        /// is relayed), or a pair `<client>-<site>` of easy, firewall, hard, mapped (the
+        /// site's WireGuard port forwarded), double (two NATs, client side only), or
+        /// `same-lan`.
+        #[arg(long, default_value = "star")]
+        nat: String,
     },
     /// The static backend `proxy` starts (`GET` anything: `hello`); exits when its
     /// standard input closes.
@@ -643,12 +649,14 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             ttfb_samples,
             paths,
+            nat,
         } => {
             warren_tests::bench_access::run_access(warren_tests::bench_access::Options {
                 seconds,
                 rounds,
                 ttfb_samples,
                 paths,
+                nat,
             })
             .await
         }
