@@ -694,6 +694,20 @@ pub async fn run_access(o: Options) -> anyhow::Result<()> {
     };
     let banner = lab.start_banner()?;
     let (client_direct, site_direct) = lab.direct_link()?;
+    // The baselines' veth is no path for warren: its probes would find the site over it
+    // (a host address) and the numbers would be the veth's, not the NATs' or the relay's.
+    run(lab.exec(Side::Site, "iptables").args([
+        "-A",
+        "INPUT",
+        "-i",
+        "direct0",
+        "-p",
+        "udp",
+        "--dport",
+        &AGENT_WG_PORT.to_string(),
+        "-j",
+        "DROP",
+    ]))?;
     let mut paths: Vec<BenchPath> = Vec::new();
     // The floor under a `warren nc` sample: starting a process in the client namespace.
     let spawn_floor = ttfb(o.ttfb_samples, || {

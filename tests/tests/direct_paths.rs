@@ -419,7 +419,7 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
             fell_back.1.as_secs_f64()
         ));
         home.cut_between_routers(false)?;
-        let back = wait_path(&w, &home, &cell, "direct", Duration::from_secs(30))?;
+        let back = wait_path(&w, &home, &cell, "direct", Duration::from_secs(45))?;
         table.push(format!(
             "easy x easy, cut restored: direct again after {:.1} s",
             back.as_secs_f64()
@@ -434,7 +434,7 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
             t.join().map_err(|_| anyhow::anyhow!("iperf thread"))?
         })?;
         assert!(got > 1e6, "iperf3 across the rebinding moved {got} bytes");
-        let back = wait_path(&w, &home, &cell, "direct", Duration::from_secs(40))?;
+        let back = wait_path(&w, &home, &cell, "direct", Duration::from_secs(45))?;
         table.push(format!(
             "easy x easy, NAT rebinding mid-flow: the transfer completes; direct again after {:.1} s",
             back.as_secs_f64()
