@@ -1612,22 +1612,21 @@ impl Role {
                 if !a.devices.contains_key(&key) {
                     return false;
                 }
-                if !a.direct.contains_key(&key) {
-                    let Some(mut direct) =
-                        Direct::new(PathRole::Controlled, secret, key, rand::random())
-                    else {
-                        return false;
-                    };
-                    direct.set_local(candidates.to_vec(), now);
-                    a.direct.insert(
-                        key,
-                        AgentDirect {
+                let d = match a.direct.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let Some(mut direct) =
+                            Direct::new(PathRole::Controlled, secret, key, rand::random())
+                        else {
+                            return false;
+                        };
+                        direct.set_local(candidates.to_vec(), now);
+                        e.insert(AgentDirect {
                             direct,
                             punch_path: None,
-                        },
-                    );
-                }
-                let d = a.direct.get_mut(&key).expect("inserted above");
+                        })
+                    }
+                };
                 d.punch_path = Some(Path {
                     remote: from,
                     channel: Some(*channel),
