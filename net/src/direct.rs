@@ -24,7 +24,8 @@
 //! one, and the relays that carry offers cannot forge them. A probe must carry the
 //! receiver's current (or previous) round, and its transaction number is accepted once: a
 //! recorded probe played again later, or in the same round, is counted and ignored. An
-//! ack is accepted only for a transaction outstanding to the address it came from.
+//! ack is accepted only for a transaction outstanding to the IP it came from (the port
+//! may differ: a NAT that maps per destination answers from a new one), once.
 //!
 //! # Path MTU
 //! Probes and acks are padded to [`PROBE_SIZE`], the largest datagram WireGuard sends
@@ -629,15 +630,19 @@ impl Direct {
             self.stats.forged += 1;
             return Err(Ignored::Forged);
         }
+        // From the address probed, or another port of its IP: a NAT that maps per
+        // destination answers from a new port, and what reached the peer is the
+        // address probed (the transaction is random and tagged: nobody else knows it).
         let Some(i) = self
             .outstanding
             .iter()
-            .position(|o| o.tx == tx && o.to == from)
+            .position(|o| o.tx == tx && o.to.ip() == from.ip())
         else {
             self.stats.replayed += 1;
             return Err(Ignored::Replayed);
         };
         let o = self.outstanding.remove(i).expect("found above");
+        let from = o.to;
         self.stats.acks += 1;
         let rtt = now.saturating_duration_since(o.sent);
         if self.role == Role::Controlled {

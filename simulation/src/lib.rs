@@ -22,4 +22,5 @@
 pub mod checker;
 pub mod cluster;
 pub mod history;
+pub mod nat;
 pub mod net;
