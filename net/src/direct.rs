@@ -14,9 +14,20 @@
 //!   (5 s, doubling to 60 s; 5 s again after a path held 30 s)
 //! ```
 //!
+//! Every rendezvous message may be lost. A client with no Go sends its Call again each
+//! second (3 times a round); so does a client that has its Go but has heard nothing from
+//! the agent a second later (the agent's Go may be the one lost, and an agent behind a
+//! filtering NAT that never probes is never reached). The agent answers a Call it has
+//! answered with the same Answer, and the coordinator sends both Gos again.
+//!
 //! The client decides (it is the controlling side); the agent answers probes, probes back
 //! while a round runs (so its own NAT opens towards the client), and otherwise sends
 //! WireGuard wherever the client's packets last came from: a path change needs no message.
+//! While the client's probes reach it, the agent also probes the client candidates that
+//! answered it in the round every [`AGENT_KEEPALIVE`]: behind a NAT that maps per
+//! destination, the address the client sends to is the agent's mapping towards one of
+//! them, which only the agent's own traffic there keeps open (the simulation's NAT
+//! refreshes by outbound traffic only, and found a path dying after 30 s without this).
 //!
 //! # Authentication
 //! Every offer, probe and ack carries a tag: BLAKE2s-MAC (16 bytes) keyed by BLAKE2s over
@@ -65,6 +76,12 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 pub const BACKOFF_MIN: Duration = Duration::from_secs(5);
 /// The longest wait between rounds.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often an agent that the client reaches directly probes the client candidates that
+/// answered it in the last round: the NAT mappings the client sends to are the agent's
+/// towards those candidates, and a NAT may refresh a mapping only by what goes out of it.
+pub const AGENT_KEEPALIVE: Duration = Duration::from_secs(2);
+/// How long after the client's last probe the agent still keeps those mappings.
+pub const KEEPALIVE_HOLD: Duration = Duration::from_secs(3);
 /// A direct path that held this long resets the backoff.
 pub const STABLE: Duration = Duration::from_secs(30);
 /// Another candidate replaces the one in use only if its RTT is below this fraction...
@@ -224,8 +241,14 @@ enum Phase {
     Idle { next: Option<Instant> },
     /// A Call sent, no Go yet.
     Calling { attempts: u32, resend: Instant },
-    /// Probing until `until`.
-    Probing { until: Instant, next: Instant },
+    /// Probing until `until`. A client that has heard nothing from the agent by `recall`
+    /// sends its Call again (the agent's Go may have been lost: it would never probe);
+    /// `calls` counts the Calls of this round.
+    Probing {
+        until: Instant,
+        next: Instant,
+        recall: Option<(u32, Instant)>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -284,6 +307,11 @@ pub struct Direct {
     events: VecDeque<DirectEvent>,
     stats: DirectStats,
     fault: Fault,
+    /// Agent: the client candidates its probes were answered from this round...
+    keep: Vec<SocketAddr>,
+    /// ...the last probe from the client, and when to probe them next.
+    heard_direct: Option<Instant>,
+    next_keepalive: Option<Instant>,
 }
 
 /// Why a Punch, probe or ack was not taken.
@@ -331,6 +359,9 @@ impl Direct {
             events: VecDeque::new(),
             stats: DirectStats::default(),
             fault: Fault::None,
+            keep: Vec::new(),
+            heard_direct: None,
+            next_keepalive: None,
         })
     }
 
@@ -439,11 +470,19 @@ impl Direct {
         true
     }
 
-    fn start_probing(&mut self, now: Instant) {
+    fn start_probing(&mut self, now: Instant, recall: Option<(u32, Instant)>) {
         self.phase = Phase::Probing {
             until: now + PUNCH_WINDOW,
             next: now,
+            recall,
         };
+    }
+
+    /// The peer is heard from this round: no need to Call again.
+    fn heard(&mut self) {
+        if let Phase::Probing { recall, .. } = &mut self.phase {
+            *recall = None;
+        }
     }
 
     /// A Punch from the relay path.
@@ -496,19 +535,28 @@ impl Direct {
                 }
                 self.peer_round = Some(o.round);
                 self.learn_remote(&o, observed);
-                self.start_probing(now);
+                self.keep.clear();
+                self.start_probing(now, None);
                 Ok(())
             }
             (Role::Controlling, PunchKind::Go) => {
                 let o = self.open(body)?;
-                if !matches!(self.phase, Phase::Calling { .. }) || o.answers != self.round {
+                let attempts = match self.phase {
+                    Phase::Calling { attempts, .. } => attempts,
+                    // The Go again, for a Call sent again while probing: already probing.
+                    Phase::Probing { .. } if o.answers == self.round => return Ok(()),
+                    _ => {
+                        self.stats.replayed += 1;
+                        return Err(Ignored::Replayed);
+                    }
+                };
+                if o.answers != self.round {
                     self.stats.replayed += 1;
                     return Err(Ignored::Replayed);
                 }
                 self.peer_round = Some(o.round);
                 self.learn_remote(&o, observed);
-                self.call = None;
-                self.start_probing(now);
+                self.start_probing(now, Some((attempts, now + CALL_RETRY)));
                 Ok(())
             }
             _ => Err(Ignored::Unexpected),
@@ -580,6 +628,11 @@ impl Direct {
         }
         self.seen.insert(tx);
         self.seen_order.push_back((tx, now));
+        self.heard();
+        if self.role == Role::Controlled {
+            self.heard_direct = Some(now);
+            self.next_keepalive.get_or_insert(now + AGENT_KEEPALIVE);
+        }
         // The ack.
         let mut f = Frame::ProbeAck {
             from: self.me,
@@ -644,8 +697,12 @@ impl Direct {
         let o = self.outstanding.remove(i).expect("found above");
         let from = o.to;
         self.stats.acks += 1;
+        self.heard();
         let rtt = now.saturating_duration_since(o.sent);
         if self.role == Role::Controlled {
+            if !self.keep.contains(&from) && self.keep.len() < MAX_CANDIDATES {
+                self.keep.push(from);
+            }
             return Ok(());
         }
         match &mut self.best {
@@ -755,8 +812,13 @@ impl Direct {
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 }
             }
-            Phase::Probing { until, next } if now >= next => {
+            Phase::Probing {
+                until,
+                next,
+                mut recall,
+            } if now >= next => {
                 if now >= until {
+                    self.call = None;
                     if self.role == Role::Controlling && self.best.is_none() {
                         self.phase = Phase::Idle {
                             next: Some(now + self.backoff),
@@ -777,13 +839,37 @@ impl Direct {
                     for to in targets {
                         self.send_probe(to, now);
                     }
+                    if let Some((calls, at)) = recall.filter(|&(_, at)| now >= at) {
+                        recall = None;
+                        if let (true, Some(call)) = (calls < CALL_ATTEMPTS, self.call.clone()) {
+                            self.out.push_back(DirectTransmit::Punch {
+                                kind: PunchKind::Call,
+                                body: call,
+                            });
+                            recall = Some((calls + 1, at + CALL_RETRY));
+                        }
+                    }
                     self.phase = Phase::Probing {
                         until,
                         next: now + PROBE_INTERVAL,
+                        recall,
                     };
                 }
             }
             _ => {}
+        }
+        // The agent's mappings the client sends to.
+        if self.next_keepalive.is_some_and(|t| now >= t) {
+            let live = self
+                .heard_direct
+                .is_some_and(|h| now.duration_since(h) < KEEPALIVE_HOLD);
+            let probing = matches!(self.phase, Phase::Probing { .. });
+            if live && !probing && self.fault != Fault::ControlledNeverProbes {
+                for to in self.keep.clone() {
+                    self.send_probe(to, now);
+                }
+            }
+            self.next_keepalive = live.then_some(now + AGENT_KEEPALIVE);
         }
         // The path in use.
         if let Some(b) = self.best {
@@ -819,7 +905,10 @@ impl Direct {
         let heartbeat = self
             .next_heartbeat
             .filter(|_| self.fault != Fault::NoHeartbeat);
-        [phase, heartbeat, lost].into_iter().flatten().min()
+        [phase, heartbeat, lost, self.next_keepalive]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next datagram to send.

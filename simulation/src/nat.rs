@@ -1,7 +1,7 @@
 //! A NAT model for the direct-path simulation: mapping and filtering behaviour
 //! (endpoint-independent, address-dependent, address-and-port-dependent, as RFC 4787
-//! names them), a mapping timeout refreshed by outbound traffic, hairpinning and loss,
-//! and a scenario runner ([`run`]) that drives the real sans-IO path code
+//! names them), a mapping timeout refreshed by outbound traffic only (RFC 4787 requires no
+//! more), hairpinning and loss, and a scenario runner ([`run`]) that drives the real sans-IO path code
 //! (`warren_net::direct::Direct`, client and agent, and the coordinator's
 //! `warren_proto::coordinator::Pairing`) through it in virtual time.
 //!
@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use warren_net::direct::{Direct, DirectTransmit, Fault, Role};
+use warren_net::relays::REBIND_INTERVAL;
 use warren_net::wg::SecretKey;
 use warren_proto::coordinator::{Pairing, Side};
 use warren_proto::relay::Frame;
@@ -161,6 +162,9 @@ pub struct Outcome {
     pub direct_at_end: bool,
     /// When the path first went direct.
     pub first_direct: Option<Duration>,
+    /// After the first direct path, the longest time back on the relay (a span still open
+    /// at the end counts to the end).
+    pub longest_relayed: Duration,
     /// The longest time data sent on the direct path went undelivered.
     pub longest_black_hole: Duration,
 }
@@ -258,6 +262,7 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
     // The client pings its relays every second (as the product does): the mappings
     // towards them stay open, and what they report is its reflexive candidates.
     let mut next_ping = t0 + Duration::from_secs(1);
+    let mut next_rebind = t0 + REBIND_INTERVAL;
     let mut pairing = Pairing::new(t0);
     let mut queue: BinaryHeap<Datagram> = BinaryHeap::new();
     let mut seq = 0u64;
@@ -265,6 +270,8 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
     let end = t0 + s.length;
     let mut next_data = t0;
     let mut first_direct = None;
+    let mut relayed_since: Option<Instant> = None;
+    let mut longest_relayed = Duration::ZERO;
     let mut undelivered_since: Option<Instant> = None;
     let mut longest = Duration::ZERO;
     let mut agent_reply_to: Option<SocketAddr> = None;
@@ -342,6 +349,14 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
                 }
             }
         }
+        match (client.path(), relayed_since) {
+            (Some(_), Some(since)) => {
+                longest_relayed = longest_relayed.max(now - since);
+                relayed_since = None;
+            }
+            (None, None) if first_direct.is_some() => relayed_since = Some(now),
+            _ => {}
+        }
         if first_direct.is_none() && client.path().is_some() {
             first_direct = Some(now - t0);
         }
@@ -352,6 +367,15 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
                 c_local.push(nat_a.outbound(c_host, r, now));
             }
             client.set_local(c_local, now);
+        }
+        // The agent binds to its relays again every REBIND_INTERVAL (as the product
+        // does): its mappings towards them, its reflexive candidates, stay open.
+        if now >= next_rebind {
+            next_rebind = now + REBIND_INTERVAL;
+            let nat = if s.same_lan { &mut nat_a } else { &mut nat_b };
+            for r in relays {
+                nat.outbound(a_host, r, now);
+            }
         }
         // Test data from the client, on its path.
         if now >= next_data {
@@ -386,6 +410,7 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
             agent.poll_timeout(),
             Some(next_data),
             Some(next_ping),
+            Some(next_rebind),
         ]
         .into_iter()
         .flatten()
@@ -459,6 +484,7 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
     Outcome {
         direct_at_end: client.path().is_some(),
         first_direct,
+        longest_relayed: relayed_since.map_or(longest_relayed, |s| longest_relayed.max(end - s)),
         longest_black_hole: longest,
     }
 }

@@ -11,6 +11,10 @@ use warren_simulation::nat::{direct_exists, run, Dependence, NatKind, Scenario};
 
 /// 3 heartbeats of 500 ms unanswered, plus one heartbeat of phase and slack.
 const FALLBACK_BOUND: Duration = Duration::from_millis(2500);
+/// Once direct, the longest stay on the relay while a direct path exists: loss may take
+/// three heartbeats in a row (then the path is given up), and a round may fail (a lost
+/// Punch): the backoff of 5 s, then 10 s, with a punch window of 5 s each, and slack.
+const RELAYED_BOUND: Duration = Duration::from_secs(30);
 
 fn dependence() -> impl Strategy<Value = Dependence> {
     prop_oneof![
@@ -58,10 +62,18 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 fn check(s: &Scenario, seed: u64) -> Result<(), String> {
     let o = run(s, seed);
     let exists = direct_exists(s);
-    if o.direct_at_end != exists {
+    if !exists && (o.direct_at_end || o.first_direct.is_some()) {
+        return Err(format!("no direct path exists, yet one was used ({o:?})"));
+    }
+    if exists && s.cut.is_none() && o.longest_relayed > RELAYED_BOUND {
         return Err(format!(
-            "direct path exists: {exists}, direct at the end: {} ({o:?})",
-            o.direct_at_end
+            "a direct path exists, yet traffic went back to the relay for {:?} ({o:?})",
+            o.longest_relayed
+        ));
+    }
+    if exists && !o.direct_at_end && o.longest_relayed > RELAYED_BOUND {
+        return Err(format!(
+            "a direct path exists, yet traffic ended on the relay ({o:?})"
         ));
     }
     if exists && s.cut.is_none() && o.first_direct.is_none_or(|t| t > Duration::from_secs(10)) {

@@ -16,6 +16,12 @@ struct Pair {
     pairing: Pairing,
     now: Instant,
     open: bool,
+    /// The agent's NAT filters: a client datagram reaches it only after the agent sent
+    /// one to the client.
+    agent_filters: bool,
+    agent_opened: bool,
+    /// Gos to the agent still to lose.
+    lose_agent_go: u32,
     events: Vec<DirectEvent>,
 }
 
@@ -33,6 +39,9 @@ impl Pair {
             pairing: Pairing::new(now),
             now,
             open: true,
+            agent_filters: false,
+            agent_opened: false,
+            lose_agent_go: 0,
             events: Vec::new(),
         }
     }
@@ -57,7 +66,8 @@ impl Pair {
                     }
                     DirectTransmit::Direct { to, datagram } => {
                         assert_eq!(datagram.len(), PROBE_SIZE);
-                        if self.open && to == addr(AGENT) {
+                        let filtered = self.agent_filters && !self.agent_opened;
+                        if self.open && to == addr(AGENT) && !filtered {
                             let f = Frame::decode(&datagram).unwrap();
                             let _ = match f {
                                 Frame::Probe { .. } => {
@@ -77,12 +87,17 @@ impl Pair {
                         for out in self.pairing.handle_answer(None, &body, self.now) {
                             let d = match out.to {
                                 Side::Client => &mut self.client,
+                                Side::Agent if self.lose_agent_go > 0 => {
+                                    self.lose_agent_go -= 1;
+                                    continue;
+                                }
                                 Side::Agent => &mut self.agent,
                             };
                             let _ = d.handle_punch(out.kind, out.observed, &out.body, self.now);
                         }
                     }
                     DirectTransmit::Direct { to, datagram } => {
+                        self.agent_opened |= to == addr(CLIENT);
                         if self.open && to == addr(CLIENT) {
                             let f = Frame::decode(&datagram).unwrap();
                             let _ = match f {
@@ -295,4 +310,30 @@ fn a_new_network_starts_a_round_at_once() {
     p.client.set_local(vec![addr("192.0.2.9:40000")], p.now);
     p.run_for(Duration::from_millis(10));
     assert_eq!(p.client.stats().rounds, rounds + 1);
+}
+
+#[test]
+fn a_lost_go_to_an_agent_behind_a_filter_costs_a_second_not_a_round() {
+    let mut p = Pair::new();
+    p.agent_filters = true;
+    p.lose_agent_go = 1;
+    p.client.relay_ready(p.now);
+    let start = p.now;
+    p.run_for(Duration::from_millis(1500));
+    assert_eq!(p.client.path(), Some(addr(AGENT)), "{:?}", p.client.stats());
+    // One round: the Call went again while probing, not after a failed round.
+    assert_eq!(p.client.stats().rounds, 1);
+    assert!(p.now.duration_since(start) < BACKOFF_MIN);
+
+    // Every Go of the round to the agent lost: the round fails, and the next one comes
+    // after the backoff.
+    let mut p = Pair::new();
+    p.agent_filters = true;
+    p.lose_agent_go = CALL_ATTEMPTS;
+    p.client.relay_ready(p.now);
+    p.run_for(PUNCH_WINDOW + Duration::from_millis(500));
+    assert_eq!(p.client.path(), None);
+    p.run_for(BACKOFF_MIN + Duration::from_secs(1));
+    assert_eq!(p.client.path(), Some(addr(AGENT)));
+    assert_eq!(p.client.stats().rounds, 2);
 }
