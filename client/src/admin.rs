@@ -632,8 +632,9 @@ pub enum JoinTokenCmd {
     Create {
         /// What a node joining with it may be: `voter` (votes, holds the cluster CA key,
         /// admits nodes and sites) or `learner` (a full replica that never votes and never
-        /// gets the CA key, for a node you trust less, such as one far away).
-        #[arg(long, default_value = "voter", value_parser = ["voter", "learner"])]
+        /// gets the CA key, for a node you trust less, such as one far away) or `relay` (a
+        /// relay-only node, `warren-node relay`: no registry, no vote, ciphertext only).
+        #[arg(long, default_value = "voter", value_parser = ["voter", "learner", "relay"])]
         role: String,
     },
     /// Revoke a token.

@@ -232,9 +232,14 @@ impl DataPath {
     }
 
     /// Replaces a site's relay ticket (before the old one expires).
-    pub async fn update_ticket(&self, site: &str, ticket: Vec<u8>) -> anyhow::Result<()> {
+    pub async fn update_ticket(
+        &self,
+        site: &str,
+        relays: Vec<SocketAddr>,
+        ticket: Vec<u8>,
+    ) -> anyhow::Result<()> {
         self.endpoint
-            .update_ticket(site, ticket)
+            .update_ticket(site, relays, ticket)
             .await
             .with_context(|| format!("renewing the relay ticket of {site}"))
     }

@@ -614,8 +614,14 @@ impl Hub {
     }
 }
 
-/// Renews `grant`'s relay ticket before it expires, reading the session afresh each time;
-/// when the node refuses for good, forgets the site.
+/// How often the relays a site may use are asked again (with a new ticket): a relay the
+/// cluster no longer lists (a revoked relay-only node) is left within this long even if it
+/// keeps answering.
+const RELAYS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Renews `grant`'s relay ticket before it expires, and the relays it may use every
+/// [`RELAYS_REFRESH`], reading the session afresh each time; when the node refuses for
+/// good, forgets the site.
 async fn keep_ticket(hub: Arc<Hub>, data: DataPath, grant: Connect) {
     let site = grant.site.clone();
     let mut expires_at = grant.ticket_expires_at;
@@ -624,7 +630,7 @@ async fn keep_ticket(hub: Arc<Hub>, data: DataPath, grant: Connect) {
         let wait = if retry {
             Duration::from_secs(5)
         } else {
-            crate::connect::renew_after(expires_at, session::now_unix())
+            crate::connect::renew_after(expires_at, session::now_unix()).min(RELAYS_REFRESH)
         };
         tokio::time::sleep(wait).await;
         let asked = match session::active() {
@@ -633,14 +639,18 @@ async fn keep_ticket(hub: Arc<Hub>, data: DataPath, grant: Connect) {
         };
         match asked {
             Ok(g) => {
+                let relays = g.relays.iter().map(|r| r.addr).collect();
                 let renewed = match decode_ticket(&g) {
-                    Ok(t) => data.update_ticket(&site, t).await,
+                    Ok(t) => data.update_ticket(&site, relays, t).await,
                     Err(e) => Err(e),
                 };
                 match renewed {
                     Ok(()) => {
                         expires_at = g.ticket_expires_at;
                         retry = false;
+                        if let Some(s) = hub.state.lock().await.sites.get_mut(&site) {
+                            s.relays = g.relays.clone();
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(%site, "renewing the relay ticket: {e:#}");

@@ -323,6 +323,7 @@ pub fn quic_server_config(
         warren_proto::tunnel::ALPN_AGENT.to_vec(),
         warren_proto::tunnel::ALPN_ENROLL.to_vec(),
         warren_proto::tunnel::ALPN_RELAY.to_vec(),
+        warren_proto::relay::ALPN_RELAY_FEED.to_vec(),
     ];
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)

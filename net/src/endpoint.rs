@@ -414,10 +414,16 @@ impl ClientEndpoint {
         self.ask(|reply| Command::AddSite(site, reply)).await?
     }
 
-    /// Replaces a site's relay ticket.
-    pub async fn update_ticket(&self, site: &str, ticket: Vec<u8>) -> Result<(), EndpointError> {
+    /// Replaces a site's relay ticket and the relays it may use (a relay no longer
+    /// listed, such as a revoked relay-only node, is moved off as soon as another answers).
+    pub async fn update_ticket(
+        &self,
+        site: &str,
+        relays: Vec<SocketAddr>,
+        ticket: Vec<u8>,
+    ) -> Result<(), EndpointError> {
         let site = site.to_owned();
-        self.ask(|reply| Command::UpdateTicket(site, ticket, reply))
+        self.ask(|reply| Command::UpdateTicket(site, relays, ticket, reply))
             .await?
     }
 
@@ -602,7 +608,12 @@ type Reply<T> = oneshot::Sender<T>;
 
 enum Command {
     AddSite(SitePeer, Reply<Result<(), EndpointError>>),
-    UpdateTicket(String, Vec<u8>, Reply<Result<(), EndpointError>>),
+    UpdateTicket(
+        String,
+        Vec<SocketAddr>,
+        Vec<u8>,
+        Reply<Result<(), EndpointError>>,
+    ),
     RemoveSite(String, Reply<Result<(), EndpointError>>),
     Rekey(String, Reply<Result<(), EndpointError>>),
     ConnectTcp(String, SocketAddr, Reply<Result<TcpFlow, EndpointError>>),
@@ -1251,11 +1262,11 @@ impl Core {
             Command::AddSite(site, reply) => {
                 let _ = reply.send(self.add_site(site, now));
             }
-            Command::UpdateTicket(site, ticket, reply) => {
+            Command::UpdateTicket(site, relays, ticket, reply) => {
                 let r = match &mut self.role {
                     Role::Client(c) if c.sites.values().any(|s| s.name == site) => c
                         .relays
-                        .update_ticket(&site, ticket, now)
+                        .set_site(&site, relays, ticket, now)
                         .map_err(EndpointError::from),
                     _ => Err(EndpointError::UnknownSite(site)),
                 };

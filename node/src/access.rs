@@ -373,35 +373,12 @@ impl crate::relay::RelayView for NodeRelayView {
             .unwrap_or_default()
     }
 
-    fn holders(&self) -> std::collections::HashMap<Name, Vec<SocketAddr>> {
-        let reg = self.cluster.registry();
-        let by_id: std::collections::HashMap<_, _> = reg
-            .nodes()
-            .values()
-            .map(|n| (n.id, n.name.clone()))
-            .collect();
-        let mut out: std::collections::HashMap<Name, Vec<SocketAddr>> = Default::default();
-        for (id, sites) in self.sites.peer_holdings() {
-            let Some(relay) = by_id
-                .get(&id)
-                .and_then(|n| reg.node_relay(n))
-                .and_then(|r| r.parse().ok())
-            else {
-                continue;
-            };
-            for site in sites {
-                out.entry(site).or_default().push(relay);
-            }
-        }
-        out
+    fn holders(&self) -> HashMap<Name, Vec<SocketAddr>> {
+        peer_relays(&self.cluster.registry(), &self.sites)
     }
 
     fn relays(&self) -> Vec<SocketAddr> {
-        let reg = self.cluster.registry();
-        reg.nodes()
-            .values()
-            .filter_map(|n| reg.node_relay(&n.name)?.parse().ok())
-            .collect()
+        all_relays(&self.cluster.registry())
     }
 
     fn coordinate(&self, punch: crate::relay::Coordinate) {
@@ -421,6 +398,35 @@ impl crate::relay::RelayView for NodeRelayView {
             },
         );
     }
+}
+
+/// The relay addresses of the peers holding a tunnel to each site, as last heard (members
+/// only: a relay-only node holds no tunnel, and what it would say is never believed).
+pub fn peer_relays(reg: &Registry, sites: &crate::sites::Sites) -> HashMap<Name, Vec<SocketAddr>> {
+    let mut out: HashMap<Name, Vec<SocketAddr>> = HashMap::new();
+    for (id, held) in sites.peer_holdings() {
+        let Some(relay) = reg
+            .node_by_id(id)
+            .filter(|n| n.role != warren_proto::registry::NodeRole::Relay)
+            .and_then(|n| reg.node_relay(&n.name))
+            .and_then(|r| r.parse().ok())
+        else {
+            continue;
+        };
+        for site in held {
+            out.entry(site).or_default().push(relay);
+        }
+    }
+    out
+}
+
+/// The relay address of every node of the cluster, relay-only nodes included (a Bind from
+/// one of them is a hop, and clients may use any of them).
+pub fn all_relays(reg: &Registry) -> Vec<SocketAddr> {
+    reg.nodes()
+        .values()
+        .filter_map(|n| reg.node_relay(&n.name)?.parse().ok())
+        .collect()
 }
 
 /// Records this node's relay address in the registry (once it differs), retrying until

@@ -274,6 +274,8 @@ pub enum ListenerKind {
         join: Arc<JoinService>,
         /// The site services (enrollment, agent tunnels, relayed streams).
         sites: Arc<crate::sites::Sites>,
+        /// The relay-only nodes' feed.
+        feed: Arc<crate::relay_only::FeedService>,
     },
     /// The HTTPS proxy and its HTTP redirect.
     Proxy {
@@ -322,6 +324,7 @@ impl Actor for Listener {
                 cluster_id,
                 join,
                 sites,
+                feed,
             } => tokio::spawn(async move {
                 use warren_consensus::quic::OtherAlpn;
                 let handler: Arc<dyn warren_consensus::quic::RpcHandler> = Arc::new(cluster);
@@ -334,6 +337,7 @@ impl Actor for Listener {
                         sites: sites.clone(),
                     }),
                     Arc::new(crate::sites::RelayService { sites }),
+                    feed,
                 ];
                 warren_consensus::quic::accept_loop(endpoint, cluster_id, handler, others).await;
                 let _ = myself.cast(ListenerMsg::Ended("the QUIC endpoint closed".into()));

@@ -76,6 +76,20 @@ pub enum JoinRequest {
         /// learner and is told so).
         start_as_voter: bool,
     },
+    /// A relay-only node asks for an id and a certificate (with a token made with `--role
+    /// relay`; it never asks to be admitted: it is no member).
+    RegisterRelay {
+        /// The join token.
+        token: String,
+        /// Node name.
+        name: Name,
+        /// The relay address clients and agents are told (`ip:port`, UDP).
+        relay: String,
+        /// Region label.
+        region: String,
+        /// CSR for the node key (PEM).
+        csr_pem: String,
+    },
 }
 
 /// The answer to a [`JoinRequest`]. `Debug` leaves out the certificates and the CA key.
@@ -114,6 +128,9 @@ impl std::fmt::Debug for JoinRequest {
                 start_as_voter,
                 ..
             } => write!(f, "Admit({node_id}, start as voter: {start_as_voter})"),
+            JoinRequest::RegisterRelay { name, relay, .. } => {
+                write!(f, "RegisterRelay({name}, {relay})")
+            }
         }
     }
 }
@@ -328,6 +345,12 @@ impl JoinService {
                     return Err(LEARNER_ADMITS_NOBODY.into());
                 }
                 let role = self.check_token(&token).await?;
+                if role == NodeRole::Relay {
+                    return Err(
+                        "this join token is for a relay-only node: run `warren-node relay` with it"
+                            .into(),
+                    );
+                }
                 let reply = self
                     .cluster
                     .write(Request::new(
@@ -380,6 +403,9 @@ impl JoinService {
                     return Err(LEARNER_ADMITS_NOBODY.into());
                 }
                 let token_role = self.check_token(&token).await?;
+                if token_role == NodeRole::Relay {
+                    return Err("a relay-only node is never a member of the cluster".into());
+                }
                 let registry = self.cluster.read().await.map_err(|e| e.to_string())?;
                 let node = registry
                     .node_by_id(NodeId(node_id))
@@ -406,6 +432,77 @@ impl JoinService {
                 self.members.change(op).await.map_err(|e| e.to_string())?;
                 tracing::info!(node = %node.name, id = node_id, voter, "admitted a node");
                 Ok(JoinReply::Admitted { voter })
+            }
+            JoinRequest::RegisterRelay {
+                token,
+                name,
+                relay,
+                region,
+                csr_pem,
+            } => {
+                if self.ca.key_pem().is_none() {
+                    return Err(LEARNER_ADMITS_NOBODY.into());
+                }
+                let role = self.check_token(&token).await?;
+                if role != NodeRole::Relay {
+                    return Err(format!(
+                        "this join token admits a {role}, not a relay-only node: make one with `warren admin join-token create --role relay`, or join with `warren-node join`"
+                    ));
+                }
+                let addr: std::net::SocketAddr = relay.parse().map_err(|_| {
+                    format!("the relay address must be ip:port (where clients send), got {relay:?}")
+                })?;
+                if addr.ip().is_unspecified() || addr.port() == 0 {
+                    return Err(format!(
+                        "the relay address {addr} names no host clients can send to: set --relay-public"
+                    ));
+                }
+                // A relay-only node serves no cluster or admin API: both name its relay.
+                let written = |c: Command| {
+                    let cluster = self.cluster.clone();
+                    async move {
+                        cluster
+                            .write(Request::new(Who::System, c))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                let reply = written(Command::RegisterNode {
+                    name: name.clone(),
+                    cluster_addr: relay.clone(),
+                    admin_addr: relay.clone(),
+                    region,
+                    role,
+                })
+                .await?;
+                let Outcome::Node(node) = reply else {
+                    return Err(format!("unexpected registry reply {reply:?}"));
+                };
+                written(Command::SetNodeRelay {
+                    node: name.clone(),
+                    relay: relay.clone(),
+                })
+                .await?;
+                let who = pki::NodeCert {
+                    cluster_id: self.cluster_id,
+                    id: node.id,
+                    role,
+                };
+                let cert_pem = self
+                    .ca
+                    .sign_node(&csr_pem, who, name.as_str(), &[host_of(&relay)])
+                    .map_err(|e| format!("cannot sign the certificate request: {e}"))?
+                    .ok_or("this node does not hold the cluster CA key")?;
+                tracing::info!(node = %name, id = node.id.0, %relay, "registered a relay-only node");
+                Ok(JoinReply::Registered {
+                    node_id: node.id.0,
+                    role,
+                    cluster_id: self.cluster_id,
+                    cert_pem,
+                    ca_pem: self.ca.cert_pem().to_owned(),
+                    ca_key_pem: None,
+                })
             }
         }
     }

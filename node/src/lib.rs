@@ -54,6 +54,7 @@ pub mod miss;
 pub mod proxy;
 pub mod publish;
 pub mod relay;
+pub mod relay_only;
 pub mod serving;
 pub mod sessions;
 pub mod shell;

@@ -52,6 +52,28 @@ enum Cmd {
         #[arg(long, env = "WARREN_LEARNER")]
         learner: bool,
     },
+    /// Run a relay-only node: it carries client↔agent WireGuard ciphertext for a cluster
+    /// and holds no registry, no vote and no secrets of others. The first time, it
+    /// enrolls with a join token made with `warren admin join-token create --role relay`;
+    /// after that `--data-dir` is enough. The relay address comes from --relay-listen and
+    /// --relay-public.
+    Relay {
+        /// Where the node keeps its key, certificate and cluster addresses.
+        #[arg(long, env = "WARREN_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Unique node name (to enroll).
+        #[arg(long, env = "WARREN_NAME")]
+        name: Option<String>,
+        /// Cluster address (host:port) of any voter (to enroll).
+        #[arg(long, env = "WARREN_PEER")]
+        peer: Option<String>,
+        /// Join token with the role `relay` (to enroll).
+        #[arg(long, env = "WARREN_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Region label (to enroll).
+        #[arg(long, env = "WARREN_REGION", default_value = "")]
+        region: String,
+    },
     /// Start the node stored in a data directory.
     Run {
         /// The node's data directory.
@@ -113,6 +135,16 @@ fn main() -> std::process::ExitCode {
     let Cli {
         command, settings, ..
     } = cli;
+    if let Some(Cmd::Relay {
+        data_dir,
+        name,
+        peer,
+        token,
+        region,
+    }) = command
+    {
+        return relay_only(data_dir, name, peer, token, region, &settings);
+    }
     let quickstart_mode = command.is_none();
     let mut command = command;
     let mut restarts = 0u32;
@@ -174,7 +206,7 @@ fn main() -> std::process::ExitCode {
 async fn run(command: Option<Cmd>, settings: &Settings) -> (anyhow::Result<()>, Option<PathBuf>) {
     let data_dir = match &command {
         Some(Cmd::Init { node } | Cmd::Join { node, .. }) => node.data_dir.clone(),
-        Some(Cmd::Run { data_dir }) => data_dir.clone(),
+        Some(Cmd::Run { data_dir } | Cmd::Relay { data_dir, .. }) => data_dir.clone(),
         None => PathBuf::from(QUICKSTART_DIR),
     };
     let node = match start(command, settings).await {
@@ -221,6 +253,7 @@ async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<Runn
             print_serving(&node);
             node
         }
+        Some(Cmd::Relay { .. }) => unreachable!("handled before"),
         Some(Cmd::Run { data_dir }) => {
             let dir = DataDir::new(data_dir);
             let listeners = Listeners::for_dir(&dir, settings)?;
@@ -231,6 +264,68 @@ async fn start(command: Option<Cmd>, settings: &Settings) -> anyhow::Result<Runn
         None => quickstart(settings).await?,
     };
     Ok(node)
+}
+
+/// `warren-node relay`: enrolls if the directory is new, then relays until a signal or the
+/// cluster revokes the node.
+fn relay_only(
+    data_dir: PathBuf,
+    name: Option<String>,
+    peer: Option<String>,
+    token: Option<String>,
+    region: String,
+    settings: &Settings,
+) -> std::process::ExitCode {
+    use warren_node::relay_only::{enroll, relay_file, Enrollment, RelayNode};
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warren-node: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome: anyhow::Result<()> = runtime.block_on(async {
+        let dir = DataDir::new(&data_dir);
+        if relay_file(&dir)?.is_none() {
+            let (Some(name), Some(peer), Some(token)) = (name, peer, token) else {
+                anyhow::bail!(
+                    "{} holds no relay-only node yet: enroll with --name, --peer and --token (a join token made with `warren admin join-token create --role relay`)",
+                    data_dir.display()
+                );
+            };
+            let how = Enrollment {
+                name: Name::new(name).map_err(|e| anyhow::anyhow!("--name: {e}"))?,
+                peer,
+                token: warren_proto::token::JoinToken::parse(&token)
+                    .map_err(|e| anyhow::anyhow!("--token: {e}"))?,
+                region,
+            };
+            let file = enroll(&dir, &how, settings).await?;
+            println!(
+                "Enrolled relay-only node {:?} (id {}) in cluster {}.",
+                file.name.as_str(),
+                file.node_id,
+                file.cluster_id
+            );
+        }
+        let node = RelayNode::start(dir, settings).await?;
+        println!(
+            "Relaying for cluster {} as {:?}: clients and agents are told {} (UDP, listening on {}).",
+            node.file.cluster_id,
+            node.file.name.as_str(),
+            node.file.relay,
+            node.listen
+        );
+        node.serve_until(shutdown_signal()).await
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// `warren-node` with no command: ./warren-data on loopback ports.

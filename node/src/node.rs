@@ -256,6 +256,7 @@ impl RunningNode {
                 settings,
             }));
         }
+        let mut relay_public = None;
         if let Some(socket) = relay_socket {
             let bound = socket.local_addr()?;
             let public = match settings.relay_public.as_deref() {
@@ -300,8 +301,15 @@ impl RunningNode {
                 stats,
             }));
             crate::access::record_relay(cluster.clone(), file.name.clone(), public);
+            relay_public = Some(public);
             tracing::info!(relay = %public, listen = %bound, "relay for client devices and agents");
         }
+        let feed = Arc::new(crate::relay_only::FeedService {
+            cluster: cluster.clone(),
+            cluster_id,
+            sites: sites.clone(),
+            relay: relay_public,
+        });
         children.extend(sites.children());
         children.push(l4.child(proxy.clone()));
         children.extend([
@@ -313,6 +321,7 @@ impl RunningNode {
                     cluster_id,
                     join: join.clone(),
                     sites: sites.clone(),
+                    feed: feed.clone(),
                 }
             }),
             ChildSpec::actor("admin", Listener, {

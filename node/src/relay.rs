@@ -111,6 +111,16 @@ impl TicketKeys {
         Self { keys }
     }
 
+    /// The public keys as they are sent to relay-only nodes: (`kid`, SEC1 point).
+    pub fn public(&self) -> &[(String, Vec<u8>)] {
+        &self.keys
+    }
+
+    /// Keys received from the cluster (a relay-only node's feed).
+    pub fn from_public(keys: Vec<(String, Vec<u8>)>) -> Self {
+        Self { keys }
+    }
+
     /// Whether no key is known (then every ticket is refused).
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
@@ -740,7 +750,11 @@ impl RelayCore {
             self.sync_gauges();
             return self.bound(from, nonce, c);
         }
-        // One hop: a peer that holds the site.
+        // One hop: a peer that holds the site. Never a second: a Bind a relay sent on
+        // finds the agent here or nowhere (stale holdings must not make a loop).
+        if (cx.is_relay)(from) {
+            return self.refuse(from, nonce, Refusal::SiteUnreachable);
+        }
         let Some(peer) = (cx.peers_holding)(&site)
             .into_iter()
             .find(|p| !cx.me.contains(p))
@@ -848,6 +862,23 @@ impl RelayCore {
             self.allocated.remove(&b.channel);
             self.allocated.remove(&b.back);
         }
+        self.sync_gauges();
+    }
+
+    /// Forgets every binding made through `relay`, a relay no longer of the cluster (a
+    /// revoked relay-only node): the sessions through it end here, whatever it does.
+    pub fn forget_relay(&mut self, relay: SocketAddr) {
+        let through: Vec<(SocketAddr, Name)> = self
+            .clients
+            .iter()
+            .filter(|(k, b)| k.0 == relay || b.upstream == relay)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in through {
+            self.unbind_client(&k);
+        }
+        self.pending
+            .retain(|_, p| p.peer != relay && p.client != relay);
         self.sync_gauges();
     }
 
@@ -981,7 +1012,15 @@ pub async fn serve(
                 unix = crate::proxy::unix_now();
                 keys = view.keys();
                 holders = view.holders();
-                relays = view.relays();
+                let now_relays = view.relays();
+                // Keys absent (a replica not caught up) say nothing about revocation.
+                if !now_relays.is_empty() {
+                    for gone in relays.iter().filter(|r| !now_relays.contains(r)) {
+                        tracing::info!(relay = %gone, "a relay left the cluster: the bindings through it are forgotten");
+                        core.forget_relay(*gone);
+                    }
+                    relays = now_relays;
+                }
                 core.handle_tick(Instant::now());
                 while let Some(g) = core.poll_gone() {
                     view.pairing_gone(g);
@@ -1414,6 +1453,66 @@ mod tests {
             Frame::Bound { .. }
         ));
         assert_eq!(w.core.poll_event(), None);
+    }
+
+    #[test]
+    fn a_bind_sent_on_by_a_relay_is_never_sent_on_again() {
+        let mut w = World::new();
+        let dt = w.device(&["site-a"]);
+        // No agent here, a peer "holds" the site: a client's Bind goes on one hop...
+        w.nonce += 1;
+        let bind = Frame::Bind {
+            nonce: w.nonce,
+            ticket: &dt,
+            site: "site-a",
+        }
+        .to_vec();
+        let peer: SocketAddr = "10.0.0.3:7401".parse().unwrap();
+        let (out, _) = w.send(CLIENT, bind, &[peer]);
+        assert!(matches!(out, Out::Send(to, _) if to == peer), "{out:?}");
+        // ...but one from a relay is refused, not sent on (stale holdings make no loop).
+        w.nonce += 1;
+        let bind = Frame::Bind {
+            nonce: w.nonce,
+            ticket: &dt,
+            site: "site-a",
+        }
+        .to_vec();
+        let (out, _) = w.send("10.0.0.2:7401", bind, &[peer]);
+        let Out::Send(to, b) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(to, "10.0.0.2:7401".parse().unwrap());
+        assert!(matches!(
+            Frame::decode(&b).unwrap(),
+            Frame::Refused {
+                reason: Refusal::SiteUnreachable,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_bindings_through_a_relay_that_left_end_and_others_stay() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let relay = "10.0.0.2:7401";
+        let Frame::Bound { channel: hop, .. } = w.bind(relay, &dt, "site-a") else {
+            panic!()
+        };
+        let Frame::Bound {
+            channel: direct, ..
+        } = w.bind(CLIENT, &dt, "site-a")
+        else {
+            panic!()
+        };
+        w.core.forget_relay(relay.parse().unwrap());
+        let (out, _) = w.send(relay, data(hop, b"\x01late"), &[]);
+        assert_eq!(out, Out::Nothing, "the revoked relay's channel is gone");
+        let (out, _) = w.send(CLIENT, data(direct, b"\x01still"), &[]);
+        assert_eq!(out, Out::Forward(AGENT.parse().unwrap()));
     }
 
     #[test]

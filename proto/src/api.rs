@@ -436,8 +436,9 @@ pub enum ChangeAction {
 #[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
     /// What a node admitted with it may be: `voter` (the default: votes, holds the CA
-    /// key, admits others) or `learner` (a replica that never votes and never holds the
-    /// CA key, for a node you trust less).
+    /// key, admits others), `learner` (a replica that never votes and never holds the
+    /// CA key, for a node you trust less) or `relay` (a relay-only node, `warren-node
+    /// relay`: no registry, no vote, ciphertext only, for a node someone else runs).
     #[serde(default)]
     pub role: Option<crate::registry::NodeRole>,
 }

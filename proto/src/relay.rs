@@ -85,6 +85,9 @@ pub const PUNCH: u8 = 0xA6;
 pub const PROBE: u8 = 0xA7;
 /// Type byte of [`Frame::ProbeAck`].
 pub const PROBE_ACK: u8 = 0xA8;
+/// ALPN of a relay-only node's feed from the cluster (QUIC, its relay certificate): the
+/// ticket keys' public halves, who holds which site, the cluster's relays.
+pub const ALPN_RELAY_FEED: &[u8] = b"warren-relay-feed/1";
 /// Bytes of a MAC tag on probes and offers.
 pub const TAG_LEN: usize = 16;
 /// The most candidate addresses an [`Offer`] carries.

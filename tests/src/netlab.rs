@@ -141,6 +141,9 @@ pub enum Side {
     SiteCgnat,
     /// The carrier-grade NAT in front of the client's router ([`Nat::Double`] only).
     ClientCgnat,
+    /// A public host on `inet` with no NAT (a relay-only node far away), made by
+    /// [`Lab::add_relay_host`].
+    Relay,
 }
 
 /// A process the lab started, stopped when the lab goes away.
@@ -416,6 +419,7 @@ impl Lab {
             Side::ClientRouter => "client-router",
             Side::Client => "client",
             Side::Inet => "inet",
+            Side::Relay => "relay",
             Side::SiteCgnat => "site-cgnat",
             Side::ClientCgnat => "client-cgnat",
         };
@@ -934,7 +938,7 @@ impl Lab {
         let router = match side {
             Side::Site | Side::SiteRouter | Side::SiteCgnat => Side::SiteRouter,
             Side::Client | Side::ClientRouter | Side::ClientCgnat => Side::ClientRouter,
-            Side::Root | Side::Inet => bail!("{side:?} has no uplink to block"),
+            Side::Root | Side::Inet | Side::Relay => bail!("{side:?} has no uplink to block"),
         };
         let tail = ["-m", "comment", "--comment", BLOCK_COMMENT, "-j", "DROP"];
         let mut specs: Vec<Vec<String>> = Vec::new();

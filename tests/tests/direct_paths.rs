@@ -505,8 +505,204 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
         });
         // The lab (agent, hub, iperf3) goes with it.
     }
+    phase!("a relay-only node in its own namespace: used when it is the closest; revoked, its sessions end");
+    relay_only_node(&w, &alice, port, &mut table).await?;
+
     eprintln!("direct paths:\n  {}", table.join("\n  "));
     drop(w);
     drop(home);
+    Ok(())
+}
+
+/// The site's relay as `warren status --json` names it (its node).
+fn relay_node_of(w: &World, lab: &Lab, cell: &Cell) -> anyhow::Result<String> {
+    let (_, entry) = site_path(w, lab, cell)?;
+    Ok(entry["relay_node"].as_str().unwrap_or("").to_owned())
+}
+
+/// Polls until the site's relay is (`want`) or is not (`!want`) the node `node`.
+fn wait_relay(
+    w: &World,
+    lab: &Lab,
+    cell: &Cell,
+    node: &str,
+    want: bool,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let now = relay_node_of(w, lab, cell)?;
+        if (now == node) == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            let (_, entry) = site_path(w, lab, cell)?;
+            eprintln!("hub log:\n{}", tail(&hub_log(cell), 60));
+            bail!(
+                "the relay is {now:?}, {} {node:?}, after {limit:?}: {entry}",
+                if want { "not" } else { "still" }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Drops (or lets through again) the client's UDP to every cluster relay, at its router.
+fn block_cluster_relays(w: &World, lab: &Lab, blocked: bool) -> anyhow::Result<()> {
+    for r in &w.relays {
+        let out = lab
+            .exec(Side::ClientRouter, "iptables")
+            .args([if blocked { "-I" } else { "-D" }, "FORWARD", "-d"])
+            .arg(r.ip().to_string())
+            .args(["-p", "udp", "--dport"])
+            .arg(r.port().to_string())
+            .args(["-j", "DROP"])
+            .output()?;
+        if !out.status.success() {
+            bail!("iptables: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// A relay-only node enrolled with a relay join token, in its own namespace on the
+/// internet. Behind two hard NATs the client is relayed; with the cluster's relays out of
+/// its reach the relay-only node is the closest it has, and traffic goes client → it → the
+/// node holding the site → agent. Removing the node from the cluster ends its sessions:
+/// it stops and exits, and the client moves to a cluster relay with the transfer working.
+async fn relay_only_node(
+    w: &World,
+    signed_in: &Path,
+    port: u16,
+    table: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let mut lab = Lab::start_with(
+        "relay-only",
+        Topology::Internet {
+            site: Nat::Hard,
+            client: Nat::Hard,
+        },
+    )?;
+    let relay_ip = lab.add_relay_host()?;
+    let api = w.cluster.api(0);
+    let token = api
+        .post_ok("/v1/join-tokens", &json!({"role": "relay"}))
+        .await?["token"]
+        .as_str()
+        .context("no join token")?
+        .to_owned();
+    // A relay token does not make a member, and a member token does not make a relay.
+    let data = w.dir.path().join("relay-far");
+    let mut cmd = lab.exec(Side::Relay, &bins().node);
+    // Node settings go before the command, as for every warren-node command.
+    let listen = format!("{relay_ip}:7401");
+    cmd.args(["--relay-listen", &listen, "relay", "--data-dir"])
+        .arg(&data)
+        .args(["--name", "far", "--peer", &w.cluster.nodes[0].cluster_addr])
+        .args(["--token", &token]);
+    cmd.env("WARREN_LOG", "info,warren_node::relay_only=debug");
+    lab.spawn("relay-far", cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab.log_of("relay-far").contains("Relaying for cluster") {
+        if Instant::now() > deadline || !lab.is_running("relay-far") {
+            bail!(
+                "the relay-only node did not start:\n{}",
+                lab.log_of("relay-far")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let nodes = api.get_ok("/v1/nodes").await?;
+    let far = nodes["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == "far")
+        .cloned()
+        .context("the relay-only node is not listed")?;
+    // Relay-grade, and no member of the Raft membership.
+    assert_eq!(
+        (&far["grade"], &far["role"]),
+        (&json!("relay"), &json!("none")),
+        "{far}"
+    );
+    // It holds its key, its certificate and the CA's certificate: no registry, no CA key.
+    let mut held: Vec<String> = std::fs::read_dir(&data)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    held.sort();
+    assert_eq!(held, ["ca.pem", "node.key", "node.pem", "relay.json"]);
+
+    block_cluster_relays(w, &lab, true)?;
+    let (cell, _) = start_cell(w, &mut lab, "relay-only", signed_in, port).await?;
+    wait_relay(w, &lab, &cell, "far", true, Duration::from_secs(15))?;
+    let got = tokio::task::block_in_place(|| iperf(&lab, &cell, 3))?;
+    assert!(
+        got > 1e6,
+        "iperf3 through the relay-only node moved {got} bytes"
+    );
+    let (path, entry) = site_path(w, &lab, &cell)?;
+    assert_eq!(path, "relayed", "{entry}");
+    table.push(format!(
+        "relay-only node, the closest relay: relayed through it, {:.0} MB in 3 s",
+        got / 1e6
+    ));
+
+    // Revoked mid-flow: the transfer carries on through a cluster relay.
+    block_cluster_relays(w, &lab, false)?;
+    let lab_ref = &lab;
+    let (got, moved, stopped) =
+        std::thread::scope(|s| -> anyhow::Result<(f64, Duration, Duration)> {
+            let t = s.spawn(|| iperf(lab_ref, &cell, 10));
+            std::thread::sleep(Duration::from_secs(2));
+            let revoked = Instant::now();
+            let del = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(api.raw(
+                    reqwest::Method::DELETE,
+                    "/v1/nodes/far",
+                    None,
+                ))
+            })?;
+            assert!(del.0.is_success(), "deleting the relay-only node: {del:?}");
+            let mut stopped = None;
+            while revoked.elapsed() < Duration::from_secs(15) {
+                if lab_ref
+                    .log_of("relay-far")
+                    .contains("no longer a relay of this cluster")
+                {
+                    stopped = Some(revoked.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let stopped = stopped.with_context(|| {
+                format!(
+                    "the revoked relay-only node did not stop:\n{}",
+                    lab_ref.log_of("relay-far")
+                )
+            })?;
+            let moved = wait_relay(w, lab_ref, &cell, "far", false, Duration::from_secs(15))?;
+            let got = t.join().map_err(|_| anyhow::anyhow!("iperf thread"))??;
+            Ok((got, moved + stopped, stopped))
+        })?;
+    assert!(got > 1e6, "iperf3 across the revocation moved {got} bytes");
+    assert!(
+        !lab.is_running("relay-far"),
+        "the revoked relay-only node still runs:\n{}",
+        lab.log_of("relay-far")
+    );
+    // Enrolled again with the same directory: refused, it is no relay of the cluster now.
+    let mut again = lab.exec(Side::Relay, &bins().node);
+    again.arg("relay").arg("--data-dir").arg(&data);
+    let (ok, _, err) = warren_tests::access::output(again, Duration::from_secs(20))?;
+    assert!(
+        !ok && err.contains("no longer a relay"),
+        "a revoked relay restarted: {err}"
+    );
+    table.push(format!(
+        "relay-only node revoked mid-transfer: it stopped after {:.1} s, the client was on a cluster relay {:.1} s after the revocation, the transfer completes",
+        stopped.as_secs_f64(),
+        moved.as_secs_f64()
+    ));
     Ok(())
 }

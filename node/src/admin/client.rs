@@ -98,6 +98,7 @@ async fn discovery(State(s): State<AdminState>) -> Json<Value> {
 fn node_urls(reg: &Registry) -> Vec<String> {
     reg.nodes()
         .values()
+        .filter(|n| n.role != warren_proto::registry::NodeRole::Relay)
         .map(|n| format!("https://{}", n.admin_addr))
         .collect()
 }

@@ -1103,16 +1103,7 @@ async fn create_join_token(
 ) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let req: CreateJoinToken = read_optional_json(body, MAX_BODY).await?;
-    let role = match req.role.unwrap_or(NodeRole::Voter) {
-        NodeRole::Relay => {
-            return Err(ApiErr::new(
-                ErrorCode::InvalidField,
-                "relay-only nodes do not join with a join token; use `voter` or `learner`",
-            )
-            .field("role"))
-        }
-        r => r,
-    };
+    let role = req.role.unwrap_or(NodeRole::Voter);
     let token = JoinToken::generate(
         s.inner.cluster_id,
         s.inner.ca.fingerprint(),
@@ -1197,6 +1188,16 @@ async fn add_member(
         );
     }
     let node = known_node(&s, req.node.as_str()).await?;
+    if node.role == NodeRole::Relay {
+        return Err(ApiErr::new(
+            ErrorCode::InvalidField,
+            format!(
+                "node {} is relay-only: it carries ciphertext and is never a member",
+                node.name
+            ),
+        )
+        .field("node"));
+    }
     s.inner
         .members
         .change(MemberOp::Add {

@@ -317,6 +317,101 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds [`Side::Relay`]: a namespace on `inet` with a public address and no NAT (where
+    /// a relay-only node runs), reachable from the lab's machines and from the root
+    /// namespace. Returns its address.
+    pub fn add_relay_host(&mut self) -> anyhow::Result<Ipv4Addr> {
+        if matches!(self.topology, Topology::Star) {
+            bail!("the star topology has no inet for a relay host");
+        }
+        let k = self.k;
+        let (inet, relay) = (self.ns(Side::Inet), self.ns(Side::Relay));
+        // Deleted with the others (before inet, whose deletion takes the veth with it).
+        let at = self
+            .sides
+            .iter()
+            .position(|s| *s == Side::Inet)
+            .unwrap_or(0);
+        self.sides.insert(at, Side::Relay);
+        let (gw, me) = (format!("10.98.{k}.1"), format!("10.98.{k}.2"));
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), relay.clone()],
+            vec![
+                "-n".into(),
+                relay.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                inet.clone(),
+                "link".into(),
+                "add".into(),
+                "relay".into(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                "wan".into(),
+                "netns".into(),
+                relay.clone(),
+            ],
+            vec![
+                "-n".into(),
+                inet.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{gw}/24"),
+                "dev".into(),
+                "relay".into(),
+            ],
+            vec![
+                "-n".into(),
+                inet.clone(),
+                "link".into(),
+                "set".into(),
+                "relay".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                relay.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{me}/24"),
+                "dev".into(),
+                "wan".into(),
+            ],
+            vec![
+                "-n".into(),
+                relay.clone(),
+                "link".into(),
+                "set".into(),
+                "wan".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                relay.clone(),
+                "route".into(),
+                "add".into(),
+                "default".into(),
+                "via".into(),
+                gw.clone(),
+            ],
+        ];
+        for step in steps {
+            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            ip(&args)?;
+        }
+        let net = format!("10.98.{k}.0/24");
+        ip(&["route", "add", &net, "via", &format!("10.95.{k}.2")])?;
+        self.root_routes.push(net);
+        Ok(me.parse()?)
+    }
+
     /// One side: its public link to `inet`, a CGNAT if asked, the router, its LAN and
     /// machine (in `same_lan`, the site's LAN is a bridge with the client on it too).
     fn build_branch(&self, b: &Branch, same_lan: bool) -> anyhow::Result<()> {
@@ -427,7 +522,7 @@ impl Lab {
         let site = match side {
             Side::Site | Side::SiteRouter | Side::SiteCgnat => true,
             Side::Client | Side::ClientRouter | Side::ClientCgnat => false,
-            Side::Root | Side::Inet => bail!("{side:?} is not behind a NAT"),
+            Side::Root | Side::Inet | Side::Relay => bail!("{side:?} is not behind a NAT"),
         };
         let (site_nat, client_nat) = match self.topology {
             Topology::Star => (Nat::Easy, Nat::Easy),
