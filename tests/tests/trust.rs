@@ -40,16 +40,42 @@ async fn the_join_token_decides_what_a_node_may_be() -> anyhow::Result<()> {
         1,
         "{tokens}"
     );
-    let (s, body) = c
-        .api(0)
-        .send(
-            reqwest::Method::POST,
-            "/v1/join-tokens",
-            &json!({"role": "relay"}),
-        )
-        .await?;
-    assert_eq!(s, 400, "a relay join token: {body}");
-    assert_eq!(body["error"]["field"], "role", "{body}");
+    phase!("a relay token makes no member, and a member token no relay-only node");
+    let (ok, out, err) = c.warren(0, &["join-token", "create", "--role", "relay"]);
+    assert!(ok && out.contains("created relay join token"), "{out}{err}");
+    let relay_token = regex::Regex::new(r"wjt1_[A-Za-z0-9_-]+")?
+        .find(&out)
+        .expect("a token in the output")
+        .as_str()
+        .to_owned();
+    let mut intruder = c.new_node("joins-as-member");
+    let e = intruder.join_expect_failure(&c.nodes[0].cluster_addr, &relay_token)?;
+    assert!(
+        e.contains("relay-only node: run `warren-node relay`"),
+        "{e}"
+    );
+    let relay_dir = tempfile::tempdir()?;
+    let mut relay = std::process::Command::new(&warren_tests::bins().node);
+    relay
+        .args([
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--relay-public",
+            "127.0.0.1:9",
+        ])
+        .arg("relay")
+        .arg("--data-dir")
+        .arg(relay_dir.path().join("r"))
+        .args(["--name", "relay-with-learner-token", "--peer"])
+        .arg(&c.nodes[0].cluster_addr)
+        .args(["--token", &learner_token]);
+    let (ok, _, err) = warren_tests::access::output(relay, Duration::from_secs(30))?;
+    assert!(
+        !ok && err.contains("admits a learner, not a relay-only node"),
+        "{err}"
+    );
+    let nodes = c.api(0).names("/v1/nodes").await?;
+    assert_eq!(nodes, ["n1"], "a refused join registered a node");
 
     phase!("n2 joins with it without asking to be a learner: it is one");
     let l = c.add_node_with(&learner_token, false).await?;
@@ -133,6 +159,25 @@ async fn the_join_token_decides_what_a_node_may_be() -> anyhow::Result<()> {
         .call(NodeId(1), &leader, Rpc::ReadIndex, Duration::from_secs(5))
         .await?;
     assert!(matches!(r, RpcReply::ReadIndex(Ok(_))), "{r:?}");
+    // The relay-only nodes' feed is theirs: a member's certificate gets nothing.
+    let conn = endpoint
+        .connect_with(
+            pki::quic_client_config_for(&ca, &me, warren_proto::relay::ALPN_RELAY_FEED)?,
+            c.nodes[0].cluster_addr.parse()?,
+            pki::CLUSTER_SERVER_NAME,
+        )?
+        .await?;
+    /// The feed request's shape (`warren_node::relay_only::FeedRequest`).
+    #[derive(serde::Serialize)]
+    enum FeedRequest {
+        Feed,
+    }
+    let fed: Result<serde::de::IgnoredAny, _> =
+        warren_consensus::quic::request(&conn, &FeedRequest::Feed, 1 << 20).await;
+    assert!(fed.is_err(), "the relay feed answered a learner");
+    // Closed with the reason (an answer would have failed to decode, differently).
+    let why = format!("{:?}", conn.closed().await);
+    assert!(why.contains("not a relay-only node"), "{why}");
     endpoint.close(0u32.into(), b"done");
 
     phase!("the refusals are in the leader's log");
