@@ -83,6 +83,8 @@ pub enum AccessMsg {
     Access(TunnelId, AccessConfig, Instant),
     /// The node is still serving.
     Heartbeat(TunnelId, u64, Instant),
+    /// The node named the cluster's relay-only nodes.
+    Relays(TunnelId, Vec<String>),
     /// The tunnel ended (sent also if its task is aborted: see [`ClosedOnDrop`]).
     Closed(TunnelId),
 }
@@ -107,6 +109,8 @@ pub enum Update {
 #[derive(Debug, Default)]
 pub struct AccessState {
     tunnels: HashMap<TunnelId, (u64, AccessConfig)>,
+    /// The relay-only nodes each tunnel's node named (bound with that node's ticket).
+    relay_only: HashMap<TunnelId, Vec<String>>,
     arrivals: u64,
     /// The devices in force when no connected tunnel has sent any.
     last_devices: Vec<DeviceAccess>,
@@ -137,7 +141,15 @@ impl AccessState {
                 self.valid_until = Some(v);
                 Some(Update::Heartbeat(v))
             }
+            AccessMsg::Relays(tunnel, relays) => {
+                if self.relay_only.get(&tunnel) == Some(&relays) {
+                    return None;
+                }
+                self.relay_only.insert(tunnel, relays);
+                self.tunnels.contains_key(&tunnel).then(|| self.update())
+            }
             AccessMsg::Closed(tunnel) => {
+                self.relay_only.remove(&tunnel);
                 self.tunnels.remove(&tunnel)?;
                 Some(self.update())
             }
@@ -149,15 +161,20 @@ impl AccessState {
             self.last_devices = latest.devices.clone();
         }
         let mut relays: Vec<(u64, SocketAddr, Vec<u8>)> = Vec::new();
-        for (seq, c) in self.tunnels.values() {
-            let Ok(addr) = c.relay.parse::<SocketAddr>() else {
-                tracing::warn!(relay = %c.relay, "a node sent a relay address that is not ip:port; not binding to it");
-                continue;
-            };
-            match relays.iter_mut().find(|(_, a, _)| *a == addr) {
-                Some(r) if r.0 < *seq => *r = (*seq, addr, c.relay_ticket.clone()),
-                Some(_) => {}
-                None => relays.push((*seq, addr, c.relay_ticket.clone())),
+        for (tunnel, (seq, c)) in &self.tunnels {
+            // The node's own relay, then the relay-only nodes it named, with its ticket
+            // (a ticket is good on any relay of the cluster).
+            let named = self.relay_only.get(tunnel).into_iter().flatten();
+            for relay in std::iter::once(&c.relay).chain(named) {
+                let Ok(addr) = relay.parse::<SocketAddr>() else {
+                    tracing::warn!(%relay, "a node sent a relay address that is not ip:port; not binding to it");
+                    continue;
+                };
+                match relays.iter_mut().find(|(_, a, _)| *a == addr) {
+                    Some(r) if r.0 < *seq => *r = (*seq, addr, c.relay_ticket.clone()),
+                    Some(_) => {}
+                    None => relays.push((*seq, addr, c.relay_ticket.clone())),
+                }
             }
         }
         relays.sort_by_key(|(_, a, _)| *a);
@@ -309,6 +326,37 @@ mod tests {
         assert_eq!(valid, later + Duration::from_secs(3));
         // A closed tunnel's close again, or one that never sent access: nothing to do.
         assert_eq!(s.handle(AccessMsg::Closed(TunnelId(2))), None);
+    }
+
+    #[test]
+    fn relay_only_nodes_are_bound_with_the_naming_nodes_ticket_and_go_when_unnamed() {
+        const FAR: &str = "198.51.100.9:7401";
+        let now = Instant::now();
+        let mut s = AccessState::new();
+        // Named before any access: nothing to bind with yet.
+        assert_eq!(
+            s.handle(AccessMsg::Relays(TunnelId(1), vec![FAR.into()])),
+            None
+        );
+        let (_, relays, _) = access(s.handle(AccessMsg::Access(
+            TunnelId(1),
+            config(R1, b"t1", &["a"], 5000),
+            now,
+        )));
+        assert_eq!(
+            relays,
+            vec![
+                (R1.parse().unwrap(), b"t1".to_vec()),
+                (FAR.parse().unwrap(), b"t1".to_vec())
+            ]
+        );
+        // The same list again changes nothing; revoked (unnamed), it is no longer bound.
+        assert_eq!(
+            s.handle(AccessMsg::Relays(TunnelId(1), vec![FAR.into()])),
+            None
+        );
+        let (_, relays, _) = access(s.handle(AccessMsg::Relays(TunnelId(1), vec![])));
+        assert_eq!(relays, vec![(R1.parse().unwrap(), b"t1".to_vec())]);
     }
 
     #[test]

@@ -505,6 +505,12 @@ async fn serve_tunnel(
                         }
                         None => tracing::debug!("client access received, but it is off here"),
                     },
+                    ControlEvent::Relays(relays) => {
+                        tracing::debug!(?relays, "relay-only nodes named");
+                        if let Some(a) = &shared.access {
+                            let _ = a.tx.send(AccessMsg::Relays(tunnel_id, relays));
+                        }
+                    }
                     ControlEvent::Heartbeat { valid_for_ms } => {
                         if let Some(a) = &shared.access {
                             let _ = a.tx.send(AccessMsg::Heartbeat(

@@ -321,6 +321,7 @@ pub struct AgentPush {
     generation: u64,
     last: Option<Vec<DeviceAccess>>,
     signed_at: u64,
+    relays: Option<Vec<String>>,
 }
 
 impl AgentPush {
@@ -345,6 +346,11 @@ impl AgentPush {
             self.last = Some(devices);
             self.signed_at = now;
             return Some(ToAgent::Access(config));
+        }
+        let relay_only = relay_only_relays(reg);
+        if self.relays.as_ref() != Some(&relay_only) {
+            self.relays = Some(relay_only.clone());
+            return Some(ToAgent::Relays(relay_only));
         }
         Some(ToAgent::Heartbeat {
             valid_for_ms: shell.settings.valid_for.as_millis() as u64,
@@ -417,6 +423,18 @@ pub fn peer_relays(reg: &Registry, sites: &crate::sites::Sites) -> HashMap<Name,
             out.entry(site).or_default().push(relay);
         }
     }
+    out
+}
+
+/// The relay addresses of the relay-only nodes, sorted.
+pub fn relay_only_relays(reg: &Registry) -> Vec<String> {
+    let mut out: Vec<String> = reg
+        .nodes()
+        .values()
+        .filter(|n| n.role == warren_proto::registry::NodeRole::Relay)
+        .filter_map(|n| reg.node_relay(&n.name).map(str::to_owned))
+        .collect();
+    out.sort();
     out
 }
 

@@ -440,6 +440,11 @@ pub enum ToAgent {
         /// How long the agent may go on admitting flows without hearing from a node.
         valid_for_ms: u64,
     },
+    /// Tag 4: the cluster's relay-only nodes (`ip:port`, UDP): the agent binds to them too,
+    /// with the ticket of this node's [`AccessConfig`], so a client whose closest relay is
+    /// one of them reaches the agent through it alone. Sent after the first `Access` and
+    /// whenever the list changes.
+    Relays(Vec<String>),
     /// A tag this build does not know (from a newer node): skipped. Never sent.
     Unknown {
         /// The tag.
@@ -454,6 +459,7 @@ impl Message for ToAgent {
             Self::Hello(_) => 1,
             Self::Access(_) => 2,
             Self::Heartbeat { .. } => 3,
+            Self::Relays(_) => 4,
             Self::Unknown { tag } => *tag,
         }
     }
@@ -464,6 +470,7 @@ impl Message for ToAgent {
             Self::Hello(h) => encode_into(h, out),
             Self::Access(a) => encode_into(a, out),
             Self::Heartbeat { valid_for_ms } => encode_into(valid_for_ms, out),
+            Self::Relays(r) => encode_into(r, out),
             Self::Unknown { .. } => {}
         }
     }
@@ -476,12 +483,17 @@ impl Message for ToAgent {
             3 => Self::Heartbeat {
                 valid_for_ms: decode_body(payload)?,
             },
+            4 => Self::Relays(decode_body(payload)?),
             tag => Self::Unknown { tag },
         })
     }
 
     fn feature(&self) -> Option<&'static str> {
-        matches!(self, Self::Access(_) | Self::Heartbeat { .. }).then_some(FEATURE_ACCESS)
+        matches!(
+            self,
+            Self::Access(_) | Self::Heartbeat { .. } | Self::Relays(_)
+        )
+        .then_some(FEATURE_ACCESS)
     }
 
     fn in_protocol_0(&self) -> bool {

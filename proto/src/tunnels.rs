@@ -595,6 +595,8 @@ pub enum ControlEvent {
         /// Milliseconds.
         valid_for_ms: u64,
     },
+    /// The cluster's relay-only nodes, to bind to as well.
+    Relays(Vec<String>),
     /// A message this build does not know (from a newer node), skipped.
     Skipped {
         /// Its tag.
@@ -629,6 +631,7 @@ impl Control {
             }
             ToAgent::Access(access) => ControlEvent::Access(access),
             ToAgent::Heartbeat { valid_for_ms } => ControlEvent::Heartbeat { valid_for_ms },
+            ToAgent::Relays(r) => ControlEvent::Relays(r),
             ToAgent::Unknown { tag } => ControlEvent::Skipped {
                 tag,
                 first: self.unknowns.note(),

@@ -636,6 +636,21 @@ async fn relay_only_node(
     block_cluster_relays(w, &lab, true)?;
     let (cell, _) = start_cell(w, &mut lab, "relay-only", signed_in, port).await?;
     wait_relay(w, &lab, &cell, "far", true, Duration::from_secs(15))?;
+    // The agent binds to it too (the nodes name it): client → it → agent, no node between.
+    let bound_far = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("relay bound") && l.contains(&listen))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bound_far(&lab.log_of("agent")) {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent never bound to the relay-only node:\n{}",
+                tail(&lab.log_of("agent"), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let got = tokio::task::block_in_place(|| iperf(&lab, &cell, 3))?;
     assert!(
         got > 1e6,
