@@ -566,7 +566,7 @@ pub enum NodeCmd {
         #[arg(long)]
         region: String,
     },
-    /// Forget a node that is no longer a member.
+    /// Forget a node that is no longer a member (a relay-only node: revoke it).
     Delete {
         /// Its name.
         name: String,
