@@ -331,6 +331,38 @@ impl JoinService {
         }
     }
 
+    /// Signs a registered node's certificate request with its id and role, and the answer
+    /// (the CA key only to a voter).
+    fn registered(
+        &self,
+        node: &warren_proto::registry::Node,
+        csr_pem: &str,
+        hosts: &[String],
+    ) -> Result<JoinReply, String> {
+        let who = pki::NodeCert {
+            cluster_id: self.cluster_id,
+            id: node.id,
+            role: node.role,
+        };
+        let cert_pem = self
+            .ca
+            .sign_node(csr_pem, who, node.name.as_str(), hosts)
+            .map_err(|e| format!("cannot sign the certificate request: {e}"))?
+            .ok_or("this node does not hold the cluster CA key")?;
+        Ok(JoinReply::Registered {
+            node_id: node.id.0,
+            role: node.role,
+            cluster_id: self.cluster_id,
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_owned(),
+            ca_key_pem: if node.role == NodeRole::Voter {
+                self.ca.key_pem().map(str::to_owned)
+            } else {
+                None
+            },
+        })
+    }
+
     async fn handle_inner(&self, req: JoinRequest) -> Result<JoinReply, String> {
         match req {
             JoinRequest::Register {
@@ -370,29 +402,8 @@ impl JoinService {
                     return Err(format!("unexpected registry reply {reply:?}"));
                 };
                 let hosts = vec![host_of(&cluster_addr), host_of(&admin_addr)];
-                let who = pki::NodeCert {
-                    cluster_id: self.cluster_id,
-                    id: node.id,
-                    role,
-                };
-                let cert_pem = self
-                    .ca
-                    .sign_node(&csr_pem, who, name.as_str(), &hosts)
-                    .map_err(|e| format!("cannot sign the certificate request: {e}"))?
-                    .ok_or("this node does not hold the cluster CA key")?;
                 tracing::info!(node = %name, id = node.id.0, %role, "registered a joining node");
-                Ok(JoinReply::Registered {
-                    node_id: node.id.0,
-                    role,
-                    cluster_id: self.cluster_id,
-                    cert_pem,
-                    ca_pem: self.ca.cert_pem().to_owned(),
-                    ca_key_pem: if role == NodeRole::Voter {
-                        self.ca.key_pem().map(str::to_owned)
-                    } else {
-                        None
-                    },
-                })
+                self.registered(&node, &csr_pem, &hosts)
             }
             JoinRequest::Admit {
                 token,
@@ -484,25 +495,8 @@ impl JoinService {
                     relay: relay.clone(),
                 })
                 .await?;
-                let who = pki::NodeCert {
-                    cluster_id: self.cluster_id,
-                    id: node.id,
-                    role,
-                };
-                let cert_pem = self
-                    .ca
-                    .sign_node(&csr_pem, who, name.as_str(), &[host_of(&relay)])
-                    .map_err(|e| format!("cannot sign the certificate request: {e}"))?
-                    .ok_or("this node does not hold the cluster CA key")?;
                 tracing::info!(node = %name, id = node.id.0, %relay, "registered a relay-only node");
-                Ok(JoinReply::Registered {
-                    node_id: node.id.0,
-                    role,
-                    cluster_id: self.cluster_id,
-                    cert_pem,
-                    ca_pem: self.ca.cert_pem().to_owned(),
-                    ca_key_pem: None,
-                })
+                self.registered(&node, &csr_pem, &[host_of(&relay)])
             }
         }
     }

@@ -1459,26 +1459,20 @@ mod tests {
     fn a_bind_sent_on_by_a_relay_is_never_sent_on_again() {
         let mut w = World::new();
         let dt = w.device(&["site-a"]);
+        let bind = |nonce| {
+            Frame::Bind {
+                nonce,
+                ticket: &dt,
+                site: "site-a",
+            }
+            .to_vec()
+        };
         // No agent here, a peer "holds" the site: a client's Bind goes on one hop...
-        w.nonce += 1;
-        let bind = Frame::Bind {
-            nonce: w.nonce,
-            ticket: &dt,
-            site: "site-a",
-        }
-        .to_vec();
         let peer: SocketAddr = "10.0.0.3:7401".parse().unwrap();
-        let (out, _) = w.send(CLIENT, bind, &[peer]);
+        let (out, _) = w.send(CLIENT, bind(1), &[peer]);
         assert!(matches!(out, Out::Send(to, _) if to == peer), "{out:?}");
         // ...but one from a relay is refused, not sent on (stale holdings make no loop).
-        w.nonce += 1;
-        let bind = Frame::Bind {
-            nonce: w.nonce,
-            ticket: &dt,
-            site: "site-a",
-        }
-        .to_vec();
-        let (out, _) = w.send("10.0.0.2:7401", bind, &[peer]);
+        let (out, _) = w.send("10.0.0.2:7401", bind(2), &[peer]);
         let Out::Send(to, b) = out else {
             panic!("{out:?}")
         };
