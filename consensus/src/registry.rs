@@ -1124,6 +1124,19 @@ impl Registry {
         &self.nodes
     }
 
+    /// The nodes that may be members (voter- and learner-grade): every node but the
+    /// relay-only ones, which serve no cluster or client API and hold no tunnel.
+    pub fn member_grade_nodes(&self) -> impl Iterator<Item = &Node> + '_ {
+        self.nodes.values().filter(|n| n.role != NodeRole::Relay)
+    }
+
+    /// Every node's relay address as recorded (`ip:port`), with the node.
+    pub fn node_relays(&self) -> impl Iterator<Item = (&Node, &str)> + '_ {
+        self.nodes
+            .values()
+            .filter_map(|n| Some((n, self.node_relay(&n.name)?)))
+    }
+
     /// The WireGuard public key site `site`'s agent announced.
     pub fn site_key(&self, site: &Name) -> Option<&WgKey> {
         self.since_v2.site_keys.get(site)

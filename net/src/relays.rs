@@ -190,19 +190,6 @@ impl ClientRelays {
         Ok(())
     }
 
-    /// Replaces a site's ticket (refreshed by the shell before it expires).
-    pub fn update_ticket(
-        &mut self,
-        site: &str,
-        ticket: Vec<u8>,
-        now: Instant,
-    ) -> Result<(), TicketError> {
-        let Some(relays) = self.sites.get(site).map(|s| s.relays.clone()) else {
-            return Ok(());
-        };
-        self.set_site(site, relays, ticket, now)
-    }
-
     /// Forgets a site (relays no other site lists stop being pinged).
     pub fn remove_site(&mut self, site: &str, now: Instant) {
         self.sites.remove(site);
@@ -941,8 +928,13 @@ mod tests {
         n.refuse.clear();
         n.run(Duration::from_secs(2));
         assert_eq!(n.relay(), Some(addr(2)));
-        n.c.update_ticket("site-a", b"ticket-2".to_vec(), n.now)
-            .unwrap();
+        n.c.set_site(
+            "site-a",
+            vec![addr(1), addr(2)],
+            b"ticket-2".to_vec(),
+            n.now,
+        )
+        .unwrap();
         // Clearly better, but a move waits until it has been so for SWITCH_DWELL.
         n.run(Duration::from_millis(300));
         assert_eq!(n.relay(), Some(addr(2)), "moved before the dwell");

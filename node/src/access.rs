@@ -429,10 +429,9 @@ pub fn peer_relays(reg: &Registry, sites: &crate::sites::Sites) -> HashMap<Name,
 /// The relay addresses of the relay-only nodes, sorted.
 pub fn relay_only_relays(reg: &Registry) -> Vec<String> {
     let mut out: Vec<String> = reg
-        .nodes()
-        .values()
-        .filter(|n| n.role == warren_proto::registry::NodeRole::Relay)
-        .filter_map(|n| reg.node_relay(&n.name).map(str::to_owned))
+        .node_relays()
+        .filter(|(n, _)| n.role == warren_proto::registry::NodeRole::Relay)
+        .map(|(_, relay)| relay.to_owned())
         .collect();
     out.sort();
     out
@@ -441,9 +440,8 @@ pub fn relay_only_relays(reg: &Registry) -> Vec<String> {
 /// The relay address of every node of the cluster, relay-only nodes included (a Bind from
 /// one of them is a hop, and clients may use any of them).
 pub fn all_relays(reg: &Registry) -> Vec<SocketAddr> {
-    reg.nodes()
-        .values()
-        .filter_map(|n| reg.node_relay(&n.name)?.parse().ok())
+    reg.node_relays()
+        .filter_map(|(_, relay)| relay.parse().ok())
         .collect()
 }
 

@@ -331,6 +331,23 @@ impl JoinService {
         }
     }
 
+    /// Only a voter-grade node admits anyone: the role the join token gives.
+    async fn admitting(&self, token: &str) -> Result<NodeRole, String> {
+        if self.ca.key_pem().is_none() {
+            return Err(LEARNER_ADMITS_NOBODY.into());
+        }
+        self.check_token(token).await
+    }
+
+    /// A registry write as the system, its refusal as text.
+    async fn write(&self, c: Command) -> Result<Outcome, String> {
+        self.cluster
+            .write(Request::new(Who::System, c))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
     /// Signs a registered node's certificate request with its id and role, and the answer
     /// (the CA key only to a voter).
     fn registered(
@@ -373,10 +390,7 @@ impl JoinService {
                 region,
                 csr_pem,
             } => {
-                if self.ca.key_pem().is_none() {
-                    return Err(LEARNER_ADMITS_NOBODY.into());
-                }
-                let role = self.check_token(&token).await?;
+                let role = self.admitting(&token).await?;
                 if role == NodeRole::Relay {
                     return Err(
                         "this join token is for a relay-only node: run `warren-node relay` with it"
@@ -384,20 +398,14 @@ impl JoinService {
                     );
                 }
                 let reply = self
-                    .cluster
-                    .write(Request::new(
-                        Who::System,
-                        Command::RegisterNode {
-                            name: name.clone(),
-                            cluster_addr: cluster_addr.clone(),
-                            admin_addr: admin_addr.clone(),
-                            region,
-                            role,
-                        },
-                    ))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .write(Command::RegisterNode {
+                        name: name.clone(),
+                        cluster_addr: cluster_addr.clone(),
+                        admin_addr: admin_addr.clone(),
+                        region,
+                        role,
+                    })
+                    .await?;
                 let Outcome::Node(node) = reply else {
                     return Err(format!("unexpected registry reply {reply:?}"));
                 };
@@ -410,10 +418,7 @@ impl JoinService {
                 node_id,
                 start_as_voter,
             } => {
-                if self.ca.key_pem().is_none() {
-                    return Err(LEARNER_ADMITS_NOBODY.into());
-                }
-                let token_role = self.check_token(&token).await?;
+                let token_role = self.admitting(&token).await?;
                 if token_role == NodeRole::Relay {
                     return Err("a relay-only node is never a member of the cluster".into());
                 }
@@ -451,10 +456,7 @@ impl JoinService {
                 region,
                 csr_pem,
             } => {
-                if self.ca.key_pem().is_none() {
-                    return Err(LEARNER_ADMITS_NOBODY.into());
-                }
-                let role = self.check_token(&token).await?;
+                let role = self.admitting(&token).await?;
                 if role != NodeRole::Relay {
                     return Err(format!(
                         "this join token admits a {role}, not a relay-only node: make one with `warren admin join-token create --role relay`, or join with `warren-node join`"
@@ -469,28 +471,19 @@ impl JoinService {
                     ));
                 }
                 // A relay-only node serves no cluster or admin API: both name its relay.
-                let written = |c: Command| {
-                    let cluster = self.cluster.clone();
-                    async move {
-                        cluster
-                            .write(Request::new(Who::System, c))
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| e.to_string())
-                    }
-                };
-                let reply = written(Command::RegisterNode {
-                    name: name.clone(),
-                    cluster_addr: relay.clone(),
-                    admin_addr: relay.clone(),
-                    region,
-                    role,
-                })
-                .await?;
+                let reply = self
+                    .write(Command::RegisterNode {
+                        name: name.clone(),
+                        cluster_addr: relay.clone(),
+                        admin_addr: relay.clone(),
+                        region,
+                        role,
+                    })
+                    .await?;
                 let Outcome::Node(node) = reply else {
                     return Err(format!("unexpected registry reply {reply:?}"));
                 };
-                written(Command::SetNodeRelay {
+                self.write(Command::SetNodeRelay {
                     node: name.clone(),
                     relay: relay.clone(),
                 })

@@ -1013,7 +1013,8 @@ pub async fn serve(
                 keys = view.keys();
                 holders = view.holders();
                 let now_relays = view.relays();
-                // Keys absent (a replica not caught up) say nothing about revocation.
+                // An empty list (a replica not caught up, a revoked relay-only node's
+                // cleared feed) says nothing about who left.
                 if !now_relays.is_empty() {
                     for gone in relays.iter().filter(|r| !now_relays.contains(r)) {
                         tracing::info!(relay = %gone, "a relay left the cluster: the bindings through it are forgotten");

@@ -195,9 +195,7 @@ impl FeedService {
             holders: holders.into_iter().collect(),
             relays: crate::access::all_relays(&reg),
             nodes: reg
-                .nodes()
-                .values()
-                .filter(|n| n.role != NodeRole::Relay)
+                .member_grade_nodes()
                 .map(|n| n.cluster_addr.clone())
                 .collect(),
         })
@@ -537,9 +535,6 @@ impl RelayNode {
                 }
             }
         };
-        if let Err(e) = &outcome {
-            tracing::error!("{e:#}");
-        }
         self.supervisor.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), self.done).await;
         self.feed.endpoint.close(0u32.into(), b"stopping");

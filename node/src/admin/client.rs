@@ -96,9 +96,7 @@ async fn discovery(State(s): State<AdminState>) -> Json<Value> {
 /// The client API of every node of the cluster (clients fall back to them in order when
 /// the node they signed in at does not answer).
 fn node_urls(reg: &Registry) -> Vec<String> {
-    reg.nodes()
-        .values()
-        .filter(|n| n.role != warren_proto::registry::NodeRole::Relay)
+    reg.member_grade_nodes()
         .map(|n| format!("https://{}", n.admin_addr))
         .collect()
 }
@@ -409,10 +407,9 @@ async fn connect(
         )
     })?;
     let relays: Vec<Value> = reg
-        .nodes()
-        .values()
-        .filter_map(|n| {
-            let addr: SocketAddr = reg.node_relay(&n.name)?.parse().ok()?;
+        .node_relays()
+        .filter_map(|(n, relay)| {
+            let addr: SocketAddr = relay.parse().ok()?;
             Some(json!({"node": n.name, "addr": addr}))
         })
         .collect();

@@ -51,9 +51,7 @@ pub fn site_config(reg: &Registry, site: &Name) -> Option<SiteConfig> {
         }
     }
     let nodes = reg
-        .nodes()
-        .values()
-        .filter(|n| n.role != warren_proto::registry::NodeRole::Relay)
+        .member_grade_nodes()
         .map(|n| n.cluster_addr.clone())
         .collect();
     Some(SiteConfig {

@@ -17,7 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use warren_consensus::registry::Registry;
-use warren_proto::registry::{NodeId, NodeRole};
+use warren_proto::registry::NodeId;
 use warren_proto::sites::Holdings;
 use warren_proto::tunnel::io::write_frame;
 use warren_proto::tunnel::Held;
@@ -234,9 +234,7 @@ fn announce(
         .args
         .registry
         .borrow()
-        .nodes()
-        .values()
-        .filter(|n| n.role != NodeRole::Relay)
+        .member_grade_nodes()
         .map(|n| n.id)
         .filter(|id| *id != me)
         .collect();
