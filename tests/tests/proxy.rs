@@ -236,6 +236,16 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     })
     .await?;
     let jwks: Value = web.get(&jwks_url).send().await?.json().await?;
+    // The writes were acknowledged by the leader; a follower applies them a
+    // moment later. "open" was written last, so a node that serves it has
+    // every resource and policy above.
+    for port in &https {
+        let url = format!("https://open.localhost:{port}/echo");
+        eventually("every node serves the last resource written", || async {
+            Ok(echo(&web, &url, None, &[]).await?.0 == StatusCode::OK)
+        })
+        .await?;
+    }
 
     phase!("a public resource needs no sign-in and gets no identity");
     let (status, body, _) = echo(
