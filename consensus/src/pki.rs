@@ -165,6 +165,33 @@ impl ClusterCa {
 }
 
 impl ClusterCa {
+    /// A certificate and its key (PEM) for serving the web host `host` over HTTPS, from
+    /// this CA: server authentication only, the one DNS name, valid 30 days. For a cluster
+    /// without ACME or an uploaded certificate for the host; the key never leaves the node
+    /// that made it. `None` if this node lacks the CA key.
+    pub fn issue_web(&self, host: &str) -> Result<Option<(String, String)>, PkiError> {
+        let Some(ca_key_pem) = &self.key_pem else {
+            return Ok(None);
+        };
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, KeyPair::from_pem(ca_key_pem)?)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Warren");
+        dn.push(DnType::CommonName, host);
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::DnsName(host.to_owned().try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time_now();
+        params.not_before = now - Duration::from_secs(3600);
+        params.not_after = now + Duration::from_secs(30 * 86400);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Some((cert.pem(), key.serialize_pem())))
+    }
+}
+
+impl ClusterCa {
     /// Signs a site agent's CSR: client authentication only, one name,
     /// `<site>.site.warren.invalid`, valid one year. `None` if this node lacks the CA key.
     pub fn sign_site(

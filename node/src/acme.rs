@@ -37,6 +37,8 @@ pub struct AcmeSettings {
     pub email: Option<String>,
     /// Renew this long before a certificate expires.
     pub renew_before: Duration,
+    /// Hosts that need a certificate besides the resources' domains: the auth host.
+    pub also: Vec<String>,
 }
 
 /// The certificate entity name for an ACME certificate of `domain`.
@@ -47,8 +49,13 @@ fn cert_name(domain: &str) -> Option<Name> {
     })
 }
 
-/// Resource domains that need a certificate now.
-pub fn domains_needing_certs(reg: &Registry, now: u64, renew_before: Duration) -> Vec<String> {
+/// Resource domains, and the hosts in `also` (the auth host), that need a certificate now.
+pub fn domains_needing_certs(
+    reg: &Registry,
+    now: u64,
+    renew_before: Duration,
+    also: &[String],
+) -> Vec<String> {
     let mut covered: HashMap<String, i64> = HashMap::new();
     for c in reg.certificates().values() {
         if let Ok(info) = c.info() {
@@ -66,6 +73,7 @@ pub fn domains_needing_certs(reg: &Registry, now: u64, renew_before: Duration) -
             Route::Http { domain, .. } if !domain.starts_with("*.") => Some(domain.clone()),
             _ => None,
         })
+        .chain(also.iter().cloned())
         .filter(|d| {
             let wildcard = d.split_once('.').map(|(_, p)| format!("*.{p}"));
             let valid = |n: &str| covered.get(n).is_some_and(|t| *t > due);

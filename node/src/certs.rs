@@ -91,6 +91,8 @@ pub enum CertsAction {
 pub struct CertsCore {
     me: NodeId,
     renew_before: Duration,
+    /// Hosts to keep a certificate for besides the resources' domains (the auth host).
+    also: Vec<String>,
     next_check: u64,
     /// Domains whose order failed, and when they may be ordered again.
     failed: HashMap<String, u64>,
@@ -117,11 +119,13 @@ enum Phase {
 }
 
 impl CertsCore {
-    /// The core of node `me`, renewing certificates `renew_before` they expire.
-    pub fn new(me: NodeId, renew_before: Duration) -> Self {
+    /// The core of node `me`, renewing certificates `renew_before` they expire; `also`
+    /// names hosts that need one besides the resources' domains (the auth host).
+    pub fn new(me: NodeId, renew_before: Duration, also: Vec<String>) -> Self {
         Self {
             me,
             renew_before,
+            also,
             next_check: 0,
             failed: HashMap::new(),
             phase: Phase::Idle,
@@ -223,7 +227,7 @@ impl CertsCore {
     /// asks for it.
     fn check(&mut self, reg: &Registry, now: u64) {
         self.failed.retain(|_, retry_at| *retry_at > now);
-        let needed: Vec<String> = domains_needing_certs(reg, now, self.renew_before)
+        let needed: Vec<String> = domains_needing_certs(reg, now, self.renew_before, &self.also)
             .into_iter()
             .filter(|d| !self.failed.contains_key(d))
             .collect();
@@ -337,7 +341,11 @@ impl Actor for CertsActor {
         // The first check at once.
         myself.cast(CertsMsg::Timeout)?;
         Ok(CertsState {
-            core: CertsCore::new(args.cluster.id(), args.settings.renew_before),
+            core: CertsCore::new(
+                args.cluster.id(),
+                args.settings.renew_before,
+                args.settings.also.clone(),
+            ),
             args,
             tasks: JoinSet::new(),
             ordering: None,
@@ -559,7 +567,7 @@ mod tests {
 
     /// A core that checked `w` at `now`, took the lease and started ordering.
     fn ordering(w: &World, now: u64) -> (CertsCore, Round, Vec<String>) {
-        let mut core = CertsCore::new(ME, RENEW);
+        let mut core = CertsCore::new(ME, RENEW, Vec::new());
         core.handle_timeout(&w.reg, now);
         let [CertsAction::TakeLease { round, until }] = drain(&mut core)[..] else {
             panic!("no lease asked for");
@@ -572,6 +580,27 @@ mod tests {
         };
         assert_eq!(*r, round);
         (core, round, domains.clone())
+    }
+
+    #[test]
+    fn the_auth_host_is_ordered_with_no_resource_and_not_while_covered() {
+        let mut w = World::with(&[]);
+        let mut core = CertsCore::new(ME, RENEW, domains(&["auth.example.test"]));
+        core.handle_timeout(&w.reg, T0);
+        let [CertsAction::TakeLease { round, .. }] = drain(&mut core)[..] else {
+            panic!("the auth host needs a certificate, but no lease was asked for");
+        };
+        core.handle_leased(round, true, T0);
+        let actions = drain(&mut core);
+        let [CertsAction::Order { domains: d, .. }] = &actions[..] else {
+            panic!("no order: {actions:?}");
+        };
+        assert_eq!(*d, domains(&["auth.example.test"]));
+        // Once it has a certificate valid past the renewal window, nothing is ordered.
+        w.certificate("auth.example.test", (2100, 1, 1));
+        let mut core = CertsCore::new(ME, RENEW, domains(&["auth.example.test"]));
+        core.handle_timeout(&w.reg, T0);
+        assert_eq!(drain(&mut core), []);
     }
 
     #[test]
@@ -593,7 +622,7 @@ mod tests {
     fn another_nodes_live_lease_is_respected_and_an_expired_one_taken_over() {
         let mut w = World::with(&["a.example.test"]);
         w.lease(2, T0 + 100);
-        let mut core = CertsCore::new(ME, RENEW);
+        let mut core = CertsCore::new(ME, RENEW, Vec::new());
         for t in [T0, T0 + 3, T0 + 99] {
             core.handle_timeout(&w.reg, t);
             assert_eq!(drain(&mut core), [], "at {t}");
@@ -610,7 +639,7 @@ mod tests {
     #[test]
     fn a_lease_refused_to_this_node_means_no_order() {
         let w = World::with(&["a.example.test"]);
-        let mut core = CertsCore::new(ME, RENEW);
+        let mut core = CertsCore::new(ME, RENEW, Vec::new());
         core.handle_timeout(&w.reg, T0);
         let [CertsAction::TakeLease { round, .. }] = drain(&mut core)[..] else {
             panic!("no lease asked for");
@@ -694,7 +723,7 @@ mod tests {
     #[test]
     fn nothing_is_ordered_when_nothing_is_needed() {
         let mut w = World::with(&["a.example.test", "*.wild.example.test"]);
-        let mut core = CertsCore::new(ME, RENEW);
+        let mut core = CertsCore::new(ME, RENEW, Vec::new());
         // Covered until far in the future: nothing to do, no lease asked for.
         w.certificate("a.example.test", (2100, 1, 1));
         core.handle_timeout(&w.reg, T0);
@@ -709,7 +738,7 @@ mod tests {
             [CertsAction::TakeLease { .. }]
         ));
         // No web resource at all.
-        let mut core = CertsCore::new(ME, RENEW);
+        let mut core = CertsCore::new(ME, RENEW, Vec::new());
         core.handle_timeout(&World::with(&[]).reg, T0);
         assert_eq!(drain(&mut core), []);
     }

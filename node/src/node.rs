@@ -165,7 +165,11 @@ impl RunningNode {
         let cluster_addr = cluster_socket.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let https_addr = https_listener.local_addr()?;
-        let proxy_settings = settings.proxy(https_addr.port())?;
+        let mut proxy_settings = settings.proxy(https_addr.port())?;
+        if settings.acme_directory.is_none() && !settings.no_ca_web_certs && ca.key_pem().is_some()
+        {
+            proxy_settings.ca_certs = Some(ca.clone());
+        }
         let server_config = pki::quic_server_config(&ca, &identity)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),

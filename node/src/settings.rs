@@ -9,79 +9,150 @@ use warren_consensus::cluster::ClusterConfig;
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Raft heartbeat interval, in milliseconds.
-    #[arg(long, env = "WARREN_HEARTBEAT_MS", default_value_t = 50)]
+    #[arg(long, global = true, env = "WARREN_HEARTBEAT_MS", default_value_t = 50)]
     pub heartbeat_ms: u64,
     /// Shortest election timeout, in milliseconds.
-    #[arg(long, env = "WARREN_ELECTION_TIMEOUT_MIN_MS", default_value_t = 300)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_ELECTION_TIMEOUT_MIN_MS",
+        default_value_t = 300
+    )]
     pub election_timeout_min_ms: u64,
     /// Longest election timeout, in milliseconds. A follower also refuses to vote for
     /// another node until this long after it last heard from its leader (openraft's leader
     /// lease), so failover takes one to two election timeouts.
-    #[arg(long, env = "WARREN_ELECTION_TIMEOUT_MAX_MS", default_value_t = 500)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_ELECTION_TIMEOUT_MAX_MS",
+        default_value_t = 500
+    )]
     pub election_timeout_max_ms: u64,
     /// Build a snapshot and compact the log after at least this many writes (and at least
     /// as many writes as the registry has entities).
-    #[arg(long, env = "WARREN_SNAPSHOT_WRITES", default_value_t = 5000)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_SNAPSHOT_WRITES",
+        default_value_t = 5000
+    )]
     pub snapshot_writes: u64,
     /// How long a write or a linearizable read may wait for the cluster, in milliseconds,
     /// before it is answered with 503.
-    #[arg(long, env = "WARREN_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_REQUEST_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
     pub request_timeout_ms: u64,
     /// How long a membership change may take (a new learner must catch up), in seconds.
-    #[arg(long, env = "WARREN_MEMBERSHIP_TIMEOUT_S", default_value_t = 60)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_MEMBERSHIP_TIMEOUT_S",
+        default_value_t = 60
+    )]
     pub membership_timeout_s: u64,
     /// After this many seconds without contact with a leader, the node reports itself
     /// unhealthy and stops granting access.
-    #[arg(long, env = "WARREN_LEADER_LOSS_BOUND_S", default_value_t = 15)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_LEADER_LOSS_BOUND_S",
+        default_value_t = 15
+    )]
     pub leader_loss_bound_s: u64,
     /// host:port of the HTTPS proxy (web resources and sign-in).
-    #[arg(long, env = "WARREN_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_HTTPS_ADDR",
+        default_value = "127.0.0.1:8443"
+    )]
     pub https_addr: String,
     /// host:port of the plain HTTP listener, which redirects to HTTPS.
-    #[arg(long, env = "WARREN_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub http_addr: String,
     /// The HTTPS port users reach the proxy on, if not the port of --https-addr (behind
     /// port forwarding, say 443).
-    #[arg(long, env = "WARREN_PUBLIC_HTTPS_PORT")]
+    #[arg(long, global = true, env = "WARREN_PUBLIC_HTTPS_PORT")]
     pub public_https_port: Option<u16>,
     /// Host name of the cluster's sign-in pages; must be the same on every node and have a
     /// certificate. Register https://<auth-host>[:port]/.warren/callback at the identity
     /// provider.
-    #[arg(long, env = "WARREN_AUTH_HOST", default_value = "auth.localhost")]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_AUTH_HOST",
+        default_value = "auth.localhost"
+    )]
     pub auth_host: String,
     /// How long a browser session lasts, in hours.
-    #[arg(long, env = "WARREN_SESSION_HOURS", default_value_t = 12)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_SESSION_HOURS",
+        default_value_t = 12
+    )]
     pub session_hours: u64,
     /// Replace the key that signs identity assertions after this many hours (the previous
     /// key stays published in the JWKS until the next rotation).
-    #[arg(long, env = "WARREN_SIGNING_KEY_ROTATION_HOURS", default_value_t = 24 * 30)]
+    #[arg(long, global = true, env = "WARREN_SIGNING_KEY_ROTATION_HOURS", default_value_t = 24 * 30)]
     pub signing_key_rotation_hours: u64,
     /// ACME directory URL: with it, the cluster gets certificates for the domains of web
     /// resources automatically (HTTP-01 on --http-addr, which must be port 80 as the CA
     /// sees it).
-    #[arg(long, env = "WARREN_ACME_DIRECTORY")]
+    #[arg(long, global = true, env = "WARREN_ACME_DIRECTORY")]
     pub acme_directory: Option<String>,
     /// PEM file of a CA to trust for the ACME server's own TLS (a private or test CA).
-    #[arg(long, env = "WARREN_ACME_ROOT_CA")]
+    #[arg(long, global = true, env = "WARREN_ACME_ROOT_CA")]
     pub acme_root_ca: Option<std::path::PathBuf>,
+    /// Do not serve certificates from the cluster CA. Without this (and without ACME), a
+    /// node holding the CA key answers for the auth host and for every web resource host
+    /// that has no certificate in the registry with one it makes from the cluster CA (trust
+    /// the data directory's ca.pem to use them); an uploaded certificate always wins.
+    #[arg(long, global = true, env = "WARREN_NO_CA_WEB_CERTS")]
+    pub no_ca_web_certs: bool,
     /// Contact e-mail of the ACME account.
-    #[arg(long, env = "WARREN_ACME_EMAIL")]
+    #[arg(long, global = true, env = "WARREN_ACME_EMAIL")]
     pub acme_email: Option<String>,
     /// IP address the public TCP ports of TCP resources listen on.
-    #[arg(long, env = "WARREN_L4_ADDR", default_value = "127.0.0.1")]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_L4_ADDR",
+        default_value = "127.0.0.1"
+    )]
     pub l4_addr: String,
     /// SMTP server for e-mailed one-time codes: smtp://host:port, smtps://user:pass@host,
     /// smtp://host?tls=required.
-    #[arg(long, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
+    #[arg(long, global = true, env = "WARREN_SMTP_URL", value_parser = secret_arg)]
     pub smtp_url: Option<warren_proto::Secret>,
     /// Most HTTPS proxy connections open at once; more are closed at once (and counted in
     /// `warren_proxy_connections_refused_total`).
-    #[arg(long, env = "WARREN_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_PROXY_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
     pub proxy_max_connections: usize,
     /// Most TCP connections and UDP flows open at once over all TCP and UDP resource
     /// ports of this node; past it a new connection is closed at once (a new UDP client's
     /// datagrams are dropped), logged at most every 10 s per port.
-    #[arg(long, env = "WARREN_L4_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_L4_MAX_CONNECTIONS",
+        default_value_t = 4096
+    )]
     pub l4_max_connections: usize,
     /// Leader reads per second (for each of: API keys, join tokens, ACME challenge tokens)
     /// to look up an id this node does not know yet, in case it was created a moment ago
@@ -89,6 +160,7 @@ pub struct Settings {
     /// as unknown without asking the leader.
     #[arg(
         long,
+        global = true,
         env = "WARREN_UNKNOWN_ID_LEADER_READS_PER_S",
         default_value_t = 20
     )]
@@ -97,11 +169,17 @@ pub struct Settings {
     /// From a peer in one of them the proxy believes `X-Forwarded-For`: the client is the
     /// last address in it that is not itself a trusted proxy. From anyone else the
     /// client's forwarding headers are replaced. Empty (the default): trust nobody.
-    #[arg(long, env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Sender address of e-mailed codes.
     #[arg(
         long,
+        global = true,
         env = "WARREN_SMTP_FROM",
         default_value = "Warren <warren@localhost>"
     )]
@@ -109,17 +187,17 @@ pub struct Settings {
     /// UDP address the relay for client devices and agents listens on (WireGuard packets,
     /// ciphertext only). Default: the cluster address's IP, port 7401 (port 0: any free
     /// port). `off`: no relay on this node.
-    #[arg(long, env = "WARREN_RELAY_LISTEN")]
+    #[arg(long, global = true, env = "WARREN_RELAY_LISTEN")]
     pub relay_listen: Option<String>,
     /// The relay address clients and agents are told (`ip:port`), when it differs from the
     /// listening one (NAT in front of the node). Default: the listening address, with the
     /// cluster address's IP if it listens on an unspecified one.
-    #[arg(long, env = "WARREN_RELAY_PUBLIC")]
+    #[arg(long, global = true, env = "WARREN_RELAY_PUBLIC")]
     pub relay_public: Option<String>,
     /// The OAuth client id of the `warren` command-line client at the identity providers
     /// (a public client with the device flow): `warren login --node` is told it, and the
     /// node accepts only ID tokens issued to it (or to the provider's own client id).
-    #[arg(long, env = "WARREN_CLI_CLIENT_ID")]
+    #[arg(long, global = true, env = "WARREN_CLI_CLIENT_ID")]
     pub cli_client_id: Option<String>,
 }
 
@@ -143,6 +221,7 @@ impl Default for Settings {
             acme_directory: None,
             acme_root_ca: None,
             acme_email: None,
+            no_ca_web_certs: false,
             l4_addr: "127.0.0.1".into(),
             signing_key_rotation_hours: 24 * 30,
             smtp_from: "Warren <warren@localhost>".into(),
@@ -186,6 +265,7 @@ impl Settings {
             root_ca: self.acme_root_ca.clone(),
             email: self.acme_email.clone(),
             renew_before: Duration::from_secs(30 * 86_400),
+            also: vec![self.auth_host.to_ascii_lowercase()],
         }))
     }
 
@@ -257,6 +337,7 @@ impl Settings {
             smtp: self.smtp_url.clone().map(|u| (u, self.smtp_from.clone())),
             trusted_proxies: self.trusted_proxies.clone(),
             max_connections: self.proxy_max_connections.max(1),
+            ca_certs: None,
         })
     }
 

@@ -18,10 +18,12 @@ pub mod seal;
 pub mod sign;
 pub mod state;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -73,6 +75,9 @@ pub struct ProxySettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Most HTTPS connections open at once.
     pub max_connections: usize,
+    /// The cluster CA (with its key), when this node makes certificates for the auth host
+    /// and resource hosts that have none in the registry (ACME off).
+    pub ca_certs: Option<warren_consensus::pki::ClusterCa>,
 }
 
 /// The proxy of one node.
@@ -94,6 +99,10 @@ pub struct Proxy {
     sites: Arc<crate::sites::Sites>,
     /// `https://<auth host>[:port]`, the issuer of assertions.
     auth_origin: String,
+    /// Certificates made from the cluster CA for hosts without one.
+    ca_certs: Option<CaCerts>,
+    /// When a TLS handshake for a name without a certificate was last logged.
+    unknown_sni_logged: AtomicU64,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -137,6 +146,7 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(connector);
+        let settings_ca = settings.ca_certs.clone();
         let proxy = Arc::new(Self {
             state: Published::new(ProxyState::empty()),
             cluster,
@@ -150,6 +160,8 @@ impl Proxy {
             mailer,
             sites,
             auth_origin,
+            ca_certs: settings_ca.map(CaCerts::new),
+            unknown_sni_logged: AtomicU64::new(0),
         });
         Ok(proxy)
     }
@@ -646,15 +658,107 @@ pub fn set_cookie(name: &str, value: &str, path: &str, max_age: Option<u64>) -> 
 #[derive(Debug)]
 struct SniResolver(std::sync::Weak<Proxy>);
 
+/// How often a handshake for a name without a certificate is logged (any name).
+const UNKNOWN_SNI_LOG_EVERY_S: u64 = 10;
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name()?.to_ascii_lowercase();
         let proxy = self.0.upgrade()?;
-        let cert = proxy.state.load().config.cert_for(&name);
-        if cert.is_none() {
-            tracing::debug!(server_name = %name, "no certificate for this name; refusing the TLS handshake");
+        let state = proxy.state.load();
+        if let Some(cert) = state.config.cert_for(&name) {
+            return Some(cert);
         }
-        cert
+        // A host this cluster serves (the sign-in host, a web resource's) but that has no
+        // certificate in the registry: one from the cluster CA, where this node makes them.
+        let ours = name == proxy.settings.auth_host || state.config.routes_for(&name).is_some();
+        if ours {
+            if let Some(cert) = proxy.ca_certs.as_ref().and_then(|c| c.get(&name)) {
+                return Some(cert);
+            }
+        }
+        let now = unix_now();
+        let last = proxy.unknown_sni_logged.load(Ordering::Relaxed);
+        if now >= last + UNKNOWN_SNI_LOG_EVERY_S
+            && proxy
+                .unknown_sni_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // The name comes from the network: quoted, so it cannot forge a log line.
+            tracing::warn!(
+                server_name = ?name,
+                served_here = ours,
+                "no certificate for this TLS server name; refused the handshake (add one with `warren admin cert add`, or set --acme-directory; logged at most every {UNKNOWN_SNI_LOG_EVERY_S} s)"
+            );
+        }
+        None
+    }
+}
+
+/// Certificates this node makes from the cluster CA, one per host, kept in memory (each
+/// valid 30 days, made again after 7).
+struct CaCerts {
+    ca: warren_consensus::pki::ClusterCa,
+    made: std::sync::Mutex<HashMap<String, (Instant, Arc<CertifiedKey>)>>,
+}
+
+/// Most hosts kept; past it the cache starts again (names come from the registry).
+const CA_CERTS_MAX: usize = 4096;
+/// Age at which a certificate made from the cluster CA is made again.
+const CA_CERT_REMAKE: Duration = Duration::from_secs(7 * 86400);
+
+impl CaCerts {
+    fn new(ca: warren_consensus::pki::ClusterCa) -> Self {
+        Self {
+            ca,
+            made: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        // Never a name the cluster's own certificates use.
+        if host.ends_with(".invalid") || host == warren_consensus::pki::CLUSTER_SERVER_NAME {
+            return None;
+        }
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, key)) = made.get(host) {
+            if at.elapsed() < CA_CERT_REMAKE {
+                return Some(key.clone());
+            }
+        }
+        let key = match self.make(host) {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                tracing::warn!(host, "cannot make a certificate from the cluster CA: {e:#}");
+                return None;
+            }
+        };
+        if made.len() >= CA_CERTS_MAX {
+            made.clear();
+        }
+        tracing::info!(host, "serving a certificate from the cluster CA (no certificate for this host in the registry)");
+        made.insert(host.to_owned(), (Instant::now(), key.clone()));
+        Some(key)
+    }
+
+    fn make(&self, host: &str) -> anyhow::Result<CertifiedKey> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert_pem, key_pem) = self
+            .ca
+            .issue_web(host)?
+            .ok_or_else(|| anyhow::anyhow!("this node does not hold the CA key"))?;
+        let chain = vec![
+            CertificateDer::from_pem_slice(cert_pem.as_bytes())?,
+            self.ca.cert_der().clone(),
+        ];
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+        Ok(CertifiedKey::from_der(
+            chain,
+            key,
+            &rustls::crypto::ring::default_provider(),
+        )?)
     }
 }
 
