@@ -95,6 +95,13 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// TLS certificates the proxy serves (uploaded, or ordered by ACME).
+    #[command(name = "cert", alias = "certificate")]
+    Cert {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
     /// Admin API keys.
     #[command(name = "apikey", alias = "api-key")]
     ApiKey {
@@ -598,6 +605,35 @@ pub enum ClusterCmd {
     },
 }
 
+/// Certificate verbs.
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// List certificates: names they serve, expiry, source (never their keys).
+    List,
+    /// Show one.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Upload a certificate and its key (PEM files); the key is stored in the registry
+    /// and never shown again. The proxy serves it for the DNS names of its leaf.
+    Add {
+        /// Its name.
+        name: String,
+        /// PEM file with the certificate chain, leaf first.
+        #[arg(long)]
+        cert: String,
+        /// PEM file with the private key (`-` for standard input).
+        #[arg(long)]
+        key: String,
+    },
+    /// Delete a certificate (an ACME one is ordered again while a resource needs it).
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
 /// API key verbs.
 #[derive(Debug, Subcommand)]
 pub enum ApiKeyCmd {
@@ -689,15 +725,16 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
             .await
         }
         AdminCmd::Resource { cmd } => {
-            entity(
-                &client,
-                json,
-                "resources",
-                &["name", "site", "route", "targets", "policies", "revision"],
-                cmd,
-            )
-            .await
+            let columns = ["name", "site", "route", "targets", "policies", "revision"];
+            match cmd {
+                EntityCmd::List if !json => resource_table(&client, None, &columns).await,
+                EntityCmd::Get { name } if !json => {
+                    resource_table(&client, Some(&name), &columns).await
+                }
+                cmd => entity(&client, json, "resources", &columns, cmd).await,
+            }
         }
+        AdminCmd::Cert { cmd } => cert(&client, json, cmd).await,
         AdminCmd::Policy { cmd } => {
             entity(
                 &client,
@@ -1157,6 +1194,156 @@ fn print_status(s: &ClusterStatus) {
             ]
         )
     );
+}
+
+const CERT_COLUMNS: [&str; 5] = ["name", "domains", "not_after", "source", "revision"];
+
+async fn cert(client: &Client, json: bool, cmd: CertCmd) -> anyhow::Result<()> {
+    match cmd {
+        CertCmd::List => output::print(
+            &client
+                .call::<()>(Method::GET, "/v1/certificates", None)
+                .await?,
+            &CERT_COLUMNS,
+            json,
+        ),
+        CertCmd::Get { name } => output::print(
+            &client
+                .call::<()>(
+                    Method::GET,
+                    &format!("/v1/certificates/{}", enc(&name)),
+                    None,
+                )
+                .await?,
+            &CERT_COLUMNS,
+            json,
+        ),
+        CertCmd::Add { name, cert, key } => {
+            let cert_pem = read_source(&cert)?;
+            let key_pem = read_source(&key)?;
+            let v = client
+                .call(
+                    Method::POST,
+                    "/v1/certificates",
+                    Some(&json!({"name": name, "cert_pem": cert_pem, "key_pem": key_pem})),
+                )
+                .await?;
+            if json {
+                output::print(&v, &CERT_COLUMNS, true);
+            } else {
+                println!(
+                    "added certificate {name} for {} (valid until {})",
+                    output::cell(v.get("domains")),
+                    output::time_cell(v.get("not_after"))
+                );
+            }
+        }
+        CertCmd::Delete { name } => {
+            client
+                .call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/certificates/{}", enc(&name)),
+                    None,
+                )
+                .await?;
+            if !json {
+                println!("deleted certificate {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resources as a table with a column saying whether each web resource's host has a
+/// certificate valid now (and until when).
+async fn resource_table(
+    client: &Client,
+    name: Option<&str>,
+    columns: &[&str],
+) -> anyhow::Result<()> {
+    let v = match name {
+        Some(n) => {
+            client
+                .call::<()>(Method::GET, &format!("/v1/resources/{}", enc(n)), None)
+                .await?
+        }
+        None => {
+            client
+                .call::<()>(Method::GET, "/v1/resources", None)
+                .await?
+        }
+    };
+    let certs = client
+        .call::<()>(Method::GET, "/v1/certificates", None)
+        .await?;
+    let certs: Vec<(Vec<String>, i64)> = certs
+        .get("items")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let domains = c
+                        .get("domains")
+                        .and_then(Value::as_array)
+                        .map(|d| {
+                            d.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_owned)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (
+                        domains,
+                        c.get("not_after").and_then(Value::as_i64).unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let now = jiff::Timestamp::now().as_second();
+    let mut rows: Vec<Value> = match v.get("items").and_then(Value::as_array) {
+        Some(items) => items.clone(),
+        None => vec![v],
+    };
+    for r in &mut rows {
+        let host = r
+            .pointer("/route/http/domain")
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase);
+        let status = match host {
+            None => "-".to_owned(),
+            Some(h) => cert_status(&certs, &h, now),
+        };
+        if let Value::Object(m) = r {
+            m.insert("certificate".into(), json!(status));
+        }
+    }
+    let mut cols = columns.to_vec();
+    cols.insert(cols.len() - 1, "certificate");
+    let refs: Vec<&Value> = rows.iter().collect();
+    println!("{}", output::table(&refs, &cols));
+    Ok(())
+}
+
+/// `valid until <date>`, `expired <date>` or `none` for `host` among `certs` (names and
+/// expiry): the latest-expiring certificate whose names cover it.
+fn cert_status(certs: &[(Vec<String>, i64)], host: &str, now: i64) -> String {
+    let covers = |n: &str| match n.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => n == host,
+    };
+    let best = certs
+        .iter()
+        .filter(|(names, _)| names.iter().any(|n| covers(n)))
+        .map(|(_, not_after)| *not_after)
+        .max();
+    match best {
+        None => "none".into(),
+        Some(t) if t > now => format!("valid until {}", output::time_cell(Some(&json!(t)))),
+        Some(t) => format!("expired {}", output::time_cell(Some(&json!(t)))),
+    }
 }
 
 async fn api_key(client: &Client, json: bool, cmd: ApiKeyCmd) -> anyhow::Result<()> {

@@ -28,9 +28,32 @@ pub fn table(rows: &[&Value], columns: &[&str]) -> Table {
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(columns.iter().map(|c| c.to_uppercase()));
     for row in rows {
-        t.add_row(columns.iter().map(|c| cell(row.get(*c))));
+        t.add_row(columns.iter().map(|c| {
+            if is_time_column(c) {
+                time_cell(row.get(*c))
+            } else {
+                cell(row.get(*c))
+            }
+        }));
     }
     t
+}
+
+/// Columns that hold seconds since the Unix epoch.
+fn is_time_column(c: &str) -> bool {
+    c.ends_with("_at") || c == "not_after" || c == "not_before" || c == "last_seen"
+}
+
+/// Seconds since the Unix epoch as a UTC date and time (`2026-12-02 22:58Z`); other
+/// values as [`cell`] shows them.
+pub fn time_cell(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_i64) {
+        Some(t) if t > 0 => match jiff::Timestamp::from_second(t) {
+            Ok(ts) => ts.strftime("%Y-%m-%d %H:%MZ").to_string(),
+            Err(_) => t.to_string(),
+        },
+        _ => cell(v),
+    }
 }
 
 /// A JSON value as a short cell.
@@ -91,5 +114,7 @@ mod tests {
         );
         assert_eq!(cell(Some(&json!(["a", "b"]))), "a,b");
         assert_eq!(cell(None), "-");
+        assert_eq!(time_cell(Some(&json!(1_764_716_280))), "2025-12-02 22:58Z");
+        assert_eq!(time_cell(Some(&json!(0))), "0");
     }
 }

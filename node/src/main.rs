@@ -387,7 +387,10 @@ fn print_serving(node: &RunningNode) {
         node.file.cluster_id
     );
     println!("  admin API      https://{}/v1/", node.file.admin_addr);
-    println!("  cluster CA     {}", node.dir.path("ca.pem").display());
+    println!(
+        "  cluster CA     {}",
+        absolute_dir(node).join("ca.pem").display()
+    );
     println!("  cluster addr   {} (QUIC)", node.file.cluster_addr);
     println!(
         "  web proxy      https://{} (resources by host name; sign-in on the auth host), HTTP redirect on --http-addr",
@@ -395,14 +398,26 @@ fn print_serving(node: &RunningNode) {
     );
 }
 
+/// The data directory as an absolute path, for lines meant to be pasted elsewhere.
+fn absolute_dir(node: &RunningNode) -> PathBuf {
+    std::fs::canonicalize(node.dir.root()).unwrap_or_else(|_| node.dir.root().to_path_buf())
+}
+
 fn print_try(node: &RunningNode) {
-    let dir = node.dir.root().display();
+    let abs = absolute_dir(node);
+    let dir = abs.display();
     println!("Try it:");
     println!(
         "  export WARREN_ADDR=https://{} WARREN_CA={dir}/ca.pem WARREN_API_KEY=$(cat {dir}/admin.key)",
         node.file.admin_addr
     );
     println!("  cargo run -q --release --bin warren -- admin cluster status");
+    if node.proxy.makes_ca_certs() {
+        println!(
+            "  open {}/.warren/ (the sign-in page; its certificate is from the cluster CA: trust {dir}/ca.pem)",
+            node.proxy.auth_origin()
+        );
+    }
 }
 
 async fn shutdown_signal() {

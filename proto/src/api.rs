@@ -199,6 +199,13 @@ pub struct CertificateView {
     pub domains: Vec<String>,
     /// End of validity, seconds since the Unix epoch.
     pub not_after: i64,
+    /// Start of validity, seconds since the Unix epoch.
+    #[serde(default)]
+    pub not_before: i64,
+    /// `acme` for the certificates the cluster ordered (named `acme.<domain>`), `uploaded`
+    /// for the others.
+    #[serde(default)]
+    pub source: String,
     /// The PEM chain (public).
     pub cert_pem: String,
     /// Raft log index of the last change.
@@ -211,7 +218,14 @@ impl From<&crate::certificate::Certificate> for CertificateView {
         Self {
             name: c.name.clone(),
             domains: info.as_ref().map(|i| i.domains.clone()).unwrap_or_default(),
-            not_after: info.map(|i| i.not_after).unwrap_or(0),
+            not_after: info.as_ref().map(|i| i.not_after).unwrap_or(0),
+            not_before: info.map(|i| i.not_before).unwrap_or(0),
+            source: if c.name.as_str().starts_with("acme.") {
+                "acme"
+            } else {
+                "uploaded"
+            }
+            .into(),
             cert_pem: c.cert_pem.clone(),
             revision: c.revision,
         }

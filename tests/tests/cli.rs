@@ -1,8 +1,9 @@
 //! The `warren` CLI and the `warren-node` quick start, as a person uses them.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde_json::Value;
 use warren_tests::{bins, phase, Cluster};
 
@@ -205,6 +206,93 @@ async fn entity_verbs_tables_and_json() -> anyhow::Result<()> {
     let v: Value = serde_json::from_str(&run(&["role", "get", "ops", "--json"]))?;
     assert_eq!(v["members"], serde_json::json!([]));
 
+    phase!("certificates from PEM files; resource list says which host has one");
+    run(&[
+        "resource",
+        "create",
+        "wiki",
+        "--http",
+        "wiki.example.com",
+        "--target",
+        "10.0.0.5:80",
+        "--policy",
+        "ops-only",
+    ]);
+    let table = run(&["resource", "list"]);
+    let wiki = table
+        .lines()
+        .find(|l| l.contains("wiki"))
+        .unwrap_or_default();
+    assert!(wiki.contains("none"), "no certificate yet:\n{table}");
+    let (cert_pem, key_pem) = warren_tests::certs::self_signed(&["wiki.example.com"]);
+    let (cert_file, key_file) = (c.tmp.path().join("w.pem"), c.tmp.path().join("w.key"));
+    std::fs::write(&cert_file, &cert_pem)?;
+    std::fs::write(&key_file, &key_pem)?;
+    let out = run(&[
+        "cert",
+        "add",
+        "wiki",
+        "--cert",
+        cert_file.to_str().unwrap(),
+        "--key",
+        key_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("wiki.example.com") && out.contains("valid until"),
+        "{out}"
+    );
+    let table = run(&["cert", "list"]);
+    assert!(
+        table.contains("wiki.example.com") && table.contains("uploaded") && table.contains("Z"),
+        "names, expiry as a date, source:\n{table}"
+    );
+    assert!(
+        !table.contains("PRIVATE KEY")
+            && !run(&["cert", "get", "wiki", "--json"]).contains("PRIVATE KEY")
+    );
+    let table = run(&["resource", "list"]);
+    let wiki = table
+        .lines()
+        .find(|l| l.contains("wiki"))
+        .unwrap_or_default();
+    assert!(wiki.contains("valid until"), "{table}");
+    let (ok, _, err) = c.warren(
+        0,
+        &[
+            "cert",
+            "add",
+            "acme.x",
+            "--cert",
+            cert_file.to_str().unwrap(),
+            "--key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("acme."),
+        "ACME's names are refused: {err}"
+    );
+    let (other_cert, _) = warren_tests::certs::self_signed(&["other.example.com"]);
+    std::fs::write(&cert_file, other_cert)?;
+    let (ok, _, err) = c.warren(
+        0,
+        &[
+            "cert",
+            "add",
+            "bad",
+            "--cert",
+            cert_file.to_str().unwrap(),
+            "--key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("does not fit"),
+        "a key for another certificate: {err}"
+    );
+    run(&["cert", "delete", "wiki"]);
+    assert!(!run(&["cert", "list"]).contains("wiki.example.com"));
+
     phase!("API keys and join tokens are shown once, never listed");
     let out = run(&["apikey", "create", "ci", "--read-only"]);
     let key = out.lines().last().unwrap().to_owned();
@@ -238,7 +326,7 @@ fn quick_start_creates_then_reuses_warren_data() -> anyhow::Result<()> {
         let child = Command::new(&bins().node)
             .current_dir(dir)
             .stdout(std::fs::File::create(&out_path)?)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("err.txt"))?)
             .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -270,6 +358,53 @@ fn quick_start_creates_then_reuses_warren_data() -> anyhow::Result<()> {
         String::from_utf8_lossy(&status.stderr)
     );
     assert!(String::from_utf8_lossy(&status.stdout).contains("node1"));
+    let ca_path = dir.path().join("warren-data/ca.pem").canonicalize()?;
+    assert!(
+        text.contains(&format!("WARREN_CA={}", ca_path.display())),
+        "the export names the CA by its absolute path:\n{text}"
+    );
+
+    phase!("with no certificate uploaded, the sign-in host is served with one from the cluster CA");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_path)?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let web = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .resolve("auth.localhost", "127.0.0.1:8443".parse()?)
+            .resolve("nothing.localhost", "127.0.0.1:8443".parse()?)
+            .build()?;
+        let resp = web
+            .get("https://auth.localhost:8443/.warren/")
+            .send()
+            .await?;
+        assert!(
+            resp.status().as_u16() < 500,
+            "the sign-in host answers over TLS the CA file verifies: {}",
+            resp.status()
+        );
+        phase!("a host the cluster does not serve fails the handshake, and the log says why");
+        assert!(web
+            .get("https://nothing.localhost:8443/")
+            .send()
+            .await
+            .is_err());
+        anyhow::Ok(())
+    })?;
+    assert!(
+        text.contains("auth.localhost"),
+        "the output says what to open:\n{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("err.txt")).unwrap_or_default();
+        if log.contains("no certificate for this TLS server name")
+            && log.contains("nothing.localhost")
+        {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nothing in the log:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -285,5 +420,199 @@ fn quick_start_creates_then_reuses_warren_data() -> anyhow::Result<()> {
     assert!(!text.contains(key.trim()), "the key is printed only once");
     child.kill()?;
     child.wait()?;
+    Ok(())
+}
+
+/// The README's "A three-node cluster" lines, as written (joined where a line ends in
+/// `\`, comments and the alias dropped), with `warren-node` the built binary and the join
+/// token the one `init` printed.
+fn readme_three_node_lines() -> anyhow::Result<Vec<String>> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let section = readme
+        .split_once("### A three-node cluster")
+        .context("the README has no three-node section")?
+        .1;
+    let block = section
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .context("the section has no sh block")?
+        .0;
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for raw in block.lines() {
+        let line = raw.split_once(" #").map_or(raw, |(l, _)| l).trim();
+        if line.starts_with('#') || line.starts_with("alias ") || line.is_empty() {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(l) => {
+                current.push_str(l);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                lines.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// A network namespace of the test's own (fresh loopback: the README's fixed ports are
+/// free there), deleted with the processes started in it when dropped.
+struct Netns {
+    name: String,
+    children: Vec<std::process::Child>,
+}
+
+impl Netns {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        for args in [
+            vec!["netns", "add", name],
+            vec!["-n", name, "link", "set", "lo", "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            children: Vec::new(),
+        })
+    }
+
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Waits until `path` holds `needle`, for up to 30 s; returns the text.
+fn wait_for_text(path: &std::path::Path, needle: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn readme_three_node_example_runs_as_written() -> anyhow::Result<()> {
+    let lines = readme_three_node_lines()?;
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("warren-node "))
+            .count(),
+        4,
+        "init, two joins and a restart: {lines:#?}"
+    );
+    let dir = tempfile::tempdir()?;
+    let mut ns = Netns::new(&format!("wrn-readme-{}", std::process::id()))?;
+    let mut token = String::new();
+    let mut run_line = |ns: &mut Netns, i: usize, line: &str| -> anyhow::Result<String> {
+        let line = line.replace("wjt1_...", &token);
+        let args: Vec<&str> = line
+            .strip_prefix("warren-node ")
+            .context("a README line that is not warren-node")?
+            .split_whitespace()
+            .collect();
+        let out = dir.path().join(format!("out{i}.txt"));
+        let child = ns
+            .command(&bins().node)
+            .args(&args)
+            .current_dir(dir.path())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::fs::File::create(
+                dir.path().join(format!("err{i}.txt")),
+            )?)
+            .spawn()?;
+        ns.children.push(child);
+        let needle = match args[0] {
+            "init" => "join token",
+            "join" => "Joined cluster",
+            _ => "Serving node",
+        };
+        let text = wait_for_text(&out, needle).map_err(|e| {
+            let err = std::fs::read_to_string(dir.path().join(format!("err{i}.txt")));
+            anyhow::anyhow!("`{line}`: {e}\n{}", err.unwrap_or_default())
+        })?;
+        if args[0] == "init" {
+            token = text
+                .split_whitespace()
+                .find(|w| w.starts_with("wjt1_"))
+                .context("no join token printed")?
+                .to_owned();
+        }
+        Ok(text)
+    };
+    let status = |ns: &Netns, admin: &str| -> anyhow::Result<String> {
+        let key = std::fs::read_to_string(dir.path().join("d1/admin.key"))?;
+        let out = ns
+            .command(&bins().warren)
+            .args(["admin", "cluster", "status"])
+            .env("WARREN_ADDR", format!("https://{admin}"))
+            .env("WARREN_CA", dir.path().join("d1/ca.pem"))
+            .env("WARREN_API_KEY", key.trim())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    phase!("init and two joins, as the README has them");
+    for (i, line) in lines[..3].iter().enumerate() {
+        run_line(&mut ns, i, line)?;
+    }
+    let table = status(&ns, "127.0.0.1:7443")?;
+    for n in ["n1", "n2", "n3"] {
+        assert!(table.contains(n), "{n} is a member:\n{table}");
+    }
+    assert_eq!(table.matches("voter").count(), 3, "{table}");
+
+    phase!("the restart line starts n1 again from its data directory");
+    let n1 = ns.children.remove(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(n1.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let mut n1 = n1;
+    n1.wait()?;
+    run_line(&mut ns, 3, &lines[3])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match status(&ns, "127.0.0.2:7443") {
+            Ok(t) if t.matches("voter").count() == 3 => break,
+            other => anyhow::ensure!(Instant::now() < deadline, "after the restart: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }

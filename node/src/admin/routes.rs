@@ -292,7 +292,14 @@ impl ApiEntity for Certificate {
             _ => None,
         }
     }
-    fn prepare(&mut self, _current: Option<&Self>) -> Result<(), ApiErr> {
+    fn prepare(&mut self, current: Option<&Self>) -> Result<(), ApiErr> {
+        if current.is_none() && self.name.as_str().starts_with("acme.") {
+            return Err(ApiErr::new(
+                ErrorCode::InvalidField,
+                "names starting with \"acme.\" are kept for the certificates the cluster orders; pick another name",
+            )
+            .field("name"));
+        }
         // The registry checks the PEM; only the node has the crypto to check the key
         // belongs to the certificate.
         let (Ok(chain), Ok(key)) = (self.chain(), self.key()) else {

@@ -176,6 +176,16 @@ impl Proxy {
         })
     }
 
+    /// `https://<auth host>[:port]`: where people sign in.
+    pub fn auth_origin(&self) -> &str {
+        &self.auth_origin
+    }
+
+    /// Whether this node serves hosts without a certificate with one from the cluster CA.
+    pub fn makes_ca_certs(&self) -> bool {
+        self.ca_certs.is_some()
+    }
+
     /// The cluster handle.
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
@@ -400,11 +410,6 @@ impl Proxy {
                 "The address could not be parsed.",
             ),
         }
-    }
-
-    /// `https://<auth host>[:port]`.
-    fn auth_origin(&self) -> &str {
-        &self.auth_origin
     }
 
     fn jwks(&self, state: &ProxyState) -> Response<Body> {
