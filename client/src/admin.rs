@@ -226,8 +226,8 @@ pub struct UserUpdate {
     /// Name shown to people.
     #[arg(long)]
     display_name: Option<String>,
-    /// Disable (`true`) or enable (`false`) the user.
-    #[arg(long)]
+    /// Disable the user (`--disabled`, or `--disabled true`); `--disabled false` enables.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     disabled: Option<bool>,
 }
 
@@ -843,6 +843,7 @@ async fn entity<C: Args + Fields, U: Args + Fields>(
             let v = client
                 .call(Method::POST, &format!("/v1/{path}"), Some(&body))
                 .await?;
+            print_warnings(&v);
             if json {
                 output::print(&v, columns, true);
             } else {
@@ -866,6 +867,7 @@ async fn entity<C: Args + Fields, U: Args + Fields>(
                     Some(&body),
                 )
                 .await?;
+            print_warnings(&v);
             if json {
                 output::print(&v, columns, true);
             } else {
@@ -1194,6 +1196,19 @@ fn print_status(s: &ClusterStatus) {
             ]
         )
     );
+}
+
+/// The API's warnings about what was just written (it was written), on stderr.
+fn print_warnings(v: &Value) {
+    for w in v
+        .get("warnings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        eprintln!("warning: {w}");
+    }
 }
 
 const CERT_COLUMNS: [&str; 5] = ["name", "domains", "not_after", "source", "revision"];

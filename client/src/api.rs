@@ -124,5 +124,19 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         s.push_str(&inner.to_string());
         src = inner.source();
     }
-    s
+    explain_tls(s)
+}
+
+/// rustls names certificate failures by their enum variants; say what they mean here.
+fn explain_tls(s: String) -> String {
+    let hint = if s.contains("UnknownIssuer") || s.contains("BadSignature") {
+        "the server's certificate is not from the CA you trust (WARREN_CA / --ca): is this a node of another cluster, or the wrong CA file?"
+    } else if s.contains("NotValidForName") {
+        "the server's certificate does not name the host in the address: use the address the node was started with"
+    } else if s.contains("Expired") {
+        "the server's certificate has expired (or this machine's clock is wrong)"
+    } else {
+        return s;
+    };
+    format!("{hint} ({s})")
 }

@@ -238,6 +238,22 @@ impl RunningNode {
             proxy.clone(),
             serving.clone(),
             tree.clone(),
+            crate::admin::OwnPorts {
+                l4_ip: settings.l4_addr()?,
+                tcp: vec![
+                    (admin_addr, "this node's admin API"),
+                    (https_addr, "this node's HTTPS proxy"),
+                    (http_listener.local_addr()?, "this node's HTTP redirect"),
+                ],
+                udp: std::iter::once((cluster_addr, "this node's cluster address (QUIC)"))
+                    .chain(
+                        relay_socket
+                            .as_ref()
+                            .and_then(|r| r.local_addr().ok())
+                            .map(|a| (a, "this node's relay")),
+                    )
+                    .collect(),
+            },
         );
         let join = Arc::new(crate::join::JoinService {
             cluster: cluster.clone(),

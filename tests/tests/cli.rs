@@ -293,6 +293,73 @@ async fn entity_verbs_tables_and_json() -> anyhow::Result<()> {
     run(&["cert", "delete", "wiki"]);
     assert!(!run(&["cert", "list"]).contains("wiki.example.com"));
 
+    phase!("mistakes are caught when they are made");
+    let node = &c.nodes[0];
+    let l4_is_admin = node.admin_addr.starts_with(&format!("{}:", node.l4_ip));
+    let admin_port = node.admin_addr.rsplit_once(':').unwrap().1.to_owned();
+    let (ok, _, err) = c.warren(
+        0,
+        &[
+            "resource",
+            "create",
+            "clash",
+            "--tcp",
+            &admin_port,
+            "--target",
+            "10.0.0.9:22",
+        ],
+    );
+    if l4_is_admin {
+        assert!(
+            !ok && err.contains("admin API"),
+            "a port the node itself uses: {err}"
+        );
+    } else {
+        assert!(
+            ok && err.contains("admin API"),
+            "another address, a warning: {err}"
+        );
+        run(&["resource", "delete", "clash"]);
+    }
+    assert!(
+        !run(&["resource", "list"]).contains("clash"),
+        "nothing was stored"
+    );
+    let (ok, _, err) = c.warren(
+        0,
+        &[
+            "resource",
+            "create",
+            "nobody",
+            "--http",
+            "nobody.example.com",
+            "--target",
+            "10.0.0.5:80",
+        ],
+    );
+    assert!(ok && err.contains("warning: no policy"), "{err}");
+    let secret = c.tmp.path().join("secret.txt");
+    std::fs::write(&secret, "s3cret")?;
+    let (ok, out, err) = c.warren(
+        0,
+        &[
+            "idp",
+            "create",
+            "nowhere",
+            "--issuer",
+            "http://127.0.0.1:9/realm",
+            "--client-id",
+            "warren",
+            "--client-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        ok && err.contains("warning: OpenID discovery"),
+        "{out}{err}"
+    );
+    assert!(!err.contains("s3cret") && !out.contains("s3cret"));
+
     phase!("API keys and join tokens are shown once, never listed");
     let out = run(&["apikey", "create", "ci", "--read-only"]);
     let key = out.lines().last().unwrap().to_owned();
@@ -358,6 +425,24 @@ fn quick_start_creates_then_reuses_warren_data() -> anyhow::Result<()> {
         String::from_utf8_lossy(&status.stderr)
     );
     assert!(String::from_utf8_lossy(&status.stdout).contains("node1"));
+    phase!("a TCP resource on the admin API's own port is refused, with the reason");
+    let out = Command::new(&bins().warren)
+        .args([
+            "admin",
+            "resource",
+            "create",
+            "clash",
+            "--tcp",
+            "7443",
+            "--target",
+            "10.0.0.9:22",
+        ])
+        .env("WARREN_ADDR", "https://127.0.0.1:7443")
+        .env("WARREN_CA", dir.path().join("warren-data/ca.pem"))
+        .env("WARREN_API_KEY", key.trim())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("admin API"), "{err}");
     let ca_path = dir.path().join("warren-data/ca.pem").canonicalize()?;
     assert!(
         text.contains(&format!("WARREN_CA={}", ca_path.display())),

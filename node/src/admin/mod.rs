@@ -75,6 +75,35 @@ struct Inner {
     serving: crate::serving::Serving,
     /// The supervision tree's report on itself.
     tree: Arc<crate::publish::Published<crate::actors::TreeHealth>>,
+    /// The ports this node listens on itself, against which resource ports are checked.
+    own: OwnPorts,
+}
+
+/// The addresses a node listens on itself, and the IP its TCP and UDP resources use.
+#[derive(Debug, Clone)]
+pub struct OwnPorts {
+    /// `--l4-addr`.
+    pub l4_ip: std::net::IpAddr,
+    /// TCP listeners, with what each is.
+    pub tcp: Vec<(std::net::SocketAddr, &'static str)>,
+    /// UDP sockets, with what each is.
+    pub udp: Vec<(std::net::SocketAddr, &'static str)>,
+}
+
+impl OwnPorts {
+    /// What of this node's own already listens where a resource on `port` would
+    /// (`udp`: a UDP resource).
+    pub fn taken(&self, port: u16, udp: bool) -> Option<&'static str> {
+        let list = if udp { &self.udp } else { &self.tcp };
+        list.iter()
+            .find(|(a, _)| {
+                a.port() == port
+                    && (a.ip() == self.l4_ip
+                        || a.ip().is_unspecified()
+                        || self.l4_ip.is_unspecified())
+            })
+            .map(|(_, what)| *what)
+    }
 }
 
 impl AdminState {
@@ -90,9 +119,11 @@ impl AdminState {
         proxy: Arc<crate::proxy::Proxy>,
         serving: crate::serving::Serving,
         tree: Arc<crate::publish::Published<crate::actors::TreeHealth>>,
+        own: OwnPorts,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                own,
                 serving,
                 tree,
                 proxy,

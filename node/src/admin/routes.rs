@@ -163,6 +163,14 @@ pub trait ApiEntity: Table {
     fn prepare(&mut self, _current: Option<&Self>) -> Result<(), ApiErr> {
         Ok(())
     }
+    /// Mistakes this node can see before the write: an error where it is certain the
+    /// entity cannot work, warnings (returned with the answer) where it only may not.
+    fn check(
+        &self,
+        _s: &AdminState,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, ApiErr>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 macro_rules! plain_view {
@@ -203,6 +211,9 @@ impl ApiEntity for Resource {
             warren_consensus::registry::AnyEntity::Resource(e) => Some(e),
             _ => None,
         }
+    }
+    async fn check(&self, s: &AdminState) -> Result<Vec<String>, ApiErr> {
+        resource_problems(self, s)
     }
     fn prepare(&mut self, current: Option<&Self>) -> Result<(), ApiErr> {
         let current = current.map(|c| &c.http.access);
@@ -273,6 +284,9 @@ impl ApiEntity for IdentityProvider {
     fn view(&self) -> Self::View {
         IdentityProviderView::from(self)
     }
+    async fn check(&self, _s: &AdminState) -> Result<Vec<String>, ApiErr> {
+        Ok(discovery_problem(&self.issuer).await.into_iter().collect())
+    }
     fn from_any(any: warren_consensus::registry::AnyEntity) -> Option<Self> {
         match any {
             warren_consensus::registry::AnyEntity::IdentityProvider(e) => Some(e),
@@ -315,6 +329,101 @@ impl ApiEntity for Certificate {
                 .field("key_pem")
             })
     }
+}
+
+/// What is wrong with a resource that the registry cannot know: a port this node itself
+/// listens on (an error), another node's ports or a program already on the port here,
+/// and a resource that lets nobody in (warnings).
+fn resource_problems(r: &Resource, s: &AdminState) -> Result<Vec<String>, ApiErr> {
+    use warren_proto::registry::Route;
+    let mut warnings = Vec::new();
+    let (port, udp) = match &r.route {
+        Route::Tcp { port } => (Some(*port), false),
+        Route::Udp { port } => (Some(*port), true),
+        _ => (None, false),
+    };
+    if let Some(port) = port {
+        let proto = if udp { "UDP" } else { "TCP" };
+        if let Some(what) = s.inner.own.taken(port, udp) {
+            return Err(ApiErr::new(
+                ErrorCode::InvalidField,
+                format!("{proto} port {port} is {what}: a resource cannot listen there; pick another port"),
+            )
+            .field("route"));
+        }
+        let reg = s.cluster().registry();
+        for n in reg.nodes().values() {
+            let theirs = if udp { &n.cluster_addr } else { &n.admin_addr };
+            if theirs
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                == Some(port)
+            {
+                warnings.push(format!(
+                    "{proto} port {port} is node {}'s {} ({theirs}); if its --l4-addr is the same address, the resource cannot listen there",
+                    n.name.as_str(),
+                    if udp { "cluster address" } else { "admin API" }
+                ));
+            }
+        }
+        let ours = reg
+            .resources()
+            .get(&r.name)
+            .is_some_and(|cur| cur.route == r.route);
+        let addr = std::net::SocketAddr::new(s.inner.own.l4_ip, port);
+        let busy = if udp {
+            std::net::UdpSocket::bind(addr).is_err()
+        } else {
+            std::net::TcpListener::bind(addr).is_err()
+        };
+        if busy && !ours {
+            warnings.push(format!(
+                "{proto} {addr} is in use on node {} by another program: the resource will not be served there until it is free",
+                s.inner.node_name.as_str()
+            ));
+        }
+    }
+    let public = matches!(r.route, Route::Http { .. }) && r.http.public;
+    if r.policies.is_empty() && !public && !matches!(r.route, Route::Private { .. }) {
+        warnings.push(
+            "no policy: nobody may use this resource (deny by default); add one with --policy"
+                .into(),
+        );
+    }
+    Ok(warnings)
+}
+
+/// Why OpenID discovery at `issuer` fails from this node, if it does.
+async fn discovery_problem(issuer: &str) -> Option<String> {
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let client = openidconnect::reqwest::Client::builder()
+        .redirect(openidconnect::reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let problem = match client.get(&url).send().await {
+        Err(e) => format!("cannot reach it: {e}"),
+        Ok(resp) if !resp.status().is_success() => format!("it answered {}", resp.status()),
+        Ok(resp) => match resp
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()))
+        {
+            Err(e) => format!("the answer is not JSON: {e}"),
+            Ok(v) => match v.get("issuer").and_then(Value::as_str) {
+                Some(i) if i.trim_end_matches('/') == issuer.trim_end_matches('/') => return None,
+                Some(i) => format!("it names another issuer, {i:?}"),
+                None => "the answer has no issuer".into(),
+            },
+        },
+    };
+    Some(format!(
+        "OpenID discovery at {url} failed from node ({problem}): sign-in with this provider will fail until it works"
+    ))
 }
 
 /// The body of a request that makes something that expires.
@@ -679,14 +788,15 @@ async fn create<E: ApiEntity>(
     State(s): State<AdminState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<E::View>), ApiErr> {
+) -> Result<(StatusCode, Json<Value>), ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let mut entity: E = read_json(body, MAX_BODY).await?;
     entity.prepare(None)?;
+    let warnings = entity.check(&s).await?;
     let outcome = submit(&s, key, &headers, Command::Create(entity.wrap())).await?;
     match outcome {
         Outcome::Entity(any) => E::from_any(any)
-            .map(|e| (StatusCode::CREATED, Json(e.view())))
+            .map(|e| (StatusCode::CREATED, Json(with_warnings(e.view(), warnings))))
             .ok_or_else(|| {
                 ApiErr::new(
                     ErrorCode::Internal,
@@ -695,6 +805,15 @@ async fn create<E: ApiEntity>(
             }),
         other => Err(unexpected(&other)),
     }
+}
+
+/// The entity's view, with `warnings` beside its fields when there are any.
+fn with_warnings(view: impl Serialize, warnings: Vec<String>) -> Value {
+    let mut v = serde_json::to_value(view).unwrap_or(Value::Null);
+    if let (false, Value::Object(m)) = (warnings.is_empty(), &mut v) {
+        m.insert("warnings".into(), json!(warnings));
+    }
+    v
 }
 
 /// RFC 7396 JSON merge patch.
@@ -721,7 +840,7 @@ async fn update<E: ApiEntity>(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<E::View>, ApiErr> {
+) -> Result<Json<Value>, ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let name = path_name(E::KIND, &name)?;
     let patch: Value = read_json(body, MAX_BODY).await?;
@@ -771,6 +890,7 @@ async fn update<E: ApiEntity>(
         let mut updated: E =
             super::parse_json(&serde_json::to_vec(&doc).expect("a JSON value encodes"))?;
         updated.prepare(Some(&current))?;
+        let warnings = updated.check(&s).await?;
         match submit(&s, key, &headers, Command::Update(updated.wrap())).await {
             Err(e)
                 if e.code() == ErrorCode::RevisionConflict
@@ -781,12 +901,14 @@ async fn update<E: ApiEntity>(
             }
             Err(e) => return Err(e),
             Ok(Outcome::Entity(any)) => {
-                return E::from_any(any).map(|e| Json(e.view())).ok_or_else(|| {
-                    ApiErr::new(
-                        ErrorCode::Internal,
-                        "the registry answered with another kind",
-                    )
-                })
+                return E::from_any(any)
+                    .map(|e| Json(with_warnings(e.view(), warnings)))
+                    .ok_or_else(|| {
+                        ApiErr::new(
+                            ErrorCode::Internal,
+                            "the registry answered with another kind",
+                        )
+                    })
             }
             Ok(other) => return Err(unexpected(&other)),
         }
