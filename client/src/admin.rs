@@ -715,14 +715,12 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
             .await
         }
         AdminCmd::Site { cmd } => {
-            entity(
-                &client,
-                json,
-                "sites",
-                &["name", "description", "revision"],
-                cmd,
-            )
-            .await
+            let columns = ["name", "description", "revision"];
+            match cmd {
+                EntityCmd::List if !json => site_table(&client, None).await,
+                EntityCmd::Get { name } if !json => site_table(&client, Some(&name)).await,
+                cmd => entity(&client, json, "sites", &columns, cmd).await,
+            }
         }
         AdminCmd::Resource { cmd } => {
             let columns = ["name", "site", "route", "targets", "policies", "revision"];
@@ -1266,6 +1264,76 @@ async fn cert(client: &Client, json: bool, cmd: CertCmd) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Sites as a table with their status: connected or not, the nodes holding a tunnel, the
+/// agents connected to the node asked (address, version) and when one was last seen.
+async fn site_table(client: &Client, name: Option<&str>) -> anyhow::Result<()> {
+    let v = match name {
+        Some(n) => {
+            client
+                .call::<()>(Method::GET, &format!("/v1/sites/{}", enc(n)), None)
+                .await?
+        }
+        None => client.call::<()>(Method::GET, "/v1/sites", None).await?,
+    };
+    let mut rows: Vec<Value> = match v.get("items").and_then(Value::as_array) {
+        Some(items) => items.clone(),
+        None => vec![v],
+    };
+    for r in &mut rows {
+        let Some(site) = r.get("name").and_then(Value::as_str).map(str::to_owned) else {
+            continue;
+        };
+        let st = client
+            .call::<()>(
+                Method::GET,
+                &format!("/v1/sites/{}/status", enc(&site)),
+                None,
+            )
+            .await?;
+        let agents = st
+            .get("agents")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let pick = |k: &str| -> Value {
+            json!(agents
+                .iter()
+                .filter_map(|a| a.get(k).and_then(Value::as_str))
+                .collect::<Vec<_>>())
+        };
+        if let Value::Object(m) = r {
+            let connected = st.get("connected").and_then(Value::as_bool) == Some(true);
+            m.insert(
+                "status".into(),
+                json!(if connected { "connected" } else { "offline" }),
+            );
+            m.insert(
+                "tunnels_on".into(),
+                st.get("nodes").cloned().unwrap_or(Value::Null),
+            );
+            m.insert("agent_address".into(), pick("address"));
+            m.insert("agent_version".into(), pick("version"));
+            m.insert(
+                "last_seen".into(),
+                st.get("last_seen").cloned().unwrap_or(Value::Null),
+            );
+        }
+    }
+    let cols = [
+        "name",
+        "description",
+        "status",
+        "tunnels_on",
+        "agent_address",
+        "agent_version",
+        "last_seen",
+        "revision",
+    ];
+    let refs: Vec<&Value> = rows.iter().collect();
+    println!("{}", output::table(&refs, &cols));
     Ok(())
 }
 

@@ -289,6 +289,18 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
     drop(stranger);
     drop(other);
 
+    phase!("site list says it is connected, where, from which address and version");
+    let (ok, table, err) = cluster.warren(0, &["site", "list"]);
+    assert!(ok, "{err}");
+    let row = table.lines().find(|l| l.contains("hq")).unwrap_or_default();
+    assert!(
+        row.contains("connected")
+            && row.contains("127.0.0.1:")
+            && row.contains(env!("CARGO_PKG_VERSION"))
+            && cluster.nodes.iter().any(|n| row.contains(&n.name)),
+        "{table}"
+    );
+
     phase!("a TCP resource on every node, checked by source address");
     for node in &cluster.nodes {
         let addr = format!("{}:{tcp_port}", node.l4_ip);
@@ -507,6 +519,12 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
         !matches!(get_echo(&web, https[1]).await, Ok((StatusCode::OK, _)))
     })
     .await?;
+    let (ok, table, err) = cluster.warren(1, &["site", "get", "hq"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("offline") && !table.contains("connected"),
+        "the stopped agent's site is offline:\n{table}"
+    );
     _agent.signal(nix::sys::signal::Signal::SIGCONT);
     let took = until("the site comes back", Duration::from_secs(20), || async {
         matches!(get_echo(&web, https[1]).await, Ok((StatusCode::OK, _)))

@@ -496,10 +496,39 @@ async fn site_status(
         return Err(ApiErr::not_found(Kind::Site, name.as_str()));
     }
     let sites = s.inner.proxy.sites();
+    let here = sites.held().contains(&name);
+    let mut nodes: Vec<String> = sites
+        .holders(&name)
+        .into_iter()
+        .map(|id| {
+            reg.node_by_id(id)
+                .map_or_else(|| format!("node {}", id.0), |n| n.name.to_string())
+        })
+        .collect();
+    if here {
+        nodes.insert(0, s.inner.node_name.to_string());
+    }
+    nodes.dedup();
+    let (agents, last_seen) = sites.agents(&name);
+    let agents: Vec<Value> = agents
+        .iter()
+        .map(|a| {
+            json!({
+                "address": a.remote.to_string(),
+                "version": a.software,
+                "connected_at": a.since,
+                "node": s.inner.node_name.as_str(),
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "site": name,
         "connected": sites.connected(&name),
-        "tunnel_here": sites.held().contains(&name),
+        "tunnel_here": here,
+        "nodes": nodes,
+        "agents": agents,
+        // This node's view: now while an agent is connected here, else when one left.
+        "last_seen": if here { Some(crate::proxy::unix_now()) } else { last_seen },
     })))
 }
 

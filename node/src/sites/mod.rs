@@ -41,6 +41,7 @@ mod enroll;
 mod gossip;
 mod relay;
 mod tunnels;
+pub use self::tunnels::AgentInfo;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,6 +133,7 @@ pub struct Sites {
     tunnels: Arc<Current<TunnelsMsg>>,
     gossip: Arc<Current<GossipMsg>>,
     access: Arc<std::sync::OnceLock<Arc<crate::access::AccessShell>>>,
+    agents: Arc<tunnels::AgentBook>,
 }
 
 impl std::fmt::Debug for Sites {
@@ -168,6 +170,7 @@ impl Sites {
             tunnels: Current::new(),
             gossip: Current::new(),
             access: Arc::new(std::sync::OnceLock::new()),
+            agents: Arc::default(),
         })
     }
 
@@ -179,6 +182,7 @@ impl Sites {
                     registry: self.cluster.subscribe(),
                     local: self.local.clone(),
                     access: self.access.clone(),
+                    agents: self.agents.clone(),
                 },
                 self.tunnels.clone(),
             ),
@@ -219,6 +223,11 @@ impl Sites {
             .peers(now)
             .map(|(id, sites)| (id, sites.iter().cloned().collect()))
             .collect()
+    }
+
+    /// The agents of `site` connected to this node, and when its last one left here.
+    pub fn agents(&self, site: &Name) -> (Vec<tunnels::AgentInfo>, Option<u64>) {
+        self.agents.of(site)
     }
 
     /// Sites this node holds a tunnel to.

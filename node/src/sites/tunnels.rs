@@ -72,6 +72,65 @@ pub struct TunnelsArgs {
     pub local: Arc<Published<Tunnels>>,
     /// Client access (grants and relay tickets for agents), once the node set it up.
     pub access: Arc<std::sync::OnceLock<Arc<crate::access::AccessShell>>>,
+    /// Who is connected, for `site status` (written on connect and disconnect only).
+    pub agents: Arc<AgentBook>,
+}
+
+/// An agent connected to this node, as `site status` shows it.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Its site (from its certificate).
+    pub site: Name,
+    /// Where its tunnel comes from, as this node sees it.
+    pub remote: std::net::SocketAddr,
+    /// The software it said it runs (informative: a peer can say anything).
+    pub software: String,
+    /// When it connected, seconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// The agents connected to this node, and when each site's last one left.
+#[derive(Debug, Default)]
+pub struct AgentBook(std::sync::Mutex<AgentBookInner>);
+
+#[derive(Debug, Default)]
+struct AgentBookInner {
+    live: HashMap<TunnelId, AgentInfo>,
+    last_seen: HashMap<Name, u64>,
+}
+
+impl AgentBook {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentBookInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connected(&self, id: TunnelId, info: AgentInfo) {
+        self.lock().live.insert(id, info);
+    }
+
+    fn gone(&self, id: TunnelId) {
+        let mut b = self.lock();
+        if let Some(a) = b.live.remove(&id) {
+            b.last_seen.insert(a.site, crate::proxy::unix_now());
+        }
+    }
+
+    /// The agents of `site` connected here, and when one last left (if none is here).
+    pub fn of(&self, site: &Name) -> (Vec<AgentInfo>, Option<u64>) {
+        let b = self.lock();
+        let live: Vec<AgentInfo> = b
+            .live
+            .values()
+            .filter(|a| &a.site == site)
+            .cloned()
+            .collect();
+        let last = if live.is_empty() {
+            b.last_seen.get(site).copied()
+        } else {
+            None
+        };
+        (live, last)
+    }
 }
 
 /// Owns the [`Tunnels`] table and one `AgentTunnel` child per tunnel.
@@ -107,6 +166,7 @@ impl TunnelsState {
         let ids: Vec<TunnelId> = self.core.iter().map(|(_, t)| t.id()).collect();
         for id in ids {
             if let Some((site, conn)) = self.core.remove(id) {
+                self.args.agents.gone(id);
                 conn.close(CLOSE_TUNNEL_LOST.into(), why.as_bytes());
                 tracing::info!(%site, remote = %conn.remote_address(), tunnel = %id, "agent disconnected: {why}");
             }
@@ -168,6 +228,15 @@ impl Actor for TunnelsActor {
                 } = *h;
                 let remote = conn.remote_address();
                 let id = state.core.add(site.clone(), conn.clone());
+                state.args.agents.connected(
+                    id,
+                    AgentInfo {
+                        site: site.clone(),
+                        remote,
+                        software: agent.software.chars().take(64).collect(),
+                        since: crate::proxy::unix_now(),
+                    },
+                );
                 tracing::info!(
                     %site, %remote, tunnel = %id, protocol = agent.version,
                     version = %agent.software, features = ?agent.features, "agent connected"
@@ -190,6 +259,7 @@ impl Actor for TunnelsActor {
                     }
                     Err(e) => {
                         state.core.remove(id);
+                        state.args.agents.gone(id);
                         conn.close(
                             CLOSE_TUNNEL_LOST.into(),
                             b"the node could not take the tunnel; dial again",
@@ -239,6 +309,7 @@ impl Actor for TunnelsActor {
         let Some((site, conn)) = state.core.remove(id) else {
             return Ok(());
         };
+        state.args.agents.gone(id);
         if failed {
             conn.close(
                 CLOSE_TUNNEL_LOST.into(),
