@@ -686,14 +686,42 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
     let json = conn.json;
     match cmd {
         AdminCmd::User { cmd } => {
-            entity(
-                &client,
-                json,
-                "users",
-                &["name", "email", "display_name", "disabled", "revision"],
-                cmd,
-            )
-            .await
+            let columns = ["name", "email", "display_name", "disabled", "revision"];
+            match cmd {
+                EntityCmd::Get { name } if !json => {
+                    let mut v = client
+                        .call::<()>(Method::GET, &format!("/v1/users/{}", enc(&name)), None)
+                        .await?;
+                    let ids = client
+                        .call::<()>(
+                            Method::GET,
+                            &format!("/v1/users/{}/identities", enc(&name)),
+                            None,
+                        )
+                        .await?;
+                    let linked: Vec<String> = ids
+                        .get("items")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(|i| {
+                            format!(
+                                "{} {}",
+                                output::cell(i.get("idp")),
+                                output::cell(i.get("subject"))
+                            )
+                        })
+                        .collect();
+                    if let Value::Object(m) = &mut v {
+                        m.insert("identities".into(), json!(linked));
+                    }
+                    let mut cols = columns.to_vec();
+                    cols.insert(cols.len() - 1, "identities");
+                    output::print(&v, &cols, false);
+                    Ok(())
+                }
+                cmd => entity(&client, json, "users", &columns, cmd).await,
+            }
         }
         AdminCmd::Role { cmd } => role(&client, json, cmd).await,
         AdminCmd::Idp { cmd } => {

@@ -172,8 +172,11 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     assert_eq!(shown["domains"].as_array().unwrap().len(), HOSTS.len());
     api.post_ok(
         "/v1/identity-providers",
+        // No `scopes`: the provider releases groups only under its `groups` scope, which
+        // it advertises; the sign-in must ask for it on its own (alice's admin policy
+        // below would deny her otherwise).
         &json!({"name": "test", "issuer": idp.issuer, "client_id": idp.client_id,
-                "client_secret": idp.client_secret, "scopes": ["groups"], "groups_claim": "groups"}),
+                "client_secret": idp.client_secret, "groups_claim": "groups"}),
     )
     .await?;
     let utc_today = {
@@ -296,6 +299,19 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     );
     assert!(b.non_loopback_requests().is_empty());
     let alice = session_cookie(&b, "app.localhost")?;
+
+    phase!("user get shows the provider account a sign-in finds alice by");
+    let (ok, shown, err) = cluster.warren(2, &["user", "get", "alice"]);
+    assert!(ok, "{err}");
+    assert!(
+        shown.contains("test alice"),
+        "provider and subject:\n{shown}"
+    );
+    let logs = cluster.logs();
+    assert!(
+        logs.contains("created a user at sign-in"),
+        "no user was made for alice beforehand; the log says one was created:\n{logs}"
+    );
 
     phase!("the identity assertion verifies against the published JWKS");
     let jwt = seen["headers"]["x-warren-jwt-assertion"][0]

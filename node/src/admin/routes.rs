@@ -52,6 +52,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/resources/{name}/share-links", post(create_share_link))
         .route("/v1/sites/{name}/tokens", post(create_site_token))
         .route("/v1/sites/{name}/status", get(site_status))
+        .route("/v1/users/{name}/identities", get(user_identities))
         .route("/v1/share-links", get(list_share_links))
         .route(
             "/v1/share-links/{id}",
@@ -483,6 +484,26 @@ async fn create_site_token(
             "expires_at": now + expires_in_s,
         })),
     ))
+}
+
+/// The provider accounts linked to a user (provider and subject): who a sign-in finds.
+async fn user_identities(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    let name = path_name(Kind::User, &name)?;
+    if !reg.users().contains_key(&name) {
+        return Err(ApiErr::not_found(Kind::User, name.as_str()));
+    }
+    let items: Vec<Value> = reg
+        .identities()
+        .iter()
+        .filter(|(_, u)| **u == name)
+        .map(|(id, _)| json!({"idp": id.idp, "subject": id.subject}))
+        .collect();
+    Ok(Json(json!({ "user": name, "items": items })))
 }
 
 async fn site_status(

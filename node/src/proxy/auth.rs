@@ -200,6 +200,16 @@ fn jwt_claim(jwt: &str, name: &str) -> Option<serde_json::Value> {
     v.get(name).cloned()
 }
 
+/// The scope providers commonly release group membership under.
+const GROUPS_SCOPE: &str = "groups";
+
+/// Whether the provider's discovery document lists the `groups` scope.
+fn advertises_groups(d: &Discovered) -> bool {
+    d.metadata
+        .scopes_supported()
+        .is_some_and(|s| s.iter().any(|s| s.as_str() == GROUPS_SCOPE))
+}
+
 fn groups_from(jwt: &str, claim: &str) -> Vec<String> {
     match jwt_claim(jwt, claim) {
         Some(serde_json::Value::Array(a)) => a
@@ -425,6 +435,11 @@ impl Proxy {
         for s in &idp.scopes {
             auth = auth.add_scope(Scope::new(s.clone()));
         }
+        // Providers that release groups only under a `groups` scope (Keycloak, Authentik,
+        // Okta, ...) say so in their discovery document: ask for it, or groups arrive empty.
+        if !idp.scopes.iter().any(|s| s == GROUPS_SCOPE) && advertises_groups(&discovered) {
+            auth = auth.add_scope(Scope::new(GROUPS_SCOPE.into()));
+        }
         if idp.scopes.iter().any(|s| s == "offline_access") {
             // OIDC Core 11: offline access needs explicit consent.
             auth = auth.add_prompt(openidconnect::core::CoreAuthPrompt::Consent);
@@ -534,6 +549,9 @@ impl Proxy {
         );
         match self.cluster.write(write).await {
             Ok(Ok(Outcome::SignedIn { user, created })) => {
+                if created {
+                    tracing::info!(user = %user, idp = %idp.name, "created a user at sign-in: no user had this provider account, and none has its e-mail address as verified by the provider (create the user first, with that address, to have the sign-in link to it)");
+                }
                 tracing::info!(user = %user, created, idp = %idp.name, "signed in");
             }
             Ok(Err(RegistryError::EmailBelongsToAnotherUser { user })) => {
@@ -660,7 +678,15 @@ impl Proxy {
         // of their own directory: the admin says so with `trust_email`.
         let email_verified = claims.email_verified() == Some(true) || idp.trust_email;
         let jwt = id_token.to_string();
-        let groups = groups_from(&jwt, idp.groups_claim.as_deref().unwrap_or("groups"));
+        let groups_claim = idp.groups_claim.as_deref().unwrap_or("groups");
+        if jwt_claim(&jwt, groups_claim).is_none() {
+            tracing::warn!(
+                idp = %idp.name,
+                claim = groups_claim,
+                "the ID token has no groups claim: policies on the provider's groups will not match this user (release the claim at the provider, add its scope with `warren admin idp update --scope`, or set groups_claim to the claim it uses)"
+            );
+        }
+        let groups = groups_from(&jwt, groups_claim);
         let now = unix_now();
         let session = Session {
             id: SessionId::random(),
