@@ -1548,6 +1548,27 @@ async fn join_token(client: &Client, json: bool, cmd: JoinTokenCmd) -> anyhow::R
     Ok(())
 }
 
+/// The fields an update changed that the entity's entry in the file does not mention.
+fn unmentioned(raw: &Value, c: &warren_proto::api::Change) -> Vec<String> {
+    if c.action != ChangeAction::Update {
+        return Vec::new();
+    }
+    let Some(key) = c.kind.manifest_key() else {
+        return Vec::new();
+    };
+    let Some(entry) = raw.get(key).and_then(Value::as_array).and_then(|list| {
+        list.iter()
+            .find(|e| e.get("name").and_then(Value::as_str) == Some(c.name.as_str()))
+    }) else {
+        return Vec::new();
+    };
+    c.fields
+        .iter()
+        .filter(|f| entry.get(f.as_str()).is_none())
+        .cloned()
+        .collect()
+}
+
 async fn apply(
     client: &Client,
     json: bool,
@@ -1555,7 +1576,10 @@ async fn apply(
     prune: bool,
     dry_run: bool,
 ) -> anyhow::Result<()> {
-    let manifest: Manifest = from_yaml(&read_source(file)?, file)?;
+    let text = read_source(file)?;
+    let manifest: Manifest = from_yaml(&text, file)?;
+    // The file as written, to tell fields it sets from fields it leaves out.
+    let raw: Value = from_yaml(&text, file)?;
     let req = ApplyRequest {
         manifest,
         prune,
@@ -1582,6 +1606,16 @@ async fn apply(
             format!(" ({})", c.fields.join(", "))
         };
         println!("{} {} {}{fields}", verb(c.action), c.kind, c.name);
+        let unset = unmentioned(&raw, c);
+        if !unset.is_empty() {
+            println!(
+                "  {} to the default: the file does not set {} (apply makes each entity exactly what the file says; add {} to keep {})",
+                if report.dry_run { "would reset" } else { "reset" },
+                unset.join(", "),
+                if unset.len() == 1 { "it" } else { "them" },
+                if unset.len() == 1 { "its value" } else { "their values" },
+            );
+        }
     }
     if report.changes.is_empty() {
         println!("no changes ({} unchanged)", report.unchanged);

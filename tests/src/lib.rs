@@ -610,6 +610,22 @@ impl Cluster {
         Api::new(&self.nodes[i].admin_addr, key, &self.ca())
     }
 
+    /// Node `i`'s `/metrics` (it needs no quorum).
+    pub async fn metrics_text(&self, i: usize) -> anyhow::Result<String> {
+        let ca = std::fs::read(self.ca())?;
+        Ok(reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .timeout(Duration::from_secs(5))
+            .build()?
+            .get(format!("https://{}/metrics", self.nodes[i].admin_addr))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// Index of the current leader, as node `asked` reports it.
     pub async fn leader(&self, asked: usize) -> anyhow::Result<usize> {
         let status = self.api(asked).get_ok("/v1/cluster").await?;
@@ -866,4 +882,11 @@ pub fn port_of(addr: &str) -> u16 {
     addr.rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
         .expect("host:port")
+}
+
+/// The value of the unlabelled metric `name` in a Prometheus text (`None` if absent).
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }

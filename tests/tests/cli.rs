@@ -155,6 +155,19 @@ async fn apply_is_idempotent_and_all_or_nothing() -> anyhow::Result<()> {
         2,
         "users were not in the file: untouched"
     );
+
+    phase!("a field the file leaves out is reset, and the output says so");
+    std::fs::write(&file, "sites:\n  - name: hq\n")?;
+    let (ok, out, err) = c.warren(0, &["apply", "-f", f, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("would update site hq (description)")
+            && out.contains("would reset")
+            && out.contains("does not set description"),
+        "{out}"
+    );
+    let (ok, out, err) = c.warren(0, &["apply", "-f", f]);
+    assert!(ok && out.contains("reset to the default"), "{out}{err}");
     Ok(())
 }
 

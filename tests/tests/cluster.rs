@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use warren_tests::{phase, Cluster};
@@ -420,5 +421,59 @@ async fn sigkill_at_any_moment_loses_nothing_acknowledged_and_the_node_restarts(
         }
     }
     phase!("{} acknowledged writes survived six kills", acked.len());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_name_the_leader_and_answer_without_quorum() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    let leader = c.leader(0).await?;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let leader_id = c
+        .api(follower)
+        .get_ok(&format!("/v1/nodes/{}", c.nodes[leader].name))
+        .await?["id"]
+        .as_u64()
+        .context("the leader's id")?;
+    let text = c.metrics_text(follower).await?;
+    let value = |t: &str, n: &str| {
+        warren_tests::metric_value(t, n).with_context(|| format!("{n} in:\n{t}"))
+    };
+    phase!("a follower's metrics name the real leader; its applied index moves with writes");
+    assert_eq!(value(&text, "warren_raft_leader_id")?, leader_id);
+    assert_eq!(value(&text, "warren_raft_is_leader")?, 0);
+    assert_eq!(
+        value(&c.metrics_text(leader).await?, "warren_raft_is_leader")?,
+        1
+    );
+    let applied = value(&text, "warren_raft_applied_index")?;
+    for i in 0..3 {
+        c.api(leader)
+            .post_ok("/v1/sites", &json!({"name": format!("m{i}")}))
+            .await?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while value(
+        &c.metrics_text(follower).await?,
+        "warren_raft_applied_index",
+    )? < applied + 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the applied index did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    phase!("without quorum (two nodes killed) the survivor still answers /metrics");
+    let survivor = follower;
+    for i in (0..3).filter(|i| *i != survivor) {
+        c.nodes[i].kill9();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // metrics_text gives up after 5 s: a scrape that waited for a quorum would fail.
+    let text = c.metrics_text(survivor).await?;
+    assert!(value(&text, "warren_raft_term")? >= 1);
+    assert_eq!(value(&text, "warren_raft_is_leader")?, 0);
     Ok(())
 }

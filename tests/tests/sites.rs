@@ -301,6 +301,11 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
         "{table}"
     );
 
+    assert!(
+        !_agent.log().contains('\u{1b}'),
+        "no colour codes in the agent's log file"
+    );
+
     phase!("a TCP resource on every node, checked by source address");
     for node in &cluster.nodes {
         let addr = format!("{}:{tcp_port}", node.l4_ip);

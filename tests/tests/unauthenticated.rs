@@ -62,22 +62,8 @@ fn forged_join_token(real: &str) -> anyhow::Result<String> {
 async fn metric(c: &Cluster, i: usize, name: &str) -> anyhow::Result<u64> {
     let (status, _) = c.api(i).get("/v1/health").await?;
     anyhow::ensure!(status.is_success(), "{} is not healthy", c.nodes[i].name);
-    let ca = std::fs::read(c.ca())?;
-    let text = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
-        .build()?
-        .get(format!("https://{}/metrics", c.nodes[i].admin_addr))
-        .bearer_auth(&c.admin_key)
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
+    let text = c.metrics_text(i).await?;
+    Ok(warren_tests::metric_value(&text, name).unwrap_or(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -702,12 +702,90 @@ async fn metrics(
     text.push_str(&s.inner.proxy.connections.render("proxy", "HTTPS proxy"));
     text.push_str(&crate::miss::render(s.cluster()));
     text.push_str(&s.inner.tree.load().render());
+    render_cluster_metrics(&s, &mut text);
     if let Some(access) = s.inner.proxy.sites().access() {
         access.relay.render(&mut text);
         access.devices.render(&mut text);
         access.coordinator.render(&mut text);
     }
     Ok((h, text))
+}
+
+/// Raft as this node sees it, the sites it holds tunnels to, and certificate expiry: all
+/// from local state (a node cut off from the leader still answers).
+fn render_cluster_metrics(s: &AdminState, out: &mut String) {
+    use std::fmt::Write as _;
+    let m = s.cluster().raft().metrics().borrow().clone();
+    let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(
+        out,
+        "warren_raft_term",
+        "Current Raft term.",
+        m.current_term,
+    );
+    gauge(
+        out,
+        "warren_raft_leader_id",
+        "Node id of the leader this node knows (0: none).",
+        m.current_leader.map_or(0, |l| l.0),
+    );
+    gauge(
+        out,
+        "warren_raft_is_leader",
+        "1 if this node is the leader.",
+        u64::from(m.current_leader == Some(m.id)),
+    );
+    gauge(
+        out,
+        "warren_raft_last_log_index",
+        "Index of the last entry in this node's log.",
+        m.last_log_index.unwrap_or(0),
+    );
+    gauge(
+        out,
+        "warren_raft_applied_index",
+        "Index of the last entry this node applied to its registry.",
+        m.last_applied.map_or(0, |l| l.index),
+    );
+    gauge(
+        out,
+        "warren_raft_snapshot_index",
+        "Index of this node's last snapshot.",
+        m.snapshot.map_or(0, |l| l.index),
+    );
+    let sites = s.inner.proxy.sites();
+    let held = sites.held();
+    gauge(
+        out,
+        "warren_sites_tunnels_here",
+        "Sites with an agent tunnel to this node.",
+        held.len() as u64,
+    );
+    let agents: usize = held.iter().map(|site| sites.agents(site).0.len()).sum();
+    gauge(
+        out,
+        "warren_site_agents_connected",
+        "Agent tunnels to this node.",
+        agents as u64,
+    );
+    let reg = s.cluster().registry();
+    let now = crate::proxy::unix_now() as i64;
+    let _ = writeln!(
+        out,
+        "# HELP warren_certificate_expiry_seconds Seconds until the certificate expires (negative: expired).\n# TYPE warren_certificate_expiry_seconds gauge"
+    );
+    for c in reg.certificates().values() {
+        if let Ok(info) = c.info() {
+            let _ = writeln!(
+                out,
+                "warren_certificate_expiry_seconds{{name=\"{}\"}} {}",
+                c.name.as_str(),
+                info.not_after - now
+            );
+        }
+    }
 }
 
 async fn list_sessions(

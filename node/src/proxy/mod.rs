@@ -291,7 +291,7 @@ impl Proxy {
             user = log.user.as_deref().unwrap_or("-"),
             decision = log.decision,
             reason = %log.reason,
-            ms = started.elapsed().as_secs_f64() * 1000.0,
+            ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             "request"
         );
         Ok(resp)
