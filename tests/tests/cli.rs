@@ -696,13 +696,13 @@ fn readme_three_node_example_runs_as_written() -> anyhow::Result<()> {
     assert_eq!(table.matches("voter").count(), 3, "{table}");
 
     phase!("the restart line starts n1 again from its data directory");
-    let n1 = ns.children.remove(0);
-    nix::sys::signal::kill(
+    let mut n1 = ns.children.remove(0);
+    let term = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(n1.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
-    )?;
-    let mut n1 = n1;
+    );
     n1.wait()?;
+    term?;
     run_line(&mut ns, 3, &lines[3])?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -696,6 +696,7 @@ mod tests {
             registry: rx,
             local: Published::new(Tunnels::new()),
             access: Arc::new(std::sync::OnceLock::new()),
+            agents: Arc::default(),
         };
         (tx, args)
     }
