@@ -37,17 +37,14 @@ struct Args {
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
+    /// Log format: `text` for people, `json` for one JSON object per line.
+    #[arg(long, env = "WARREN_LOG_FORMAT", default_value = "text")]
+    log_format: warren_proto::logging::LogFormat,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only on a terminal: a log file or journal gets plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    warren_proto::logging::init("warren-agent", &args.log, "info", args.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -27,6 +27,9 @@ struct Cli {
         global = true
     )]
     log: String,
+    /// Log format: `text` for people, `json` for one JSON object per line.
+    #[arg(long, env = "WARREN_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: warren_proto::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -120,18 +123,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // One crypto provider for every TLS client and server in the process (ACME, OIDC, ...).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
-        eprintln!("warren-node: --log {:?}: {e}; using \"info\"", cli.log);
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    // Colour codes only on a terminal: a log file or journal gets plain text (and the
-    // access log, a line per request, is cheaper to write).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+    warren_proto::logging::init("warren-node", &cli.log, "info", cli.log_format);
     let Cli {
         command, settings, ..
     } = cli;

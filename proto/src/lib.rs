@@ -23,6 +23,8 @@ pub mod canonical;
 pub mod certificate;
 pub mod coordinator;
 pub mod identity;
+#[cfg(feature = "log")]
+pub mod logging;
 pub mod name;
 pub mod policy;
 pub mod registry;

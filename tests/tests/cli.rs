@@ -401,25 +401,27 @@ async fn entity_verbs_tables_and_json() -> anyhow::Result<()> {
 #[test]
 fn quick_start_creates_then_reuses_warren_data() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let start = |dir: &std::path::Path| -> anyhow::Result<(std::process::Child, String)> {
-        let out_path = dir.join("out.txt");
-        let child = Command::new(&bins().node)
-            .current_dir(dir)
-            .stdout(std::fs::File::create(&out_path)?)
-            .stderr(std::fs::File::create(dir.join("err.txt"))?)
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-            if text.contains("Try it:") && text.lines().any(|l| l.contains("cargo run")) {
-                return Ok((child, text));
+    let start =
+        |dir: &std::path::Path, args: &[&str]| -> anyhow::Result<(std::process::Child, String)> {
+            let out_path = dir.join("out.txt");
+            let child = Command::new(&bins().node)
+                .args(args)
+                .current_dir(dir)
+                .stdout(std::fs::File::create(&out_path)?)
+                .stderr(std::fs::File::create(dir.join("err.txt"))?)
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+                if text.contains("Try it:") && text.lines().any(|l| l.contains("cargo run")) {
+                    return Ok((child, text));
+                }
+                anyhow::ensure!(Instant::now() < deadline, "no quick start output:\n{text}");
+                std::thread::sleep(Duration::from_millis(50));
             }
-            anyhow::ensure!(Instant::now() < deadline, "no quick start output:\n{text}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+        };
     phase!("first start creates ./warren-data and prints the key");
-    let (mut child, text) = start(dir.path())?;
+    let (mut child, text) = start(dir.path(), &[])?;
     assert!(
         text.contains("https://127.0.0.1:7443") && text.contains("admin API key  wrn_"),
         "{text}"
@@ -509,13 +511,24 @@ fn quick_start_creates_then_reuses_warren_data() -> anyhow::Result<()> {
     )?;
     assert!(child.wait()?.success());
 
-    phase!("second start reuses it");
-    let (mut child, text) = start(dir.path())?;
+    phase!("second start reuses it, logging JSON lines");
+    let (mut child, text) = start(dir.path(), &["--log-format", "json"])?;
     assert!(
         text.contains("was printed when this node was created"),
         "{text}"
     );
     assert!(!text.contains(key.trim()), "the key is printed only once");
+    let log = wait_for_text(&dir.path().join("err.txt"), "serving")?;
+    // Whole lines only: the node may be writing the next one.
+    let whole = &log[..log.rfind('\n').unwrap_or(0)];
+    for line in whole.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("not a JSON log line ({e}): {line}"))?;
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
     child.kill()?;
     child.wait()?;
     Ok(())
