@@ -224,6 +224,8 @@ struct Inner {
     removed_at: Arc<Mutex<Option<u64>>>,
     /// Read-index requests this node answered as leader (its own and forwarded ones).
     read_index_served: std::sync::atomic::AtomicU64,
+    /// Leaders this node has seen take office (a new leader, or the same one in a new term).
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Cluster {
@@ -298,11 +300,13 @@ impl Cluster {
         ));
         let failed = Arc::new(Mutex::new(None));
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tokio::spawn(watch_core(
             raft.clone(),
             probe.clone(),
             failed.clone(),
             stopping.clone(),
+            leader_changes.clone(),
         ));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -319,8 +323,17 @@ impl Cluster {
                 stopping,
                 removed_at: canvass.removed_at,
                 read_index_served: std::sync::atomic::AtomicU64::new(0),
+                leader_changes,
             }),
         })
+    }
+
+    /// How many times this node has seen a leader take office since it started (the first
+    /// leader it learns of counts: a node that just started saw one election).
+    pub fn leader_changes(&self) -> u64 {
+        self.inner
+            .leader_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Why this node's Raft stopped, if it stopped without being asked to (a storage
@@ -1319,9 +1332,12 @@ async fn watch_core(
     probe: DamageProbe,
     failed: Arc<Mutex<Option<String>>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut metrics = raft.metrics();
     let mut damaged = probe.damage().is_some();
+    // The (term, leader) last counted.
+    let mut office: Option<(u64, NodeId)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1332,6 +1348,16 @@ async fn watch_core(
         if damaged && probe.damage().is_none() {
             damaged = false;
             tracing::info!("storage repaired: the log has caught up from the leader past everything this node had acknowledged; it votes again");
+        }
+        let seen = {
+            let m = metrics.borrow();
+            m.current_leader.map(|l| (m.current_term, l))
+        };
+        if let Some(seen) = seen {
+            if office != Some(seen) {
+                office = Some(seen);
+                leader_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let stopped = match &metrics.borrow().running_state {
             Err(openraft::error::Fatal::Stopped) => Some(None),

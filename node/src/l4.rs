@@ -45,6 +45,60 @@ pub enum Proto {
 /// A resource port: transport and number.
 pub type PortKey = (Proto, u16);
 
+/// What became of the flows of the TCP and UDP resource ports (a UDP flow is a client
+/// address), for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FlowCounters {
+    /// By transport (TCP, UDP) and [`FLOW_RESULTS`].
+    counts: [[std::sync::atomic::AtomicU64; FLOW_RESULTS.len()]; 2],
+    /// Flows open now, by transport.
+    open: [std::sync::atomic::AtomicI64; 2],
+}
+
+/// `allowed`: admitted by a policy; `denied`: refused at the start; `cut`: ended because
+/// access was withdrawn while open; `no_target`: allowed, but no target answered;
+/// `over_limit`: refused by `--l4-max-connections`.
+pub const FLOW_RESULTS: [&str; 5] = ["allowed", "denied", "cut", "no_target", "over_limit"];
+
+impl FlowCounters {
+    fn count(&self, proto: Proto, result: usize) {
+        self.counts[proto as usize][result].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn opened(&self, proto: Proto) {
+        self.count(proto, 0);
+        self.open[proto as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn closed(&self, proto: Proto) {
+        self.open[proto as usize].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        out.push_str("# HELP warren_l4_flows_total Flows of TCP and UDP resource ports on this node (a UDP flow is a client address), by result.\n# TYPE warren_l4_flows_total counter\n");
+        for (p, name) in [(Proto::Tcp, "tcp"), (Proto::Udp, "udp")] {
+            for (i, result) in FLOW_RESULTS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "warren_l4_flows_total{{proto=\"{name}\",result=\"{result}\"}} {}",
+                    self.counts[p as usize][i].load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP warren_l4_flows_open TCP connections and UDP flows of resource ports open now.\n# TYPE warren_l4_flows_open gauge\n");
+        for (p, name) in [(Proto::Tcp, "tcp"), (Proto::Udp, "udp")] {
+            let _ = writeln!(
+                out,
+                "warren_l4_flows_open{{proto=\"{name}\"}} {}",
+                self.open[p as usize].load(Relaxed).max(0)
+            );
+        }
+    }
+}
+
 /// How long after a failed bind the port is tried again.
 pub const REBIND_AFTER: Duration = Duration::from_secs(5);
 
@@ -373,6 +427,7 @@ async fn accept(listener: TcpListener, name: Name, proxy: Arc<Proxy>, gate: Conn
             }
         };
         let Some(admitted) = gate.admit() else {
+            proxy.l4_flows.count(Proto::Tcp, 4);
             span.in_scope(|| refusals.refused("TCP resource", gate.limit(), L4_LIMIT_SETTING));
             // Closed at once, as the HTTPS listeners do: a queued client would hold its
             // socket and learn nothing. (After the log line, so that whoever sees the close
@@ -448,6 +503,19 @@ async fn connect(proxy: &Proxy, res: &Resource) -> Result<Box<dyn Stream>, Strin
     Err(last)
 }
 
+/// Runs `f` when dropped (a flow's end, however the task ends).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 /// A byte stream both ways.
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
@@ -458,7 +526,9 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
     let reg = rx.borrow_and_update().clone();
     let (ok, why) = allowed(&proxy, &reg, &name, peer.ip());
     tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = if ok { "allow" } else { "deny" }, reason = %why, "TCP connection");
+    let counters = &proxy.l4_flows;
     if !ok {
+        counters.count(Proto::Tcp, 1);
         return;
     }
     let Some(res) = reg.resources().get(&name).cloned() else {
@@ -467,10 +537,13 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
     let mut upstream = match connect(&proxy, &res).await {
         Ok(s) => s,
         Err(e) => {
+            counters.count(Proto::Tcp, 3);
             tracing::warn!(resource = %name, "TCP resource: no target reachable: {e}");
             return;
         }
     };
+    counters.opened(Proto::Tcp);
+    let _open = scopeguard(|| counters.closed(Proto::Tcp));
     let mut recheck = tokio::time::interval(Duration::from_secs(1));
     let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
@@ -492,6 +565,7 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
         let reg = rx.borrow_and_update().clone();
         let (ok, why) = allowed(&proxy, &reg, &name, peer.ip());
         if !ok {
+            counters.count(Proto::Tcp, 2);
             tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = "deny", reason = %why, "TCP connection cut: no longer allowed");
             return;
         }
@@ -523,10 +597,16 @@ async fn udp_serve(sock: tokio::net::UdpSocket, name: Name, proxy: Arc<Proxy>, g
                 let reg = proxy.cluster().registry();
                 let (ok, why) = allowed(&proxy, &reg, &name, peer.ip());
                 tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = if ok { "allow" } else { "deny" }, reason = %why, "UDP flow");
-                if !ok || flows.len() >= 10_000 {
+                if !ok {
+                    proxy.l4_flows.count(Proto::Udp, 1);
+                    continue;
+                }
+                if flows.len() >= 10_000 {
+                    proxy.l4_flows.count(Proto::Udp, 4);
                     continue;
                 }
                 let Some(admitted) = gate.admit() else {
+                    proxy.l4_flows.count(Proto::Udp, 4);
                     span.in_scope(|| refusals.refused("UDP resource", gate.limit(), L4_LIMIT_SETTING));
                     continue;
                 };
@@ -587,7 +667,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> UdpUpstream<R, W> {
 }
 
 /// The upstream of a UDP flow through a site: a [`crate::sites::SiteStream`]'s halves.
-type SiteUpstream = UdpUpstream<quinn::RecvStream, quinn::SendStream>;
+type SiteUpstream = UdpUpstream<
+    crate::sites::stats::Counted<quinn::RecvStream>,
+    crate::sites::stats::Counted<quinn::SendStream>,
+>;
 
 async fn udp_upstream(proxy: &Proxy, res: &Resource) -> Option<SiteUpstream> {
     let start: usize = rand::random();
@@ -646,11 +729,15 @@ async fn udp_flow(
         Some(res) => udp_upstream(&proxy, res).await,
         None => None,
     };
+    let counters = &proxy.l4_flows;
     let Some(upstream) = upstream else {
+        counters.count(Proto::Udp, 3);
         tracing::warn!(resource = %name, "UDP resource: no target reachable");
         let _ = done.send(peer);
         return;
     };
+    counters.opened(Proto::Udp);
+    let _open = scopeguard(|| counters.closed(Proto::Udp));
     let end = udp_loop(
         upstream,
         rx,
@@ -661,6 +748,7 @@ async fn udp_flow(
     )
     .await;
     if end == FlowEnd::Denied {
+        counters.count(Proto::Udp, 2);
         tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = "deny", "UDP flow cut: no longer allowed");
     } else {
         tracing::debug!(resource = %name, client = %peer, "UDP flow ended: {end:?}");

@@ -465,11 +465,37 @@ async fn metrics_name_the_leader_and_answer_without_quorum() -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    phase!("the leader killed: the follower counts the new leader's election");
+    let changes = value(
+        &c.metrics_text(follower).await?,
+        "warren_raft_leader_changes_total",
+    )?;
+    assert!(changes >= 1, "the first leader counts");
+    c.nodes[leader].kill9();
+    let new_leader = c
+        .wait_leader(follower, Some(leader), Duration::from_secs(20))
+        .await?;
+    let after = value(
+        &c.metrics_text(follower).await?,
+        "warren_raft_leader_changes_total",
+    )?;
+    assert!(after > changes, "{changes} -> {after}");
+    assert_eq!(
+        value(&c.metrics_text(follower).await?, "warren_raft_leader_id")?,
+        c.api(follower)
+            .get_ok(&format!("/v1/nodes/{}", c.nodes[new_leader].name))
+            .await?["id"]
+            .as_u64()
+            .context("the new leader's id")?
+    );
+
     phase!("without quorum (two nodes killed) the survivor still answers /metrics");
-    let survivor = follower;
-    for i in (0..3).filter(|i| *i != survivor) {
-        c.nodes[i].kill9();
-    }
+    // The survivor is the one that is not the leader (a leader left alone may go on
+    // believing it leads for a while).
+    let survivor = (0..3)
+        .find(|i| *i != leader && *i != new_leader)
+        .expect("a third node");
+    c.nodes[new_leader].kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
     // metrics_text gives up after 5 s: a scrape that waited for a quorum would fail.
     let text = c.metrics_text(survivor).await?;

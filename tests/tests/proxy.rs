@@ -804,18 +804,51 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     })
     .await?;
 
-    phase!("metrics count requests and decisions");
-    let resp = reqwest::Client::builder()
+    phase!("metrics count requests, decisions and sign-ins by result");
+    let invalid = |t: &str| {
+        warren_tests::metric_value(t, "warren_sign_ins_total{result=\"invalid\"}").unwrap_or(0)
+    };
+    let invalid_before = invalid(&cluster.metrics_text(0).await?);
+    let forged = web
+        .get(format!(
+            "https://auth.localhost:{}/.warren/callback?state=forged&code=x",
+            https[0]
+        ))
+        .send()
+        .await?;
+    assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
+    let admin_web = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
             cluster.ca(),
         )?)?)
-        .build()?
-        .get(format!("https://{}/metrics", cluster.nodes[0].admin_addr))
-        .bearer_auth(&cluster.admin_key)
-        .send()
-        .await?;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let text = resp.text().await?;
+        .build()?;
+    let mut texts = Vec::new();
+    for node in &cluster.nodes {
+        let resp = admin_web
+            .get(format!("https://{}/metrics", node.admin_addr))
+            .bearer_auth(&cluster.admin_key)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), StatusCode::OK);
+        texts.push(resp.text().await?);
+    }
+    let signed_in: u64 = texts
+        .iter()
+        .map(|t| {
+            warren_tests::metric_value(t, "warren_sign_ins_total{result=\"success\"}").unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        signed_in >= 3,
+        "the browser sign-ins are counted: {signed_in}"
+    );
+    assert_eq!(
+        invalid(&texts[0]),
+        invalid_before + 1,
+        "the forged callback is counted as invalid:\n{}",
+        texts[0]
+    );
+    let text = texts.swap_remove(0);
     let count = |metric: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(metric))

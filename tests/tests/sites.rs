@@ -376,6 +376,30 @@ async fn an_agent_serves_its_site_through_every_node_and_survives_a_node_loss() 
     })
     .await;
     assert!(cut.is_ok(), "the open flow was not cut");
+
+    phase!("node 3's metrics count the TCP flows by result and the site's streams and bytes");
+    let text = cluster.metrics_text(2).await?;
+    let value = |name: &str| warren_tests::metric_value(&text, name).unwrap_or(0);
+    for result in ["allowed", "denied", "cut"] {
+        assert!(
+            value(&format!(
+                "warren_l4_flows_total{{proto=\"tcp\",result=\"{result}\"}}"
+            )) >= 1,
+            "{result}:\n{text}"
+        );
+    }
+    assert!(
+        value("warren_site_streams_total{site=\"hq\",result=\"opened\"}") >= 2,
+        "{text}"
+    );
+    for dir in ["to_site", "from_site"] {
+        assert!(
+            value(&format!(
+                "warren_site_bytes_total{{site=\"hq\",direction=\"{dir}\"}}"
+            )) > 30,
+            "{dir}:\n{text}"
+        );
+    }
     api.send(
         reqwest::Method::PATCH,
         "/v1/resources/db",

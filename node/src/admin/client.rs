@@ -130,12 +130,18 @@ async fn sign_in(State(s): State<AdminState>, body: Body) -> Result<Json<Value>,
     }
     .ok_or_else(|| ApiErr::new(ErrorCode::NotFound, "no such identity provider"))?;
     let client_id = cli_client_id(&s).unwrap_or_else(|| idp.client_id.clone());
-    let (sid, user, expires_at) = s
+    let signed_in = s
         .inner
         .proxy
         .client_sign_in(&idp, &client_id, &b.id_token)
-        .await
-        .map_err(|(st, m)| status_err(st, m))?;
+        .await;
+    let proxy_metrics = &s.inner.proxy.metrics;
+    proxy_metrics.record_sign_in(
+        signed_in
+            .as_ref()
+            .map_or_else(|(st, _)| st.as_u16(), |_| 200),
+    );
+    let (sid, user, expires_at) = signed_in.map_err(|(st, m)| status_err(st, m))?;
     let sealer = s
         .inner
         .proxy

@@ -703,6 +703,8 @@ async fn metrics(
     text.push_str(&crate::miss::render(s.cluster()));
     text.push_str(&s.inner.tree.load().render());
     render_cluster_metrics(&s, &mut text);
+    s.inner.proxy.sites().render_stats(&mut text);
+    s.inner.proxy.l4_flows.render(&mut text);
     if let Some(access) = s.inner.proxy.sites().access() {
         access.relay.render(&mut text);
         access.devices.render(&mut text);
@@ -736,6 +738,11 @@ fn render_cluster_metrics(s: &AdminState, out: &mut String) {
         "warren_raft_is_leader",
         "1 if this node is the leader.",
         u64::from(m.current_leader == Some(m.id)),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP warren_raft_leader_changes_total Leaders this node saw take office (a new leader, or the same in a new term) since it started.\n# TYPE warren_raft_leader_changes_total counter\nwarren_raft_leader_changes_total {}",
+        s.cluster().leader_changes()
     );
     gauge(
         out,

@@ -264,7 +264,11 @@ impl Proxy {
         let path = req.uri().path().to_owned();
         let resp = match path.as_str() {
             "/.warren/sign_in" => self.sign_in(&req, state).await,
-            "/.warren/callback" => self.callback(&req, state).await,
+            "/.warren/callback" => {
+                let resp = self.callback(&req, state).await;
+                self.metrics.record_sign_in(resp.status().as_u16());
+                resp
+            }
             "/.warren/sign_out" => self.sign_out(req, state, &self.settings.auth_host).await,
             "/.warren" | "/.warren/" | "/" => self.whoami(&req, state, &self.settings.auth_host),
             _ => page(

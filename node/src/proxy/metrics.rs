@@ -21,7 +21,22 @@ pub struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+    /// Sign-ins by result, in the order of [`SIGN_IN_RESULTS`].
+    sign_ins: [AtomicU64; SIGN_IN_RESULTS.len()],
 }
+
+/// The results a sign-in is counted under: `success`; `refused` (the account may not sign
+/// in: disabled, e-mail linked to another user, no e-mail, not allowed to be created);
+/// `invalid` (a callback that is not ours: state mismatch, expired, no code);
+/// `provider_error` (the provider said no or could not be reached or verified); `unavailable`
+/// (the cluster could not record it).
+pub const SIGN_IN_RESULTS: [&str; 5] = [
+    "success",
+    "refused",
+    "invalid",
+    "provider_error",
+    "unavailable",
+];
 
 impl Metrics {
     /// Records one request.
@@ -43,9 +58,32 @@ impl Metrics {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Records one sign-in (browser or client) by the status it was answered with: a
+    /// redirect or 200 is a success, 400 an invalid callback, 401/403 a refusal, 502/504 the
+    /// provider, other 5xx the cluster.
+    pub fn record_sign_in(&self, status: u16) {
+        let i = match status {
+            200..=399 => 0,
+            401 | 403 => 1,
+            400..=499 => 2,
+            502 | 504 => 3,
+            _ => 4,
+        };
+        self.sign_ins[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        out.push_str("# HELP warren_sign_ins_total Sign-ins through this node (browser and warren client), by result.\n");
+        out.push_str("# TYPE warren_sign_ins_total counter\n");
+        for (name, c) in SIGN_IN_RESULTS.iter().zip(&self.sign_ins) {
+            let _ = writeln!(
+                out,
+                "warren_sign_ins_total{{result=\"{name}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
         out.push_str(
             "# HELP warren_proxy_requests_total Requests answered by the proxy, by status class.\n",
         );
@@ -110,5 +148,23 @@ mod tests {
         assert!(text.contains("warren_proxy_request_duration_seconds_bucket{le=\"0.025\"} 2"));
         assert!(text.contains("warren_proxy_request_duration_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("warren_proxy_request_duration_seconds_count 3"));
+        for status in [303, 403, 400, 502, 503, 401] {
+            m.record_sign_in(status);
+        }
+        let text = m.render();
+        for (result, n) in [
+            ("success", 1),
+            ("refused", 2),
+            ("invalid", 1),
+            ("provider_error", 1),
+            ("unavailable", 1),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "warren_sign_ins_total{{result=\"{result}\"}} {n}\n"
+                )),
+                "{result}: {text}"
+            );
+        }
     }
 }

@@ -95,6 +95,8 @@ pub struct Proxy {
     pub metrics: metrics::Metrics,
     /// Connection counters of the HTTPS listener, for `/metrics`.
     pub connections: Arc<crate::conn::ConnStats>,
+    /// Flow counters of the TCP and UDP resource ports, for `/metrics`.
+    pub l4_flows: crate::l4::FlowCounters,
     mailer: Option<methods::Mailer>,
     sites: Arc<crate::sites::Sites>,
     /// `https://<auth host>[:port]`, the issuer of assertions.
@@ -157,6 +159,7 @@ impl Proxy {
             attempts: credential::Attempts::default(),
             metrics: metrics::Metrics::default(),
             connections: Arc::default(),
+            l4_flows: crate::l4::FlowCounters::default(),
             mailer,
             sites,
             auth_origin,

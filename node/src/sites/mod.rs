@@ -40,6 +40,7 @@ mod agent;
 mod enroll;
 mod gossip;
 mod relay;
+pub mod stats;
 mod tunnels;
 pub use self::tunnels::AgentInfo;
 
@@ -71,8 +72,12 @@ pub use warren_proto::sites::HELD_TTL;
 /// How long opening a stream to a target may take (agent dial included).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A data stream to a target: bytes both ways.
-pub type SiteStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+/// A data stream to a target: bytes both ways, counted into the site's [`stats`].
+pub type SiteStream =
+    tokio::io::Join<stats::Counted<quinn::RecvStream>, stats::Counted<quinn::SendStream>>;
+
+/// A stream to a target as QUIC opened it.
+type RawStream = (quinn::RecvStream, quinn::SendStream);
 
 /// The tunnels this node holds, as the `Tunnels` actor publishes them.
 pub type Tunnels = LocalTunnels<quinn::Connection>;
@@ -134,6 +139,7 @@ pub struct Sites {
     gossip: Arc<Current<GossipMsg>>,
     access: Arc<std::sync::OnceLock<Arc<crate::access::AccessShell>>>,
     agents: Arc<tunnels::AgentBook>,
+    stats: stats::Stats,
 }
 
 impl std::fmt::Debug for Sites {
@@ -171,7 +177,25 @@ impl Sites {
             gossip: Current::new(),
             access: Arc::new(std::sync::OnceLock::new()),
             agents: Arc::default(),
+            stats: stats::Stats::default(),
         })
+    }
+
+    /// Appends the per-site stream and byte counters (of sites that still exist).
+    pub fn render_stats(&self, out: &mut String) {
+        let reg = self.cluster.registry();
+        self.stats
+            .render(out, |site| reg.sites().contains_key(site));
+    }
+
+    /// `raw`, counting its bytes (and one opened stream) into `site`'s counters.
+    fn counted(&self, site: &Name, (recv, send): RawStream) -> SiteStream {
+        let s = self.stats.of(site);
+        s.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::io::join(
+            stats::Counted::new(recv, s.from_site.clone()),
+            stats::Counted::new(send, s.to_site.clone()),
+        )
     }
 
     /// The tree's children `tunnels` and `gossip`, to start before the listeners.
@@ -257,6 +281,25 @@ impl Sites {
         target: &Target,
         protocol: Protocol,
     ) -> Result<SiteStream, OpenError> {
+        let opened = self.open_raw(site, target, protocol).await;
+        match opened {
+            Ok(raw) => Ok(self.counted(site, raw)),
+            Err(e) => {
+                self.stats
+                    .of(site)
+                    .failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_raw(
+        &self,
+        site: &Name,
+        target: &Target,
+        protocol: Protocol,
+    ) -> Result<RawStream, OpenError> {
         use futures::stream::{FuturesUnordered, StreamExt as _};
         let header = Open {
             site: site.clone(),
@@ -307,7 +350,7 @@ impl Sites {
         &self,
         route: Route<quinn::Connection>,
         header: &Open,
-    ) -> Result<SiteStream, OpenError> {
+    ) -> Result<RawStream, OpenError> {
         let conn = match route {
             Route::Tunnel(_, c) => c,
             Route::Peer(id) => self.peer(id).await.map_err(OpenError::Failed)?,
@@ -386,7 +429,7 @@ impl Dialer {
 
 /// Opens a data stream on `conn` (to an agent, or to a relaying node) and waits for the
 /// far end to say whether the target answered.
-async fn open_on(conn: &quinn::Connection, header: &Open) -> Result<SiteStream, OpenError> {
+async fn open_on(conn: &quinn::Connection, header: &Open) -> Result<RawStream, OpenError> {
     let attempt = async {
         let (mut send, mut recv) = conn
             .open_bi()
@@ -396,7 +439,7 @@ async fn open_on(conn: &quinn::Connection, header: &Open) -> Result<SiteStream, 
             .await
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         match read_frame::<_, Opened>(&mut recv, MAX_HEADER).await {
-            Ok(Some(Opened::Ok)) => Ok(tokio::io::join(recv, send)),
+            Ok(Some(Opened::Ok)) => Ok((recv, send)),
             Ok(Some(Opened::Refused(why))) => Err(OpenError::Refused(why)),
             Ok(None) => Err(OpenError::Failed(
                 "the stream closed before an answer".into(),

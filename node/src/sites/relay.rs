@@ -93,7 +93,8 @@ async fn relay_stream(sites: Arc<Sites>, mut send: quinn::SendStream, mut recv: 
         .collect();
     for conn in tunnels {
         match open_on(&conn, &header).await {
-            Ok(mut upstream) => {
+            Ok(raw) => {
+                let mut upstream = sites.counted(&header.site, raw);
                 if write_frame(&mut send, &Opened::Ok).await.is_err() {
                     return;
                 }
