@@ -1590,6 +1590,7 @@ async fn apply(
         output::print(&v, &[], true);
         return Ok(());
     }
+    print_warnings(&v);
     let report: ApplyReport = serde_json::from_value(v)?;
     let verb = |a: ChangeAction| match (a, report.dry_run) {
         (ChangeAction::Create, false) => "created",

@@ -52,9 +52,13 @@ async fn apply_is_idempotent_and_all_or_nothing() -> anyhow::Result<()> {
     assert!(out.contains("would create resource wiki"), "{out}");
     assert!(c.api(0).names("/v1/sites").await?.is_empty());
 
-    phase!("apply creates everything, referenced kinds first");
+    phase!("apply creates everything, referenced kinds first, and warns of what will not work");
     let (ok, out, err) = c.warren(1, &["apply", "-f", f]);
     assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: resource db: no policy: nobody may use this resource"),
+        "the resource without a policy is named:\n{err}"
+    );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
         lines.iter().filter(|l| l.starts_with("created")).count(),
@@ -168,6 +172,32 @@ async fn apply_is_idempotent_and_all_or_nothing() -> anyhow::Result<()> {
     );
     let (ok, out, err) = c.warren(0, &["apply", "-f", f]);
     assert!(ok && out.contains("reset to the default"), "{out}{err}");
+
+    phase!("a TCP resource on another node's admin port: apply warns, naming the node");
+    let admin_port = c.nodes[0]
+        .admin_addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .expect("admin port");
+    std::fs::write(
+        &file,
+        format!(
+            "policies:\n  - name: anyone\n    allow: {{source_cidr: 0.0.0.0/0}}\nresources:\n  - name: clash\n    route: {{tcp: {{port: {admin_port}}}}}\n    targets: [\"10.0.0.9:22\"]\n    policies: [anyone]\n"
+        ),
+    )?;
+    let (ok, out, err) = c.warren(1, &["apply", "-f", f]);
+    assert!(ok && out.contains("created resource clash"), "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: resource clash: TCP port {admin_port} is node {}'s admin API",
+            c.nodes[0].name
+        )),
+        "{err}"
+    );
+    phase!("an unchanged entity is not warned about again");
+    let (ok, out, err) = c.warren(1, &["apply", "-f", f]);
+    assert!(ok && out.contains("no changes"), "{out}");
+    assert!(!err.contains("warning"), "{err}");
     Ok(())
 }
 

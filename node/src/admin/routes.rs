@@ -1520,7 +1520,7 @@ async fn apply(
     State(s): State<AdminState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<warren_proto::api::ApplyReport>, ApiErr> {
+) -> Result<Json<Value>, ApiErr> {
     let key = auth_write(&s, &headers).await?;
     let mut req: ApplyRequest = read_json(body, MAX_APPLY_BODY).await?;
     let reg = s.cluster().read().await?;
@@ -1536,19 +1536,64 @@ async fn apply(
     let mut plan = reg
         .plan_manifest(&req.manifest, req.prune)
         .map_err(in_manifest)?;
+    // What a single write of the same entity would refuse or warn of, for the entities
+    // this apply creates or updates: a refusal fails the whole apply before anything is
+    // written, warnings come back beside the report.
+    let warnings = apply_problems(&s, &req.manifest, &plan).await?;
     if req.dry_run || plan.changes.is_empty() {
         plan.dry_run = req.dry_run;
-        return Ok(Json(plan));
+        return Ok(Json(with_warnings(plan, warnings)));
     }
     let command = Command::Apply {
         manifest: req.manifest,
         prune: req.prune,
     };
     match submit(&s, key, &headers, command).await {
-        Ok(Outcome::Applied(report)) => Ok(Json(report)),
+        Ok(Outcome::Applied(report)) => Ok(Json(with_warnings(report, warnings))),
         Ok(other) => Err(unexpected(&other)),
         Err(e) => Err(e),
     }
+}
+
+/// The checks of [`ApiEntity::check`] for the resources and identity providers `plan`
+/// creates or updates, each warning prefixed with the entity it is about.
+async fn apply_problems(
+    s: &AdminState,
+    manifest: &warren_proto::api::Manifest,
+    plan: &warren_proto::api::ApplyReport,
+) -> Result<Vec<String>, ApiErr> {
+    use warren_proto::api::ChangeAction;
+    let written = |kind: Kind, name: &Name| {
+        plan.changes
+            .iter()
+            .any(|c| c.kind == kind && &c.name == name && c.action != ChangeAction::Delete)
+    };
+    let mut warnings = Vec::new();
+    for (i, r) in manifest.resources.iter().flatten().enumerate() {
+        if !written(Kind::Resource, &r.name) {
+            continue;
+        }
+        let found = r.check(s).await.map_err(|e| {
+            let field = format!("resources[{i}].{}", e.field_name().unwrap_or_default());
+            e.field(field)
+        })?;
+        warnings.extend(
+            found
+                .into_iter()
+                .map(|w| format!("resource {}: {w}", r.name.as_str())),
+        );
+    }
+    for idp in manifest.identity_providers.iter().flatten() {
+        if written(Kind::IdentityProvider, &idp.name) {
+            let found = idp.check(s).await?;
+            warnings.extend(
+                found
+                    .into_iter()
+                    .map(|w| format!("identity provider {}: {w}", idp.name.as_str())),
+            );
+        }
+    }
+    Ok(warnings)
 }
 
 #[cfg(test)]
