@@ -43,6 +43,10 @@ pub const REBALANCE_EVERY: Duration = Duration::from_secs(15);
 /// A node replaces the slowest tunnel when its handshake takes less than this share of that
 /// tunnel's (so measurement noise never moves tunnels back and forth).
 pub const CLOSER: f64 = 0.7;
+/// ...and at least this much less: on one LAN or host every node answers within a
+/// millisecond, and a ratio of two such times is noise (tunnels moved every round,
+/// taking the agent's relay binding with them).
+pub const MIN_GAIN: Duration = Duration::from_millis(5);
 /// The most nodes the set knows (seeds included); a longer list from a node is cut, so a
 /// wrong configuration cannot make the agent probe thousands of addresses.
 pub const MAX_NODES: usize = 64;
@@ -84,7 +88,8 @@ pub fn is_node_address(addr: &str) -> bool {
 ///   for a while is retried within a second.
 /// - Every [`REBALANCE_EVERY`] the idle nodes whose retry time has passed are probed (a
 ///   handshake, timed by the driver). When every slot carries a tunnel and a probed node's
-///   handshake is under [`CLOSER`] times that of the slowest tunnel, that tunnel is closed
+///   handshake is under [`CLOSER`] times that of the slowest tunnel and at least
+///   [`MIN_GAIN`] shorter, that tunnel is closed
 ///   ([`Action::Close`]) and the closer node dialled at once, if it is still idle, past its
 ///   retry time and still a node of the cluster; at most one move per round. A
 ///   tunnel closed this way was healthy: its node keeps no failure and may be dialled again
@@ -554,7 +559,9 @@ impl TunnelSet {
         let Some(slowest_rtt) = self.nodes[slowest].rtt else {
             return;
         };
-        if rtt.as_secs_f64() >= slowest_rtt.as_secs_f64() * CLOSER {
+        if rtt.as_secs_f64() >= slowest_rtt.as_secs_f64() * CLOSER
+            || slowest_rtt.saturating_sub(rtt) < MIN_GAIN
+        {
             return;
         }
         self.moved = true;
@@ -1060,6 +1067,22 @@ mod tests {
     }
 
     #[test]
+    fn sub_millisecond_differences_never_move_a_tunnel() {
+        let us = Duration::from_micros(1);
+        let mut h = Harness::new(&["a:1", "b:1", "c:1"], 2);
+        h.set.handle_dialed("a:1", 900 * us, h.now);
+        h.set.handle_dialed("b:1", 800 * us, h.now);
+        h.settle();
+        // Three times faster, but 0.6 ms is noise on one host.
+        h.answers("c:1", Answer::Up(300 * us), Answer::Up(300 * us));
+        for _ in 0..4 {
+            h.advance(REBALANCE_EVERY);
+        }
+        assert!(h.closes().is_empty());
+        assert_eq!(h.up(), ["a:1", "b:1"]);
+    }
+
+    #[test]
     fn one_move_per_round_and_none_while_a_slot_is_dialling() {
         let mut h = Harness::new(&["a:1", "b:1", "c:1", "d:1"], 2);
         h.set.handle_dialed("a:1", 40 * MS, h.now);
@@ -1461,7 +1484,8 @@ mod tests {
                 prop_assert!(
                     self.moved
                         || up.len() < TUNNELS
-                        || rtt.as_secs_f64() >= slowest.as_secs_f64() * CLOSER,
+                        || rtt.as_secs_f64() >= slowest.as_secs_f64() * CLOSER
+                        || slowest.saturating_sub(rtt) < MIN_GAIN,
                     "{} answered in {:?}, the slowest tunnel takes {:?}: no move",
                     probed,
                     rtt,
