@@ -55,18 +55,32 @@ pub struct FlowCounters {
     open: [std::sync::atomic::AtomicI64; 2],
 }
 
-/// `allowed`: admitted by a policy; `denied`: refused at the start; `cut`: ended because
-/// access was withdrawn while open; `no_target`: allowed, but no target answered;
-/// `over_limit`: refused by `--l4-max-connections`.
+/// What became of a flow; its label is [`FLOW_RESULTS`] at its index.
+#[derive(Debug, Clone, Copy)]
+enum FlowResult {
+    /// Admitted by a policy, and a target answered.
+    Allowed,
+    /// Refused at the start.
+    Denied,
+    /// Ended because access was withdrawn while it was open.
+    Cut,
+    /// Allowed, but no target answered.
+    NoTarget,
+    /// Refused by `--l4-max-connections` (or the per-port UDP flow bound).
+    OverLimit,
+}
+
+/// The labels of [`FlowResult`], in its order.
 pub const FLOW_RESULTS: [&str; 5] = ["allowed", "denied", "cut", "no_target", "over_limit"];
 
 impl FlowCounters {
-    fn count(&self, proto: Proto, result: usize) {
-        self.counts[proto as usize][result].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn count(&self, proto: Proto, result: FlowResult) {
+        self.counts[proto as usize][result as usize]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn opened(&self, proto: Proto) {
-        self.count(proto, 0);
+        self.count(proto, FlowResult::Allowed);
         self.open[proto as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -427,7 +441,7 @@ async fn accept(listener: TcpListener, name: Name, proxy: Arc<Proxy>, gate: Conn
             }
         };
         let Some(admitted) = gate.admit() else {
-            proxy.l4_flows.count(Proto::Tcp, 4);
+            proxy.l4_flows.count(Proto::Tcp, FlowResult::OverLimit);
             span.in_scope(|| refusals.refused("TCP resource", gate.limit(), L4_LIMIT_SETTING));
             // Closed at once, as the HTTPS listeners do: a queued client would hold its
             // socket and learn nothing. (After the log line, so that whoever sees the close
@@ -528,7 +542,7 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
     tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = if ok { "allow" } else { "deny" }, reason = %why, "TCP connection");
     let counters = &proxy.l4_flows;
     if !ok {
-        counters.count(Proto::Tcp, 1);
+        counters.count(Proto::Tcp, FlowResult::Denied);
         return;
     }
     let Some(res) = reg.resources().get(&name).cloned() else {
@@ -537,7 +551,7 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
     let mut upstream = match connect(&proxy, &res).await {
         Ok(s) => s,
         Err(e) => {
-            counters.count(Proto::Tcp, 3);
+            counters.count(Proto::Tcp, FlowResult::NoTarget);
             tracing::warn!(resource = %name, "TCP resource: no target reachable: {e}");
             return;
         }
@@ -565,7 +579,7 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, name: Name, proxy: Arc<Pr
         let reg = rx.borrow_and_update().clone();
         let (ok, why) = allowed(&proxy, &reg, &name, peer.ip());
         if !ok {
-            counters.count(Proto::Tcp, 2);
+            counters.count(Proto::Tcp, FlowResult::Cut);
             tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = "deny", reason = %why, "TCP connection cut: no longer allowed");
             return;
         }
@@ -598,15 +612,15 @@ async fn udp_serve(sock: tokio::net::UdpSocket, name: Name, proxy: Arc<Proxy>, g
                 let (ok, why) = allowed(&proxy, &reg, &name, peer.ip());
                 tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = if ok { "allow" } else { "deny" }, reason = %why, "UDP flow");
                 if !ok {
-                    proxy.l4_flows.count(Proto::Udp, 1);
+                    proxy.l4_flows.count(Proto::Udp, FlowResult::Denied);
                     continue;
                 }
                 if flows.len() >= 10_000 {
-                    proxy.l4_flows.count(Proto::Udp, 4);
+                    proxy.l4_flows.count(Proto::Udp, FlowResult::OverLimit);
                     continue;
                 }
                 let Some(admitted) = gate.admit() else {
-                    proxy.l4_flows.count(Proto::Udp, 4);
+                    proxy.l4_flows.count(Proto::Udp, FlowResult::OverLimit);
                     span.in_scope(|| refusals.refused("UDP resource", gate.limit(), L4_LIMIT_SETTING));
                     continue;
                 };
@@ -731,7 +745,7 @@ async fn udp_flow(
     };
     let counters = &proxy.l4_flows;
     let Some(upstream) = upstream else {
-        counters.count(Proto::Udp, 3);
+        counters.count(Proto::Udp, FlowResult::NoTarget);
         tracing::warn!(resource = %name, "UDP resource: no target reachable");
         let _ = done.send(peer);
         return;
@@ -748,7 +762,7 @@ async fn udp_flow(
     )
     .await;
     if end == FlowEnd::Denied {
-        counters.count(Proto::Udp, 2);
+        counters.count(Proto::Udp, FlowResult::Cut);
         tracing::info!(target: "warren::access", resource = %name, client = %peer, decision = "deny", "UDP flow cut: no longer allowed");
     } else {
         tracing::debug!(resource = %name, client = %peer, "UDP flow ended: {end:?}");
