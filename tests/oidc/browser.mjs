@@ -2,6 +2,7 @@
 //
 // Usage: node browser.mjs --url URL [--user U --password P] [--click SELECTOR]
 //                         [--storage-in FILE] [--storage-out FILE] [--ws WS_URL] [--timeout-ms N]
+//                         [--viewport WxH] [--screenshot FILE.png]
 //
 // Opens URL (following redirects and navigations the page starts itself). If the IdP login form
 // (#username) shows and --user is given, fills #username/#password and clicks #login; if the
@@ -9,17 +10,23 @@
 // time it waits for where that leads. With --ws, opens a
 // WebSocket from the landed page to WS_URL, sends "hello-ws" and records the first reply.
 // --storage-in/--storage-out load and save Playwright's storageState (cookies + local storage).
+// --viewport sets the window size (default 1280x720); --screenshot saves the landed page, whole.
 //
 // Prints exactly one JSON line on stdout:
-//   {"url", "status", "text", "ws", "cookies": [{name, domain, path, httpOnly, secure, sameSite, value}]}
+//   {"url", "status", "text", "ws", "cookies": [{name, domain, path, httpOnly, secure, sameSite, value}],
+//    "layout": {lang, title, h1, styled, overflowX, unlabeled, tooSmall}}
+// layout describes the landed page as a person meets it: its language and title, the first
+// heading, whether a stylesheet applies to it (<main> has a max width), whether it scrolls
+// sideways, inputs without a label, and buttons/links smaller than 24x24 CSS px.
 // where status is the HTTP status of the last main-frame response (not a redirect) and ws is the
 // echoed text or null (why it failed goes to stderr). Exits non-zero with a message on stderr on
 // timeout or error. Every request to a host other than loopback (127.0.0.0/8, ::1, localhost,
-// *.localhost) is reported on stderr as `non-loopback request: <url>`.
+// *.localhost) is reported on stderr as `non-loopback request: <url>`; every console error
+// (a refused stylesheet or script, say) as `console error: <text>`.
 import { chromium } from 'playwright-core';
 
 function parseArgs(argv) {
-  const known = new Set(['url', 'user', 'password', 'click', 'storage-in', 'storage-out', 'ws', 'timeout-ms']);
+  const known = new Set(['url', 'user', 'password', 'click', 'storage-in', 'storage-out', 'ws', 'timeout-ms', 'viewport', 'screenshot']);
   const out = {};
   for (let i = 0; i < argv.length; i += 1) {
     const a = argv[i];
@@ -33,6 +40,11 @@ function parseArgs(argv) {
   const t = Number(out['timeout-ms'] ?? 20000);
   if (!Number.isFinite(t) || t <= 0) throw new Error('--timeout-ms must be a positive number');
   out.timeoutMs = t;
+  if (out.viewport !== undefined) {
+    const m = /^(\d+)x(\d+)$/.exec(out.viewport);
+    if (!m) throw new Error('--viewport is WIDTHxHEIGHT, like 390x844');
+    out.viewportSize = { width: Number(m[1]), height: Number(m[2]) };
+  }
   return out;
 }
 
@@ -74,6 +86,7 @@ try {
   });
   const context = await browser.newContext({
     ignoreHTTPSErrors: true,
+    ...(args.viewportSize ? { viewport: args.viewportSize } : {}),
     ...(args['storage-in'] ? { storageState: args['storage-in'] } : {}),
   });
   context.on('request', (r) => checkLoopback(r.url()));
@@ -81,6 +94,7 @@ try {
   const page = await context.newPage();
   page.setDefaultTimeout(args.timeoutMs);
   page.on('websocket', (ws) => checkLoopback(ws.url()));
+  page.on('console', (m) => { if (m.type() === 'error') console.error(`console error: ${m.text()}`); });
 
   let status = null; // last main-frame response that is not a redirect
   let lastAny = null; // last main-frame response, redirects included
@@ -151,7 +165,23 @@ try {
     name: c.name, domain: c.domain, path: c.path, httpOnly: c.httpOnly, secure: c.secure, sameSite: c.sameSite, value: c.value,
   }));
   if (args['storage-out']) await context.storageState({ path: args['storage-out'] });
-  const result = { url: page.url(), status: status ?? lastAny, text, ws: wsReply, cookies };
+  const layout = await page.evaluate(() => {
+    const main = document.querySelector('main');
+    const h1 = document.querySelector('h1');
+    const labelled = (el) => el.type === 'hidden' || el.labels?.length > 0 || el.getAttribute('aria-label');
+    const small = (el) => { const r = el.getBoundingClientRect(); return r.width > 0 && (r.width < 24 || r.height < 24); };
+    return {
+      lang: document.documentElement.lang,
+      title: document.title,
+      h1: h1 ? h1.innerText : null,
+      styled: !!main && getComputedStyle(main).maxWidth !== 'none',
+      overflowX: document.documentElement.scrollWidth > window.innerWidth,
+      unlabeled: [...document.querySelectorAll('input')].filter((el) => !labelled(el)).length,
+      tooSmall: [...document.querySelectorAll('button, a')].filter(small).map((el) => el.innerText),
+    };
+  });
+  if (args.screenshot) await page.screenshot({ path: args.screenshot, fullPage: true });
+  const result = { url: page.url(), status: status ?? lastAny, text, ws: wsReply, cookies, layout };
   await browser.close();
   clearTimeout(timer);
   process.stdout.write(`${JSON.stringify(result)}\n`);

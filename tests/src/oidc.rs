@@ -238,6 +238,10 @@ pub struct BrowserArgs {
     pub ws: Option<String>,
     /// How long browser.mjs may take (default 20 s); the process is killed 15 s after that.
     pub timeout: Option<Duration>,
+    /// The window size, width and height in CSS pixels (default 1280x720).
+    pub viewport: Option<(u32, u32)>,
+    /// Where to save a PNG of the whole landed page.
+    pub screenshot: Option<PathBuf>,
 }
 
 impl BrowserArgs {
@@ -284,6 +288,38 @@ impl BrowserArgs {
         self.timeout = Some(timeout);
         self
     }
+
+    /// Opens the page in a window of `width` x `height` CSS pixels.
+    pub fn viewport(mut self, width: u32, height: u32) -> Self {
+        self.viewport = Some((width, height));
+        self
+    }
+
+    /// Saves a PNG of the whole landed page to `path`.
+    pub fn screenshot(mut self, path: impl Into<PathBuf>) -> Self {
+        self.screenshot = Some(path.into());
+        self
+    }
+}
+
+/// The landed page as a person meets it (see browser.mjs).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Layout {
+    /// `<html lang>`.
+    pub lang: String,
+    /// `document.title`.
+    pub title: String,
+    /// The text of the first `<h1>`, if any.
+    pub h1: Option<String>,
+    /// Whether a stylesheet applies (`<main>` has a max width).
+    pub styled: bool,
+    /// Whether the page scrolls sideways at this width.
+    pub overflow_x: bool,
+    /// Visible inputs without a label.
+    pub unlabeled: usize,
+    /// The text of buttons and links smaller than 24x24 CSS pixels.
+    pub too_small: Vec<String>,
 }
 
 /// One cookie in the browser at the end of a run.
@@ -321,6 +357,9 @@ pub struct BrowserOutcome {
     pub ws: Option<String>,
     /// Every cookie in the browser.
     pub cookies: Vec<BrowserCookie>,
+    /// The landed page's language, title, heading and layout.
+    #[serde(default)]
+    pub layout: Layout,
     /// What browser.mjs printed on stderr (non-loopback requests, WebSocket failures).
     #[serde(skip)]
     pub stderr: String,
@@ -332,6 +371,55 @@ impl BrowserOutcome {
         self.cookies.iter().find(|c| c.name == name)
     }
 
+    /// Console errors of the page (a stylesheet or script the page's policy refused).
+    pub fn console_errors(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("console error: "))
+            .collect()
+    }
+
+    /// What a person would notice is wrong with the landed page's design: no stylesheet
+    /// (or one the page's own policy refused), no language or heading, sideways scrolling,
+    /// inputs without a label, buttons or links too small to hit (WCAG 2.5.8: 24x24),
+    /// anything loaded from elsewhere. Empty when the page is fine.
+    pub fn design_problems(&self) -> Vec<String> {
+        let l = &self.layout;
+        let mut out = Vec::new();
+        if !l.styled {
+            out.push("no stylesheet applies".to_owned());
+        }
+        if l.lang.is_empty() {
+            out.push("no <html lang>".to_owned());
+        }
+        if l.h1.as_deref().is_none_or(str::is_empty) || l.title.is_empty() {
+            out.push("no heading or title".to_owned());
+        }
+        if l.overflow_x {
+            out.push("scrolls sideways".to_owned());
+        }
+        if l.unlabeled > 0 {
+            out.push(format!("{} inputs without a label", l.unlabeled));
+        }
+        if !l.too_small.is_empty() {
+            out.push(format!("too small to hit: {:?}", l.too_small));
+        }
+        // Chromium logs a non-2xx page itself as "Failed to load resource": that is the
+        // page's status, not a fault of its design.
+        out.extend(
+            self.console_errors()
+                .into_iter()
+                .filter(|e| !e.starts_with("Failed to load resource"))
+                .map(|e| format!("console: {e}")),
+        );
+        out.extend(
+            self.non_loopback_requests()
+                .into_iter()
+                .map(|u| format!("loads {u}")),
+        );
+        out
+    }
+
     /// URLs of requests that went to a non-loopback host.
     pub fn non_loopback_requests(&self) -> Vec<&str> {
         self.stderr
@@ -339,6 +427,14 @@ impl BrowserOutcome {
             .filter_map(|l| l.strip_prefix("non-loopback request: "))
             .collect()
     }
+}
+
+/// Where tests save screenshots of the pages they check (`target/screenshots/<name>.png`),
+/// for a person to look at after a run.
+pub fn screenshot_path(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{name}.png"))
 }
 
 /// Runs browser.mjs once (a fresh headless Chromium) and returns what it saw.
@@ -371,6 +467,12 @@ pub fn browser(args: &BrowserArgs) -> anyhow::Result<BrowserOutcome> {
     }
     if let Some(ws) = &args.ws {
         cmd.args(["--ws", ws]);
+    }
+    if let Some((w, h)) = args.viewport {
+        cmd.args(["--viewport", &format!("{w}x{h}")]);
+    }
+    if let Some(p) = &args.screenshot {
+        cmd.arg("--screenshot").arg(p);
     }
     let mut child = cmd.spawn().context("spawning browser.mjs")?;
     let out = drain(child.stdout.take());

@@ -234,6 +234,69 @@ async fn entity_verbs_tables_and_json() -> anyhow::Result<()> {
     ]);
     run(&["resource", "update", "db", "--policy", "ops-only"]);
 
+    phase!("the README's policy language reference: its example and every criterion in its table are accepted");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let section = readme
+        .split("\n## Policy language\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README has a policy language section");
+    let example = section
+        .split("--rules - <<'YAML'\n")
+        .nth(1)
+        .and_then(|s| s.split("\nYAML\n").next())
+        .expect("the section has an example");
+    std::fs::write(&rules, format!("{example}\n"))?;
+    run(&[
+        "policy",
+        "create",
+        "office",
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_str(&run(&["policy", "get", "office", "--json"]))?;
+    assert!(
+        v["allow"]["or"].is_array() && v["deny"]["or"].is_array(),
+        "{v}"
+    );
+    let mut criteria = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let expr = row.split('`').nth(1).unwrap_or_default();
+        if expr.contains("e, ...") || expr == "not: e" {
+            continue;
+        }
+        criteria += 1;
+        std::fs::write(&rules, format!("allow: {{{expr}}}\n"))?;
+        let name = format!("readme-{criteria}");
+        let (ok, _, err) = c.warren(
+            0,
+            &[
+                "policy",
+                "create",
+                &name,
+                "--rules",
+                rules.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "the README's `{expr}` is refused: {err}");
+    }
+    assert!(criteria >= 12, "{criteria} criteria in the README's table");
+    std::fs::write(&rules, "allow: {source_cidr: 10.0.0.0/33}\n")?;
+    let (ok, _, err) = c.warren(
+        0,
+        &[
+            "policy",
+            "create",
+            "broken",
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("allow.source_cidr"),
+        "names the bad part: {err}"
+    );
+
     phase!("tables for people");
     let table = run(&["resource", "list"]);
     assert!(

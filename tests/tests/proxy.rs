@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use warren_tests::oidc::{browser_async, BrowserArgs, BrowserOutcome, Idp};
+use warren_tests::oidc::{browser_async, screenshot_path, BrowserArgs, BrowserOutcome, Idp};
 use warren_tests::upstream::Upstream;
 use warren_tests::{certs, phase, port_of, web_client, Cluster};
 
@@ -442,13 +442,95 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
     .await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
-    phase!("bob is denied by group; carol gets in by e-mail domain");
+    phase!("bob is denied by group; the denied page offers to sign out and switch user; carol gets in by e-mail domain");
+    let bob_state = dir.path().join("bob.json");
     let b = browser_async(
-        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1])).login("bob", "bob-pw"),
+        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1]))
+            .login("bob", "bob-pw")
+            .storage_out(&bob_state)
+            .screenshot(screenshot_path("denied")),
     )
     .await?;
     assert_eq!(b.status, Some(403), "{}", b.text);
-    assert!(b.text.contains("Access denied"), "{}", b.text);
+    assert!(
+        b.text.contains("Access denied") && b.text.contains("Sign out to switch user"),
+        "{}",
+        b.text
+    );
+    assert_eq!(b.design_problems(), Vec::<String>::new(), "the denied page");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1]))
+            .storage_in(&bob_state)
+            .click("a[href='/.warren/sign_out']")
+            .viewport(390, 844)
+            .screenshot(screenshot_path("sign-out-narrow")),
+    )
+    .await?;
+    assert!(
+        b.url.ends_with("/.warren/sign_out") && b.text.contains("Sign out?"),
+        "the link leads to the sign-out page: {} {}",
+        b.url,
+        b.text
+    );
+    assert_eq!(
+        b.design_problems(),
+        Vec::<String>::new(),
+        "the sign-out page, 390 px wide"
+    );
+
+    phase!("the proxy's own pages, in a real browser: one design, no external assets, a way on");
+    let auth = format!("https://auth.localhost:{}", https[0]);
+    for (name, url, status, wants) in [
+        (
+            "auth-host-not-signed-in",
+            format!("{auth}/.warren/"),
+            401,
+            "Sign in",
+        ),
+        (
+            "bad-sign-in-link",
+            format!("{auth}/.warren/sign_in?rd=https%3A%2F%2Fevil.example%2F"),
+            400,
+            "Bad sign-in link",
+        ),
+        (
+            "resource-not-signed-in",
+            format!("https://app.localhost:{}/.warren/", https[2]),
+            401,
+            "Sign in",
+        ),
+    ] {
+        let b = browser_async(
+            BrowserArgs::new(&url)
+                .viewport(390, 844)
+                .screenshot(screenshot_path(name)),
+        )
+        .await?;
+        assert_eq!(b.status, Some(status), "{name}: {}", b.text);
+        assert!(b.text.contains(wants), "{name}: {}", b.text);
+        assert_eq!(b.design_problems(), Vec::<String>::new(), "{name}");
+        let png = std::fs::read(screenshot_path(name))?;
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 2000,
+            "{name}: a screenshot"
+        );
+    }
+    phase!(
+        "the auth host's 401 links to the sign-in, which signs alice in and lands on who she is"
+    );
+    let b = browser_async(
+        BrowserArgs::new(format!("{auth}/.warren/"))
+            .click("a[href='/.warren/sign_in']")
+            .login("alice", "alice-pw"),
+    )
+    .await?;
+    assert!(
+        b.status == Some(200) && b.text.contains("alice"),
+        "{} {:?}: {}",
+        b.url,
+        b.status,
+        b.text
+    );
     let b = browser_async(
         BrowserArgs::new(format!("https://corp.localhost:{}/echo", https[2]))
             .login("carol", "carol-pw"),

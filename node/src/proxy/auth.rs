@@ -245,13 +245,7 @@ fn bad(title: &str, detail: &str) -> Response<Body> {
 /// A 200 HTML page of the proxy's own that must not be cached or framed (it carries a
 /// sign-out button: framing it would let another site trick a click).
 fn html_page(html: String) -> Response<Body> {
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-store")
-        .header("content-security-policy", "frame-ancestors 'none'")
-        .header("x-frame-options", "DENY")
-        .body(pages::full(html))
-        .expect("valid response")
+    pages::html_response(StatusCode::OK, html)
 }
 
 impl Proxy {
@@ -389,19 +383,17 @@ impl Proxy {
                     .ok()
                     .map(|u| {
                         format!(
-                            "<li><a href=\"{}\">{}</a></li>",
+                            "<li><a class=\"button\" href=\"{}\">Continue with {}</a></li>",
                             esc(u.as_str()),
                             esc(n.as_str())
                         )
                     })
                 })
                 .collect();
-            return Response::builder()
-                .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-                .body(pages::full(format!(
-                    "<!doctype html><html><body style=\"font-family:sans-serif;margin:3em\"><h1>Sign in with</h1><ul>{links}</ul></body></html>"
-                )))
-                .expect("valid response");
+            return html_page(pages::document(
+                "Sign in",
+                &format!("<p>Choose your identity provider.</p><ul class=\"choices\">{links}</ul>"),
+            ));
         };
         let discovered = match self.oidc.discover(&idp).await {
             Ok(d) => d,
@@ -964,12 +956,10 @@ impl Proxy {
             );
         };
         let html = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Warren: sign out</title></head>\
-             <body style=\"font-family:sans-serif;margin:3em\"><h1>Sign out?</h1>\
-             <p>This ends your session on {} and every other site you opened with it.</p>{form}</body></html>",
+            "<p>This ends your session on {} and every other site you opened with it.</p>{form}",
             esc(host)
         );
-        html_page(html)
+        html_page(pages::document("Sign out?", &html))
     }
 
     fn whoami(&self, req: &Request<Incoming>, state: &ProxyState, host: &str) -> Response<Body> {
@@ -977,10 +967,18 @@ impl Proxy {
             .session_from_cookie(req, state, host)
             .and_then(|sid| lookup_session(&state.registry, &state.config, sid, unix_now()).ok());
         let Some(p) = principal else {
-            return page(
+            // The auth host signs in with the provider; a resource's host through its own
+            // sign-in page (which may offer a PIN or passcode too).
+            let sign_in = if host == self.settings.auth_host {
+                "/.warren/sign_in"
+            } else {
+                "/.warren/auth?rd=%2F"
+            };
+            return pages::page_with(
                 StatusCode::UNAUTHORIZED,
                 "Not signed in",
                 "You are not signed in on this site.",
+                &[(sign_in, "Sign in")],
             );
         };
         let wants_json = req
@@ -1014,10 +1012,8 @@ impl Proxy {
             .sign_out_form(state, p.session.id, host)
             .unwrap_or_default();
         let html = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Warren: signed in</title></head>\
-             <body style=\"font-family:sans-serif;margin:3em\"><h1>Signed in</h1>\
-             <p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span>{}</p>\
-             <p>Groups: <span id=\"groups\">{}</span></p>{form}</body></html>",
+            "<p>User: <b id=\"user\">{}</b></p><p>E-mail: <span id=\"email\">{}</span>{}</p>\
+             <p>Groups: <span id=\"groups\">{}</span></p>{form}",
             esc(p.name()),
             esc(&p.session.email),
             if p.session.email_verified || p.session.email.is_empty() {
@@ -1027,7 +1023,7 @@ impl Proxy {
             },
             groups
         );
-        html_page(html)
+        html_page(pages::document("Signed in", &html))
     }
 }
 

@@ -103,7 +103,7 @@ fn form_page(route: &Route, rd: &str, sso_link: Option<&str>, notice: Option<&st
     }
     if let Some(link) = sso_link {
         body.push_str(&format!(
-            "<p><a id=\"sso\" href=\"{}\">Sign in with your account</a></p>",
+            "<p><a id=\"sso\" class=\"button\" href=\"{}\">Sign in with your account</a></p>",
             esc(link)
         ));
     }
@@ -126,19 +126,11 @@ fn form_page(route: &Route, rd: &str, sso_link: Option<&str>, notice: Option<&st
 }
 
 fn html(title: &str, body: &str) -> String {
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head><body style=\"font-family:sans-serif;margin:3em;max-width:40em\"><h1>{t}</h1>{body}</body></html>",
-        t = esc(title)
-    )
+    super::pages::document(title, body)
 }
 
 fn html_response(status: StatusCode, body: String) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(super::pages::full(body))
-        .expect("valid response")
+    super::pages::html_response(status, body)
 }
 
 /// The form again with why a try at a secret was not made: too many tries (429) or the

@@ -349,7 +349,19 @@ impl Proxy {
                     .await
             }
             Verdict::SignIn { how, .. } => self.need_sign_in(&req, host, how),
-            Verdict::Deny { why, .. } => page(why.status(), why.title(), &why.detail()),
+            Verdict::Deny { why, .. } => match why.user() {
+                // Signed in as someone this resource does not let in: offer the way out.
+                Some(_) => pages::page_with(
+                    why.status(),
+                    why.title(),
+                    &why.detail(),
+                    &[
+                        ("/.warren/sign_out", "Sign out to switch user"),
+                        ("/.warren/", "Who am I"),
+                    ],
+                ),
+                None => page(why.status(), why.title(), &why.detail()),
+            },
         };
         (resp, log)
     }
@@ -372,12 +384,15 @@ impl Proxy {
 
     /// The answer that sends the client to sign in `how`, then back to this request.
     fn need_sign_in(&self, req: &Request<Incoming>, host: &str, how: SignIn) -> Response<Body> {
+        // Not a navigation (a form post, an API call): it cannot be replayed after the
+        // sign-in, so the link signs in and lands on the resource's front page.
         match how {
             SignIn::Unauthorized => {
-                return page(
+                return pages::page_with(
                     StatusCode::UNAUTHORIZED,
                     "Sign-in required",
                     "Sign in through your browser first, then try again.",
+                    &[("/.warren/auth?rd=%2F", "Sign in")],
                 );
             }
             SignIn::ResourcePage => {
