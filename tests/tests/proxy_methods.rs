@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use warren_tests::oidc::{browser_async, screenshot_path, BrowserArgs};
 use warren_tests::smtp::SmtpSink;
 use warren_tests::upstream::Upstream;
 use warren_tests::{certs, phase, Cluster};
@@ -144,6 +145,25 @@ async fn pin_passcode_email_code_share_link_and_bypass() -> anyhow::Result<()> {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    phase!("the PIN, passcode and e-mail code forms in a real browser, at phone width: the one design, labelled inputs");
+    for (name, input) in [("pin", "PIN"), ("pass", "Passcode"), ("mail", "E-mail")] {
+        let b = browser_async(
+            BrowserArgs::new(format!("https://{name}.localhost:{port}/echo"))
+                .viewport(390, 844)
+                .screenshot(screenshot_path(&format!("sign-in-{name}"))),
+        )
+        .await?;
+        assert!(
+            b.status == Some(200)
+                && b.text.contains(input)
+                && b.text.contains(&format!("Open {name}.localhost")),
+            "{name}: {:?} {}",
+            b.status,
+            b.text
+        );
+        assert_eq!(b.design_problems(), Vec::<String>::new(), "{name}");
     }
 
     phase!("the API stores and shows only hashes");
