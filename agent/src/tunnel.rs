@@ -304,6 +304,10 @@ impl Driver {
             }
             Report::Probed { addr, handshake } => {
                 tracing::debug!(node = %addr, ?handshake, "probed");
+                // Compared with what the tunnels measure now, not with their first handshake.
+                for (tunnel, conn) in &self.conns {
+                    self.set.handle_tunnel_rtt(tunnel, conn.rtt());
+                }
                 self.set.handle_probe(&addr, handshake, now);
             }
         }
