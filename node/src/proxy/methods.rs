@@ -21,7 +21,7 @@ use warren_proto::session::{user_name_from_email, Session, SessionId, Via};
 use warren_proto::Name;
 
 use super::credential;
-use super::pages::{esc, page};
+use super::pages::{document, esc, html_response, page};
 use super::seal::Purpose;
 use super::state::Route;
 use super::{set_cookie, unix_now, Body, Proxy, ProxyState, SessionCookie, SESSION_COOKIE};
@@ -122,15 +122,7 @@ fn form_page(route: &Route, rd: &str, sso_link: Option<&str>, notice: Option<&st
             "<form method=\"post\" action=\"/.warren/auth\"><input type=\"hidden\" name=\"method\" value=\"email\"><input type=\"hidden\" name=\"rd\" value=\"{rd}\"><label>E-mail <input id=\"email\" name=\"email\" type=\"email\"></label> <button id=\"email-submit\" type=\"submit\">Send me a code</button></form>"
         ));
     }
-    html(&format!("Open {}", route.host), &body)
-}
-
-fn html(title: &str, body: &str) -> String {
-    super::pages::document(title, body)
-}
-
-fn html_response(status: StatusCode, body: String) -> Response<Body> {
-    super::pages::html_response(status, body)
+    document(&format!("Open {}", route.host), &body)
 }
 
 /// The form again with why a try at a secret was not made: too many tries (429) or the
@@ -342,7 +334,7 @@ impl Proxy {
                     id,
                 };
                 let token = sealer.seal(Purpose::EmailCode, &pending);
-                let body = html(
+                let body = document(
                     &format!("Open {}", route.host),
                     &format!(
                         "<p id=\"notice\">If {} may use this resource, a code is on its way.</p><form method=\"post\" action=\"/.warren/auth\"><input type=\"hidden\" name=\"method\" value=\"email_code\"><input type=\"hidden\" name=\"rd\" value=\"{}\"><input type=\"hidden\" name=\"token\" value=\"{}\"><label>Code <input id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\"></label> <button id=\"code-submit\" type=\"submit\">Open</button></form>",
