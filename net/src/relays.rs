@@ -700,6 +700,7 @@ impl Binding {
                 nonce,
                 ticket,
                 site,
+                via: None,
             }
             .to_vec(),
         ));
@@ -1024,6 +1025,7 @@ mod tests {
                 nonce,
                 ticket,
                 site,
+                ..
             } = Frame::decode(&b).unwrap()
             else {
                 panic!()

@@ -387,6 +387,10 @@ impl crate::relay::RelayView for NodeRelayView {
         all_relays(&self.cluster.registry())
     }
 
+    fn held(&self) -> Option<Vec<Name>> {
+        Some(self.sites.held())
+    }
+
     fn coordinate(&self, punch: crate::relay::Coordinate) {
         self.coordinator.punch(punch);
     }

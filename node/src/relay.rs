@@ -318,7 +318,12 @@ struct AgentBinding {
     last: Instant,
 }
 
-/// A client binding, by (client address, site).
+/// A client binding's key: the client's address, the site, and for a Bind a peer relay
+/// sent on, that relay's channel of its client (0 for a client's own Bind): a relay keeps
+/// one binding per client of a peer, never one per peer and site.
+type ClientKey = (SocketAddr, Name, u32);
+
+/// A client binding, by [`ClientKey`].
 #[derive(Debug, Clone)]
 struct ClientBinding {
     /// The channel the client sends on.
@@ -327,11 +332,24 @@ struct ClientBinding {
     upstream: SocketAddr,
     /// The channel the upstream sends back on (the key of the reverse direction).
     back: u32,
+    /// The signed ticket of the client's last Bind: what a move of the binding to another
+    /// upstream is asked with (the client's channel stays, so the client never notices).
+    ticket: Arc<[u8]>,
+    /// When a move to a peer's relay was last asked for (one at a time, retried after
+    /// [`MOVE_RETRY`]).
+    moving: Option<Instant>,
 }
 
 /// A Bind this relay sent onward to a peer relay, awaiting its Bound.
 #[derive(Debug, Clone)]
 struct PendingHop {
+    /// This relay's own move of an existing binding ([`RelayCore::handle_tick`]): the
+    /// answer goes to no one, the client keeps its channel.
+    moves: bool,
+    /// The client's signed ticket (kept by the binding it makes).
+    ticket: Arc<[u8]>,
+    /// The client's channel here (its binding's, or allocated for the one this makes).
+    channel: u32,
     client: SocketAddr,
     /// Whether the client is an endpoint (this node then coordinates its pairing).
     coordinates: bool,
@@ -365,7 +383,7 @@ pub struct RelayCore {
     routes: HashMap<(SocketAddr, u32), Dest>,
     /// Channels this relay allocated (clients' and agents'), to keep them unique.
     allocated: HashMap<u32, SocketAddr>,
-    clients: HashMap<(SocketAddr, Name), ClientBinding>,
+    clients: HashMap<ClientKey, ClientBinding>,
     agents: HashMap<Name, Vec<AgentBinding>>,
     pending: HashMap<u64, PendingHop>,
     /// Nonces of the Binds honoured, until their ticket expires (Unix s), oldest first: a
@@ -376,6 +394,9 @@ pub struct RelayCore {
     events: Vec<DeviceBound>,
     /// Client bindings forgotten, for the coordinator.
     gone: Vec<(SocketAddr, u32)>,
+    /// Datagrams this relay sends of its own accord (moves of bindings), for
+    /// [`poll_transmit`](Self::poll_transmit).
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
     stats: Arc<RelayStats>,
 }
 
@@ -392,6 +413,15 @@ pub struct DeviceBound {
 
 /// Most Bind nonces remembered (the oldest are forgotten first).
 pub const MAX_NONCES: usize = 65_536;
+/// How long an agent binding outlives this node's tunnel to its site. An agent binds only
+/// to the relays of the nodes it holds a tunnel to, so once the tunnel is gone (the agent
+/// moved it) the binding is stale however recently it was refreshed: after this grace
+/// (a Bind racing the tunnel's registration) it is forgotten and the clients spliced to
+/// it follow the site to where it is now.
+pub const AGENT_GRACE: Duration = Duration::from_secs(2);
+/// How long a move of a client binding to a peer's relay waits for its answer before it
+/// is asked again.
+pub const MOVE_RETRY: Duration = Duration::from_secs(1);
 
 /// What the relay knows of the cluster when it handles a datagram.
 pub struct Context<'a> {
@@ -405,6 +435,9 @@ pub struct Context<'a> {
     pub unix: u64,
     /// Whether an address is a node's relay (a Bind from it is one sent on).
     pub is_relay: &'a (dyn Fn(SocketAddr) -> bool + Sync),
+    /// The sites this node holds a tunnel to; `None` on a relay-only node (it holds no
+    /// tunnel: its agent bindings live by their refreshes alone).
+    pub held: Option<&'a (dyn Fn(&Name) -> bool + Sync)>,
 }
 
 impl RelayCore {
@@ -420,8 +453,14 @@ impl RelayCore {
             nonce_order: std::collections::VecDeque::new(),
             events: Vec::new(),
             gone: Vec::new(),
+            outbox: Vec::new(),
             stats,
         }
+    }
+
+    /// The next datagram this relay sends of its own accord (after a tick).
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.outbox.pop()
     }
 
     /// The next device binding made since the last call, if any (at most one per new
@@ -505,7 +544,8 @@ impl RelayCore {
                 nonce,
                 ticket,
                 site,
-            } => self.bind(from, nonce, ticket, site, now, cx),
+                via,
+            } => self.bind(from, nonce, ticket, site, via, now, cx),
             Frame::Bound {
                 nonce,
                 channel,
@@ -516,6 +556,12 @@ impl RelayCore {
                     self.stats.count(Dropped::Unexpected);
                     return Out::Nothing;
                 };
+                self.release(p.client, p.channel);
+                if p.moves {
+                    // This relay's own move: retried at a later tick, the client's binding
+                    // stays as it is meanwhile.
+                    return Out::Nothing;
+                }
                 Out::Send(
                     p.client,
                     Frame::Refused {
@@ -630,12 +676,14 @@ impl RelayCore {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
         from: SocketAddr,
         nonce: u64,
         ticket: &[u8],
         site: &str,
+        via: Option<u32>,
         now: Instant,
         cx: &Context<'_>,
     ) -> Out {
@@ -677,42 +725,43 @@ impl RelayCore {
                 };
                 // A Bind a peer relay sent on for its client is that relay's report.
                 let from_peer = (cx.is_relay)(from);
-                if !from_peer && !self.clients.contains_key(&(from, site.clone())) {
+                // Only a peer relay names its client's channel.
+                let via = if from_peer { via.unwrap_or(0) } else { 0 };
+                if !from_peer && !self.clients.contains_key(&(from, site.clone(), 0)) {
                     self.events.push(DeviceBound {
                         device,
                         site: site.clone(),
                         from,
                     });
                 }
-                self.bind_client(from, nonce, site, raw, now, cx)
+                self.bind_client((from, site, via), nonce, raw, now, cx)
             }
         }
     }
 
     fn bind_client(
         &mut self,
-        from: SocketAddr,
+        key: ClientKey,
         nonce: u64,
-        site: Name,
         raw_ticket: &[u8],
         now: Instant,
         cx: &Context<'_>,
     ) -> Out {
-        // The newest live agent binding of the site, if any is here.
-        let agent = self.agents.get(&site).and_then(|b| {
-            b.iter()
-                .filter(|b| now.duration_since(b.last) < BINDING_LIFETIME)
-                .max_by_key(|b| b.last)
-                .map(|b| b.addr)
-        });
-        let key = (from, site.clone());
-        if let Some(agent) = agent {
+        let (from, site) = (key.0, key.1.clone());
+        if let Some(b) = self.clients.get_mut(&key) {
+            if *b.ticket != *raw_ticket {
+                b.ticket = raw_ticket.into();
+            }
+        }
+        if let Some(agent) = self.live_agent(&site, now) {
             if let Some(existing) = self.clients.get(&key).cloned() {
-                if existing.upstream == agent {
-                    self.touch(from, existing.channel, now);
-                    return self.bound(from, nonce, existing.channel);
+                if existing.upstream != agent {
+                    // The agent is here now: the binding follows it, on the same channel.
+                    let a = self.allocate(agent);
+                    self.resplice(&key, agent, a, now);
                 }
-                self.unbind_client(&key);
+                self.touch(from, existing.channel, now);
+                return self.bound(from, nonce, existing.channel);
             }
             if self.routes.len() + 2 > MAX_CHANNELS {
                 self.stats.count(Dropped::Full);
@@ -745,6 +794,8 @@ impl RelayCore {
                     channel: c,
                     upstream: agent,
                     back: a,
+                    ticket: raw_ticket.into(),
+                    moving: None,
                 },
             );
             self.sync_gauges();
@@ -761,29 +812,101 @@ impl RelayCore {
         else {
             return self.refuse(from, nonce, Refusal::SiteUnreachable);
         };
-        if self.pending.len() >= MAX_CHANNELS / 4 {
+        if self.pending.len() >= MAX_CHANNELS / 4 || self.routes.len() + 2 > MAX_CHANNELS {
             self.stats.count(Dropped::Full);
             return self.refuse(from, nonce, Refusal::Full);
         }
+        let channel = self.clients.get(&key).map(|b| b.channel);
+        self.hop(peer, from, nonce, site, raw_ticket, channel, false, now, cx)
+    }
+
+    /// Sends a client's Bind on to `peer` (a fresh nonce: the peer honours each once),
+    /// naming the client's channel here (`channel`, of its binding; allocated now for a new
+    /// one) so that the peer keeps this client's binding apart from others'.
+    #[allow(clippy::too_many_arguments)]
+    fn hop(
+        &mut self,
+        peer: SocketAddr,
+        client: SocketAddr,
+        client_nonce: u64,
+        site: Name,
+        raw_ticket: &[u8],
+        channel: Option<u32>,
+        moves: bool,
+        now: Instant,
+        cx: &Context<'_>,
+    ) -> Out {
+        let channel = channel.unwrap_or_else(|| self.allocate(client));
         let hop_nonce: u64 = rand::thread_rng().gen();
-        self.pending.insert(
-            hop_nonce,
-            PendingHop {
-                client: from,
-                coordinates: !(cx.is_relay)(from),
-                client_nonce: nonce,
-                site: site.clone(),
-                peer,
-                sent: now,
-            },
-        );
         let onward = Frame::Bind {
             nonce: hop_nonce,
             ticket: raw_ticket,
             site: site.as_str(),
+            via: Some(channel),
         }
         .to_vec();
+        self.pending.insert(
+            hop_nonce,
+            PendingHop {
+                moves,
+                ticket: raw_ticket.into(),
+                channel,
+                client,
+                coordinates: !(cx.is_relay)(client),
+                client_nonce,
+                site,
+                peer,
+                sent: now,
+            },
+        );
         Out::Send(peer, onward)
+    }
+
+    /// The newest live agent binding of `site` here, if any.
+    fn live_agent(&self, site: &Name, now: Instant) -> Option<SocketAddr> {
+        self.agents.get(site).and_then(|b| {
+            b.iter()
+                .filter(|b| now.duration_since(b.last) < BINDING_LIFETIME)
+                .max_by_key(|b| b.last)
+                .map(|b| b.addr)
+        })
+    }
+
+    /// Points an existing client binding at a new upstream (`back`: the channel the
+    /// upstream sends back on), keeping the client's channel and its coordination: the
+    /// client's next datagram simply goes the new way.
+    fn resplice(&mut self, key: &ClientKey, upstream: SocketAddr, back: u32, now: Instant) {
+        let Some(b) = self.clients.get_mut(key) else {
+            return;
+        };
+        let (old_up, old_back, c) = (b.upstream, b.back, b.channel);
+        b.upstream = upstream;
+        b.back = back;
+        b.moving = None;
+        self.routes.remove(&(old_up, old_back));
+        if self.allocated.get(&old_back) == Some(&old_up) {
+            self.allocated.remove(&old_back);
+        }
+        let leg = self.routes.get(&(key.0, c)).and_then(|d| d.leg);
+        self.routes.insert(
+            (key.0, c),
+            Dest {
+                to: upstream,
+                channel: back,
+                last: now,
+                leg,
+            },
+        );
+        self.routes.insert(
+            (upstream, back),
+            Dest {
+                to: key.0,
+                channel: c,
+                last: now,
+                leg: leg.map(|_| Leg::ToClient),
+            },
+        );
+        self.sync_gauges();
     }
 
     /// The answer of a peer relay to a Bind sent onward.
@@ -792,19 +915,29 @@ impl RelayCore {
             self.stats.count(Dropped::Unexpected);
             return Out::Nothing;
         };
-        let key = (p.client, p.site.clone());
+        let key = (p.client, p.site.clone(), 0);
         if let Some(existing) = self.clients.get(&key).cloned() {
-            if existing.upstream == from && existing.back == peer_channel {
-                self.touch(p.client, existing.channel, now);
-                return self.bound(p.client, p.client_nonce, existing.channel);
+            self.release(p.client, p.channel);
+            if existing.upstream != from || existing.back != peer_channel {
+                self.resplice(&key, from, peer_channel, now);
             }
-            self.unbind_client(&key);
+            self.touch(p.client, existing.channel, now);
+            if p.moves {
+                return Out::Nothing;
+            }
+            return self.bound(p.client, p.client_nonce, existing.channel);
+        }
+        if p.moves {
+            // The binding went meanwhile.
+            self.release(p.client, p.channel);
+            return Out::Nothing;
         }
         if self.routes.len() + 2 > MAX_CHANNELS {
+            self.release(p.client, p.channel);
             self.stats.count(Dropped::Full);
             return self.refuse(p.client, p.client_nonce, Refusal::Full);
         }
-        let c = self.allocate(p.client);
+        let c = p.channel;
         self.routes.insert(
             (p.client, c),
             Dest {
@@ -829,10 +962,21 @@ impl RelayCore {
                 channel: c,
                 upstream: from,
                 back: peer_channel,
+                ticket: p.ticket,
+                moving: None,
             },
         );
         self.sync_gauges();
         self.bound(p.client, p.client_nonce, c)
+    }
+
+    /// Frees `channel`, allocated for `client`'s hop, unless a route of it uses it.
+    fn release(&mut self, client: SocketAddr, channel: u32) {
+        if self.allocated.get(&channel) == Some(&client)
+            && !self.routes.contains_key(&(client, channel))
+        {
+            self.allocated.remove(&channel);
+        }
     }
 
     fn touch(&mut self, from: SocketAddr, channel: u32, now: Instant) {
@@ -852,7 +996,7 @@ impl RelayCore {
         }
     }
 
-    fn unbind_client(&mut self, key: &(SocketAddr, Name)) {
+    fn unbind_client(&mut self, key: &ClientKey) {
         if let Some(b) = self.clients.remove(key) {
             if self.gone.len() < MAX_CHANNELS {
                 self.gone.push((key.0, b.channel));
@@ -860,7 +1004,9 @@ impl RelayCore {
             self.routes.remove(&(key.0, b.channel));
             self.routes.remove(&(b.upstream, b.back));
             self.allocated.remove(&b.channel);
-            self.allocated.remove(&b.back);
+            if self.allocated.get(&b.back) == Some(&b.upstream) {
+                self.allocated.remove(&b.back);
+            }
         }
         self.sync_gauges();
     }
@@ -868,7 +1014,7 @@ impl RelayCore {
     /// Forgets every binding made through `relay`, a relay no longer of the cluster (a
     /// revoked relay-only node): the sessions through it end here, whatever it does.
     pub fn forget_relay(&mut self, relay: SocketAddr) {
-        let through: Vec<(SocketAddr, Name)> = self
+        let through: Vec<ClientKey> = self
             .clients
             .iter()
             .filter(|(k, b)| k.0 == relay || b.upstream == relay)
@@ -882,10 +1028,13 @@ impl RelayCore {
         self.sync_gauges();
     }
 
-    /// Forgets bindings idle for [`BINDING_LIFETIME`] and hops never answered.
-    pub fn handle_tick(&mut self, now: Instant) {
+    /// Forgets bindings idle for [`BINDING_LIFETIME`], agent bindings of sites this node no
+    /// longer holds a tunnel to ([`AGENT_GRACE`]) and hops never answered; then moves the
+    /// client bindings whose upstream is no longer where their site is (see
+    /// [`follow_sites`](Self::follow_sites)).
+    pub fn handle_tick(&mut self, now: Instant, cx: &Context<'_>) {
         let idle = |last: Instant| now.duration_since(last) >= BINDING_LIFETIME;
-        let stale: Vec<(SocketAddr, Name)> = self
+        let stale: Vec<ClientKey> = self
             .clients
             .iter()
             .filter(|(k, b)| {
@@ -899,13 +1048,92 @@ impl RelayCore {
         for k in stale {
             self.unbind_client(&k);
         }
-        for bindings in self.agents.values_mut() {
-            bindings.retain(|b| !idle(b.last));
+        for (site, bindings) in self.agents.iter_mut() {
+            let held = cx.held.is_none_or(|held| held(site));
+            bindings
+                .retain(|b| !idle(b.last) && (held || now.duration_since(b.last) < AGENT_GRACE));
         }
         self.agents.retain(|_, b| !b.is_empty());
+        let expired: Vec<(SocketAddr, u32)> = self
+            .pending
+            .values()
+            .filter(|p| now.duration_since(p.sent) >= Duration::from_secs(5))
+            .map(|p| (p.client, p.channel))
+            .collect();
         self.pending
             .retain(|_, p| now.duration_since(p.sent) < Duration::from_secs(5));
+        for (client, channel) in expired {
+            self.release(client, channel);
+        }
+        self.follow_sites(now, cx);
         self.sync_gauges();
+    }
+
+    /// Moves every client binding (a client's, not a peer relay's) whose upstream is gone
+    /// from where its site is: spliced to an agent that is no longer bound here, or sent on
+    /// to a peer that no longer holds the site (or while an agent is bound here now). The
+    /// binding goes to the agent here if there is one, else one hop to a peer that holds
+    /// the site (asked with the client's own ticket; the answer re-splices it). The client's
+    /// channel stays: its WireGuard session goes on over the new way without a new Bind.
+    /// An agent moves its tunnels between nodes (to a closer one, or when one fails), and
+    /// relayed sessions must not notice.
+    fn follow_sites(&mut self, now: Instant, cx: &Context<'_>) {
+        let mut moves: Vec<(ClientKey, SocketAddr)> = Vec::new();
+        for (key, b) in &self.clients {
+            if (cx.is_relay)(key.0) || b.moving.is_some_and(|t| now.duration_since(t) < MOVE_RETRY)
+            {
+                continue;
+            }
+            let here = self.live_agent(&key.1, now);
+            let fine = if (cx.is_relay)(b.upstream) {
+                here.is_none() && (cx.peers_holding)(&key.1).contains(&b.upstream)
+            } else {
+                self.agents
+                    .get(&key.1)
+                    .is_some_and(|a| a.iter().any(|a| a.addr == b.upstream))
+            };
+            if fine {
+                continue;
+            }
+            let to = here.or_else(|| {
+                (cx.peers_holding)(&key.1)
+                    .into_iter()
+                    .find(|p| !cx.me.contains(p))
+            });
+            if let Some(to) = to.filter(|to| *to != b.upstream) {
+                moves.push((key.clone(), to));
+            }
+        }
+        for (key, to) in moves {
+            if !(cx.is_relay)(to) {
+                tracing::debug!(client = %key.0, site = %key.1, agent = %to, "a relayed session follows its site's agent here");
+                let a = self.allocate(to);
+                self.resplice(&key, to, a, now);
+                continue;
+            }
+            if self.pending.len() >= MAX_CHANNELS / 4 {
+                break;
+            }
+            let Some(b) = self.clients.get_mut(&key) else {
+                continue;
+            };
+            b.moving = Some(now);
+            let (ticket, channel) = (b.ticket.clone(), b.channel);
+            tracing::debug!(client = %key.0, site = %key.1, relay = %to, "a relayed session follows its site to a peer's relay");
+            if let Out::Send(peer, bytes) = self.hop(
+                to,
+                key.0,
+                0,
+                key.1.clone(),
+                &ticket,
+                Some(channel),
+                true,
+                now,
+                cx,
+            ) {
+                self.outbox.push((peer, bytes));
+            }
+        }
     }
 
     fn sync_gauges(&self) {
@@ -935,12 +1163,51 @@ pub trait RelayView: Send + Sync + 'static {
     fn holders(&self) -> HashMap<Name, Vec<SocketAddr>>;
     /// The relay addresses of every node of the cluster.
     fn relays(&self) -> Vec<SocketAddr>;
+    /// The sites this node holds a tunnel to now; `None` for a relay-only node (which
+    /// holds none: the agents bound to it were sent by the nodes that do).
+    fn held(&self) -> Option<Vec<Name>>;
     /// A device made a new binding here (reported once per binding, off the data path).
     fn device_bound(&self, bound: DeviceBound);
     /// A Punch for the coordinator of its pairing (a few per round, never data).
     fn coordinate(&self, punch: Coordinate);
     /// A client binding is gone: its pairing may be forgotten.
     fn pairing_gone(&self, client: (SocketAddr, u32));
+}
+
+/// What the relay task knows of the node, read from its [`RelayView`] every [`TICK`].
+struct Known {
+    keys: TicketKeys,
+    holders: HashMap<Name, Vec<SocketAddr>>,
+    relays: Vec<SocketAddr>,
+    held: Option<std::collections::HashSet<Name>>,
+    unix: u64,
+}
+
+impl Known {
+    fn read(view: &dyn RelayView) -> Self {
+        Self {
+            keys: view.keys(),
+            holders: view.holders(),
+            relays: view.relays(),
+            held: view.held().map(|h| h.into_iter().collect()),
+            unix: crate::proxy::unix_now(),
+        }
+    }
+
+    /// Runs `f` with this knowledge as a [`Context`].
+    fn with<R>(&self, me: &[SocketAddr], f: impl FnOnce(&Context<'_>) -> R) -> R {
+        let holding = |site: &Name| self.holders.get(site).cloned().unwrap_or_default();
+        let is_relay = |a: SocketAddr| self.relays.contains(&a);
+        let holds = |s: &Name| self.held.as_ref().is_some_and(|h| h.contains(s));
+        f(&Context {
+            keys: &self.keys,
+            peers_holding: &holding,
+            me,
+            unix: self.unix,
+            is_relay: &is_relay,
+            held: self.held.is_some().then_some(&holds),
+        })
+    }
 }
 
 /// Serves the relay on `socket` until the task is aborted.
@@ -951,14 +1218,11 @@ pub async fn serve(
     stats: Arc<RelayStats>,
 ) {
     let mut core = RelayCore::new(stats);
-    let mut keys = view.keys();
-    let mut holders = view.holders();
-    let mut relays = view.relays();
+    let mut known = Known::read(&*view);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One buffer, reused: a datagram is rewritten in place and sent on from it.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut unix = crate::proxy::unix_now();
     loop {
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
@@ -974,18 +1238,8 @@ pub async fn serve(
                         break;
                     }
                 };
-                let out = {
-                    let holding = |site: &Name| holders.get(site).cloned().unwrap_or_default();
-                    let is_relay = |a: SocketAddr| relays.contains(&a);
-                    let cx = Context {
-                        keys: &keys,
-                        peers_holding: &holding,
-                        me: &me,
-                        unix,
-                        is_relay: &is_relay,
-                    };
-                    core.handle(from, &mut buf[..n], Instant::now(), &cx)
-                };
+                let out =
+                    known.with(&me, |cx| core.handle(from, &mut buf[..n], Instant::now(), cx));
                 while let Some(b) = core.poll_event() {
                     view.device_bound(b);
                 }
@@ -1009,20 +1263,22 @@ pub async fn serve(
                 }
             }
             _ = tick.tick() => {
-                unix = crate::proxy::unix_now();
-                keys = view.keys();
-                holders = view.holders();
-                let now_relays = view.relays();
+                let mut now = Known::read(&*view);
                 // An empty list (a replica not caught up, a revoked relay-only node's
                 // cleared feed) says nothing about who left.
-                if !now_relays.is_empty() {
-                    for gone in relays.iter().filter(|r| !now_relays.contains(r)) {
+                if now.relays.is_empty() {
+                    now.relays = std::mem::take(&mut known.relays);
+                } else {
+                    for gone in known.relays.iter().filter(|r| !now.relays.contains(r)) {
                         tracing::info!(relay = %gone, "a relay left the cluster: the bindings through it are forgotten");
                         core.forget_relay(*gone);
                     }
-                    relays = now_relays;
                 }
-                core.handle_tick(Instant::now());
+                known = now;
+                known.with(&me, |cx| core.handle_tick(Instant::now(), cx));
+                while let Some((to, bytes)) = core.poll_transmit() {
+                    let _ = socket.send_to(&bytes, to).await;
+                }
                 while let Some(g) = core.poll_gone() {
                     view.pairing_gone(g);
                 }
@@ -1179,11 +1435,38 @@ mod tests {
                 me: &[],
                 unix: UNIX,
                 is_relay: &|a: SocketAddr| a.port() == 7401,
+                held: None,
             };
             let out = self
                 .core
                 .handle(from.parse().unwrap(), &mut d, self.now, &cx);
             (out, d)
+        }
+
+        /// A tick: `peers` hold every site; `held`, the sites this node holds (`None`: a
+        /// relay-only node). What the relay sent of its own accord.
+        fn tick(
+            &mut self,
+            peers: &[SocketAddr],
+            held: Option<&[&str]>,
+        ) -> Vec<(SocketAddr, Vec<u8>)> {
+            let peers = peers.to_vec();
+            let holding = move |_: &Name| peers.clone();
+            let held: Option<Vec<String>> = held.map(|h| h.iter().map(|s| s.to_string()).collect());
+            let holds = |s: &Name| {
+                held.as_ref()
+                    .is_some_and(|h| h.iter().any(|h| h == s.as_str()))
+            };
+            let cx = Context {
+                keys: &self.tk,
+                peers_holding: &holding,
+                me: &[],
+                unix: UNIX,
+                is_relay: &|a: SocketAddr| a.port() == 7401,
+                held: held.is_some().then_some(&holds),
+            };
+            self.core.handle_tick(self.now, &cx);
+            std::iter::from_fn(|| self.core.poll_transmit()).collect()
         }
 
         fn bind(&mut self, from: &str, ticket: &[u8], site: &str) -> Frame<'static> {
@@ -1194,6 +1477,7 @@ mod tests {
                     nonce: self.nonce,
                     ticket,
                     site,
+                    via: None,
                 }
                 .to_vec(),
                 &[],
@@ -1362,6 +1646,7 @@ mod tests {
                 nonce: 5,
                 ticket: &dt,
                 site: "site-a",
+                via: None,
             }
             .to_vec(),
             &[peer],
@@ -1426,6 +1711,7 @@ mod tests {
             nonce: 42,
             ticket: &dt,
             site: "site-a",
+            via: None,
         }
         .to_vec();
         let (out, _) = w.send(CLIENT, bind.clone(), &[]);
@@ -1465,6 +1751,7 @@ mod tests {
                 nonce,
                 ticket: &dt,
                 site: "site-a",
+                via: None,
             }
             .to_vec()
         };
@@ -1520,10 +1807,342 @@ mod tests {
             panic!()
         };
         w.now += BINDING_LIFETIME + Duration::from_secs(1);
-        w.core.handle_tick(w.now);
+        w.tick(&[], None);
         let (out, _) = w.send(CLIENT, data(c, b"\x01late"), &[]);
         assert_eq!(out, Out::Nothing);
         assert_eq!(w.stats.channels.load(Ordering::Relaxed), 0);
         assert!(!w.core.has_agent(&name("site-a"), w.now));
+    }
+
+    const PEER: &str = "10.0.0.2:7401";
+    const OTHER_PEER: &str = "10.0.0.3:7401";
+
+    /// The peer's side of a move: the Bind it got (sent with the client's ticket), answered
+    /// with `channel`.
+    fn answer_move(
+        w: &mut World,
+        sent: &[(SocketAddr, Vec<u8>)],
+        to: &str,
+        ticket: &[u8],
+        client: u32,
+        channel: u32,
+    ) {
+        assert_eq!(sent.len(), 1, "one Bind: {sent:?}");
+        assert_eq!(sent[0].0, to.parse().unwrap());
+        let Frame::Bind {
+            nonce,
+            ticket: t,
+            site,
+            via,
+        } = Frame::decode(&sent[0].1).unwrap()
+        else {
+            panic!("{:?}", sent[0])
+        };
+        assert_eq!((t, site), (ticket, "site-a"));
+        assert_eq!(via, Some(client), "the hop names the client's channel here");
+        let (out, _) = w.send(
+            to,
+            Frame::Bound {
+                nonce,
+                channel,
+                lifetime: 30,
+            }
+            .to_vec(),
+            &[],
+        );
+        assert_eq!(
+            out,
+            Out::Nothing,
+            "the client is not told: its channel stays"
+        );
+    }
+
+    #[test]
+    fn a_relayed_session_follows_its_agent_to_a_peer_on_the_same_channel() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        let (_, fwd) = w.send(CLIENT, data(c, b"\x01a"), &[]);
+        let a = data_channel(&fwd).unwrap();
+        // While this node holds the site's tunnel, or within the grace: nothing moves.
+        w.now += Duration::from_secs(5);
+        assert!(w
+            .tick(&[PEER.parse().unwrap()], Some(&["site-a"]))
+            .is_empty());
+        let (out, _) = w.send(CLIENT, data(c, b"\x01b"), &[]);
+        assert_eq!(out, Out::Forward(AGENT.parse().unwrap()));
+        // The agent moved its tunnel to the peer: its binding here is stale at once,
+        // however recently refreshed (past the grace).
+        w.bind(AGENT, &at, "");
+        w.now += AGENT_GRACE - Duration::from_millis(100);
+        assert!(w.tick(&[PEER.parse().unwrap()], Some(&[])).is_empty());
+        w.now += Duration::from_millis(200);
+        let sent = w.tick(&[PEER.parse().unwrap()], Some(&[]));
+        assert!(!w.core.has_agent(&name("site-a"), w.now));
+        answer_move(&mut w, &sent, PEER, &dt, c, 77);
+        // The client's channel goes to the peer now, and the peer's comes back on it.
+        let (out, fwd) = w.send(CLIENT, data(c, b"\x01c"), &[]);
+        assert_eq!(out, Out::Forward(PEER.parse().unwrap()));
+        assert_eq!(data_channel(&fwd), Some(77));
+        let (out, back) = w.send(PEER, data(77, b"\x02d"), &[]);
+        assert_eq!(out, Out::Forward(CLIENT.parse().unwrap()));
+        assert_eq!(data_channel(&back), Some(c));
+        // The old agent side of the splice is gone.
+        let (out, _) = w.send(AGENT, data(a, b"\x02late"), &[]);
+        assert_eq!(out, Out::Nothing);
+        // Settled: no more moves, and a refresh keeps the channel (one hop, same answer).
+        w.now += Duration::from_secs(2);
+        assert!(w.tick(&[PEER.parse().unwrap()], Some(&[])).is_empty());
+        w.nonce += 1;
+        let (out, _) = w.send(
+            CLIENT,
+            Frame::Bind {
+                nonce: w.nonce,
+                ticket: &dt,
+                site: "site-a",
+                via: None,
+            }
+            .to_vec(),
+            &[PEER.parse().unwrap()],
+        );
+        let Out::Send(to, onward) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(to, PEER.parse().unwrap());
+        let Frame::Bind { nonce: hop, .. } = Frame::decode(&onward).unwrap() else {
+            panic!()
+        };
+        let (out, _) = w.send(
+            PEER,
+            Frame::Bound {
+                nonce: hop,
+                channel: 77,
+                lifetime: 30,
+            }
+            .to_vec(),
+            &[],
+        );
+        let Out::Send(_, b) = out else {
+            panic!("{out:?}")
+        };
+        assert!(matches!(Frame::decode(&b).unwrap(), Frame::Bound { channel, .. } if channel == c));
+        assert_eq!(w.stats.channels.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_session_sent_on_follows_its_site_to_an_agent_here_or_to_a_peer_that_holds_it() {
+        let mut w = World::new();
+        let dt = w.device(&["site-a"]);
+        // No agent here: one hop to the peer.
+        let (out, _) = w.send(
+            CLIENT,
+            Frame::Bind {
+                nonce: 1,
+                ticket: &dt,
+                site: "site-a",
+                via: None,
+            }
+            .to_vec(),
+            &[PEER.parse().unwrap()],
+        );
+        let Out::Send(_, onward) = out else { panic!() };
+        let Frame::Bind { nonce: hop, .. } = Frame::decode(&onward).unwrap() else {
+            panic!()
+        };
+        let (out, _) = w.send(
+            PEER,
+            Frame::Bound {
+                nonce: hop,
+                channel: 77,
+                lifetime: 30,
+            }
+            .to_vec(),
+            &[],
+        );
+        let Out::Send(_, b) = out else { panic!() };
+        let Frame::Bound { channel: c, .. } = Frame::decode(&b).unwrap() else {
+            panic!()
+        };
+        // The peer stops holding the site, another does: the session goes there.
+        let sent = w.tick(&[OTHER_PEER.parse().unwrap()], Some(&[]));
+        answer_move(&mut w, &sent, OTHER_PEER, &dt, c, 88);
+        let (out, fwd) = w.send(CLIENT, data(c, b"\x01x"), &[]);
+        assert_eq!(out, Out::Forward(OTHER_PEER.parse().unwrap()));
+        assert_eq!(data_channel(&fwd), Some(88));
+        let (out, _) = w.send(PEER, data(77, b"\x02late"), &[]);
+        assert_eq!(out, Out::Nothing, "the first peer's channel is forgotten");
+        // The agent comes here: the session is spliced to it, still on the client's channel.
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        assert!(w
+            .tick(&[OTHER_PEER.parse().unwrap()], Some(&["site-a"]))
+            .is_empty());
+        let (out, fwd) = w.send(CLIENT, data(c, b"\x01y"), &[]);
+        assert_eq!(out, Out::Forward(AGENT.parse().unwrap()));
+        let a = data_channel(&fwd).unwrap();
+        let (out, back) = w.send(AGENT, data(a, b"\x02z"), &[]);
+        assert_eq!(out, Out::Forward(CLIENT.parse().unwrap()));
+        assert_eq!(data_channel(&back), Some(c));
+        assert_eq!(w.stats.channels.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_refused_or_unanswered_move_leaves_the_session_and_is_asked_again() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        // No one else holds the site: the stale agent binding goes, the session waits.
+        w.now += AGENT_GRACE;
+        assert!(w.tick(&[], Some(&[])).is_empty());
+        let peer = [PEER.parse().unwrap()];
+        let sent = w.tick(&peer, Some(&[]));
+        assert_eq!(sent.len(), 1);
+        let Frame::Bind { nonce, .. } = Frame::decode(&sent[0].1).unwrap() else {
+            panic!()
+        };
+        let (out, _) = w.send(
+            PEER,
+            Frame::Refused {
+                nonce,
+                reason: Refusal::SiteUnreachable,
+            }
+            .to_vec(),
+            &[],
+        );
+        assert_eq!(
+            out,
+            Out::Nothing,
+            "the client is not told of the relay's own move"
+        );
+        assert!(
+            w.tick(&peer, Some(&[])).is_empty(),
+            "not again before MOVE_RETRY"
+        );
+        w.now += MOVE_RETRY;
+        let sent = w.tick(&peer, Some(&[]));
+        answer_move(&mut w, &sent, PEER, &dt, c, 99);
+        let (out, fwd) = w.send(CLIENT, data(c, b"\x01x"), &[]);
+        assert_eq!(out, Out::Forward(PEER.parse().unwrap()));
+        assert_eq!(data_channel(&fwd), Some(99));
+    }
+
+    #[test]
+    fn a_relay_only_node_keeps_agent_bindings_while_they_are_refreshed() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+            panic!()
+        };
+        w.now += Duration::from_secs(10);
+        assert!(w.tick(&[PEER.parse().unwrap()], None).is_empty());
+        assert!(w.core.has_agent(&name("site-a"), w.now));
+        let (out, _) = w.send(CLIENT, data(c, b"\x01x"), &[]);
+        assert_eq!(out, Out::Forward(AGENT.parse().unwrap()));
+    }
+
+    #[test]
+    fn a_peer_keeps_the_clients_one_relay_sends_on_apart() {
+        let mut w = World::new();
+        let at = w.agent("site-a");
+        w.bind(AGENT, &at, "");
+        let dt = w.device(&["site-a"]);
+        let hop = |w: &mut World, via: u32| {
+            w.nonce += 1;
+            let (out, _) = w.send(
+                PEER,
+                Frame::Bind {
+                    nonce: w.nonce,
+                    ticket: &dt,
+                    site: "site-a",
+                    via: Some(via),
+                }
+                .to_vec(),
+                &[],
+            );
+            let Out::Send(_, b) = out else {
+                panic!("{out:?}")
+            };
+            let Frame::Bound { channel, .. } = Frame::decode(&b).unwrap() else {
+                panic!()
+            };
+            channel
+        };
+        // Two clients of the peer (two devices, or one device from two addresses).
+        let (one, two) = (hop(&mut w, 1), hop(&mut w, 2));
+        assert_ne!(one, two, "one binding per client of the peer");
+        assert_eq!(hop(&mut w, 1), one, "a refresh keeps its channel");
+        // The agent's answers on each go back to the peer on that client's channel.
+        for c in [one, two] {
+            let (_, fwd) = w.send(PEER, data(c, b"\x01up"), &[]);
+            let a = data_channel(&fwd).unwrap();
+            let (out, back) = w.send(AGENT, data(a, b"\x02down"), &[]);
+            assert_eq!(out, Out::Forward(PEER.parse().unwrap()));
+            assert_eq!(data_channel(&back), Some(c));
+        }
+        // An endpoint cannot name a channel: its `via` is ignored.
+        w.nonce += 1;
+        let (out, _) = w.send(
+            CLIENT,
+            Frame::Bind {
+                nonce: w.nonce,
+                ticket: &dt,
+                site: "site-a",
+                via: Some(1),
+            }
+            .to_vec(),
+            &[],
+        );
+        assert!(matches!(out, Out::Send(..)));
+        assert!(w
+            .core
+            .clients
+            .contains_key(&(CLIENT.parse().unwrap(), name("site-a"), 0)));
+    }
+
+    #[test]
+    fn a_bind_sent_on_names_the_clients_channel_here() {
+        let mut w = World::new();
+        let dt = w.device(&["site-a"]);
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let (out, _) = w.send(
+            CLIENT,
+            Frame::Bind {
+                nonce: 7,
+                ticket: &dt,
+                site: "site-a",
+                via: None,
+            }
+            .to_vec(),
+            &[peer],
+        );
+        let Out::Send(_, onward) = out else { panic!() };
+        let Frame::Bind { nonce, via, .. } = Frame::decode(&onward).unwrap() else {
+            panic!()
+        };
+        let (out, _) = w.send(
+            PEER,
+            Frame::Bound {
+                nonce,
+                channel: 5,
+                lifetime: 30,
+            }
+            .to_vec(),
+            &[],
+        );
+        let Out::Send(_, b) = out else { panic!() };
+        let Frame::Bound { channel: c, .. } = Frame::decode(&b).unwrap() else {
+            panic!()
+        };
+        assert_eq!(via, Some(c));
     }
 }

@@ -374,6 +374,10 @@ impl RelayView for FeedView {
         self.state.load().relays.clone()
     }
 
+    fn held(&self) -> Option<Vec<Name>> {
+        None
+    }
+
     // No registry here: who is bound where is the cluster's to learn from its own relays,
     // never from a relay-only node.
     fn device_bound(&self, _bound: DeviceBound) {}

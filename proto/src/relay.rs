@@ -24,7 +24,7 @@
 //! |---|---|---|
 //! | `0xA0` | [`Frame::Ping`] | nonce u64, then padding: a ping is at least [`PING_LEN`] bytes so a pong (shorter) never amplifies |
 //! | `0xA1` | [`Frame::Pong`] | nonce u64, the sender's address as the node saw it (family u8 4/6, IP, port u16) |
-//! | `0xA2` | [`Frame::Bind`] | nonce u64, ticket length u16, ticket, site length u8, site (UTF-8; empty for an agent, whose ticket names its site) |
+//! | `0xA2` | [`Frame::Bind`] | nonce u64, ticket length u16, ticket, site length u8, site (UTF-8; empty for an agent, whose ticket names its site), then only from a relay sending a client's Bind on: the relay's channel of that client u32 |
 //! | `0xA3` | [`Frame::Bound`] | nonce u64, channel u32, lifetime u16 (seconds without traffic before the binding is forgotten) |
 //! | `0xA4` | [`Frame::Refused`] | nonce u64, reason u8 ([`Refusal`]) |
 //! | `0xA5` | [`Frame::Data`] | channel u32, then the WireGuard packet |
@@ -278,6 +278,11 @@ pub enum Frame<'a> {
         ticket: &'a [u8],
         /// The site to reach; empty for an agent.
         site: &'a str,
+        /// Set by a relay that sends a client's Bind on to a peer (one hop): its own
+        /// channel of that client, so the peer keeps one binding per client of the relay
+        /// (not one per relay and site). Absent from endpoints; a relay that predates it
+        /// ignores it (a trailing field).
+        via: Option<u32>,
     },
     /// A binding made.
     Bound {
@@ -384,10 +389,12 @@ impl<'a> Frame<'a> {
                 let ticket = r.take(len)?;
                 let slen = usize::from(r.u8()?);
                 let site = std::str::from_utf8(r.take(slen)?).map_err(|_| FrameError::Malformed)?;
+                let via = if r.0.len() >= 4 { Some(r.u32()?) } else { None };
                 Frame::Bind {
                     nonce,
                     ticket,
                     site,
+                    via,
                 }
             }
             BOUND => Frame::Bound {
@@ -461,6 +468,7 @@ impl<'a> Frame<'a> {
                 nonce,
                 ticket,
                 site,
+                via,
             } => {
                 assert!(ticket.len() <= MAX_TICKET && site.len() <= 255);
                 out.push(BIND);
@@ -469,6 +477,9 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(ticket);
                 out.push(site.len() as u8);
                 out.extend_from_slice(site.as_bytes());
+                if let Some(via) = via {
+                    out.extend_from_slice(&via.to_be_bytes());
+                }
             }
             Frame::Bound {
                 nonce,
@@ -709,6 +720,13 @@ mod tests {
                 nonce: 9,
                 ticket: b"ticket",
                 site: "site-a",
+                via: None,
+            },
+            Frame::Bind {
+                nonce: 9,
+                ticket: b"ticket",
+                site: "site-a",
+                via: Some(0xdead_beef),
             },
             Frame::Bound {
                 nonce: 9,

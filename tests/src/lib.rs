@@ -245,7 +245,12 @@ impl TestNode {
             .join(format!("{}.{}.err", self.name, self.starts));
         let mut cmd = Command::new(self.binary.as_deref().unwrap_or(&bins().node));
         cmd.args(args)
-            .env("WARREN_LOG", "info,openraft=warn")
+            // WARREN_TEST_NODE_LOG overrides the nodes' filter (a debugging aid).
+            .env(
+                "WARREN_LOG",
+                std::env::var("WARREN_TEST_NODE_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .env("WARREN_HTTPS_ADDR", &self.https_addr)
             .env("WARREN_HTTP_ADDR", &self.http_addr)
             .env("WARREN_L4_ADDR", &self.l4_ip)

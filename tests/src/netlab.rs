@@ -962,6 +962,35 @@ impl Lab {
         self.set_rule(router, "filter", "FORWARD", &spec, blocked)
     }
 
+    /// Drops (true) or passes again (false) the UDP that `side`'s machine sends through its
+    /// router to `to` (one address and port: a node's tunnel port, say, while its relay
+    /// port stays reachable). Idempotent.
+    pub fn block_udp_to(&self, side: Side, to: SocketAddr, blocked: bool) -> anyhow::Result<()> {
+        let router = match side {
+            Side::Site | Side::SiteRouter | Side::SiteCgnat => Side::SiteRouter,
+            Side::Client | Side::ClientRouter | Side::ClientCgnat => Side::ClientRouter,
+            Side::Root | Side::Inet | Side::Relay => bail!("{side:?} has no router"),
+        };
+        let spec: Vec<String> = [
+            "-p",
+            "udp",
+            "-d",
+            &to.ip().to_string(),
+            "--dport",
+            &to.port().to_string(),
+            "-m",
+            "comment",
+            "--comment",
+            BLOCK_COMMENT,
+            "-j",
+            "DROP",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.set_rule(router, "filter", "FORWARD", &spec, blocked)
+    }
+
     /// Puts (`present`) an iptables rule `spec` first in `chain` of `table` in `side`'s
     /// namespace, or takes it out; nothing if it already is (or is not) there.
     fn set_rule(

@@ -439,6 +439,9 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
             "easy x easy, NAT rebinding mid-flow: the transfer completes; direct again after {:.1} s",
             back.as_secs_f64()
         ));
+
+        phase!("easy x easy: the agent moves a tunnel while direct; a cut then falls back to a relay that follows it");
+        agent_moves_then_the_direct_path_dies(&w, &home, &cell, &mut table).await?;
     }
 
     let cells: [(&str, Topology, bool); 6] = [
@@ -511,6 +514,130 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
     eprintln!("direct paths:\n  {}", table.join("\n  "));
     drop(w);
     drop(home);
+    Ok(())
+}
+
+/// Which nodes hold a tunnel of `site` now (each node's own view).
+async fn tunnel_nodes(w: &World, site: &str) -> anyhow::Result<Vec<bool>> {
+    let mut out = Vec::new();
+    for i in 0..w.cluster.nodes.len() {
+        let v = w
+            .cluster
+            .api(i)
+            .get_ok(&format!("/v1/sites/{site}/status"))
+            .await?;
+        out.push(v["tunnel_here"] == true);
+    }
+    Ok(out)
+}
+
+/// An agent moves its tunnels between nodes (to a closer one, or off one it lost), and a
+/// client's session must not notice. The hard case: the session is direct when the agent
+/// moves, so nothing flows through the client's relay; with the site's NAT forgetting idle
+/// mappings after 5 s, the agent's old node soon cannot reach it. When the direct path
+/// then dies, the client falls back to its relay, which must send its traffic to where
+/// the agent is now (one hop to a peer, or to the agent itself), on the client's channel.
+async fn agent_moves_then_the_direct_path_dies(
+    w: &World,
+    lab: &Lab,
+    cell: &Cell,
+    table: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let site = site_name(&cell.name);
+    let relay = relay_node_of(w, lab, cell)?;
+    let via = w
+        .cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == relay)
+        .with_context(|| format!("the client's relay {relay:?} is no node of the cluster"))?;
+    let held = tunnel_nodes(w, &site).await?;
+    // The client's own relay if it holds a tunnel (its session then goes one hop to a
+    // peer), else another node that does (the agent then moves that tunnel to the client's
+    // relay, and its session comes home).
+    let cut = if held[via] {
+        via
+    } else {
+        held.iter()
+            .position(|h| *h)
+            .context("no node holds the site's tunnel")?
+    };
+    let kind = if cut == via {
+        "off the client's relay"
+    } else {
+        "onto the client's relay"
+    };
+    let tunnel_port: SocketAddr = w.cluster.nodes[cut].cluster_addr.parse()?;
+    eprintln!(
+        "client relays through {relay}; tunnels at {held:?}; cutting the agent off {}'s tunnel port {tunnel_port} ({kind})",
+        w.cluster.nodes[cut].name
+    );
+    lab.block_udp_to(Side::Site, tunnel_port, true)?;
+    let blocked = Instant::now();
+    // The agent notices (5 s without an answer) and dials another node.
+    let moved = loop {
+        let held = tunnel_nodes(w, &site).await?;
+        if !held[cut] && held.iter().any(|h| *h) {
+            break blocked.elapsed();
+        }
+        if blocked.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the agent did not move its tunnel off {} within 30 s: {held:?}\n{}",
+                w.cluster.nodes[cut].name,
+                tail(&lab.log_of("agent"), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("the agent's tunnel moved {moved:?} after the cut");
+    // Past the site NAT's 5 s: the old node's mapping to the agent is gone.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let (path, entry) = site_path(w, lab, cell)?;
+    assert_eq!(path, "direct", "still direct after the move: {entry}");
+    let before = forwarded(w).await;
+    lab.cut_between_routers(true)?;
+    let fell_back = wait_path(w, lab, cell, "relayed", Duration::from_secs(5))?;
+    let got = tokio::task::block_in_place(|| iperf(lab, cell, 3)).with_context(|| {
+        format!(
+            "a transfer over the relay after the agent moved its tunnel {kind}\nhub:\n{}\nagent:\n{}\nnodes (relay):\n{}",
+            tail(&hub_log(cell), 40),
+            tail(&lab.log_of("agent"), 40),
+            tail(
+                &w.cluster
+                    .logs()
+                    .lines()
+                    .filter(|l| l.contains("relay"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                40
+            )
+        )
+    })?;
+    let through = forwarded(w).await - before;
+    eprintln!(
+        "relayed {fell_back:?} after the cut; a 3 s transfer moved {:.0} MB, the relays {:.0} MB",
+        got / 1e6,
+        through / 1e6
+    );
+    assert!(got > 1e6, "after the move iperf3 moved only {got} bytes");
+    assert!(
+        through >= got,
+        "the transfer went through the relays: {through} of {got}"
+    );
+    let (_, entry) = site_path(w, lab, cell)?;
+    assert_eq!(
+        entry["relay_node"].as_str(),
+        Some(relay.as_str()),
+        "the client kept its relay (the relay followed the site): {entry}"
+    );
+    lab.cut_between_routers(false)?;
+    lab.block_udp_to(Side::Site, tunnel_port, false)?;
+    let back = wait_path(w, lab, cell, "direct", Duration::from_secs(45))?;
+    table.push(format!(
+        "easy x easy, the agent moves a tunnel {kind} while direct, then the direct path is cut: relayed, {:.0} MB in 3 s; direct again after {:.1} s",
+        got / 1e6,
+        back.as_secs_f64()
+    ));
     Ok(())
 }
 

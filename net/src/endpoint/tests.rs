@@ -51,6 +51,7 @@ async fn fake_relay() -> SocketAddr {
                     nonce,
                     site: "",
                     ticket,
+                    ..
                 } => {
                     assert_eq!(ticket, b"agent-ticket");
                     agent = Some(from);
