@@ -2,7 +2,7 @@
 //
 // Usage: node browser.mjs --url URL [--user U --password P] [--click SELECTOR]
 //                         [--storage-in FILE] [--storage-out FILE] [--ws WS_URL] [--timeout-ms N]
-//                         [--viewport WxH] [--screenshot FILE.png]
+//                         [--viewport WxH] [--screenshot FILE.png] [--color-scheme light|dark]
 //
 // Opens URL (following redirects and navigations the page starts itself). If the IdP login form
 // (#username) shows and --user is given, fills #username/#password and clicks #login; if the
@@ -10,14 +10,17 @@
 // time it waits for where that leads. With --ws, opens a
 // WebSocket from the landed page to WS_URL, sends "hello-ws" and records the first reply.
 // --storage-in/--storage-out load and save Playwright's storageState (cookies + local storage).
-// --viewport sets the window size (default 1280x720); --screenshot saves the landed page, whole.
+// --viewport sets the window size (default 1280x720); --screenshot saves the landed page, whole;
+// --color-scheme is what the page's prefers-color-scheme media query sees (default light).
 //
 // Prints exactly one JSON line on stdout:
 //   {"url", "status", "text", "ws", "cookies": [{name, domain, path, httpOnly, secure, sameSite, value}],
-//    "layout": {lang, title, h1, styled, overflowX, unlabeled, tooSmall}}
+//    "layout": {lang, title, h1, styled, overflowX, unlabeled, tooSmall, dark, contrast, lowContrast}}
 // layout describes the landed page as a person meets it: its language and title, the first
 // heading, whether a stylesheet applies to it (<main> has a max width), whether it scrolls
-// sideways, inputs without a label, and buttons/links smaller than 24x24 CSS px.
+// sideways, inputs without a label, buttons/links smaller than 24x24 CSS px, whether the page's
+// own background is dark, the lowest WCAG contrast ratio of any visible text against the
+// background it sits on, and the texts below 4.5:1.
 // where status is the HTTP status of the last main-frame response (not a redirect) and ws is the
 // echoed text or null (why it failed goes to stderr). Exits non-zero with a message on stderr on
 // timeout or error. Every request to a host other than loopback (127.0.0.0/8, ::1, localhost,
@@ -26,7 +29,7 @@
 import { chromium } from 'playwright-core';
 
 function parseArgs(argv) {
-  const known = new Set(['url', 'user', 'password', 'click', 'storage-in', 'storage-out', 'ws', 'timeout-ms', 'viewport', 'screenshot']);
+  const known = new Set(['url', 'user', 'password', 'click', 'storage-in', 'storage-out', 'ws', 'timeout-ms', 'viewport', 'screenshot', 'color-scheme']);
   const out = {};
   for (let i = 0; i < argv.length; i += 1) {
     const a = argv[i];
@@ -44,6 +47,9 @@ function parseArgs(argv) {
     const m = /^(\d+)x(\d+)$/.exec(out.viewport);
     if (!m) throw new Error('--viewport is WIDTHxHEIGHT, like 390x844');
     out.viewportSize = { width: Number(m[1]), height: Number(m[2]) };
+  }
+  if (out['color-scheme'] !== undefined && !['light', 'dark'].includes(out['color-scheme'])) {
+    throw new Error('--color-scheme is light or dark');
   }
   return out;
 }
@@ -87,6 +93,7 @@ try {
   const context = await browser.newContext({
     ignoreHTTPSErrors: true,
     ...(args.viewportSize ? { viewport: args.viewportSize } : {}),
+    colorScheme: args['color-scheme'] ?? 'light',
     ...(args['storage-in'] ? { storageState: args['storage-in'] } : {}),
   });
   context.on('request', (r) => checkLoopback(r.url()));
@@ -170,6 +177,26 @@ try {
     const h1 = document.querySelector('h1');
     const labelled = (el) => el.type === 'hidden' || el.labels?.length > 0 || el.getAttribute('aria-label');
     const small = (el) => { const r = el.getBoundingClientRect(); return r.width > 0 && (r.width < 24 || r.height < 24); };
+    // WCAG 2 relative luminance and contrast, over the first opaque background up the tree.
+    const rgba = (c) => { const m = c.match(/[\d.]+/g) || []; return m.map(Number).concat([1]).slice(0, 4); };
+    const lum = ([r, g, b]) => {
+      const ch = (v) => { const x = v / 255; return x <= 0.03928 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * ch(r) + 0.7152 * ch(g) + 0.0722 * ch(b);
+    };
+    const background = (el) => {
+      for (let e = el; e; e = e.parentElement) {
+        const c = rgba(getComputedStyle(e).backgroundColor);
+        if (c[3] > 0.5) return c;
+      }
+      return [255, 255, 255, 1];
+    };
+    const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+    const texts = [...document.querySelectorAll('body *')].filter((el) => {
+      const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+      const r = el.getBoundingClientRect();
+      return own && r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== 'hidden';
+    });
+    const measured = texts.map((el) => ({ text: el.innerText.trim().slice(0, 40), ratio: ratio(rgba(getComputedStyle(el).color), background(el)) }));
     return {
       lang: document.documentElement.lang,
       title: document.title,
@@ -178,6 +205,9 @@ try {
       overflowX: document.documentElement.scrollWidth > window.innerWidth,
       unlabeled: [...document.querySelectorAll('input')].filter((el) => !labelled(el)).length,
       tooSmall: [...document.querySelectorAll('button, a')].filter(small).map((el) => el.innerText),
+      dark: lum(background(document.body)) < 0.2,
+      contrast: measured.length ? Math.min(...measured.map((m) => m.ratio)) : null,
+      lowContrast: measured.filter((m) => m.ratio < 4.5).map((m) => `${m.text} (${m.ratio.toFixed(2)}:1)`),
     };
   });
   if (args.screenshot) await page.screenshot({ path: args.screenshot, fullPage: true });

@@ -242,6 +242,8 @@ pub struct BrowserArgs {
     pub viewport: Option<(u32, u32)>,
     /// Where to save a PNG of the whole landed page.
     pub screenshot: Option<PathBuf>,
+    /// Whether the page's `prefers-color-scheme` is dark (default light).
+    pub dark: bool,
 }
 
 impl BrowserArgs {
@@ -295,6 +297,12 @@ impl BrowserArgs {
         self
     }
 
+    /// Shows the page as to someone whose system is in dark mode.
+    pub fn dark(mut self) -> Self {
+        self.dark = true;
+        self
+    }
+
     /// Saves a PNG of the whole landed page to `path`.
     pub fn screenshot(mut self, path: impl Into<PathBuf>) -> Self {
         self.screenshot = Some(path.into());
@@ -320,6 +328,15 @@ pub struct Layout {
     pub unlabeled: usize,
     /// The text of buttons and links smaller than 24x24 CSS pixels.
     pub too_small: Vec<String>,
+    /// Whether the page's own background is dark.
+    #[serde(default)]
+    pub dark: bool,
+    /// The lowest WCAG contrast ratio of any visible text against its background.
+    #[serde(default)]
+    pub contrast: Option<f64>,
+    /// Texts below 4.5:1 (WCAG AA for body text), each with its ratio.
+    #[serde(default)]
+    pub low_contrast: Vec<String>,
 }
 
 /// One cookie in the browser at the end of a run.
@@ -404,6 +421,9 @@ impl BrowserOutcome {
         if !l.too_small.is_empty() {
             out.push(format!("too small to hit: {:?}", l.too_small));
         }
+        if !l.low_contrast.is_empty() {
+            out.push(format!("text below 4.5:1 contrast: {:?}", l.low_contrast));
+        }
         // Chromium logs a non-2xx page itself as "Failed to load resource": that is the
         // page's status, not a fault of its design.
         out.extend(
@@ -467,6 +487,9 @@ pub fn browser(args: &BrowserArgs) -> anyhow::Result<BrowserOutcome> {
     }
     if let Some(ws) = &args.ws {
         cmd.args(["--ws", ws]);
+    }
+    if args.dark {
+        cmd.args(["--color-scheme", "dark"]);
     }
     if let Some((w, h)) = args.viewport {
         cmd.args(["--viewport", &format!("{w}x{h}")]);

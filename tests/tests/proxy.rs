@@ -458,6 +458,26 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         b.text
     );
     assert_eq!(b.design_problems(), Vec::<String>::new(), "the denied page");
+    assert!(!b.layout.dark, "light unless the system asks for dark");
+    let b = browser_async(
+        BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1]))
+            .storage_in(&bob_state)
+            .dark()
+            .screenshot(screenshot_path("denied-dark")),
+    )
+    .await?;
+    assert_eq!(b.status, Some(403), "{}", b.text);
+    assert!(
+        b.layout.dark,
+        "the denied page follows the system's dark mode: {:?}",
+        b.layout
+    );
+    assert_eq!(
+        b.design_problems(),
+        Vec::<String>::new(),
+        "the denied page in dark mode (contrast {:?})",
+        b.layout.contrast
+    );
     let b = browser_async(
         BrowserArgs::new(format!("https://app.localhost:{}/echo", https[1]))
             .storage_in(&bob_state)
@@ -515,6 +535,22 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
             "{name}: a screenshot"
         );
     }
+    phase!("a refused POST without a session is not redirected (its body would be lost): a 401 page links to the sign-in");
+    let r = web
+        .post(format!("https://app.localhost:{}/echo", https[1]))
+        .body("a=1")
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        r.headers().get("location").is_none(),
+        "no redirect for a POST"
+    );
+    let body = r.text().await?;
+    assert!(
+        body.contains("href=\"/.warren/auth?rd=%2F\""),
+        "the 401 page of a refused POST links to the sign-in: {body}"
+    );
     phase!(
         "the auth host's 401 links to the sign-in, which signs alice in and lands on who she is"
     );

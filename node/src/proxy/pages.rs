@@ -49,6 +49,7 @@ border:1px solid var(--accent);background:var(--accent);color:var(--on-accent);f
 a.button.secondary,button.secondary{background:transparent;color:var(--accent)}\
 .actions{display:flex;flex-wrap:wrap;gap:.5rem;margin-top:1.25rem}\
 .actions>*{flex:1 1 10rem;display:flex;align-items:center;justify-content:center}\
+.actions>a.button{display:flex}\
 form{margin:1rem 0}\
 label{display:block;margin:.5rem 0}\
 input{display:block;width:100%;margin-top:.25rem;padding:.55rem;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--fg);font:inherit}\
