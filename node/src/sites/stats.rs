@@ -117,6 +117,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         r
     }
 
+    // Forwarded so that a counted stream writes exactly as the stream itself would (hyper
+    // gathers headers and body into one write only for a vectored stream).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
@@ -130,6 +149,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_counted_stream_writes_vectored_as_the_stream_does_and_counts_it() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut peer, _) = l.accept().await.unwrap();
+        assert!(tcp.is_write_vectored());
+        let bytes = Arc::new(AtomicU64::new(0));
+        let mut w = Counted::new(tcp, bytes.clone());
+        assert!(w.is_write_vectored(), "the counter hides nothing of the stream");
+        let bufs = [io::IoSlice::new(b"head "), io::IoSlice::new(b"body")];
+        let n = w.write_vectored(&bufs).await.unwrap();
+        assert_eq!(bytes.load(Ordering::Relaxed), n as u64);
+        let mut got = vec![0u8; n];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &b"head body"[..n]);
+    }
 
     #[tokio::test]
     async fn streams_count_their_bytes_into_their_site() {
