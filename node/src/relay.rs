@@ -1079,14 +1079,19 @@ impl RelayCore {
     /// relayed sessions must not notice.
     fn follow_sites(&mut self, now: Instant, cx: &Context<'_>) {
         let mut moves: Vec<(ClientKey, SocketAddr)> = Vec::new();
+        // Where each site is, looked up once per site and tick, not once per binding: the
+        // agent bound here, and the peers that hold it.
+        let mut sites: HashMap<&Name, (Option<SocketAddr>, Vec<SocketAddr>)> = HashMap::new();
         for (key, b) in &self.clients {
             if (cx.is_relay)(key.0) || b.moving.is_some_and(|t| now.duration_since(t) < MOVE_RETRY)
             {
                 continue;
             }
-            let here = self.live_agent(&key.1, now);
+            let (here, peers) = sites
+                .entry(&key.1)
+                .or_insert_with(|| (self.live_agent(&key.1, now), (cx.peers_holding)(&key.1)));
             let fine = if (cx.is_relay)(b.upstream) {
-                here.is_none() && (cx.peers_holding)(&key.1).contains(&b.upstream)
+                here.is_none() && peers.contains(&b.upstream)
             } else {
                 self.agents
                     .get(&key.1)
@@ -1095,11 +1100,7 @@ impl RelayCore {
             if fine {
                 continue;
             }
-            let to = here.or_else(|| {
-                (cx.peers_holding)(&key.1)
-                    .into_iter()
-                    .find(|p| !cx.me.contains(p))
-            });
+            let to = here.or_else(|| peers.iter().copied().find(|p| !cx.me.contains(p)));
             if let Some(to) = to.filter(|to| *to != b.upstream) {
                 moves.push((key.clone(), to));
             }

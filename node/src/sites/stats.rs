@@ -160,7 +160,10 @@ mod tests {
         assert!(tcp.is_write_vectored());
         let bytes = Arc::new(AtomicU64::new(0));
         let mut w = Counted::new(tcp, bytes.clone());
-        assert!(w.is_write_vectored(), "the counter hides nothing of the stream");
+        assert!(
+            w.is_write_vectored(),
+            "the counter hides nothing of the stream"
+        );
         let bufs = [io::IoSlice::new(b"head "), io::IoSlice::new(b"body")];
         let n = w.write_vectored(&bufs).await.unwrap();
         assert_eq!(bytes.load(Ordering::Relaxed), n as u64);
