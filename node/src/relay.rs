@@ -1423,6 +1423,19 @@ mod tests {
             )
         }
 
+        /// An agent of site-a bound here, and the client spliced to it: the world, the
+        /// agent's and the client's tickets, the client's channel.
+        fn spliced() -> (World, Vec<u8>, Vec<u8>, u32) {
+            let mut w = World::new();
+            let at = w.agent("site-a");
+            w.bind(AGENT, &at, "");
+            let dt = w.device(&["site-a"]);
+            let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
+                panic!()
+            };
+            (w, at, dt, c)
+        }
+
         fn agent(&self, site: &str) -> Vec<u8> {
             self.ticket(Holder::Agent { site: name(site) }, UNIX + 60)
         }
@@ -1470,19 +1483,42 @@ mod tests {
             std::iter::from_fn(|| self.core.poll_transmit()).collect()
         }
 
-        fn bind(&mut self, from: &str, ticket: &[u8], site: &str) -> Frame<'static> {
+        /// The client binds to site-a with `ticket`; no agent is here, so the Bind goes on
+        /// to `peer`, which answers with `peer_channel`. The client's channel here, and the
+        /// channel the Bind sent on named.
+        fn bind_through(
+            &mut self,
+            peer: &str,
+            ticket: &[u8],
+            peer_channel: u32,
+        ) -> (u32, Option<u32>) {
             self.nonce += 1;
             let (out, _) = self.send(
-                from,
-                Frame::Bind {
-                    nonce: self.nonce,
-                    ticket,
-                    site,
-                    via: None,
-                }
-                .to_vec(),
-                &[],
+                CLIENT,
+                bind_frame(self.nonce, ticket, "site-a", None),
+                &[peer.parse().unwrap()],
             );
+            let Out::Send(to, onward) = out else {
+                panic!("{out:?}")
+            };
+            assert_eq!(to, peer.parse().unwrap());
+            let Frame::Bind { nonce, via, .. } = Frame::decode(&onward).unwrap() else {
+                panic!()
+            };
+            let (out, _) = self.send(peer, bound_frame(nonce, peer_channel), &[]);
+            let Out::Send(to, b) = out else {
+                panic!("{out:?}")
+            };
+            assert_eq!(to, CLIENT.parse().unwrap());
+            let Frame::Bound { channel, .. } = Frame::decode(&b).unwrap() else {
+                panic!()
+            };
+            (channel, via)
+        }
+
+        fn bind(&mut self, from: &str, ticket: &[u8], site: &str) -> Frame<'static> {
+            self.nonce += 1;
+            let (out, _) = self.send(from, bind_frame(self.nonce, ticket, site, None), &[]);
             let Out::Send(to, b) = out else {
                 panic!("no answer: {out:?}")
             };
@@ -1501,6 +1537,25 @@ mod tests {
                 f => panic!("{f:?}"),
             }
         }
+    }
+
+    fn bound_frame(nonce: u64, channel: u32) -> Vec<u8> {
+        Frame::Bound {
+            nonce,
+            channel,
+            lifetime: 30,
+        }
+        .to_vec()
+    }
+
+    fn bind_frame(nonce: u64, ticket: &[u8], site: &str, via: Option<u32>) -> Vec<u8> {
+        Frame::Bind {
+            nonce,
+            ticket,
+            site,
+            via,
+        }
+        .to_vec()
     }
 
     fn data(channel: u32, payload: &[u8]) -> Vec<u8> {
@@ -1537,13 +1592,7 @@ mod tests {
 
     #[test]
     fn a_channel_is_honoured_only_from_the_address_it_was_bound_from() {
-        let mut w = World::new();
-        let at = w.agent("site-a");
-        w.bind(AGENT, &at, "");
-        let dt = w.device(&["site-a"]);
-        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
-            panic!()
-        };
+        let (mut w, _, _, c) = World::spliced();
         let (out, _) = w.send("192.0.2.66:1234", data(c, b"\x01forged"), &[]);
         assert_eq!(out, Out::Nothing);
         let (out, _) = w.send(CLIENT, data(c ^ 1, b"\x01guess"), &[]);
@@ -1641,17 +1690,7 @@ mod tests {
         let mut w = World::new();
         let peer: SocketAddr = "10.0.0.2:7401".parse().unwrap();
         let dt = w.device(&["site-a"]);
-        let (out, _) = w.send(
-            CLIENT,
-            Frame::Bind {
-                nonce: 5,
-                ticket: &dt,
-                site: "site-a",
-                via: None,
-            }
-            .to_vec(),
-            &[peer],
-        );
+        let (out, _) = w.send(CLIENT, bind_frame(5, &dt, "site-a", None), &[peer]);
         let Out::Send(to, onward) = out else { panic!() };
         assert_eq!(to, peer);
         let Frame::Bind {
@@ -1662,16 +1701,7 @@ mod tests {
         };
         assert_eq!(ticket, &dt[..]);
         // The peer's answer comes back to the client as this relay's own channel.
-        let (out, _) = w.send(
-            "10.0.0.2:7401",
-            Frame::Bound {
-                nonce: hop,
-                channel: 77,
-                lifetime: 30,
-            }
-            .to_vec(),
-            &[],
-        );
+        let (out, _) = w.send("10.0.0.2:7401", bound_frame(hop, 77), &[]);
         let Out::Send(to, b) = out else { panic!() };
         assert_eq!(to, CLIENT.parse().unwrap());
         let Frame::Bound {
@@ -1689,16 +1719,7 @@ mod tests {
         assert_eq!(out, Out::Forward(CLIENT.parse().unwrap()));
         assert_eq!(data_channel(&back), Some(c));
         // A Bound nobody asked for is dropped.
-        let (out, _) = w.send(
-            "10.0.0.9:7401",
-            Frame::Bound {
-                nonce: 1,
-                channel: 1,
-                lifetime: 30,
-            }
-            .to_vec(),
-            &[],
-        );
+        let (out, _) = w.send("10.0.0.9:7401", bound_frame(1, 1), &[]);
         assert_eq!(out, Out::Nothing);
     }
 
@@ -1708,13 +1729,7 @@ mod tests {
         let at = w.agent("site-a");
         assert!(matches!(w.bind(AGENT, &at, "site-a"), Frame::Bound { .. }));
         let dt = w.device(&["site-a"]);
-        let bind = Frame::Bind {
-            nonce: 42,
-            ticket: &dt,
-            site: "site-a",
-            via: None,
-        }
-        .to_vec();
+        let bind = bind_frame(42, &dt, "site-a", None);
         let (out, _) = w.send(CLIENT, bind.clone(), &[]);
         assert!(matches!(out, Out::Send(..)), "{out:?}");
         assert_eq!(
@@ -1747,15 +1762,7 @@ mod tests {
     fn a_bind_sent_on_by_a_relay_is_never_sent_on_again() {
         let mut w = World::new();
         let dt = w.device(&["site-a"]);
-        let bind = |nonce| {
-            Frame::Bind {
-                nonce,
-                ticket: &dt,
-                site: "site-a",
-                via: None,
-            }
-            .to_vec()
-        };
+        let bind = |nonce| bind_frame(nonce, &dt, "site-a", None);
         // No agent here, a peer "holds" the site: a client's Bind goes on one hop...
         let peer: SocketAddr = "10.0.0.3:7401".parse().unwrap();
         let (out, _) = w.send(CLIENT, bind(1), &[peer]);
@@ -1800,13 +1807,7 @@ mod tests {
 
     #[test]
     fn idle_bindings_are_forgotten() {
-        let mut w = World::new();
-        let at = w.agent("site-a");
-        w.bind(AGENT, &at, "");
-        let dt = w.device(&["site-a"]);
-        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
-            panic!()
-        };
+        let (mut w, _, _, c) = World::spliced();
         w.now += BINDING_LIFETIME + Duration::from_secs(1);
         w.tick(&[], None);
         let (out, _) = w.send(CLIENT, data(c, b"\x01late"), &[]);
@@ -1841,16 +1842,7 @@ mod tests {
         };
         assert_eq!((t, site), (ticket, "site-a"));
         assert_eq!(via, Some(client), "the hop names the client's channel here");
-        let (out, _) = w.send(
-            to,
-            Frame::Bound {
-                nonce,
-                channel,
-                lifetime: 30,
-            }
-            .to_vec(),
-            &[],
-        );
+        let (out, _) = w.send(to, bound_frame(nonce, channel), &[]);
         assert_eq!(
             out,
             Out::Nothing,
@@ -1860,13 +1852,7 @@ mod tests {
 
     #[test]
     fn a_relayed_session_follows_its_agent_to_a_peer_on_the_same_channel() {
-        let mut w = World::new();
-        let at = w.agent("site-a");
-        w.bind(AGENT, &at, "");
-        let dt = w.device(&["site-a"]);
-        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
-            panic!()
-        };
+        let (mut w, at, dt, c) = World::spliced();
         let (_, fwd) = w.send(CLIENT, data(c, b"\x01a"), &[]);
         let a = data_channel(&fwd).unwrap();
         // While this node holds the site's tunnel, or within the grace: nothing moves.
@@ -1898,39 +1884,7 @@ mod tests {
         // Settled: no more moves, and a refresh keeps the channel (one hop, same answer).
         w.now += Duration::from_secs(2);
         assert!(w.tick(&[PEER.parse().unwrap()], Some(&[])).is_empty());
-        w.nonce += 1;
-        let (out, _) = w.send(
-            CLIENT,
-            Frame::Bind {
-                nonce: w.nonce,
-                ticket: &dt,
-                site: "site-a",
-                via: None,
-            }
-            .to_vec(),
-            &[PEER.parse().unwrap()],
-        );
-        let Out::Send(to, onward) = out else {
-            panic!("{out:?}")
-        };
-        assert_eq!(to, PEER.parse().unwrap());
-        let Frame::Bind { nonce: hop, .. } = Frame::decode(&onward).unwrap() else {
-            panic!()
-        };
-        let (out, _) = w.send(
-            PEER,
-            Frame::Bound {
-                nonce: hop,
-                channel: 77,
-                lifetime: 30,
-            }
-            .to_vec(),
-            &[],
-        );
-        let Out::Send(_, b) = out else {
-            panic!("{out:?}")
-        };
-        assert!(matches!(Frame::decode(&b).unwrap(), Frame::Bound { channel, .. } if channel == c));
+        assert_eq!(w.bind_through(PEER, &dt, 77), (c, Some(c)));
         assert_eq!(w.stats.channels.load(Ordering::Relaxed), 2);
     }
 
@@ -1939,35 +1893,7 @@ mod tests {
         let mut w = World::new();
         let dt = w.device(&["site-a"]);
         // No agent here: one hop to the peer.
-        let (out, _) = w.send(
-            CLIENT,
-            Frame::Bind {
-                nonce: 1,
-                ticket: &dt,
-                site: "site-a",
-                via: None,
-            }
-            .to_vec(),
-            &[PEER.parse().unwrap()],
-        );
-        let Out::Send(_, onward) = out else { panic!() };
-        let Frame::Bind { nonce: hop, .. } = Frame::decode(&onward).unwrap() else {
-            panic!()
-        };
-        let (out, _) = w.send(
-            PEER,
-            Frame::Bound {
-                nonce: hop,
-                channel: 77,
-                lifetime: 30,
-            }
-            .to_vec(),
-            &[],
-        );
-        let Out::Send(_, b) = out else { panic!() };
-        let Frame::Bound { channel: c, .. } = Frame::decode(&b).unwrap() else {
-            panic!()
-        };
+        let (c, _) = w.bind_through(PEER, &dt, 77);
         // The peer stops holding the site, another does: the session goes there.
         let sent = w.tick(&[OTHER_PEER.parse().unwrap()], Some(&[]));
         answer_move(&mut w, &sent, OTHER_PEER, &dt, c, 88);
@@ -1993,13 +1919,7 @@ mod tests {
 
     #[test]
     fn a_refused_or_unanswered_move_leaves_the_session_and_is_asked_again() {
-        let mut w = World::new();
-        let at = w.agent("site-a");
-        w.bind(AGENT, &at, "");
-        let dt = w.device(&["site-a"]);
-        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
-            panic!()
-        };
+        let (mut w, _, dt, c) = World::spliced();
         // No one else holds the site: the stale agent binding goes, the session waits.
         w.now += AGENT_GRACE;
         assert!(w.tick(&[], Some(&[])).is_empty());
@@ -2037,13 +1957,7 @@ mod tests {
 
     #[test]
     fn a_relay_only_node_keeps_agent_bindings_while_they_are_refreshed() {
-        let mut w = World::new();
-        let at = w.agent("site-a");
-        w.bind(AGENT, &at, "");
-        let dt = w.device(&["site-a"]);
-        let Frame::Bound { channel: c, .. } = w.bind(CLIENT, &dt, "site-a") else {
-            panic!()
-        };
+        let (mut w, _, _, c) = World::spliced();
         w.now += Duration::from_secs(10);
         assert!(w.tick(&[PEER.parse().unwrap()], None).is_empty());
         assert!(w.core.has_agent(&name("site-a"), w.now));
@@ -2059,17 +1973,7 @@ mod tests {
         let dt = w.device(&["site-a"]);
         let hop = |w: &mut World, via: u32| {
             w.nonce += 1;
-            let (out, _) = w.send(
-                PEER,
-                Frame::Bind {
-                    nonce: w.nonce,
-                    ticket: &dt,
-                    site: "site-a",
-                    via: Some(via),
-                }
-                .to_vec(),
-                &[],
-            );
+            let (out, _) = w.send(PEER, bind_frame(w.nonce, &dt, "site-a", Some(via)), &[]);
             let Out::Send(_, b) = out else {
                 panic!("{out:?}")
             };
@@ -2092,17 +1996,7 @@ mod tests {
         }
         // An endpoint cannot name a channel: its `via` is ignored.
         w.nonce += 1;
-        let (out, _) = w.send(
-            CLIENT,
-            Frame::Bind {
-                nonce: w.nonce,
-                ticket: &dt,
-                site: "site-a",
-                via: Some(1),
-            }
-            .to_vec(),
-            &[],
-        );
+        let (out, _) = w.send(CLIENT, bind_frame(w.nonce, &dt, "site-a", Some(1)), &[]);
         assert!(matches!(out, Out::Send(..)));
         assert!(w
             .core
@@ -2114,36 +2008,7 @@ mod tests {
     fn a_bind_sent_on_names_the_clients_channel_here() {
         let mut w = World::new();
         let dt = w.device(&["site-a"]);
-        let peer: SocketAddr = PEER.parse().unwrap();
-        let (out, _) = w.send(
-            CLIENT,
-            Frame::Bind {
-                nonce: 7,
-                ticket: &dt,
-                site: "site-a",
-                via: None,
-            }
-            .to_vec(),
-            &[peer],
-        );
-        let Out::Send(_, onward) = out else { panic!() };
-        let Frame::Bind { nonce, via, .. } = Frame::decode(&onward).unwrap() else {
-            panic!()
-        };
-        let (out, _) = w.send(
-            PEER,
-            Frame::Bound {
-                nonce,
-                channel: 5,
-                lifetime: 30,
-            }
-            .to_vec(),
-            &[],
-        );
-        let Out::Send(_, b) = out else { panic!() };
-        let Frame::Bound { channel: c, .. } = Frame::decode(&b).unwrap() else {
-            panic!()
-        };
+        let (c, via) = w.bind_through(PEER, &dt, 5);
         assert_eq!(via, Some(c));
     }
 }
