@@ -440,8 +440,12 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
             back.as_secs_f64()
         ));
 
-        phase!("easy x easy: the agent moves a tunnel while direct; a cut then falls back to a relay that follows it");
-        agent_moves_then_the_direct_path_dies(&w, &home, &cell, &mut table).await?;
+        // Twice: whichever way the first goes (off the client's relay, or onto it), the
+        // second goes the other way, so every run covers both.
+        for _ in 0..2 {
+            phase!("easy x easy: the agent moves a tunnel while direct; a cut then falls back to a relay that follows it");
+            agent_moves_then_the_direct_path_dies(&w, &home, &cell, &mut table).await?;
+        }
     }
 
     let cells: [(&str, Topology, bool); 6] = [
@@ -577,12 +581,18 @@ async fn agent_moves_then_the_direct_path_dies(
     // The agent notices (5 s without an answer) and dials another node.
     let moved = loop {
         let held = tunnel_nodes(w, &site).await?;
-        if !held[cut] && held.iter().any(|h| *h) {
+        // Off the client's relay: anywhere else; onto it: the only node without a tunnel.
+        let landed = if cut == via {
+            held.iter().any(|h| *h)
+        } else {
+            held[via]
+        };
+        if !held[cut] && landed {
             break blocked.elapsed();
         }
         if blocked.elapsed() > Duration::from_secs(30) {
             bail!(
-                "the agent did not move its tunnel off {} within 30 s: {held:?}\n{}",
+                "the agent did not move its tunnel off {} ({kind}) within 30 s: {held:?}\n{}",
                 w.cluster.nodes[cut].name,
                 tail(&lab.log_of("agent"), 40)
             );
