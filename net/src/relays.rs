@@ -33,6 +33,12 @@ pub const MISSED_PINGS: u32 = 3;
 /// How often a binding is made again while it holds (the agent's keepalive, a client's
 /// refresh), unless the relay's lifetime asks for more often.
 pub const REBIND_INTERVAL: Duration = Duration::from_secs(10);
+/// How often an agent pings each relay it is bound to, between its Binds: the keepalive of
+/// the NAT mapping the relay reaches it through. Anything the relay sends the agent (a
+/// client's packets, a Punch) comes in through that mapping, and a NAT that forgets idle
+/// UDP mappings after a few seconds would otherwise cut it between two Binds. A Ping costs
+/// the relay no ticket check and no state.
+pub const AGENT_KEEPALIVE: Duration = Duration::from_secs(2);
 /// The first retry of an unanswered Bind; doubled up to [`REBIND_INTERVAL`].
 pub const BIND_RETRY: Duration = Duration::from_secs(1);
 /// How long a relay that refused a site's binding is not asked again for it (unless the
@@ -441,7 +447,7 @@ impl ClientRelays {
 }
 
 /// An agent's bindings: one to every relay it was told about, made again every
-/// [`REBIND_INTERVAL`].
+/// [`REBIND_INTERVAL`], with a Ping every [`AGENT_KEEPALIVE`] in between.
 ///
 /// # Calling order
 /// 1. [`AgentRelays::set_relays`] whenever the set of (relay, ticket) changes.
@@ -504,11 +510,13 @@ impl AgentRelays {
         Ok(())
     }
 
-    /// A relay control frame from `from` (Bound, Refused); anything else, or an unknown
-    /// nonce, is ignored (returns false: count it).
+    /// A relay control frame from `from` (Bound, Refused, the Pong to a keepalive);
+    /// anything else, or an unknown nonce, is ignored (returns false: count it).
     pub fn handle_frame(&mut self, from: SocketAddr, frame: &Frame<'_>, now: Instant) -> bool {
         let nonce = match *frame {
             Frame::Bound { nonce, .. } | Frame::Refused { nonce, .. } => nonce,
+            // A keepalive's answer: it did its work on the way (the NAT saw both ways).
+            Frame::Pong { .. } => return self.is_relay(from),
             _ => return false,
         };
         let Some((b, _)) = self
@@ -545,18 +553,30 @@ impl AgentRelays {
         true
     }
 
-    /// Sends the Binds that are due.
+    /// Sends the Binds and keepalive Pings that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         for (b, t) in &mut self.bindings {
             if now >= b.next_send {
                 b.send(t, "", now, &mut self.transmits);
+            }
+            if b.channel.is_some() && now >= b.next_keepalive {
+                b.next_keepalive = now + AGENT_KEEPALIVE;
+                let ping = Frame::Ping {
+                    nonce: rand::random(),
+                };
+                self.transmits.push_back((b.relay, ping.to_vec()));
             }
         }
     }
 
     /// When [`AgentRelays::handle_timeout`] wants to run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.bindings.iter().map(|(b, _)| b.next_send).min()
+        self.bindings
+            .iter()
+            .flat_map(|(b, _)| {
+                std::iter::once(b.next_send).chain(b.channel.map(|_| b.next_keepalive))
+            })
+            .min()
     }
 
     /// The next datagram to send: (relay, frame).
@@ -657,6 +677,8 @@ struct Binding {
     /// Refused, waiting for a new ticket or a reselection.
     refused: bool,
     was_refused: bool,
+    /// When the agent next pings this relay, while bound ([`AGENT_KEEPALIVE`]).
+    next_keepalive: Instant,
 }
 
 impl Binding {
@@ -671,6 +693,7 @@ impl Binding {
             last_bound: None,
             refused: false,
             was_refused: false,
+            next_keepalive: now + AGENT_KEEPALIVE,
         }
     }
 
@@ -706,6 +729,7 @@ impl Binding {
         ));
         // Until answered, retry sooner and sooner less often; the answer sets the refresh.
         self.next_send = now + self.retry;
+        self.next_keepalive = now + AGENT_KEEPALIVE;
         self.retry = (self.retry * 2).min(self.refresh);
     }
 
@@ -1058,6 +1082,12 @@ mod tests {
         a.handle_timeout(now + BIND_RETRY);
         let (to, _) = a.poll_transmit().unwrap();
         assert_eq!(to, addr(2));
+        // Next: bound relay 1's keepalive (2 s), then relay 2's retry (3 s).
+        assert_eq!(a.poll_timeout(), Some(now + AGENT_KEEPALIVE));
+        a.handle_timeout(now + AGENT_KEEPALIVE);
+        let (to, ping) = a.poll_transmit().unwrap();
+        assert_eq!(to, addr(1));
+        assert!(matches!(Frame::decode(&ping).unwrap(), Frame::Ping { .. }));
         assert_eq!(a.poll_timeout(), Some(now + BIND_RETRY + 2 * BIND_RETRY));
         // Relay 1 is bound again at 10 s.
         a.handle_timeout(now + REBIND_INTERVAL);
@@ -1069,5 +1099,63 @@ mod tests {
         a.set_relays(vec![(addr(2), b"t2".to_vec())], now).unwrap();
         assert!(!a.is_relay(addr(1)));
         assert_eq!(a.bindings().count(), 1);
+    }
+
+    #[test]
+    fn an_agent_pings_each_bound_relay_between_its_binds_to_keep_its_nat_mapping() {
+        let now = Instant::now();
+        let mut a = AgentRelays::new();
+        a.set_relays(
+            vec![(addr(1), b"t1".to_vec()), (addr(2), b"t2".to_vec())],
+            now,
+        )
+        .unwrap();
+        let binds: Vec<(SocketAddr, u64)> = std::iter::from_fn(|| a.poll_transmit())
+            .map(|(to, b)| match Frame::decode(&b).unwrap() {
+                Frame::Bind { nonce, .. } => (to, nonce),
+                f => panic!("{f:?}"),
+            })
+            .collect();
+        // Relay 1 answers; relay 2 never does.
+        let bound = Frame::Bound {
+            nonce: binds[0].1,
+            channel: 9,
+            lifetime: 30,
+        };
+        assert!(a.handle_frame(addr(1), &bound, now));
+        // Over one Bind interval, relay 1 hears from the agent at least every
+        // AGENT_KEEPALIVE; nothing keeps the unbound relay 2's mapping (it gets its retries).
+        let mut last = now;
+        let mut t = now;
+        while t < now + REBIND_INTERVAL + AGENT_KEEPALIVE {
+            t = a.poll_timeout().unwrap();
+            a.handle_timeout(t);
+            let sent: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+            for (to, b) in sent {
+                if to != addr(1) {
+                    continue;
+                }
+                assert!(
+                    t - last <= AGENT_KEEPALIVE,
+                    "{:?} without a packet to relay 1",
+                    t - last
+                );
+                last = t;
+                if let Frame::Ping { nonce } = Frame::decode(&b).unwrap() {
+                    let pong = Frame::Pong {
+                        nonce,
+                        observed: addr(9),
+                    };
+                    assert!(a.handle_frame(addr(1), &pong, t), "the Pong is the agent's");
+                }
+            }
+        }
+        assert!(last > now + REBIND_INTERVAL, "kept up past the next Bind");
+        // A Pong from a stranger is not.
+        let pong = Frame::Pong {
+            nonce: 1,
+            observed: addr(9),
+        };
+        assert!(!a.handle_frame(addr(7), &pong, t));
     }
 }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use warren_net::direct::{Direct, DirectTransmit, Fault, Role};
-use warren_net::relays::REBIND_INTERVAL;
+use warren_net::relays::AGENT_KEEPALIVE;
 use warren_net::wg::SecretKey;
 use warren_proto::coordinator::{Pairing, Side};
 use warren_proto::relay::Frame;
@@ -262,7 +262,7 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
     // The client pings its relays every second (as the product does): the mappings
     // towards them stay open, and what they report is its reflexive candidates.
     let mut next_ping = t0 + Duration::from_secs(1);
-    let mut next_rebind = t0 + REBIND_INTERVAL;
+    let mut next_keepalive = t0 + AGENT_KEEPALIVE;
     let mut pairing = Pairing::new(t0);
     let mut queue: BinaryHeap<Datagram> = BinaryHeap::new();
     let mut seq = 0u64;
@@ -368,10 +368,10 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
             }
             client.set_local(c_local, now);
         }
-        // The agent binds to its relays again every REBIND_INTERVAL (as the product
+        // The agent pings its relays every AGENT_KEEPALIVE between its Binds (as the product
         // does): its mappings towards them, its reflexive candidates, stay open.
-        if now >= next_rebind {
-            next_rebind = now + REBIND_INTERVAL;
+        if now >= next_keepalive {
+            next_keepalive = now + AGENT_KEEPALIVE;
             let nat = if s.same_lan { &mut nat_a } else { &mut nat_b };
             for r in relays {
                 nat.outbound(a_host, r, now);
@@ -410,7 +410,7 @@ pub fn run(s: &Scenario, seed: u64) -> Outcome {
             agent.poll_timeout(),
             Some(next_data),
             Some(next_ping),
-            Some(next_rebind),
+            Some(next_keepalive),
         ]
         .into_iter()
         .flatten()

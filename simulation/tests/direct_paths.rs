@@ -28,7 +28,7 @@ fn nat() -> impl Strategy<Value = NatKind> {
     (
         dependence(),
         dependence(),
-        prop_oneof![Just(30u64), Just(120)],
+        prop_oneof![Just(5u64), Just(30), Just(120)],
         any::<bool>(),
     )
         .prop_map(|(mapping, filtering, t, hairpin)| NatKind {

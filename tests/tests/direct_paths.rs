@@ -510,6 +510,10 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
             ),
             None => format!("{name}: relayed, {:.0} Mbit/s", bps / 1e6),
         });
+        if name == "hard-hard" {
+            phase!("cell {name}: behind a NAT that forgets idle mappings after 5 s, the agent keeps the ones its relays reach it through");
+            agent_keeps_its_relay_mappings(&w, &lab, &cell, &mut table).await?;
+        }
         // The lab (agent, hub, iperf3) goes with it.
     }
     phase!("a relay-only node in its own namespace: used when it is the closest; revoked, its sessions end");
@@ -518,6 +522,56 @@ async fn client_and_agent_go_direct_whenever_their_nats_allow_it() -> anyhow::Re
     eprintln!("direct paths:\n  {}", table.join("\n  "));
     drop(w);
     drop(home);
+    Ok(())
+}
+
+/// The site's NAT forgets idle UDP mappings after 5 s; the agent binds to its relays every
+/// 10 s and pings them every 2 s in between. Sampled every second for 12 s, the site NAT
+/// always holds the agent's mapping to every relay it is bound to (without the pings, each
+/// would be gone for about half of every 10 s, and a relayed session with it); then, after
+/// that idle time, a transfer goes through the relay at once.
+async fn agent_keeps_its_relay_mappings(
+    w: &World,
+    lab: &Lab,
+    cell: &Cell,
+    table: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let site = site_name(&cell.name);
+    lab.set_udp_timeout(Side::SiteRouter, 5)?;
+    let held = tunnel_nodes(w, &site).await?;
+    let relays: Vec<SocketAddr> = (0..held.len())
+        .filter(|&i| held[i])
+        .map(|i| w.relays[i])
+        .collect();
+    anyhow::ensure!(!relays.is_empty(), "no node holds the site's tunnel");
+    // Let the mappings made by the last transfer age out first.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for second in 0..12 {
+        let table = lab.conntrack_udp(Side::SiteRouter)?;
+        for r in &relays {
+            let mapped = table.lines().any(|l| {
+                l.contains(&format!("sport={AGENT_WG_PORT} "))
+                    && l.contains(&format!("dst={} ", r.ip()))
+                    && l.contains(&format!("dport={} ", r.port()))
+            });
+            assert!(
+                mapped,
+                "after {second} s: the site NAT holds no mapping from the agent to relay {r}:\n{table}"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let got = tokio::task::block_in_place(|| iperf(lab, cell, 3))?;
+    assert!(
+        got > 1e6,
+        "after the idle time iperf3 moved only {got} bytes"
+    );
+    let (path, entry) = site_path(w, lab, cell)?;
+    assert_eq!(path, "relayed", "{entry}");
+    table.push(format!(
+        "hard x hard, NAT UDP timeout 5 s: the agent's relay mappings held for 12 s of sampling; then relayed, {:.0} MB in 3 s",
+        got / 1e6
+    ));
     Ok(())
 }
 
