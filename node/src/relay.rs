@@ -1440,20 +1440,32 @@ mod tests {
             self.ticket(Holder::Agent { site: name(site) }, UNIX + 60)
         }
 
-        fn send(&mut self, from: &str, mut d: Vec<u8>, peers: &[SocketAddr]) -> (Out, Vec<u8>) {
+        /// Runs `f` on the relay with a context in which `peers` hold every site and this
+        /// node holds `held` (`None`: a relay-only node).
+        fn with_cx<R>(
+            &mut self,
+            peers: &[SocketAddr],
+            held: Option<&[&str]>,
+            f: impl FnOnce(&mut RelayCore, &Context<'_>, Instant) -> R,
+        ) -> R {
             let peers = peers.to_vec();
             let holding = move |_: &Name| peers.clone();
+            let holds = |s: &Name| held.is_some_and(|h| h.contains(&s.as_str()));
             let cx = Context {
                 keys: &self.tk,
                 peers_holding: &holding,
                 me: &[],
                 unix: UNIX,
                 is_relay: &|a: SocketAddr| a.port() == 7401,
-                held: None,
+                held: held.is_some().then_some(&holds),
             };
-            let out = self
-                .core
-                .handle(from.parse().unwrap(), &mut d, self.now, &cx);
+            f(&mut self.core, &cx, self.now)
+        }
+
+        fn send(&mut self, from: &str, mut d: Vec<u8>, peers: &[SocketAddr]) -> (Out, Vec<u8>) {
+            let out = self.with_cx(peers, None, |core, cx, now| {
+                core.handle(from.parse().unwrap(), &mut d, now, cx)
+            });
             (out, d)
         }
 
@@ -1464,22 +1476,7 @@ mod tests {
             peers: &[SocketAddr],
             held: Option<&[&str]>,
         ) -> Vec<(SocketAddr, Vec<u8>)> {
-            let peers = peers.to_vec();
-            let holding = move |_: &Name| peers.clone();
-            let held: Option<Vec<String>> = held.map(|h| h.iter().map(|s| s.to_string()).collect());
-            let holds = |s: &Name| {
-                held.as_ref()
-                    .is_some_and(|h| h.iter().any(|h| h == s.as_str()))
-            };
-            let cx = Context {
-                keys: &self.tk,
-                peers_holding: &holding,
-                me: &[],
-                unix: UNIX,
-                is_relay: &|a: SocketAddr| a.port() == 7401,
-                held: held.is_some().then_some(&holds),
-            };
-            self.core.handle_tick(self.now, &cx);
+            self.with_cx(peers, held, |core, cx, now| core.handle_tick(now, cx));
             std::iter::from_fn(|| self.core.poll_transmit()).collect()
         }
 
