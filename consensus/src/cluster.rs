@@ -633,7 +633,8 @@ impl Cluster {
             tokio::spawn(async move { me.write_committed(req).await });
             return Ok(Ok(crate::registry::Outcome::Done));
         }
-        self.write_committed(req).await
+        let reply = self.write_committed(req).await?;
+        Ok(reply.map(crate::registry::Outcome::unsided))
     }
 
     async fn write_committed(&self, req: Request) -> Result<Reply, ClusterError> {
@@ -1468,6 +1469,8 @@ fn admits(command: &Command) -> bool {
         Command::Bootstrap { .. }
         | Command::RegisterNode { .. }
         | Command::ConsumeSiteToken { .. } => true,
+        Command::WithSide { command, .. } => admits(command),
+        Command::SetClusterTitle { .. } => false,
         Command::Create(_)
         | Command::Update(_)
         | Command::Delete { .. }

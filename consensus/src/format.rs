@@ -53,15 +53,21 @@ impl Format {
     /// criterion, and the registry's device table and address counters (appended after
     /// format 1's fields, see `Registry::encode_snapshot`).
     pub const V2: Format = Format(2);
+    /// Side fields and the cluster title: [`Command::WithSide`] (an identity provider's
+    /// display name, `auto_create` and `post_logout_redirect`, a web resource's
+    /// `prefix_rewrite`), [`Command::SetClusterTitle`], the refusal
+    /// `RegistryError::NotInvited`, and the registry's format-3 tail (the title and, in
+    /// snapshots, the side fields).
+    pub const V3: Format = Format(3);
     /// A format that exists only in builds with the `format-next` feature, to test rolling
     /// upgrades: it adds [`Command::Annotate`]. Always one past the newest real format.
     #[cfg(feature = "format-next")]
-    pub const NEXT: Format = Format(3);
+    pub const NEXT: Format = Format(4);
     /// The oldest format this build reads.
     pub const OLDEST: Format = Format::V1;
     /// The newest format this build reads and writes.
     #[cfg(not(feature = "format-next"))]
-    pub const CURRENT: Format = Format::V2;
+    pub const CURRENT: Format = Format::V3;
     /// The newest format this build reads and writes.
     #[cfg(feature = "format-next")]
     pub const CURRENT: Format = Format::NEXT;
@@ -195,6 +201,8 @@ pub fn command_format(command: &Command) -> Format {
         | Command::TouchDevice { .. }
         | Command::SetSiteKey { .. }
         | Command::SetNodeRelay { .. } => Format::V2,
+        Command::WithSide { command, .. } => command_format(command).max(Format::V3),
+        Command::SetClusterTitle { .. } => Format::V3,
         Command::Bootstrap { .. }
         | Command::CreateApiKey(_)
         | Command::RevokeApiKey { .. }

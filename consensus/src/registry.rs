@@ -33,7 +33,7 @@ use warren_proto::api::{ApplyReport, Change, ChangeAction, Manifest, MemberRole,
 use warren_proto::certificate::Certificate;
 use warren_proto::registry::{
     Device, Entity, FieldError, IdentityProvider, Kind, Node, NodeId, NodeRole, Policy,
-    PrivateAddress, Resource, Role, Route, Site, User, WgKey,
+    PrivateAddress, ProviderSide, Resource, ResourceSide, Role, Route, Site, User, WgKey,
 };
 use warren_proto::session::{user_name_from_email, ProxyKeys, Session, SessionId, ShareLink, Via};
 use warren_proto::token::{ApiKey, KeyId, SecretHash};
@@ -463,6 +463,23 @@ pub enum Command {
         /// `ip:port` (UDP) clients and agents reach its relay on.
         relay: String,
     },
+    /// `command` (a `Create`, `Update` or `Apply`) with the [side
+    /// fields](warren_proto::registry::side_field) of the entities it carries (format 3),
+    /// which the binary encoding of `command` leaves out. Applied as `command` with `side`
+    /// put back on its entities; [`Request::new`](crate::types::Request::new) wraps every
+    /// command whose entities have a side field set, so callers never build this.
+    WithSide {
+        /// The command.
+        command: Box<Command>,
+        /// Its entities' side fields, by kind and name.
+        side: Side,
+    },
+    /// Name the cluster (format 3): the title its sign-in and error pages show. `None`
+    /// clears it (the pages then say "Warren").
+    SetClusterTitle {
+        /// 1 to 64 characters, no control characters.
+        title: Option<String>,
+    },
     // Keep `Annotate` LAST: it exists only in `format-next` builds, so a variant after it
     // would have another index (another encoding) in those builds than in normal ones. New
     // commands go above this comment (and into `format::command_format`).
@@ -510,6 +527,50 @@ pub enum Outcome {
     Done,
     /// The device as stored after a registration or a touch.
     Device(Device),
+    /// Format 3: an [`Outcome::Entity`] whose side fields are set, as the registry keeps
+    /// and sends it (the entity's binary encoding leaves them out, so they travel beside
+    /// it). [`Cluster::write`](crate::cluster::Cluster::write) answers with the
+    /// `Outcome::Entity` again.
+    SidedEntity {
+        /// The entity, side fields at their defaults.
+        entity: AnyEntity,
+        /// Its side fields.
+        side: Side,
+    },
+}
+
+impl Outcome {
+    /// An [`Outcome::Entity`] with side fields set as an [`Outcome::SidedEntity`].
+    fn sided(self) -> Outcome {
+        let Outcome::Entity(e) = self else {
+            return self;
+        };
+        match Command::Create(e).with_side() {
+            Command::WithSide { command, side } => match *command {
+                Command::Create(entity) => Outcome::SidedEntity { entity, side },
+                other => unreachable!("with_side wraps what it is given: {other:?}"),
+            },
+            Command::Create(e) => Outcome::Entity(e),
+            other => unreachable!("with_side returns a Create or WithSide: {other:?}"),
+        }
+    }
+
+    /// An [`Outcome::SidedEntity`] as the [`Outcome::Entity`] it stands for.
+    pub fn unsided(self) -> Outcome {
+        let Outcome::SidedEntity { entity, side } = self else {
+            return self;
+        };
+        match (Command::WithSide {
+            command: Box::new(Command::Create(entity)),
+            side,
+        })
+        .effective()
+        .into_owned()
+        {
+            Command::Create(e) => Outcome::Entity(e),
+            other => unreachable!("effective unwraps what it is given: {other:?}"),
+        }
+    }
 }
 
 /// Why a command was refused. The registry is unchanged when one is returned (only the
@@ -644,6 +705,22 @@ pub enum RegistryError {
         /// The pool, like `100.64.0.0/10`.
         pool: String,
     },
+    /// A first sign-in through a provider with `auto_create: false` matched no user (no
+    /// linked account, no user with its verified e-mail address): an admin must add the
+    /// user first. Nothing was changed.
+    #[error("no user matches this sign-in, and provider {provider:?} does not create users")]
+    NotInvited {
+        /// The provider signed in with.
+        provider: Name,
+    },
+}
+
+/// Checks a cluster title: 1 to 64 characters, not all spaces, no control characters.
+pub fn check_title(t: &str) -> Result<(), &'static str> {
+    if t.trim().is_empty() || t.chars().count() > 64 || t.chars().any(char::is_control) {
+        return Err("a title is 1 to 64 characters, not all spaces, with no control characters");
+    }
+    Ok(())
 }
 
 impl RegistryError {
@@ -700,6 +777,8 @@ pub struct Registry {
     /// how format-1 snapshots are read and how a registry holding nothing of format 2 is
     /// still written as format 1 (see [`Registry::encode_snapshot`]).
     since_v2: SinceV2,
+    /// What format 3 added, after format 2's fields for the same reason.
+    since_v3: SinceV3,
     #[serde(skip)]
     keys_by_id: OrdMap<KeyId, Name>,
     #[serde(skip)]
@@ -725,6 +804,34 @@ struct SinceV2 {
     /// The newest format of any request applied (refused ones too: their replies are
     /// remembered): a snapshot needs at least this format. Bookkeeping, like the digest.
     highest_format: Format,
+}
+
+/// The registry's fields that format 3 brought (see `Registry::since_v3`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SinceV3 {
+    /// The cluster's title ([`Command::SetClusterTitle`]).
+    title: Option<String>,
+    /// Side fields of identity providers, by name. Filled only while a snapshot is
+    /// written and read: in memory they live on the entities.
+    provider_sides: OrdMap<Name, ProviderSide>,
+    /// Side fields of resources, the same way.
+    resource_sides: OrdMap<Name, ResourceSide>,
+}
+
+/// The [side fields](warren_proto::registry::side_field) of the entities a command carries
+/// (see [`Command::WithSide`]): only those that are not the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Side {
+    /// Identity providers' side fields, by name.
+    pub providers: Vec<(Name, ProviderSide)>,
+    /// Resources' side fields, by name.
+    pub resources: Vec<(Name, ResourceSide)>,
+}
+
+impl Side {
+    fn is_empty(&self) -> bool {
+        self.providers.is_empty() && self.resources.is_empty()
+    }
 }
 
 /// 100.64.0.0/10: the first address and the number of addresses.
@@ -1147,6 +1254,11 @@ impl Registry {
         self.since_v2.node_relays.get(node).map(String::as_str)
     }
 
+    /// The cluster's title ([`Command::SetClusterTitle`]), if one was set.
+    pub fn title(&self) -> Option<&str> {
+        self.since_v3.title.as_deref()
+    }
+
     /// Devices by name.
     pub fn devices(&self) -> &OrdMap<Name, Device> {
         &self.since_v2.devices
@@ -1269,9 +1381,22 @@ impl Registry {
         if let Some(seen) = self.dedup.get(&req.id) {
             return seen.1.clone();
         }
-        let reply = self
-            .authorize(req)
-            .and_then(|()| self.apply_command(index, req));
+        let reply = match req.command.effective() {
+            std::borrow::Cow::Borrowed(_) => self
+                .authorize(req)
+                .and_then(|()| self.apply_command(index, req)),
+            std::borrow::Cow::Owned(command) => {
+                let req = Request {
+                    id: req.id,
+                    at: req.at,
+                    actor: req.actor,
+                    command,
+                };
+                self.authorize(&req)
+                    .and_then(|()| self.apply_command(index, &req))
+            }
+        };
+        let reply = reply.map(Outcome::sided);
         self.remember(index, req.id, reply.clone());
         reply
     }
@@ -1723,6 +1848,22 @@ impl Registry {
                     .insert(node.clone(), relay.clone());
                 Ok(Outcome::Done)
             }
+            // `effective` unwrapped it; what is left is a nested one, which nothing builds.
+            Command::WithSide { .. } => Err(RegistryError::Conflict {
+                message: "a command with side fields cannot carry another one".into(),
+            }),
+            Command::SetClusterTitle { title } => {
+                if let Some(t) = title {
+                    check_title(t).map_err(|reason| RegistryError::Invalid {
+                        kind: Kind::Node,
+                        name: String::new(),
+                        field: "title".into(),
+                        reason: reason.into(),
+                    })?;
+                }
+                self.since_v3.title = title.clone();
+                Ok(Outcome::Done)
+            }
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => Ok(Outcome::Done),
         }
@@ -2008,6 +2149,15 @@ impl Registry {
                 }
                 Some(u) if u.disabled => return Err(RegistryError::UserDisabled { user: u.name }),
                 Some(u) => (u.name, false),
+                None if !self
+                    .identity_providers
+                    .get(&session.idp)
+                    .is_none_or(|p| p.auto_create) =>
+                {
+                    return Err(RegistryError::NotInvited {
+                        provider: session.idp.clone(),
+                    })
+                }
                 None => (
                     self.provision_user(&session.email, email_verified, display_name, index)?,
                     true,
@@ -2576,8 +2726,9 @@ impl Registry {
     }
 
     /// The oldest format a snapshot of this registry can be written in: format 1 until a
-    /// request of a newer format was applied (only those bring what format 1 cannot carry:
-    /// devices, private resources, device criteria, their replies).
+    /// request of a newer format was applied (only those bring what an older format cannot
+    /// carry: devices, private resources, device criteria, side fields, a title, their
+    /// replies).
     pub fn snapshot_format(&self) -> Format {
         self.since_v2.highest_format.max(Format::V1)
     }
@@ -2586,16 +2737,49 @@ impl Registry {
     /// format.
     pub fn encode_snapshot(&self) -> Result<(Format, Vec<u8>), CodecError> {
         let format = self.snapshot_format();
+        if format >= Format::V3 {
+            // The side fields, which the entities' binary encoding leaves out, go in the
+            // format-3 tail (an O(1) copy of the registry carries them there).
+            let mut copy = self.clone();
+            copy.since_v3.provider_sides = self
+                .identity_providers
+                .values()
+                .filter(|p| p.side() != ProviderSide::default())
+                .map(|p| (p.name.clone(), p.side()))
+                .collect();
+            copy.since_v3.resource_sides = self
+                .resources
+                .values()
+                .filter(|r| r.side() != ResourceSide::default())
+                .map(|r| (r.name.clone(), r.side()))
+                .collect();
+            return Ok((format, encode("snapshot", &copy)?));
+        }
+        let sided = self
+            .identity_providers
+            .values()
+            .any(|p| p.side() != ProviderSide::default())
+            || self
+                .resources
+                .values()
+                .any(|r| r.side() != ResourceSide::default());
         let mut raw = encode("snapshot", self)?;
+        // Formats 1 and 2 are the same bytes without the (default) tails they lack.
+        let tail3 = encode("snapshot", &SinceV3::default())?;
+        if sided || self.since_v3 != SinceV3::default() || !raw.ends_with(&tail3) {
+            return Err(CodecError::Corrupt(
+                "a registry of format 1 or 2 holds format-3 state",
+            ));
+        }
+        raw.truncate(raw.len() - tail3.len());
         if format == Format::V1 {
-            // Format 1 is the same bytes without the (default) tail.
-            let tail = encode("snapshot", &SinceV2::default())?;
-            if self.since_v2 != SinceV2::default() || !raw.ends_with(&tail) {
+            let tail2 = encode("snapshot", &SinceV2::default())?;
+            if self.since_v2 != SinceV2::default() || !raw.ends_with(&tail2) {
                 return Err(CodecError::Corrupt(
                     "a registry of format 1 holds format-2 state",
                 ));
             }
-            raw.truncate(raw.len() - tail.len());
+            raw.truncate(raw.len() - tail2.len());
         }
         Ok((format, raw))
     }
@@ -2604,13 +2788,26 @@ impl Registry {
     /// one this build reads). Indexes are left for [`Registry::rebuild_indexes`].
     pub fn decode_snapshot(format: Format, raw: &[u8]) -> Result<Registry, ReadError> {
         format::check("the snapshot", format)?;
+        let mut whole = raw.to_vec();
         if format == Format::V1 {
-            let mut whole = raw.to_vec();
             whole.extend(encode("snapshot", &SinceV2::default())?);
-            return Ok(decode("snapshot", &whole)?);
         }
-        // Format 2 (and the test-only format after it, which added only a command).
-        Ok(decode("snapshot", raw)?)
+        if format < Format::V3 {
+            whole.extend(encode("snapshot", &SinceV3::default())?);
+        }
+        // Format 3 and later (the test-only format after it added only a command) as is.
+        let mut reg: Registry = decode("snapshot", &whole)?;
+        for (name, side) in std::mem::take(&mut reg.since_v3.provider_sides) {
+            if let Some(p) = reg.identity_providers.get_mut(&name) {
+                p.set_side(side);
+            }
+        }
+        for (name, side) in std::mem::take(&mut reg.since_v3.resource_sides) {
+            if let Some(r) = reg.resources.get_mut(&name) {
+                r.set_side(side);
+            }
+        }
+        Ok(reg)
     }
 }
 
@@ -2770,8 +2967,123 @@ impl Command {
             Command::TouchDevice { .. } => "TouchDevice",
             Command::SetSiteKey { .. } => "SetSiteKey",
             Command::SetNodeRelay { .. } => "SetNodeRelay",
+            Command::WithSide { .. } => "WithSide",
+            Command::SetClusterTitle { .. } => "SetClusterTitle",
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => "Annotate",
+        }
+    }
+
+    /// The command, wrapped in [`Command::WithSide`] when an entity it carries has a side
+    /// field that is not the default (which its binary encoding would lose).
+    pub fn with_side(mut self) -> Command {
+        if matches!(self, Command::WithSide { .. }) {
+            return self;
+        }
+        let mut side = Side::default();
+        self.each_sided(
+            |p| {
+                let s = p.side();
+                if s != ProviderSide::default() {
+                    side.providers.push((p.name.clone(), s));
+                }
+            },
+            |r| {
+                let s = r.side();
+                if s != ResourceSide::default() {
+                    side.resources.push((r.name.clone(), s));
+                }
+            },
+        );
+        if side.is_empty() {
+            self
+        } else {
+            // The entities keep their defaults (what their encoding carries), so that the
+            // command is the same value in memory as decoded.
+            self.each_sided(
+                |p| p.set_side(ProviderSide::default()),
+                |r| r.set_side(ResourceSide::default()),
+            );
+            Command::WithSide {
+                command: Box::new(self),
+                side,
+            }
+        }
+    }
+
+    /// Calls `p` on every identity provider and `r` on every resource the command carries.
+    fn each_sided(
+        &mut self,
+        mut p: impl FnMut(&mut IdentityProvider),
+        mut r: impl FnMut(&mut Resource),
+    ) {
+        match self {
+            Command::Create(e) | Command::Update(e) => match e {
+                AnyEntity::IdentityProvider(x) => p(x),
+                AnyEntity::Resource(x) => r(x),
+                _ => {}
+            },
+            Command::Apply { manifest, .. } => {
+                manifest.identity_providers.iter_mut().flatten().for_each(p);
+                manifest.resources.iter_mut().flatten().for_each(r);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether an entity the command carries has a side field set.
+    fn has_side(&self) -> bool {
+        let p = |p: &IdentityProvider| p.side() != ProviderSide::default();
+        let r = |r: &Resource| r.side() != ResourceSide::default();
+        match self {
+            Command::Create(e) | Command::Update(e) => match e {
+                AnyEntity::IdentityProvider(x) => p(x),
+                AnyEntity::Resource(x) => r(x),
+                _ => false,
+            },
+            Command::Apply { manifest, .. } => {
+                manifest.identity_providers.iter().flatten().any(p)
+                    || manifest.resources.iter().flatten().any(r)
+            }
+            _ => false,
+        }
+    }
+
+    /// The command as it is applied: a [`Command::WithSide`] unwrapped with its side
+    /// fields put back on its entities; a plain command with every side field at its
+    /// default (what its binary encoding carries), so that a request applied straight
+    /// from memory (the leader's) does exactly what its decoded copy does on a follower.
+    /// Borrowed when nothing changes.
+    fn effective(&self) -> std::borrow::Cow<'_, Command> {
+        use std::borrow::Cow;
+        match self {
+            Command::WithSide { command, side } => {
+                let mut inner = (**command).clone();
+                if matches!(inner, Command::WithSide { .. }) {
+                    // Never built (`with_side` does not nest); refused by `apply_checked`.
+                    return Cow::Owned(inner);
+                }
+                fn find<S: Clone + Default>(list: &[(Name, S)], name: &Name) -> S {
+                    list.iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or_default()
+                }
+                inner.each_sided(
+                    |p| p.set_side(find(&side.providers, &p.name)),
+                    |r| r.set_side(find(&side.resources, &r.name)),
+                );
+                Cow::Owned(inner)
+            }
+            plain if plain.has_side() => {
+                let mut plain = plain.clone();
+                plain.each_sided(
+                    |p| p.set_side(ProviderSide::default()),
+                    |r| r.set_side(ResourceSide::default()),
+                );
+                Cow::Owned(plain)
+            }
+            plain => Cow::Borrowed(plain),
         }
     }
 }
@@ -2799,6 +3111,8 @@ fn cluster_only(command: &Command) -> bool {
         | Command::TouchDevice { .. }
         | Command::SetSiteKey { .. }
         | Command::SetNodeRelay { .. } => true,
+        Command::WithSide { command, .. } => cluster_only(command),
+        Command::SetClusterTitle { .. } => false,
         Command::Create(_)
         | Command::Update(_)
         | Command::Delete { .. }
@@ -2989,14 +3303,16 @@ mod tests {
 
         /// The registry after a snapshot round trip, encoded again.
         fn snapshot_round_trip(&self) -> (Vec<u8>, Vec<u8>) {
-            let bytes = encode("snapshot", &self.reg).unwrap();
-            let mut back: Registry = decode("snapshot", &bytes).unwrap();
+            let (format, bytes) = self.reg.encode_snapshot().unwrap();
+            let mut back = Registry::decode_snapshot(format, &bytes).unwrap();
             back.rebuild_indexes();
-            assert_eq!(
-                format!("{:?}", back.keys_by_id),
-                format!("{:?}", self.reg.keys_by_id)
+            let mut live = self.reg.clone();
+            live.rebuild_indexes();
+            assert!(
+                format!("{back:?}") == format!("{live:?}"),
+                "the snapshot round trip changed the registry"
             );
-            (bytes, encode("snapshot", &back).unwrap())
+            (bytes, back.encode_snapshot().unwrap().1)
         }
     }
 
@@ -4146,6 +4462,71 @@ mod tests {
         }
     }
 
+    fn provider(name_: &str, auto_create: bool) -> Command {
+        Command::Create(AnyEntity::IdentityProvider(IdentityProvider {
+            name: name(name_),
+            issuer: "https://idp.example.com".into(),
+            client_id: "warren".into(),
+            client_secret: warren_proto::Secret::new(""),
+            scopes: Vec::new(),
+            groups_claim: None,
+            trust_email: false,
+            revision: 0,
+            display_name: Some("Acme staff".into()),
+            auto_create,
+            post_logout_redirect: false,
+        }))
+    }
+
+    #[test]
+    fn a_provider_without_auto_create_signs_in_only_users_the_registry_has() {
+        let mut h = Harness::new();
+        h.admin(provider("staff", false).with_side()).unwrap();
+        let stored = &h.reg.identity_providers()[&name("staff")];
+        assert_eq!(stored.title(), "Acme staff");
+        assert!(!stored.auto_create);
+        // Nobody matches: refused, and no user appears.
+        let users = h.reg.users().len();
+        assert_eq!(
+            h.sign_in("staff", "s-new", "new@example.com", true),
+            Err(RegistryError::NotInvited {
+                provider: name("staff")
+            })
+        );
+        assert_eq!(h.reg.users().len(), users);
+        // A user an admin added, by verified e-mail: signs in (and is linked).
+        h.admin(Command::Create(AnyEntity::User(User {
+            name: name("bob"),
+            email: Some("bob@example.com".into()),
+            display_name: None,
+            disabled: false,
+            revision: 0,
+        })))
+        .unwrap();
+        assert_eq!(
+            signed_in(h.sign_in("staff", "s-bob", "bob@example.com", true)),
+            ("bob".to_owned(), false)
+        );
+        // ... and then by subject, whatever address the provider sends now.
+        assert_eq!(
+            signed_in(h.sign_in("staff", "s-bob", "robert@example.com", true)),
+            ("bob".to_owned(), false)
+        );
+        // A plain update (no side fields) puts the provider back to creating users.
+        let mut plain = match provider("staff", true) {
+            Command::Create(e) => e,
+            _ => unreachable!(),
+        };
+        set_any_revision(&mut plain, 0);
+        h.admin(Command::Update(plain)).unwrap();
+        let stored = &h.reg.identity_providers()[&name("staff")];
+        assert_eq!((stored.title(), stored.auto_create), ("staff", true));
+        assert_eq!(
+            signed_in(h.sign_in("staff", "s-new", "new@example.com", true)).1,
+            true
+        );
+    }
+
     #[test]
     fn refused_session_and_code_writes_forget_nothing_expired() {
         let mut h = Harness::new();
@@ -4521,6 +4902,12 @@ mod tests {
                     groups_claim: None,
                     trust_email: self.rng.chance(50),
                     revision: 0,
+                    display_name: self
+                        .rng
+                        .chance(30)
+                        .then(|| self.rng.pick(&["Corp", " "]).to_owned()),
+                    auto_create: self.rng.chance(70),
+                    post_logout_redirect: self.rng.chance(30),
                 }),
                 Kind::Site => AnyEntity::Site(Site {
                     name: n,
@@ -4534,8 +4921,15 @@ mod tests {
                     if self.rng.chance(30) {
                         r.route = Route::Http {
                             domain: "app.example.com".into(),
-                            path_prefix: None,
+                            path_prefix: self.rng.chance(50).then(|| "/app".to_owned()),
                         };
+                        r.targets = vec![Target {
+                            host: "10.0.0.1".into(),
+                            port: 80,
+                        }];
+                        if self.rng.chance(50) {
+                            r.http.prefix_rewrite = Some("/".into());
+                        }
                     }
                     AnyEntity::Resource(r)
                 }
@@ -4895,6 +5289,47 @@ mod tests {
                         .pick(&["127.0.0.1:7401", "not an address"])
                         .to_string(),
                 },
+                "WithSide" => {
+                    let inner = self.rng.pick(&["Create", "Update", "Apply"]);
+                    let mut command = self.command(reg, inner);
+                    if self.rng.chance(70) {
+                        if let wrapped @ Command::WithSide { .. } = command.clone().with_side() {
+                            return wrapped;
+                        }
+                    }
+                    if self.rng.chance(10) {
+                        command = Command::WithSide {
+                            command: Box::new(command),
+                            side: Side::default(),
+                        };
+                    }
+                    let n = self.name();
+                    Command::WithSide {
+                        command: Box::new(command),
+                        side: Side {
+                            providers: vec![(
+                                n.clone(),
+                                ProviderSide {
+                                    display_name: Some("Staff".into()),
+                                    auto_create: false,
+                                    post_logout_redirect: true,
+                                },
+                            )],
+                            resources: vec![(
+                                n,
+                                ResourceSide {
+                                    prefix_rewrite: Some("/v2".into()),
+                                },
+                            )],
+                        },
+                    }
+                }
+                "SetClusterTitle" => Command::SetClusterTitle {
+                    title: self
+                        .rng
+                        .pick(&[Some("Acme"), Some(""), Some("a\nb"), None])
+                        .map(str::to_owned),
+                },
                 #[cfg(feature = "format-next")]
                 "Annotate" => Command::Annotate {
                     note: "upgrade test".into(),
@@ -4988,8 +5423,11 @@ mod tests {
                 let before = h.reg.clone();
                 let reply = h.submit(req.clone());
                 let ctx = || format!("seed {seed}, step {step}: {req:?} -> {reply:?}");
+                // The twin gets the request as a follower does: decoded from the log.
+                let decoded: Request =
+                    decode("request", &encode("request", &req).unwrap()).unwrap();
                 assert_eq!(
-                    twin.submit(req.clone()),
+                    twin.submit(decoded),
                     reply,
                     "{}: replicas differ",
                     ctx()

@@ -83,8 +83,10 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request with a fresh id, stamped with the current time.
+    /// A request with a fresh id, stamped with the current time. A command whose entities
+    /// have side fields set is wrapped in [`Command::WithSide`], which carries them.
     pub fn new(actor: Actor, command: Command) -> Self {
+        let command = command.with_side();
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

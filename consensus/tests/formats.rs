@@ -11,8 +11,8 @@
 //! - `meta/vote.bin`, `meta/log-id.bin`: sealed Raft metadata.
 //!
 //! A build reads the fixtures of every format up to its own and refuses newer ones by name
-//! (a normal build meets `format-3/`, written by a `format-next` build). A snapshot is
-//! stored for each format whose registry layout differs (`format-1/`, `format-2/`), of the
+//! (a normal build meets `format-4/`, written by a `format-next` build). A snapshot is
+//! stored for each format whose registry layout differs (`format-1/` to `format-3/`), of the
 //! registry made by the commands that format carries.
 //!
 //! To (re)write the fixtures of the formats this build writes:
@@ -23,7 +23,7 @@
 //! ```
 //!
 //! Only rewrite a format's fixtures while no release has written it; once one has, a layout
-//! change is a new format (see `warren_consensus::format`) and these files stay. `format-3/`
+//! change is a new format (see `warren_consensus::format`) and these files stay. `format-4/`
 //! is the test-only format of `format-next` builds (`Command::Annotate`, always the last
 //! variant): rewrite it with the second command whenever a command is added, and move it
 //! one further whenever a real format is added.
@@ -311,11 +311,36 @@ fn populate_v2() -> Vec<Command> {
     ]
 }
 
-/// Every table filled: [`populate_v1`], then [`populate_v2`] (so a registry of the first
-/// part alone is written as format 1).
+/// Valid commands of format 3 that, after [`populate_v2`], fill what format 3 added: side
+/// fields (wrapped as `Request::new` wraps them) and the title.
+fn populate_v3() -> Vec<Command> {
+    vec![
+        Command::Create(entity(
+            Kind::IdentityProvider,
+            json!({"name": "staff", "issuer": "https://staff.example", "client_id": "warren",
+                   "display_name": "Acme staff", "auto_create": false,
+                   "post_logout_redirect": true}),
+        ))
+        .with_side(),
+        Command::Create(entity(
+            Kind::Resource,
+            json!({"name": "wiki", "route": {"http": {"domain": "app.example", "path_prefix": "/wiki"}},
+                   "targets": ["10.0.0.6:80"], "policies": ["admins"],
+                   "http": {"prefix_rewrite": "/"}}),
+        ))
+        .with_side(),
+        Command::SetClusterTitle {
+            title: Some("Acme access".into()),
+        },
+    ]
+}
+
+/// Every table filled: [`populate_v1`], then [`populate_v2`], then [`populate_v3`] (so a
+/// registry of the first parts alone is written in the older format).
 fn populate() -> Vec<Command> {
     let mut all = populate_v1();
     all.extend(populate_v2());
+    all.extend(populate_v3());
     all
 }
 
@@ -377,6 +402,7 @@ fn one_of_each() -> Vec<Command> {
         name: name("alice-laptop"),
         address: Some("2001:db8::7".parse().expect("address")),
     });
+    all.extend(populate_v3());
     #[cfg(feature = "format-next")]
     all.push(Command::Annotate {
         note: "a note".into(),
@@ -464,6 +490,15 @@ fn registry() -> Registry {
         ("acme lease", reg.acme().lease.is_none()),
         ("acme challenges", reg.acme().challenges.is_empty()),
         ("devices", reg.devices().is_empty()),
+        ("title", reg.title().is_none()),
+        (
+            "provider side fields",
+            reg.identity_providers().values().all(|p| p.display_name.is_none()),
+        ),
+        (
+            "resource side fields",
+            reg.resources().values().all(|r| r.http.prefix_rewrite.is_none()),
+        ),
     ]
     .into_iter()
     .filter_map(|(t, e)| e.then_some(t))
@@ -628,9 +663,9 @@ fn index_of(path: &Path, entries: &[(String, Format, Entry)]) -> u64 {
 #[test]
 fn a_snapshot_of_every_table_decodes_to_the_registry_built_here() {
     let reg = registry();
-    assert_eq!(reg.snapshot_format(), Format::V2);
+    assert_eq!(reg.snapshot_format(), Format::V3);
     if writing() {
-        for r in [registry_in(Format::V1), reg] {
+        for r in [registry_in(Format::V1), registry_in(Format::V2), reg] {
             let data = encode_registry(&r).expect("encode");
             write(&dir(r.snapshot_format()).join("snapshot.bin"), &data);
         }
@@ -664,7 +699,9 @@ fn a_snapshot_of_every_table_decodes_to_the_registry_built_here() {
         checked.push(format);
     }
     assert!(
-        checked.contains(&Format::V1) && checked.contains(&Format::V2),
+        [Format::V1, Format::V2, Format::V3]
+            .iter()
+            .all(|f| checked.contains(f)),
         "snapshots checked: {checked:?}"
     );
 }

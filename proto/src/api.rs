@@ -171,8 +171,21 @@ pub struct IdentityProviderView {
     pub groups_claim: Option<String>,
     /// Whether the provider's e-mail addresses count as verified without `email_verified`.
     pub trust_email: bool,
+    /// What the sign-in page calls it.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Whether a first sign-in creates a user.
+    #[serde(default = "yes")]
+    pub auto_create: bool,
+    /// Whether sign-out asks the provider to send the browser back.
+    #[serde(default)]
+    pub post_logout_redirect: bool,
     /// Raft log index of the last change.
     pub revision: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl From<&IdentityProvider> for IdentityProviderView {
@@ -185,6 +198,9 @@ impl From<&IdentityProvider> for IdentityProviderView {
             scopes: p.scopes.clone(),
             groups_claim: p.groups_claim.clone(),
             trust_email: p.trust_email,
+            display_name: p.display_name.clone(),
+            auto_create: p.auto_create,
+            post_logout_redirect: p.post_logout_redirect,
             revision: p.revision,
         }
     }

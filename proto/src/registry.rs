@@ -309,6 +309,136 @@ pub struct IdentityProvider {
     /// Raft log index of the last change; set by the cluster.
     #[serde(default)]
     pub revision: u64,
+    /// What the sign-in page calls it (`Google`, `Acme staff`); its name when unset.
+    /// Format 3: a [`side_field`].
+    #[serde(default, with = "side_field")]
+    pub display_name: Option<String>,
+    /// Whether a first sign-in by someone the registry does not know creates a user
+    /// (default). With `false`, only accounts already linked to a user, or matching an
+    /// existing user's e-mail address (verified), may sign in. Format 3: a [`side_field`].
+    #[serde(
+        default = "yes",
+        serialize_with = "side_field::serialize",
+        deserialize_with = "side_field::deserialize_yes"
+    )]
+    pub auto_create: bool,
+    /// At sign-out, ask the provider to send the browser back to the auth host's
+    /// `/.warren/signed_out` page (OpenID RP-initiated logout's
+    /// `post_logout_redirect_uri`). Off by default: register that URL with the provider
+    /// first, or it refuses the sign-out. Format 3: a [`side_field`].
+    #[serde(default, with = "side_field")]
+    pub post_logout_redirect: bool,
+}
+
+impl IdentityProvider {
+    /// What people see it called: the display name, else the name.
+    pub fn title(&self) -> &str {
+        self.display_name.as_deref().unwrap_or(self.name.as_str())
+    }
+
+    /// Its fields that the binary encoding skips.
+    pub fn side(&self) -> ProviderSide {
+        ProviderSide {
+            display_name: self.display_name.clone(),
+            auto_create: self.auto_create,
+            post_logout_redirect: self.post_logout_redirect,
+        }
+    }
+
+    /// Sets the fields that the binary encoding skips.
+    pub fn set_side(&mut self, side: ProviderSide) {
+        self.display_name = side.display_name;
+        self.auto_create = side.auto_create;
+        self.post_logout_redirect = side.post_logout_redirect;
+    }
+}
+
+/// An identity provider's [`side_field`]s (format 3), carried beside it in commands and
+/// snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderSide {
+    /// [`IdentityProvider::display_name`].
+    pub display_name: Option<String>,
+    /// [`IdentityProvider::auto_create`].
+    pub auto_create: bool,
+    /// [`IdentityProvider::post_logout_redirect`].
+    pub post_logout_redirect: bool,
+}
+
+impl Default for ProviderSide {
+    fn default() -> Self {
+        Self {
+            display_name: None,
+            auto_create: true,
+            post_logout_redirect: false,
+        }
+    }
+}
+
+/// A web resource's [`side_field`]s (format 3), carried beside it in commands and
+/// snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSide {
+    /// [`HttpOptions::prefix_rewrite`].
+    pub prefix_rewrite: Option<String>,
+}
+
+impl Resource {
+    /// Its fields that the binary encoding skips.
+    pub fn side(&self) -> ResourceSide {
+        ResourceSide {
+            prefix_rewrite: self.http.prefix_rewrite.clone(),
+        }
+    }
+
+    /// Sets the fields that the binary encoding skips.
+    pub fn set_side(&mut self, side: ResourceSide) {
+        self.http.prefix_rewrite = side.prefix_rewrite;
+    }
+}
+
+/// Fields added to an entity after its binary layout was fixed. Bincode (the stored and
+/// node-to-node encoding) is positional, so a field added to an entity would change what
+/// every stored entity's bytes mean. A side field is written by human-readable encodings
+/// (the JSON API, YAML manifests) like any other, and as nothing at all by binary ones,
+/// which read it back as its default: the entity's binary layout stays that of the format
+/// it was fixed in. The cluster carries side fields beside the entity instead
+/// (`Command::WithSide`, the snapshot's format-3 tail) and puts them back on apply.
+pub mod side_field {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Writes the value, or nothing in a binary encoding.
+    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            v.serialize(s)
+        } else {
+            s.serialize_unit()
+        }
+    }
+
+    /// Reads the value, or its default (having read nothing) in a binary encoding.
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: Deserialize<'de> + Default,
+        D: Deserializer<'de>,
+    {
+        if d.is_human_readable() {
+            T::deserialize(d)
+        } else {
+            <()>::deserialize(d)?;
+            Ok(T::default())
+        }
+    }
+
+    /// [`deserialize`] for a flag whose default is `true`.
+    pub fn deserialize_yes<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        if d.is_human_readable() {
+            bool::deserialize(d)
+        } else {
+            <()>::deserialize(d)?;
+            Ok(true)
+        }
+    }
 }
 
 impl Entity for IdentityProvider {
@@ -344,6 +474,15 @@ impl Entity for IdentityProvider {
                     "expected 1 to 128 characters",
                 ));
             }
+        }
+        if let Some(d) = &self.display_name {
+            if d.trim().is_empty() || d.chars().count() > 64 {
+                return Err(FieldError::new(
+                    "display_name",
+                    "expected 1 to 64 characters, not all spaces",
+                ));
+            }
+            check_text(d, 256).map_err(|e| e.within("display_name"))?;
         }
         Ok(())
     }
@@ -849,6 +988,11 @@ pub struct HttpOptions {
     /// upstream as plain HTTP: an upgraded connection is not checked request by request.
     #[serde(default)]
     pub upgrades: Vec<String>,
+    /// Replace the resource's `route.http.path_prefix` at the front of the path sent
+    /// upstream with this (`/` strips it: `/wiki/page` under the prefix `/wiki` goes
+    /// upstream as `/page`). Only with a path prefix. Format 3: a [`side_field`].
+    #[serde(default, with = "side_field")]
+    pub prefix_rewrite: Option<String>,
 }
 
 /// How people may get into a web resource. Single sign-on (then the policies) is the
@@ -1399,6 +1543,15 @@ impl Entity for Resource {
                 check_hostname(domain, true).map_err(|e| e.within("route.http.domain"))?;
                 if let Some(p) = path_prefix {
                     check_path_prefix(p).map_err(|e| e.within("route.http.path_prefix"))?;
+                }
+                if let Some(r) = &self.http.prefix_rewrite {
+                    if path_prefix.as_deref().is_none_or(|p| p == "/") {
+                        return Err(FieldError::new(
+                            "http.prefix_rewrite",
+                            "only a resource with a route.http.path_prefix (other than /) has a prefix to rewrite",
+                        ));
+                    }
+                    check_path_prefix(r).map_err(|e| e.within("http.prefix_rewrite"))?;
                 }
             }
             Route::Tcp { port } | Route::Udp { port } => {

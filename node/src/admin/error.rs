@@ -90,7 +90,8 @@ impl From<RegistryError> for ApiErr {
             RegistryError::EmailBelongsToAnotherUser { .. }
             | RegistryError::UserDisabled { .. }
             | RegistryError::TooManyAttempts { .. }
-            | RegistryError::SessionNotLive { .. } => Self::new(ErrorCode::Conflict, message),
+            | RegistryError::SessionNotLive { .. }
+            | RegistryError::NotInvited { .. } => Self::new(ErrorCode::Conflict, message),
             RegistryError::DeviceKeyTaken => {
                 Self::new(ErrorCode::AlreadyExists, message).field("public_key")
             }
