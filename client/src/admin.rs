@@ -302,6 +302,14 @@ pub struct IdpFields {
     /// addresses from their own directory).
     #[arg(long)]
     trust_email: bool,
+    /// Sign in only people who already have a user (linked, or with their verified
+    /// e-mail address); by default a first sign-in creates one.
+    #[arg(long)]
+    no_auto_create: bool,
+    /// At sign-out, have the provider send the browser back to the auth host's
+    /// `/.warren/signed_out` page (register that URL with the provider first).
+    #[arg(long)]
+    post_logout_redirect: bool,
 }
 
 /// Identity provider fields that creating and changing one share.
@@ -325,6 +333,9 @@ pub struct IdpCommon {
     /// The ID token claim that lists groups.
     #[arg(long)]
     groups_claim: Option<String>,
+    /// What the sign-in page calls the provider (`Acme staff`); its name by default.
+    #[arg(long)]
+    display_name: Option<String>,
 }
 
 fn secret(file: &Option<String>, env: &Option<String>) -> anyhow::Result<Option<String>> {
@@ -348,6 +359,12 @@ impl Fields for IdpFields {
         if self.trust_email {
             m.insert("trust_email".into(), json!(true));
         }
+        if self.no_auto_create {
+            m.insert("auto_create".into(), json!(false));
+        }
+        if self.post_logout_redirect {
+            m.insert("post_logout_redirect".into(), json!(true));
+        }
         Ok(m)
     }
 }
@@ -366,6 +383,7 @@ impl Fields for IdpCommon {
             m.insert("scopes".into(), json!(self.scopes));
         }
         put(&mut m, "groups_claim", &self.groups_claim);
+        put(&mut m, "display_name", &self.display_name);
         Ok(m)
     }
 }
@@ -379,12 +397,27 @@ pub struct IdpUpdate {
     /// or not (`false`).
     #[arg(long)]
     trust_email: Option<bool>,
+    /// Create a user at a first sign-in (`--auto-create`, or `true`) or not (`false`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    auto_create: Option<bool>,
+    /// Have the provider send the browser back after sign-out (`--post-logout-redirect`,
+    /// or `true`) or not (`false`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    post_logout_redirect: Option<bool>,
+    /// Drop the display name (the page shows the provider's name).
+    #[arg(long, conflicts_with = "display_name")]
+    no_display_name: bool,
 }
 
 impl Fields for IdpUpdate {
     fn to_json(&self) -> anyhow::Result<Map<String, Value>> {
         let mut m = self.fields.to_json()?;
         put(&mut m, "trust_email", &self.trust_email);
+        put(&mut m, "auto_create", &self.auto_create);
+        put(&mut m, "post_logout_redirect", &self.post_logout_redirect);
+        if self.no_display_name {
+            m.insert("display_name".into(), Value::Null);
+        }
         Ok(m)
     }
 }
@@ -443,6 +476,12 @@ pub struct ResourceFields {
     /// A policy that decides access (repeat for more).
     #[arg(long = "policy")]
     policies: Vec<String>,
+    /// With a path prefix: put this in its place in the path sent upstream.
+    #[arg(long, conflicts_with = "strip_prefix")]
+    prefix_rewrite: Option<String>,
+    /// With a path prefix: take it off the path sent upstream (`--prefix-rewrite /`).
+    #[arg(long)]
+    strip_prefix: bool,
 }
 
 impl ResourceFields {
@@ -480,6 +519,14 @@ impl Fields for ResourceFields {
         if !self.policies.is_empty() {
             m.insert("policies".into(), json!(self.policies));
         }
+        let rewrite = if self.strip_prefix {
+            Some("/")
+        } else {
+            self.prefix_rewrite.as_deref()
+        };
+        if let Some(r) = rewrite {
+            m.insert("http".into(), json!({ "prefix_rewrite": r }));
+        }
         Ok(m)
     }
 }
@@ -492,6 +539,9 @@ pub struct ResourceUpdate {
     /// Serve the targets from the nodes directly (no site).
     #[arg(long, conflicts_with = "site")]
     no_site: bool,
+    /// Send the path upstream as it came (drop a prefix rewrite).
+    #[arg(long, conflicts_with_all = ["prefix_rewrite", "strip_prefix"])]
+    no_prefix_rewrite: bool,
 }
 
 impl Fields for ResourceUpdate {
@@ -499,6 +549,9 @@ impl Fields for ResourceUpdate {
         let mut m = self.fields.to_json()?;
         if self.no_site {
             m.insert("site".into(), Value::Null);
+        }
+        if self.no_prefix_rewrite {
+            m.insert("http".into(), json!({ "prefix_rewrite": null }));
         }
         Ok(m)
     }
@@ -602,6 +655,15 @@ pub enum ClusterCmd {
     Promote {
         /// Node name.
         name: String,
+    },
+    /// Show the cluster's title, or set it: the name its sign-in and error pages show.
+    Title {
+        /// The new title (1 to 64 characters).
+        #[arg(conflicts_with = "clear")]
+        title: Option<String>,
+        /// Remove the title (the pages then say "Warren").
+        #[arg(long)]
+        clear: bool,
     },
 }
 
@@ -737,6 +799,8 @@ pub async fn run(conn: &Connection, cmd: AdminCmd) -> anyhow::Result<()> {
                     "scopes",
                     "groups_claim",
                     "trust_email",
+                    "display_name",
+                    "auto_create",
                 ],
                 cmd,
             )
@@ -1170,6 +1234,27 @@ async fn cluster(client: &Client, json: bool, cmd: ClusterCmd) -> anyhow::Result
                     None,
                 )
                 .await?
+        }
+        ClusterCmd::Title { title, clear } => {
+            let v = if title.is_some() || clear {
+                client
+                    .call(
+                        Method::PUT,
+                        "/v1/cluster/title",
+                        Some(&json!({ "title": title })),
+                    )
+                    .await?
+            } else {
+                client
+                    .call::<()>(Method::GET, "/v1/cluster/title", None)
+                    .await?
+            };
+            if json {
+                output::print(&v, &[], true);
+            } else {
+                println!("{}", v["title"].as_str().unwrap_or("(none)"));
+            }
+            return Ok(());
         }
     };
     output::print(&v, &member_columns, json);

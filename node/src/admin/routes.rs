@@ -79,6 +79,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members", post(add_member))
+        .route("/v1/cluster/title", get(get_title).put(set_title))
         .route("/v1/cluster/members/{name}/promote", post(promote_member))
         .route(
             "/v1/cluster/members/{name}",
@@ -1420,6 +1421,34 @@ async fn cluster_status(
         )
         .await,
     ))
+}
+
+/// `GET /v1/cluster/title`: `{"title": <text or null>}`.
+async fn get_title(State(s): State<AdminState>, headers: HeaderMap) -> Result<Json<Value>, ApiErr> {
+    let reg = auth_read(&s, &headers).await?;
+    Ok(Json(json!({ "title": reg.title() })))
+}
+
+/// `PUT /v1/cluster/title` with `{"title": <text or null>}`: the name the sign-in and
+/// error pages show (null clears it).
+async fn set_title(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiErr> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Title {
+        title: Option<String>,
+    }
+    let key = auth_write(&s, &headers).await?;
+    let Title { title } = read_json(body, MAX_BODY).await?;
+    if let Some(t) = &title {
+        warren_consensus::registry::check_title(t)
+            .map_err(|why| ApiErr::new(ErrorCode::InvalidField, why).field("title"))?;
+    }
+    submit(&s, key, &headers, Command::SetClusterTitle { title: title.clone() }).await?;
+    Ok(Json(json!({ "title": title })))
 }
 
 async fn known_node(s: &AdminState, name: &str) -> Result<Node, ApiErr> {

@@ -264,6 +264,12 @@ impl Proxy {
                 resp
             }
             "/.warren/sign_out" => self.sign_out(req, state, &self.settings.auth_host).await,
+            // Where a provider with `post_logout_redirect` sends the browser after sign-out.
+            "/.warren/signed_out" => page(
+                StatusCode::OK,
+                "Signed out",
+                "You are signed out, here and at your identity provider.",
+            ),
             "/.warren" | "/.warren/" | "/" => self.whoami(&req, state, &self.settings.auth_host),
             _ => page(
                 StatusCode::NOT_FOUND,
@@ -374,18 +380,18 @@ impl Proxy {
                 );
             }
             let links: String = idps
-                .keys()
-                .filter_map(|n| {
+                .values()
+                .filter_map(|p| {
                     url::Url::parse_with_params(
                         &format!("{}/.warren/sign_in", self.auth_origin()),
-                        &[("rd", rd.as_str()), ("idp", n.as_str())],
+                        &[("rd", rd.as_str()), ("idp", p.name.as_str())],
                     )
                     .ok()
                     .map(|u| {
                         format!(
                             "<li><a class=\"button\" href=\"{}\">Continue with {}</a></li>",
                             esc(u.as_str()),
-                            esc(n.as_str())
+                            esc(p.title())
                         )
                     })
                 })
@@ -568,6 +574,17 @@ impl Proxy {
                         StatusCode::FORBIDDEN,
                         "Access denied",
                         "Your account is disabled.",
+                    ),
+                    &[clear_login],
+                );
+            }
+            Ok(Err(RegistryError::NotInvited { .. })) => {
+                tracing::info!(idp = %idp.name, "sign-in refused: no user matches this account (no linked account, no user with its verified e-mail address), and the provider has auto_create: false; add the user with that address to let it in");
+                return with_cookies(
+                    page(
+                        StatusCode::FORBIDDEN,
+                        "No account",
+                        "You signed in, but there is no account for you here. Ask an administrator to add you, then sign in again.",
                     ),
                     &[clear_login],
                 );
@@ -914,6 +931,13 @@ impl Proxy {
                         let mut params = vec![("client_id", idp.client_id.clone())];
                         if let Some(t) = &s.id_token {
                             params.push(("id_token_hint", t.expose().to_owned()));
+                        }
+                        if idp.post_logout_redirect {
+                            // Registered with the provider by the admin who turned this on.
+                            params.push((
+                                "post_logout_redirect_uri",
+                                format!("{}/.warren/signed_out", self.auth_origin()),
+                            ));
                         }
                         if let Ok(u) = url::Url::parse_with_params(end, &params) {
                             // 303: the browser follows a POST's redirect with a GET.

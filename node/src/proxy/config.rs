@@ -125,11 +125,16 @@ impl ProxyConfigCore {
             self.asked_keys_at = None;
         }
         self.last_keys = keys;
+        let title = match &self.last {
+            Some(old) if old.title.as_deref() == reg.title() => old.title.clone(),
+            _ => reg.title().map(Arc::from),
+        };
         let state = Arc::new(ProxyState {
             registry: reg,
             config,
             sealer,
             signer,
+            title,
         });
         self.last = Some(state.clone());
         self.actions.push_back(ConfigAction::Publish(state));

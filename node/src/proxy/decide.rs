@@ -759,6 +759,7 @@ mod tests {
                 config: Arc::new(config),
                 sealer: Some(self.sealer.clone()),
                 signer: None,
+                title: None,
             }
         }
 

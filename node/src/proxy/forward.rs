@@ -144,11 +144,9 @@ impl Proxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, proto);
         }
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".to_owned());
+        let path_and_query = route
+            .upstream_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .into_owned();
 
         let mut body = Some(body);
         let mut avoid = None;

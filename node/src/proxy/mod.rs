@@ -261,7 +261,9 @@ impl Proxy {
         };
         // One state per request: the SNI check, routing and policy read the same snapshot.
         let state = self.state();
-        let (resp, log) = if request::misdirected(&state.config, sni.as_deref(), &view.host) {
+        let title = state.title.clone();
+        let (resp, log) = pages::CLUSTER_TITLE.scope(title, async {
+        if request::misdirected(&state.config, sni.as_deref(), &view.host) {
             (
                 request::misdirected_page(&view.host),
                 AccessLog::internal("misdirected: not the connection's certificate"),
@@ -278,7 +280,9 @@ impl Proxy {
                     ..log
                 },
             )
-        };
+        }
+        })
+        .await;
         let status = resp.status().as_u16();
         self.metrics.record(status, log.decision, started.elapsed());
         let resp = head_without_body(is_head, resp);

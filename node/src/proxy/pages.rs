@@ -56,14 +56,27 @@ input{display:block;width:100%;margin-top:.25rem;padding:.55rem;border:1px solid
 a{color:var(--accent)}\
 :focus-visible{outline:3px solid var(--accent);outline-offset:2px}";
 
+tokio::task_local! {
+    /// The cluster's title while the proxy handles a request (set around each request
+    /// from the state it reads), for [`document`]: no page-making function needs to be
+    /// handed it.
+    pub static CLUSTER_TITLE: Option<std::sync::Arc<str>>;
+}
+
 /// A whole page in the one design: `title` (escaped here) as the heading and the
-/// document's title, then `body` (HTML, escaped by the caller), then the footer.
+/// document's title, then `body` (HTML, escaped by the caller), then the footer, which
+/// names the cluster by its title ("Warren" when it has none).
 pub fn document(title: &str, body: &str) -> String {
+    let cluster = CLUSTER_TITLE
+        .try_with(|t| t.as_deref().map(esc))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "Warren".to_owned());
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>{title} \u{b7} Warren</title><style>{STYLE}</style></head>\
-         <body><main><h1>{title}</h1>{body}<footer>Warren</footer></main></body></html>\n",
+         <title>{title} \u{b7} {cluster}</title><style>{STYLE}</style></head>\
+         <body><main><h1>{title}</h1>{body}<footer id=\"cluster\">{cluster}</footer></main></body></html>\n",
         title = esc(title),
     )
 }

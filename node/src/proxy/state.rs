@@ -152,6 +152,37 @@ impl Route {
         warren_proto::canonical::prefix_matches(path, &self.prefix)
     }
 
+    /// The path and query to send upstream for the (canonical, routed here) `path_and_query`:
+    /// with `prefix_rewrite`, the route's prefix at its front is replaced by the rewrite
+    /// (`/wiki/a?b` under `/wiki` with `/` becomes `/a?b`; `/wiki` alone becomes `/`), one
+    /// slash where they meet; otherwise as it came.
+    pub fn upstream_path<'a>(&self, path_and_query: &'a str) -> std::borrow::Cow<'a, str> {
+        use std::borrow::Cow;
+        let Some(rewrite) = self.options.prefix_rewrite.as_deref() else {
+            return Cow::Borrowed(path_and_query);
+        };
+        let (path, query) = match path_and_query.find('?') {
+            Some(i) => path_and_query.split_at(i),
+            None => (path_and_query, ""),
+        };
+        if !self.matches(path) {
+            return Cow::Borrowed(path_and_query);
+        }
+        let rest = path.get(self.prefix.len()..).unwrap_or("");
+        let mut out = String::with_capacity(rewrite.len() + rest.len() + query.len() + 1);
+        out.push_str(rewrite);
+        match (out.ends_with('/'), rest.strip_prefix('/')) {
+            (true, Some(r)) => out.push_str(r),
+            (false, None) if !rest.is_empty() => {
+                out.push('/');
+                out.push_str(rest);
+            }
+            _ => out.push_str(rest),
+        }
+        out.push_str(query);
+        Cow::Owned(out)
+    }
+
     /// Whether a signed-in user's session may be handed to this route's host for it: a
     /// public route or one without single sign-on never gets one.
     pub fn takes_sso(&self) -> bool {
@@ -238,6 +269,8 @@ pub struct ProxyState {
     pub sealer: Option<Arc<Sealer>>,
     /// Signs identity assertions; `None` until the cluster has proxy keys.
     pub signer: Option<Arc<Signer>>,
+    /// The cluster's title, for the pages the proxy serves itself.
+    pub title: Option<Arc<str>>,
 }
 
 impl ProxyState {
@@ -248,6 +281,7 @@ impl ProxyState {
             config: Arc::new(Config::default()),
             sealer: None,
             signer: None,
+            title: None,
         }
     }
 }
@@ -405,5 +439,48 @@ fn build_route(
         max_body: o.max_body_bytes.unwrap_or(HttpOptions::DEFAULT_MAX_BODY),
         pool,
         broken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, rewrite: Option<&str>) -> Route {
+        let res: Resource = serde_json::from_value(serde_json::json!({
+            "name": "wiki",
+            "route": {"http": {"domain": "app.test", "path_prefix": prefix}},
+            "targets": ["127.0.0.1:9"],
+            "http": {"prefix_rewrite": rewrite},
+        }))
+        .expect("resource");
+        let pool = Arc::new(Pool::new(&res.targets, None));
+        build_route(&Registry::default(), &res, "app.test", Some(prefix), pool)
+    }
+
+    #[test]
+    fn a_prefix_rewrite_replaces_the_routed_prefix_and_keeps_the_rest() {
+        let cases = [
+            // (prefix, rewrite, request, upstream)
+            ("/wiki", None, "/wiki/a?b=1", "/wiki/a?b=1"),
+            ("/wiki", Some("/"), "/wiki", "/"),
+            ("/wiki", Some("/"), "/wiki/", "/"),
+            ("/wiki", Some("/"), "/wiki/a/b?c=%2F", "/a/b?c=%2F"),
+            ("/wiki", Some("/"), "/wiki?x", "/?x"),
+            ("/wiki", Some("/app"), "/wiki", "/app"),
+            ("/wiki", Some("/app"), "/wiki/a", "/app/a"),
+            ("/wiki", Some("/app/"), "/wiki/a", "/app/a"),
+            ("/wiki/", Some("/"), "/wiki/a", "/a"),
+            ("/wiki/", Some("/app"), "/wiki/a", "/app/a"),
+        ];
+        for (prefix, rewrite, request, upstream) in cases {
+            let r = route(prefix, rewrite);
+            assert!(r.matches(request.split('?').next().unwrap()), "{request}");
+            assert_eq!(
+                r.upstream_path(request),
+                upstream,
+                "{prefix} -> {rewrite:?}: {request}"
+            );
+        }
     }
 }
