@@ -5426,12 +5426,7 @@ mod tests {
                 // The twin gets the request as a follower does: decoded from the log.
                 let decoded: Request =
                     decode("request", &encode("request", &req).unwrap()).unwrap();
-                assert_eq!(
-                    twin.submit(decoded),
-                    reply,
-                    "{}: replicas differ",
-                    ctx()
-                );
+                assert_eq!(twin.submit(decoded), reply, "{}: replicas differ", ctx());
                 if !retry {
                     let counts = seen.entry(variant).or_default();
                     match reply {

@@ -493,11 +493,15 @@ fn registry() -> Registry {
         ("title", reg.title().is_none()),
         (
             "provider side fields",
-            reg.identity_providers().values().all(|p| p.display_name.is_none()),
+            reg.identity_providers()
+                .values()
+                .all(|p| p.display_name.is_none()),
         ),
         (
             "resource side fields",
-            reg.resources().values().all(|r| r.http.prefix_rewrite.is_none()),
+            reg.resources()
+                .values()
+                .all(|r| r.http.prefix_rewrite.is_none()),
         ),
     ]
     .into_iter()

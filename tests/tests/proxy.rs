@@ -51,6 +51,13 @@ async fn session_for(
         .ok_or(resp.status()))
 }
 
+/// `warren admin ARGS` against node `i`, which must succeed; its output.
+fn cli_ok(cluster: &Cluster, i: usize, args: &[&str]) -> anyhow::Result<String> {
+    let (ok, out, err) = tokio::task::block_in_place(|| cluster.warren(i, args));
+    anyhow::ensure!(ok, "warren admin {args:?}: {err}");
+    Ok(out)
+}
+
 /// The hidden token of the sign-out form on `page`.
 fn form_token(page: &str) -> Option<String> {
     let re = regex::Regex::new(r#"name="token" value="([^"]+)""#).ok()?;
@@ -153,7 +160,18 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         .iter()
         .map(|p| format!("https://auth.localhost:{p}/.warren/callback"))
         .collect();
-    let idp = tokio::task::spawn_blocking(move || Idp::start(&redirects, &[])).await??;
+    let signed_out = https
+        .iter()
+        .map(|p| format!("https://auth.localhost:{p}/.warren/signed_out"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let idp = tokio::task::spawn_blocking(move || {
+        Idp::start(
+            &redirects,
+            &[("POST_LOGOUT_REDIRECT_URIS", signed_out.as_str())],
+        )
+    })
+    .await??;
     let (cert, key) = certs::self_signed(&HOSTS);
     let web = web(&cert);
     let api = cluster.api(0);
@@ -498,6 +516,32 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         "the sign-out page, 390 px wide"
     );
 
+    phase!("the cluster's title, set with the CLI, names the cluster on every page it serves");
+    let out = cli_ok(&cluster, 0, &["cluster", "title", "Acme access"])?;
+    assert!(out.contains("Acme access"), "{out}");
+    let (status, body) = api
+        .send(
+            reqwest::Method::PUT,
+            "/v1/cluster/title",
+            &json!({"title": "bad\ntitle"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        api.get_ok("/v1/cluster/title").await?,
+        json!({"title": "Acme access"}),
+        "a refused title changes nothing"
+    );
+    for port in &https {
+        let url = format!("https://auth.localhost:{port}/.warren/");
+        eventually("every node's pages carry the title", || async {
+            let text = web.get(&url).send().await?.text().await?;
+            Ok(text.contains("<footer id=\"cluster\">Acme access</footer>")
+                && text.contains("<title>Not signed in \u{b7} Acme access</title>"))
+        })
+        .await?;
+    }
+
     phase!("the proxy's own pages, in a real browser: one design, no external assets, a way on");
     let auth = format!("https://auth.localhost:{}", https[0]);
     for (name, url, status, wants) in [
@@ -528,6 +572,7 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         .await?;
         assert_eq!(b.status, Some(status), "{name}: {}", b.text);
         assert!(b.text.contains(wants), "{name}: {}", b.text);
+        assert!(b.text.contains("Acme access"), "{name}: {}", b.text);
         assert_eq!(b.design_problems(), Vec::<String>::new(), "{name}");
         let png = std::fs::read(screenshot_path(name))?;
         assert!(
@@ -1050,16 +1095,185 @@ async fn sign_in_policies_and_revocation_across_nodes() -> anyhow::Result<()> {
         assert!(still_in().await?, "{why} signed out");
     }
 
-    phase!("sign-out with the page's button ends the session everywhere and goes to the provider's sign-out");
-    let b = browser_async(
-        BrowserArgs::new(format!("https://app.localhost:{}/.warren/", https[1]))
-            .storage_in(&alice_state)
-            .click("#sign-out"),
+    phase!("a path-routed resource with a prefix rewrite: the prefix is replaced in the path sent upstream, nothing else");
+    api.post_ok(
+        "/v1/resources",
+        &json!({"name": "wiki", "route": {"http": {"domain": "app.localhost", "path_prefix": "/wiki"}},
+                "targets": [target], "policies": ["admins"], "http": {"prefix_rewrite": "/"}}),
     )
     .await?;
+    let shown = api.get_ok("/v1/resources/wiki").await?;
+    assert_eq!(shown["http"]["prefix_rewrite"], json!("/"), "{shown}");
+    let (status, body) = api
+        .send(
+            reqwest::Method::POST,
+            "/v1/resources",
+            &json!({"name": "wiki2", "route": {"http": {"domain": "wiki.localhost"}},
+                    "targets": [target], "http": {"prefix_rewrite": "/"}}),
+        )
+        .await?;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "no prefix to rewrite: {body}"
+    );
+    assert_eq!(
+        body["error"]["field"],
+        json!("http.prefix_rewrite"),
+        "{body}"
+    );
+    for (port, path, upstream) in [
+        (https[0], "/wiki/page?q=%2F1", "/page?q=%2F1"),
+        (https[1], "/wiki", "/"),
+        (https[2], "/wiki/a//b/../c", "/a/c"),
+        (https[2], "/wikipedia", "/wikipedia"),
+    ] {
+        let url = format!("https://app.localhost:{port}{path}");
+        let seen = std::sync::Mutex::new(Value::Null);
+        eventually("every node rewrites the prefix", || async {
+            let (status, body, _) = echo(&web, &url, Some(&alice), &[]).await?;
+            let ok = status == StatusCode::OK && body["path"] == json!(upstream);
+            *seen.lock().unwrap() = body;
+            Ok(ok)
+        })
+        .await
+        .with_context(|| format!("{path}: {}", seen.lock().unwrap()))?;
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen["upstream"], json!("app"), "{seen}");
+    }
+    // The CLI changes it back: the path goes upstream as it came.
+    cli_ok(
+        &cluster,
+        0,
+        &["resource", "update", "wiki", "--no-prefix-rewrite"],
+    )?;
+    eventually("the rewrite is gone", || async {
+        let url = format!("https://app.localhost:{}/wiki/page", https[1]);
+        let (_, body, _) = echo(&web, &url, Some(&alice), &[]).await?;
+        Ok(body["path"] == json!("/wiki/page"))
+    })
+    .await?;
+
+    phase!("a provider with auto_create off signs in only people who have a user; the chooser shows display names");
+    let (status, body) = api
+        .raw(reqwest::Method::DELETE, "/v1/users/bob", None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    cli_ok(
+        &cluster,
+        1,
+        &[
+            "idp",
+            "update",
+            "test",
+            "--auto-create",
+            "false",
+            "--display-name",
+            "Test IdP",
+        ],
+    )?;
+    let shown = api.get_ok("/v1/identity-providers/test").await?;
+    assert_eq!(
+        (&shown["auto_create"], &shown["display_name"]),
+        (&json!(false), &json!("Test IdP")),
+        "{shown}"
+    );
+    let users_before = api.get_ok("/v1/users").await?;
+    let last = std::sync::Mutex::new(String::new());
+    eventually("every node refuses the unknown user", || async {
+        let b = browser_async(
+            BrowserArgs::new(format!("https://staff.localhost:{}/echo", https[2]))
+                .login("bob", "bob-pw"),
+        )
+        .await?;
+        *last.lock().unwrap() = format!("{:?}: {}", b.status, b.text);
+        Ok(b.status == Some(403) && b.text.contains("no account for you here"))
+    })
+    .await
+    .with_context(|| last.lock().unwrap().clone())?;
+    assert_eq!(
+        api.get_ok("/v1/users").await?,
+        users_before,
+        "no user was created"
+    );
+    api.post_ok(
+        "/v1/users",
+        &json!({"name": "bob", "email": "bob@example.test"}),
+    )
+    .await?;
+    let b = browser_async(
+        BrowserArgs::new(format!("https://staff.localhost:{}/echo", https[2]))
+            .login("bob", "bob-pw"),
+    )
+    .await?;
+    let seen: Value = serde_json::from_str(&b.text).with_context(|| b.text.clone())?;
+    assert_eq!(
+        seen["headers"]["x-warren-user"],
+        json!(["bob"]),
+        "the user the admin added, matched by verified e-mail"
+    );
+    api.post_ok(
+        "/v1/identity-providers",
+        &json!({"name": "second", "issuer": idp.issuer, "client_id": idp.client_id,
+                "client_secret": idp.client_secret, "display_name": "Second & Co"}),
+    )
+    .await?;
+    let last = std::sync::Mutex::new(String::new());
+    eventually(
+        "the chooser lists both providers by display name",
+        || async {
+            let b = browser_async(
+                BrowserArgs::new(format!("https://corp.localhost:{}/echo", https[0]))
+                    .screenshot(screenshot_path("provider-chooser")),
+            )
+            .await?;
+            *last.lock().unwrap() = format!("{:?} {:?}", b.text, b.design_problems());
+            Ok(b.text.contains("Continue with Test IdP")
+                && b.text.contains("Continue with Second & Co")
+                && b.design_problems().is_empty())
+        },
+    )
+    .await
+    .with_context(|| last.lock().unwrap().clone())?;
+    let (status, body) = api
+        .raw(
+            reqwest::Method::DELETE,
+            "/v1/identity-providers/second",
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    phase!("sign-out with the page's button ends the session everywhere, at the provider too, and comes back to our page");
+    cli_ok(
+        &cluster,
+        2,
+        &["idp", "update", "test", "--post-logout-redirect"],
+    )?;
+    let shown = api.get_ok("/v1/identity-providers/test").await?;
+    assert_eq!(shown["post_logout_redirect"], json!(true), "{shown}");
+    let mut b = None;
+    for _ in 0..20 {
+        let got = browser_async(
+            BrowserArgs::new(format!("https://app.localhost:{}/.warren/", https[1]))
+                .storage_in(&alice_state)
+                .click("#sign-out"),
+        )
+        .await?;
+        let back = got.url.contains("/.warren/signed_out");
+        b = Some(got);
+        if back {
+            break;
+        }
+        // A node that has not applied the update yet sends her to the provider's page.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let b = b.expect("tried");
     assert!(
-        b.url.starts_with(&idp.issuer),
-        "to the provider: {} ({})",
+        b.url.starts_with("https://auth.localhost:")
+            && b.url.ends_with("/.warren/signed_out")
+            && b.text.contains("You are signed out"),
+        "back from the provider: {} ({})",
         b.url,
         b.text
     );

@@ -1447,7 +1447,15 @@ async fn set_title(
         warren_consensus::registry::check_title(t)
             .map_err(|why| ApiErr::new(ErrorCode::InvalidField, why).field("title"))?;
     }
-    submit(&s, key, &headers, Command::SetClusterTitle { title: title.clone() }).await?;
+    submit(
+        &s,
+        key,
+        &headers,
+        Command::SetClusterTitle {
+            title: title.clone(),
+        },
+    )
+    .await?;
     Ok(Json(json!({ "title": title })))
 }
 

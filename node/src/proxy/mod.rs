@@ -262,27 +262,28 @@ impl Proxy {
         // One state per request: the SNI check, routing and policy read the same snapshot.
         let state = self.state();
         let title = state.title.clone();
-        let (resp, log) = pages::CLUSTER_TITLE.scope(title, async {
-        if request::misdirected(&state.config, sni.as_deref(), &view.host) {
-            (
-                request::misdirected_page(&view.host),
-                AccessLog::internal("misdirected: not the connection's certificate"),
-            )
-        } else {
-            let method = req.method().clone();
-            let path = req.uri().path().to_owned();
-            let (resp, log) = self.route(req, &client, &view, state).await;
-            (
-                resp,
-                AccessLog {
-                    method: Some(method),
-                    path: Some(path),
-                    ..log
-                },
-            )
-        }
-        })
-        .await;
+        let (resp, log) = pages::CLUSTER_TITLE
+            .scope(title, async {
+                if request::misdirected(&state.config, sni.as_deref(), &view.host) {
+                    (
+                        request::misdirected_page(&view.host),
+                        AccessLog::internal("misdirected: not the connection's certificate"),
+                    )
+                } else {
+                    let method = req.method().clone();
+                    let path = req.uri().path().to_owned();
+                    let (resp, log) = self.route(req, &client, &view, state).await;
+                    (
+                        resp,
+                        AccessLog {
+                            method: Some(method),
+                            path: Some(path),
+                            ..log
+                        },
+                    )
+                }
+            })
+            .await;
         let status = resp.status().as_u16();
         self.metrics.record(status, log.decision, started.elapsed());
         let resp = head_without_body(is_head, resp);
