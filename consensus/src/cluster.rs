@@ -1470,6 +1470,7 @@ fn admits(command: &Command) -> bool {
         | Command::RegisterNode { .. }
         | Command::ConsumeSiteToken { .. } => true,
         Command::WithSide { command, .. } => admits(command),
+        Command::RegisterJoiningNode { .. } => true,
         Command::SetClusterTitle { .. } => false,
         Command::Create(_)
         | Command::Update(_)

@@ -56,7 +56,8 @@ impl Format {
     /// Side fields and the cluster title: [`Command::WithSide`] (an identity provider's
     /// display name, `auto_create` and `post_logout_redirect`, a web resource's
     /// `prefix_rewrite`), [`Command::SetClusterTitle`], the refusal
-    /// `RegistryError::NotInvited`, and the registry's format-3 tail (the title and, in
+    /// [`Command::RegisterJoiningNode`], `RegistryError::NotInvited`, and the registry's
+    /// format-3 tail (the title and, in
     /// snapshots, the side fields).
     pub const V3: Format = Format(3);
     /// A format that exists only in builds with the `format-next` feature, to test rolling
@@ -202,7 +203,7 @@ pub fn command_format(command: &Command) -> Format {
         | Command::SetSiteKey { .. }
         | Command::SetNodeRelay { .. } => Format::V2,
         Command::WithSide { command, .. } => command_format(command).max(Format::V3),
-        Command::SetClusterTitle { .. } => Format::V3,
+        Command::SetClusterTitle { .. } | Command::RegisterJoiningNode { .. } => Format::V3,
         Command::Bootstrap { .. }
         | Command::CreateApiKey(_)
         | Command::RevokeApiKey { .. }

@@ -480,6 +480,23 @@ pub enum Command {
         /// 1 to 64 characters, no control characters.
         title: Option<String>,
     },
+    /// [`Command::RegisterNode`] as joins send it from format 3 on: a registration by a
+    /// name whose previous registration never became a member keeps that id, so a join
+    /// that failed after registering (the node could not be reached, say) burns no id. An
+    /// id that was ever in a membership since it was registered is never given again: a
+    /// Raft voter that lost its state must not come back under the same id.
+    RegisterJoiningNode {
+        /// Unique name.
+        name: Name,
+        /// `host:port` for the cluster transport.
+        cluster_addr: String,
+        /// `host:port` of its admin API.
+        admin_addr: String,
+        /// Region label.
+        region: String,
+        /// What the join token admits it as.
+        role: NodeRole,
+    },
     // Keep `Annotate` LAST: it exists only in `format-next` builds, so a variant after it
     // would have another index (another encoding) in those builds than in normal ones. New
     // commands go above this comment (and into `format::command_format`).
@@ -816,6 +833,11 @@ struct SinceV3 {
     provider_sides: OrdMap<Name, ProviderSide>,
     /// Side fields of resources, the same way.
     resource_sides: OrdMap<Name, ResourceSide>,
+    /// Ids given by [`Command::RegisterJoiningNode`] that no membership has held since:
+    /// the ones a registration by the same name may take again. Only format-3 commands
+    /// add to it, and every membership entry takes its ids out, so replaying the log and
+    /// installing a snapshot of any format agree on it.
+    unadmitted: imbl::OrdSet<NodeId>,
 }
 
 /// The [side fields](warren_proto::registry::side_field) of the entities a command carries
@@ -1359,6 +1381,12 @@ impl Registry {
         match &entry.payload {
             EntryPayload::Blank => Vec::new(),
             EntryPayload::Membership(m) => {
+                for (id, _) in m.nodes() {
+                    self.since_v3.unadmitted.remove(id);
+                }
+                for id in m.voter_ids() {
+                    self.since_v3.unadmitted.remove(&id);
+                }
                 self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                 Vec::new()
             }
@@ -1518,7 +1546,36 @@ impl Registry {
                 region,
                 role,
             } => self
-                .register_node(name, cluster_addr, admin_addr, region, *role, index)
+                .register_node(
+                    NodeRegistration {
+                        name,
+                        cluster_addr,
+                        admin_addr,
+                        region,
+                        role: *role,
+                    },
+                    index,
+                    false,
+                )
+                .map(Outcome::Node),
+            Command::RegisterJoiningNode {
+                name,
+                cluster_addr,
+                admin_addr,
+                region,
+                role,
+            } => self
+                .register_node(
+                    NodeRegistration {
+                        name,
+                        cluster_addr,
+                        admin_addr,
+                        region,
+                        role: *role,
+                    },
+                    index,
+                    true,
+                )
                 .map(Outcome::Node),
             Command::UpdateNode {
                 name,
@@ -1564,6 +1621,7 @@ impl Registry {
                 let id = node.id;
                 self.nodes.remove(name);
                 self.nodes_by_id.remove(&id);
+                self.since_v3.unadmitted.remove(&id);
                 Ok(Outcome::Done)
             }
             Command::SignIn {
@@ -2297,15 +2355,24 @@ impl Registry {
 
     fn register_node(
         &mut self,
-        name: &Name,
-        cluster_addr: &str,
-        admin_addr: &str,
-        region: &str,
-        role: NodeRole,
+        r: NodeRegistration<'_>,
         index: u64,
+        keep_unadmitted_id: bool,
     ) -> Result<Node, RegistryError> {
+        let NodeRegistration {
+            name,
+            cluster_addr,
+            admin_addr,
+            region,
+            role,
+        } = r;
+        let kept = self
+            .nodes
+            .get(name)
+            .map(|old| old.id)
+            .filter(|id| keep_unadmitted_id && self.since_v3.unadmitted.contains(id));
         let node = Node {
-            id: NodeId(self.next_node_id),
+            id: kept.unwrap_or(NodeId(self.next_node_id)),
             name: name.clone(),
             cluster_addr: cluster_addr.to_owned(),
             admin_addr: admin_addr.to_owned(),
@@ -2346,8 +2413,14 @@ impl Registry {
         }
         if let Some(old) = self.nodes.get(name) {
             self.nodes_by_id.remove(&old.id);
+            self.since_v3.unadmitted.remove(&old.id);
         }
-        self.next_node_id += 1;
+        if kept.is_none() {
+            self.next_node_id += 1;
+        }
+        if keep_unadmitted_id {
+            self.since_v3.unadmitted.insert(node.id);
+        }
         self.insert_node(node.clone());
         Ok(node)
     }
@@ -2811,6 +2884,15 @@ impl Registry {
     }
 }
 
+/// The fields of [`Command::RegisterNode`] and [`Command::RegisterJoiningNode`], borrowed.
+struct NodeRegistration<'a> {
+    name: &'a Name,
+    cluster_addr: &'a str,
+    admin_addr: &'a str,
+    region: &'a str,
+    role: NodeRole,
+}
+
 /// The fields of [`Command::RegisterDevice`], borrowed.
 struct DeviceRegistration<'a> {
     name: &'a Name,
@@ -2969,6 +3051,7 @@ impl Command {
             Command::SetNodeRelay { .. } => "SetNodeRelay",
             Command::WithSide { .. } => "WithSide",
             Command::SetClusterTitle { .. } => "SetClusterTitle",
+            Command::RegisterJoiningNode { .. } => "RegisterJoiningNode",
             #[cfg(feature = "format-next")]
             Command::Annotate { .. } => "Annotate",
         }
@@ -3112,6 +3195,7 @@ fn cluster_only(command: &Command) -> bool {
         | Command::SetSiteKey { .. }
         | Command::SetNodeRelay { .. } => true,
         Command::WithSide { command, .. } => cluster_only(command),
+        Command::RegisterJoiningNode { .. } => true,
         Command::SetClusterTitle { .. } => false,
         Command::Create(_)
         | Command::Update(_)
@@ -4479,6 +4563,57 @@ mod tests {
     }
 
     #[test]
+    fn a_join_that_never_became_a_member_keeps_its_id_and_a_member_id_is_never_reused() {
+        let mut h = Harness::new();
+        let join = |n: &str, addr: &str| Command::RegisterJoiningNode {
+            name: name(n),
+            cluster_addr: addr.into(),
+            admin_addr: "127.0.0.1:7443".into(),
+            region: String::new(),
+            role: NodeRole::Voter,
+        };
+        let id = |r: Reply| match r {
+            Ok(Outcome::Node(n)) => n.id.0,
+            other => panic!("{other:?}"),
+        };
+        let first = id(h.system(join("n2", "127.0.0.1:7402")));
+        // The join failed after registering; the node tries again, from another port even.
+        assert_eq!(id(h.system(join("n2", "127.0.0.1:7412"))), first);
+        assert_eq!(id(h.system(join("n2", "127.0.0.1:7412"))), first);
+        let other = id(h.system(join("n3", "127.0.0.1:7403")));
+        assert_eq!(other, first + 1, "no id was burnt");
+        // n2 becomes a member, then is removed: its id is never given again.
+        let membership = |ids: &[u64]| {
+            let nodes: BTreeMap<NodeId, crate::types::ClusterNode> = ids
+                .iter()
+                .map(|i| (NodeId(*i), crate::types::ClusterNode::default()))
+                .collect();
+            openraft::Membership::new(vec![[NodeId(1)].into_iter().collect()], nodes)
+        };
+        for ids in [&[1, first][..], &[1][..]] {
+            h.index += 1;
+            h.reg.apply_entry(&Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, NodeId(1)), h.index),
+                payload: EntryPayload::Membership(membership(ids)),
+            });
+        }
+        let again = id(h.system(join("n2", "127.0.0.1:7402")));
+        assert!(
+            again > other,
+            "a former member's id {first} came back as {again}"
+        );
+        // The old command, which nodes of the previous format send, always takes a new id.
+        let old = id(h.system(register_node("n3", "127.0.0.1:7403", "")));
+        assert!(old > again);
+        // The kept ids survive a snapshot.
+        let (format, bytes) = h.reg.encode_snapshot().unwrap();
+        let mut back = Registry::decode_snapshot(format, &bytes).unwrap();
+        back.rebuild_indexes();
+        h.reg = back;
+        assert_eq!(id(h.system(join("n2", "127.0.0.1:7402"))), again);
+    }
+
+    #[test]
     fn a_provider_without_auto_create_signs_in_only_users_the_registry_has() {
         let mut h = Harness::new();
         h.admin(provider("staff", false).with_side()).unwrap();
@@ -4521,9 +4656,9 @@ mod tests {
         h.admin(Command::Update(plain)).unwrap();
         let stored = &h.reg.identity_providers()[&name("staff")];
         assert_eq!((stored.title(), stored.auto_create), ("staff", true));
-        assert_eq!(
+        assert!(
             signed_in(h.sign_in("staff", "s-new", "new@example.com", true)).1,
-            true
+            "a user is created again"
         );
     }
 
@@ -4927,7 +5062,14 @@ mod tests {
                             host: "10.0.0.1".into(),
                             port: 80,
                         }];
-                        if self.rng.chance(50) {
+                        if matches!(
+                            r.route,
+                            Route::Http {
+                                path_prefix: Some(_),
+                                ..
+                            }
+                        ) && self.rng.chance(50)
+                        {
                             r.http.prefix_rewrite = Some("/".into());
                         }
                     }
@@ -5118,6 +5260,25 @@ mod tests {
                     ]),
                     self.rng.pick(&["", "eu"]),
                 ),
+                "RegisterJoiningNode" => {
+                    let Command::RegisterNode {
+                        name,
+                        cluster_addr,
+                        admin_addr,
+                        region,
+                        role,
+                    } = self.command(reg, "RegisterNode")
+                    else {
+                        unreachable!("the RegisterNode generator makes a RegisterNode")
+                    };
+                    Command::RegisterJoiningNode {
+                        name,
+                        cluster_addr,
+                        admin_addr,
+                        region,
+                        role,
+                    }
+                }
                 "UpdateNode" => {
                     let n = name(self.rng.pick(&["n1", "n2", "n3"]));
                     let stored = reg.nodes().get(&n).map(|n| n.revision);
@@ -5158,11 +5319,28 @@ mod tests {
                     site: self.name(),
                     hash: self.hash(),
                     created_at: 0,
-                    expires_at: self.around(),
+                    // Often one that lives a day, so that some are still there to consume.
+                    expires_at: if self.rng.chance(50) {
+                        self.now + 86_400
+                    } else {
+                        self.around()
+                    },
                 }),
-                "ConsumeSiteToken" => Command::ConsumeSiteToken {
-                    id: self.rng.below(3),
-                },
+                "ConsumeSiteToken" => {
+                    // Often one that exists and has not expired, so that some are accepted.
+                    let stored: Vec<u64> = reg
+                        .site_tokens()
+                        .values()
+                        .filter(|t| t.expires_at >= self.now)
+                        .map(|t| t.id)
+                        .collect();
+                    let id = if !stored.is_empty() && self.rng.chance(50) {
+                        self.rng.pick(&stored)
+                    } else {
+                        self.rng.below(3)
+                    };
+                    Command::ConsumeSiteToken { id }
+                }
                 "AcmeLease" => Command::AcmeLease {
                     node: self.rng.below(3) + 1,
                     until: if self.rng.chance(20) {
@@ -5202,11 +5380,21 @@ mod tests {
                     resource: self.name(),
                     hash: self.hash(),
                     created_at: 0,
-                    expires_at: self.around(),
+                    expires_at: if self.rng.chance(50) {
+                        self.now + 86_400
+                    } else {
+                        self.around()
+                    },
                 }),
-                "RevokeShareLink" => Command::RevokeShareLink {
-                    id: self.rng.below(3),
-                },
+                "RevokeShareLink" => {
+                    let stored: Vec<u64> = reg.share_links().keys().copied().collect();
+                    let id = if !stored.is_empty() && self.rng.chance(50) {
+                        self.rng.pick(&stored)
+                    } else {
+                        self.rng.below(3)
+                    };
+                    Command::RevokeShareLink { id }
+                }
                 "RotateSigningKey" => {
                     Command::RotateSigningKey(warren_proto::session::SigningKey {
                         kid: format!("k{}", self.rng.below(100)),

@@ -332,6 +332,13 @@ fn populate_v3() -> Vec<Command> {
         Command::SetClusterTitle {
             title: Some("Acme access".into()),
         },
+        Command::RegisterJoiningNode {
+            name: name("n3"),
+            cluster_addr: "127.0.0.1:7403".into(),
+            admin_addr: "127.0.0.1:7443".into(),
+            region: "ap".into(),
+            role: NodeRole::Learner,
+        },
     ]
 }
 

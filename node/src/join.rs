@@ -348,6 +348,40 @@ impl JoinService {
             .map_err(|e| e.to_string())
     }
 
+    /// Registers a joining node: as [`Command::RegisterJoiningNode`] (a retried join keeps
+    /// the id a failed one got), or, while a member's build does not read format 3 yet, as
+    /// the older [`Command::RegisterNode`].
+    async fn register(
+        &self,
+        name: &warren_proto::Name,
+        cluster_addr: &str,
+        admin_addr: &str,
+        region: String,
+        role: NodeRole,
+    ) -> Result<Outcome, String> {
+        let joining = Command::RegisterJoiningNode {
+            name: name.clone(),
+            cluster_addr: cluster_addr.to_owned(),
+            admin_addr: admin_addr.to_owned(),
+            region: region.clone(),
+            role,
+        };
+        match self.cluster.write(Request::new(Who::System, joining)).await {
+            Err(warren_consensus::cluster::ClusterError::Unsupported(why)) => {
+                tracing::info!("registering with the older command: {why}");
+                self.write(Command::RegisterNode {
+                    name: name.clone(),
+                    cluster_addr: cluster_addr.to_owned(),
+                    admin_addr: admin_addr.to_owned(),
+                    region,
+                    role,
+                })
+                .await
+            }
+            other => other.map_err(|e| e.to_string())?.map_err(|e| e.to_string()),
+        }
+    }
+
     /// Signs a registered node's certificate request with its id and role, and the answer
     /// (the CA key only to a voter).
     fn registered(
@@ -398,13 +432,7 @@ impl JoinService {
                     );
                 }
                 let reply = self
-                    .write(Command::RegisterNode {
-                        name: name.clone(),
-                        cluster_addr: cluster_addr.clone(),
-                        admin_addr: admin_addr.clone(),
-                        region,
-                        role,
-                    })
+                    .register(&name, &cluster_addr, &admin_addr, region, role)
                     .await?;
                 let Outcome::Node(node) = reply else {
                     return Err(format!("unexpected registry reply {reply:?}"));
@@ -471,6 +499,9 @@ impl JoinService {
                     ));
                 }
                 // A relay-only node serves no cluster or admin API: both name its relay.
+                // Always a new id: a relay is never a member, and re-registering one (a
+                // new key, after a rebuild or a compromise) must retire the old
+                // certificate, which names the old id.
                 let reply = self
                     .write(Command::RegisterNode {
                         name: name.clone(),

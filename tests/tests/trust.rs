@@ -186,5 +186,46 @@ async fn the_join_token_decides_what_a_node_may_be() -> anyhow::Result<()> {
         "{}",
         c.nodes[0].log_tail()
     );
+
+    phase!(
+        "a join that fails (its proxy port is taken) burns no node id: the retry gets the next one"
+    );
+    let ids = |v: &serde_json::Value| -> Vec<(String, u64)> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_owned(),
+                    n["id"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = ids(&c.api(0).get_ok("/v1/nodes").await?);
+    let next = before.iter().map(|(_, id)| *id).max().unwrap_or(0) + 1;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut n5 = c.new_node("n5");
+    let free = std::mem::replace(&mut n5.https_addr, taken.local_addr()?.to_string());
+    let e = n5.join_expect_failure(&c.nodes[0].cluster_addr, &c.join_token)?;
+    assert!(e.contains("Address already in use"), "{e}");
+    // Checked before registering; a failure after it keeps the id for the retry
+    // (`Command::RegisterJoiningNode`, tested in the registry).
+    assert_eq!(
+        ids(&c.api(0).get_ok("/v1/nodes").await?),
+        before,
+        "the failed join registered nothing"
+    );
+    drop(taken);
+    n5.https_addr = free;
+    let _ = std::fs::remove_dir_all(&n5.dir);
+    n5.join(&c.nodes[0].cluster_addr, &c.join_token, true)?;
+    let after = ids(&c.api(0).get_ok("/v1/nodes").await?);
+    assert!(
+        after.contains(&("n5".to_owned(), next)),
+        "the retried join kept id {next}: {after:?}"
+    );
+    c.nodes.push(n5);
     Ok(())
 }
