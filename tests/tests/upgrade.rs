@@ -13,6 +13,11 @@ use serde_json::json;
 use warren_tests::upstream::Upstream;
 use warren_tests::{next_node_binary, phase, port_of, web_client, Api, Cluster};
 
+/// The newest format of the build under test (build A).
+const A: u16 = warren_consensus::format::Format::CURRENT.0;
+/// The test-only format of the `format-next` build (build B), one past it.
+const B: u16 = A + 1;
+
 /// Writes users through `api` until `stop`; returns each failure.
 fn writer(api: Api, prefix: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
     tokio::spawn(async move {
@@ -123,7 +128,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
     let all = |f: u64| -> Vec<(String, u64)> { (1..=3).map(|i| (format!("n{i}"), f)).collect() };
     assert_eq!(
         formats(&c, 0).await?,
-        all(2),
+        all(A.into()),
         "cluster status shows each member's format"
     );
 
@@ -168,7 +173,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
                     .await?;
                 assert_eq!(status, StatusCode::CONFLICT, "{body}");
                 let message = body["error"]["message"].as_str().unwrap_or_default();
-                if message.contains(&format!("({name}) reads formats up to 2")) {
+                if message.contains(&format!("({name}) reads formats up to {A}")) {
                     phase!("step {}: {message}", step + 1);
                     break;
                 }
@@ -220,8 +225,8 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         let message = body["error"]["message"].as_str().unwrap_or_default();
         phase!("step {}: {message}", step + 1);
         assert!(
-            message.contains("reads formats up to 2")
-                && message.contains("needs format 3")
+            message.contains(&format!("reads formats up to {A}"))
+                && message.contains(&format!("needs format {B}"))
                 && lagging.iter().any(|n| message.contains(&format!("({n})"))),
             "the refusal should name a node on build A ({lagging:?}): {body}"
         );
@@ -248,7 +253,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
         assert!(Instant::now() < deadline, "still refused: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(formats(&c, 1).await?, all(3));
+    assert_eq!(formats(&c, 1).await?, all(B.into()));
     c.api(1)
         .post_ok("/v1/users", &json!({"name": "after"}))
         .await?;
@@ -278,9 +283,9 @@ async fn a_cluster_upgraded_one_node_at_a_time_keeps_serving_and_takes_the_new_c
     c.nodes[back].binary = None;
     let (status, log) = c.nodes[back].run_expecting_exit(Duration::from_secs(30))?;
     assert!(!status.success(), "{log}");
-    let refusal = regex::Regex::new(
-        r"log entry \d+ is format 3, this build reads up to 2: upgrade this node",
-    )?;
+    let refusal = regex::Regex::new(&format!(
+        r"log entry \d+ is format {B}, this build reads up to {A}: upgrade this node"
+    ))?;
     assert!(refusal.is_match(&log), "{log}");
     phase!("{name} on build B again catches up");
     c.nodes[back].binary = Some(next.clone());
