@@ -1812,4 +1812,70 @@ mod tests {
             .get("trust_email")
             .is_none());
     }
+
+    #[test]
+    fn provider_and_resource_side_fields_have_flags() {
+        let m = fields(&[
+            "create",
+            "x",
+            "--issuer",
+            "https://i.example",
+            "--client-id",
+            "c",
+            "--display-name",
+            "Acme staff",
+            "--no-auto-create",
+            "--post-logout-redirect",
+        ]);
+        assert_eq!(
+            (
+                &m["display_name"],
+                &m["auto_create"],
+                &m["post_logout_redirect"]
+            ),
+            (&json!("Acme staff"), &json!(false), &json!(true))
+        );
+        let m = fields(&["update", "x", "--auto-create", "--no-display-name"]);
+        assert_eq!(
+            m,
+            Map::from_iter([
+                ("auto_create".into(), json!(true)),
+                ("display_name".into(), Value::Null)
+            ])
+        );
+        let resource = |args: &[&str]| {
+            let cli = ResourceCli::try_parse_from(
+                std::iter::once("resource").chain(args.iter().copied()),
+            )
+            .unwrap();
+            match cli.cmd {
+                EntityCmd::Create { fields, .. } => fields.to_json(),
+                EntityCmd::Update { fields, .. } => fields.to_json(),
+                _ => panic!("not a create or an update"),
+            }
+            .unwrap()
+        };
+        let create = [
+            "create",
+            "w",
+            "--http",
+            "a.example",
+            "--path-prefix",
+            "/wiki",
+        ];
+        let m = resource(&[&create[..], &["--strip-prefix"]].concat());
+        assert_eq!(m["http"], json!({"prefix_rewrite": "/"}));
+        let m = resource(&[&create[..], &["--prefix-rewrite", "/app"]].concat());
+        assert_eq!(m["http"], json!({"prefix_rewrite": "/app"}));
+        let m = resource(&["update", "w", "--no-prefix-rewrite"]);
+        assert_eq!(m["http"], json!({"prefix_rewrite": null}));
+        assert!(ResourceCli::try_parse_from([
+            "resource",
+            "update",
+            "w",
+            "--strip-prefix",
+            "--no-prefix-rewrite"
+        ])
+        .is_err());
+    }
 }
