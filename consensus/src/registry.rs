@@ -1545,20 +1545,8 @@ impl Registry {
                 admin_addr,
                 region,
                 role,
-            } => self
-                .register_node(
-                    NodeRegistration {
-                        name,
-                        cluster_addr,
-                        admin_addr,
-                        region,
-                        role: *role,
-                    },
-                    index,
-                    false,
-                )
-                .map(Outcome::Node),
-            Command::RegisterJoiningNode {
+            }
+            | Command::RegisterJoiningNode {
                 name,
                 cluster_addr,
                 admin_addr,
@@ -1574,7 +1562,7 @@ impl Registry {
                         role: *role,
                     },
                     index,
-                    true,
+                    matches!(req.command, Command::RegisterJoiningNode { .. }),
                 )
                 .map(Outcome::Node),
             Command::UpdateNode {
